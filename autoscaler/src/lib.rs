@@ -1,0 +1,1 @@
+//! Conductance autoscaling with Erlang-C floors (being built).

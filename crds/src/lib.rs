@@ -1,0 +1,1 @@
+//! Soma custom resource types.
