@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# Tests for the Soma Helm chart, offline: helm lint, helm template in both RBAC modes,
+# assertions on the rendered objects (charts/tests/rendered.py), schema rejections of
+# bad values (charts/tests/values/bad-*.yaml), and kubernetes-validate on every
+# rendered manifest. Installs its tools with scripts/test-deps/k8s-tools.sh.
+#
+# Usage: charts/test.sh            Prints one line per check and "N passed, M failed" last;
+#                                  exits non-zero when any check failed.
+set -uo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/.." && pwd)
+chart=$here/soma
+values=$here/tests/values
+cache=${SOMA_CACHE:-$HOME/.cache/soma}
+# Kubernetes version the manifests are validated against (kubernetes-validate ships its schemas).
+k8s_version=${SOMA_K8S_VALIDATE_VERSION:-1.30.0}
+release_ns=soma-system
+
+bash "$repo/scripts/test-deps/k8s-tools.sh" >/dev/null || {
+    echo "cannot install helm/kubectl/kubernetes-validate (scripts/test-deps/k8s-tools.sh)" >&2
+    echo "0 passed, 1 failed"
+    exit 1
+}
+export PATH=$cache/tools/bin:$cache/venv/bin:$PATH
+py=$cache/venv/bin/python
+rendered=$here/tests/rendered.py
+
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+
+passed=0
+failed=0
+# check NAME CMD...: runs CMD, counts it, and shows its output only on failure.
+check() {
+    local name=$1
+    shift
+    if "$@" >"$out/last.log" 2>&1; then
+        passed=$((passed + 1))
+        echo "ok   $name"
+    else
+        failed=$((failed + 1))
+        echo "FAIL $name"
+        sed 's/^/     /' "$out/last.log"
+    fi
+}
+
+# equals NAME WANT CMD...: CMD's stdout must be exactly WANT.
+equals() {
+    local name=$1 want=$2 got
+    shift 2
+    got=$("$@" 2>&1)
+    check "$name" test "$got" = "$want" || true
+    [[ $got == "$want" ]] || echo "     got '$got', want '$want'"
+}
+
+render() { # render OUTFILE [helm args...]
+    local file=$1
+    shift
+    helm template soma "$chart" --namespace "$release_ns" "$@" >"$file"
+}
+
+validate() { # kubernetes-validate in strict mode; kinds it has no schema for (CRD-typed) only warn
+    kubernetes-validate --strict --quiet -k "$k8s_version" "$@"
+}
+
+rejects() { # rejects VALUES_FILE: helm must fail and print the error named on its "# expect:" line
+    local file=$1 want
+    want=$(sed -n '1s/^# expect: //p' "$file")
+    if helm template soma "$chart" --namespace "$release_ns" -f "$file" >"$out/reject.out" 2>&1; then
+        echo "accepted bad values $file"
+        return 1
+    fi
+    grep -qF -- "$want" "$out/reject.out" || {
+        echo "rejected, but without '$want':"
+        cat "$out/reject.out"
+        return 1
+    }
+}
+
+crds_in_sync() { # the chart's crds/ are crdgen's copy of the repo's crds/
+    local f n=0
+    for f in "$repo"/crds/*.yaml; do
+        [[ -e $f ]] || continue
+        n=$((n + 1))
+        cmp "$f" "$chart/crds/$(basename "$f")" || return 1
+    done
+    for f in "$chart"/crds/*.yaml; do
+        [[ -e $f ]] || continue
+        [[ -e $repo/crds/$(basename "$f") ]] || { echo "$f has no counterpart in crds/"; return 1; }
+    done
+    echo "$n CRD files compared"
+}
+
+echo "helm $(helm version --short), kubernetes-validate against Kubernetes $k8s_version"
+
+# --- lint ------------------------------------------------------------------
+check "helm lint (cluster-wide)" helm lint --strict "$chart"
+check "helm lint (namespaced)" helm lint --strict "$chart" -f "$values/namespaced.yaml"
+check "helm lint (everything on)" helm lint --strict "$chart" -f "$values/everything.yaml"
+
+# --- cluster-wide mode (defaults) -------------------------------------------
+check "render cluster-wide" render "$out/cluster.yaml"
+check "cluster-wide: ClusterRole + ClusterRoleBinding with least-privilege rules, lease Role" \
+    "$py" "$rendered" cluster-mode "$out/cluster.yaml" "$release_ns"
+equals "cluster-wide: exactly one ClusterRole" 1 "$py" "$rendered" count "$out/cluster.yaml" ClusterRole
+equals "cluster-wide: exactly one ClusterRoleBinding" 1 "$py" "$rendered" count "$out/cluster.yaml" ClusterRoleBinding
+check "cluster-wide: operator pod hardened, probes, downward API, flags" \
+    "$py" "$rendered" hardened "$out/cluster.yaml"
+equals "default image is ghcr.io/soma-dev/soma-operator:<appVersion>" \
+    "ghcr.io/soma-dev/soma-operator:0.1.0" "$py" "$rendered" image "$out/cluster.yaml"
+equals "default replicas 2" 2 "$py" "$rendered" replicas "$out/cluster.yaml"
+equals "default sidecar image" "ghcr.io/soma-dev/soma-proxy:0.1.0" \
+    "$py" "$rendered" arg "$out/cluster.yaml" --sidecar-image
+equals "default sidecar port" 4000 "$py" "$rendered" arg "$out/cluster.yaml" --sidecar-port
+equals "default metrics address" 0.0.0.0:8080 "$py" "$rendered" arg "$out/cluster.yaml" --metrics-addr
+equals "lease in the release namespace" "$release_ns" "$py" "$rendered" arg "$out/cluster.yaml" --lease-namespace
+equals "lease name" soma-operator "$py" "$rendered" arg "$out/cluster.yaml" --lease-name
+equals "PodDisruptionBudget with 2 replicas" 1 "$py" "$rendered" count "$out/cluster.yaml" PodDisruptionBudget
+equals "no ServiceMonitor by default" 0 "$py" "$rendered" count "$out/cluster.yaml" ServiceMonitor
+check "kubernetes-validate cluster-wide" validate "$out/cluster.yaml"
+
+# --- namespaced mode ---------------------------------------------------------
+check "render namespaced (team-a, team-b)" render "$out/namespaced.yaml" -f "$values/namespaced.yaml"
+check "namespaced: a Role + RoleBinding per namespace, nothing cluster-scoped, --namespaces" \
+    "$py" "$rendered" namespaced-mode "$out/namespaced.yaml" "$release_ns" team-a,team-b
+equals "namespaced: zero ClusterRoles" 0 "$py" "$rendered" count "$out/namespaced.yaml" ClusterRole
+equals "namespaced: zero ClusterRoleBindings" 0 "$py" "$rendered" count "$out/namespaced.yaml" ClusterRoleBinding
+check "namespaced: operator pod hardened" "$py" "$rendered" hardened "$out/namespaced.yaml"
+check "kubernetes-validate namespaced" validate "$out/namespaced.yaml"
+check "namespaced via --set-json works the same" \
+    bash -c "helm template soma '$chart' -n $release_ns --set-json 'watchNamespaces=[\"team-a\",\"team-b\"]' \
+        | cmp - '$out/namespaced.yaml'"
+
+# --- options -------------------------------------------------------------------
+check "render everything on" render "$out/everything.yaml" -f "$values/everything.yaml"
+equals "digest wins over tag" \
+    "ghcr.io/soma-dev/soma-operator@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef" \
+    "$py" "$rendered" image "$out/everything.yaml"
+equals "sidecar tag override" "ghcr.io/soma-dev/soma-proxy:0.1.0-rc1" \
+    "$py" "$rendered" arg "$out/everything.yaml" --sidecar-image
+equals "metrics port follows values.metrics.port" 0.0.0.0:9090 \
+    "$py" "$rendered" arg "$out/everything.yaml" --metrics-addr
+equals "ServiceMonitor when enabled" 1 "$py" "$rendered" count "$out/everything.yaml" ServiceMonitor
+check "everything on: operator pod hardened" "$py" "$rendered" hardened "$out/everything.yaml"
+check "kubernetes-validate everything on (ServiceMonitor may only warn)" validate "$out/everything.yaml"
+check "OTEL_EXPORTER_OTLP_ENDPOINT rendered" grep -q 'name: OTEL_EXPORTER_OTLP_ENDPOINT' "$out/everything.yaml"
+
+check "render single replica without leader election" render "$out/single.yaml" -f "$values/single.yaml"
+equals "single: --no-leader-election" --no-leader-election \
+    "$py" "$rendered" arg "$out/single.yaml" --no-leader-election
+equals "single: no Lease Role" 0 \
+    bash -c "grep -c 'coordination.k8s.io' '$out/single.yaml'"
+equals "single: no PodDisruptionBudget" 0 "$py" "$rendered" count "$out/single.yaml" PodDisruptionBudget
+check "kubernetes-validate single" validate "$out/single.yaml"
+
+# --- bad values are rejected with a clear error --------------------------------
+for bad in "$values"/bad-*.yaml; do
+    check "rejects $(basename "$bad" .yaml): $(sed -n '1s/^# expect: //p' "$bad")" rejects "$bad"
+done
+
+# --- CRDs (generated by crdgen into crds/ and charts/soma/crds/) ---------------
+if compgen -G "$chart/crds/*.yaml" >/dev/null; then
+    check "chart crds/ identical to the repo's crds/" crds_in_sync
+    check "kubernetes-validate chart CRDs" validate "$chart"/crds/*.yaml
+    check "helm template --include-crds renders them" \
+        bash -c "helm template soma '$chart' --include-crds | grep -q 'kind: CustomResourceDefinition'"
+else
+    echo "skip CRD checks: charts/soma/crds/ has no YAML yet (crdgen writes it)"
+fi
+
+echo
+echo "$passed passed, $failed failed"
+[[ $failed -eq 0 ]]
