@@ -1,0 +1,298 @@
+//! The `Agent` resource: a long-running agent workload.
+//!
+//! The operator turns an Agent into a ServiceAccount, a Deployment (the agent container plus
+//! the metering sidecar), a Service, a NetworkPolicy and the sidecar's ConfigMap.
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{LocalRef, SecretKeyRef, conditions_schema};
+
+/// Environment variable names that carry provider keys. They must never be set on the agent
+/// container: keys live in the sidecar alone (PRODUCT.md, invariant 1).
+pub const PROVIDER_KEY_ENV_NAMES: &[&str] = &[
+    "OPENAI_API_KEY",
+    "ANTHROPIC_API_KEY",
+    "AZURE_OPENAI_API_KEY",
+    "GEMINI_API_KEY",
+    "GOOGLE_API_KEY",
+    "MISTRAL_API_KEY",
+    "COHERE_API_KEY",
+    "GROQ_API_KEY",
+    "TOGETHER_API_KEY",
+    "OPENROUTER_API_KEY",
+];
+
+/// An AI agent run as a governed workload.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "soma.dev",
+    version = "v1alpha1",
+    kind = "Agent",
+    namespaced,
+    status = "AgentStatus",
+    shortname = "ag",
+    category = "soma",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Replicas","type":"string","jsonPath":".status.replicaSummary","description":"ready/desired replicas"}"#,
+    printcolumn = r#"{"name":"Model","type":"string","jsonPath":".spec.model.name"}"#,
+    printcolumn = r#"{"name":"Budget","type":"string","jsonPath":".spec.budgetRef.name"}"#,
+    printcolumn = r#"{"name":"Budget Used","type":"string","jsonPath":".status.budgetUsed"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSpec {
+    /// The agent's container image. Pin it by digest (`repo@sha256:…`); policy may require it.
+    #[schemars(length(min = 1, max = 512))]
+    pub image: String,
+
+    /// Entrypoint override for the agent container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub command: Vec<String>,
+
+    /// Arguments for the agent container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub args: Vec<String>,
+
+    /// Literal environment variables for the agent container. Provider key names (such as
+    /// `OPENAI_API_KEY`) are refused: keys are delivered to the metering sidecar only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 128))]
+    #[x_kube(validation = Rule::new(
+        "self.all(e, !(e.name in ['OPENAI_API_KEY', 'ANTHROPIC_API_KEY', 'AZURE_OPENAI_API_KEY', 'GEMINI_API_KEY', 'GOOGLE_API_KEY', 'MISTRAL_API_KEY', 'COHERE_API_KEY', 'GROQ_API_KEY', 'TOGETHER_API_KEY', 'OPENROUTER_API_KEY']))"
+    ).message("provider API keys must not be set on the agent container; reference them in spec.credentials so only the metering sidecar receives them"))]
+    pub env: Vec<EnvVar>,
+
+    /// The port the agent serves on, exposed by the agent's Service.
+    #[serde(default = "default_agent_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+
+    /// Which model the agent calls, through the metering sidecar.
+    pub model: ModelSpec,
+
+    /// Where the sidecar reads the provider key from. Never mounted into the agent container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<Credentials>,
+
+    /// The Budget this agent's calls are charged to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_ref: Option<LocalRef>,
+
+    /// Capsules (signed knowledge bundles) the agent may use.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub capsules: Vec<LocalRef>,
+
+    /// Tools the agent may call, by name. Empty means none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 128))]
+    pub tools: Vec<String>,
+
+    /// Sandbox settings for the agent's pods.
+    #[serde(default)]
+    pub sandbox: Sandbox,
+
+    /// Replica bounds and autoscaling targets.
+    #[serde(default)]
+    pub scaling: Scaling,
+}
+
+fn default_agent_port() -> i32 {
+    8080
+}
+
+/// A literal environment variable.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct EnvVar {
+    /// Variable name.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$")
+    )]
+    pub name: String,
+    /// Variable value.
+    #[serde(default)]
+    #[schemars(length(max = 32768))]
+    pub value: String,
+}
+
+/// The model provider's wire protocol.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Provider {
+    /// OpenAI's API.
+    Openai,
+    /// Anthropic's API.
+    Anthropic,
+    /// Any endpoint that speaks OpenAI's API (vLLM, Ollama, Azure OpenAI, …); needs `endpoint`.
+    OpenaiCompatible,
+}
+
+/// The model an agent calls.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.provider != 'openaiCompatible' || has(self.endpoint)")
+    .message("model.endpoint is required when model.provider is openaiCompatible"))]
+pub struct ModelSpec {
+    /// Provider protocol.
+    pub provider: Provider,
+    /// Model name as the provider knows it, for example `gpt-4o-mini` or `claude-sonnet-4-5`.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Base URL of the provider; defaults to the provider's public API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')")
+        .message("model.endpoint must be an http(s) URL"))]
+    pub endpoint: Option<String>,
+}
+
+/// Where the provider key comes from: exactly one source.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.secretRef) != has(self.vault)")
+    .message("credentials needs exactly one of secretRef or vault"))]
+pub struct Credentials {
+    /// A key in a Secret of the Agent's namespace, mounted into the sidecar only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretKeyRef>,
+    /// A Vault (or OpenBao) KV path the sidecar reads at start and on rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vault: Option<VaultRef>,
+}
+
+/// A Vault KV secret.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VaultRef {
+    /// KV path, for example `secret/data/teams/search/openai`.
+    #[schemars(length(min = 1))]
+    pub path: String,
+    /// Field within the secret.
+    #[schemars(length(min = 1))]
+    pub key: String,
+    /// Vault Kubernetes-auth role the sidecar logs in with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+}
+
+/// Sandbox settings. The defaults are the strict ones; only `runtimeClassName`, resources,
+/// egress and timeouts can be changed.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Sandbox {
+    /// RuntimeClass for stronger isolation, for example `gvisor` or `kata`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_class_name: Option<String>,
+    /// Destinations the pod may reach besides DNS and the model provider. Everything else is
+    /// denied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub egress: Vec<EgressRule>,
+    /// Resources of the agent container; the operator's defaults apply when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Mount the ServiceAccount token into the pod. Off unless the agent needs the API.
+    #[serde(default)]
+    pub automount_service_account_token: bool,
+    /// Longest a single request to the agent may take, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub request_timeout_seconds: Option<i64>,
+}
+
+/// One allowed egress destination: a CIDR, or a host name with ports.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.cidr) != has(self.host)")
+    .message("an egress rule needs exactly one of cidr or host"))]
+pub struct EgressRule {
+    /// An IP range such as `10.20.0.0/16`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("isCIDR(self)").message("egress cidr must be a valid CIDR such as 10.0.0.0/8"))]
+    pub cidr: Option<String>,
+    /// A DNS name such as `api.github.com`. NetworkPolicy is L3/L4: host rules open the given
+    /// ports to public addresses; use a CNI with FQDN policies for exact host enforcement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 253),
+        regex(pattern = r"^(\*\.)?([a-z0-9]([-a-z0-9]*[a-z0-9])?\.)+[a-z]{2,}$")
+    )]
+    pub host: Option<String>,
+    /// TCP ports; empty means 443.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub ports: Vec<u16>,
+}
+
+/// Replica bounds and autoscaling parameters.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas")
+    .message("scaling.minReplicas must not exceed scaling.maxReplicas"))]
+pub struct Scaling {
+    /// Fewest replicas; 0 allows scale to zero when idle.
+    #[serde(default = "default_min_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub min_replicas: i32,
+    /// Most replicas.
+    #[serde(default = "default_max_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// Target 95th-percentile queue wait, in milliseconds, for Erlang-C sizing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub target_p95_wait_ms: Option<i64>,
+}
+
+impl Default for Scaling {
+    fn default() -> Self {
+        Self {
+            min_replicas: default_min_replicas(),
+            max_replicas: default_max_replicas(),
+            target_p95_wait_ms: None,
+        }
+    }
+}
+
+fn default_min_replicas() -> i32 {
+    1
+}
+fn default_max_replicas() -> i32 {
+    1
+}
+
+/// What Soma observed about an Agent.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// kstatus conditions: `Ready`, `Reconciling`, `Stalled`.
+    #[serde(default)]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+    /// Replicas the Deployment has.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Replicas that are ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Replicas Soma wants.
+    #[serde(default)]
+    pub desired_replicas: i32,
+    /// `ready/desired`, for `kubectl get agents`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_summary: Option<String>,
+    /// Share of the Budget spent, for `kubectl get agents` (filled by the Budget controller).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_used: Option<String>,
+}

@@ -1,0 +1,166 @@
+//! The `Capsule` resource: a versioned, immutable, signed bundle of knowledge for agents.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::conditions_schema;
+
+/// A signed bundle of memory blocks, tools and prompts, reviewed against a policy.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "soma.dev",
+    version = "v1alpha1",
+    kind = "Capsule",
+    namespaced,
+    status = "CapsuleStatus",
+    shortname = "cap",
+    category = "soma",
+    printcolumn = r#"{"name":"Version","type":"string","jsonPath":".spec.version"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Signer","type":"string","jsonPath":".status.signer"}"#,
+    printcolumn = r#"{"name":"Digest","type":"string","priority":1,"jsonPath":".status.verifiedDigest"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct CapsuleSpec {
+    /// The Capsule's version. Immutable: publish a new Capsule for a new version.
+    #[schemars(length(min = 1, max = 128))]
+    #[x_kube(validation = Rule::new("self == oldSelf")
+        .message("spec.version is immutable; publish a new Capsule for a new version"))]
+    pub version: String,
+    /// Where the content comes from. Immutable: a Capsule's content never changes.
+    #[x_kube(validation = Rule::new("self == oldSelf")
+        .message("spec.source is immutable; publish a new Capsule to change its content"))]
+    pub source: CapsuleSource,
+    /// Hash (`sha256:…`) of the policy set this Capsule was reviewed against.
+    #[schemars(regex(pattern = r"^sha256:[a-f0-9]{64}$"))]
+    pub policy_hash: String,
+    /// Who must have signed it.
+    pub signature: SignaturePolicy,
+    /// Revoke the Capsule: agents stop using it and it never becomes Ready again.
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+/// The Capsule's content: exactly one of an OCI artifact, inline blocks or a ConfigMap.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("[has(self.oci), has(self.inline), has(self.configMapRef)].filter(x, x).size() == 1")
+    .message("source needs exactly one of oci, inline or configMapRef"))]
+pub struct CapsuleSource {
+    /// An OCI artifact, by digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci: Option<OciSource>,
+    /// Small capsules can be written inline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inline: Option<InlineSource>,
+    /// A ConfigMap holding the bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_ref: Option<ConfigMapSource>,
+}
+
+/// An OCI artifact pinned by digest.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OciSource {
+    /// Repository, for example `registry.example.com/capsules/support-kb`.
+    #[schemars(length(min = 1, max = 512))]
+    pub repository: String,
+    /// Content digest.
+    #[schemars(regex(pattern = r"^sha256:[a-f0-9]{64}$"))]
+    pub digest: String,
+}
+
+/// Memory blocks written in the manifest.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InlineSource {
+    /// The blocks.
+    #[schemars(length(min = 1, max = 256))]
+    pub blocks: Vec<MemoryBlock>,
+}
+
+/// One unit of agent memory.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemoryBlock {
+    /// Stable identifier within the Capsule.
+    #[schemars(length(min = 1, max = 253))]
+    pub id: String,
+    /// The text.
+    #[schemars(length(max = 16384))]
+    pub text: String,
+    /// Where the text came from (a URL, a document id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    pub provenance: Option<String>,
+    /// Free-form metadata.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+/// A bundle stored in a ConfigMap, with its digest so it can be verified.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMapSource {
+    /// ConfigMap name.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Key holding the bundle.
+    #[schemars(length(min = 1))]
+    pub key: String,
+    /// Digest of the bundle's bytes.
+    #[schemars(regex(pattern = r"^sha256:[a-f0-9]{64}$"))]
+    pub digest: String,
+}
+
+/// Accepted signers: a public key, a keyless identity, or both (either suffices).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.publicKeyRef) || has(self.keyless)")
+    .message("signature needs publicKeyRef or keyless"))]
+pub struct SignaturePolicy {
+    /// A Cosign public key (PEM) in a ConfigMap of the Capsule's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key_ref: Option<crate::common::ConfigMapKeyRef>,
+    /// A keyless (Fulcio certificate) identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyless: Option<KeylessIdentity>,
+}
+
+/// A keyless signer identity.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeylessIdentity {
+    /// OIDC issuer, for example `https://token.actions.githubusercontent.com`.
+    #[schemars(length(min = 1))]
+    pub issuer: String,
+    /// Certificate subject (an email or a workflow URI).
+    #[schemars(length(min = 1))]
+    pub subject: String,
+}
+
+/// What Soma observed about a Capsule.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CapsuleStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// kstatus conditions.
+    #[serde(default)]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+    /// The digest whose signature was verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_digest: Option<String>,
+    /// The verified signer (key fingerprint or keyless identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
+    /// When verification happened (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<String>,
+}
