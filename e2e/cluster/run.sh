@@ -1,0 +1,307 @@
+#!/usr/bin/env bash
+# End-to-end suite for a REAL Kubernetes cluster (kind, or any cluster you may write to).
+#
+# Without a reachable cluster (KUBECONFIG unset, or `kubectl cluster-info` failing) it says
+# so and exits 0: CI machines have no cluster, and a default ~/.kube/config is deliberately
+# ignored so that this suite never reaches a cluster nobody pointed it at.
+#
+# With one, in a temporary namespace soma-e2e-<random>:
+#   1. applies crds/ (unless --installed) and waits until they are Established;
+#   2. runs the operator: the locally built `soma-operator run --namespaces <ns>` in the
+#      background, or (--installed) the one a `helm install` already runs;
+#   3. applies examples/*.yaml; for every Agent waits for its Deployment, Service,
+#      NetworkPolicy, ServiceAccount and ConfigMap <agent>-sidecar, checks the pod sandbox
+#      (non-root, read-only root fs, RuntimeDefault seccomp, drop ALL, no privilege
+#      escalation, no service-account token), default-deny egress, owner references, and
+#      status.observedGeneration == metadata.generation;
+#   4. an Agent whose Budget does not exist, and an example Agent whose Budget is deleted,
+#      must report Ready=False with reason BudgetNotFound;
+#   5. deletes the namespace and stops the operator it started.
+#
+# Usage: e2e/cluster/run.sh [--installed] [--namespace NAME] [--keep]
+#   --installed       use the operator already installed with helm (cluster-wide mode, or a
+#                     namespaced install that watches --namespace)
+#   --namespace NAME  use this namespace instead of a temporary one (it is not deleted;
+#                     only what the suite applied is)
+#   --keep            leave the namespace and its objects for inspection
+# Environment:
+#   SOMA_OPERATOR_BIN       operator binary (default: target/{release,debug}/soma-operator,
+#                           built with cargo when missing)
+#   SOMA_E2E_SIDECAR_IMAGE  --sidecar-image for the local operator
+#                           (default ghcr.io/soma-dev/soma-proxy:0.1.0)
+#   SOMA_E2E_TIMEOUT        seconds to wait for each expectation (default 120)
+set -uo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+checks=$here/checks.py
+cache=${SOMA_CACHE:-$HOME/.cache/soma}
+timeout=${SOMA_E2E_TIMEOUT:-120}
+installed=false
+keep=false
+ns=""
+
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --installed) installed=true ;;
+        --keep) keep=true ;;
+        --namespace) ns=${2:?--namespace needs a name}; shift ;;
+        -h | --help) sed -n '2,/^set -uo/{/^set -uo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
+        *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+# Prefer the kubectl that scripts/test-deps/k8s-tools.sh installs (new enough for
+# `kubectl wait --for=create`), else whatever is on PATH.
+if [[ -x $cache/tools/bin/kubectl ]]; then
+    export PATH=$cache/tools/bin:$PATH
+fi
+
+skip() {
+    echo "no Kubernetes cluster reachable (KUBECONFIG unset or cluster down): skipping the real-cluster e2e suite"
+    [[ -n ${1:-} ]] && echo "  ($1)"
+    exit 0
+}
+[[ -n ${KUBECONFIG:-} ]] || skip
+command -v kubectl >/dev/null 2>&1 || skip "kubectl not found: run scripts/test-deps/k8s-tools.sh"
+kubectl cluster-info --request-timeout=10s >/dev/null 2>&1 || skip "kubectl cluster-info failed"
+command -v python3 >/dev/null 2>&1 || { echo "python3 is required" >&2; exit 1; }
+
+echo "cluster: $(kubectl config current-context 2>/dev/null) ($(kubectl version -o json 2>/dev/null |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])' 2>/dev/null || echo '?'))"
+
+work=$(mktemp -d)
+own_namespace=false
+if [[ -z $ns ]]; then
+    ns=soma-e2e-$(head -c 64 /dev/urandom | tr -dc 'a-z0-9' | head -c 6)
+    own_namespace=true
+fi
+operator_pid=""
+
+passed=0
+failed=0
+check() { # check NAME CMD...: run CMD, count it, show its output only when it fails
+    local name=$1
+    shift
+    if "$@" >"$work/last.log" 2>&1; then
+        passed=$((passed + 1))
+        echo "ok   $name"
+    else
+        failed=$((failed + 1))
+        echo "FAIL $name"
+        sed 's/^/     /' "$work/last.log"
+    fi
+}
+
+cleanup() {
+    local rc=$?
+    if [[ -n $operator_pid ]]; then
+        kill "$operator_pid" 2>/dev/null
+        for _ in $(seq 1 50); do kill -0 "$operator_pid" 2>/dev/null || break; sleep 0.2; done
+        kill -9 "$operator_pid" 2>/dev/null
+        if [[ $failed -gt 0 ]]; then
+            echo "--- last 40 lines of the operator's log ($work/operator.log) ---"
+            tail -n 40 "$work/operator.log"
+        fi
+    fi
+    if $keep; then
+        echo "kept namespace $ns (--keep)"
+    elif $own_namespace; then
+        kubectl delete namespace "$ns" --wait=true --timeout="${timeout}s" >/dev/null 2>&1 ||
+            echo "warning: namespace $ns not deleted within ${timeout}s"
+    else
+        kubectl delete -n "$ns" -f "$repo/examples/" --ignore-not-found --wait=false >/dev/null 2>&1
+        kubectl delete -n "$ns" agents.soma.dev e2e-no-budget --ignore-not-found >/dev/null 2>&1
+    fi
+    [[ $failed -gt 0 ]] || rm -rf "$work"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- expectations --------------------------------------------------------------------
+
+# exists_by_label KIND AGENT: some KIND labelled soma.dev/agent=AGENT appears within the timeout.
+exists_by_label() {
+    local kind=$1 agent=$2 deadline=$((SECONDS + timeout))
+    while ((SECONDS < deadline)); do
+        [[ -n $(kubectl get -n "$ns" "$kind" -l "soma.dev/agent=$agent" -o name 2>/dev/null) ]] && return 0
+        sleep 2
+    done
+    echo "no $kind labelled soma.dev/agent=$agent after ${timeout}s"
+    kubectl get -n "$ns" "$kind" --show-labels
+    return 1
+}
+
+exists_by_name() { # exists_by_name KIND NAME
+    kubectl wait -n "$ns" --for=create "$1/$2" --timeout="${timeout}s"
+}
+
+# children_owned AGENT: each child's controller ownerReference is the Agent.
+children_owned() {
+    local agent=$1 uid
+    uid=$(kubectl get -n "$ns" agents.soma.dev "$agent" -o jsonpath='{.metadata.uid}') || return 1
+    kubectl get -n "$ns" deployments,services,networkpolicies,serviceaccounts,configmaps \
+        -l "soma.dev/agent=$agent" -o json | "$checks" controlled-by "$uid"
+}
+
+# sandboxed AGENT: the Deployment's pod template follows invariant 6 (PRODUCT.md).
+sandboxed() {
+    local agent=$1
+    kubectl get -n "$ns" deployments -l "soma.dev/agent=$agent" -o json | "$checks" sandboxed
+}
+
+# egress_restricted AGENT: the NetworkPolicy selects the agent pods and restricts egress.
+egress_restricted() {
+    local agent=$1
+    kubectl get -n "$ns" networkpolicies -l "soma.dev/agent=$agent" -o json | "$checks" egress-restricted
+}
+
+observed_generation_current() { # AGENT
+    local gen
+    gen=$(kubectl get -n "$ns" agents.soma.dev "$1" -o jsonpath='{.metadata.generation}') || return 1
+    kubectl wait -n "$ns" "agents.soma.dev/$1" --timeout="${timeout}s" \
+        --for=jsonpath='{.status.observedGeneration}'="$gen"
+}
+
+ready_false_because() { # AGENT REASON
+    if kubectl wait -n "$ns" "agents.soma.dev/$1" --timeout="${timeout}s" \
+        --for=jsonpath='{.status.conditions[?(@.type=="Ready")].status}'=False &&
+        kubectl wait -n "$ns" "agents.soma.dev/$1" --timeout="${timeout}s" \
+            --for=jsonpath='{.status.conditions[?(@.type=="Ready")].reason}'="$2"; then
+        return 0
+    fi
+    kubectl get -n "$ns" "agents.soma.dev/$1" -o jsonpath='{.status.conditions}'
+    echo
+    return 1
+}
+
+# agent_without_budget SOURCE_AGENT NAME: apply a copy of SOURCE_AGENT pointing at a Budget
+# that does not exist.
+agent_without_budget() {
+    kubectl get -n "$ns" agents.soma.dev "$1" -o json | "$checks" without-budget "$2" | kubectl apply -f -
+}
+
+# --- the operator ---------------------------------------------------------------------
+
+start_local_operator() {
+    local bin=${SOMA_OPERATOR_BIN:-}
+    if [[ -z $bin ]]; then
+        for b in "$repo/target/release/soma-operator" "$repo/target/debug/soma-operator"; do
+            [[ -x $b ]] && { bin=$b; break; }
+        done
+    fi
+    if [[ -z $bin ]]; then
+        echo "building soma-operator (cargo build -p soma-operator)"
+        (cd "$repo" && cargo build -q -p soma-operator --bin soma-operator) || return 1
+        bin=$repo/target/debug/soma-operator
+    fi
+    local port
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    echo "operator: $bin run --namespaces $ns (metrics on 127.0.0.1:$port, log $work/operator.log)"
+    POD_NAME=soma-e2e-$(hostname) POD_NAMESPACE=$ns RUST_LOG=${RUST_LOG:-info} \
+        "$bin" run \
+        --namespaces "$ns" \
+        --metrics-addr "127.0.0.1:$port" \
+        --sidecar-image "${SOMA_E2E_SIDECAR_IMAGE:-ghcr.io/soma-dev/soma-proxy:0.1.0}" \
+        --sidecar-port 4000 \
+        --lease-name soma-operator-e2e \
+        --lease-namespace "$ns" \
+        >"$work/operator.log" 2>&1 &
+    operator_pid=$!
+    local deadline=$((SECONDS + timeout))
+    while ((SECONDS < deadline)); do
+        kill -0 "$operator_pid" 2>/dev/null || { echo "operator exited:"; tail -n 20 "$work/operator.log"; return 1; }
+        python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+            "http://127.0.0.1:$port/readyz" 2>/dev/null && return 0
+        sleep 1
+    done
+    echo "operator not ready on /readyz within ${timeout}s"
+    return 1
+}
+
+installed_operator_ready() {
+    local deploy
+    deploy=$(kubectl get deployments -A -l app.kubernetes.io/name=soma,app.kubernetes.io/component=operator \
+        -o jsonpath='{range .items[*]}{.metadata.namespace}/{.metadata.name}{"\n"}{end}' | head -n1)
+    [[ -n $deploy ]] || { echo "no Deployment labelled app.kubernetes.io/name=soma,component=operator: helm install first"; return 1; }
+    echo "operator: $deploy"
+    kubectl rollout status -n "${deploy%%/*}" "deployment/${deploy#*/}" --timeout="${timeout}s"
+}
+
+# --- the suite --------------------------------------------------------------------
+
+crds=(agents budgets capsules jobs)
+if $own_namespace; then
+    check "create namespace $ns" kubectl create namespace "$ns"
+else
+    check "namespace $ns exists" kubectl get namespace "$ns"
+fi
+
+if $installed; then
+    for c in "${crds[@]}"; do
+        check "CRD $c.soma.dev installed" kubectl get crd "$c.soma.dev"
+    done
+    check "installed operator rolled out" installed_operator_ready
+else
+    check "apply crds/" kubectl apply --server-side --force-conflicts --field-manager=soma-e2e -f "$repo/crds/"
+    for c in "${crds[@]}"; do
+        check "CRD $c.soma.dev Established" \
+            kubectl wait --for=condition=Established "crd/$c.soma.dev" --timeout="${timeout}s"
+    done
+    check "local operator running and ready" start_local_operator
+fi
+[[ $failed -eq 0 ]] || { echo; echo "$passed passed, $failed failed"; exit 1; }
+
+shopt -s nullglob
+examples=("$repo"/examples/*.yaml)
+if [[ ${#examples[@]} -eq 0 ]]; then
+    check "examples/*.yaml present" false
+else
+    for f in "${examples[@]}"; do
+        check "apply examples/$(basename "$f")" kubectl apply -n "$ns" -f "$f"
+    done
+fi
+
+read -r -a agents <<<"$(kubectl get -n "$ns" agents.soma.dev -o jsonpath='{.items[*].metadata.name}' 2>/dev/null)"
+check "examples define at least one Agent" test "${#agents[@]}" -gt 0
+
+for a in "${agents[@]}"; do
+    for kind in deployments services networkpolicies serviceaccounts; do
+        check "agent $a: $kind created" exists_by_label "$kind" "$a"
+    done
+    check "agent $a: ConfigMap $a-sidecar created" exists_by_name configmap "$a-sidecar"
+    check "agent $a: children controlled by the Agent" children_owned "$a"
+    check "agent $a: pod sandboxed (non-root, ro rootfs, RuntimeDefault, drop ALL, no token)" sandboxed "$a"
+    check "agent $a: NetworkPolicy restricts egress" egress_restricted "$a"
+    check "agent $a: status.observedGeneration == metadata.generation" observed_generation_current "$a"
+done
+
+if [[ ${#agents[@]} -gt 0 ]]; then
+    check "apply Agent e2e-no-budget (Budget e2e-missing-budget does not exist)" \
+        agent_without_budget "${agents[0]}" e2e-no-budget
+    check "agent e2e-no-budget: Ready=False, reason BudgetNotFound" ready_false_because e2e-no-budget BudgetNotFound
+    check "agent e2e-no-budget: status.observedGeneration current" observed_generation_current e2e-no-budget
+
+    # An example Agent whose Budget is deleted from under it must say so too.
+    victim="" budget=""
+    for a in "${agents[@]}"; do
+        b=$(kubectl get -n "$ns" agents.soma.dev "$a" -o jsonpath='{.spec.budgetRef.name}')
+        if [[ -n $b ]] && kubectl get -n "$ns" budgets.soma.dev "$b" >/dev/null 2>&1; then
+            victim=$a budget=$b
+            break
+        fi
+    done
+    if [[ -n $victim ]]; then
+        check "delete Budget $budget (used by agent $victim)" kubectl delete -n "$ns" budgets.soma.dev "$budget" --wait=true
+        check "agent $victim: Ready=False, reason BudgetNotFound after its Budget is deleted" \
+            ready_false_because "$victim" BudgetNotFound
+    else
+        echo "skip Budget deletion: no example Agent references an example Budget"
+    fi
+fi
+
+echo
+echo "$passed passed, $failed failed"
+[[ $failed -eq 0 ]]

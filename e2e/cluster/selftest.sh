@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Offline self-test of e2e/cluster/checks.py against fixtures/ (no cluster needed):
+# each check must accept its good fixture and reject its bad one.
+set -uo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+checks=$here/checks.py
+fx=$here/fixtures
+passed=0
+failed=0
+expect() { # expect pass|fail NAME FIXTURE CHECK [ARG...]
+    local want=$1 name=$2 fixture=$3
+    shift 3
+    if "$checks" "$@" <"$fx/$fixture" >/dev/null 2>&1; then got=pass; else got=fail; fi
+    if [[ $got == "$want" ]]; then
+        passed=$((passed + 1)); echo "ok   $name"
+    else
+        failed=$((failed + 1)); echo "FAIL $name (check ${got}ed, want $want)"
+    fi
+}
+expect pass "sandboxed accepts a hardened pod" deployment-sandboxed.json sandboxed
+expect fail "sandboxed rejects a privileged pod with a token" deployment-unsandboxed.json sandboxed
+expect pass "egress-restricted accepts a default-deny egress policy" networkpolicy-deny-egress.json egress-restricted
+expect fail "egress-restricted rejects an ingress-only, select-all policy" networkpolicy-open.json egress-restricted
+expect pass "controlled-by accepts children owned by the Agent" children.json controlled-by u-1
+expect fail "controlled-by rejects another owner" children.json controlled-by u-2
+expect pass "without-budget copies an Agent" agent.json without-budget e2e-no-budget
+out=$("$checks" without-budget e2e-no-budget <"$fx/agent.json")
+if python3 -c '
+import json, sys
+a = json.loads(sys.argv[1])
+assert a["metadata"] == {"name": "e2e-no-budget", "namespace": "ns"}, a["metadata"]
+assert a["spec"]["budgetRef"] == {"name": "e2e-missing-budget"}
+assert "status" not in a
+' "$out"; then
+    passed=$((passed + 1)); echo "ok   without-budget output: fresh metadata, missing budget, no status"
+else
+    failed=$((failed + 1)); echo "FAIL without-budget output"
+fi
+echo
+echo "$passed passed, $failed failed"
+[[ $failed -eq 0 ]]
