@@ -9,12 +9,14 @@
 #   1. applies crds/ (unless --installed) and waits until they are Established;
 #   2. runs the operator: the locally built `soma-operator run --namespaces <ns>` in the
 #      background, or (--installed) the one a `helm install` already runs;
-#   3. applies examples/*.yaml; for every Agent waits for its Deployment, Service,
+#   3. applies examples/*.yaml (their metadata.namespace rewritten to the suite's); for every Agent waits for its Deployment, Service,
 #      NetworkPolicy, ServiceAccount and ConfigMap <agent>-sidecar, checks the pod sandbox
 #      (non-root, read-only root fs, RuntimeDefault seccomp, drop ALL, no privilege
 #      escalation, no service-account token), default-deny egress, owner references, and
 #      status.observedGeneration == metadata.generation;
-#   4. an Agent whose Budget does not exist, and an example Agent whose Budget is deleted,
+#      The suite also applies its own minimal Agent e2e-agent + Budget e2e-budget
+#      (fixtures/e2e-agent.yaml), so the baseline does not depend on what examples/ holds;
+#   4. an Agent whose Budget does not exist, and e2e-agent once its Budget is deleted,
 #      must report Ready=False with reason BudgetNotFound;
 #   5. deletes the namespace and stops the operator it started.
 #
@@ -111,8 +113,12 @@ cleanup() {
         kubectl delete namespace "$ns" --wait=true --timeout="${timeout}s" >/dev/null 2>&1 ||
             echo "warning: namespace $ns not deleted within ${timeout}s"
     else
-        kubectl delete -n "$ns" -f "$repo/examples/" --ignore-not-found --wait=false >/dev/null 2>&1
-        kubectl delete -n "$ns" agents.soma.dev e2e-no-budget --ignore-not-found >/dev/null 2>&1
+        local f
+        for f in "$repo"/examples/*.yaml "$here/fixtures/e2e-agent.yaml"; do
+            sed -E "s/^(  namespace:).*/\1 $ns/" "$f" |
+                kubectl delete -n "$ns" -f - --ignore-not-found --wait=false >/dev/null 2>&1
+        done
+        kubectl delete -n "$ns" agents.soma.dev e2e-no-budget --ignore-not-found --wait=false >/dev/null 2>&1
     fi
     [[ $failed -gt 0 ]] || rm -rf "$work"
     exit "$rc"
@@ -181,6 +187,11 @@ ready_false_because() { # AGENT REASON
 # that does not exist.
 agent_without_budget() {
     kubectl get -n "$ns" agents.soma.dev "$1" -o json | "$checks" without-budget "$2" | kubectl apply -f -
+}
+
+# apply_in_namespace FILE: apply FILE with its top-level metadata.namespace set to the suite's.
+apply_in_namespace() {
+    sed -E "s/^(  namespace:).*/\1 $ns/" "$1" | kubectl apply -n "$ns" -f -
 }
 
 # --- the operator ---------------------------------------------------------------------
@@ -256,16 +267,17 @@ fi
 
 shopt -s nullglob
 examples=("$repo"/examples/*.yaml)
-if [[ ${#examples[@]} -eq 0 ]]; then
-    check "examples/*.yaml present" false
-else
-    for f in "${examples[@]}"; do
-        check "apply examples/$(basename "$f")" kubectl apply -n "$ns" -f "$f"
-    done
-fi
+check "examples/*.yaml present" test "${#examples[@]}" -gt 0
+for f in "${examples[@]}"; do
+    # The examples name their own namespace; move them into the suite's.
+    check "apply examples/$(basename "$f")" \
+        apply_in_namespace "$f"
+done
+check "apply the suite's own Agent e2e-agent and Budget e2e-budget" \
+    kubectl apply -n "$ns" -f "$here/fixtures/e2e-agent.yaml"
 
 read -r -a agents <<<"$(kubectl get -n "$ns" agents.soma.dev -o jsonpath='{.items[*].metadata.name}' 2>/dev/null)"
-check "examples define at least one Agent" test "${#agents[@]}" -gt 0
+check "Agents to check: ${agents[*]:-none}" test "${#agents[@]}" -gt 0
 
 for a in "${agents[@]}"; do
     for kind in deployments services networkpolicies serviceaccounts; do
@@ -278,29 +290,16 @@ for a in "${agents[@]}"; do
     check "agent $a: status.observedGeneration == metadata.generation" observed_generation_current "$a"
 done
 
-if [[ ${#agents[@]} -gt 0 ]]; then
-    check "apply Agent e2e-no-budget (Budget e2e-missing-budget does not exist)" \
-        agent_without_budget "${agents[0]}" e2e-no-budget
-    check "agent e2e-no-budget: Ready=False, reason BudgetNotFound" ready_false_because e2e-no-budget BudgetNotFound
-    check "agent e2e-no-budget: status.observedGeneration current" observed_generation_current e2e-no-budget
+check "apply Agent e2e-no-budget (Budget e2e-missing-budget does not exist)" \
+    agent_without_budget e2e-agent e2e-no-budget
+check "agent e2e-no-budget: Ready=False, reason BudgetNotFound" ready_false_because e2e-no-budget BudgetNotFound
+check "agent e2e-no-budget: status.observedGeneration current" observed_generation_current e2e-no-budget
 
-    # An example Agent whose Budget is deleted from under it must say so too.
-    victim="" budget=""
-    for a in "${agents[@]}"; do
-        b=$(kubectl get -n "$ns" agents.soma.dev "$a" -o jsonpath='{.spec.budgetRef.name}')
-        if [[ -n $b ]] && kubectl get -n "$ns" budgets.soma.dev "$b" >/dev/null 2>&1; then
-            victim=$a budget=$b
-            break
-        fi
-    done
-    if [[ -n $victim ]]; then
-        check "delete Budget $budget (used by agent $victim)" kubectl delete -n "$ns" budgets.soma.dev "$budget" --wait=true
-        check "agent $victim: Ready=False, reason BudgetNotFound after its Budget is deleted" \
-            ready_false_because "$victim" BudgetNotFound
-    else
-        echo "skip Budget deletion: no example Agent references an example Budget"
-    fi
-fi
+# An Agent whose Budget is deleted from under it must say so too.
+check "delete Budget e2e-budget (used by e2e-agent)" \
+    kubectl delete -n "$ns" budgets.soma.dev e2e-budget --wait=true --timeout="${timeout}s"
+check "agent e2e-agent: Ready=False, reason BudgetNotFound after its Budget is deleted" \
+    ready_false_because e2e-agent BudgetNotFound
 
 echo
 echo "$passed passed, $failed failed"
