@@ -1,1 +1,30 @@
-//! Conductance autoscaling with Erlang-C floors (being built).
+//! Conductance autoscaling with Erlang-C floors for Soma agents, and a simulator that
+//! compares it with Kubernetes' HPA and a KEDA-style scaler on request traces.
+//!
+//! This crate has no `kube` dependency: the operator feeds [`LoadSignal`]s in and writes
+//! [`Decision`]s into Agent status; everything in between is pure and testable.
+//!
+//! ```text
+//!  signal ─► estimate ─► conductance ─┐
+//!                    └─► erlang ──────┴─► autoscaler ─► decision
+//!  sim::trace ─► sim::engine ◄─ peers::{soma, hpa, keda} ─► sim::report
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod autoscaler;
+pub mod conductance;
+pub mod config;
+pub mod decision;
+pub mod erlang;
+pub mod error;
+pub mod estimate;
+pub mod peers;
+pub mod signal;
+pub mod sim;
+
+pub use autoscaler::Autoscaler;
+pub use conductance::{Conductance, ConductanceParams};
+pub use config::{AutoscalerConfig, BrownOutAction};
+pub use decision::{BrownOut, BrownOutCause, Decision, Reason};
+pub use error::Error;
+pub use signal::LoadSignal;

@@ -1,0 +1,262 @@
+//! Estimating the queue's inputs — arrival rate and service time — from observed windows.
+//!
+//! ```text
+//!   λ̂ ← λ̂ + (1 − e^{−Δt/τλ})·(requests/Δt − λ̂)             EMA of arrivals
+//!   Ŝ ← Ŝ + (1 − e^{−n/nS})·(S_window − Ŝ)                   per-request weighted EMA
+//!   Ŝ₂ likewise from latency² sums;  c² = Ŝ₂/Ŝ² − 1            service variability
+//!   S_window = latency_sum / completed                         (observed latency), or
+//!            = overhead + (in/prefill_tps + out/decode_tps) / completed   (tokens)
+//! ```
+//!
+//! Service time is weighted by completed requests rather than by time, so a quiet window
+//! with one unusual request moves the estimate little and a busy window moves it a lot.
+//! Before anything completes, `Ŝ` is the configured prior.
+
+use serde::{Deserialize, Serialize};
+
+use crate::signal::LoadSignal;
+
+/// Per-replica-slot token throughput, used to turn tokens into service time when no latency
+/// is observed.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenThroughput {
+    /// Prompt tokens processed per second by one slot.
+    pub prefill_tps: f64,
+    /// Tokens generated per second by one slot.
+    pub decode_tps: f64,
+    /// Fixed per-request overhead, seconds.
+    pub overhead_s: f64,
+}
+
+impl TokenThroughput {
+    /// Service time of one request of `input` prompt and `output` generated tokens.
+    pub fn service_time(&self, input: u64, output: u64) -> f64 {
+        self.overhead_s + input as f64 / self.prefill_tps + output as f64 / self.decode_tps
+    }
+}
+
+/// Where the current service-time estimate came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ServiceTimeSource {
+    /// Nothing completed yet: the configured prior.
+    Prior,
+    /// Observed service latency of completed requests.
+    Latency,
+    /// Tokens of completed requests and the configured throughput.
+    Tokens,
+}
+
+/// The estimator's current view.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Estimate {
+    /// EMA of the arrival rate, requests per second.
+    pub arrival_rate: f64,
+    /// Arrival rate of the last window alone, requests per second.
+    pub window_arrival_rate: f64,
+    /// Mean service time, seconds.
+    pub service_time: f64,
+    /// Where `service_time` came from.
+    pub service_time_source: ServiceTimeSource,
+    /// Squared coefficient of variation of service time; 1 (exponential) until measured.
+    pub service_scv: f64,
+}
+
+/// Settings of the [`Estimator`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EstimatorParams {
+    /// Time constant of the arrival-rate EMA, seconds.
+    pub arrival_tau_s: f64,
+    /// Requests it takes to move the service-time estimate by `1 − 1/e` of the way.
+    pub service_requests: f64,
+    /// Service time assumed before any request completes, seconds.
+    pub prior_service_time_s: f64,
+    /// Used when windows report tokens but no latency.
+    pub throughput: Option<TokenThroughput>,
+}
+
+impl Default for EstimatorParams {
+    fn default() -> Self {
+        Self {
+            arrival_tau_s: 60.0,
+            service_requests: 50.0,
+            prior_service_time_s: 1.0,
+            throughput: None,
+        }
+    }
+}
+
+/// Keeps the EMAs of arrival rate and service time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Estimator {
+    params: EstimatorParams,
+    arrival_rate: Option<f64>,
+    window_arrival_rate: f64,
+    service_time: Option<(f64, ServiceTimeSource)>,
+    service_second_moment: Option<f64>,
+}
+
+impl Estimator {
+    /// A fresh estimator that knows only its priors.
+    pub fn new(params: EstimatorParams) -> Self {
+        Self {
+            params,
+            arrival_rate: None,
+            window_arrival_rate: 0.0,
+            service_time: None,
+            service_second_moment: None,
+        }
+    }
+
+    /// Folds one window into the estimates and returns them.
+    pub fn observe(&mut self, signal: &LoadSignal) -> Estimate {
+        if signal.window_s > 0.0 {
+            let rate = signal.arrival_rate();
+            self.window_arrival_rate = rate;
+            self.arrival_rate = Some(match self.arrival_rate {
+                None => rate,
+                Some(prev) => {
+                    let gain = 1.0 - (-signal.window_s / self.params.arrival_tau_s).exp();
+                    prev + gain * (rate - prev)
+                }
+            });
+        }
+        if let Some((s, source)) = self.window_service_time(signal) {
+            let gain = 1.0 - (-(signal.completed as f64) / self.params.service_requests).exp();
+            self.service_time = Some(match self.service_time {
+                None => (s, source),
+                Some((prev, _)) => (prev + gain * (s - prev), source),
+            });
+            if source == ServiceTimeSource::Latency && signal.latency_sq_sum_s2 > 0.0 {
+                let m2 = signal.latency_sq_sum_s2 / signal.completed as f64;
+                self.service_second_moment = Some(match self.service_second_moment {
+                    None => m2,
+                    Some(prev) => prev + gain * (m2 - prev),
+                });
+            }
+        }
+        self.current()
+    }
+
+    fn window_service_time(&self, signal: &LoadSignal) -> Option<(f64, ServiceTimeSource)> {
+        if signal.completed == 0 {
+            return None;
+        }
+        let n = signal.completed as f64;
+        if signal.latency_sum_s > 0.0 {
+            return Some((signal.latency_sum_s / n, ServiceTimeSource::Latency));
+        }
+        let tp = self.params.throughput?;
+        if signal.input_tokens + signal.output_tokens == 0 {
+            return None;
+        }
+        let per_request = tp.overhead_s
+            + (signal.input_tokens as f64 / tp.prefill_tps
+                + signal.output_tokens as f64 / tp.decode_tps)
+                / n;
+        Some((per_request, ServiceTimeSource::Tokens))
+    }
+
+    /// The current estimates without observing anything.
+    pub fn current(&self) -> Estimate {
+        let (service_time, service_time_source) = self
+            .service_time
+            .unwrap_or((self.params.prior_service_time_s, ServiceTimeSource::Prior));
+        let service_scv = match self.service_second_moment {
+            Some(m2) if service_time > 0.0 => (m2 / (service_time * service_time) - 1.0).max(0.0),
+            _ => 1.0,
+        };
+        Estimate {
+            arrival_rate: self.arrival_rate.unwrap_or(0.0),
+            window_arrival_rate: self.window_arrival_rate,
+            service_time,
+            service_time_source,
+            service_scv,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(requests: u64, completed: u64, latency_sum_s: f64) -> LoadSignal {
+        LoadSignal {
+            window_s: 15.0,
+            requests,
+            completed,
+            latency_sum_s,
+            ..LoadSignal::default()
+        }
+    }
+
+    #[test]
+    fn arrival_ema_converges_and_service_from_latency() {
+        let mut e = Estimator::new(EstimatorParams::default());
+        assert_eq!(e.current().service_time_source, ServiceTimeSource::Prior);
+        for _ in 0..200 {
+            e.observe(&window(60, 60, 60.0 * 0.8));
+        }
+        let est = e.current();
+        assert!((est.arrival_rate - 4.0).abs() < 1e-9);
+        assert!((est.service_time - 0.8).abs() < 1e-9);
+        assert_eq!(est.service_time_source, ServiceTimeSource::Latency);
+        assert_eq!(est.service_scv, 1.0); // not measured: exponential assumed
+    }
+
+    #[test]
+    fn service_variability_from_squared_latencies() {
+        let mut e = Estimator::new(EstimatorParams::default());
+        // Half the requests take 0.2 s, half 1.8 s: mean 1, E[S²] = 1.64, c² = 0.64.
+        let mut est = e.current();
+        for _ in 0..100 {
+            est = e.observe(&LoadSignal {
+                window_s: 15.0,
+                requests: 20,
+                completed: 20,
+                latency_sum_s: 20.0,
+                latency_sq_sum_s2: 10.0 * (0.04 + 3.24),
+                ..LoadSignal::default()
+            });
+        }
+        assert!((est.service_scv - 0.64).abs() < 1e-9, "{}", est.service_scv);
+    }
+
+    #[test]
+    fn service_from_tokens_when_no_latency() {
+        let tp = TokenThroughput {
+            prefill_tps: 1000.0,
+            decode_tps: 10.0,
+            overhead_s: 0.1,
+        };
+        let mut e = Estimator::new(EstimatorParams {
+            throughput: Some(tp),
+            ..EstimatorParams::default()
+        });
+        let est = e.observe(&LoadSignal {
+            window_s: 10.0,
+            requests: 2,
+            completed: 2,
+            input_tokens: 2000,
+            output_tokens: 20,
+            ..LoadSignal::default()
+        });
+        // 0.1 + (2 + 2) / 2 = 2.1 s per request.
+        assert!((est.service_time - 2.1).abs() < 1e-12);
+        assert_eq!(est.service_time_source, ServiceTimeSource::Tokens);
+    }
+
+    #[test]
+    fn quiet_windows_move_service_time_less_than_busy_ones() {
+        let mut quiet = Estimator::new(EstimatorParams::default());
+        let mut busy = quiet.clone();
+        quiet.observe(&window(100, 100, 100.0));
+        busy.observe(&window(100, 100, 100.0));
+        let q = quiet.observe(&window(1, 1, 5.0)).service_time;
+        let b = busy.observe(&window(100, 100, 500.0)).service_time;
+        assert!(q < b && q > 1.0);
+    }
+}
