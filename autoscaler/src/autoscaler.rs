@@ -1,11 +1,12 @@
 //! The per-Agent autoscaler: estimates → conductance and Erlang-C floor → guarded decision.
 //!
 //! ```text
-//!  LoadSignal ──► Estimator ──► λ̂, Ŝ ──┬──► flow = λ̂Ŝ/slots ──► Conductance C ──► ⌈C⌉ ─┐
-//!                                     └──► λ* = max(λ̂, λ_window) + waiting/drain       │
-//!                                              └──► Erlang-C smallest k ───► floor ───┤
-//!                                                                                     ▼
-//!             desired = clamp(max(⌈C⌉, floor), min, min(max, budget cap))
+//!  LoadSignal ─► Estimator ─► λ̂, Ŝ, c² ─┬─► flow = λ̂Ŝ/slots ─► Conductance C ─► ⌈C⌉ ───┐
+//!                                      └─► λ* = max(λ̂, λ_window) + waiting/drain       │
+//!                                           └─► Erlang-C (M/G/k) smallest k ─► floor   │
+//!                                                └─► highest floor of floor_hold_s ────┤
+//!                                                                                      ▼
+//!             desired = clamp(max(⌈C⌉, held floor), min, min(max, budget cap))
 //!             → idle for idle_to_zero_s? 0
 //!             → scale-down held during cold start and for reversal_hold_s after a scale-up
 //!             → brown-out when the floor could not be met within the cap
@@ -311,21 +312,33 @@ mod tests {
     }
 
     #[test]
-    fn bursts_scale_up_at_once_and_conductance_holds_capacity_after() {
+    fn bursts_scale_up_at_once_hold_the_floor_then_come_down() {
         let mut a = scaler();
+        let hold = a.config().floor_hold_s;
         let mut t = 0.0;
-        for _ in 0..40 {
+        for _ in 0..80 {
             a.step(t, &window(15, 1.0));
             t += 15.0;
         }
         let base = a.replicas();
         let burst = a.step(t, &window(600, 1.0));
+        let burst_at = t;
         assert!(burst.desired_replicas > 3 * base, "{burst:?}");
         t += 15.0;
-        // After the burst, the floor drops with the EMA but replicas come down gradually.
         let mut seen = vec![];
-        for _ in 0..60 {
-            seen.push(a.step(t, &window(15, 1.0)).desired_replicas);
+        while t < burst_at + hold + 1_200.0 {
+            let d = a.step(t, &window(15, 1.0));
+            if t - burst_at <= hold {
+                // The burst's floor is held for floor_hold_s.
+                assert_eq!(
+                    d.desired_replicas,
+                    burst.desired_replicas,
+                    "at +{}",
+                    t - burst_at
+                );
+                assert_eq!(d.reason, Reason::FloorHold);
+            }
+            seen.push(d.desired_replicas);
             t += 15.0;
         }
         assert!(seen.windows(2).all(|w| w[1] <= w[0]), "{seen:?}");

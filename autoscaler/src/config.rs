@@ -51,6 +51,7 @@ pub struct AutoscalerConfig {
     /// The Erlang-C floor may fall only after it has stayed lower for this long: the highest
     /// floor of the last `floor_hold_s` is kept. Bursty agents come back within minutes, and
     /// a pod that is still there costs far less than a 30 s cold start under a burst.
+    /// Default 900 s; `docs/autoscaler.md` shows the simulated trade-off of other values.
     pub floor_hold_s: f64,
     /// Scale to zero after this long without any traffic (only when `min_replicas` is 0).
     pub idle_to_zero_s: Option<f64>,
@@ -77,7 +78,7 @@ impl Default for AutoscalerConfig {
             conductance: ConductanceParams::DEFAULT,
             estimator: EstimatorParams::default(),
             backlog_drain_s: 30.0,
-            floor_hold_s: 180.0,
+            floor_hold_s: 900.0,
             idle_to_zero_s: Some(300.0),
             cold_start_hold_s: 60.0,
             reversal_hold_s: 120.0,

@@ -131,8 +131,11 @@ fn main() -> Result<()> {
         args.seed
     );
     println!(
-        "soma: rho_max {} alpha {:.6} beta {:.6} tau {}s step {}s idle-to-zero {:?}s reversal-hold {}s",
+        "soma: rho_max {} wait-headroom {} floor-hold {}s alpha {:.6} beta {:.6} tau {}s step {}s \
+         idle-to-zero {:?}s reversal-hold {}s",
         soma.rho_max,
+        soma.wait_headroom,
+        soma.floor_hold_s,
         soma.conductance.alpha,
         soma.conductance.beta,
         soma.conductance.tau_s,

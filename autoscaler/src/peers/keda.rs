@@ -11,8 +11,10 @@
 //! ```
 //!
 //! The scaler's metric is the same concurrency as the HPA emulation's (an AverageValue
-//! target of `ρmax × slots` per pod), so KEDA differs from HPA exactly by scale-to-zero and
-//! its activation path.
+//! target of `ρmax × slots` per pod), read as an instantaneous value at each poll — the way a
+//! queue-length or `sum(in_flight)` Prometheus scaler reports it — and served to the HPA from
+//! KEDA's cache until the next poll (`useCachedMetrics: true`). So KEDA differs from the HPA
+//! emulation by scale-to-zero, its activation path, and a metric refreshed every 30 s.
 
 use crate::peers::hpa::{Hpa, HpaParams};
 use crate::sim::engine::{Observation, Scaler};
@@ -47,6 +49,7 @@ pub struct Keda {
     next_poll_s: f64,
     seen_since_poll: bool,
     last_active_s: f64,
+    cached_metric: f64,
 }
 
 impl Keda {
@@ -58,6 +61,7 @@ impl Keda {
             params,
             seen_since_poll: false,
             last_active_s: 0.0,
+            cached_metric: 0.0,
         }
     }
 }
@@ -76,6 +80,7 @@ impl Scaler for Keda {
         if obs.now_s + 1e-9 >= self.next_poll_s {
             self.next_poll_s += self.params.polling_s;
             let active = std::mem::take(&mut self.seen_since_poll);
+            self.cached_metric = (obs.in_service + obs.waiting) as f64;
             if active {
                 self.last_active_s = obs.now_s;
                 if obs.replicas == 0 {
@@ -89,7 +94,11 @@ impl Scaler for Keda {
         if obs.replicas == 0 {
             return 0;
         }
-        self.hpa.sync(obs)
+        self.hpa.sync(&Observation {
+            mean_in_service: self.cached_metric,
+            mean_waiting: 0.0,
+            ..*obs
+        })
     }
 }
 
