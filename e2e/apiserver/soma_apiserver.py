@@ -292,7 +292,9 @@ def leaf_paths(obj: Any, prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
 
 def owned_paths(obj: dict[str, Any], section: str | None) -> set[tuple[str, ...]]:
     """The fields a write of `obj` claims: `section` is 'status' for /status, else None (main)."""
-    paths = {p for p in leaf_paths(obj) if not any(p[:len(u)] == u for u in _UNOWNED)}
+    # Empty maps are structure, not values: nobody owns them (a Lease created with `spec: {}`
+    # must not make every later `spec.*` apply conflict with its creator).
+    paths = {p for p in leaf_paths(obj) if not any(p[:len(u)] == u for u in _UNOWNED) and get_path(obj, p) != {}}
     if section == "status":
         return {p for p in paths if p[0] == "status"}
     return paths
@@ -771,7 +773,7 @@ class SomaApiServer(kmock.KubernetesScaffold):
         """An Update-operation write: the manager takes ownership of every field it changed."""
         if dry_run:
             return new
-        changed = {p for p in diff_paths(old, new) if get_path(new, p) is not _MISSING}
+        changed = {p for p in diff_paths(old, new) if get_path(new, p) not in (_MISSING, {})}
         changed = {p for p in changed if not any(p[:len(u)] == u for u in _UNOWNED)}
         if changed:
             mgrs = self.managers.setdefault(key, {})
@@ -1119,7 +1121,8 @@ def _drop_nulls(obj: Any) -> Any:
 
 async def serve(args: argparse.Namespace) -> None:
     server = SomaApiServer(deployment_controller=not args.no_deployment_controller,
-                           deployment_delay=args.deployment_delay, bookmark_interval=args.bookmark_interval)
+                           deployment_delay=args.deployment_delay, bookmark_interval=args.bookmark_interval,
+                           history_limit=args.history_limit)
     for directory in args.crds or []:
         n = server.load_crds(pathlib.Path(directory))
         log.info("registered %d CRDs from %s", n, directory)
@@ -1147,7 +1150,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-deployment-controller", action="store_true",
                         help="do not emulate Deployment status (ready replicas) after writes")
     parser.add_argument("--deployment-delay", type=float, default=0.2)
-    parser.add_argument("--bookmark-interval", type=float, default=5.0)
+    parser.add_argument("--bookmark-interval", type=float, default=5.0, help="seconds between watch bookmarks")
+    parser.add_argument("--history-limit", type=int, default=20000,
+                        help="watch events kept per resource; older resourceVersions get 410 Gone")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
