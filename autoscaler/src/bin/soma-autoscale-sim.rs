@@ -63,8 +63,23 @@ fn find_default_trace() -> PathBuf {
         .join(DEFAULT_TRACE)
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
+fn main() -> std::process::ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let mut message = format!("soma-autoscale-sim: {e}");
+            let mut source = e.source();
+            while let Some(cause) = source {
+                message.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            eprintln!("{message}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
     let soma: soma_autoscaler::AutoscalerConfig = match &args.soma_config {
         Some(json) => serde_json::from_str(json)?,
         None => soma_autoscaler::AutoscalerConfig::default(),
