@@ -69,10 +69,11 @@ pub struct AgentSpec {
     ).message("provider API keys must not be set on the agent container; reference them in spec.credentials so only the metering sidecar receives them"))]
     pub env: Vec<EnvVar>,
 
-    /// The port the agent serves on, exposed by the agent's Service.
-    #[serde(default = "default_agent_port")]
+    /// The port the agent serves on. When set, a Service exposes it; when unset the agent
+    /// only calls out (a worker) and gets no Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
-    pub port: i32,
+    pub port: Option<i32>,
 
     /// Which model the agent calls, through the metering sidecar.
     pub model: ModelSpec,
@@ -102,10 +103,6 @@ pub struct AgentSpec {
     /// Replica bounds and autoscaling targets.
     #[serde(default)]
     pub scaling: Scaling,
-}
-
-fn default_agent_port() -> i32 {
-    8080
 }
 
 /// A literal environment variable.

@@ -1,1 +1,19 @@
-//! Soma operator.
+//! The Soma operator: reconciles Agents into sandboxed, metered pods.
+//!
+//! ```text
+//!  main ──▶ runtime (HTTP, leader election) ──▶ agent::controller ──▶ agent::reconcile
+//!                                                                    ├▶ agent::children (pure)
+//!                                                                    ├▶ agent::apply    (writes)
+//!                                                                    └▶ agent::status   (pure)
+//! ```
+//! `render` reuses the pure builders without a cluster.
+
+pub mod agent;
+pub mod config;
+pub mod context;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod render;
+pub mod runtime;
+pub mod telemetry;

@@ -1,0 +1,700 @@
+//! Builds an Agent's children: pure functions from the Agent (and the operator's
+//! configuration) to the objects the controller applies. Nothing here calls the API.
+//!
+//! ```text
+//!             ┌──────────────── Pod (Deployment <agent>) ─────────────────┐
+//!  Service ──▶│ agent container ──http://127.0.0.1:4000──▶ soma-proxy     │──▶ provider
+//!  <agent>    │  (no provider key)                         (native sidecar,│   (key injected
+//!             │                                             holds the key) │    by the sidecar)
+//!             └────────────────────────────────────────────────────────────┘
+//!  NetworkPolicy <agent>: egress only DNS, the provider and the allow-list.
+//!  ConfigMap <agent>-sidecar: the sidecar's configuration.  ServiceAccount <agent>.
+//! ```
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Service,
+    ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::api::networking::v1::{
+    IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
+    NetworkPolicyPort, NetworkPolicySpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use soma_crds::agent::{Agent, EgressRule, PROVIDER_KEY_ENV_NAMES, Provider};
+
+use crate::config::OperatorConfig;
+
+/// Field manager for everything the Agent controller applies.
+pub const FIELD_MANAGER: &str = "soma.dev/agent";
+/// Label naming the Agent a child belongs to; used to find children.
+pub const AGENT_LABEL: &str = "soma.dev/agent";
+/// Annotation on the pod template carrying a hash of the sidecar configuration, so a
+/// configuration change rolls the pods.
+pub const CONFIG_HASH_ANNOTATION: &str = "soma.dev/sidecar-config-hash";
+/// Name of the sidecar container.
+pub const SIDECAR_NAME: &str = "soma-proxy";
+/// Name of the agent container.
+pub const AGENT_CONTAINER: &str = "agent";
+/// Where the sidecar reads its configuration.
+pub const SIDECAR_CONFIG_DIR: &str = "/etc/soma/proxy";
+/// Where the sidecar reads the provider key from a Secret; mounted into the sidecar only.
+pub const PROVIDER_KEY_DIR: &str = "/var/run/secrets/soma/provider";
+/// UID and GID the pod runs as when the image does not say otherwise.
+pub const NON_ROOT_ID: i64 = 65532;
+
+/// Private and link-local ranges excluded when a destination is only known by host name, so
+/// that "the public provider API" does not also open the cluster network or the cloud
+/// metadata endpoint.
+const NON_PUBLIC_RANGES: &[&str] = &[
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "169.254.0.0/16",
+    "100.64.0.0/10",
+];
+
+/// Every child of one Agent, as the controller applies them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Children {
+    /// The pod identity; its token is not mounted unless the Agent asks.
+    pub service_account: ServiceAccount,
+    /// The sidecar's configuration.
+    pub sidecar_config: ConfigMap,
+    /// The agent pods.
+    pub deployment: Deployment,
+    /// Exposes the agent's port; only when the Agent has one.
+    pub service: Option<Service>,
+    /// Default-deny egress except DNS, the provider and the allow-list.
+    pub network_policy: NetworkPolicy,
+}
+
+/// Builds every child of `agent` with `replicas` pods.
+pub fn children(
+    agent: &Agent,
+    replicas: i32,
+    config: &OperatorConfig,
+) -> Result<Children, serde_json::Error> {
+    let sidecar_config = sidecar_config_map(agent, config)?;
+    let config_hash = hash_config(&sidecar_config);
+    Ok(Children {
+        service_account: service_account(agent),
+        deployment: deployment(agent, replicas, &config_hash, config),
+        service: service(agent, config),
+        network_policy: network_policy(agent, config),
+        sidecar_config,
+    })
+}
+
+/// Name of the sidecar ConfigMap for `agent`.
+pub fn sidecar_config_name(agent_name: &str) -> String {
+    format!("{agent_name}-sidecar")
+}
+
+/// Labels on every child and on the pods.
+pub fn labels(agent: &Agent) -> BTreeMap<String, String> {
+    let name = agent.name_any();
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "soma-agent".to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), name.clone()),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            "soma-operator".to_owned(),
+        ),
+        (AGENT_LABEL.to_owned(), name),
+    ])
+}
+
+/// The labels that select an Agent's pods (stable across versions: selectors are immutable).
+fn selector_labels(agent: &Agent) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "soma-agent".to_owned()),
+        (AGENT_LABEL.to_owned(), agent.name_any()),
+    ])
+}
+
+/// Metadata for a child named `name`: namespace, labels, and the Agent as controller owner
+/// (absent when the Agent has no uid yet, as in `soma-operator render`).
+fn child_meta(agent: &Agent, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: agent.namespace(),
+        labels: Some(labels(agent)),
+        owner_references: agent.controller_owner_ref(&()).map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The ServiceAccount the pods run as.
+pub fn service_account(agent: &Agent) -> ServiceAccount {
+    ServiceAccount {
+        metadata: child_meta(agent, agent.name_any()),
+        automount_service_account_token: Some(agent.spec.sandbox.automount_service_account_token),
+        ..ServiceAccount::default()
+    }
+}
+
+/// The provider's base URL: the Agent's endpoint, or the provider's public API.
+pub fn upstream_url(agent: &Agent) -> String {
+    match (&agent.spec.model.endpoint, agent.spec.model.provider) {
+        (Some(endpoint), _) => endpoint.trim_end_matches('/').to_owned(),
+        (None, Provider::Anthropic) => "https://api.anthropic.com".to_owned(),
+        (None, Provider::Openai | Provider::OpenaiCompatible) => {
+            "https://api.openai.com".to_owned()
+        }
+    }
+}
+
+/// The sidecar's configuration file, as the `soma-proxy` binary reads it.
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarSettings {
+    /// Address the proxy listens on (loopback only).
+    pub listen: String,
+    /// Address of `/healthz` and `/metrics`.
+    pub admin_listen: String,
+    /// The Agent, for metering labels and the ledger.
+    pub agent: AgentIdentity,
+    /// The provider the proxy forwards to.
+    pub provider: ProviderSettings,
+    /// Where the provider key is read from.
+    pub credentials: CredentialSettings,
+    /// Budget the calls are charged to, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<String>,
+    /// Environment variable holding the per-pod client credential.
+    pub client_token_env: String,
+    /// Tools the agent may call.
+    pub tools: Vec<String>,
+    /// Capsules the agent may use.
+    pub capsules: Vec<String>,
+}
+
+/// Namespace and name of the Agent.
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct AgentIdentity {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+/// Where the proxy forwards.
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct ProviderSettings {
+    /// `openai`, `anthropic` or `openaiCompatible`.
+    pub kind: String,
+    /// Base URL.
+    pub upstream: String,
+    /// Default model.
+    pub model: String,
+}
+
+/// Where the provider key comes from, as the sidecar sees it.
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum CredentialSettings {
+    /// No key (a keyless local endpoint).
+    None,
+    /// A file mounted into the sidecar from a Secret.
+    File(String),
+    /// A Vault KV path the sidecar reads itself.
+    Vault {
+        /// KV path.
+        path: String,
+        /// Field.
+        key: String,
+        /// Kubernetes-auth role.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        role: Option<String>,
+    },
+}
+
+/// The settings the sidecar runs with.
+pub fn sidecar_settings(agent: &Agent, config: &OperatorConfig) -> SidecarSettings {
+    let spec = &agent.spec;
+    let credentials = match &spec.credentials {
+        Some(c) if c.secret_ref.is_some() => {
+            let key = c
+                .secret_ref
+                .as_ref()
+                .map(|s| s.key.clone())
+                .unwrap_or_default();
+            CredentialSettings::File(format!("{PROVIDER_KEY_DIR}/{key}"))
+        }
+        Some(c) => match &c.vault {
+            Some(v) => CredentialSettings::Vault {
+                path: v.path.clone(),
+                key: v.key.clone(),
+                role: v.role.clone(),
+            },
+            None => CredentialSettings::None,
+        },
+        None => CredentialSettings::None,
+    };
+    let kind = match spec.model.provider {
+        Provider::Openai => "openai",
+        Provider::Anthropic => "anthropic",
+        Provider::OpenaiCompatible => "openaiCompatible",
+    };
+    SidecarSettings {
+        listen: format!("127.0.0.1:{}", config.sidecar.port),
+        admin_listen: format!("0.0.0.0:{}", config.sidecar.admin_port),
+        agent: AgentIdentity {
+            namespace: agent.namespace().unwrap_or_default(),
+            name: agent.name_any(),
+        },
+        provider: ProviderSettings {
+            kind: kind.to_owned(),
+            upstream: upstream_url(agent),
+            model: spec.model.name.clone(),
+        },
+        credentials,
+        budget: spec.budget_ref.as_ref().map(|b| b.name.clone()),
+        client_token_env: "SOMA_POD_UID".to_owned(),
+        tools: spec.tools.clone(),
+        capsules: spec.capsules.iter().map(|c| c.name.clone()).collect(),
+    }
+}
+
+/// The ConfigMap holding the sidecar's configuration as JSON (valid YAML too).
+pub fn sidecar_config_map(
+    agent: &Agent,
+    config: &OperatorConfig,
+) -> Result<ConfigMap, serde_json::Error> {
+    let body = serde_json::to_string_pretty(&sidecar_settings(agent, config))?;
+    Ok(ConfigMap {
+        metadata: child_meta(agent, sidecar_config_name(&agent.name_any())),
+        data: Some(BTreeMap::from([("config.yaml".to_owned(), body)])),
+        ..ConfigMap::default()
+    })
+}
+
+/// A short content hash of the ConfigMap's data.
+fn hash_config(config_map: &ConfigMap) -> String {
+    let mut hasher = Sha256::new();
+    for (k, v) in config_map.data.iter().flatten() {
+        hasher.update(k.as_bytes());
+        hasher.update([0]);
+        hasher.update(v.as_bytes());
+        hasher.update([0]);
+    }
+    hex::encode(&hasher.finalize()[..8])
+}
+
+/// The strict container security context every Soma container runs with.
+fn container_security() -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(true),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        privileged: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_owned()]),
+            add: None,
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".to_owned(),
+            localhost_profile: None,
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value.into()),
+        value_from: None,
+    }
+}
+
+/// The pod's UID from the downward API: the per-pod credential the agent presents to the
+/// sidecar. It is unique per pod and is never a provider key.
+fn pod_uid_env(name: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "metadata.uid".to_owned(),
+                api_version: None,
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
+/// Variables Soma sets on the agent container; a user's variable of the same name is dropped.
+const SOMA_AGENT_ENV: &[&str] = &[
+    "SOMA_PROXY_URL",
+    "OPENAI_BASE_URL",
+    "OPENAI_API_BASE",
+    "ANTHROPIC_BASE_URL",
+    "SOMA_MODEL",
+    "SOMA_PROXY_TOKEN",
+];
+
+/// Environment of the agent container: the user's literal variables, then the variables that
+/// point OpenAI- and Anthropic-style SDKs at the sidecar, and the per-pod credential
+/// (`SOMA_PROXY_TOKEN`) the agent presents to it as its API key.
+///
+/// Provider key names are dropped even if the CRD's CEL rule was bypassed (an older CRD, a
+/// direct write): no provider key ever reaches the agent container.
+fn agent_env(agent: &Agent, config: &OperatorConfig) -> Vec<EnvVar> {
+    let proxy = format!("http://127.0.0.1:{}", config.sidecar.port);
+    let reserved =
+        |name: &str| SOMA_AGENT_ENV.contains(&name) || PROVIDER_KEY_ENV_NAMES.contains(&name);
+    let mut vars: Vec<EnvVar> = agent
+        .spec
+        .env
+        .iter()
+        .filter(|e| !reserved(&e.name))
+        .map(|e| env(&e.name, e.value.clone()))
+        .collect();
+    vars.extend([
+        env("SOMA_PROXY_URL", proxy.clone()),
+        env("OPENAI_BASE_URL", format!("{proxy}/v1")),
+        env("OPENAI_API_BASE", format!("{proxy}/v1")),
+        env("ANTHROPIC_BASE_URL", proxy),
+        env("SOMA_MODEL", agent.spec.model.name.clone()),
+        pod_uid_env("SOMA_PROXY_TOKEN"),
+    ]);
+    vars
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        read_only: Some(read_only),
+        ..VolumeMount::default()
+    }
+}
+
+/// The metering sidecar: a native sidecar (an init container that keeps running), so it is
+/// up before the agent starts and stops after it.
+fn sidecar_container(agent: &Agent, config: &OperatorConfig) -> Container {
+    let mut mounts = vec![mount("sidecar-config", SIDECAR_CONFIG_DIR, true)];
+    if agent
+        .spec
+        .credentials
+        .as_ref()
+        .is_some_and(|c| c.secret_ref.is_some())
+    {
+        mounts.push(mount("provider-key", PROVIDER_KEY_DIR, true));
+    }
+    let health = |path: &str| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("proxy-admin".to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(5),
+        failure_threshold: Some(3),
+        ..Probe::default()
+    };
+    Container {
+        name: SIDECAR_NAME.to_owned(),
+        image: Some(config.sidecar.image.clone()),
+        args: Some(vec![
+            "--config".to_owned(),
+            format!("{SIDECAR_CONFIG_DIR}/config.yaml"),
+        ]),
+        restart_policy: Some("Always".to_owned()),
+        env: Some(vec![pod_uid_env("SOMA_POD_UID")]),
+        ports: Some(vec![ContainerPort {
+            name: Some("proxy-admin".to_owned()),
+            container_port: i32::from(config.sidecar.admin_port),
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        }]),
+        startup_probe: Some(Probe {
+            failure_threshold: Some(30),
+            period_seconds: Some(1),
+            ..health("/healthz")
+        }),
+        readiness_probe: Some(health("/healthz")),
+        resources: Some(config.sidecar_resources.clone()),
+        security_context: Some(container_security()),
+        volume_mounts: Some(mounts),
+        ..Container::default()
+    }
+}
+
+fn agent_container(agent: &Agent, config: &OperatorConfig) -> Container {
+    let spec = &agent.spec;
+    let non_empty = |v: &Vec<String>| (!v.is_empty()).then(|| v.clone());
+    Container {
+        name: AGENT_CONTAINER.to_owned(),
+        image: Some(spec.image.clone()),
+        command: non_empty(&spec.command),
+        args: non_empty(&spec.args),
+        env: Some(agent_env(agent, config)),
+        ports: spec.port.map(|p| {
+            vec![ContainerPort {
+                name: Some("http".to_owned()),
+                container_port: p,
+                protocol: Some("TCP".to_owned()),
+                ..ContainerPort::default()
+            }]
+        }),
+        resources: Some(
+            spec.sandbox
+                .resources
+                .clone()
+                .unwrap_or_else(|| config.default_agent_resources.clone()),
+        ),
+        security_context: Some(container_security()),
+        volume_mounts: Some(vec![mount("tmp", "/tmp", false)]),
+        ..Container::default()
+    }
+}
+
+fn volumes(agent: &Agent) -> Vec<Volume> {
+    let mut volumes = vec![
+        Volume {
+            name: "tmp".to_owned(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+        Volume {
+            name: "sidecar-config".to_owned(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: sidecar_config_name(&agent.name_any()),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+    ];
+    if let Some(secret) = agent
+        .spec
+        .credentials
+        .as_ref()
+        .and_then(|c| c.secret_ref.as_ref())
+    {
+        volumes.push(Volume {
+            name: "provider-key".to_owned(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.name.clone()),
+                default_mode: Some(0o400),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
+    volumes
+}
+
+/// The Deployment running the agent and its sidecar under the sandbox defaults.
+pub fn deployment(
+    agent: &Agent,
+    replicas: i32,
+    config_hash: &str,
+    config: &OperatorConfig,
+) -> Deployment {
+    let spec = &agent.spec;
+    Deployment {
+        metadata: child_meta(agent, agent.name_any()),
+        spec: Some(DeploymentSpec {
+            replicas: Some(replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(agent)),
+                match_expressions: None,
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_unavailable: Some(IntOrString::Int(0)),
+                    max_surge: Some(IntOrString::Int(1)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(agent)),
+                    annotations: Some(BTreeMap::from([(
+                        CONFIG_HASH_ANNOTATION.to_owned(),
+                        config_hash.to_owned(),
+                    )])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(agent.name_any()),
+                    automount_service_account_token: Some(
+                        spec.sandbox.automount_service_account_token,
+                    ),
+                    enable_service_links: Some(false),
+                    runtime_class_name: spec.sandbox.runtime_class_name.clone(),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(NON_ROOT_ID),
+                        run_as_group: Some(NON_ROOT_ID),
+                        fs_group: Some(NON_ROOT_ID),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_owned(),
+                            localhost_profile: None,
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    init_containers: Some(vec![sidecar_container(agent, config)]),
+                    containers: vec![agent_container(agent, config)],
+                    volumes: Some(volumes(agent)),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The Service exposing the agent's port and the sidecar's metrics, when the agent has a port.
+pub fn service(agent: &Agent, config: &OperatorConfig) -> Option<Service> {
+    let port = agent.spec.port?;
+    Some(Service {
+        metadata: child_meta(agent, agent.name_any()),
+        spec: Some(ServiceSpec {
+            selector: Some(selector_labels(agent)),
+            ports: Some(vec![
+                ServicePort {
+                    name: Some("http".to_owned()),
+                    port: 80,
+                    target_port: Some(IntOrString::Int(port)),
+                    protocol: Some("TCP".to_owned()),
+                    ..ServicePort::default()
+                },
+                ServicePort {
+                    name: Some("proxy-metrics".to_owned()),
+                    port: i32::from(config.sidecar.admin_port),
+                    target_port: Some(IntOrString::String("proxy-admin".to_owned())),
+                    protocol: Some("TCP".to_owned()),
+                    ..ServicePort::default()
+                },
+            ]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    })
+}
+
+fn tcp(port: i32) -> NetworkPolicyPort {
+    NetworkPolicyPort {
+        port: Some(IntOrString::Int(port)),
+        protocol: Some("TCP".to_owned()),
+        end_port: None,
+    }
+}
+
+fn public_internet() -> NetworkPolicyPeer {
+    NetworkPolicyPeer {
+        ip_block: Some(IPBlock {
+            cidr: "0.0.0.0/0".to_owned(),
+            except: Some(NON_PUBLIC_RANGES.iter().map(|r| (*r).to_owned()).collect()),
+        }),
+        ..NetworkPolicyPeer::default()
+    }
+}
+
+/// Port of the provider's endpoint: explicit in the URL, else by scheme.
+fn upstream_port(url: &str) -> i32 {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("https", url));
+    let authority = rest.split('/').next().unwrap_or_default();
+    let explicit = authority
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<i32>().ok());
+    explicit.unwrap_or(if scheme == "http" { 80 } else { 443 })
+}
+
+fn egress_allow_rule(rule: &EgressRule) -> NetworkPolicyEgressRule {
+    let ports: Vec<i32> = if rule.ports.is_empty() {
+        vec![443]
+    } else {
+        rule.ports.iter().map(|p| i32::from(*p)).collect()
+    };
+    let peer = match &rule.cidr {
+        Some(cidr) => NetworkPolicyPeer {
+            ip_block: Some(IPBlock {
+                cidr: cidr.clone(),
+                except: None,
+            }),
+            ..NetworkPolicyPeer::default()
+        },
+        None => public_internet(),
+    };
+    NetworkPolicyEgressRule {
+        to: Some(vec![peer]),
+        ports: Some(ports.into_iter().map(tcp).collect()),
+    }
+}
+
+/// Default-deny egress for the Agent's pods except DNS, the model provider and the Agent's
+/// allow-list; ingress only to the agent's port and the sidecar's metrics port.
+///
+/// NetworkPolicy is L3/L4, so a destination known only by host name (the public provider API,
+/// a `host` rule) is opened on its ports to public addresses, never to the cluster's private
+/// ranges or the metadata endpoint. A custom provider endpoint may live in the cluster, so its
+/// port is opened to any address.
+pub fn network_policy(agent: &Agent, config: &OperatorConfig) -> NetworkPolicy {
+    let upstream = upstream_url(agent);
+    let provider_peer = if agent.spec.model.endpoint.is_some() {
+        NetworkPolicyPeer {
+            ip_block: Some(IPBlock {
+                cidr: "0.0.0.0/0".to_owned(),
+                except: None,
+            }),
+            ..NetworkPolicyPeer::default()
+        }
+    } else {
+        public_internet()
+    };
+    let dns = NetworkPolicyEgressRule {
+        to: None,
+        ports: Some(vec![
+            NetworkPolicyPort {
+                port: Some(IntOrString::Int(53)),
+                protocol: Some("UDP".to_owned()),
+                end_port: None,
+            },
+            tcp(53),
+        ]),
+    };
+    let provider = NetworkPolicyEgressRule {
+        to: Some(vec![provider_peer]),
+        ports: Some(vec![tcp(upstream_port(&upstream))]),
+    };
+    let mut egress = vec![dns, provider];
+    egress.extend(agent.spec.sandbox.egress.iter().map(egress_allow_rule));
+
+    let mut ingress_ports = vec![tcp(i32::from(config.sidecar.admin_port))];
+    if let Some(port) = agent.spec.port {
+        ingress_ports.insert(0, tcp(port));
+    }
+    NetworkPolicy {
+        metadata: child_meta(agent, agent.name_any()),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(agent)),
+                match_expressions: None,
+            }),
+            policy_types: Some(vec!["Ingress".to_owned(), "Egress".to_owned()]),
+            egress: Some(egress),
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                from: None,
+                ports: Some(ingress_ports),
+            }]),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests;

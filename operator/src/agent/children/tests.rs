@@ -1,0 +1,618 @@
+//! Table tests of the pure builders: defaults, overrides, every sandbox invariant, the
+//! sidecar present and wired, and no provider key anywhere in the agent container.
+
+use super::*;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use soma_crds::agent::{AgentSpec, Credentials, ModelSpec, Sandbox, Scaling, VaultRef};
+use soma_crds::common::{LocalRef, SecretKeyRef};
+
+fn agent(edit: impl FnOnce(&mut AgentSpec)) -> Agent {
+    let mut spec = AgentSpec {
+        image: "registry.example.com/a@sha256:0d7c".into(),
+        command: vec![],
+        args: vec![],
+        env: vec![],
+        port: Some(8080),
+        model: ModelSpec {
+            provider: Provider::Openai,
+            name: "gpt-4o".into(),
+            endpoint: None,
+        },
+        credentials: Some(Credentials {
+            secret_ref: Some(SecretKeyRef {
+                name: "openai-key".into(),
+                key: "api-key".into(),
+            }),
+            vault: None,
+        }),
+        budget_ref: Some(LocalRef {
+            name: "team".into(),
+        }),
+        capsules: vec![],
+        tools: vec![],
+        sandbox: Sandbox::default(),
+        scaling: Scaling::default(),
+    };
+    edit(&mut spec);
+    let mut a = Agent::new("helper", spec);
+    a.metadata.namespace = Some("team".into());
+    a.metadata.uid = Some("uid-1".into());
+    a
+}
+
+fn built(a: &Agent) -> Children {
+    children(a, 2, &OperatorConfig::default()).expect("children build")
+}
+
+fn pod(c: &Children) -> &PodSpec {
+    c.deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("pod spec")
+}
+
+fn agent_container(c: &Children) -> &Container {
+    pod(c)
+        .containers
+        .iter()
+        .find(|c| c.name == AGENT_CONTAINER)
+        .expect("agent container")
+}
+
+fn sidecar(c: &Children) -> &Container {
+    pod(c)
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| c.name == SIDECAR_NAME)
+        .expect("sidecar")
+}
+
+fn env_value<'a>(c: &'a Container, name: &str) -> Option<&'a EnvVar> {
+    c.env.iter().flatten().find(|e| e.name == name)
+}
+
+/// Every sandbox invariant of PRODUCT.md (invariant 6), for any Agent.
+fn assert_sandboxed(name: &str, c: &Children) {
+    let p = pod(c);
+    assert_eq!(
+        p.automount_service_account_token,
+        Some(false),
+        "{name}: token not mounted"
+    );
+    assert_eq!(
+        c.service_account.automount_service_account_token,
+        Some(false),
+        "{name}: SA token"
+    );
+    let psc = p.security_context.as_ref().expect("pod security context");
+    assert_eq!(psc.run_as_non_root, Some(true), "{name}");
+    assert_eq!(
+        psc.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
+        Some("RuntimeDefault"),
+        "{name}"
+    );
+    assert_eq!(
+        p.enable_service_links,
+        Some(false),
+        "{name}: no service env leaks"
+    );
+    for container in p
+        .containers
+        .iter()
+        .chain(p.init_containers.iter().flatten())
+    {
+        let sc = container
+            .security_context
+            .as_ref()
+            .expect("container security context");
+        assert_eq!(sc.run_as_non_root, Some(true), "{name}/{}", container.name);
+        assert_eq!(
+            sc.read_only_root_filesystem,
+            Some(true),
+            "{name}/{}",
+            container.name
+        );
+        assert_eq!(
+            sc.allow_privilege_escalation,
+            Some(false),
+            "{name}/{}",
+            container.name
+        );
+        assert_eq!(sc.privileged, Some(false), "{name}/{}", container.name);
+        assert_eq!(
+            sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+            Some(vec!["ALL".to_owned()]),
+            "{name}/{}",
+            container.name
+        );
+        assert!(
+            sc.capabilities
+                .as_ref()
+                .and_then(|c| c.add.as_ref())
+                .is_none(),
+            "{name}: no added capabilities"
+        );
+        let r = container.resources.as_ref().expect("resources");
+        for key in ["cpu", "memory"] {
+            assert!(
+                r.requests.as_ref().is_some_and(|m| m.contains_key(key)),
+                "{name}/{}: {key} request",
+                container.name
+            );
+            assert!(
+                r.limits.as_ref().is_some_and(|m| m.contains_key(key)),
+                "{name}/{}: {key} limit",
+                container.name
+            );
+        }
+    }
+    let tmp = agent_container(c)
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == "/tmp");
+    let tmp_volume = p
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| Some(&v.name) == tmp.map(|m| &m.name));
+    assert!(
+        tmp_volume.is_some_and(|v| v.empty_dir.is_some()),
+        "{name}: writable /tmp is an emptyDir"
+    );
+
+    let np = c.network_policy.spec.as_ref().expect("policy spec");
+    assert!(
+        np.policy_types
+            .as_ref()
+            .is_some_and(|t| t.contains(&"Egress".to_owned())),
+        "{name}: egress is default-deny"
+    );
+    let egress = np.egress.as_ref().expect("egress rules");
+    assert!(
+        egress.iter().any(|r| r.to.is_none()
+            && r.ports
+                .iter()
+                .flatten()
+                .any(|p| p.port == Some(IntOrString::Int(53)))),
+        "{name}: DNS allowed"
+    );
+    for rule in egress.iter().filter(|r| {
+        r.ports
+            .iter()
+            .flatten()
+            .all(|p| p.port != Some(IntOrString::Int(53)))
+    }) {
+        assert!(
+            rule.to.as_ref().is_some_and(|t| !t.is_empty()),
+            "{name}: every non-DNS egress rule names its destination"
+        );
+        assert!(
+            rule.ports.as_ref().is_some_and(|p| !p.is_empty()),
+            "{name}: every non-DNS egress rule names its ports"
+        );
+    }
+}
+
+/// No provider key reaches the agent container: no key-named variable, nothing from a
+/// Secret, no mount of the provider key volume.
+fn assert_no_provider_key(name: &str, c: &Children) {
+    let agent_c = agent_container(c);
+    for e in agent_c.env.iter().flatten() {
+        assert!(
+            !PROVIDER_KEY_ENV_NAMES.contains(&e.name.as_str()),
+            "{name}: {} in agent env",
+            e.name
+        );
+        let from_secret = e
+            .value_from
+            .as_ref()
+            .is_some_and(|v| v.secret_key_ref.is_some());
+        assert!(!from_secret, "{name}: {} comes from a Secret", e.name);
+    }
+    assert!(agent_c.env_from.is_none(), "{name}: no envFrom");
+    assert!(
+        agent_c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .all(|m| m.name != "provider-key" && !m.mount_path.starts_with(PROVIDER_KEY_DIR)),
+        "{name}: provider key not mounted into the agent"
+    );
+}
+
+#[test]
+fn sandbox_and_key_invariants_hold_for_every_variant() {
+    let variants: Vec<(&str, Agent)> = vec![
+        ("defaults", agent(|_| {})),
+        (
+            "vault credentials",
+            agent(|s| {
+                s.credentials = Some(Credentials {
+                    secret_ref: None,
+                    vault: Some(VaultRef {
+                        path: "secret/data/x".into(),
+                        key: "k".into(),
+                        role: None,
+                    }),
+                })
+            }),
+        ),
+        ("no credentials", agent(|s| s.credentials = None)),
+        ("worker without port", agent(|s| s.port = None)),
+        (
+            "anthropic",
+            agent(|s| s.model.provider = Provider::Anthropic),
+        ),
+        (
+            "compatible endpoint",
+            agent(|s| {
+                s.model = ModelSpec {
+                    provider: Provider::OpenaiCompatible,
+                    name: "llama".into(),
+                    endpoint: Some("http://vllm.models:8000/v1".into()),
+                }
+            }),
+        ),
+        (
+            "custom resources",
+            agent(|s| s.sandbox.resources = Some(crate::config::resources("1", "1Gi", "2", "2Gi"))),
+        ),
+        (
+            "runtime class",
+            agent(|s| s.sandbox.runtime_class_name = Some("gvisor".into())),
+        ),
+        (
+            "egress allow-list",
+            agent(|s| {
+                s.sandbox.egress = vec![
+                    EgressRule {
+                        cidr: Some("10.1.0.0/16".into()),
+                        host: None,
+                        ports: vec![5432],
+                    },
+                    EgressRule {
+                        cidr: None,
+                        host: Some("api.github.com".into()),
+                        ports: vec![],
+                    },
+                ]
+            }),
+        ),
+        (
+            "user env with a key name",
+            agent(|s| {
+                s.env = vec![soma_crds::agent::EnvVar {
+                    name: "OPENAI_API_KEY".into(),
+                    value: "sk-live".into(),
+                }]
+            }),
+        ),
+    ];
+    for (name, a) in &variants {
+        let c = built(a);
+        assert_sandboxed(name, &c);
+        assert_no_provider_key(name, &c);
+    }
+}
+
+#[test]
+fn sidecar_is_a_native_sidecar_holding_the_key() {
+    let c = built(&agent(|_| {}));
+    let s = sidecar(&c);
+    assert_eq!(
+        s.restart_policy.as_deref(),
+        Some("Always"),
+        "native sidecar: an init container that keeps running"
+    );
+    assert_eq!(
+        s.image.as_deref(),
+        Some("ghcr.io/soma-dev/soma-proxy:0.1.0")
+    );
+    assert!(
+        s.volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.name == "provider-key"
+                && m.mount_path == PROVIDER_KEY_DIR
+                && m.read_only == Some(true))
+    );
+    assert!(
+        s.startup_probe.is_some(),
+        "the agent starts only once the sidecar is up"
+    );
+    let key_volume = pod(&c)
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "provider-key")
+        .expect("key volume");
+    assert_eq!(
+        key_volume
+            .secret
+            .as_ref()
+            .and_then(|s| s.secret_name.as_deref()),
+        Some("openai-key")
+    );
+    let config = c
+        .sidecar_config
+        .data
+        .as_ref()
+        .and_then(|d| d.get("config.yaml"))
+        .expect("config");
+    let config: serde_json::Value = serde_json::from_str(config).expect("config is JSON");
+    assert_eq!(
+        config["listen"], "127.0.0.1:4000",
+        "the proxy listens on loopback only"
+    );
+    assert_eq!(
+        config["credentials"]["file"],
+        "/var/run/secrets/soma/provider/api-key"
+    );
+    assert_eq!(config["budget"], "team");
+    assert_eq!(config["provider"]["upstream"], "https://api.openai.com");
+}
+
+#[test]
+fn agent_is_pointed_at_the_sidecar_with_a_per_pod_credential() {
+    let c = built(&agent(|s| {
+        s.env = vec![soma_crds::agent::EnvVar {
+            name: "OPENAI_BASE_URL".into(),
+            value: "https://api.openai.com/v1".into(),
+        }]
+    }));
+    let a = agent_container(&c);
+    let value = |n: &str| env_value(a, n).and_then(|e| e.value.clone());
+    assert_eq!(
+        value("OPENAI_BASE_URL").as_deref(),
+        Some("http://127.0.0.1:4000/v1"),
+        "Soma's value wins over the user's"
+    );
+    assert_eq!(
+        a.env
+            .iter()
+            .flatten()
+            .filter(|e| e.name == "OPENAI_BASE_URL")
+            .count(),
+        1
+    );
+    assert_eq!(
+        value("ANTHROPIC_BASE_URL").as_deref(),
+        Some("http://127.0.0.1:4000")
+    );
+    let token = env_value(a, "SOMA_PROXY_TOKEN")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.field_ref.as_ref());
+    assert_eq!(
+        token.map(|f| f.field_path.as_str()),
+        Some("metadata.uid"),
+        "per-pod credential"
+    );
+    let sidecar_uid = env_value(sidecar(&c), "SOMA_POD_UID")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.field_ref.as_ref());
+    assert_eq!(
+        sidecar_uid.map(|f| f.field_path.as_str()),
+        Some("metadata.uid"),
+        "the sidecar checks the same credential"
+    );
+}
+
+#[test]
+fn defaults_and_overrides() {
+    let default = built(&agent(|_| {}));
+    let custom = built(&agent(|s| {
+        s.sandbox.runtime_class_name = Some("kata".into());
+        s.sandbox.automount_service_account_token = true;
+        s.sandbox.resources = Some(crate::config::resources("2", "2Gi", "4", "4Gi"));
+        s.command = vec!["/bin/agent".into()];
+        s.args = vec!["--fast".into()];
+    }));
+    // (what, default, override)
+    let rows: Vec<(&str, String, String)> = vec![
+        (
+            "runtimeClassName",
+            format!("{:?}", pod(&default).runtime_class_name),
+            format!("{:?}", pod(&custom).runtime_class_name),
+        ),
+        (
+            "token",
+            format!("{:?}", pod(&default).automount_service_account_token),
+            format!("{:?}", pod(&custom).automount_service_account_token),
+        ),
+        (
+            "cpu limit",
+            format!(
+                "{:?}",
+                agent_container(&default)
+                    .resources
+                    .as_ref()
+                    .and_then(|r| r.limits.as_ref())
+                    .and_then(|l| l.get("cpu"))
+            ),
+            format!(
+                "{:?}",
+                agent_container(&custom)
+                    .resources
+                    .as_ref()
+                    .and_then(|r| r.limits.as_ref())
+                    .and_then(|l| l.get("cpu"))
+            ),
+        ),
+        (
+            "command",
+            format!("{:?}", agent_container(&default).command),
+            format!("{:?}", agent_container(&custom).command),
+        ),
+        (
+            "args",
+            format!("{:?}", agent_container(&default).args),
+            format!("{:?}", agent_container(&custom).args),
+        ),
+    ];
+    let expected = [
+        ("None", "Some(\"kata\")"),
+        ("Some(false)", "Some(true)"),
+        ("Some(Quantity(\"1\"))", "Some(Quantity(\"4\"))"),
+        ("None", "Some([\"/bin/agent\"])"),
+        ("None", "Some([\"--fast\"])"),
+    ];
+    for ((what, d, o), (want_d, want_o)) in rows.iter().zip(expected) {
+        assert_eq!(d, want_d, "{what} default");
+        assert_eq!(o, want_o, "{what} override");
+    }
+    assert_eq!(
+        default.deployment.spec.as_ref().and_then(|s| s.replicas),
+        Some(2)
+    );
+}
+
+#[test]
+fn children_are_owned_labelled_and_named() {
+    let c = built(&agent(|_| {}));
+    let metas = [
+        &c.service_account.metadata,
+        &c.sidecar_config.metadata,
+        &c.deployment.metadata,
+        &c.network_policy.metadata,
+        &c.service.as_ref().expect("service").metadata,
+    ];
+    for m in metas {
+        let owner: &OwnerReference = &m.owner_references.as_ref().expect("owner")[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()),
+            ("Agent", "helper", "uid-1")
+        );
+        assert_eq!(owner.controller, Some(true));
+        assert_eq!(
+            m.labels
+                .as_ref()
+                .and_then(|l| l.get(AGENT_LABEL))
+                .map(String::as_str),
+            Some("helper")
+        );
+        assert_eq!(m.namespace.as_deref(), Some("team"));
+    }
+    assert_eq!(
+        c.sidecar_config.metadata.name.as_deref(),
+        Some("helper-sidecar")
+    );
+}
+
+#[test]
+fn service_only_with_a_port() {
+    assert!(built(&agent(|_| {})).service.is_some());
+    assert!(built(&agent(|s| s.port = None)).service.is_none());
+}
+
+#[test]
+fn network_policy_opens_exactly_the_allow_list() {
+    let c = built(&agent(|s| {
+        s.sandbox.egress = vec![
+            EgressRule {
+                cidr: Some("10.1.0.0/16".into()),
+                host: None,
+                ports: vec![5432],
+            },
+            EgressRule {
+                cidr: None,
+                host: Some("api.github.com".into()),
+                ports: vec![],
+            },
+        ]
+    }));
+    let egress = c
+        .network_policy
+        .spec
+        .as_ref()
+        .and_then(|s| s.egress.clone())
+        .expect("egress");
+    assert_eq!(egress.len(), 4, "DNS, provider, two allow-list entries");
+    let provider = &egress[1];
+    let block = provider
+        .to
+        .as_ref()
+        .and_then(|t| t[0].ip_block.as_ref())
+        .expect("ipBlock");
+    assert!(
+        block
+            .except
+            .as_ref()
+            .is_some_and(|e| e.contains(&"169.254.0.0/16".to_owned())),
+        "metadata endpoint excluded"
+    );
+    assert_eq!(
+        provider.ports.as_ref().and_then(|p| p[0].port.clone()),
+        Some(IntOrString::Int(443))
+    );
+    let cidr_rule = &egress[2];
+    assert_eq!(
+        cidr_rule
+            .to
+            .as_ref()
+            .and_then(|t| t[0].ip_block.as_ref())
+            .map(|b| b.cidr.as_str()),
+        Some("10.1.0.0/16")
+    );
+    assert_eq!(
+        cidr_rule.ports.as_ref().and_then(|p| p[0].port.clone()),
+        Some(IntOrString::Int(5432))
+    );
+    let host_rule = &egress[3];
+    assert_eq!(
+        host_rule.ports.as_ref().and_then(|p| p[0].port.clone()),
+        Some(IntOrString::Int(443)),
+        "host rules default to 443"
+    );
+
+    let custom = built(&agent(|s| {
+        s.model.endpoint = Some("http://vllm.models:8000/v1".into())
+    }));
+    let provider = &custom
+        .network_policy
+        .spec
+        .as_ref()
+        .and_then(|s| s.egress.clone())
+        .expect("egress")[1];
+    assert_eq!(
+        provider.ports.as_ref().and_then(|p| p[0].port.clone()),
+        Some(IntOrString::Int(8000)),
+        "endpoint port"
+    );
+}
+
+#[test]
+fn config_change_rolls_the_pods() {
+    let hash = |c: &Children| {
+        c.deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref())
+            .and_then(|a| a.get(CONFIG_HASH_ANNOTATION))
+            .cloned()
+    };
+    let a = built(&agent(|_| {}));
+    let b = built(&agent(|s| s.model.name = "gpt-4o-mini".into()));
+    assert!(hash(&a).is_some());
+    assert_ne!(hash(&a), hash(&b));
+    assert_eq!(
+        hash(&a),
+        hash(&built(&agent(|_| {}))),
+        "stable for the same input"
+    );
+}
+
+#[test]
+fn upstream_port_parsing() {
+    for (url, port) in [
+        ("https://api.openai.com", 443),
+        ("http://x:8000/v1", 8000),
+        ("http://x/v1", 80),
+        ("https://h:8443", 8443),
+    ] {
+        assert_eq!(upstream_port(url), port, "{url}");
+    }
+}

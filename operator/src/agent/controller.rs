@@ -1,0 +1,105 @@
+//! Wires the Agent reconcile into kube-runtime's `Controller`: the Agents it watches, the
+//! children it owns (so a deleted or edited child is put back), and the Budgets and Capsules
+//! it references (so an Agent waiting for one is reconciled the moment it appears).
+
+use std::future::Future;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::Api;
+use kube::runtime::controller::{self, Controller};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use soma_crds::{Agent, Budget, Capsule};
+use tracing::{debug, warn};
+
+use super::reconcile::{error_policy, reconcile};
+use crate::context::Context;
+
+/// Selects the objects the operator created, so the owned-object watches stay small.
+pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=soma-operator";
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Agents in `namespace` whose spec satisfies `refers`.
+fn referring(
+    store: &Store<Agent>,
+    namespace: Option<String>,
+    refers: impl Fn(&Agent) -> bool,
+) -> Vec<ObjectRef<Agent>> {
+    store
+        .state()
+        .into_iter()
+        .filter(|a| a.namespace() == namespace && refers(a))
+        .map(|a| ObjectRef::from_obj(&*a))
+        .collect()
+}
+
+/// Runs the Agent controller for one namespace (or all, with `None`) until `shutdown`.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let ns = namespace.as_deref();
+    let owned = watcher::Config::default().labels(MANAGED_SELECTOR);
+    let controller = Controller::new(
+        api::<Agent>(&client, ns),
+        watcher::Config::default().any_semantic(),
+    );
+    let agents = controller.store();
+    let by_budget = agents.clone();
+    let by_capsule = agents.clone();
+    controller
+        .with_config(controller::Config::default().concurrency(16))
+        .owns(api::<Deployment>(&client, ns), owned.clone())
+        .owns(api::<Service>(&client, ns), owned.clone())
+        .owns(api::<ConfigMap>(&client, ns), owned.clone())
+        .owns(api::<ServiceAccount>(&client, ns), owned.clone())
+        .owns(api::<NetworkPolicy>(&client, ns), owned)
+        .watches(
+            api::<Budget>(&client, ns),
+            watcher::Config::default(),
+            move |budget| {
+                let name = budget.name_any();
+                referring(&by_budget, budget.namespace(), |a| {
+                    a.spec.budget_ref.as_ref().is_some_and(|b| b.name == name)
+                })
+            },
+        )
+        .watches(
+            api::<Capsule>(&client, ns),
+            watcher::Config::default(),
+            move |capsule| {
+                let name = capsule.name_any();
+                referring(&by_capsule, capsule.namespace(), |a| {
+                    a.spec.capsules.iter().any(|c| c.name == name)
+                })
+            },
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => debug!(agent = %object, "reconciled"),
+                Err(controller::Error::ReconcilerFailed(e, object)) => {
+                    debug!(agent = %object, error = %e, "reconcile failed")
+                }
+                Err(e) => warn!(error = %e, "controller error"),
+            }
+        })
+        .await;
+}

@@ -1,0 +1,21 @@
+//! The Agent controller: turns each Agent into a ServiceAccount, a Deployment (agent +
+//! metering sidecar), a Service, a NetworkPolicy and the sidecar's ConfigMap.
+//!
+//! ```text
+//!  watch Agents ─┐
+//!  owns children ├─▶ reconcile ─▶ children (pure) ─▶ apply (SSA, only what differs)
+//!  watch Budgets │              └▶ status (pure) ─▶ patch status (only if changed) + Event
+//!  watch Capsules┘
+//! ```
+//!
+//! - [`children`]: pure builders of the child objects;
+//! - [`status`]: pure computation of conditions;
+//! - [`apply`]: the only place that writes children;
+//! - [`reconcile`]: the reconcile and error policy;
+//! - [`controller`]: the kube-runtime `Controller` and its watches.
+
+pub mod apply;
+pub mod children;
+pub mod controller;
+pub mod reconcile;
+pub mod status;

@@ -1,0 +1,258 @@
+//! The Agent reconcile. It reads like its definition:
+//! resolve references → build children (pure) → apply what differs → compute status (pure)
+//! → write status only if it changed → requeue on purpose.
+//!
+//! Permanent failures (a missing reference, an object the API server rejects) become a
+//! `Stalled` condition and an Event, and the controller waits for a change; transient ones
+//! go to [`error_policy`], which retries with exponential backoff.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Client, Resource, ResourceExt};
+use soma_crds::{Agent, Budget, Capsule};
+use tracing::{Span, field, info, instrument, warn};
+
+use super::apply::apply_children;
+use super::children::{FIELD_MANAGER, children};
+use super::status::{DeploymentState, MissingRef, Observed, Stall, agent_status, ready_condition};
+use crate::context::Context;
+use crate::error::{Error, Result};
+
+/// Name of this controller in metrics and logs.
+pub const CONTROLLER: &str = "agent";
+
+/// Safety-net requeue after a successful reconcile; watches drive everything else.
+const RESYNC: Duration = Duration::from_secs(3600);
+
+/// Replicas Soma wants until the autoscaler drives them: the Agent's minimum, at least one
+/// (scale to zero needs the autoscaler's traffic signal), at most its maximum.
+pub fn desired_replicas(agent: &Agent) -> i32 {
+    let s = &agent.spec.scaling;
+    s.min_replicas.max(1).min(s.max_replicas.max(1))
+}
+
+/// References the Agent names that do not exist.
+async fn missing_refs(client: &Client, agent: &Agent, namespace: &str) -> Result<Vec<MissingRef>> {
+    let mut missing = Vec::new();
+    if let Some(budget) = &agent.spec.budget_ref {
+        let api: Api<Budget> = Api::namespaced(client.clone(), namespace);
+        let found = api
+            .get_opt(&budget.name)
+            .await
+            .map_err(|source| Error::Read {
+                what: format!("Budget {namespace}/{}", budget.name),
+                source,
+            })?;
+        if found.is_none() {
+            missing.push(MissingRef {
+                kind: "Budget",
+                name: budget.name.clone(),
+            });
+        }
+    }
+    let api: Api<Capsule> = Api::namespaced(client.clone(), namespace);
+    for capsule in &agent.spec.capsules {
+        let found = api
+            .get_opt(&capsule.name)
+            .await
+            .map_err(|source| Error::Read {
+                what: format!("Capsule {namespace}/{}", capsule.name),
+                source,
+            })?;
+        if found.is_none() {
+            missing.push(MissingRef {
+                kind: "Capsule",
+                name: capsule.name.clone(),
+            });
+        }
+    }
+    Ok(missing)
+}
+
+fn deployment_state(d: &Deployment) -> DeploymentState {
+    let status = d.status.clone().unwrap_or_default();
+    DeploymentState {
+        generation: d.metadata.generation.unwrap_or_default(),
+        observed_generation: status.observed_generation.unwrap_or_default(),
+        replicas: status.replicas.unwrap_or_default(),
+        updated: status.updated_replicas.unwrap_or_default(),
+        ready: status.ready_replicas.unwrap_or_default(),
+    }
+}
+
+/// Reconciles one Agent.
+#[instrument(skip(agent, ctx), fields(namespace = field::Empty, agent = %agent.name_any(), writes = field::Empty))]
+pub async fn reconcile(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_started(CONTROLLER);
+    let namespace = agent
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    Span::current().record("namespace", namespace.as_str());
+    if agent.meta().deletion_timestamp.is_some() {
+        // Children carry the Agent as controller owner: Kubernetes' garbage collector removes
+        // them. Nothing outside Kubernetes to clean up, hence no finalizer.
+        return Ok(Action::await_change());
+    }
+    let key = format!("{namespace}/{}", agent.name_any());
+    let result = converge(&agent, &ctx, &namespace).await;
+    let observed = match result {
+        Ok(observed) => observed,
+        Err(e) if !e.is_transient() => {
+            ctx.metrics.reconcile_failed(CONTROLLER, e.label());
+            let deployment = read_deployment(&ctx.client, &agent, &namespace)
+                .await
+                .unwrap_or(None);
+            Observed {
+                generation: agent.metadata.generation,
+                namespace: namespace.clone(),
+                stall: Some(Stall {
+                    reason: e.label().to_owned(),
+                    message: e.to_string(),
+                }),
+                deployment,
+                desired_replicas: desired_replicas(&agent),
+                ..Observed::default()
+            }
+        }
+        Err(e) => return Err(e),
+    };
+    let stalled = !observed.missing.is_empty() || observed.stall.is_some();
+    write_status(&agent, &ctx, &namespace, &observed).await?;
+    ctx.succeeded(&key);
+    Ok(if stalled {
+        Action::await_change()
+    } else {
+        Action::requeue(RESYNC)
+    })
+}
+
+/// Resolves references and applies the children; returns what the status is computed from.
+async fn converge(agent: &Agent, ctx: &Context, namespace: &str) -> Result<Observed> {
+    let missing = missing_refs(&ctx.client, agent, namespace).await?;
+    let replicas = desired_replicas(agent);
+    let deployment = if missing.is_empty() {
+        let desired =
+            children(agent, replicas, &ctx.config).map_err(|source| Error::Serialize {
+                what: "children",
+                source,
+            })?;
+        let uid = agent.uid().ok_or(Error::MissingField("metadata.uid"))?;
+        let applied = apply_children(&ctx.client, &desired, &uid).await?;
+        for _ in 0..applied.writes {
+            ctx.metrics.child_written(CONTROLLER);
+        }
+        Span::current().record("writes", applied.writes);
+        applied.deployment.as_ref().map(deployment_state)
+    } else {
+        // Fail closed: nothing is started or changed while a reference is missing. Pods
+        // already running keep running; their sidecar still enforces the Budget it has.
+        read_deployment(&ctx.client, agent, namespace).await?
+    };
+    Ok(Observed {
+        generation: agent.metadata.generation,
+        namespace: namespace.to_owned(),
+        missing,
+        stall: None,
+        deployment,
+        desired_replicas: replicas,
+    })
+}
+
+async fn read_deployment(
+    client: &Client,
+    agent: &Agent,
+    namespace: &str,
+) -> Result<Option<DeploymentState>> {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let name = agent.name_any();
+    let live = api.get_opt(&name).await.map_err(|source| Error::Read {
+        what: format!("Deployment {namespace}/{name}"),
+        source,
+    })?;
+    Ok(live.as_ref().map(deployment_state))
+}
+
+/// Writes the status if it changed, and publishes an Event when the Ready condition's reason
+/// changes, so users see why in `kubectl describe` without Events repeating every reconcile.
+async fn write_status(
+    agent: &Agent,
+    ctx: &Context,
+    namespace: &str,
+    observed: &Observed,
+) -> Result<()> {
+    let now = Time(Timestamp::now());
+    let new = agent_status(agent.status.as_ref(), observed, &now);
+    if agent.status.as_ref() == Some(&new) {
+        return Ok(());
+    }
+    let api: Api<Agent> = Api::namespaced(ctx.client.clone(), namespace);
+    let patch = serde_json::json!({
+        "apiVersion": "soma.dev/v1alpha1",
+        "kind": "Agent",
+        "metadata": {"name": agent.name_any()},
+        "status": new,
+    });
+    api.patch_status(
+        &agent.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(|source| Error::Status { source })?;
+    ctx.metrics.status_written(CONTROLLER);
+
+    let old_reason = agent
+        .status
+        .as_ref()
+        .and_then(ready_condition)
+        .map(|c| c.reason.clone());
+    if let Some(ready) = ready_condition(&new)
+        && old_reason.as_deref() != Some(ready.reason.as_str())
+    {
+        let (type_, action) = if ready.status == "True" {
+            (EventType::Normal, "Ready")
+        } else {
+            (EventType::Warning, "Reconcile")
+        };
+        if type_ == EventType::Normal || observed.stall.is_some() || !observed.missing.is_empty() {
+            let event = Event {
+                type_,
+                reason: ready.reason.clone(),
+                note: Some(ready.message.chars().take(1000).collect()),
+                action: action.into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&event, &agent.object_ref(&())).await {
+                // An Event is a courtesy; failing to publish one must not fail the reconcile.
+                warn!(error = %e, "publishing an Event failed");
+            }
+        }
+    }
+    info!(ready = ?ready_condition(&new).map(|c| (&c.status, &c.reason)), "status updated");
+    Ok(())
+}
+
+/// Transient failures are retried with exponential backoff per object; permanent ones
+/// (already written as `Stalled` by [`reconcile`] where possible) wait for a change.
+pub fn error_policy(agent: Arc<Agent>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_failed(CONTROLLER, error.label());
+    if !error.is_transient() {
+        warn!(agent = %agent.name_any(), error = %error, "permanent failure; waiting for a change");
+        return Action::await_change();
+    }
+    let key = format!(
+        "{}/{}",
+        agent.namespace().unwrap_or_default(),
+        agent.name_any()
+    );
+    let delay = ctx.backoff(&key);
+    warn!(agent = %agent.name_any(), error = %error, retry_in = ?delay, "reconcile failed; retrying");
+    Action::requeue(delay)
+}

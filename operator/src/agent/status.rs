@@ -1,0 +1,458 @@
+//! Computes an Agent's status from what the reconcile observed: a pure function, so every
+//! branch is a table test. `lastTransitionTime` is kept unless a condition's status flips,
+//! and the result equals the old status when nothing changed, so the controller can skip
+//! the write (a no-op write would only cost an API call; an unneeded change would loop).
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use soma_crds::agent::AgentStatus;
+use soma_crds::common::condition_types::{READY, RECONCILING, STALLED};
+
+/// A reference the Agent names that does not exist.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MissingRef {
+    /// `Budget` or `Capsule`.
+    pub kind: &'static str,
+    /// The name the Agent gave.
+    pub name: String,
+}
+
+impl MissingRef {
+    /// The condition reason: `BudgetNotFound`, `CapsuleNotFound`.
+    pub fn reason(&self) -> String {
+        format!("{}NotFound", self.kind)
+    }
+
+    /// A message a user can act on.
+    pub fn message(&self, namespace: &str) -> String {
+        let field = if self.kind == "Budget" {
+            "spec.budgetRef"
+        } else {
+            "spec.capsules"
+        };
+        format!(
+            "{} {:?} does not exist in namespace {namespace:?}; create it or correct {field}. The agent's pods are not started or changed until it exists.",
+            self.kind, self.name
+        )
+    }
+}
+
+/// What the Deployment reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeploymentState {
+    /// `metadata.generation` of the Deployment.
+    pub generation: i64,
+    /// `status.observedGeneration` of the Deployment.
+    pub observed_generation: i64,
+    /// Pods that exist.
+    pub replicas: i32,
+    /// Pods running the current template.
+    pub updated: i32,
+    /// Pods that are ready.
+    pub ready: i32,
+}
+
+/// A failure only a change by a person can fix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stall {
+    /// Condition reason.
+    pub reason: String,
+    /// Message for the user.
+    pub message: String,
+}
+
+/// Everything the status is computed from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// The Agent's `metadata.generation`.
+    pub generation: Option<i64>,
+    /// The Agent's namespace (for messages).
+    pub namespace: String,
+    /// References that do not exist.
+    pub missing: Vec<MissingRef>,
+    /// A permanent failure, if any.
+    pub stall: Option<Stall>,
+    /// The Deployment, when it exists.
+    pub deployment: Option<DeploymentState>,
+    /// Replicas Soma wants.
+    pub desired_replicas: i32,
+}
+
+/// A condition without its time: what the reconcile decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Verdict {
+    type_: &'static str,
+    status: bool,
+    reason: String,
+    message: String,
+}
+
+fn verdict(
+    type_: &'static str,
+    status: bool,
+    reason: impl Into<String>,
+    message: impl Into<String>,
+) -> Verdict {
+    Verdict {
+        type_,
+        status,
+        reason: reason.into(),
+        message: message.into(),
+    }
+}
+
+/// Ready, Reconciling and Stalled, in the kstatus sense.
+fn verdicts(obs: &Observed) -> [Verdict; 3] {
+    let blocked = obs
+        .missing
+        .first()
+        .map(|m| (m.reason(), m.message(&obs.namespace)))
+        .or_else(|| {
+            obs.stall
+                .as_ref()
+                .map(|s| (s.reason.clone(), s.message.clone()))
+        });
+    if let Some((reason, message)) = blocked {
+        return [
+            verdict(READY, false, reason.clone(), message.clone()),
+            verdict(
+                RECONCILING,
+                false,
+                reason.clone(),
+                "waiting for a change to the Agent or what it references",
+            ),
+            verdict(STALLED, true, reason, message),
+        ];
+    }
+    let want = obs.desired_replicas;
+    let progress = match obs.deployment {
+        None => Some((
+            "DeploymentPending",
+            "the Deployment has not been created yet".to_owned(),
+        )),
+        Some(d) if d.observed_generation < d.generation => Some((
+            "RolloutPending",
+            "the Deployment controller has not yet seen the latest pod template".to_owned(),
+        )),
+        Some(d) if d.updated < want || d.ready < want || d.replicas > want => Some((
+            "Progressing",
+            format!(
+                "{} of {want} replicas ready and up to date ({} running)",
+                d.ready.min(d.updated),
+                d.replicas
+            ),
+        )),
+        Some(_) => None,
+    };
+    match progress {
+        Some((reason, message)) => [
+            verdict(READY, false, reason, message.clone()),
+            verdict(RECONCILING, true, reason, message),
+            verdict(STALLED, false, "Progressing", "making progress"),
+        ],
+        None => {
+            let (reason, message) = if want == 0 {
+                (
+                    "ScaledToZero",
+                    "no replicas are wanted; the agent scales up when traffic arrives".to_owned(),
+                )
+            } else {
+                ("Available", format!("{want} of {want} replicas ready"))
+            };
+            [
+                verdict(READY, true, reason, message),
+                verdict(
+                    RECONCILING,
+                    false,
+                    reason,
+                    "the Agent is in its desired state",
+                ),
+                verdict(STALLED, false, reason, "the Agent is in its desired state"),
+            ]
+        }
+    }
+}
+
+/// Turns verdicts into conditions, keeping `lastTransitionTime` from `old` unless the
+/// status flipped.
+fn conditions(
+    old: &[Condition],
+    verdicts: &[Verdict],
+    generation: Option<i64>,
+    now: &Time,
+) -> Vec<Condition> {
+    verdicts
+        .iter()
+        .map(|v| {
+            let status = if v.status { "True" } else { "False" }.to_owned();
+            let since = old
+                .iter()
+                .find(|c| c.type_ == v.type_ && c.status == status)
+                .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+            Condition {
+                type_: v.type_.to_owned(),
+                status,
+                reason: v.reason.clone(),
+                message: v.message.clone(),
+                observed_generation: generation,
+                last_transition_time: since,
+            }
+        })
+        .collect()
+}
+
+/// The status the Agent should have, given its old status and what was observed at `now`.
+pub fn agent_status(old: Option<&AgentStatus>, obs: &Observed, now: &Time) -> AgentStatus {
+    let old_conditions = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let (replicas, ready) = obs.deployment.map_or((0, 0), |d| (d.replicas, d.ready));
+    AgentStatus {
+        observed_generation: obs.generation,
+        conditions: conditions(old_conditions, &verdicts(obs), obs.generation, now),
+        replicas,
+        ready_replicas: ready,
+        desired_replicas: obs.desired_replicas,
+        replica_summary: Some(format!("{ready}/{}", obs.desired_replicas)),
+        budget_used: old.and_then(|s| s.budget_used.clone()),
+    }
+}
+
+/// The Ready condition of a status, if present.
+pub fn ready_condition(status: &AgentStatus) -> Option<&Condition> {
+    status.conditions.iter().find(|c| c.type_ == READY)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn at(secs: i64) -> Time {
+        Time(Timestamp::from_second(secs).expect("valid time"))
+    }
+
+    fn ready_deployment(n: i32) -> Option<DeploymentState> {
+        Some(DeploymentState {
+            generation: 2,
+            observed_generation: 2,
+            replicas: n,
+            updated: n,
+            ready: n,
+        })
+    }
+
+    fn observed(deployment: Option<DeploymentState>, desired: i32) -> Observed {
+        Observed {
+            generation: Some(3),
+            namespace: "team".into(),
+            deployment,
+            desired_replicas: desired,
+            ..Observed::default()
+        }
+    }
+
+    fn get<'a>(s: &'a AgentStatus, t: &str) -> &'a Condition {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .expect("condition present")
+    }
+
+    #[test]
+    fn table_of_states() {
+        let missing_budget = Observed {
+            missing: vec![MissingRef {
+                kind: "Budget",
+                name: "b".into(),
+            }],
+            ..observed(None, 1)
+        };
+        let stalled = Observed {
+            stall: Some(Stall {
+                reason: "ApplyRejected".into(),
+                message: "Deployment invalid".into(),
+            }),
+            ..observed(ready_deployment(1), 1)
+        };
+        let behind = observed(
+            Some(DeploymentState {
+                generation: 3,
+                observed_generation: 2,
+                replicas: 1,
+                updated: 1,
+                ready: 1,
+            }),
+            1,
+        );
+        let scaling = observed(
+            Some(DeploymentState {
+                generation: 2,
+                observed_generation: 2,
+                replicas: 3,
+                updated: 3,
+                ready: 1,
+            }),
+            3,
+        );
+        let surplus = observed(
+            Some(DeploymentState {
+                generation: 2,
+                observed_generation: 2,
+                replicas: 4,
+                updated: 3,
+                ready: 3,
+            }),
+            3,
+        );
+        // (name, observed, Ready, Reconciling, Stalled, Ready reason)
+        let rows: Vec<(&str, Observed, &str, &str, &str, &str)> = vec![
+            (
+                "no deployment yet",
+                observed(None, 1),
+                "False",
+                "True",
+                "False",
+                "DeploymentPending",
+            ),
+            (
+                "rollout not observed",
+                behind,
+                "False",
+                "True",
+                "False",
+                "RolloutPending",
+            ),
+            (
+                "scaling up",
+                scaling,
+                "False",
+                "True",
+                "False",
+                "Progressing",
+            ),
+            (
+                "old pods terminating",
+                surplus,
+                "False",
+                "True",
+                "False",
+                "Progressing",
+            ),
+            (
+                "all ready",
+                observed(ready_deployment(2), 2),
+                "True",
+                "False",
+                "False",
+                "Available",
+            ),
+            (
+                "scaled to zero",
+                observed(ready_deployment(0), 0),
+                "True",
+                "False",
+                "False",
+                "ScaledToZero",
+            ),
+            (
+                "missing budget",
+                missing_budget,
+                "False",
+                "False",
+                "True",
+                "BudgetNotFound",
+            ),
+            (
+                "permanent failure",
+                stalled,
+                "False",
+                "False",
+                "True",
+                "ApplyRejected",
+            ),
+        ];
+        for (name, obs, ready, reconciling, stalled, reason) in rows {
+            let s = agent_status(None, &obs, &at(100));
+            assert_eq!(get(&s, READY).status, ready, "{name}: Ready");
+            assert_eq!(
+                get(&s, RECONCILING).status,
+                reconciling,
+                "{name}: Reconciling"
+            );
+            assert_eq!(get(&s, STALLED).status, stalled, "{name}: Stalled");
+            assert_eq!(get(&s, READY).reason, reason, "{name}: reason");
+            assert_eq!(s.observed_generation, Some(3), "{name}");
+            assert!(
+                s.conditions
+                    .iter()
+                    .all(|c| c.observed_generation == Some(3)),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_reference_message_says_what_to_do() {
+        let m = MissingRef {
+            kind: "Capsule",
+            name: "kb".into(),
+        };
+        let msg = m.message("team");
+        assert!(
+            msg.contains("\"kb\"") && msg.contains("\"team\"") && msg.contains("spec.capsules"),
+            "{msg}"
+        );
+        assert_eq!(m.reason(), "CapsuleNotFound");
+    }
+
+    #[test]
+    fn transition_time_kept_unless_status_flips() {
+        let obs = observed(ready_deployment(1), 1);
+        let first = agent_status(None, &obs, &at(100));
+        let again = agent_status(Some(&first), &obs, &at(200));
+        assert_eq!(
+            first, again,
+            "same observation, same status: no write needed"
+        );
+
+        let degraded = observed(
+            Some(DeploymentState {
+                ready: 0,
+                ..ready_deployment(1).expect("some")
+            }),
+            1,
+        );
+        let later = agent_status(Some(&again), &degraded, &at(300));
+        assert_eq!(
+            get(&later, READY).last_transition_time,
+            at(300),
+            "Ready flipped"
+        );
+        assert_eq!(
+            get(&later, STALLED).last_transition_time,
+            at(100),
+            "Stalled stayed False"
+        );
+    }
+
+    #[test]
+    fn replica_counts_come_from_the_deployment() {
+        let s = agent_status(
+            None,
+            &observed(
+                Some(DeploymentState {
+                    generation: 1,
+                    observed_generation: 1,
+                    replicas: 3,
+                    updated: 3,
+                    ready: 2,
+                }),
+                3,
+            ),
+            &at(1),
+        );
+        assert_eq!(
+            (s.replicas, s.ready_replicas, s.desired_replicas),
+            (3, 2, 3)
+        );
+        assert_eq!(s.replica_summary.as_deref(), Some("2/3"));
+    }
+}

@@ -1,0 +1,71 @@
+//! What the operator itself is configured with: the sidecar it injects, the defaults it
+//! applies, and which namespaces it watches. Filled from flags and environment by `main`.
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use std::collections::BTreeMap;
+
+/// The metering sidecar's image and ports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SidecarConfig {
+    /// Image of the `soma-proxy` metering sidecar.
+    pub image: String,
+    /// Port the proxy listens on, on 127.0.0.1 only.
+    pub port: u16,
+    /// Port of the sidecar's `/healthz` and `/metrics`, on all addresses (probes, Prometheus).
+    pub admin_port: u16,
+}
+
+impl Default for SidecarConfig {
+    fn default() -> Self {
+        Self {
+            image: "ghcr.io/soma-dev/soma-proxy:0.1.0".to_owned(),
+            port: 4000,
+            admin_port: 9090,
+        }
+    }
+}
+
+/// Settings shared by every reconcile.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OperatorConfig {
+    /// The metering sidecar.
+    pub sidecar: SidecarConfig,
+    /// Resources of the agent container when the Agent sets none.
+    pub default_agent_resources: ResourceRequirements,
+    /// Resources of the sidecar container.
+    pub sidecar_resources: ResourceRequirements,
+    /// Namespaces to watch; empty means all.
+    pub namespaces: Vec<String>,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        Self {
+            sidecar: SidecarConfig::default(),
+            default_agent_resources: resources("100m", "128Mi", "1", "512Mi"),
+            sidecar_resources: resources("50m", "64Mi", "500m", "256Mi"),
+            namespaces: Vec::new(),
+        }
+    }
+}
+
+/// Requests and limits for cpu and memory.
+pub fn resources(
+    cpu_req: &str,
+    mem_req: &str,
+    cpu_lim: &str,
+    mem_lim: &str,
+) -> ResourceRequirements {
+    let pair = |cpu: &str, mem: &str| {
+        BTreeMap::from([
+            ("cpu".to_owned(), Quantity(cpu.to_owned())),
+            ("memory".to_owned(), Quantity(mem.to_owned())),
+        ])
+    };
+    ResourceRequirements {
+        requests: Some(pair(cpu_req, mem_req)),
+        limits: Some(pair(cpu_lim, mem_lim)),
+        ..ResourceRequirements::default()
+    }
+}

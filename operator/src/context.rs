@@ -1,0 +1,67 @@
+//! State shared by every reconcile: the client, the operator's configuration, metrics, the
+//! Event recorder, and per-object retry counts for backoff.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
+
+use crate::config::OperatorConfig;
+use crate::metrics::Metrics;
+
+/// Shared reconcile state.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Operator configuration.
+    pub config: OperatorConfig,
+    /// Metrics.
+    pub metrics: std::sync::Arc<Metrics>,
+    /// Publishes Kubernetes Events.
+    pub recorder: Recorder,
+    /// Consecutive failures per object (`namespace/name`), for exponential backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// A context reporting Events as `soma-operator` (instance: the pod name, if known).
+    pub fn new(client: Client, config: OperatorConfig, metrics: std::sync::Arc<Metrics>) -> Self {
+        let reporter = Reporter {
+            controller: "soma-operator".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            config,
+            metrics,
+            failures: Mutex::default(),
+        }
+    }
+
+    /// Records a failure of `key` and returns how long to wait before retrying:
+    /// 1 s, 2 s, 4 s, … capped at 5 minutes.
+    pub fn backoff(&self, key: &str) -> Duration {
+        let mut failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = failures.entry(key.to_owned()).or_insert(0);
+        *n = n.saturating_add(1);
+        let secs = 1u64
+            .checked_shl(n.saturating_sub(1))
+            .unwrap_or(u64::MAX)
+            .min(300);
+        Duration::from_secs(secs)
+    }
+
+    /// Forgets the failures of `key` after a successful reconcile.
+    pub fn succeeded(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
+    }
+}

@@ -1,0 +1,206 @@
+//! `soma-operator`: `run` reconciles Agents in a cluster; `render` prints the children an
+//! Agent manifest would get, without a cluster.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use soma_operator::config::{OperatorConfig, SidecarConfig};
+use soma_operator::runtime::{RunOptions, run};
+
+#[derive(Parser)]
+#[command(
+    name = "soma-operator",
+    version,
+    about = "Runs AI agents as governed Kubernetes workloads"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Reconcile Agents in the cluster the kubeconfig (or in-cluster config) points at.
+    Run(RunArgs),
+    /// Print, as YAML, every child object the operator would apply for the Agents in a manifest.
+    Render(RenderArgs),
+}
+
+#[derive(Args)]
+struct SidecarArgs {
+    /// Image of the metering sidecar (soma-proxy).
+    #[arg(
+        long,
+        env = "SOMA_SIDECAR_IMAGE",
+        default_value = "ghcr.io/soma-dev/soma-proxy:0.1.0"
+    )]
+    sidecar_image: String,
+    /// Port the sidecar's proxy listens on (127.0.0.1 only).
+    #[arg(long, env = "SOMA_SIDECAR_PORT", default_value_t = 4000)]
+    sidecar_port: u16,
+    /// Port of the sidecar's /healthz and /metrics.
+    #[arg(long, env = "SOMA_SIDECAR_ADMIN_PORT", default_value_t = 9090)]
+    sidecar_admin_port: u16,
+}
+
+impl SidecarArgs {
+    fn config(&self, namespaces: Vec<String>) -> OperatorConfig {
+        OperatorConfig {
+            sidecar: SidecarConfig {
+                image: self.sidecar_image.clone(),
+                port: self.sidecar_port,
+                admin_port: self.sidecar_admin_port,
+            },
+            namespaces,
+            ..OperatorConfig::default()
+        }
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Namespaces to watch, comma-separated; empty watches all (needs cluster-wide RBAC).
+    #[arg(
+        long,
+        env = "SOMA_WATCH_NAMESPACES",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    namespaces: Vec<String>,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "SOMA_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Reconcile without contending for the Lease (a single replica only).
+    #[arg(long)]
+    no_leader_election: bool,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "SOMA_LEASE_NAME", default_value = "soma-operator")]
+    lease_name: String,
+    /// Namespace of the Lease; defaults to the pod's namespace ($POD_NAMESPACE), else "default".
+    #[arg(long, env = "SOMA_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Lease duration in seconds.
+    #[arg(long, env = "SOMA_LEASE_SECONDS", default_value_t = 15)]
+    lease_seconds: u64,
+    #[command(flatten)]
+    sidecar: SidecarArgs,
+}
+
+#[derive(Args)]
+struct RenderArgs {
+    /// Manifest holding one or more Agents (`-` for standard input).
+    #[arg(short = 'f', long = "filename")]
+    file: PathBuf,
+    #[command(flatten)]
+    sidecar: SidecarArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Render(args) => render(&args),
+        Command::Run(args) => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("soma-operator: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(run_operator(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(
+                        error = format!("{e:#}"),
+                        "soma-operator stopped with an error"
+                    );
+                    eprintln!("soma-operator: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn render(args: &RenderArgs) -> ExitCode {
+    let input = if args.file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())
+    } else {
+        std::fs::read_to_string(&args.file)
+    };
+    let manifest = match input {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!(
+                "soma-operator render: cannot read {}: {e}",
+                args.file.display()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match soma_operator::render::render(&manifest, &args.sidecar.config(Vec::new())) {
+        Ok(yaml) => {
+            print!("{yaml}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("soma-operator render: {}: {e}", args.file.display());
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
+    let _telemetry = soma_operator::telemetry::init("soma-operator")?;
+    let client = kube::Client::try_default().await?;
+    let namespaces: Vec<String> = args
+        .namespaces
+        .into_iter()
+        .map(|n| n.trim().to_owned())
+        .filter(|n| !n.is_empty())
+        .collect();
+    let lease_namespace = args
+        .lease_namespace
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .unwrap_or_else(|| "default".to_owned());
+    let identity = std::env::var("POD_NAME")
+        .unwrap_or_else(|_| format!("soma-operator-{}", std::process::id()));
+    let options = RunOptions {
+        config: args.sidecar.config(namespaces),
+        metrics_addr: args.metrics_addr,
+        leader_election: !args.no_leader_election,
+        lease_name: args.lease_name,
+        lease_namespace,
+        identity,
+        lease_seconds: args.lease_seconds.max(2),
+    };
+    run(client, options, shutdown_signal()).await
+}
+
+/// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutdown signal received");
+}

@@ -1,0 +1,181 @@
+//! Runs the operator: the HTTP server, leader election on a `coordination.k8s.io` Lease, and
+//! the controllers (one per watched namespace, or one for all), until SIGTERM or until
+//! leadership is lost.
+//!
+//! ```text
+//!  start ─▶ serve /healthz /readyz /metrics ─▶ wait for the Lease ─▶ run controllers
+//!                                               (standby replicas      │
+//!                                                wait here)            ├─ SIGTERM: drain, release the Lease, exit 0
+//!                                                                      └─ Lease lost: stop, exit 1 (restart and re-contend)
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use kube::Client;
+use kube_lease_manager::LeaseManagerBuilder;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::OperatorConfig;
+use crate::context::Context;
+use crate::http::{Health, HttpState, Phase, router};
+use crate::metrics::Metrics;
+
+/// How the operator runs.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Reconcile settings.
+    pub config: OperatorConfig,
+    /// Address of `/healthz`, `/readyz` and `/metrics`.
+    pub metrics_addr: SocketAddr,
+    /// Contend for a Lease before reconciling.
+    pub leader_election: bool,
+    /// Name of the Lease.
+    pub lease_name: String,
+    /// Namespace of the Lease.
+    pub lease_namespace: String,
+    /// This replica's identity in the Lease (the pod name).
+    pub identity: String,
+    /// Lease duration in seconds; a standby takes over at most this long after a leader dies.
+    pub lease_seconds: u64,
+}
+
+/// Resolves when `rx` carries `true` (or its sender is gone).
+async fn until(mut rx: watch::Receiver<bool>, value: bool) {
+    let _ = rx.wait_for(|v| *v == value).await;
+}
+
+/// Runs until `shutdown` resolves (Ok) or leadership is lost (Err).
+pub async fn run(
+    client: Client,
+    options: RunOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health::default());
+    let listener = tokio::net::TcpListener::bind(options.metrics_addr)
+        .await
+        .with_context(|| format!("binding the metrics address {}", options.metrics_addr))?;
+    info!(addr = %options.metrics_addr, "serving /healthz, /readyz and /metrics");
+    let (stop_http, http_stopped) = watch::channel(false);
+    let app = router(HttpState {
+        health: health.clone(),
+        metrics: metrics.clone(),
+    });
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(until(http_stopped, true))
+            .await
+    });
+
+    tokio::pin!(shutdown);
+    // `leading` is true while this replica may reconcile.
+    let (lease_task, leading) = if options.leader_election {
+        let manager = LeaseManagerBuilder::new(client.clone(), &options.lease_name)
+            .with_namespace(&options.lease_namespace)
+            .with_identity(&options.identity)
+            .with_duration(options.lease_seconds)
+            .with_grace(options.lease_seconds.div_ceil(3).max(1))
+            .with_field_manager("soma.dev/leader-election")
+            .build()
+            .await
+            .context("setting up leader election")?;
+        let (leading, task) = manager.watch().await;
+        health.set(Phase::Standby);
+        info!(lease = %options.lease_name, namespace = %options.lease_namespace, identity = %options.identity, "waiting for leadership");
+        (Some(task), leading)
+    } else {
+        let (tx, rx) = watch::channel(true);
+        std::mem::forget(tx); // always leading; the sender must outlive the receiver
+        (None, rx)
+    };
+
+    tokio::select! {
+        () = until(leading.clone(), true) => {}
+        () = &mut shutdown => {
+            info!("shutting down before becoming leader");
+            return finish(health, stop_http, server, lease_task, leading).await;
+        }
+    }
+    health.set(Phase::Leading);
+    info!(namespaces = ?options.config.namespaces, "leading: starting controllers");
+
+    let ctx = Arc::new(Context::new(client, options.config.clone(), metrics));
+    let (stop_controllers, controllers_stopped) = watch::channel(false);
+    let scopes: Vec<Option<String>> = if options.config.namespaces.is_empty() {
+        vec![None]
+    } else {
+        options
+            .config
+            .namespaces
+            .iter()
+            .cloned()
+            .map(Some)
+            .collect()
+    };
+    let controllers = futures::future::join_all(scopes.into_iter().map(|ns| {
+        tokio::spawn(crate::agent::controller::run(
+            ctx.clone(),
+            ns,
+            until(controllers_stopped.clone(), true),
+        ))
+    }));
+    tokio::pin!(controllers);
+
+    let lost = tokio::select! {
+        () = &mut shutdown => false,
+        () = until(leading.clone(), false) => true,
+        _ = &mut controllers => {
+            warn!("controllers stopped on their own");
+            false
+        }
+    };
+    health.set(Phase::Stopping);
+    let _ = stop_controllers.send(true);
+    // In-flight reconciles finish; a stuck one does not hold the shutdown forever.
+    let _ = tokio::time::timeout(Duration::from_secs(20), controllers).await;
+    finish(health, stop_http, server, lease_task, leading).await?;
+    if lost {
+        anyhow::bail!(
+            "lost the leader lease; exiting so that this replica restarts and contends again"
+        );
+    }
+    Ok(())
+}
+
+/// Stops the HTTP server and releases the Lease.
+async fn finish(
+    health: Arc<Health>,
+    stop_http: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    lease_task: Option<
+        tokio::task::JoinHandle<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>,
+    >,
+    leading: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    health.set(Phase::Stopping);
+    // Dropping the last receiver ends the lease task, which hands the Lease back.
+    drop(leading);
+    if let Some(task) = lease_task {
+        match tokio::time::timeout(Duration::from_secs(5), task).await {
+            Ok(Ok(Ok(manager))) => {
+                if let Err(e) = manager.release().await {
+                    warn!(error = %e, "releasing the Lease failed; it expires on its own");
+                }
+            }
+            Ok(Ok(Err(e))) => warn!(error = %e, "leader election ended with an error"),
+            Ok(Err(e)) => warn!(error = %e, "leader election task failed"),
+            Err(_) => warn!("leader election did not stop in time"),
+        }
+    }
+    let _ = stop_http.send(true);
+    server
+        .await
+        .context("HTTP server task")?
+        .context("HTTP server")?;
+    info!("stopped");
+    Ok(())
+}
