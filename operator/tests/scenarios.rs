@@ -1,0 +1,588 @@
+//! One scripted API scenario per reconcile branch, in the style of kube-rs' controller-rs
+//! `ApiServerVerifier`: the reconcile runs against a `tower-test` mock, and each scenario
+//! states the exact requests it must make, in order, and nothing else.
+
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode};
+use kube::Client;
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use serde_json::{Value, json};
+use soma_crds::Agent;
+use soma_operator::agent::reconcile::{error_policy, reconcile};
+use soma_operator::config::OperatorConfig;
+use soma_operator::context::Context;
+use soma_operator::metrics::Metrics;
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+/// How the fake API server answers one request, given its body.
+type Reply = Box<dyn FnOnce(&Value) -> (StatusCode, Value) + Send>;
+
+/// A request the scenario expects, and how the fake API server answers it.
+struct Step {
+    method: Method,
+    path: String,
+    reply: Reply,
+}
+
+fn step(
+    method: Method,
+    path: &str,
+    reply: impl FnOnce(&Value) -> (StatusCode, Value) + Send + 'static,
+) -> Step {
+    Step {
+        method,
+        path: path.to_owned(),
+        reply: Box::new(reply),
+    }
+}
+
+fn not_found() -> (StatusCode, Value) {
+    let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"});
+    (StatusCode::NOT_FOUND, body)
+}
+
+fn echo(body: &Value) -> (StatusCode, Value) {
+    (StatusCode::OK, body.clone())
+}
+
+/// The API server answers a status patch with the whole object.
+fn status_reply(body: &Value) -> (StatusCode, Value) {
+    let mut agent = agent_json();
+    agent["status"] = body["status"].clone();
+    (StatusCode::OK, agent)
+}
+
+/// A recorded write: method, path, query and body.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: Method,
+    path: String,
+    query: String,
+    content_type: String,
+    body: Value,
+}
+
+/// Serves `steps` in order, asserting each request matches; returns what it saw. Panics on an
+/// unexpected or extra request (the client is dropped when the reconcile ends, which ends the
+/// stream, so "nothing else" is checked too).
+async fn serve(mut handle: Handle, steps: Vec<Step>) -> Vec<Seen> {
+    let mut seen = Vec::new();
+    for (i, s) in steps.into_iter().enumerate() {
+        let (request, send) = handle.next_request().await.unwrap_or_else(|| {
+            panic!("step {i}: expected {} {}, got no request", s.method, s.path)
+        });
+        let method = request.method().clone();
+        let path = request.uri().path().to_owned();
+        let query = request.uri().query().unwrap_or_default().to_owned();
+        let content_type = request
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        assert_eq!(
+            (&method, path.as_str()),
+            (&s.method, s.path.as_str()),
+            "step {i}"
+        );
+        let bytes = request
+            .into_body()
+            .collect_bytes()
+            .await
+            .expect("request body");
+        let body: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).expect("JSON body")
+        };
+        let (status, reply) = (s.reply)(&body);
+        seen.push(Seen {
+            method,
+            path,
+            query,
+            content_type,
+            body,
+        });
+        send.send_response(
+            Response::builder()
+                .status(status)
+                .body(Body::from(serde_json::to_vec(&reply).expect("reply")))
+                .expect("response"),
+        );
+    }
+    if let Some((request, _)) = handle.next_request().await {
+        panic!(
+            "unexpected extra request: {} {}",
+            request.method(),
+            request.uri()
+        );
+    }
+    seen
+}
+
+fn agent_json() -> Value {
+    json!({
+        "apiVersion": "soma.dev/v1alpha1",
+        "kind": "Agent",
+        "metadata": {"name": "helper", "namespace": "team", "uid": "agent-uid", "generation": 4, "resourceVersion": "10"},
+        "spec": {
+            "image": "registry.example.com/helper@sha256:0d7c",
+            "port": 8080,
+            "model": {"provider": "openai", "name": "gpt-4o"},
+            "credentials": {"secretRef": {"name": "openai-key", "key": "api-key"}},
+            "budgetRef": {"name": "team-budget"}
+        }
+    })
+}
+
+fn agent_from(value: Value) -> Arc<Agent> {
+    Arc::new(serde_json::from_value(value).expect("agent"))
+}
+
+fn context(client: Client) -> Arc<Context> {
+    Arc::new(Context::new(
+        client,
+        OperatorConfig::default(),
+        Arc::new(Metrics::default()),
+    ))
+}
+
+const NS: &str = "/api/v1/namespaces/team";
+const APPS: &str = "/apis/apps/v1/namespaces/team";
+const NET: &str = "/apis/networking.k8s.io/v1/namespaces/team";
+const SOMA: &str = "/apis/soma.dev/v1alpha1/namespaces/team";
+
+fn budget_found(_: &Value) -> (StatusCode, Value) {
+    (
+        StatusCode::OK,
+        json!({"apiVersion": "soma.dev/v1alpha1", "kind": "Budget", "metadata": {"name": "team-budget", "namespace": "team"}, "spec": {"limits": {"tokens": 1000}, "period": {"calendar": "day"}}}),
+    )
+}
+
+/// The children paths in the order the reconcile applies them.
+fn child_paths() -> Vec<String> {
+    vec![
+        format!("{NS}/serviceaccounts/helper"),
+        format!("{NS}/configmaps/helper-sidecar"),
+        format!("{NET}/networkpolicies/helper"),
+        format!("{APPS}/deployments/helper"),
+        format!("{NS}/services/helper"),
+    ]
+}
+
+/// Runs one reconcile of `agent` against `steps`.
+async fn run(
+    agent: Arc<Agent>,
+    steps: Vec<Step>,
+) -> (
+    kube::Result<Action, soma_operator::error::Error>,
+    Vec<Seen>,
+    Arc<Context>,
+) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let server = tokio::spawn(serve(handle, steps));
+    let ctx = context(Client::new(service, "default"));
+    let result = reconcile(agent, ctx.clone()).await;
+    // Dropping every clone of the mock client ends the request stream, so `serve` can check
+    // that no extra request follows; the caller gets a context on a fresh mock instead.
+    let ctx_for_caller = Arc::new(Context::new(
+        Client::new(
+            tower_test::mock::pair::<Request<Body>, Response<Body>>().0,
+            "default",
+        ),
+        OperatorConfig::default(),
+        ctx.metrics.clone(),
+    ));
+    drop(ctx);
+    let seen = tokio::time::timeout(std::time::Duration::from_secs(10), server)
+        .await
+        .expect("scenario finished")
+        .expect("scenario passed");
+    (result, seen, ctx_for_caller)
+}
+
+/// The first reconcile: every child is created by server-side apply under `soma.dev/agent`,
+/// owned by the Agent, and the status says the Deployment is not yet ready.
+async fn first_reconcile() -> (Vec<Seen>, Value) {
+    let mut steps = vec![step(
+        Method::GET,
+        &format!("{SOMA}/budgets/team-budget"),
+        budget_found,
+    )];
+    for path in child_paths() {
+        steps.push(step(Method::GET, &path, |_| not_found()));
+        steps.push(step(Method::PATCH, &path, echo));
+    }
+    steps.push(step(
+        Method::PATCH,
+        &format!("{SOMA}/agents/helper/status"),
+        status_reply,
+    ));
+    let (result, seen, _) = run(agent_from(agent_json()), steps).await;
+    assert_eq!(
+        result.expect("reconcile succeeds"),
+        Action::requeue(std::time::Duration::from_secs(3600))
+    );
+    let status = seen.last().expect("status write").body["status"].clone();
+    (seen, status)
+}
+
+#[tokio::test]
+async fn first_reconcile_creates_every_child_with_field_manager_and_owner() {
+    let (seen, status) = first_reconcile().await;
+    let writes: Vec<&Seen> = seen.iter().filter(|s| s.method == Method::PATCH).collect();
+    assert_eq!(writes.len(), 6, "five children and the status");
+    for w in &writes {
+        assert!(
+            w.query.contains("fieldManager=soma.dev%2Fagent"),
+            "{}: field manager in {:?}",
+            w.path,
+            w.query
+        );
+        assert!(w.query.contains("force=true"), "{}: force", w.path);
+        assert_eq!(
+            w.content_type, "application/apply-patch+yaml",
+            "{}: server-side apply",
+            w.path
+        );
+    }
+    for w in &writes[..5] {
+        let owner = &w.body["metadata"]["ownerReferences"][0];
+        assert_eq!(owner["uid"], "agent-uid", "{}", w.path);
+        assert_eq!(owner["kind"], "Agent");
+        assert_eq!(owner["controller"], true);
+        assert_eq!(w.body["metadata"]["labels"]["soma.dev/agent"], "helper");
+        assert!(
+            w.body["metadata"]["annotations"]["soma.dev/applied-hash"].is_string(),
+            "{}",
+            w.path
+        );
+    }
+    let ready = status["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .expect("Ready");
+    assert_eq!(
+        (ready["status"].as_str(), ready["reason"].as_str()),
+        (Some("False"), Some("Progressing"))
+    );
+    assert_eq!(status["observedGeneration"], 4);
+}
+
+#[tokio::test]
+async fn unchanged_agent_makes_no_writes() {
+    // Converge once, then let the "cluster" report the Deployment ready.
+    let (seen, _) = first_reconcile().await;
+    let mut live: Vec<Value> = seen
+        .iter()
+        .filter(|s| s.method == Method::PATCH)
+        .take(5)
+        .map(|s| s.body.clone())
+        .collect();
+    live[3]["metadata"]["generation"] = json!(1);
+    live[3]["status"] = json!({"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1, "availableReplicas": 1});
+    // Server-added fields must not count as differences.
+    for object in &mut live {
+        object["metadata"]["resourceVersion"] = json!("77");
+        object["metadata"]["managedFields"] =
+            json!([{"manager": "soma.dev/agent", "operation": "Apply"}]);
+    }
+    live[3]["spec"]["progressDeadlineSeconds"] = json!(600);
+
+    // Second reconcile: nothing to apply, the status changes to Ready.
+    let gets = |live: &Vec<Value>| {
+        let mut steps = vec![step(
+            Method::GET,
+            &format!("{SOMA}/budgets/team-budget"),
+            budget_found,
+        )];
+        for (path, object) in child_paths().into_iter().zip(live.clone()) {
+            steps.push(step(Method::GET, &path, move |_| (StatusCode::OK, object)));
+        }
+        steps
+    };
+    let mut steps = gets(&live);
+    steps.push(step(
+        Method::PATCH,
+        &format!("{SOMA}/agents/helper/status"),
+        status_reply,
+    ));
+    steps.push(step(
+        Method::POST,
+        "/apis/events.k8s.io/v1/namespaces/team/events",
+        echo,
+    ));
+    let (result, seen, _) = run(agent_from(agent_json()), steps).await;
+    assert!(result.is_ok());
+    let status = seen
+        .iter()
+        .find(|s| s.path.ends_with("/status"))
+        .expect("status")
+        .body["status"]
+        .clone();
+    let ready = status["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .expect("Ready")
+        .clone();
+    assert_eq!(ready["status"], "True");
+    let event = seen
+        .iter()
+        .find(|s| s.method == Method::POST)
+        .expect("event");
+    assert_eq!(event.body["reason"], "Available");
+
+    // Third reconcile with that status: only reads, no write of any kind.
+    let mut agent = agent_json();
+    agent["status"] = status;
+    let (result, seen, _) = run(agent_from(agent), gets(&live)).await;
+    assert_eq!(
+        result.expect("reconcile succeeds"),
+        Action::requeue(std::time::Duration::from_secs(3600))
+    );
+    assert!(
+        seen.iter().all(|s| s.method == Method::GET),
+        "no writes: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn edited_child_is_put_back() {
+    let (seen, status) = first_reconcile().await;
+    let mut live: Vec<Value> = seen
+        .iter()
+        .filter(|s| s.method == Method::PATCH)
+        .take(5)
+        .map(|s| s.body.clone())
+        .collect();
+    // Someone weakens the sandbox by hand.
+    live[3]["spec"]["template"]["spec"]["automountServiceAccountToken"] = json!(true);
+    let mut steps = vec![step(
+        Method::GET,
+        &format!("{SOMA}/budgets/team-budget"),
+        budget_found,
+    )];
+    for (i, (path, object)) in child_paths().into_iter().zip(live).enumerate() {
+        steps.push(step(Method::GET, &path, move |_| (StatusCode::OK, object)));
+        if i == 3 {
+            steps.push(step(Method::PATCH, &path, echo));
+        }
+    }
+    let mut agent = agent_json();
+    agent["status"] = status;
+    let (result, seen, _) = run(agent_from(agent), steps).await;
+    assert!(result.is_ok());
+    let patch = seen
+        .iter()
+        .find(|s| s.method == Method::PATCH)
+        .expect("deployment re-applied");
+    assert_eq!(
+        patch.body["spec"]["template"]["spec"]["automountServiceAccountToken"],
+        false
+    );
+}
+
+#[tokio::test]
+async fn missing_budget_sets_condition_and_event_and_starts_nothing() {
+    let steps = vec![
+        step(Method::GET, &format!("{SOMA}/budgets/team-budget"), |_| {
+            not_found()
+        }),
+        step(Method::GET, &format!("{APPS}/deployments/helper"), |_| {
+            not_found()
+        }),
+        step(
+            Method::PATCH,
+            &format!("{SOMA}/agents/helper/status"),
+            status_reply,
+        ),
+        step(
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/team/events",
+            echo,
+        ),
+    ];
+    let (result, seen, _) = run(agent_from(agent_json()), steps).await;
+    assert_eq!(
+        result.expect("a missing reference is not an error to retry"),
+        Action::await_change()
+    );
+    let status = &seen[2].body["status"];
+    let condition = |t: &str| {
+        status["conditions"]
+            .as_array()
+            .expect("conditions")
+            .iter()
+            .find(|c| c["type"] == t)
+            .expect("condition")
+            .clone()
+    };
+    assert_eq!(condition("Ready")["status"], "False");
+    assert_eq!(condition("Ready")["reason"], "BudgetNotFound");
+    assert!(
+        condition("Ready")["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("team-budget") && m.contains("spec.budgetRef"))
+    );
+    assert_eq!(condition("Stalled")["status"], "True");
+    let event = &seen[3].body;
+    assert_eq!(event["reason"], "BudgetNotFound");
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["regarding"]["name"], "helper");
+}
+
+#[tokio::test]
+async fn rejected_child_stalls_instead_of_retrying() {
+    let invalid = |_: &Value| {
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid", "code": 422, "message": "Deployment.apps \"helper\" is invalid: spec.template.spec.runtimeClassName: Invalid value"}),
+        )
+    };
+    let mut steps = vec![step(
+        Method::GET,
+        &format!("{SOMA}/budgets/team-budget"),
+        budget_found,
+    )];
+    for (i, path) in child_paths().into_iter().take(4).enumerate() {
+        steps.push(step(Method::GET, &path, |_| not_found()));
+        steps.push(if i == 3 {
+            step(Method::PATCH, &path, invalid)
+        } else {
+            step(Method::PATCH, &path, echo)
+        });
+    }
+    steps.push(step(
+        Method::GET,
+        &format!("{APPS}/deployments/helper"),
+        |_| not_found(),
+    ));
+    steps.push(step(
+        Method::PATCH,
+        &format!("{SOMA}/agents/helper/status"),
+        status_reply,
+    ));
+    steps.push(step(
+        Method::POST,
+        "/apis/events.k8s.io/v1/namespaces/team/events",
+        echo,
+    ));
+    let (result, seen, _) = run(agent_from(agent_json()), steps).await;
+    assert_eq!(
+        result.expect("permanent failures are reported in status"),
+        Action::await_change()
+    );
+    let status = &seen
+        .iter()
+        .find(|s| s.path.ends_with("/status"))
+        .expect("status")
+        .body["status"];
+    let stalled = status["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == "Stalled")
+        .expect("Stalled")
+        .clone();
+    assert_eq!(stalled["status"], "True");
+    assert_eq!(stalled["reason"], "ApplyFailed");
+    assert!(
+        stalled["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("runtimeClassName"))
+    );
+}
+
+#[tokio::test]
+async fn transient_failure_is_retried_with_growing_backoff() {
+    let unavailable = |_: &Value| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503, "message": "etcd leader changed"}),
+        )
+    };
+    let steps = vec![step(
+        Method::GET,
+        &format!("{SOMA}/budgets/team-budget"),
+        unavailable,
+    )];
+    let agent = agent_from(agent_json());
+    let (result, seen, ctx) = run(agent.clone(), steps).await;
+    assert_eq!(seen.len(), 1);
+    let error = result.expect_err("a 503 fails the reconcile");
+    assert!(error.is_transient());
+    let first = error_policy(agent.clone(), &error, ctx.clone());
+    let second = error_policy(agent.clone(), &error, ctx.clone());
+    let third = error_policy(agent, &error, ctx);
+    assert_eq!(first, Action::requeue(std::time::Duration::from_secs(1)));
+    assert_eq!(second, Action::requeue(std::time::Duration::from_secs(2)));
+    assert_eq!(third, Action::requeue(std::time::Duration::from_secs(4)));
+}
+
+#[tokio::test]
+async fn deleted_agent_is_left_to_the_garbage_collector() {
+    let mut agent = agent_json();
+    agent["metadata"]["deletionTimestamp"] = json!("2026-11-22T00:00:00Z");
+    let (result, seen, _) = run(agent_from(agent), vec![]).await;
+    assert_eq!(
+        result.expect("deletion needs no work"),
+        Action::await_change()
+    );
+    assert!(
+        seen.is_empty(),
+        "children carry owner references; nothing to call"
+    );
+}
+
+#[tokio::test]
+async fn service_is_deleted_when_the_port_goes_away() {
+    let (seen, status) = first_reconcile().await;
+    let live: Vec<Value> = seen
+        .iter()
+        .filter(|s| s.method == Method::PATCH)
+        .take(5)
+        .map(|s| s.body.clone())
+        .collect();
+    let mut agent = agent_json();
+    agent["spec"].as_object_mut().expect("spec").remove("port");
+    agent["metadata"]["generation"] = json!(5);
+    agent["status"] = status;
+    let mut steps = vec![step(
+        Method::GET,
+        &format!("{SOMA}/budgets/team-budget"),
+        budget_found,
+    )];
+    let paths = child_paths();
+    for (path, object) in paths.iter().take(4).cloned().zip(live.clone()) {
+        steps.push(step(Method::GET, &path, move |_| (StatusCode::OK, object)));
+        // The port is gone from the pod and the policy, so those two are re-applied.
+        if path.contains("deployments") || path.contains("networkpolicies") {
+            steps.push(step(Method::PATCH, &path, echo));
+        }
+    }
+    let service = live[4].clone();
+    steps.push(step(Method::GET, &paths[4], move |_| {
+        (StatusCode::OK, service)
+    }));
+    steps.push(step(Method::DELETE, &paths[4], |_| {
+        (
+            StatusCode::OK,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+        )
+    }));
+    steps.push(step(
+        Method::PATCH,
+        &format!("{SOMA}/agents/helper/status"),
+        status_reply,
+    ));
+    let (result, seen, _) = run(agent_from(agent), steps).await;
+    assert!(result.is_ok(), "{result:?}");
+    assert!(seen.iter().any(|s| s.method == Method::DELETE));
+}
