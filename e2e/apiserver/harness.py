@@ -54,6 +54,7 @@ class StandIn:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         port_file = workdir / "apiserver.port"
+        port_file.unlink(missing_ok=True)  # a stale one would point at a dead server
         args = [sys.executable, str(STANDIN), "--port", "0", "--port-file", str(port_file), *extra]
         if crds is not None:
             args += ["--crds", str(crds)]
