@@ -438,6 +438,20 @@ class SomaApiServer(kmock.KubernetesScaffold):
                     n += 1
         return n
 
+    async def _serve_version(self, request: kmock.Request) -> Any:
+        """kmock's APIResourceList, with subresources described as kubectl expects them.
+
+        kmock 0.8 repeats the parent's categories and short names on `x/status`, so `kubectl get
+        soma` tries to list "jobs/status"; and it names the core group version "/v1".
+        """
+        result = await super()._serve_version(request)
+        result["groupVersion"] = result["groupVersion"].lstrip("/")
+        for entry in result.get("resources", []):
+            if "/" in entry["name"]:
+                entry.update(categories=[], shortNames=[], verbs=["get", "patch", "update"])
+            entry["verbs"] = sorted(entry["verbs"])
+        return result
+
     # ---- routing -----------------------------------------------------------------------------
 
     def _route(self, request: kmock.Request) -> tuple[Kind, str | None, str | None, str | None] | None:
@@ -519,6 +533,9 @@ class SomaApiServer(kmock.KubernetesScaffold):
             return self._get(kind, namespace, name), 200
         if verb == "list":
             return self._list(kind, namespace, params), 200
+        if "protobuf" in raw.headers.get("Content-Type", ""):
+            raise ApiError(415, "UnsupportedMediaType", "protobuf bodies are not supported by this stand-in: "
+                           "send JSON (e.g. `kubectl apply --server-side` instead of `kubectl create`)")
         data = self._json(body) if body else None
         if verb == "create":
             if sub is not None or name is not None:

@@ -375,3 +375,27 @@ def test_request_log_counts_per_object(standin: StandIn, ns: str) -> None:
     assert mine == {("apply", ""): 2, ("get", ""): 1}
     changes = [c["count"] for c in stats["changes"] if c["namespace"] == ns and c["name"] == "counted"]
     assert changes == [1], "the second apply was a no-op: one change only"
+
+
+def test_in_process_with_kmock_reactions_taking_priority() -> None:
+    """Used as a library, kmock's DSL still works: a test's reaction wins over the store."""
+    import asyncio
+
+    import aiohttp
+    import kmock
+
+    from soma_apiserver import SomaApiServer
+
+    async def scenario() -> None:
+        server = SomaApiServer(deployment_controller=False)
+        async with server, kmock.Server(server) as http, aiohttp.ClientSession(str(http.url)) as client:
+            path = "/api/v1/namespaces/default/configmaps"
+            resp = await client.post(path, json=cm("ok", "default"))
+            assert resp.status == 201
+            server["post " + path] << 500  # inject a failure for creates only
+            assert (await client.post(path, json=cm("fails", "default"))).status == 500
+            listed = await (await client.get(path)).json()
+            assert [i["metadata"]["name"] for i in listed["items"]] == ["ok"]
+            assert len(server["post"]) == 2, "kmock's request log still records what came in"
+
+    asyncio.run(scenario())
