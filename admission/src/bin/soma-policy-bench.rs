@@ -1,0 +1,2 @@
+//! Policy benchmark (in progress).
+fn main() {}

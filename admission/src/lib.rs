@@ -1,0 +1,1 @@
+//! Soma's validating admission webhook (in progress).

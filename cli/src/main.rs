@@ -1,0 +1,2 @@
+//! `soma`: Soma's command-line tool (in progress).
+fn main() {}

@@ -1,0 +1,372 @@
+//! A compiled policy set and its decision.
+//!
+//! Each template is parsed and prepared once into a `regorus::Engine` (with the inventory as
+//! `data.inventory` when its Rego reads it); an evaluation clones that prepared engine, which
+//! shares the compiled modules, sets `input` and evaluates `data.<package>.violation`. Engines
+//! carry a cooperative execution timer, so a runaway policy stops at the deadline.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use regorus::utils::limits::ExecutionTimerConfig;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::PolicyError;
+use crate::matching;
+use crate::model::{Action, Constraint, Review, Template};
+
+/// One violated constraint.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Violation {
+    /// `Kind/name` of the constraint.
+    pub policy: String,
+    /// What it does.
+    pub action: Action,
+    /// The policy's message.
+    pub msg: String,
+    /// The policy's `details`, if any.
+    #[serde(skip_serializing_if = "Value::is_null")]
+    pub details: Value,
+}
+
+/// A constraint that could not be evaluated (runtime error or deadline).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EvalFailure {
+    /// `Kind/name` of the constraint.
+    pub policy: String,
+    /// Its action: a failing `deny` constraint denies (fail closed).
+    pub action: Action,
+    /// What happened.
+    pub error: String,
+}
+
+/// The outcome of evaluating every matching constraint against one review.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Decision {
+    /// Violations, in constraint order.
+    pub violations: Vec<Violation>,
+    /// Constraints that could not be evaluated.
+    pub failures: Vec<EvalFailure>,
+    /// How many constraints matched the review.
+    pub evaluated: usize,
+}
+
+impl Decision {
+    /// Allowed unless a `deny` constraint is violated or could not be evaluated.
+    pub fn allowed(&self) -> bool {
+        !self.violations.iter().any(|v| v.action == Action::Deny)
+            && !self.failures.iter().any(|f| f.action == Action::Deny)
+    }
+
+    /// Every reason to deny, one line each: `[Kind/name] message`.
+    pub fn deny_messages(&self) -> Vec<String> {
+        let violations = self
+            .violations
+            .iter()
+            .filter(|v| v.action == Action::Deny)
+            .map(|v| format!("[{}] {}", v.policy, v.msg));
+        let failures = self
+            .failures
+            .iter()
+            .filter(|f| f.action == Action::Deny)
+            .map(|f| format!("[{}] policy could not be evaluated: {}", f.policy, f.error));
+        violations.chain(failures).collect()
+    }
+
+    /// Messages of `warn` constraints, for AdmissionResponse `warnings`.
+    pub fn warnings(&self) -> Vec<String> {
+        let violations = self
+            .violations
+            .iter()
+            .filter(|v| v.action == Action::Warn)
+            .map(|v| format!("[{}] {}", v.policy, v.msg));
+        let failures = self
+            .failures
+            .iter()
+            .filter(|f| f.action == Action::Warn)
+            .map(|f| format!("[{}] policy could not be evaluated: {}", f.policy, f.error));
+        violations.chain(failures).collect()
+    }
+
+    /// Violations of the given action.
+    pub fn with_action(&self, action: Action) -> impl Iterator<Item = &Violation> {
+        self.violations.iter().filter(move |v| v.action == action)
+    }
+}
+
+/// A template compiled into a prepared engine.
+#[derive(Clone)]
+pub(crate) struct Compiled {
+    pub(crate) template: Template,
+    engine: regorus::Engine,
+    entry: String,
+    uses_inventory: bool,
+}
+
+impl Compiled {
+    /// Parses and prepares the template's Rego.
+    pub(crate) fn compile(template: &Template, inventory: &Value) -> Result<Self, PolicyError> {
+        let fail = |message: String| PolicyError::Compile {
+            template: template.kind.clone(),
+            message,
+        };
+        let mut engine = regorus::Engine::new();
+        engine.set_rego_v0(!template.rego_v1);
+        let package = engine
+            .add_policy(format!("{}.rego", template.origin), template.rego.clone())
+            .map_err(|e| fail(e.to_string()))?;
+        for (i, lib) in template.libs.iter().enumerate() {
+            engine
+                .add_policy(format!("{}.lib{i}.rego", template.origin), lib.clone())
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        let uses_inventory = template.rego.contains("inventory")
+            || template.libs.iter().any(|l| l.contains("inventory"));
+        if uses_inventory {
+            engine
+                .add_data(inventory_data(inventory))
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        let entry = format!("{package}.violation");
+        let mut compiled = Self {
+            template: template.clone(),
+            engine,
+            entry,
+            uses_inventory,
+        };
+        // Prepares the engine (analysis, scheduling) once, so clones start ready; also proves
+        // the package has a `violation` rule.
+        let probe = regorus::Value::from(serde_json::json!({"review": {}, "parameters": {}}));
+        compiled.engine.set_input(probe);
+        compiled
+            .engine
+            .eval_rule(compiled.entry.clone())
+            .map_err(|e| {
+                fail(format!(
+                    "{e} (a template needs a `violation` rule in its package)"
+                ))
+            })?;
+        Ok(compiled)
+    }
+
+    /// The same template over another inventory.
+    fn with_inventory(&self, inventory: &Value) -> Result<Self, PolicyError> {
+        if !self.uses_inventory {
+            return Ok(self.clone());
+        }
+        Self::compile(&self.template, inventory)
+    }
+
+    /// Evaluates `violation` for one input; returns `(msg, details)` pairs.
+    fn violations(
+        &self,
+        input: regorus::Value,
+        limit: Duration,
+    ) -> Result<Vec<(String, Value)>, String> {
+        let mut engine = self.engine.clone();
+        engine.set_execution_timer_config(ExecutionTimerConfig {
+            limit,
+            check_interval: NonZeroU32::MIN.saturating_add(63),
+        });
+        engine.set_input(input);
+        let result = engine
+            .eval_rule(self.entry.clone())
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        match result {
+            regorus::Value::Undefined => {}
+            regorus::Value::Set(set) => {
+                for v in set.iter() {
+                    out.push(message_of(v));
+                }
+            }
+            regorus::Value::Array(items) => {
+                for v in items.iter() {
+                    out.push(message_of(v));
+                }
+            }
+            other => {
+                return Err(format!(
+                    "`violation` must be a set of objects with a msg, got {}",
+                    other.to_json_str().unwrap_or_default()
+                ));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn message_of(v: &regorus::Value) -> (String, Value) {
+    let json = serde_json::to_value(v).unwrap_or(Value::Null);
+    let msg = match json.get("msg") {
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+        None => json.to_string(),
+    };
+    let details = json.get("details").cloned().unwrap_or(Value::Null);
+    (msg, details)
+}
+
+fn inventory_data(inventory: &Value) -> regorus::Value {
+    let inv = if inventory.is_object() {
+        inventory.clone()
+    } else {
+        serde_json::json!({})
+    };
+    regorus::Value::from(serde_json::json!({ "inventory": inv }))
+}
+
+/// A compiled, immutable set of templates and constraints. Cheap to share (`Arc`).
+#[derive(Clone, Default)]
+pub struct PolicySet {
+    pub(crate) templates: BTreeMap<String, Arc<Compiled>>,
+    pub(crate) constraints: Vec<Constraint>,
+    /// Each constraint's parameters, converted once.
+    params: Vec<regorus::Value>,
+    pub(crate) inventory: Value,
+}
+
+impl std::fmt::Debug for PolicySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicySet")
+            .field("templates", &self.templates.keys().collect::<Vec<_>>())
+            .field("constraints", &self.constraint_ids())
+            .finish()
+    }
+}
+
+impl PolicySet {
+    /// Compiles templates and pairs them with constraints; every template must compile and
+    /// every constraint must name a template (see [`crate::PolicyStore`] for the lenient,
+    /// last-good-set loader).
+    pub fn compile(
+        templates: &[Template],
+        constraints: Vec<Constraint>,
+        inventory: Value,
+    ) -> Result<Self, PolicyError> {
+        let mut compiled = BTreeMap::new();
+        for t in templates {
+            compiled.insert(t.kind.clone(), Arc::new(Compiled::compile(t, &inventory)?));
+        }
+        for c in &constraints {
+            if !compiled.contains_key(&c.kind) {
+                return Err(PolicyError::UnknownKind {
+                    kind: c.kind.clone(),
+                    name: c.name.clone(),
+                });
+            }
+        }
+        Ok(Self::from_parts(compiled, constraints, inventory))
+    }
+
+    pub(crate) fn from_parts(
+        templates: BTreeMap<String, Arc<Compiled>>,
+        constraints: Vec<Constraint>,
+        inventory: Value,
+    ) -> Self {
+        let params = constraints
+            .iter()
+            .map(|c| regorus::Value::from(c.parameters.clone()))
+            .collect();
+        Self {
+            templates,
+            constraints,
+            params,
+            inventory,
+        }
+    }
+
+    /// The same policies over another inventory (`data.inventory`: Gatekeeper's layout,
+    /// `namespace.<ns>.<groupVersion>.<Kind>.<name>` and `cluster.<groupVersion>.<Kind>.<name>`).
+    pub fn with_inventory(&self, inventory: Value) -> Result<Self, PolicyError> {
+        let mut templates = BTreeMap::new();
+        for (kind, c) in &self.templates {
+            templates.insert(kind.clone(), Arc::new(c.with_inventory(&inventory)?));
+        }
+        Ok(Self {
+            templates,
+            constraints: self.constraints.clone(),
+            params: self.params.clone(),
+            inventory,
+        })
+    }
+
+    /// `Kind/name` of every constraint.
+    pub fn constraint_ids(&self) -> Vec<String> {
+        self.constraints.iter().map(Constraint::id).collect()
+    }
+
+    /// The template kinds.
+    pub fn template_kinds(&self) -> BTreeSet<String> {
+        self.templates.keys().cloned().collect()
+    }
+
+    /// The constraints.
+    pub fn constraints(&self) -> &[Constraint] {
+        &self.constraints
+    }
+
+    /// Evaluates every constraint whose match selects the review. `deadline` bounds the whole
+    /// decision: constraints not finished by then are reported as failures (which deny when
+    /// their action is `deny`).
+    pub fn evaluate(&self, review: &Review, deadline: Duration) -> Decision {
+        let started = Instant::now();
+        let ns_labels = self.namespace_labels(&review.namespace);
+        let review_value = regorus::Value::from(review.to_input());
+        let mut decision = Decision::default();
+        for (constraint, params) in self.constraints.iter().zip(&self.params) {
+            if !matching::selects(&constraint.matches, review, ns_labels) {
+                continue;
+            }
+            decision.evaluated += 1;
+            let Some(compiled) = self.templates.get(&constraint.kind) else {
+                continue;
+            };
+            let remaining = deadline.saturating_sub(started.elapsed());
+            let outcome = if remaining.is_zero() {
+                Err("deadline exceeded before evaluation".to_owned())
+            } else {
+                compiled.violations(input_of(&review_value, params), remaining)
+            };
+            match outcome {
+                Ok(found) => decision
+                    .violations
+                    .extend(found.into_iter().map(|(msg, details)| Violation {
+                        policy: constraint.id(),
+                        action: constraint.action,
+                        msg,
+                        details,
+                    })),
+                Err(error) => decision.failures.push(EvalFailure {
+                    policy: constraint.id(),
+                    action: constraint.action,
+                    error,
+                }),
+            }
+        }
+        decision
+    }
+
+    fn namespace_labels(&self, ns: &str) -> Option<&serde_json::Map<String, Value>> {
+        if ns.is_empty() {
+            return None;
+        }
+        self.inventory
+            .get("cluster")?
+            .get("v1")?
+            .get("Namespace")?
+            .get(ns)?
+            .pointer("/metadata/labels")?
+            .as_object()
+    }
+}
+
+fn input_of(review: &regorus::Value, parameters: &regorus::Value) -> regorus::Value {
+    let mut map = BTreeMap::new();
+    map.insert(regorus::Value::from("review"), review.clone());
+    map.insert(regorus::Value::from("parameters"), parameters.clone());
+    regorus::Value::from(map)
+}
