@@ -20,6 +20,7 @@
 
 pub mod builtin;
 pub mod condition;
+mod deprecated;
 mod error;
 pub mod gatekeeper;
 pub mod inventory;

@@ -115,6 +115,7 @@ impl Compiled {
         };
         let mut engine = regorus::Engine::new();
         engine.set_rego_v0(!template.rego_v1);
+        crate::deprecated::register(&mut engine).map_err(|e| fail(e.to_string()))?;
         let package = engine
             .add_policy(format!("{}.rego", template.origin), template.rego.clone())
             .map_err(|e| fail(e.to_string()))?;
