@@ -1,0 +1,228 @@
+//! The sidecar's configuration file.
+//!
+//! The operator writes it (`operator/src/agent/children.rs`, `SidecarSettings`) as JSON, which
+//! is also YAML; this reader accepts that document unchanged and adds optional fields the
+//! operator does not write yet (prices, Budget definitions, outbox path, limits, timeouts).
+//! Every field is documented in `docs/sidecar.md`.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use soma_metering::{BudgetDef, PriceTable};
+
+/// Why the file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Not JSON or YAML.
+    #[error("not valid JSON or YAML")]
+    Syntax(#[source] serde_yaml::Error),
+    /// Valid syntax, wrong fields.
+    #[error("invalid configuration")]
+    Shape(#[source] serde_json::Error),
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Config {
+    /// Proxy listener; loopback by default.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// `/healthz` and `/metrics`.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: String,
+    /// The Agent, for labels and records.
+    pub agent: AgentIdentity,
+    /// Where calls go.
+    pub provider: ProviderConfig,
+    /// Where the provider key is read from.
+    pub credentials: Credentials,
+    /// The Budget calls are charged to.
+    #[serde(default)]
+    pub budget: Option<String>,
+    /// The environment variable holding the per-pod client token.
+    pub client_token_env: String,
+    /// Tools the agent may call (not enforced by the proxy yet).
+    #[serde(default)]
+    pub tools: Vec<String>,
+    /// Capsules the agent may use (not enforced by the proxy yet).
+    #[serde(default)]
+    pub capsules: Vec<String>,
+
+    // Fields the sidecar adds; all optional.
+    /// Prices per model (micros per million tokens). Absent: cost is not metered (0) and any
+    /// model is accepted; present: a model missing from it is refused as unknown.
+    #[serde(default)]
+    pub prices: Option<PriceTable>,
+    /// Budget definitions: `budget` and its `parentRef` chain are looked up here.
+    #[serde(default)]
+    pub budgets: Vec<BudgetDef>,
+    /// The SQLite outbox (WAL): usage records and the embedded budget authority's state.
+    #[serde(default = "default_outbox_path")]
+    pub outbox_path: PathBuf,
+    /// Largest request body accepted, in bytes.
+    #[serde(default = "default_body_limit")]
+    pub body_limit_bytes: usize,
+    /// Output tokens assumed for the worst case when a request sets no `max_tokens`.
+    #[serde(default = "default_max_tokens")]
+    pub default_max_tokens: u64,
+    /// Upstream timeouts.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// `anthropic-version` sent when the client sends none.
+    #[serde(default = "default_anthropic_version")]
+    pub anthropic_version: String,
+}
+
+/// `agent`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct AgentIdentity {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+/// `provider`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ProviderConfig {
+    /// Which wire format the upstream speaks.
+    pub kind: ProviderKind,
+    /// Base URL, such as `https://api.openai.com` or `http://vllm:8000/v1`.
+    pub upstream: String,
+    /// The Agent's model.
+    pub model: String,
+}
+
+/// `provider.kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ProviderKind {
+    /// OpenAI.
+    Openai,
+    /// Anthropic.
+    Anthropic,
+    /// Anything speaking OpenAI's API.
+    OpenaiCompatible,
+}
+
+/// `credentials`: `"none"`, `{"file": PATH}` or `{"vault": {...}}`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Credentials {
+    /// No key (a keyless local endpoint).
+    None,
+    /// A file mounted from a Secret.
+    File(PathBuf),
+    /// A Vault KV path (not supported by this build).
+    Vault {
+        /// KV path.
+        path: String,
+        /// Field.
+        key: String,
+        /// Kubernetes-auth role.
+        #[serde(default)]
+        role: Option<String>,
+    },
+}
+
+/// `timeouts`, in milliseconds.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Timeouts {
+    /// TCP (and TLS) connect.
+    pub connect_ms: u64,
+    /// From sending the request to the upstream's response headers.
+    pub response_headers_ms: u64,
+    /// Longest silence between two body chunks.
+    pub idle_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect_ms: 10_000,
+            response_headers_ms: 600_000,
+            idle_ms: 300_000,
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:4000".into()
+}
+fn default_admin_listen() -> String {
+    "0.0.0.0:9090".into()
+}
+fn default_outbox_path() -> PathBuf {
+    PathBuf::from("/var/lib/soma/outbox.db")
+}
+fn default_body_limit() -> usize {
+    16 * 1024 * 1024
+}
+fn default_max_tokens() -> u64 {
+    4_096
+}
+fn default_anthropic_version() -> String {
+    "2023-06-01".into()
+}
+
+impl Config {
+    /// Parses the file's text (JSON or YAML). YAML is read into a JSON value first, so that
+    /// enums have one spelling in both (`{"file": PATH}`, not a YAML tag).
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let value: serde_json::Value = serde_yaml::from_str(text).map_err(ConfigError::Syntax)?;
+        serde_json::from_value(value).map_err(ConfigError::Shape)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Exactly what `soma-operator render -f examples/agent.yaml` writes today.
+    const OPERATOR_DOCUMENT: &str = r#"{
+  "listen": "127.0.0.1:4000",
+  "adminListen": "0.0.0.0:9090",
+  "agent": { "namespace": "research", "name": "research-assistant" },
+  "provider": { "kind": "openai", "upstream": "https://api.openai.com", "model": "gpt-4o" },
+  "credentials": { "file": "/etc/soma/provider-key/api-key" },
+  "budget": "research-team",
+  "clientTokenEnv": "SOMA_POD_UID",
+  "tools": ["web-search"],
+  "capsules": ["support-kb"]
+}"#;
+
+    #[test]
+    fn reads_the_operators_document_unchanged() {
+        let c = Config::parse(OPERATOR_DOCUMENT).unwrap();
+        assert_eq!(c.provider.kind, ProviderKind::Openai);
+        assert!(matches!(c.credentials, Credentials::File(ref p) if p.ends_with("api-key")));
+        assert_eq!(c.budget.as_deref(), Some("research-team"));
+        assert_eq!(c.client_token_env, "SOMA_POD_UID");
+        assert!(c.prices.is_none() && c.budgets.is_empty());
+        assert_eq!(c.body_limit_bytes, 16 * 1024 * 1024);
+    }
+
+    #[test]
+    fn yaml_reads_too_and_typos_are_reported() {
+        let y = "agent: {namespace: a, name: b}\nprovider: {kind: anthropic, upstream: 'http://x', model: m}\ncredentials: none\nclientTokenEnv: T\n";
+        let c = Config::parse(y).unwrap();
+        assert_eq!(c.provider.kind, ProviderKind::Anthropic);
+        assert!(Config::parse("agent: [").is_err());
+        assert!(Config::parse("{\"agent\": 1}").is_err());
+    }
+
+    #[test]
+    fn credential_shapes() {
+        for (json, ok) in [
+            (r#""none""#, true),
+            (r#"{"file": "/k"}"#, true),
+            (r#"{"vault": {"path": "secret/x", "key": "k"}}"#, true),
+            (r#"{"env": "X"}"#, false),
+        ] {
+            let r: Result<Credentials, _> = serde_json::from_str(json);
+            assert_eq!(r.is_ok(), ok, "{json}");
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! The proxy's one error type, and how each error reaches the client: a status and a body in
+//! the wire format the client speaks (OpenAI's `{"error": {...}}` or Anthropic's
+//! `{"type": "error", "error": {...}}`). Details go to the log; the body says what the client
+//! can act on and never carries the provider key or an internal cause.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use soma_metering::Refusal;
+use soma_metering::wire::Dialect;
+
+/// What can go wrong on the request path.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// No or wrong client token.
+    #[error("missing or invalid client token")]
+    Unauthorized,
+    /// No such endpoint here.
+    #[error("no endpoint {0}")]
+    NotFound(String),
+    /// The endpoint belongs to the other provider.
+    #[error("{path} is not served: this sidecar's provider is {provider}")]
+    WrongProvider {
+        /// Path asked for.
+        path: String,
+        /// Configured provider kind.
+        provider: &'static str,
+    },
+    /// Not `application/json`.
+    #[error("content type must be application/json")]
+    ContentType,
+    /// Body over the configured limit.
+    #[error("request body exceeds {limit} bytes")]
+    TooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// The body could not be read.
+    #[error("could not read the request body")]
+    BodyRead(#[source] axum::Error),
+    /// Not JSON, or not an object.
+    #[error("request body is not a JSON object: {0}")]
+    Json(String),
+    /// No `model`.
+    #[error("request has no \"model\"")]
+    NoModel,
+    /// A model without a price.
+    #[error("model {0:?} is not in this sidecar's price table")]
+    UnknownModel(String),
+    /// A Budget refused.
+    #[error("budget {} refused the request", .0.budget)]
+    Budget(Box<Refusal>),
+    /// The configured Budget has no definition.
+    #[error("budget {0:?} has no definition in the sidecar's configuration")]
+    BudgetUndefined(String),
+    /// The upstream could not be reached.
+    #[error("upstream unreachable")]
+    Upstream(#[source] hyper_util::client::legacy::Error),
+    /// The upstream did not answer in time.
+    #[error("upstream timed out")]
+    UpstreamTimeout,
+    /// The outbox could not record usage: the request is refused rather than unmetered.
+    #[error("usage could not be recorded")]
+    Outbox(#[source] sqlx::Error),
+    /// The request could not be built (should not happen with validated config).
+    #[error("internal error building the upstream request")]
+    Internal(String),
+}
+
+impl ProxyError {
+    /// A short label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ProxyError::Unauthorized => "unauthorized",
+            ProxyError::NotFound(_) => "not_found",
+            ProxyError::WrongProvider { .. } => "wrong_provider",
+            ProxyError::ContentType => "content_type",
+            ProxyError::TooLarge { .. } => "too_large",
+            ProxyError::BodyRead(_) => "body_read",
+            ProxyError::Json(_) => "json",
+            ProxyError::NoModel => "no_model",
+            ProxyError::UnknownModel(_) => "unknown_model",
+            ProxyError::Budget(_) => "budget",
+            ProxyError::BudgetUndefined(_) => "budget_undefined",
+            ProxyError::Upstream(_) => "upstream",
+            ProxyError::UpstreamTimeout => "upstream_timeout",
+            ProxyError::Outbox(_) => "outbox",
+            ProxyError::Internal(_) => "internal",
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ProxyError::NotFound(_) | ProxyError::WrongProvider { .. } => StatusCode::NOT_FOUND,
+            ProxyError::ContentType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ProxyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BodyRead(_)
+            | ProxyError::Json(_)
+            | ProxyError::NoModel
+            | ProxyError::UnknownModel(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Budget(_) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::BudgetUndefined(_) | ProxyError::Outbox(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// (OpenAI type, Anthropic type, code)
+    fn kinds(&self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            ProxyError::Unauthorized => (
+                "invalid_request_error",
+                "authentication_error",
+                "invalid_api_key",
+            ),
+            ProxyError::NotFound(_) | ProxyError::WrongProvider { .. } => {
+                ("invalid_request_error", "not_found_error", "not_found")
+            }
+            ProxyError::UnknownModel(_) => (
+                "invalid_request_error",
+                "not_found_error",
+                "model_not_found",
+            ),
+            ProxyError::TooLarge { .. } => (
+                "invalid_request_error",
+                "request_too_large",
+                "request_too_large",
+            ),
+            ProxyError::ContentType
+            | ProxyError::BodyRead(_)
+            | ProxyError::Json(_)
+            | ProxyError::NoModel => (
+                "invalid_request_error",
+                "invalid_request_error",
+                "invalid_request",
+            ),
+            ProxyError::Budget(r) => match r.limit {
+                soma_metering::budget::LimitKind::TokensPerMinute
+                | soma_metering::budget::LimitKind::RequestsPerMinute => {
+                    ("requests", "rate_limit_error", "rate_limit_exceeded")
+                }
+                _ => ("insufficient_quota", "rate_limit_error", "budget_exceeded"),
+            },
+            ProxyError::Upstream(_) | ProxyError::UpstreamTimeout => {
+                ("api_error", "api_error", "upstream_unavailable")
+            }
+            ProxyError::BudgetUndefined(_) | ProxyError::Outbox(_) | ProxyError::Internal(_) => {
+                ("api_error", "api_error", "sidecar_unavailable")
+            }
+        }
+    }
+
+    /// The message the client sees.
+    fn message(&self) -> String {
+        match self {
+            ProxyError::Unauthorized => "Missing or invalid client token: present the pod's \
+                SOMA_PROXY_TOKEN as the API key (Authorization: Bearer or x-api-key)."
+                .into(),
+            ProxyError::Budget(r) => refusal_message(r),
+            ProxyError::BodyRead(_) => "The request body could not be read.".into(),
+            ProxyError::Upstream(_) => "The model provider could not be reached.".into(),
+            ProxyError::Outbox(_) => "The sidecar could not record usage, so the request was \
+                not sent to the provider. Try again."
+                .into(),
+            other => {
+                let mut s = other.to_string();
+                if let Some(first) = s.get_mut(..1) {
+                    first.make_ascii_uppercase();
+                }
+                s.push('.');
+                s
+            }
+        }
+    }
+
+    /// The response in `dialect`'s format.
+    pub fn into_wire(self, dialect: Dialect) -> Response {
+        let status = self.status();
+        let (openai_type, anthropic_type, code) = self.kinds();
+        let message = self.message();
+        let mut body = match dialect {
+            Dialect::OpenAi => json!({"error": {
+                "message": message, "type": openai_type, "param": Value::Null, "code": code,
+            }}),
+            Dialect::Anthropic => json!({"type": "error", "error": {
+                "type": anthropic_type, "message": message,
+            }}),
+        };
+        let mut headers = Vec::new();
+        if let ProxyError::Budget(r) = &self {
+            body["soma_budget"] = json!({
+                "budget": r.budget,
+                "limit": r.limit.field(),
+                "cap": r.cap,
+                "used": r.used,
+                "requested": r.requested,
+                "remaining": r.remaining,
+                "resets_at": r.resets_at.to_string(),
+            });
+            let secs = r
+                .resets_at
+                .duration_since(jiff::Timestamp::now())
+                .as_secs()
+                .max(1);
+            headers.push((header::RETRY_AFTER, secs.to_string()));
+        }
+        let mut resp = (status, axum::Json(body)).into_response();
+        for (k, v) in headers {
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                resp.headers_mut().insert(k, v);
+            }
+        }
+        resp
+    }
+}
+
+fn refusal_message(r: &Refusal) -> String {
+    let unit = match r.limit {
+        soma_metering::budget::LimitKind::CostMicros => format!("micro-{}", r.currency),
+        soma_metering::budget::LimitKind::RequestsPerMinute => "requests".into(),
+        _ => "tokens".into(),
+    };
+    format!(
+        "Budget {:?} refused this request: limits.{} is {} {unit}, {} are used or reserved, \
+         {} remain, and this request needs up to {}. It resets at {}.",
+        r.budget,
+        r.limit.field(),
+        r.cap,
+        r.used,
+        r.remaining,
+        r.requested,
+        r.resets_at
+    )
+}

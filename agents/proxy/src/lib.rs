@@ -1,0 +1,32 @@
+//! `soma-proxy`, the metering sidecar in every agent pod.
+//!
+//! It holds the provider key (the agent container never sees it), authenticates the agent with
+//! the per-pod token, forwards OpenAI- and Anthropic-format calls to the configured upstream
+//! byte for byte, meters them from the provider's own usage numbers, enforces the Agent's
+//! Budget before a call leaves, and writes every call's usage to a durable local outbox.
+//!
+//! ```text
+//!  agent ──127.0.0.1:4000──► handler ──► authority (Budgets) ──► outbox (SQLite WAL)
+//!                               │                                     ▲
+//!                               └──► upstream (key injected) ──► relay/settle
+//!  Prometheus ──:9090──► admin (/healthz, /metrics)
+//! ```
+//!
+//! The domain arithmetic (prices, periods, reservations, usage parsing) is in `soma-metering`.
+#![forbid(unsafe_code)]
+
+pub mod authority;
+pub mod config;
+pub mod endpoint;
+pub mod error;
+pub mod fake_upstream;
+pub mod handler;
+pub mod metrics;
+pub mod outbox;
+pub mod relay;
+pub mod server;
+pub mod state;
+pub mod upstream;
+
+pub use config::Config;
+pub use server::{Running, StartError, start};

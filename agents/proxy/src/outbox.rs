@@ -1,0 +1,311 @@
+//! The durable local outbox: one SQLite file in WAL mode.
+//!
+//! Every metered request gets a row before it leaves for the provider (`state = 'open'`, with
+//! its worst-case reservation), and the row is settled with the provider's usage before the
+//! client's response completes. A sidecar killed in between leaves an open row; the next start
+//! settles it at its worst case, flagged `estimated` with outcome `interrupted`, so a crash can
+//! over-count one request's unknown remainder but never lose it. The rows are also the embedded
+//! budget authority's memory: at start-up the spend inside each Budget's window is replayed
+//! from them.
+//!
+//! WAL with `synchronous = NORMAL` makes a committed row survive a crash of the process
+//! (`kill -9`); a power loss may lose the last transactions, which `synchronous = FULL` would
+//! prevent at the cost of an fsync per request.
+//!
+//! ```text
+//!   begin(open) ──► provider ──► settle(usage) ──► response completes
+//!        └── crash ──► next start: recover_interrupted() settles at worst case
+//! ```
+
+use std::path::Path;
+use std::str::FromStr;
+
+use jiff::Timestamp;
+use soma_metering::{Amount, Usage};
+use sqlx::Row;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS usage_outbox (
+    id TEXT PRIMARY KEY,                 -- idempotency key (UUIDv7), carried to the ledger
+    namespace TEXT NOT NULL,
+    agent TEXT NOT NULL,
+    budgets TEXT NOT NULL,               -- the Budget chain charged, comma-separated
+    endpoint TEXT NOT NULL,
+    model TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('open', 'settled')),
+    started_at_ms INTEGER NOT NULL,
+    finished_at_ms INTEGER,
+    prompt_estimate INTEGER NOT NULL,
+    max_output_tokens INTEGER NOT NULL,
+    reserved_tokens INTEGER NOT NULL,
+    reserved_micros INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    cached_input_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_write_input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+    cost_micros INTEGER NOT NULL DEFAULT 0,
+    estimated INTEGER NOT NULL DEFAULT 0,
+    outcome TEXT,
+    http_status INTEGER,
+    delivered_at_ms INTEGER              -- set by ledger delivery (not built yet)
+);
+CREATE INDEX IF NOT EXISTS ix_outbox_started ON usage_outbox (started_at_ms);
+CREATE INDEX IF NOT EXISTS ix_outbox_open ON usage_outbox (state) WHERE state = 'open';
+";
+
+/// A request about to leave for the provider.
+#[derive(Clone, Debug)]
+pub struct OpenRecord {
+    /// Idempotency key.
+    pub id: String,
+    /// Agent namespace.
+    pub namespace: String,
+    /// Agent name.
+    pub agent: String,
+    /// Budget chain, comma-separated (empty without a Budget).
+    pub budgets: String,
+    /// Endpoint label.
+    pub endpoint: &'static str,
+    /// Model sent upstream.
+    pub model: String,
+    /// When the reservation was taken.
+    pub started_at: Timestamp,
+    /// Pre-call prompt estimate.
+    pub prompt_estimate: u64,
+    /// Output tokens assumed for the worst case.
+    pub max_output_tokens: u64,
+    /// The worst case reserved.
+    pub reserved: Amount,
+}
+
+/// How a request ended.
+#[derive(Clone, Debug)]
+pub struct Settlement {
+    /// Tokens.
+    pub usage: Usage,
+    /// Cost in micros.
+    pub cost_micros: u64,
+    /// Whether `usage` is the sidecar's estimate rather than the provider's numbers.
+    pub estimated: bool,
+    /// `ok`, `client_disconnected`, `upstream_cut`, `upstream_timeout`, `upstream_error`, ...
+    pub outcome: &'static str,
+    /// Status the client saw (0 when the stream was cut).
+    pub http_status: u16,
+}
+
+/// Spend replayed into the budget authority at start-up.
+#[derive(Clone, Debug)]
+pub struct PastSpend {
+    /// Budget chain.
+    pub budgets: String,
+    /// When the request started.
+    pub at: Timestamp,
+    /// What it counted.
+    pub amount: Amount,
+}
+
+/// Totals over settled rows (tests, reports).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Settled rows.
+    pub rows: u64,
+    /// Open rows.
+    pub open: u64,
+    /// Input + output tokens.
+    pub tokens: u64,
+    /// Cost.
+    pub micros: u64,
+}
+
+/// The outbox.
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    pool: SqlitePool,
+}
+
+fn ms(t: Timestamp) -> i64 {
+    t.as_millisecond()
+}
+
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn u(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl Outbox {
+    /// Opens (creating) the file and its schema.
+    pub async fn open(path: &Path) -> Result<Outbox, sqlx::Error> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(sqlx::Error::Io)?;
+        }
+        let opts = SqliteConnectOptions::from_str("sqlite:")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(std::time::Duration::from_secs(5));
+        // One writer: SQLite serialises writes anyway, and one connection never sees BUSY.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts)
+            .await?;
+        sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+        Ok(Outbox { pool })
+    }
+
+    /// Settles rows a previous process left open, at their worst case. Returns how many.
+    pub async fn recover_interrupted(&self, now: Timestamp) -> Result<u64, sqlx::Error> {
+        let r = sqlx::query(
+            "UPDATE usage_outbox SET state = 'settled', finished_at_ms = ?1,
+                input_tokens = prompt_estimate, output_tokens = max_output_tokens,
+                cost_micros = reserved_micros, estimated = 1, outcome = 'interrupted',
+                http_status = 0
+             WHERE state = 'open'",
+        )
+        .bind(ms(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected())
+    }
+
+    /// Records a request before it leaves.
+    pub async fn begin(&self, r: &OpenRecord) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO usage_outbox (id, namespace, agent, budgets, endpoint, model, state,
+                started_at_ms, prompt_estimate, max_output_tokens, reserved_tokens, reserved_micros)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'open', ?7, ?8, ?9, ?10, ?11)",
+        )
+        .bind(&r.id)
+        .bind(&r.namespace)
+        .bind(&r.agent)
+        .bind(&r.budgets)
+        .bind(r.endpoint)
+        .bind(&r.model)
+        .bind(ms(r.started_at))
+        .bind(i(r.prompt_estimate))
+        .bind(i(r.max_output_tokens))
+        .bind(i(r.reserved.tokens))
+        .bind(i(r.reserved.micros))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Settles a request. Idempotent: a row already settled is left as it is.
+    pub async fn settle(
+        &self,
+        id: &str,
+        s: &Settlement,
+        finished_at: Timestamp,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE usage_outbox SET state = 'settled', finished_at_ms = ?2,
+                input_tokens = ?3, cached_input_tokens = ?4, cache_write_input_tokens = ?5,
+                output_tokens = ?6, reasoning_tokens = ?7, cost_micros = ?8, estimated = ?9,
+                outcome = ?10, http_status = ?11
+             WHERE id = ?1 AND state = 'open'",
+        )
+        .bind(id)
+        .bind(ms(finished_at))
+        .bind(i(s.usage.input_tokens))
+        .bind(i(s.usage.cached_input_tokens))
+        .bind(i(s.usage.cache_write_input_tokens))
+        .bind(i(s.usage.output_tokens))
+        .bind(i(s.usage.reasoning_tokens))
+        .bind(i(s.cost_micros))
+        .bind(s.estimated)
+        .bind(s.outcome)
+        .bind(i64::from(s.http_status))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Settled spend of requests started at or after `since`.
+    pub async fn spend_since(&self, since: Timestamp) -> Result<Vec<PastSpend>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT budgets, started_at_ms, input_tokens + output_tokens AS tokens, cost_micros
+             FROM usage_outbox WHERE state = 'settled' AND budgets != '' AND started_at_ms >= ?1",
+        )
+        .bind(ms(since))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| PastSpend {
+                budgets: r.get("budgets"),
+                at: Timestamp::from_millisecond(r.get("started_at_ms"))
+                    .unwrap_or(Timestamp::UNIX_EPOCH),
+                amount: Amount {
+                    tokens: u(r.get("tokens")),
+                    micros: u(r.get("cost_micros")),
+                },
+            })
+            .collect())
+    }
+
+    /// Row counts and sums.
+    pub async fn totals(&self) -> Result<Totals, sqlx::Error> {
+        let r = sqlx::query(
+            "SELECT
+                COALESCE(SUM(state = 'settled'), 0) AS settled,
+                COALESCE(SUM(state = 'open'), 0) AS open,
+                COALESCE(SUM(CASE WHEN state = 'settled' THEN input_tokens + output_tokens END), 0) AS tokens,
+                COALESCE(SUM(CASE WHEN state = 'settled' THEN cost_micros END), 0) AS micros
+             FROM usage_outbox",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Totals {
+            rows: u(r.get("settled")),
+            open: u(r.get("open")),
+            tokens: u(r.get("tokens")),
+            micros: u(r.get("micros")),
+        })
+    }
+
+    /// Every row as JSON (tests and debugging).
+    pub async fn rows(&self) -> Result<Vec<serde_json::Value>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT id, endpoint, model, state, input_tokens, cached_input_tokens,
+                cache_write_input_tokens, output_tokens, reasoning_tokens, cost_micros,
+                estimated, outcome, http_status, reserved_micros
+             FROM usage_outbox ORDER BY started_at_ms, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                serde_json::json!({
+                    "id": r.get::<String, _>("id"),
+                    "endpoint": r.get::<String, _>("endpoint"),
+                    "model": r.get::<String, _>("model"),
+                    "state": r.get::<String, _>("state"),
+                    "input_tokens": r.get::<i64, _>("input_tokens"),
+                    "cached_input_tokens": r.get::<i64, _>("cached_input_tokens"),
+                    "cache_write_input_tokens": r.get::<i64, _>("cache_write_input_tokens"),
+                    "output_tokens": r.get::<i64, _>("output_tokens"),
+                    "reasoning_tokens": r.get::<i64, _>("reasoning_tokens"),
+                    "cost_micros": r.get::<i64, _>("cost_micros"),
+                    "estimated": r.get::<bool, _>("estimated"),
+                    "outcome": r.get::<Option<String>, _>("outcome"),
+                    "http_status": r.get::<Option<i64>, _>("http_status"),
+                    "reserved_micros": r.get::<i64, _>("reserved_micros"),
+                })
+            })
+            .collect())
+    }
+
+    /// Closes the pool (tests that reopen the file).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}

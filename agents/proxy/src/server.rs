@@ -1,0 +1,245 @@
+//! Start-up and the two routers: the proxy (loopback) and the admin listener
+//! (`/healthz`, `/metrics`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+
+use crate::authority::{Authority, ChainError};
+use crate::config::{Config, Credentials};
+use crate::endpoint::Endpoint;
+use crate::error::ProxyError;
+use crate::handler;
+use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+use crate::state::AppState;
+use crate::upstream::{self, ProviderKey};
+
+/// Why the sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The client token's variable is unset or empty.
+    #[error(
+        "environment variable {0} (clientTokenEnv) is unset or empty: refusing to serve unauthenticated"
+    )]
+    ClientToken(String),
+    /// The key file could not be read.
+    #[error("cannot read the provider key file {path}")]
+    KeyFile {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Vault credentials are configured.
+    #[error(
+        "credentials.vault is not supported by this build of soma-proxy; mount the key from a Secret (credentials.file)"
+    )]
+    VaultUnsupported,
+    /// The Budget chain is invalid.
+    #[error("invalid budget definitions")]
+    Budgets(#[from] ChainError),
+    /// The outbox could not be opened or replayed.
+    #[error("cannot open the outbox {path}")]
+    Outbox {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// TLS setup.
+    #[error("cannot set up TLS for the upstream client")]
+    Tls(#[from] rustls::Error),
+    /// A listener could not bind.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// Address.
+        addr: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Reads the provider key the configuration points at.
+pub fn read_key(credentials: &Credentials) -> Result<ProviderKey, StartError> {
+    match credentials {
+        Credentials::None => Ok(ProviderKey::new(None)),
+        Credentials::File(path) => std::fs::read_to_string(path)
+            .map(|k| ProviderKey::new(Some(k)))
+            .map_err(|source| StartError::KeyFile {
+                path: path.clone(),
+                source,
+            }),
+        Credentials::Vault { .. } => Err(StartError::VaultUnsupported),
+    }
+}
+
+/// Builds the shared state: key, client, budget chain, outbox (recovering interrupted rows and
+/// replaying spend into the authority).
+pub async fn state(config: Config, client_token: String) -> Result<Arc<AppState>, StartError> {
+    if client_token.trim().is_empty() {
+        return Err(StartError::ClientToken(config.client_token_env.clone()));
+    }
+    let key = read_key(&config.credentials)?;
+    let client = upstream::client(Duration::from_millis(config.timeouts.connect_ms))?;
+    let authority = Authority::new(config.budget.as_deref(), &config.budgets)?;
+    let outbox_err = |source| StartError::Outbox {
+        path: config.outbox_path.clone(),
+        source,
+    };
+    let outbox = Outbox::open(&config.outbox_path)
+        .await
+        .map_err(outbox_err)?;
+    let now = jiff::Timestamp::now();
+    let recovered = outbox.recover_interrupted(now).await.map_err(outbox_err)?;
+    if recovered > 0 {
+        tracing::warn!(
+            recovered,
+            "settled requests a previous run left open, at their worst case"
+        );
+    }
+    if authority.is_budgeted() {
+        let rows = outbox
+            .spend_since(authority.replay_since(now))
+            .await
+            .map_err(outbox_err)?;
+        authority.replay(&rows);
+    }
+    let metrics = Metrics::new(&config.agent.namespace, &config.agent.name);
+    Ok(Arc::new(AppState {
+        client_token: client_token.trim().to_owned(),
+        key,
+        client,
+        authority,
+        outbox,
+        metrics,
+        config,
+    }))
+}
+
+/// The proxy's routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    let mut r = Router::new();
+    for ep in Endpoint::ALL {
+        let h = move |State(s): State<Arc<AppState>>, req: Request| handler::handle(s, ep, req);
+        r = match ep {
+            Endpoint::Models => r.route(ep.path(), get(h)),
+            _ => r.route(ep.path(), post(h)),
+        };
+    }
+    r.fallback(|req: Request| async move {
+        let dialect = if req.uri().path().starts_with("/v1/messages") {
+            soma_metering::wire::Dialect::Anthropic
+        } else {
+            soma_metering::wire::Dialect::OpenAi
+        };
+        ProxyError::NotFound(format!("{} {}", req.method(), req.uri().path())).into_wire(dialect)
+    })
+    .with_state(state)
+}
+
+/// `/healthz` and `/metrics`.
+pub fn admin_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    match s.metrics.encode() {
+        Ok(text) => (
+            [(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// A running sidecar.
+#[derive(Debug)]
+pub struct Running {
+    /// Where the proxy listens.
+    pub proxy_addr: SocketAddr,
+    /// Where `/healthz` and `/metrics` are.
+    pub admin_addr: SocketAddr,
+    /// The shared state (tests read the outbox through it).
+    pub state: Arc<AppState>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish, and waits.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+async fn bind(addr: &str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: addr.to_owned(),
+            source,
+        })
+}
+
+/// Binds both listeners and serves until [`Running::stop`].
+pub async fn start(config: Config, client_token: String) -> Result<Running, StartError> {
+    let proxy = bind(&config.listen).await?;
+    let admin = bind(&config.admin_listen).await?;
+    let state = state(config, client_token).await?;
+    let proxy_addr = proxy.local_addr().map_err(|source| StartError::Bind {
+        addr: "proxy".into(),
+        source,
+    })?;
+    let admin_addr = admin.local_addr().map_err(|source| StartError::Bind {
+        addr: "admin".into(),
+        source,
+    })?;
+    let (shutdown, rx) = tokio::sync::watch::channel(false);
+    let serve = |listener: TcpListener, app: Router, mut rx: tokio::sync::watch::Receiver<bool>| {
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+            {
+                tracing::error!(error = %e, "server stopped");
+            }
+        })
+    };
+    let tasks = vec![
+        serve(proxy, router(state.clone()), rx.clone()),
+        serve(admin, admin_router(state.clone()), rx),
+    ];
+    tracing::info!(%proxy_addr, %admin_addr, budgets = %state.authority.chain_label(), "soma-proxy serving");
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        state,
+        shutdown,
+        tasks,
+    })
+}
