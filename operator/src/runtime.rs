@@ -79,7 +79,9 @@ pub async fn run(
             .with_identity(&options.identity)
             .with_duration(options.lease_seconds)
             .with_grace(options.lease_seconds.div_ceil(3).max(1))
-            .with_field_manager("soma.dev/leader-election")
+            // One field manager per replica: server-side apply then refuses a second replica's
+            // take-over of a held Lease with a conflict, which is the lock's guard.
+            .with_field_manager(format!("soma.dev/leader-election-{}", options.identity))
             .build()
             .await
             .context("setting up leader election")?;

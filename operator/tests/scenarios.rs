@@ -48,6 +48,11 @@ fn echo(body: &Value) -> (StatusCode, Value) {
     (StatusCode::OK, body.clone())
 }
 
+/// The live Agent as the API server has it (here: as the test's cache has it).
+fn live_agent(_: &Value) -> (StatusCode, Value) {
+    (StatusCode::OK, agent_json())
+}
+
 /// The API server answers a status patch with the whole object.
 fn status_reply(body: &Value) -> (StatusCode, Value) {
     let mut agent = agent_json();
@@ -217,6 +222,11 @@ async fn first_reconcile() -> (Vec<Seen>, Value) {
         steps.push(step(Method::PATCH, &path, echo));
     }
     steps.push(step(
+        Method::GET,
+        &format!("{SOMA}/agents/helper"),
+        live_agent,
+    ));
+    steps.push(step(
         Method::PATCH,
         &format!("{SOMA}/agents/helper/status"),
         status_reply,
@@ -308,6 +318,11 @@ async fn unchanged_agent_makes_no_writes() {
     };
     let mut steps = gets(&live);
     steps.push(step(
+        Method::GET,
+        &format!("{SOMA}/agents/helper"),
+        live_agent,
+    ));
+    steps.push(step(
         Method::PATCH,
         &format!("{SOMA}/agents/helper/status"),
         status_reply,
@@ -398,6 +413,7 @@ async fn missing_budget_sets_condition_and_event_and_starts_nothing() {
         step(Method::GET, &format!("{APPS}/deployments/helper"), |_| {
             not_found()
         }),
+        step(Method::GET, &format!("{SOMA}/agents/helper"), live_agent),
         step(
             Method::PATCH,
             &format!("{SOMA}/agents/helper/status"),
@@ -414,7 +430,7 @@ async fn missing_budget_sets_condition_and_event_and_starts_nothing() {
         result.expect("a missing reference is not an error to retry"),
         Action::await_change()
     );
-    let status = &seen[2].body["status"];
+    let status = &seen[3].body["status"];
     let condition = |t: &str| {
         status["conditions"]
             .as_array()
@@ -432,7 +448,7 @@ async fn missing_budget_sets_condition_and_event_and_starts_nothing() {
             .is_some_and(|m| m.contains("team-budget") && m.contains("spec.budgetRef"))
     );
     assert_eq!(condition("Stalled")["status"], "True");
-    let event = &seen[3].body;
+    let event = &seen[4].body;
     assert_eq!(event["reason"], "BudgetNotFound");
     assert_eq!(event["type"], "Warning");
     assert_eq!(event["regarding"]["name"], "helper");
@@ -463,6 +479,11 @@ async fn rejected_child_stalls_instead_of_retrying() {
         Method::GET,
         &format!("{APPS}/deployments/helper"),
         |_| not_found(),
+    ));
+    steps.push(step(
+        Method::GET,
+        &format!("{SOMA}/agents/helper"),
+        live_agent,
     ));
     steps.push(step(
         Method::PATCH,
@@ -577,6 +598,11 @@ async fn service_is_deleted_when_the_port_goes_away() {
             json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
         )
     }));
+    steps.push(step(
+        Method::GET,
+        &format!("{SOMA}/agents/helper"),
+        live_agent,
+    ));
     steps.push(step(
         Method::PATCH,
         &format!("{SOMA}/agents/helper/status"),

@@ -11,8 +11,8 @@ use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::Api;
 use kube::runtime::controller::{self, Controller};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
+use kube::runtime::{PredicateConfig, WatchStreamExt, predicates, watcher};
 use kube::{Client, ResourceExt};
 use soma_crds::{Agent, Budget, Capsule};
 use tracing::{debug, warn};
@@ -56,11 +56,21 @@ pub async fn run(
     let client = ctx.client.clone();
     let ns = namespace.as_deref();
     let owned = watcher::Config::default().labels(MANAGED_SELECTOR);
-    let controller = Controller::new(
-        api::<Agent>(&client, ns),
-        watcher::Config::default().any_semantic(),
-    );
-    let agents = controller.store();
+    // The Agent cache is fed every change, but only spec changes (a new generation) trigger a
+    // reconcile: the controller's own status writes would otherwise wake it once more each.
+    // Children, Budgets and Capsules trigger reconciles through their own watches below.
+    let (agents, writer) = reflector::store();
+    let trigger = reflector(
+        writer,
+        watcher(
+            api::<Agent>(&client, ns),
+            watcher::Config::default().any_semantic(),
+        ),
+    )
+    .default_backoff()
+    .applied_objects()
+    .predicate_filter(predicates::generation, PredicateConfig::default());
+    let controller = Controller::for_stream(trigger, agents.clone());
     let by_budget = agents.clone();
     let by_capsule = agents.clone();
     controller

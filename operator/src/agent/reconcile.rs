@@ -188,11 +188,22 @@ async fn write_status(
     observed: &Observed,
 ) -> Result<()> {
     let now = Time(Timestamp::now());
-    let new = agent_status(agent.status.as_ref(), observed, &now);
-    if agent.status.as_ref() == Some(&new) {
+    if agent.status.as_ref() == Some(&agent_status(agent.status.as_ref(), observed, &now)) {
         return Ok(());
     }
+    // The cached Agent may predate this controller's last status write. Decide on the live
+    // status, so a stale cache neither writes the same status again nor restarts a
+    // condition's lastTransitionTime.
     let api: Api<Agent> = Api::namespaced(ctx.client.clone(), namespace);
+    let name = agent.name_any();
+    let live = api.get(&name).await.map_err(|source| Error::Read {
+        what: format!("Agent {namespace}/{name}"),
+        source,
+    })?;
+    let new = agent_status(live.status.as_ref(), observed, &now);
+    if live.status.as_ref() == Some(&new) {
+        return Ok(());
+    }
     let patch = serde_json::json!({
         "apiVersion": "soma.dev/v1alpha1",
         "kind": "Agent",
@@ -208,7 +219,7 @@ async fn write_status(
     .map_err(|source| Error::Status { source })?;
     ctx.metrics.status_written(CONTROLLER);
 
-    let old_reason = agent
+    let old_reason = live
         .status
         .as_ref()
         .and_then(ready_condition)
