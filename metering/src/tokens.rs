@@ -27,6 +27,13 @@ pub fn bpe_for(model: &str) -> &'static CoreBPE {
     })
 }
 
+/// Loads both vocabularies now (a few hundred milliseconds), so that the first request does
+/// not pay for it.
+pub fn warm() {
+    let _ = tiktoken_rs::o200k_base_singleton().encode_ordinary("warm");
+    let _ = tiktoken_rs::cl100k_base_singleton().encode_ordinary("warm");
+}
+
 /// Tokens in `text` for `model`.
 pub fn count_text(model: &str, text: &str) -> u64 {
     bpe_for(model).encode_ordinary(text).len() as u64

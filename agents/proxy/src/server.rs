@@ -11,6 +11,7 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::authority::{Authority, ChainError};
@@ -116,6 +117,9 @@ pub async fn state(config: Config, client_token: String) -> Result<Arc<AppState>
             .map_err(outbox_err)?;
         authority.replay(&rows);
     }
+    tokio::task::spawn_blocking(soma_metering::tokens::warm)
+        .await
+        .unwrap_or_default();
     let metrics = Metrics::new(&config.agent.namespace, &config.agent.name);
     Ok(Arc::new(AppState {
         client_token: client_token.trim().to_owned(),
@@ -222,6 +226,11 @@ pub async fn start(config: Config, client_token: String) -> Result<Running, Star
             let stop = async move {
                 let _ = rx.wait_for(|s| *s).await;
             };
+            // Streams are many small writes: without TCP_NODELAY, Nagle's algorithm and the
+            // client's delayed ACK hold each SSE chunk back by ~40 ms on a reused connection.
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             if let Err(e) = axum::serve(listener, app)
                 .with_graceful_shutdown(stop)
                 .await
