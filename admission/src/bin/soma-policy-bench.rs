@@ -1,2 +1,270 @@
-//! Policy benchmark (in progress).
-fn main() {}
+//! Policy benchmark: decision latency in process, and full AdmissionReview round trips over
+//! HTTPS at a fixed rate against the webhook running in this process (127.0.0.1).
+//!
+//! Inputs are the built-in policies' fixtures (`policies/builtin/*/fixtures`), evaluated
+//! against the built-ins as configured by `fixture-constraints.yaml`. Ends with one line
+//! `RESULT policy key=value ...`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use serde_json::{Value, json};
+use soma_admission::client::Client;
+use soma_admission::tls::{self, CertBundle, SwappableCert};
+use soma_admission::{Config, State, router};
+use soma_policy::{PolicyStore, Review, Sources, gatekeeper, inventory};
+
+#[derive(Parser)]
+#[command(about = "Soma policy decision and admission latency")]
+struct Args {
+    /// Repository root (for policies/builtin).
+    #[arg(long, default_value = ".")]
+    repo: PathBuf,
+    /// In-process decisions per fixture.
+    #[arg(long, default_value_t = 2000)]
+    iterations: usize,
+    /// AdmissionReviews per second.
+    #[arg(long, default_value_t = 500)]
+    rate: u32,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 10)]
+    seconds: u32,
+    /// Client connections (the API server keeps several open).
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn load_store(repo: &Path) -> Result<PolicyStore> {
+    let dir = repo.join("policies/builtin");
+    let mut sources = Sources::builtins();
+    let text = std::fs::read_to_string(dir.join("fixture-constraints.yaml")).context(
+        "reading fixture-constraints.yaml (run from the repository root or pass --repo)",
+    )?;
+    sources.add_text("fixture-constraints.yaml", &text);
+    let (store, report) = PolicyStore::loaded(&sources);
+    if !report.is_clean() {
+        bail!("policies did not load: {:?}", report.errors);
+    }
+    let inv = std::fs::read_to_string(dir.join("fixture-inventory.yaml"))?;
+    let objects = gatekeeper::documents(&inv, "inventory")?;
+    store.set_inventory(inventory::from_objects(&objects))?;
+    Ok(store)
+}
+
+fn fixtures(repo: &Path) -> Result<Vec<(String, Value)>> {
+    let mut out = Vec::new();
+    for b in soma_policy::builtin::BUILTINS {
+        for sub in ["valid", "invalid"] {
+            let dir = repo
+                .join("policies/builtin")
+                .join(b.name)
+                .join("fixtures")
+                .join(sub);
+            let mut files: Vec<_> = std::fs::read_dir(&dir)?
+                .flatten()
+                .map(|e| e.path())
+                .collect();
+            files.sort();
+            for f in files {
+                let doc: Value = serde_json::from_str(&std::fs::read_to_string(&f)?)?;
+                out.push((format!("{}/{sub}", b.name), doc["object"].clone()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn admission_review(uid: usize, object: &Value) -> Vec<u8> {
+    let kind = object["kind"].as_str().unwrap_or_default();
+    // Field order as the API server writes it.
+    let review = json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": format!("bench-{uid}"),
+            "kind": {"group": "soma.dev", "version": "v1alpha1", "kind": kind},
+            "resource": {"group": "soma.dev", "version": "v1alpha1", "resource": format!("{}s", kind.to_lowercase())},
+            "name": object["metadata"]["name"],
+            "namespace": object["metadata"]["namespace"],
+            "operation": "CREATE",
+            "userInfo": {"username": "bench"},
+            "object": object,
+            "dryRun": false
+        }
+    });
+    serde_json::to_vec(&review).unwrap_or_default()
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let store = Arc::new(load_store(&args.repo)?);
+    let objects = fixtures(&args.repo)?;
+    let set = store.current();
+    let deadline = Duration::from_secs(1);
+
+    // In process.
+    let reviews: Vec<(String, Review)> = objects
+        .iter()
+        .map(|(name, o)| (name.clone(), Review::of_object(o.clone())))
+        .collect();
+    for (_, r) in &reviews {
+        for _ in 0..50 {
+            std::hint::black_box(set.evaluate(r, deadline));
+        }
+    }
+    let mut all = Vec::with_capacity(reviews.len() * args.iterations);
+    let mut by_kind: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    for _ in 0..args.iterations {
+        for (_, r) in &reviews {
+            let t = Instant::now();
+            let d = set.evaluate(r, deadline);
+            let us = t.elapsed().as_secs_f64() * 1e6;
+            std::hint::black_box(d);
+            all.push(us);
+            by_kind.entry(r.kind.clone()).or_default().push(us);
+        }
+    }
+    all.sort_by(f64::total_cmp);
+    println!(
+        "in-process decision ({} fixtures x {} iterations, {} constraints): p50 {:.1} us, p99 {:.1} us, max {:.1} us",
+        reviews.len(),
+        args.iterations,
+        set.constraints().len(),
+        percentile(&all, 50.0),
+        percentile(&all, 99.0),
+        all.last().copied().unwrap_or(f64::NAN)
+    );
+    for (kind, v) in &mut by_kind {
+        v.sort_by(f64::total_cmp);
+        println!(
+            "  {kind:<8} p50 {:.1} us  p99 {:.1} us",
+            percentile(v, 50.0),
+            percentile(v, 99.0)
+        );
+    }
+
+    // Over HTTPS at a fixed rate.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (lat, errors, sent, elapsed) = runtime.block_on(async {
+        let bundle = CertBundle::generate(&["soma-webhook.soma-system.svc".to_owned()])?;
+        let cert = SwappableCert::new(&bundle)?;
+        let state = State::new(store.clone(), Config::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(tls::serve(
+            listener,
+            router(state),
+            tls::server_config(cert),
+            std::future::pending(),
+        ));
+        let client_tls = tls::client_config(&bundle.ca_pem)?;
+        let bodies: Arc<Vec<Vec<u8>>> = Arc::new(
+            objects
+                .iter()
+                .enumerate()
+                .map(|(i, (_, o))| admission_review(i, o))
+                .collect(),
+        );
+
+        // Warm up each connection.
+        let mut clients = Vec::new();
+        for _ in 0..args.connections.max(1) {
+            let mut c =
+                Client::connect(addr, "soma-webhook.soma-system.svc", client_tls.clone()).await?;
+            for b in bodies.iter() {
+                c.post("/validate", b.clone()).await?;
+            }
+            clients.push(c);
+        }
+        // Open loop: request i is due at start + i/rate; latency counts from when it was due,
+        // so a stalled server cannot hide queueing (no coordinated omission).
+        let total = (args.rate as usize) * (args.seconds as usize);
+        let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
+        let start = tokio::time::Instant::now() + Duration::from_millis(20);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(usize, tokio::time::Instant)>();
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Result<f64, String>>();
+        let shared_rx = Arc::new(tokio::sync::Mutex::new(rx));
+        for mut c in clients {
+            let shared_rx = shared_rx.clone();
+            let bodies = bodies.clone();
+            let done_tx = done_tx.clone();
+            tokio::spawn(async move {
+                loop {
+                    let next = { shared_rx.lock().await.recv().await };
+                    let Some((i, due)) = next else { break };
+                    let body = bodies[i % bodies.len()].clone();
+                    let r = match c.post("/validate", body).await {
+                        Ok((200, _)) => Ok(due.elapsed().as_secs_f64() * 1e3),
+                        Ok((s, _)) => Err(format!("HTTP {s}")),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    let _ = done_tx.send(r);
+                }
+            });
+        }
+        drop(done_tx);
+        let wall = Instant::now();
+        for i in 0..total {
+            let due = start + interval * u32::try_from(i).unwrap_or(u32::MAX);
+            tokio::time::sleep_until(due).await;
+            let _ = tx.send((i, due));
+        }
+        drop(tx);
+        let mut lat = Vec::with_capacity(total);
+        let mut errors = 0usize;
+        while let Some(r) = done_rx.recv().await {
+            match r {
+                Ok(ms) => lat.push(ms),
+                Err(e) => {
+                    if errors == 0 {
+                        eprintln!("first error: {e}");
+                    }
+                    errors += 1;
+                }
+            }
+        }
+        anyhow::Ok((lat, errors, total, wall.elapsed()))
+    })?;
+    let mut lat = lat;
+    lat.sort_by(f64::total_cmp);
+    let p50 = percentile(&lat, 50.0);
+    let p99 = percentile(&lat, 99.0);
+    println!(
+        "AdmissionReview over HTTPS, {} req/s for {} s over {} connections: {} sent, {} errors, achieved {:.0} req/s; p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+        args.rate,
+        args.seconds,
+        args.connections,
+        sent,
+        errors,
+        sent as f64 / elapsed.as_secs_f64(),
+        p50,
+        p99,
+        lat.last().copied().unwrap_or(f64::NAN)
+    );
+    println!(
+        "RESULT policy decision_p50_us={:.1} decision_p99_us={:.1} admission_p50_ms={:.3} admission_p99_ms={:.3} rate_rps={} requests={} errors={} constraints={} fixtures={} aim_decision_p99_us=50 aim_admission_p99_ms=2",
+        percentile(&all, 50.0),
+        percentile(&all, 99.0),
+        p50,
+        p99,
+        args.rate,
+        sent,
+        errors,
+        set.constraints().len(),
+        reviews.len()
+    );
+    Ok(())
+}

@@ -11,9 +11,9 @@ obj := input.review.object
 
 ns := object.get(obj, ["metadata", "namespace"], object.get(input.review, "namespace", ""))
 
-budgets := object.get(data, ["inventory", "namespace", ns, "soma.dev/v1alpha1", "Budget"], {})
+budgets := object.get(data.inventory, ["namespace", ns, "soma.dev/v1alpha1", "Budget"], {})
 
-agents := object.get(data, ["inventory", "namespace", ns, "soma.dev/v1alpha1", "Agent"], {})
+agents := object.get(data.inventory, ["namespace", ns, "soma.dev/v1alpha1", "Agent"], {})
 
 named(ref) if {
 	is_string(ref.name)
