@@ -224,3 +224,25 @@ fn policy_allowed_condition() {
     assert_eq!((c.status, c.reason), ("False", "Denied"));
     assert!(c.message.contains("not pinned by digest"));
 }
+
+#[test]
+fn v0_templates_with_future_keywords_and_rego_v1_imports_load() {
+    for import in [
+        "import future.keywords.in\nimport future.keywords.if\nimport future.keywords.contains",
+        "import future.keywords",
+        "import rego.v1",
+    ] {
+        let t = format!(
+            "apiVersion: templates.gatekeeper.sh/v1\nkind: ConstraintTemplate\nmetadata: {{name: fk}}\nspec:\n  crd: {{spec: {{names: {{kind: Fk}}}}}}\n  targets:\n  - target: admission.k8s.gatekeeper.sh\n    rego: |\n      package fk\n      {}\n      violation contains {{\"msg\": msg}} if {{\n        some m in input.parameters.denied\n        input.review.object.spec.model.name == m\n        msg := sprintf(\"model %v is denied\", [m])\n      }}\n",
+            import.replace('\n', "\n      ")
+        );
+        let c = "apiVersion: constraints.gatekeeper.sh/v1beta1\nkind: Fk\nmetadata: {name: fk}\nspec:\n  parameters: {denied: [o1]}\n";
+        let mut s = Sources::default();
+        s.add_text("t.yaml", &t);
+        s.add_text("c.yaml", c);
+        let (store, report) = PolicyStore::loaded(&s);
+        assert!(report.is_clean(), "{import}: {:?}", report.errors);
+        let d = store.current().evaluate(&agent("o1"), DEADLINE);
+        assert_eq!(d.deny_messages(), vec!["[Fk/fk] model o1 is denied"], "{import}");
+    }
+}
