@@ -237,6 +237,16 @@ async fn decide(
     if !matches!(review.operation.as_str(), "CREATE" | "UPDATE") {
         return (Response::allow(), "allowed");
     }
+    // An object being deleted is only losing finalizers: a policy added since its creation
+    // must not block the deletion.
+    if review.operation == "UPDATE"
+        && review
+            .object
+            .pointer("/metadata/deletionTimestamp")
+            .is_some_and(|t| !t.is_null())
+    {
+        return (Response::allow(), "allowed");
+    }
     let deadline = state.config.deadline;
     let permit = match tokio::time::timeout(deadline, state.permits.clone().acquire_owned()).await {
         Ok(Ok(permit)) => permit,

@@ -208,6 +208,15 @@ async fn update_is_checked_and_delete_is_not() {
     )
     .await;
     assert_eq!(body["response"]["allowed"], false);
+    // Removing a finalizer from an object being deleted is never blocked.
+    let mut deleting = bad.clone();
+    deleting["metadata"]["deletionTimestamp"] = json!("2026-11-22T04:00:00Z");
+    let (_, body) = send(
+        &mut client,
+        &admission_review("u3", "UPDATE", &deleting, Some(&deleting)),
+    )
+    .await;
+    assert_eq!(body["response"]["allowed"], true);
     let mut delete = admission_review("u2", "DELETE", &bad, Some(&bad));
     delete["request"]["object"] = Value::Null;
     let (_, body) = send(&mut client, &delete).await;

@@ -137,10 +137,10 @@ violation contains {"msg": msg} if {
 	is_string(cidr)
 	net.cidr_is_valid(cidr)
 	not contains(cidr, ":")
-	min := object.get(input.parameters, "minPrefixLength", 8)
+	shortest := object.get(input.parameters, "minPrefixLength", 8)
 	prefix := to_number(split(cidr, "/")[1])
-	prefix < min
-	msg := sprintf("%s[%d].cidr %q opens more than a /%d; narrow it to the addresses the agent needs", [field, i, cidr, min])
+	prefix < shortest
+	msg := sprintf("%s[%d].cidr %q opens more than a /%d; narrow it to the addresses the agent needs", [field, i, cidr, shortest])
 }
 
 violation contains {"msg": msg} if {

@@ -64,17 +64,17 @@ violation contains {"msg": msg} if {
 }
 
 violation contains {"msg": msg} if {
-	max := profile.maxEgressRules
+	limit := profile.maxEgressRules
 	n := count(object.get(sandbox, "egress", []))
-	n > max
-	msg := sprintf("namespace %q requires sandbox profile %q, which allows at most %d egress rules; spec.sandbox.egress has %d", [namespace, profile_name, max, n])
+	n > limit
+	msg := sprintf("namespace %q requires sandbox profile %q, which allows at most %d egress rules; spec.sandbox.egress has %d", [namespace, profile_name, limit, n])
 }
 
 violation contains {"msg": msg} if {
-	max := profile.maxRequestTimeoutSeconds
+	limit := profile.maxRequestTimeoutSeconds
 	t := object.get(sandbox, "requestTimeoutSeconds", 0)
-	t > max
-	msg := sprintf("namespace %q requires sandbox profile %q: spec.sandbox.requestTimeoutSeconds is %d, the most allowed is %d", [namespace, profile_name, t, max])
+	t > limit
+	msg := sprintf("namespace %q requires sandbox profile %q: spec.sandbox.requestTimeoutSeconds is %d, the most allowed is %d", [namespace, profile_name, t, limit])
 }
 
 violation contains {"msg": msg} if {

@@ -243,6 +243,10 @@ fn v0_templates_with_future_keywords_and_rego_v1_imports_load() {
         let (store, report) = PolicyStore::loaded(&s);
         assert!(report.is_clean(), "{import}: {:?}", report.errors);
         let d = store.current().evaluate(&agent("o1"), DEADLINE);
-        assert_eq!(d.deny_messages(), vec!["[Fk/fk] model o1 is denied"], "{import}");
+        assert_eq!(
+            d.deny_messages(),
+            vec!["[Fk/fk] model o1 is denied"],
+            "{import}"
+        );
     }
 }
