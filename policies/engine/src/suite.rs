@@ -305,7 +305,11 @@ fn run_case(base: &Path, set: &PolicySet, case: &CaseDoc) -> Result<(), String> 
         set.with_inventory(inventory::from_objects(&objects))
             .map_err(|e| e.to_string())?
     };
-    let decision = set.evaluate(&Review::of_object(object), Duration::from_secs(10));
+    // gator reviews the object as a bare AdmissionRequest: kind, name, namespace, object; the
+    // operation is empty.
+    let mut review = Review::of_object(object);
+    review.operation = String::new();
+    let decision = set.evaluate(&review, Duration::from_secs(10));
     if let Some(f) = decision.failures.first() {
         return Err(format!("evaluation failed: {}", f.error));
     }
