@@ -100,8 +100,8 @@ impl Decision {
 /// A template compiled into a prepared engine.
 ///
 /// Only the interpreter is used: regorus 0.14's register VM evaluates these policies 4-5x
-/// faster but answered 2 of the 40 built-in fixtures differently from the interpreter (an
-/// undefined parameter treated as defined, a numeric comparison missed), so it is not trusted
+/// faster but answered 6 of the 40 built-in fixtures differently from the interpreter (an
+/// assignment from an absent field not failing, a comparison not taken), so it is not trusted
 /// with admission decisions yet (docs/policies.md, "Performance").
 #[derive(Clone)]
 pub(crate) struct Compiled {
