@@ -1,8 +1,9 @@
 //! Structured logs (JSON, or text with `SOMA_LOG_FORMAT=text`) filtered by `RUST_LOG`, and
-//! OpenTelemetry trace export over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+//! OpenTelemetry trace export over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set: HTTP/protobuf
+//! by default, gRPC with `OTEL_EXPORTER_OTLP_PROTOCOL=grpc` (the standard variables; the
+//! exporter reads the endpoint itself, appending `/v1/traces` for HTTP).
 
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -34,10 +35,10 @@ pub fn init(service_name: &str) -> anyhow::Result<Telemetry> {
     };
     let provider = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
         Ok(endpoint) if !endpoint.is_empty() => {
-            let exporter = opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(endpoint)
-                .build()?;
+            let exporter = match std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").as_deref() {
+                Ok("grpc") => opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?,
+                _ => opentelemetry_otlp::SpanExporter::builder().with_http().build()?,
+            };
             let resource = opentelemetry_sdk::Resource::builder()
                 .with_service_name(service_name.to_owned())
                 .build();
