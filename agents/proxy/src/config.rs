@@ -60,6 +60,13 @@ pub struct Config {
     /// The SQLite outbox (WAL): usage records and the embedded budget authority's state.
     #[serde(default = "default_outbox_path")]
     pub outbox_path: PathBuf,
+    /// PostgreSQL ledger URL; when set, settled usage is delivered there in the background.
+    /// Read from the file, never logged.
+    #[serde(default)]
+    pub database_url: Option<String>,
+    /// Pause between ledger delivery rounds when the outbox is drained, in milliseconds.
+    #[serde(default = "default_delivery_interval")]
+    pub delivery_interval_ms: u64,
     /// Largest request body accepted, in bytes.
     #[serde(default = "default_body_limit")]
     pub body_limit_bytes: usize,
@@ -156,6 +163,9 @@ fn default_admin_listen() -> String {
 }
 fn default_outbox_path() -> PathBuf {
     PathBuf::from("/var/lib/soma/outbox.db")
+}
+fn default_delivery_interval() -> u64 {
+    1_000
 }
 fn default_body_limit() -> usize {
     16 * 1024 * 1024

@@ -9,6 +9,7 @@
 //!  agent ──127.0.0.1:4000──► handler ──► authority (Budgets) ──► outbox (SQLite WAL)
 //!                               │                                     ▲
 //!                               └──► upstream (key injected) ──► relay/settle
+//!  outbox ──(background)──► ledger (PostgreSQL, idempotent)
 //!  Prometheus ──:9090──► admin (/healthz, /metrics)
 //! ```
 //!
@@ -21,6 +22,7 @@ pub mod endpoint;
 pub mod error;
 pub mod fake_upstream;
 pub mod handler;
+pub mod ledger;
 pub mod metrics;
 pub mod outbox;
 pub mod relay;

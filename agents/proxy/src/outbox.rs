@@ -51,10 +51,12 @@ CREATE TABLE IF NOT EXISTS usage_outbox (
     estimated INTEGER NOT NULL DEFAULT 0,
     outcome TEXT,
     http_status INTEGER,
-    delivered_at_ms INTEGER              -- set by ledger delivery (not built yet)
+    delivered_at_ms INTEGER              -- set once the row is in the PostgreSQL ledger
 );
 CREATE INDEX IF NOT EXISTS ix_outbox_started ON usage_outbox (started_at_ms);
 CREATE INDEX IF NOT EXISTS ix_outbox_open ON usage_outbox (state) WHERE state = 'open';
+CREATE INDEX IF NOT EXISTS ix_outbox_undelivered ON usage_outbox (started_at_ms)
+    WHERE state = 'settled' AND delivered_at_ms IS NULL;
 ";
 
 /// A request about to leave for the provider.
@@ -106,6 +108,45 @@ pub struct PastSpend {
     pub at: Timestamp,
     /// What it counted.
     pub amount: Amount,
+}
+
+/// A settled row as the ledger stores it.
+#[derive(Clone, Debug)]
+pub struct LedgerRecord {
+    /// Idempotency key.
+    pub id: String,
+    /// Agent namespace.
+    pub namespace: String,
+    /// Agent name.
+    pub agent: String,
+    /// Budget chain.
+    pub budgets: String,
+    /// Endpoint label.
+    pub endpoint: String,
+    /// Model.
+    pub model: String,
+    /// Start (Unix ms).
+    pub started_at_ms: i64,
+    /// End (Unix ms).
+    pub finished_at_ms: Option<i64>,
+    /// Tokens by kind.
+    pub input_tokens: i64,
+    /// Cached input.
+    pub cached_input_tokens: i64,
+    /// Cache-write input.
+    pub cache_write_input_tokens: i64,
+    /// Output.
+    pub output_tokens: i64,
+    /// Reasoning.
+    pub reasoning_tokens: i64,
+    /// Cost in micros.
+    pub cost_micros: i64,
+    /// Estimated by the sidecar.
+    pub estimated: bool,
+    /// How it ended.
+    pub outcome: Option<String>,
+    /// Status the client saw.
+    pub http_status: Option<i64>,
 }
 
 /// Totals over settled rows (tests, reports).
@@ -302,6 +343,77 @@ impl Outbox {
                 })
             })
             .collect())
+    }
+
+    /// Settled rows not yet in the ledger, oldest first.
+    pub async fn undelivered(&self, limit: u32) -> Result<Vec<LedgerRecord>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT id, namespace, agent, budgets, endpoint, model, started_at_ms, finished_at_ms,
+                input_tokens, cached_input_tokens, cache_write_input_tokens, output_tokens,
+                reasoning_tokens, cost_micros, estimated, outcome, http_status
+             FROM usage_outbox WHERE state = 'settled' AND delivered_at_ms IS NULL
+             ORDER BY started_at_ms, id LIMIT ?1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| LedgerRecord {
+                id: r.get("id"),
+                namespace: r.get("namespace"),
+                agent: r.get("agent"),
+                budgets: r.get("budgets"),
+                endpoint: r.get("endpoint"),
+                model: r.get("model"),
+                started_at_ms: r.get("started_at_ms"),
+                finished_at_ms: r.get("finished_at_ms"),
+                input_tokens: r.get("input_tokens"),
+                cached_input_tokens: r.get("cached_input_tokens"),
+                cache_write_input_tokens: r.get("cache_write_input_tokens"),
+                output_tokens: r.get("output_tokens"),
+                reasoning_tokens: r.get("reasoning_tokens"),
+                cost_micros: r.get("cost_micros"),
+                estimated: r.get("estimated"),
+                outcome: r.get("outcome"),
+                http_status: r.get("http_status"),
+            })
+            .collect())
+    }
+
+    /// Marks rows as delivered to the ledger.
+    pub async fn mark_delivered(&self, ids: &[String], at: Timestamp) -> Result<(), sqlx::Error> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut q =
+            sqlx::QueryBuilder::<sqlx::Sqlite>::new("UPDATE usage_outbox SET delivered_at_ms = ");
+        q.push_bind(ms(at)).push(" WHERE id IN (");
+        let mut sep = q.separated(", ");
+        for id in ids {
+            sep.push_bind(id);
+        }
+        q.push(")");
+        q.build().execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Settled rows not yet delivered.
+    pub async fn pending_delivery(&self) -> Result<u64, sqlx::Error> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM usage_outbox WHERE state = 'settled' AND delivered_at_ms IS NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u(n))
+    }
+
+    /// Forgets deliveries (tests: a sidecar that crashed after the ledger insert).
+    pub async fn forget_deliveries(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE usage_outbox SET delivered_at_ms = NULL")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Closes the pool (tests that reopen the file).

@@ -58,6 +58,9 @@ pub enum StartError {
         #[source]
         source: sqlx::Error,
     },
+    /// The ledger URL does not parse (its text, which may hold a password, is not repeated).
+    #[error("databaseUrl is not a valid PostgreSQL URL")]
+    Ledger,
     /// TLS setup.
     #[error("cannot set up TLS for the upstream client")]
     Tls(#[from] rustls::Error),
@@ -239,10 +242,21 @@ pub async fn start(config: Config, client_token: String) -> Result<Running, Star
             }
         })
     };
-    let tasks = vec![
+    let mut tasks = vec![
         serve(proxy, router(state.clone()), rx.clone()),
-        serve(admin, admin_router(state.clone()), rx),
+        serve(admin, admin_router(state.clone()), rx.clone()),
     ];
+    if let Some(url) = &state.config.database_url {
+        let pool = crate::ledger::pool(url).map_err(|_| StartError::Ledger)?;
+        let interval = Duration::from_millis(state.config.delivery_interval_ms);
+        tasks.push(tokio::spawn(crate::ledger::run(
+            state.outbox.clone(),
+            pool,
+            interval,
+            500,
+            rx,
+        )));
+    }
     tracing::info!(%proxy_addr, %admin_addr, budgets = %state.authority.chain_label(), "soma-proxy serving");
     Ok(Running {
         proxy_addr,

@@ -1,0 +1,144 @@
+//! Delivery from the outbox to the PostgreSQL ledger (`usage_records`, schema by sqlx
+//! migrations in `agents/proxy/migrations`).
+//!
+//! A background task takes settled, undelivered outbox rows in batches, inserts them with
+//! `ON CONFLICT (id) DO NOTHING`, and only then marks them delivered in the outbox. A sidecar
+//! that dies between the two steps delivers the batch again on restart and the idempotency key
+//! keeps it once; a database outage only delays delivery (the outbox keeps everything, and the
+//! task retries with backoff up to 30 s). Nothing here is on the request path.
+//!
+//! ```text
+//!  outbox (settled, delivered_at_ms NULL) ──batch──► INSERT … ON CONFLICT DO NOTHING ──► mark delivered
+//! ```
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{Postgres, QueryBuilder};
+
+use crate::outbox::Outbox;
+
+/// The migrations, embedded at build time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Why a delivery round failed (it is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    /// Running the migrations failed.
+    #[error("ledger migrations failed")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    /// Reading or marking the outbox failed.
+    #[error("outbox read or mark failed")]
+    Outbox(#[source] sqlx::Error),
+    /// The insert failed.
+    #[error("ledger insert failed")]
+    Insert(#[source] sqlx::Error),
+}
+
+/// A connection pool to the ledger, created without connecting (the sidecar starts and
+/// serves while the database is down).
+pub fn pool(url: &str) -> Result<PgPool, sqlx::Error> {
+    PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy(url)
+}
+
+fn rfc3339(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+        .to_string()
+}
+
+/// One round: migrate if not yet done, deliver up to `batch` rows. Returns how many.
+pub async fn deliver_once(
+    outbox: &Outbox,
+    pool: &PgPool,
+    migrated: &mut bool,
+    batch: u32,
+) -> Result<usize, DeliveryError> {
+    if !*migrated {
+        MIGRATOR.run(pool).await.map_err(DeliveryError::Migrate)?;
+        *migrated = true;
+    }
+    let rows = outbox
+        .undelivered(batch)
+        .await
+        .map_err(DeliveryError::Outbox)?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let mut q = QueryBuilder::<Postgres>::new(
+        "INSERT INTO usage_records (id, namespace, agent, budgets, endpoint, model, started_at,
+            finished_at, input_tokens, cached_input_tokens, cache_write_input_tokens,
+            output_tokens, reasoning_tokens, cost_micros, estimated, outcome, http_status) ",
+    );
+    q.push_values(&rows, |mut b, r| {
+        b.push_bind(&r.id)
+            .push_bind(&r.namespace)
+            .push_bind(&r.agent)
+            .push_bind(&r.budgets)
+            .push_bind(&r.endpoint)
+            .push_bind(&r.model)
+            .push_bind(rfc3339(r.started_at_ms))
+            .push_unseparated("::timestamptz")
+            .push_bind(r.finished_at_ms.map(rfc3339))
+            .push_unseparated("::timestamptz")
+            .push_bind(r.input_tokens)
+            .push_bind(r.cached_input_tokens)
+            .push_bind(r.cache_write_input_tokens)
+            .push_bind(r.output_tokens)
+            .push_bind(r.reasoning_tokens)
+            .push_bind(r.cost_micros)
+            .push_bind(r.estimated)
+            .push_bind(&r.outcome)
+            .push_bind(r.http_status.and_then(|s| i32::try_from(s).ok()));
+    });
+    q.push(" ON CONFLICT (id) DO NOTHING");
+    q.build()
+        .execute(pool)
+        .await
+        .map_err(DeliveryError::Insert)?;
+    let ids: Vec<String> = rows.into_iter().map(|r| r.id).collect();
+    outbox
+        .mark_delivered(&ids, jiff::Timestamp::now())
+        .await
+        .map_err(DeliveryError::Outbox)?;
+    Ok(ids.len())
+}
+
+/// Delivers until `stop` turns true: a full batch is followed at once by the next, an empty
+/// or partial one by `interval`, a failure by a doubling backoff (at most 30 s).
+pub async fn run(
+    outbox: Outbox,
+    pool: PgPool,
+    interval: Duration,
+    batch: u32,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut migrated = false;
+    let mut backoff = interval;
+    loop {
+        let wait = match deliver_once(&outbox, &pool, &mut migrated, batch).await {
+            Ok(n) => {
+                backoff = interval;
+                if n as u64 == u64::from(batch) {
+                    Duration::ZERO
+                } else {
+                    interval
+                }
+            }
+            Err(e) => {
+                let cause = std::error::Error::source(&e).map(|s| s.to_string());
+                tracing::warn!(error = %e, cause, retry_in_ms = backoff.as_millis() as u64, "ledger delivery failed; usage stays in the outbox");
+                let w = backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                w
+            }
+        };
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
