@@ -64,7 +64,10 @@ pub struct Config {
     /// Read from the file, never logged.
     #[serde(default)]
     pub database_url: Option<String>,
-    /// Pause between ledger delivery rounds when the outbox is drained, in milliseconds.
+    /// NATS URL; when set, settled usage is published to JetStream in the background.
+    #[serde(default)]
+    pub nats_url: Option<String>,
+    /// Pause between delivery rounds (ledger and events) when the outbox is drained, in milliseconds.
     #[serde(default = "default_delivery_interval")]
     pub delivery_interval_ms: u64,
     /// Largest request body accepted, in bytes.

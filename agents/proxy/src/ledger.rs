@@ -16,7 +16,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, QueryBuilder};
 
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, Sink};
 
 /// The migrations, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -62,7 +62,7 @@ pub async fn deliver_once(
         *migrated = true;
     }
     let rows = outbox
-        .undelivered(batch)
+        .undelivered(Sink::Ledger, batch)
         .await
         .map_err(DeliveryError::Outbox)?;
     if rows.is_empty() {
@@ -101,7 +101,7 @@ pub async fn deliver_once(
         .map_err(DeliveryError::Insert)?;
     let ids: Vec<String> = rows.into_iter().map(|r| r.id).collect();
     outbox
-        .mark_delivered(&ids, jiff::Timestamp::now())
+        .mark_delivered(Sink::Ledger, &ids, jiff::Timestamp::now())
         .await
         .map_err(DeliveryError::Outbox)?;
     Ok(ids.len())

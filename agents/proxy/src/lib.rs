@@ -9,7 +9,7 @@
 //!  agent ──127.0.0.1:4000──► handler ──► authority (Budgets) ──► outbox (SQLite WAL)
 //!                               │                                     ▲
 //!                               └──► upstream (key injected) ──► relay/settle
-//!  outbox ──(background)──► ledger (PostgreSQL, idempotent)
+//!  outbox ──(background)──► ledger (PostgreSQL) and events (NATS JetStream), idempotent
 //!  Prometheus ──:9090──► admin (/healthz, /metrics)
 //! ```
 //!
@@ -20,6 +20,7 @@ pub mod authority;
 pub mod config;
 pub mod endpoint;
 pub mod error;
+pub mod events;
 pub mod fake_upstream;
 pub mod handler;
 pub mod ledger;

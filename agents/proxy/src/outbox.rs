@@ -51,12 +51,15 @@ CREATE TABLE IF NOT EXISTS usage_outbox (
     estimated INTEGER NOT NULL DEFAULT 0,
     outcome TEXT,
     http_status INTEGER,
-    delivered_at_ms INTEGER              -- set once the row is in the PostgreSQL ledger
+    delivered_at_ms INTEGER,             -- set once the row is in the PostgreSQL ledger
+    published_at_ms INTEGER              -- set once JetStream acknowledged the event
 );
 CREATE INDEX IF NOT EXISTS ix_outbox_started ON usage_outbox (started_at_ms);
 CREATE INDEX IF NOT EXISTS ix_outbox_open ON usage_outbox (state) WHERE state = 'open';
 CREATE INDEX IF NOT EXISTS ix_outbox_undelivered ON usage_outbox (started_at_ms)
     WHERE state = 'settled' AND delivered_at_ms IS NULL;
+CREATE INDEX IF NOT EXISTS ix_outbox_unpublished ON usage_outbox (started_at_ms)
+    WHERE state = 'settled' AND published_at_ms IS NULL;
 ";
 
 /// A request about to leave for the provider.
@@ -110,8 +113,26 @@ pub struct PastSpend {
     pub amount: Amount,
 }
 
-/// A settled row as the ledger stores it.
-#[derive(Clone, Debug)]
+/// Where settled rows are delivered; each has its own mark in the outbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sink {
+    /// The PostgreSQL ledger.
+    Ledger,
+    /// NATS JetStream.
+    Events,
+}
+
+impl Sink {
+    fn column(self) -> &'static str {
+        match self {
+            Sink::Ledger => "delivered_at_ms",
+            Sink::Events => "published_at_ms",
+        }
+    }
+}
+
+/// A settled row as the ledger stores it and the event carries it.
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct LedgerRecord {
     /// Idempotency key.
     pub id: String,
@@ -345,18 +366,24 @@ impl Outbox {
             .collect())
     }
 
-    /// Settled rows not yet in the ledger, oldest first.
-    pub async fn undelivered(&self, limit: u32) -> Result<Vec<LedgerRecord>, sqlx::Error> {
-        let rows = sqlx::query(
+    /// Settled rows not yet delivered to `sink`, oldest first.
+    pub async fn undelivered(
+        &self,
+        sink: Sink,
+        limit: u32,
+    ) -> Result<Vec<LedgerRecord>, sqlx::Error> {
+        let sql = format!(
             "SELECT id, namespace, agent, budgets, endpoint, model, started_at_ms, finished_at_ms,
                 input_tokens, cached_input_tokens, cache_write_input_tokens, output_tokens,
                 reasoning_tokens, cost_micros, estimated, outcome, http_status
-             FROM usage_outbox WHERE state = 'settled' AND delivered_at_ms IS NULL
+             FROM usage_outbox WHERE state = 'settled' AND {} IS NULL
              ORDER BY started_at_ms, id LIMIT ?1",
-        )
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
+            sink.column()
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows
             .into_iter()
             .map(|r| LedgerRecord {
@@ -381,13 +408,21 @@ impl Outbox {
             .collect())
     }
 
-    /// Marks rows as delivered to the ledger.
-    pub async fn mark_delivered(&self, ids: &[String], at: Timestamp) -> Result<(), sqlx::Error> {
+    /// Marks rows as delivered to `sink`.
+    pub async fn mark_delivered(
+        &self,
+        sink: Sink,
+        ids: &[String],
+        at: Timestamp,
+    ) -> Result<(), sqlx::Error> {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut q =
-            sqlx::QueryBuilder::<sqlx::Sqlite>::new("UPDATE usage_outbox SET delivered_at_ms = ");
+        // The column comes from a closed enum, never from input.
+        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
+            "UPDATE usage_outbox SET {} = ",
+            sink.column()
+        ));
         q.push_bind(ms(at)).push(" WHERE id IN (");
         let mut sep = q.separated(", ");
         for id in ids {
@@ -398,21 +433,26 @@ impl Outbox {
         Ok(())
     }
 
-    /// Settled rows not yet delivered.
-    pub async fn pending_delivery(&self) -> Result<u64, sqlx::Error> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM usage_outbox WHERE state = 'settled' AND delivered_at_ms IS NULL",
-        )
-        .fetch_one(&self.pool)
-        .await?;
+    /// Settled rows not yet delivered to `sink`.
+    pub async fn pending_delivery(&self, sink: Sink) -> Result<u64, sqlx::Error> {
+        let sql = format!(
+            "SELECT COUNT(*) FROM usage_outbox WHERE state = 'settled' AND {} IS NULL",
+            sink.column()
+        );
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&self.pool)
+            .await?;
         Ok(u(n))
     }
 
-    /// Forgets deliveries (tests: a sidecar that crashed after the ledger insert).
-    pub async fn forget_deliveries(&self) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE usage_outbox SET delivered_at_ms = NULL")
-            .execute(&self.pool)
-            .await?;
+    /// Forgets deliveries to `sink` (tests: a sidecar that crashed after delivering).
+    pub async fn forget_deliveries(&self, sink: Sink) -> Result<(), sqlx::Error> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE usage_outbox SET {} = NULL",
+            sink.column()
+        )))
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

@@ -246,6 +246,15 @@ pub async fn start(config: Config, client_token: String) -> Result<Running, Star
         serve(proxy, router(state.clone()), rx.clone()),
         serve(admin, admin_router(state.clone()), rx.clone()),
     ];
+    if let Some(url) = &state.config.nats_url {
+        tasks.push(tokio::spawn(crate::events::run(
+            state.outbox.clone(),
+            url.clone(),
+            Duration::from_millis(state.config.delivery_interval_ms),
+            500,
+            rx.clone(),
+        )));
+    }
     if let Some(url) = &state.config.database_url {
         let pool = crate::ledger::pool(url).map_err(|_| StartError::Ledger)?;
         let interval = Duration::from_millis(state.config.delivery_interval_ms);

@@ -218,7 +218,15 @@ async fn usage_reaches_the_ledger_once_through_an_outage_and_a_redelivery() {
     pool.close().await;
     pg.stop();
     traffic(&h, 15).await;
-    assert!(h.proxy.state.outbox.pending_delivery().await.unwrap() >= 15);
+    assert!(
+        h.proxy
+            .state
+            .outbox
+            .pending_delivery(soma_proxy::outbox::Sink::Ledger)
+            .await
+            .unwrap()
+            >= 15
+    );
     pg.run();
     let pool = pg.pool().await;
     let outbox = h.proxy.state.outbox.totals().await.unwrap();
@@ -230,13 +238,33 @@ async fn usage_reaches_the_ledger_once_through_an_outage_and_a_redelivery() {
 
     // A sidecar that died after inserting but before marking delivers everything again:
     // the idempotency key keeps one copy.
-    h.proxy.state.outbox.forget_deliveries().await.unwrap();
+    h.proxy
+        .state
+        .outbox
+        .forget_deliveries(soma_proxy::outbox::Sink::Ledger)
+        .await
+        .unwrap();
     for _ in 0..600 {
-        if h.proxy.state.outbox.pending_delivery().await.unwrap() == 0 {
+        if h.proxy
+            .state
+            .outbox
+            .pending_delivery(soma_proxy::outbox::Sink::Ledger)
+            .await
+            .unwrap()
+            == 0
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(h.proxy.state.outbox.pending_delivery().await.unwrap(), 0);
+    assert_eq!(
+        h.proxy
+            .state
+            .outbox
+            .pending_delivery(soma_proxy::outbox::Sink::Ledger)
+            .await
+            .unwrap(),
+        0
+    );
     assert_eq!(ledger_totals(&pool, 35).await.0, 35);
 }
