@@ -222,6 +222,53 @@ async fn open_loop(
     run
 }
 
+async fn call_get(client: &Http, url: &str) -> String {
+    let resp = client
+        .request(
+            hyper::Request::get(url)
+                .body(Full::new(Bytes::new()))
+                .expect("request"),
+        )
+        .await
+        .expect("metrics");
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+/// Upper bucket bounds (µs) holding the 50th and 99th percentiles of a histogram.
+fn histogram_quantiles(text: &str, name: &str, endpoint: &str) -> (u64, u64) {
+    let prefix = format!("{name}_bucket{{");
+    let mut buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|l| l.starts_with(&prefix) && l.contains(&format!("endpoint=\"{endpoint}\"")))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let count: f64 = l.rsplit(' ').next()?.parse().ok()?;
+            Some((le, count))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    let q = |p: f64| {
+        buckets
+            .iter()
+            .find(|(_, c)| *c >= total * p)
+            .map_or(0, |(le, _)| {
+                if le.is_finite() {
+                    (le * 1e6).round() as u64
+                } else {
+                    u64::MAX
+                }
+            })
+    };
+    (q(0.5), q(0.99))
+}
+
 #[tokio::main]
 async fn main() {
     let a = args();
@@ -260,6 +307,7 @@ async fn main() {
     );
     let v: serde_json::Value = serde_json::from_str(&line).expect("json log");
     let proxy_addr = v["fields"]["proxy_addr"].as_str().expect("addr").to_owned();
+    let admin_addr = v["fields"]["admin_addr"].as_str().expect("addr").to_owned();
 
     let client: Http = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(512)
@@ -291,10 +339,21 @@ async fn main() {
         &s.proxy_ttft,
     );
     show("stream inter-chunk", &s.direct_gap, &s.proxy_gap);
+    // The sidecar's own view: time spent before forwarding plus after the provider's body
+    // (non-streamed) or headers (streamed), from its histogram's bucket bounds.
+    let metrics = call_get(&client, &format!("http://{admin_addr}/metrics")).await;
+    let (inside_p50, inside_p99) = histogram_quantiles(
+        &metrics,
+        "soma_proxy_added_latency_seconds",
+        "chat_completions",
+    );
+    println!(
+        "inside the sidecar (all requests, histogram bucket bounds): p50<={inside_p50}us p99<={inside_p99}us"
+    );
     println!("streamed bytes identical: {}", s.identical);
     println!("non-stream bytes identical: {}", r.identical);
     println!(
-        "RESULT proxy-overhead added_p50_us={} added_p99_us={} rate_rps={} stream_added_ttft_p50_us={} stream_added_ttft_p99_us={} stream_added_gap_p99_us={} stream_rate_rps={} bytes_identical={}",
+        "RESULT proxy-overhead added_p50_us={} added_p99_us={} rate_rps={} stream_added_ttft_p50_us={} stream_added_ttft_p99_us={} stream_added_gap_p99_us={} stream_rate_rps={} bytes_identical={} inside_p50_le_us={inside_p50} inside_p99_le_us={inside_p99}",
         pct(&r.proxy, 0.5) as i64 - pct(&r.direct, 0.5) as i64,
         pct(&r.proxy, 0.99) as i64 - pct(&r.direct, 0.99) as i64,
         a.rate,

@@ -61,7 +61,7 @@ pub enum ProxyError {
     UpstreamTimeout,
     /// The outbox could not record usage: the request is refused rather than unmetered.
     #[error("usage could not be recorded")]
-    Outbox(#[source] sqlx::Error),
+    Outbox(#[source] crate::outbox::WriteError),
     /// The request could not be built (should not happen with validated config).
     #[error("internal error building the upstream request")]
     Internal(String),
