@@ -86,7 +86,7 @@ impl Authority {
         !self.chain.is_empty()
     }
 
-    /// The definition of the first Budget in the chain that refused, for brown-out.
+    /// A Budget's definition (brown-out reads `onExhausted` of the Budget that refused).
     pub fn def(&self, name: &str) -> Option<BudgetDef> {
         self.lock().get(name).map(|l| l.def().clone())
     }

@@ -308,11 +308,11 @@ fn openai_error(status: StatusCode, message: &str, kind: &str, code: &str) -> Re
         .into_response()
 }
 
-async fn before(call: &Call) -> Option<Response> {
+/// `headers-stall`: hold the response headers back for a minute.
+async fn stall_headers(call: &Call) {
     if call.scenario == "headers-stall" {
         tokio::time::sleep(Duration::from_secs(60)).await;
     }
-    None
 }
 
 async fn models(State(fake): State<Arc<Fake>>, req: Request) -> Response {
@@ -334,9 +334,7 @@ async fn models(State(fake): State<Arc<Fake>>, req: Request) -> Response {
 
 async fn openai(State(fake): State<Arc<Fake>>, req: Request) -> Response {
     let call = take(&fake, req, false).await;
-    if let Some(r) = before(&call).await {
-        return r;
-    }
+    stall_headers(&call).await;
     if !call.key_ok {
         return openai_error(
             StatusCode::UNAUTHORIZED,
@@ -494,9 +492,7 @@ fn anthropic_error(status: StatusCode, kind: &str, message: &str) -> Response {
 
 async fn anthropic(State(fake): State<Arc<Fake>>, req: Request) -> Response {
     let call = take(&fake, req, true).await;
-    if let Some(r) = before(&call).await {
-        return r;
-    }
+    stall_headers(&call).await;
     if !call.key_ok {
         return anthropic_error(
             StatusCode::UNAUTHORIZED,

@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde_json::Value;
 use soma_metering::budget::ExhaustedAction;
-use soma_metering::wire::{self, Dialect};
+use soma_metering::wire;
 use soma_metering::{Amount, Price, Usage, tokens};
 use tracing::Instrument;
 
@@ -359,7 +359,7 @@ async fn forward_metered(
                 .and_then(|v| wire::usage_from_body(dialect, &v));
             let (usage, estimated) = match parsed {
                 Some(u) => (u, false),
-                None => (estimate_from_body(&charge, &body, dialect), true),
+                None => (estimate_from_body(&charge, &body), true),
             };
             let body_done = Instant::now();
             charge
@@ -394,7 +394,7 @@ async fn forward_metered(
 
 /// A 2xx body without usage (some OpenAI-compatible servers): the prompt estimate plus every
 /// token of the body's text, which over-counts rather than under-counts.
-fn estimate_from_body(charge: &Charge, body: &[u8], _dialect: Dialect) -> Usage {
+fn estimate_from_body(charge: &Charge, body: &[u8]) -> Usage {
     Usage {
         input_tokens: charge.prompt_estimate,
         output_tokens: tokens::count_text(&charge.model, &String::from_utf8_lossy(body)),

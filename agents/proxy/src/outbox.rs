@@ -544,7 +544,8 @@ impl Outbox {
         Ok(())
     }
 
-    /// Closes the pool (tests that reopen the file).
+    /// Closes the sqlx pool (tests that reopen the file). The writer thread ends when the last
+    /// clone of this outbox is dropped.
     pub async fn close(&self) {
         self.pool.close().await;
     }
