@@ -89,7 +89,7 @@ pub async fn publish_once(
     }
 }
 
-/// Publishes until `stop` turns true, with the same pacing as ledger delivery.
+/// Publishes until `stop` turns true, paced like ledger delivery ([`crate::ledger::Pacer`]).
 pub async fn run(
     outbox: Outbox,
     url: String,
@@ -115,24 +115,10 @@ pub async fn run(
     };
     let js = jetstream::new(client);
     let mut ready = false;
-    let mut backoff = interval;
+    let mut pacer = crate::ledger::Pacer::new(interval, batch);
     loop {
-        let wait = match publish_once(&outbox, &js, &mut ready, batch).await {
-            Ok(n) => {
-                backoff = interval;
-                if n as u64 == u64::from(batch) {
-                    Duration::ZERO
-                } else {
-                    interval
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "usage event publish failed; events stay in the outbox");
-                let w = backoff;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-                w
-            }
-        };
+        let result = publish_once(&outbox, &js, &mut ready, batch).await;
+        let wait = pacer.after("usage event publish", result);
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             _ = tokio::time::sleep(wait) => {}

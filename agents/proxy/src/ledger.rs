@@ -107,8 +107,52 @@ pub async fn deliver_once(
     Ok(ids.len())
 }
 
-/// Delivers until `stop` turns true: a full batch is followed at once by the next, an empty
-/// or partial one by `interval`, a failure by a doubling backoff (at most 30 s).
+/// The pacing both delivery tasks share: a full batch is followed at once by the next, an
+/// empty or partial one by `interval`, a failure by a doubling backoff (at most 30 s).
+#[derive(Debug)]
+pub struct Pacer {
+    interval: Duration,
+    backoff: Duration,
+    batch: u32,
+}
+
+impl Pacer {
+    /// A pacer for rounds of up to `batch` rows.
+    pub fn new(interval: Duration, batch: u32) -> Pacer {
+        Pacer {
+            interval,
+            backoff: interval,
+            batch,
+        }
+    }
+
+    /// How long to wait after a round that delivered `result` rows.
+    pub fn after<E: std::error::Error>(
+        &mut self,
+        what: &'static str,
+        result: Result<usize, E>,
+    ) -> Duration {
+        match result {
+            Ok(n) => {
+                self.backoff = self.interval;
+                if n as u64 >= u64::from(self.batch) {
+                    Duration::ZERO
+                } else {
+                    self.interval
+                }
+            }
+            Err(e) => {
+                let cause = std::error::Error::source(&e).map(|s| s.to_string());
+                let wait = self.backoff;
+                tracing::warn!(error = %e, cause, retry_in_ms = wait.as_millis() as u64, "{what} failed; usage stays in the outbox");
+                self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
+                wait
+            }
+        }
+    }
+}
+
+/// Delivers until `stop` turns true, paced by [`Pacer`].
 pub async fn run(
     outbox: Outbox,
     pool: PgPool,
@@ -117,28 +161,31 @@ pub async fn run(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut migrated = false;
-    let mut backoff = interval;
+    let mut pacer = Pacer::new(interval, batch);
     loop {
-        let wait = match deliver_once(&outbox, &pool, &mut migrated, batch).await {
-            Ok(n) => {
-                backoff = interval;
-                if n as u64 == u64::from(batch) {
-                    Duration::ZERO
-                } else {
-                    interval
-                }
-            }
-            Err(e) => {
-                let cause = std::error::Error::source(&e).map(|s| s.to_string());
-                tracing::warn!(error = %e, cause, retry_in_ms = backoff.as_millis() as u64, "ledger delivery failed; usage stays in the outbox");
-                let w = backoff;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-                w
-            }
-        };
+        let result = deliver_once(&outbox, &pool, &mut migrated, batch).await;
+        let wait = pacer.after("ledger delivery", result);
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             _ = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pacing() {
+        type R = Result<usize, std::io::Error>;
+        let err = || R::Err(std::io::Error::other("down"));
+        let mut p = Pacer::new(Duration::from_secs(1), 500);
+        assert_eq!(p.after("t", R::Ok(500)), Duration::ZERO);
+        assert_eq!(p.after("t", R::Ok(3)), Duration::from_secs(1));
+        let waits: Vec<u64> = (0..7).map(|_| p.after("t", err()).as_secs()).collect();
+        assert_eq!(waits, vec![1, 2, 4, 8, 16, 30, 30]);
+        assert_eq!(p.after("t", R::Ok(0)), Duration::from_secs(1));
+        assert_eq!(p.after("t", err()), Duration::from_secs(1));
     }
 }
