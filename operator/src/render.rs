@@ -3,9 +3,9 @@
 //! Users review the output in GitOps pull requests and diff it between versions.
 
 use serde::Deserialize;
-use soma_crds::Agent;
+use soma_crds::{Agent, Budget};
 
-use crate::agent::children::children;
+use crate::agent::children::{BudgetDefinition, Resolved, children};
 use crate::agent::reconcile::desired_replicas;
 use crate::config::OperatorConfig;
 
@@ -21,11 +21,13 @@ pub enum RenderError {
         #[source]
         source: serde_yaml::Error,
     },
-    /// A document of kind Agent does not match the Agent schema.
-    #[error("document {index} (Agent {name:?}): {source}")]
-    Agent {
+    /// A Soma document does not match its schema.
+    #[error("document {index} ({kind} {name:?}): {source}")]
+    Invalid {
         /// 1-based document number.
         index: usize,
+        /// `Agent` or `Budget`.
+        kind: String,
         /// The Agent's name, if readable.
         name: String,
         /// Deserialisation error.
@@ -40,40 +42,85 @@ pub enum RenderError {
     Output(String),
 }
 
-/// Renders every Agent in `manifest` (multi-document YAML; other kinds are skipped) into the
-/// YAML stream of its children.
+/// Renders every Agent in `manifest` (multi-document YAML) into the YAML stream of its
+/// children. Budgets in the same manifest fill in the sidecar's Budget definitions, as the
+/// operator does from the cluster; other kinds are skipped.
 pub fn render(manifest: &str, config: &OperatorConfig) -> Result<String, RenderError> {
-    let mut out = String::new();
-    let mut found = false;
+    let mut agents: Vec<Agent> = Vec::new();
+    let mut budgets: Vec<Budget> = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(manifest).enumerate() {
         let index = i + 1;
         let value = serde_json::Value::deserialize(doc)
             .map_err(|source| RenderError::Yaml { index, source })?;
-        if value.is_null() || value["kind"] != "Agent" || value["apiVersion"] != "soma.dev/v1alpha1"
-        {
+        if value.is_null() || value["apiVersion"] != "soma.dev/v1alpha1" {
             continue;
         }
+        let kind = value["kind"].as_str().unwrap_or_default().to_owned();
         let name = value["metadata"]["name"]
             .as_str()
             .unwrap_or_default()
             .to_owned();
-        let mut agent: Agent =
-            serde_json::from_value(value).map_err(|source| RenderError::Agent {
-                index,
-                name: name.clone(),
-                source,
-            })?;
-        if agent.metadata.namespace.is_none() {
-            agent.metadata.namespace = Some("default".to_owned());
+        let invalid = |source| RenderError::Invalid {
+            index,
+            kind: kind.clone(),
+            name: name.clone(),
+            source,
+        };
+        match kind.as_str() {
+            "Agent" => agents.push(serde_json::from_value(value).map_err(invalid)?),
+            "Budget" => budgets.push(serde_json::from_value(value).map_err(invalid)?),
+            _ => {}
         }
-        found = true;
-        let c = children(&agent, desired_replicas(&agent), config)
-            .map_err(|e| RenderError::Output(e.to_string()))?;
+    }
+    if agents.is_empty() {
+        return Err(RenderError::NoAgent);
+    }
+    let namespace_of = |meta: &kube::api::ObjectMeta| {
+        meta.namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned())
+    };
+    let mut out = String::new();
+    for mut agent in agents {
+        let namespace = namespace_of(&agent.metadata);
+        agent.metadata.namespace = Some(namespace.clone());
+        let name = agent.metadata.name.clone().unwrap_or_default();
+        // The Budget chain from the manifest, as the controller resolves it from the cluster.
+        let mut chain: Vec<BudgetDefinition> = Vec::new();
+        let mut next = agent.spec.budget_ref.as_ref().map(|b| b.name.clone());
+        let mut absent = None;
+        while let Some(budget_name) = next.take() {
+            if chain.iter().any(|b| b.name == budget_name) {
+                break;
+            }
+            match budgets.iter().find(|b| {
+                b.metadata.name.as_deref() == Some(budget_name.as_str())
+                    && namespace_of(&b.metadata) == namespace
+            }) {
+                Some(b) => {
+                    next = b.spec.parent_ref.as_ref().map(|p| p.name.clone());
+                    chain.push(BudgetDefinition {
+                        name: budget_name,
+                        spec: b.spec.clone(),
+                    });
+                }
+                None => absent = Some(budget_name),
+            }
+        }
+        let resolved = Resolved {
+            replicas: desired_replicas(&agent),
+            budgets: chain,
+        };
+        let c =
+            children(&agent, &resolved, config).map_err(|e| RenderError::Output(e.to_string()))?;
         out.push_str(&format!(
-            "# Children of Agent {}/{} (ownerReferences are added in the cluster, where the Agent has a uid)\n",
-            agent.metadata.namespace.as_deref().unwrap_or_default(),
-            name
+            "# Children of Agent {namespace}/{name} (ownerReferences are added in the cluster, where the Agent has a uid)\n"
         ));
+        if let Some(missing) = absent {
+            out.push_str(&format!(
+                "# Budget {missing:?} is not in the input, so the sidecar configuration below lacks its definition;\n# in the cluster the operator reads it (and waits, with BudgetNotFound, while it does not exist).\n"
+            ));
+        }
         let mut docs: Vec<String> = Vec::new();
         let mut push = |v: Result<String, serde_yaml::Error>| -> Result<(), RenderError> {
             docs.push(v.map_err(|e| RenderError::Output(e.to_string()))?);
@@ -95,11 +142,7 @@ pub fn render(manifest: &str, config: &OperatorConfig) -> Result<String, RenderE
             out.push_str(&d);
         }
     }
-    if found {
-        Ok(out)
-    } else {
-        Err(RenderError::NoAgent)
-    }
+    Ok(out)
 }
 
 /// One object as YAML with its `apiVersion` and `kind` first.

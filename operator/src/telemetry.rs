@@ -36,8 +36,12 @@ pub fn init(service_name: &str) -> anyhow::Result<Telemetry> {
     let provider = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
         Ok(endpoint) if !endpoint.is_empty() => {
             let exporter = match std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").as_deref() {
-                Ok("grpc") => opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?,
-                _ => opentelemetry_otlp::SpanExporter::builder().with_http().build()?,
+                Ok("grpc") => opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .build()?,
+                _ => opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .build()?,
             };
             let resource = opentelemetry_sdk::Resource::builder()
                 .with_service_name(service_name.to_owned())

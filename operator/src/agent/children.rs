@@ -32,6 +32,7 @@ use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use soma_crds::agent::{Agent, EgressRule, PROVIDER_KEY_ENV_NAMES, Provider};
+use soma_crds::budget::BudgetSpec;
 
 use crate::config::OperatorConfig;
 
@@ -48,6 +49,8 @@ pub const SIDECAR_NAME: &str = "soma-proxy";
 pub const AGENT_CONTAINER: &str = "agent";
 /// Where the sidecar reads its configuration.
 pub const SIDECAR_CONFIG_DIR: &str = "/etc/soma/proxy";
+/// The sidecar's writable state (its usage outbox); mounted into the sidecar only.
+pub const SIDECAR_STATE_DIR: &str = "/var/lib/soma";
 /// Where the sidecar reads the provider key from a Secret; mounted into the sidecar only.
 pub const PROVIDER_KEY_DIR: &str = "/var/run/secrets/soma/provider";
 /// UID and GID the pod runs as when the image does not say otherwise.
@@ -79,17 +82,36 @@ pub struct Children {
     pub network_policy: NetworkPolicy,
 }
 
-/// Builds every child of `agent` with `replicas` pods.
+/// What the reconcile resolved for an Agent before building its children.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Resolved {
+    /// Pods the Deployment should run.
+    pub replicas: i32,
+    /// The Agent's Budget followed by its `parentRef` chain, as the sidecar enforces them.
+    pub budgets: Vec<BudgetDefinition>,
+}
+
+/// A Budget as the sidecar reads it: its name and its spec's fields.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct BudgetDefinition {
+    /// The Budget's name.
+    pub name: String,
+    /// Its spec.
+    #[serde(flatten)]
+    pub spec: BudgetSpec,
+}
+
+/// Builds every child of `agent`.
 pub fn children(
     agent: &Agent,
-    replicas: i32,
+    resolved: &Resolved,
     config: &OperatorConfig,
 ) -> Result<Children, serde_json::Error> {
-    let sidecar_config = sidecar_config_map(agent, config)?;
+    let sidecar_config = sidecar_config_map(agent, resolved, config)?;
     let config_hash = hash_config(&sidecar_config);
     Ok(Children {
         service_account: service_account(agent),
-        deployment: deployment(agent, replicas, &config_hash, config),
+        deployment: deployment(agent, resolved.replicas, &config_hash, config),
         service: service(agent, config),
         network_policy: network_policy(agent, config),
         sidecar_config,
@@ -156,7 +178,7 @@ pub fn upstream_url(agent: &Agent) -> String {
 }
 
 /// The sidecar's configuration file, as the `soma-proxy` binary reads it.
-#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct SidecarSettings {
     /// Address the proxy listens on (loopback only).
@@ -178,6 +200,11 @@ pub struct SidecarSettings {
     pub tools: Vec<String>,
     /// Capsules the agent may use.
     pub capsules: Vec<String>,
+    /// Definitions of `budget` and its parents; the sidecar refuses metered calls (fails
+    /// closed) for a Budget it has no definition of.
+    pub budgets: Vec<BudgetDefinition>,
+    /// The sidecar's durable usage outbox, on a volume that survives container restarts.
+    pub outbox_path: String,
 }
 
 /// Namespace and name of the Agent.
@@ -221,7 +248,11 @@ pub enum CredentialSettings {
 }
 
 /// The settings the sidecar runs with.
-pub fn sidecar_settings(agent: &Agent, config: &OperatorConfig) -> SidecarSettings {
+pub fn sidecar_settings(
+    agent: &Agent,
+    resolved: &Resolved,
+    config: &OperatorConfig,
+) -> SidecarSettings {
     let spec = &agent.spec;
     let credentials = match &spec.credentials {
         Some(c) if c.secret_ref.is_some() => {
@@ -264,15 +295,18 @@ pub fn sidecar_settings(agent: &Agent, config: &OperatorConfig) -> SidecarSettin
         client_token_env: "SOMA_POD_UID".to_owned(),
         tools: spec.tools.clone(),
         capsules: spec.capsules.iter().map(|c| c.name.clone()).collect(),
+        budgets: resolved.budgets.clone(),
+        outbox_path: format!("{SIDECAR_STATE_DIR}/outbox.db"),
     }
 }
 
 /// The ConfigMap holding the sidecar's configuration as JSON (valid YAML too).
 pub fn sidecar_config_map(
     agent: &Agent,
+    resolved: &Resolved,
     config: &OperatorConfig,
 ) -> Result<ConfigMap, serde_json::Error> {
-    let body = serde_json::to_string_pretty(&sidecar_settings(agent, config))?;
+    let body = serde_json::to_string_pretty(&sidecar_settings(agent, resolved, config))?;
     Ok(ConfigMap {
         metadata: child_meta(agent, sidecar_config_name(&agent.name_any())),
         data: Some(BTreeMap::from([("config.yaml".to_owned(), body)])),
@@ -385,7 +419,10 @@ fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
 /// The metering sidecar: a native sidecar (an init container that keeps running), so it is
 /// up before the agent starts and stops after it.
 fn sidecar_container(agent: &Agent, config: &OperatorConfig) -> Container {
-    let mut mounts = vec![mount("sidecar-config", SIDECAR_CONFIG_DIR, true)];
+    let mut mounts = vec![
+        mount("sidecar-config", SIDECAR_CONFIG_DIR, true),
+        mount("sidecar-state", SIDECAR_STATE_DIR, false),
+    ];
     if agent
         .spec
         .credentials
@@ -465,6 +502,13 @@ fn volumes(agent: &Agent) -> Vec<Volume> {
     let mut volumes = vec![
         Volume {
             name: "tmp".to_owned(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+        // The sidecar's outbox: an emptyDir outlives container restarts (a killed sidecar
+        // finds its undelivered usage), not the pod.
+        Volume {
+            name: "sidecar-state".to_owned(),
             empty_dir: Some(EmptyDirVolumeSource::default()),
             ..Volume::default()
         },

@@ -20,7 +20,7 @@ use soma_crds::{Agent, Budget, Capsule};
 use tracing::{Span, field, info, instrument, warn};
 
 use super::apply::apply_children;
-use super::children::{FIELD_MANAGER, children};
+use super::children::{BudgetDefinition, FIELD_MANAGER, Resolved, children};
 use super::status::{DeploymentState, MissingRef, Observed, Stall, agent_status, ready_condition};
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -38,28 +38,67 @@ pub fn desired_replicas(agent: &Agent) -> i32 {
     s.min_replicas.max(1).min(s.max_replicas.max(1))
 }
 
-/// References the Agent names that do not exist.
-async fn missing_refs(client: &Client, agent: &Agent, namespace: &str) -> Result<Vec<MissingRef>> {
-    let mut missing = Vec::new();
-    if let Some(budget) = &agent.spec.budget_ref {
-        let api: Api<Budget> = Api::namespaced(client.clone(), namespace);
-        let found = api
-            .get_opt(&budget.name)
-            .await
-            .map_err(|source| Error::Read {
-                what: format!("Budget {namespace}/{}", budget.name),
-                source,
-            })?;
-        if found.is_none() {
-            missing.push(MissingRef {
-                kind: "Budget",
-                name: budget.name.clone(),
+/// Budgets followed through `parentRef` before Soma calls the chain a loop or too deep.
+const MAX_BUDGET_CHAIN: usize = 8;
+
+/// What the Agent's references resolved to.
+#[derive(Debug, Default)]
+struct Refs {
+    /// References that do not exist.
+    missing: Vec<MissingRef>,
+    /// The Agent's Budget and its parents, for the sidecar.
+    budgets: Vec<BudgetDefinition>,
+    /// A chain the sidecar would refuse (a loop, or deeper than it follows).
+    stall: Option<Stall>,
+}
+
+/// Reads the Agent's Budget with its `parentRef` chain, and checks its Capsules exist.
+async fn resolve_refs(client: &Client, agent: &Agent, namespace: &str) -> Result<Refs> {
+    let mut refs = Refs::default();
+    let budgets: Api<Budget> = Api::namespaced(client.clone(), namespace);
+    let mut next = agent
+        .spec
+        .budget_ref
+        .as_ref()
+        .map(|b| (b.name.clone(), "spec.budgetRef".to_owned()));
+    while let Some((name, field)) = next.take() {
+        if refs.budgets.iter().any(|b| b.name == name) || refs.budgets.len() >= MAX_BUDGET_CHAIN {
+            let chain: Vec<&str> = refs.budgets.iter().map(|b| b.name.as_str()).collect();
+            refs.stall = Some(Stall {
+                reason: "BudgetChainInvalid".to_owned(),
+                message: format!(
+                    "the Budget parent chain {} -> {name} loops or is deeper than {MAX_BUDGET_CHAIN}; correct a Budget's spec.parentRef",
+                    chain.join(" -> ")
+                ),
             });
+            break;
+        }
+        let found = budgets.get_opt(&name).await.map_err(|source| Error::Read {
+            what: format!("Budget {namespace}/{name}"),
+            source,
+        })?;
+        match found {
+            Some(budget) => {
+                next = budget
+                    .spec
+                    .parent_ref
+                    .as_ref()
+                    .map(|p| (p.name.clone(), format!("spec.parentRef of Budget {name:?}")));
+                refs.budgets.push(BudgetDefinition {
+                    name,
+                    spec: budget.spec,
+                });
+            }
+            None => refs.missing.push(MissingRef {
+                kind: "Budget",
+                name,
+                field,
+            }),
         }
     }
-    let api: Api<Capsule> = Api::namespaced(client.clone(), namespace);
+    let capsules: Api<Capsule> = Api::namespaced(client.clone(), namespace);
     for capsule in &agent.spec.capsules {
-        let found = api
+        let found = capsules
             .get_opt(&capsule.name)
             .await
             .map_err(|source| Error::Read {
@@ -67,13 +106,14 @@ async fn missing_refs(client: &Client, agent: &Agent, namespace: &str) -> Result
                 source,
             })?;
         if found.is_none() {
-            missing.push(MissingRef {
+            refs.missing.push(MissingRef {
                 kind: "Capsule",
                 name: capsule.name.clone(),
+                field: "spec.capsules".to_owned(),
             });
         }
     }
-    Ok(missing)
+    Ok(refs)
 }
 
 fn deployment_state(d: &Deployment) -> DeploymentState {
@@ -135,11 +175,15 @@ pub async fn reconcile(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Action> {
 
 /// Resolves references and applies the children; returns what the status is computed from.
 async fn converge(agent: &Agent, ctx: &Context, namespace: &str) -> Result<Observed> {
-    let missing = missing_refs(&ctx.client, agent, namespace).await?;
+    let refs = resolve_refs(&ctx.client, agent, namespace).await?;
     let replicas = desired_replicas(agent);
-    let deployment = if missing.is_empty() {
+    let deployment = if refs.missing.is_empty() && refs.stall.is_none() {
+        let resolved = Resolved {
+            replicas,
+            budgets: refs.budgets,
+        };
         let desired =
-            children(agent, replicas, &ctx.config).map_err(|source| Error::Serialize {
+            children(agent, &resolved, &ctx.config).map_err(|source| Error::Serialize {
                 what: "children",
                 source,
             })?;
@@ -151,15 +195,15 @@ async fn converge(agent: &Agent, ctx: &Context, namespace: &str) -> Result<Obser
         Span::current().record("writes", applied.writes);
         applied.deployment.as_ref().map(deployment_state)
     } else {
-        // Fail closed: nothing is started or changed while a reference is missing. Pods
+        // Fail closed: nothing is started or changed while a reference is broken. Pods
         // already running keep running; their sidecar still enforces the Budget it has.
         read_deployment(&ctx.client, agent, namespace).await?
     };
     Ok(Observed {
         generation: agent.metadata.generation,
         namespace: namespace.to_owned(),
-        missing,
-        stall: None,
+        missing: refs.missing,
+        stall: refs.stall,
         deployment,
         desired_replicas: replicas,
     })

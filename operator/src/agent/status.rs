@@ -7,13 +7,16 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use soma_crds::agent::AgentStatus;
 use soma_crds::common::condition_types::{READY, RECONCILING, STALLED};
 
-/// A reference the Agent names that does not exist.
+/// A reference the Agent (directly or through a Budget's parent) names that does not exist.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MissingRef {
     /// `Budget` or `Capsule`.
     pub kind: &'static str,
-    /// The name the Agent gave.
+    /// The name that was given.
     pub name: String,
+    /// Where the name was given: `spec.budgetRef`, `spec.capsules`, or
+    /// `spec.parentRef of Budget "team"`.
+    pub field: String,
 }
 
 impl MissingRef {
@@ -24,14 +27,9 @@ impl MissingRef {
 
     /// A message a user can act on.
     pub fn message(&self, namespace: &str) -> String {
-        let field = if self.kind == "Budget" {
-            "spec.budgetRef"
-        } else {
-            "spec.capsules"
-        };
         format!(
-            "{} {:?} does not exist in namespace {namespace:?}; create it or correct {field}. The agent's pods are not started or changed until it exists.",
-            self.kind, self.name
+            "{} {:?} does not exist in namespace {namespace:?}; create it or correct {}. The agent's pods are not started or changed until it exists.",
+            self.kind, self.name, self.field
         )
     }
 }
@@ -262,6 +260,7 @@ mod tests {
             missing: vec![MissingRef {
                 kind: "Budget",
                 name: "b".into(),
+                field: "spec.budgetRef".into(),
             }],
             ..observed(None, 1)
         };
@@ -394,6 +393,7 @@ mod tests {
         let m = MissingRef {
             kind: "Capsule",
             name: "kb".into(),
+            field: "spec.capsules".into(),
         };
         let msg = m.message("team");
         assert!(

@@ -41,7 +41,11 @@ fn agent(edit: impl FnOnce(&mut AgentSpec)) -> Agent {
 }
 
 fn built(a: &Agent) -> Children {
-    children(a, 2, &OperatorConfig::default()).expect("children build")
+    let resolved = Resolved {
+        replicas: 2,
+        budgets: Vec::new(),
+    };
+    children(a, &resolved, &OperatorConfig::default()).expect("children build")
 }
 
 fn pod(c: &Children) -> &PodSpec {
@@ -615,4 +619,57 @@ fn upstream_port_parsing() {
     ] {
         assert_eq!(upstream_port(url), port, "{url}");
     }
+}
+
+#[test]
+fn sidecar_gets_budget_definitions_and_a_writable_outbox() {
+    let budget: soma_crds::BudgetSpec = serde_json::from_value(serde_json::json!({
+        "limits": {"tokens": 1000}, "period": {"calendar": "day"}
+    }))
+    .expect("budget spec");
+    let resolved = Resolved {
+        replicas: 1,
+        budgets: vec![BudgetDefinition {
+            name: "team".into(),
+            spec: budget,
+        }],
+    };
+    let c = children(&agent(|_| {}), &resolved, &OperatorConfig::default()).expect("children");
+    let config = c
+        .sidecar_config
+        .data
+        .as_ref()
+        .and_then(|d| d.get("config.yaml"))
+        .expect("config");
+    let config: serde_json::Value = serde_json::from_str(config).expect("JSON");
+    assert_eq!(config["budgets"][0]["name"], "team");
+    assert_eq!(config["budgets"][0]["limits"]["tokens"], 1000);
+    assert_eq!(config["outboxPath"], "/var/lib/soma/outbox.db");
+    let state = sidecar(&c)
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == SIDECAR_STATE_DIR)
+        .expect("state mount");
+    assert_eq!(state.read_only, Some(false));
+    assert!(
+        agent_container(&c)
+            .volume_mounts
+            .iter()
+            .flatten()
+            .all(|m| m.name != state.name),
+        "the agent cannot touch the outbox"
+    );
+    let volume = pod(&c)
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == state.name)
+        .expect("state volume");
+    assert!(volume.empty_dir.is_some());
+    let no_budgets = built(&agent(|_| {}));
+    assert_ne!(
+        c.sidecar_config.data, no_budgets.sidecar_config.data,
+        "a Budget change changes the config (and so the pod template's hash)"
+    );
 }
