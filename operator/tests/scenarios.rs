@@ -612,3 +612,109 @@ async fn service_is_deleted_when_the_port_goes_away() {
     assert!(result.is_ok(), "{result:?}");
     assert!(seen.iter().any(|s| s.method == Method::DELETE));
 }
+
+#[tokio::test]
+async fn missing_parent_budget_names_the_parent_field() {
+    let with_parent = |_: &Value| {
+        (
+            StatusCode::OK,
+            json!({"apiVersion": "soma.dev/v1alpha1", "kind": "Budget",
+                   "metadata": {"name": "team-budget", "namespace": "team"},
+                   "spec": {"limits": {"tokens": 1000}, "period": {"calendar": "day"}, "parentRef": {"name": "tenant"}}}),
+        )
+    };
+    let steps = vec![
+        step(
+            Method::GET,
+            &format!("{SOMA}/budgets/team-budget"),
+            with_parent,
+        ),
+        step(Method::GET, &format!("{SOMA}/budgets/tenant"), |_| {
+            not_found()
+        }),
+        step(Method::GET, &format!("{APPS}/deployments/helper"), |_| {
+            not_found()
+        }),
+        step(Method::GET, &format!("{SOMA}/agents/helper"), live_agent),
+        step(
+            Method::PATCH,
+            &format!("{SOMA}/agents/helper/status"),
+            status_reply,
+        ),
+        step(
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/team/events",
+            echo,
+        ),
+    ];
+    let (result, seen, _) = run(agent_from(agent_json()), steps).await;
+    assert_eq!(
+        result.expect("waits for the parent"),
+        Action::await_change()
+    );
+    let ready = seen[4].body["status"]["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .expect("Ready")
+        .clone();
+    assert_eq!(ready["reason"], "BudgetNotFound");
+    let message = ready["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("\"tenant\"")
+            && message.contains("spec.parentRef of Budget \"team-budget\""),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn budget_parent_loop_stalls() {
+    let budget = |name: &'static str, parent: &'static str| {
+        move |_: &Value| {
+            (
+                StatusCode::OK,
+                json!({"apiVersion": "soma.dev/v1alpha1", "kind": "Budget",
+                       "metadata": {"name": name, "namespace": "team"},
+                       "spec": {"limits": {"tokens": 1}, "period": {"calendar": "day"}, "parentRef": {"name": parent}}}),
+            )
+        }
+    };
+    let steps = vec![
+        step(
+            Method::GET,
+            &format!("{SOMA}/budgets/team-budget"),
+            budget("team-budget", "tenant"),
+        ),
+        step(
+            Method::GET,
+            &format!("{SOMA}/budgets/tenant"),
+            budget("tenant", "team-budget"),
+        ),
+        step(Method::GET, &format!("{APPS}/deployments/helper"), |_| {
+            not_found()
+        }),
+        step(Method::GET, &format!("{SOMA}/agents/helper"), live_agent),
+        step(
+            Method::PATCH,
+            &format!("{SOMA}/agents/helper/status"),
+            status_reply,
+        ),
+        step(
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/team/events",
+            echo,
+        ),
+    ];
+    let (result, seen, _) = run(agent_from(agent_json()), steps).await;
+    assert_eq!(result.expect("a loop is permanent"), Action::await_change());
+    let stalled = seen[4].body["status"]["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == "Stalled")
+        .expect("Stalled")
+        .clone();
+    assert_eq!(stalled["status"], "True");
+    assert_eq!(stalled["reason"], "BudgetChainInvalid");
+}
