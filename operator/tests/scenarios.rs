@@ -167,6 +167,17 @@ fn budget_found(_: &Value) -> (StatusCode, Value) {
     )
 }
 
+/// The condition of `type_` in a status object.
+fn condition(status: &Value, type_: &str) -> Value {
+    status["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == type_)
+        .unwrap_or_else(|| panic!("condition {type_}"))
+        .clone()
+}
+
 /// The children paths in the order the reconcile applies them.
 fn child_paths() -> Vec<String> {
     vec![
@@ -271,12 +282,7 @@ async fn first_reconcile_creates_every_child_with_field_manager_and_owner() {
             w.path
         );
     }
-    let ready = status["conditions"]
-        .as_array()
-        .expect("conditions")
-        .iter()
-        .find(|c| c["type"] == "Ready")
-        .expect("Ready");
+    let ready = condition(&status, "Ready");
     assert_eq!(
         (ready["status"].as_str(), ready["reason"].as_str()),
         (Some("False"), Some("Progressing"))
@@ -340,13 +346,7 @@ async fn unchanged_agent_makes_no_writes() {
         .expect("status")
         .body["status"]
         .clone();
-    let ready = status["conditions"]
-        .as_array()
-        .expect("conditions")
-        .iter()
-        .find(|c| c["type"] == "Ready")
-        .expect("Ready")
-        .clone();
+    let ready = condition(&status, "Ready");
     assert_eq!(ready["status"], "True");
     let event = seen
         .iter()
@@ -431,23 +431,14 @@ async fn missing_budget_sets_condition_and_event_and_starts_nothing() {
         Action::await_change()
     );
     let status = &seen[3].body["status"];
-    let condition = |t: &str| {
-        status["conditions"]
-            .as_array()
-            .expect("conditions")
-            .iter()
-            .find(|c| c["type"] == t)
-            .expect("condition")
-            .clone()
-    };
-    assert_eq!(condition("Ready")["status"], "False");
-    assert_eq!(condition("Ready")["reason"], "BudgetNotFound");
+    assert_eq!(condition(status, "Ready")["status"], "False");
+    assert_eq!(condition(status, "Ready")["reason"], "BudgetNotFound");
     assert!(
-        condition("Ready")["message"]
+        condition(status, "Ready")["message"]
             .as_str()
             .is_some_and(|m| m.contains("team-budget") && m.contains("spec.budgetRef"))
     );
-    assert_eq!(condition("Stalled")["status"], "True");
+    assert_eq!(condition(status, "Stalled")["status"], "True");
     let event = &seen[4].body;
     assert_eq!(event["reason"], "BudgetNotFound");
     assert_eq!(event["type"], "Warning");
@@ -505,13 +496,7 @@ async fn rejected_child_stalls_instead_of_retrying() {
         .find(|s| s.path.ends_with("/status"))
         .expect("status")
         .body["status"];
-    let stalled = status["conditions"]
-        .as_array()
-        .expect("conditions")
-        .iter()
-        .find(|c| c["type"] == "Stalled")
-        .expect("Stalled")
-        .clone();
+    let stalled = condition(status, "Stalled");
     assert_eq!(stalled["status"], "True");
     assert_eq!(stalled["reason"], "ApplyFailed");
     assert!(
@@ -652,13 +637,7 @@ async fn missing_parent_budget_names_the_parent_field() {
         result.expect("waits for the parent"),
         Action::await_change()
     );
-    let ready = seen[4].body["status"]["conditions"]
-        .as_array()
-        .expect("conditions")
-        .iter()
-        .find(|c| c["type"] == "Ready")
-        .expect("Ready")
-        .clone();
+    let ready = condition(&seen[4].body["status"], "Ready");
     assert_eq!(ready["reason"], "BudgetNotFound");
     let message = ready["message"].as_str().unwrap_or_default();
     assert!(
@@ -708,13 +687,7 @@ async fn budget_parent_loop_stalls() {
     ];
     let (result, seen, _) = run(agent_from(agent_json()), steps).await;
     assert_eq!(result.expect("a loop is permanent"), Action::await_change());
-    let stalled = seen[4].body["status"]["conditions"]
-        .as_array()
-        .expect("conditions")
-        .iter()
-        .find(|c| c["type"] == "Stalled")
-        .expect("Stalled")
-        .clone();
+    let stalled = condition(&seen[4].body["status"], "Stalled");
     assert_eq!(stalled["status"], "True");
     assert_eq!(stalled["reason"], "BudgetChainInvalid");
 }
