@@ -178,6 +178,27 @@ fn condition(status: &Value, type_: &str) -> Value {
         .clone()
 }
 
+/// What a reconcile that cannot proceed does after resolving: read the Deployment (absent
+/// here), read the live Agent, write the Stalled status, publish the Event.
+fn stalled_status_steps() -> Vec<Step> {
+    vec![
+        step(Method::GET, &format!("{APPS}/deployments/helper"), |_| {
+            not_found()
+        }),
+        step(Method::GET, &format!("{SOMA}/agents/helper"), live_agent),
+        step(
+            Method::PATCH,
+            &format!("{SOMA}/agents/helper/status"),
+            status_reply,
+        ),
+        step(
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/team/events",
+            echo,
+        ),
+    ]
+}
+
 /// The children paths in the order the reconcile applies them.
 fn child_paths() -> Vec<String> {
     vec![
@@ -406,25 +427,12 @@ async fn edited_child_is_put_back() {
 
 #[tokio::test]
 async fn missing_budget_sets_condition_and_event_and_starts_nothing() {
-    let steps = vec![
-        step(Method::GET, &format!("{SOMA}/budgets/team-budget"), |_| {
-            not_found()
-        }),
-        step(Method::GET, &format!("{APPS}/deployments/helper"), |_| {
-            not_found()
-        }),
-        step(Method::GET, &format!("{SOMA}/agents/helper"), live_agent),
-        step(
-            Method::PATCH,
-            &format!("{SOMA}/agents/helper/status"),
-            status_reply,
-        ),
-        step(
-            Method::POST,
-            "/apis/events.k8s.io/v1/namespaces/team/events",
-            echo,
-        ),
-    ];
+    let mut steps = vec![step(
+        Method::GET,
+        &format!("{SOMA}/budgets/team-budget"),
+        |_| not_found(),
+    )];
+    steps.extend(stalled_status_steps());
     let (result, seen, _) = run(agent_from(agent_json()), steps).await;
     assert_eq!(
         result.expect("a missing reference is not an error to retry"),
@@ -466,26 +474,7 @@ async fn rejected_child_stalls_instead_of_retrying() {
             step(Method::PATCH, &path, echo)
         });
     }
-    steps.push(step(
-        Method::GET,
-        &format!("{APPS}/deployments/helper"),
-        |_| not_found(),
-    ));
-    steps.push(step(
-        Method::GET,
-        &format!("{SOMA}/agents/helper"),
-        live_agent,
-    ));
-    steps.push(step(
-        Method::PATCH,
-        &format!("{SOMA}/agents/helper/status"),
-        status_reply,
-    ));
-    steps.push(step(
-        Method::POST,
-        "/apis/events.k8s.io/v1/namespaces/team/events",
-        echo,
-    ));
+    steps.extend(stalled_status_steps());
     let (result, seen, _) = run(agent_from(agent_json()), steps).await;
     assert_eq!(
         result.expect("permanent failures are reported in status"),
@@ -608,7 +597,7 @@ async fn missing_parent_budget_names_the_parent_field() {
                    "spec": {"limits": {"tokens": 1000}, "period": {"calendar": "day"}, "parentRef": {"name": "tenant"}}}),
         )
     };
-    let steps = vec![
+    let mut steps = vec![
         step(
             Method::GET,
             &format!("{SOMA}/budgets/team-budget"),
@@ -617,21 +606,8 @@ async fn missing_parent_budget_names_the_parent_field() {
         step(Method::GET, &format!("{SOMA}/budgets/tenant"), |_| {
             not_found()
         }),
-        step(Method::GET, &format!("{APPS}/deployments/helper"), |_| {
-            not_found()
-        }),
-        step(Method::GET, &format!("{SOMA}/agents/helper"), live_agent),
-        step(
-            Method::PATCH,
-            &format!("{SOMA}/agents/helper/status"),
-            status_reply,
-        ),
-        step(
-            Method::POST,
-            "/apis/events.k8s.io/v1/namespaces/team/events",
-            echo,
-        ),
     ];
+    steps.extend(stalled_status_steps());
     let (result, seen, _) = run(agent_from(agent_json()), steps).await;
     assert_eq!(
         result.expect("waits for the parent"),
@@ -659,7 +635,7 @@ async fn budget_parent_loop_stalls() {
             )
         }
     };
-    let steps = vec![
+    let mut steps = vec![
         step(
             Method::GET,
             &format!("{SOMA}/budgets/team-budget"),
@@ -670,21 +646,8 @@ async fn budget_parent_loop_stalls() {
             &format!("{SOMA}/budgets/tenant"),
             budget("tenant", "team-budget"),
         ),
-        step(Method::GET, &format!("{APPS}/deployments/helper"), |_| {
-            not_found()
-        }),
-        step(Method::GET, &format!("{SOMA}/agents/helper"), live_agent),
-        step(
-            Method::PATCH,
-            &format!("{SOMA}/agents/helper/status"),
-            status_reply,
-        ),
-        step(
-            Method::POST,
-            "/apis/events.k8s.io/v1/namespaces/team/events",
-            echo,
-        ),
     ];
+    steps.extend(stalled_status_steps());
     let (result, seen, _) = run(agent_from(agent_json()), steps).await;
     assert_eq!(result.expect("a loop is permanent"), Action::await_change());
     let stalled = condition(&seen[4].body["status"], "Stalled");

@@ -66,22 +66,9 @@ install_helm_kubectl() {
     touch "$STAMP"
 }
 
+# The venv is python.sh's (it creates it, installing python3-venv where Debian lacks it).
 ensure_venv() {
-    if [[ -x $VENV/bin/python ]]; then
-        return
-    fi
-    if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
-        # Debian's python3 splits venv/ensurepip into python3-venv.
-        log "python3 venv support missing: installing python3-venv"
-        if [[ $(id -u) -ne 0 ]]; then
-            log "not root: run 'apt-get install -y python3-venv' and retry"
-            exit 1
-        fi
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
-    fi
-    log "creating venv $VENV"
-    python3 -m venv "$VENV"
+    [[ -x $VENV/bin/python ]] || bash "$(dirname "${BASH_SOURCE[0]}")/python.sh"
 }
 
 install_validate() {

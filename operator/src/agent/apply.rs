@@ -55,6 +55,7 @@ pub fn contains(live: &Value, desired: &Value) -> bool {
 async fn ensure<K>(client: &Client, desired: &K) -> Result<(K, bool)>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + k8s_openapi::Resource
         + Clone
         + Serialize
         + DeserializeOwned
@@ -95,7 +96,7 @@ where
         .patch(&name, &params, &Patch::Apply(&desired))
         .await
         .map_err(|source| Error::Apply {
-            kind: static_kind::<K>(),
+            kind: <K as k8s_openapi::Resource>::KIND,
             name: name.clone(),
             source,
         })?;
@@ -106,6 +107,7 @@ where
 async fn remove<K>(client: &Client, namespace: &str, name: &str, owner_uid: &str) -> Result<bool>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + k8s_openapi::Resource
         + Clone
         + DeserializeOwned
         + std::fmt::Debug,
@@ -127,22 +129,10 @@ where
         Ok(_) => Ok(true),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
         Err(source) => Err(Error::Delete {
-            kind: static_kind::<K>(),
+            kind: <K as k8s_openapi::Resource>::KIND,
             name: name.to_owned(),
             source,
         }),
-    }
-}
-
-/// The kind as a `'static` label for errors.
-fn static_kind<K: Resource<DynamicType = ()>>() -> &'static str {
-    match K::kind(&()).as_ref() {
-        "ServiceAccount" => "ServiceAccount",
-        "ConfigMap" => "ConfigMap",
-        "Deployment" => "Deployment",
-        "Service" => "Service",
-        "NetworkPolicy" => "NetworkPolicy",
-        _ => "object",
     }
 }
 
