@@ -278,6 +278,25 @@ impl Ledger {
         Ok(self.spent)
     }
 
+    /// Replaces the per-minute caps (tokens and requests). The cluster authority gives each
+    /// replica a share of a Budget's rate limits and adjusts it as replicas come and go.
+    pub fn set_rate_limits(
+        &mut self,
+        tokens_per_minute: Option<u64>,
+        requests_per_minute: Option<u64>,
+    ) {
+        self.def.limits.tokens_per_minute = tokens_per_minute;
+        self.def.limits.requests_per_minute = requests_per_minute;
+    }
+
+    /// Settled spend in the window containing `now` plus what in-flight requests hold.
+    pub fn used(&mut self, now: Timestamp) -> Result<Amount, Error> {
+        self.roll(now)?;
+        let mut used = self.spent;
+        used.add(self.reserved);
+        Ok(used)
+    }
+
     /// What in-flight requests hold.
     pub fn reserved(&self) -> Amount {
         self.reserved

@@ -2,8 +2,10 @@
 //! `parentRef` ancestors) as an in-memory [`Ledger`] behind one mutex, rebuilt from the outbox
 //! at start-up. A reservation is all-or-nothing across the chain.
 //!
-//! This is the single-sidecar authority. Budgets shared by many replicas need the cluster
-//! authority (PostgreSQL with leased slices), which is not built yet.
+//! This is the single-sidecar authority (`authority: embedded`, the default). Its durable state
+//! is the SQLite outbox: the in-memory ledgers are rebuilt from it at every start. Budgets
+//! shared by many replicas use the cluster authority (`crate::cluster`, PostgreSQL with leased
+//! slices); `crate::budgets::Budgets` is the one type the request path sees.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -22,6 +24,36 @@ pub enum ChainError {
     /// `parentRef`s loop.
     #[error("budget {0:?} is its own ancestor")]
     Cycle(String),
+    /// The cluster authority keys leases by calendar window.
+    #[error(
+        "budget {0:?} has a rolling period, which the postgres budget authority does not support; use a calendar period or the embedded authority"
+    )]
+    Rolling(String),
+}
+
+/// A chain's Budget names in order, the first name without a definition, and the ledgers.
+pub type Chain = (Vec<String>, Option<String>, HashMap<String, Ledger>);
+
+/// Follows `budget`'s `parentRef`s through `defs`.
+pub fn build_chain(budget: Option<&str>, defs: &[BudgetDef]) -> Result<Chain, ChainError> {
+    let mut chain = Vec::new();
+    let mut ledgers = HashMap::new();
+    let mut missing = None;
+    let mut next = budget.map(str::to_owned);
+    while let Some(name) = next.take() {
+        if chain.contains(&name) {
+            return Err(ChainError::Cycle(name));
+        }
+        match defs.iter().find(|d| d.name == name) {
+            Some(def) => {
+                next = def.parent_ref.as_ref().map(|p| p.name.clone());
+                ledgers.insert(name.clone(), Ledger::new(def.clone())?);
+            }
+            None => missing = Some(name.clone()),
+        }
+        chain.push(name);
+    }
+    Ok((chain, missing, ledgers))
 }
 
 /// The outcome of a reservation attempt.
@@ -33,6 +65,9 @@ pub enum Reserve {
     Refused(Box<Refusal>),
     /// The configured Budget (or an ancestor) has no definition: fail closed.
     Undefined(String),
+    /// The authority cannot decide (the cluster authority's database is unreachable and the
+    /// local slice is used up): fail closed, with the reason.
+    Unavailable(String),
 }
 
 /// The authority.
@@ -46,23 +81,7 @@ pub struct Authority {
 impl Authority {
     /// Builds the chain for `budget` from `defs`.
     pub fn new(budget: Option<&str>, defs: &[BudgetDef]) -> Result<Authority, ChainError> {
-        let mut chain = Vec::new();
-        let mut ledgers = HashMap::new();
-        let mut missing = None;
-        let mut next = budget.map(str::to_owned);
-        while let Some(name) = next.take() {
-            if chain.contains(&name) {
-                return Err(ChainError::Cycle(name));
-            }
-            match defs.iter().find(|d| d.name == name) {
-                Some(def) => {
-                    next = def.parent_ref.as_ref().map(|p| p.name.clone());
-                    ledgers.insert(name.clone(), Ledger::new(def.clone())?);
-                }
-                None => missing = Some(name.clone()),
-            }
-            chain.push(name);
-        }
+        let (chain, missing, ledgers) = build_chain(budget, defs)?;
         Ok(Authority {
             chain,
             missing,

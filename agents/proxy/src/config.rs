@@ -60,13 +60,23 @@ pub struct Config {
     /// The SQLite outbox (WAL): usage records and the embedded budget authority's state.
     #[serde(default = "default_outbox_path")]
     pub outbox_path: PathBuf,
-    /// PostgreSQL ledger URL; when set, settled usage is delivered there in the background.
-    /// Read from the file, never logged.
+    /// Which budget authority enforces `budget`: `embedded` (the default: this sidecar alone,
+    /// its state rebuilt from the outbox) or `{"postgres": {...}}` (replicas sharing Budgets
+    /// through the PostgreSQL at `databaseUrl`, each leasing slices).
+    #[serde(default)]
+    pub authority: AuthorityConfig,
+    /// PostgreSQL URL: the ledger (settled usage is delivered there in the background) and,
+    /// with `authority: postgres`, the cluster budget authority. Read from the file, never
+    /// logged.
     #[serde(default)]
     pub database_url: Option<String>,
     /// NATS URL; when set, settled usage is published to JetStream in the background.
     #[serde(default)]
     pub nats_url: Option<String>,
+    /// How often delivered outbox rows older than the longest budget window are deleted, in
+    /// milliseconds (0: never).
+    #[serde(default = "default_prune_interval")]
+    pub prune_interval_ms: u64,
     /// Pause between delivery rounds (ledger and events) when the outbox is drained, in milliseconds.
     #[serde(default = "default_delivery_interval")]
     pub delivery_interval_ms: u64,
@@ -82,6 +92,43 @@ pub struct Config {
     /// `anthropic-version` sent when the client sends none.
     #[serde(default = "default_anthropic_version")]
     pub anthropic_version: String,
+}
+
+/// `authority`: `"embedded"` or `{"postgres": {"leaseTtlMs": 30000}}`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AuthorityConfig {
+    /// One sidecar: Budgets in memory, rebuilt from the outbox at start-up.
+    #[default]
+    Embedded,
+    /// Many replicas: Budget windows and leases in PostgreSQL (`databaseUrl`).
+    Postgres(PostgresAuthority),
+}
+
+/// `authority.postgres`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PostgresAuthority {
+    /// How long a lease lives without a heartbeat (heartbeats run every third of it); a
+    /// replica gone longer has its unused slice reclaimed by the others.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl_ms: u64,
+}
+
+impl Default for PostgresAuthority {
+    fn default() -> Self {
+        PostgresAuthority {
+            lease_ttl_ms: default_lease_ttl(),
+        }
+    }
+}
+
+fn default_lease_ttl() -> u64 {
+    30_000
+}
+
+fn default_prune_interval() -> u64 {
+    60_000
 }
 
 /// `agent`.
@@ -224,6 +271,33 @@ mod tests {
         assert_eq!(c.provider.kind, ProviderKind::Anthropic);
         assert!(Config::parse("agent: [").is_err());
         assert!(Config::parse("{\"agent\": 1}").is_err());
+    }
+
+    #[test]
+    fn authority_shapes() {
+        let base = r#""agent": {"namespace": "a", "name": "b"}, "provider": {"kind": "openai", "upstream": "http://x", "model": "m"}, "credentials": "none", "clientTokenEnv": "T""#;
+        let c = Config::parse(&format!("{{{base}}}")).unwrap();
+        assert_eq!(c.authority, AuthorityConfig::Embedded);
+        let c =
+            Config::parse(&format!(r#"{{{base}, "authority": {{"postgres": {{}}}}}}"#)).unwrap();
+        assert_eq!(
+            c.authority,
+            AuthorityConfig::Postgres(PostgresAuthority::default())
+        );
+        let c = Config::parse(&format!(
+            r#"{{{base}, "authority": {{"postgres": {{"leaseTtlMs": 900}}}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(
+            c.authority,
+            AuthorityConfig::Postgres(PostgresAuthority { lease_ttl_ms: 900 })
+        );
+        for bad in [r#""sqlite""#, r#"{"postgres": {"leaseTTL": 1}}"#] {
+            assert!(
+                Config::parse(&format!(r#"{{{base}, "authority": {bad}}}"#)).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub enum ProxyError {
     /// The configured Budget has no definition.
     #[error("budget {0:?} has no definition in the sidecar's configuration")]
     BudgetUndefined(String),
+    /// The budget authority cannot decide; the request is refused rather than risk overspend.
+    #[error("budget authority unavailable: {0}; the request was not sent")]
+    BudgetUnavailable(String),
     /// The upstream could not be reached.
     #[error("upstream unreachable")]
     Upstream(#[source] hyper_util::client::legacy::Error),
@@ -82,6 +85,7 @@ impl ProxyError {
             ProxyError::UnknownModel(_) => "unknown_model",
             ProxyError::Budget(_) => "budget",
             ProxyError::BudgetUndefined(_) => "budget_undefined",
+            ProxyError::BudgetUnavailable(_) => "budget_unavailable",
             ProxyError::Upstream(_) => "upstream",
             ProxyError::UpstreamTimeout => "upstream_timeout",
             ProxyError::Outbox(_) => "outbox",
@@ -100,9 +104,9 @@ impl ProxyError {
             | ProxyError::NoModel
             | ProxyError::UnknownModel(_) => StatusCode::BAD_REQUEST,
             ProxyError::Budget(_) => StatusCode::TOO_MANY_REQUESTS,
-            ProxyError::BudgetUndefined(_) | ProxyError::Outbox(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::BudgetUndefined(_)
+            | ProxyError::BudgetUnavailable(_)
+            | ProxyError::Outbox(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -147,6 +151,9 @@ impl ProxyError {
             },
             ProxyError::Upstream(_) | ProxyError::UpstreamTimeout => {
                 ("api_error", "api_error", "upstream_unavailable")
+            }
+            ProxyError::BudgetUnavailable(_) => {
+                ("api_error", "overloaded_error", "budget_unavailable")
             }
             ProxyError::BudgetUndefined(_) | ProxyError::Outbox(_) | ProxyError::Internal(_) => {
                 ("api_error", "api_error", "sidecar_unavailable")

@@ -174,9 +174,13 @@ async fn serve(
     let mut rewritten = false;
     let now = jiff::Timestamp::now();
     let mut worst = Amount::worst_case(prompt, max_out, price.as_ref());
-    let reservations = match state.authority.reserve(now, worst) {
+    let reservations = match state.authority.reserve(now, worst).await {
         Reserve::Taken(r) => r,
         Reserve::Undefined(name) => return Err(ProxyError::BudgetUndefined(name)),
+        Reserve::Unavailable(reason) => {
+            state.metrics.request(endpoint.label(), &model, 503);
+            return Err(ProxyError::BudgetUnavailable(reason));
+        }
         Reserve::Refused(refusal) => {
             let brown_out = state
                 .authority
@@ -188,7 +192,7 @@ async fn serve(
                 Some(cheaper) => {
                     let cheaper_price = price_of(state, &cheaper)?;
                     let cheaper_worst = Amount::worst_case(prompt, max_out, cheaper_price.as_ref());
-                    match state.authority.reserve(now, cheaper_worst) {
+                    match state.authority.reserve(now, cheaper_worst).await {
                         Reserve::Taken(r) => {
                             tracing::info!(from = %model, to = %cheaper, budget = %refusal.budget, "brown-out");
                             json["model"] = Value::String(cheaper.clone());

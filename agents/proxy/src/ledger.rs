@@ -1,5 +1,5 @@
-//! Delivery from the outbox to the PostgreSQL ledger (`usage_records`, schema by sqlx
-//! migrations in `agents/proxy/migrations`).
+//! Delivery from the outbox to the PostgreSQL ledger (`usage_records`, and its per-minute
+//! rollup `usage_minute`; schema by sqlx migrations in `agents/proxy/migrations`).
 //!
 //! A background task takes settled, undelivered outbox rows in batches, inserts them with
 //! `ON CONFLICT (id) DO NOTHING`, and only then marks them delivered in the outbox. A sidecar
@@ -68,8 +68,10 @@ pub async fn deliver_once(
     if rows.is_empty() {
         return Ok(0);
     }
+    // One statement: the per-request insert and the per-minute rollup of exactly the rows it
+    // inserted (a redelivered row conflicts, is not returned, and is not added again).
     let mut q = QueryBuilder::<Postgres>::new(
-        "INSERT INTO usage_records (id, namespace, agent, budgets, endpoint, model, started_at,
+        "WITH ins AS (INSERT INTO usage_records (id, namespace, agent, budgets, endpoint, model, started_at,
             finished_at, input_tokens, cached_input_tokens, cache_write_input_tokens,
             output_tokens, reasoning_tokens, cost_micros, estimated, outcome, http_status) ",
     );
@@ -94,7 +96,26 @@ pub async fn deliver_once(
             .push_bind(&r.outcome)
             .push_bind(r.http_status.and_then(|s| i32::try_from(s).ok()));
     });
-    q.push(" ON CONFLICT (id) DO NOTHING");
+    q.push(
+        " ON CONFLICT (id) DO NOTHING RETURNING namespace, agent, model, started_at,
+            input_tokens, cached_input_tokens, cache_write_input_tokens, output_tokens,
+            reasoning_tokens, cost_micros)
+        INSERT INTO usage_minute AS m (namespace, agent, model, minute, requests, input_tokens,
+            cached_input_tokens, cache_write_input_tokens, output_tokens, reasoning_tokens,
+            cost_micros)
+        SELECT namespace, agent, model, date_trunc('minute', started_at), COUNT(*),
+            SUM(input_tokens), SUM(cached_input_tokens), SUM(cache_write_input_tokens),
+            SUM(output_tokens), SUM(reasoning_tokens), SUM(cost_micros)
+        FROM ins GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+        ON CONFLICT (namespace, agent, model, minute) DO UPDATE SET
+            requests = m.requests + EXCLUDED.requests,
+            input_tokens = m.input_tokens + EXCLUDED.input_tokens,
+            cached_input_tokens = m.cached_input_tokens + EXCLUDED.cached_input_tokens,
+            cache_write_input_tokens = m.cache_write_input_tokens + EXCLUDED.cache_write_input_tokens,
+            output_tokens = m.output_tokens + EXCLUDED.output_tokens,
+            reasoning_tokens = m.reasoning_tokens + EXCLUDED.reasoning_tokens,
+            cost_micros = m.cost_micros + EXCLUDED.cost_micros",
+    );
     q.build()
         .execute(pool)
         .await

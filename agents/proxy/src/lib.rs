@@ -6,7 +6,7 @@
 //! Budget before a call leaves, and writes every call's usage to a durable local outbox.
 //!
 //! ```text
-//!  agent ──127.0.0.1:4000──► handler ──► authority (Budgets) ──► outbox (SQLite WAL)
+//!  agent ──127.0.0.1:4000──► handler ──► budgets (embedded, or cluster: leases in PostgreSQL) ──► outbox (SQLite WAL)
 //!                               │                                     ▲
 //!                               └──► upstream (key injected) ──► relay/settle
 //!  outbox ──(background)──► ledger (PostgreSQL) and events (NATS JetStream), idempotent
@@ -17,12 +17,15 @@
 #![forbid(unsafe_code)]
 
 pub mod authority;
+pub mod budgets;
+pub mod cluster;
 pub mod config;
 pub mod endpoint;
 pub mod error;
 pub mod events;
 pub mod fake_upstream;
 pub mod handler;
+pub mod lease;
 pub mod ledger;
 pub mod metrics;
 pub mod outbox;

@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS usage_outbox (
     published_at_ms INTEGER              -- set once JetStream acknowledged the event
 );
 CREATE INDEX IF NOT EXISTS ix_outbox_started ON usage_outbox (started_at_ms);
+CREATE TABLE IF NOT EXISTS outbox_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS ix_outbox_open ON usage_outbox (state) WHERE state = 'open';
 CREATE INDEX IF NOT EXISTS ix_outbox_undelivered ON usage_outbox (started_at_ms)
     WHERE state = 'settled' AND delivered_at_ms IS NULL;
@@ -129,6 +130,16 @@ impl Sink {
             Sink::Events => "published_at_ms",
         }
     }
+}
+
+/// Which sinks are configured: a row is deleted by [`Outbox::prune`] only once every
+/// configured sink has it, and never when none is (the outbox is then the only record).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sinks {
+    /// `databaseUrl` is set.
+    pub ledger: bool,
+    /// `natsUrl` is set.
+    pub events: bool,
 }
 
 /// A settled row as the ledger stores it and the event carries it.
@@ -542,6 +553,39 @@ impl Outbox {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// This outbox's stable name (a UUID made on first use and kept in the file): the cluster
+    /// budget authority's lease holder, the same after a restart on the same file.
+    pub async fn holder_id(&self) -> Result<String, sqlx::Error> {
+        sqlx::query("INSERT OR IGNORE INTO outbox_meta (key, value) VALUES ('holder', ?1)")
+            .bind(uuid::Uuid::now_v7().to_string())
+            .execute(&self.pool)
+            .await?;
+        sqlx::query_scalar("SELECT value FROM outbox_meta WHERE key = 'holder'")
+            .fetch_one(&self.pool)
+            .await
+    }
+
+    /// Deletes settled rows that started before `before` and that every configured sink has
+    /// (delivered to the ledger, published to JetStream). Returns how many. `before` is the
+    /// start of the longest budget window (minus a minute): younger rows are still replayed
+    /// into the authority at start-up.
+    pub async fn prune(&self, before: Timestamp, sinks: Sinks) -> Result<u64, sqlx::Error> {
+        if !sinks.ledger && !sinks.events {
+            return Ok(0);
+        }
+        let r = sqlx::query(
+            "DELETE FROM usage_outbox WHERE state = 'settled' AND started_at_ms < ?1
+                AND (?2 = 0 OR delivered_at_ms IS NOT NULL)
+                AND (?3 = 0 OR published_at_ms IS NOT NULL)",
+        )
+        .bind(ms(before))
+        .bind(sinks.ledger)
+        .bind(sinks.events)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected())
     }
 
     /// Closes the sqlx pool (tests that reopen the file). The writer thread ends when the last

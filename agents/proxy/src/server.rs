@@ -15,7 +15,9 @@ use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::authority::{Authority, ChainError};
-use crate::config::{Config, Credentials};
+use crate::budgets::Budgets;
+use crate::cluster::ClusterAuthority;
+use crate::config::{AuthorityConfig, Config, Credentials};
 use crate::endpoint::Endpoint;
 use crate::error::ProxyError;
 use crate::handler;
@@ -61,6 +63,9 @@ pub enum StartError {
     /// The ledger URL does not parse (its text, which may hold a password, is not repeated).
     #[error("databaseUrl is not a valid PostgreSQL URL")]
     Ledger,
+    /// `authority: postgres` without `databaseUrl`.
+    #[error("authority.postgres needs databaseUrl (the PostgreSQL holding the Budget leases)")]
+    AuthorityDatabase,
     /// TLS setup.
     #[error("cannot set up TLS for the upstream client")]
     Tls(#[from] rustls::Error),
@@ -97,7 +102,6 @@ pub async fn state(config: Config, client_token: String) -> Result<Arc<AppState>
     }
     let key = read_key(&config.credentials)?;
     let client = upstream::client(Duration::from_millis(config.timeouts.connect_ms))?;
-    let authority = Authority::new(config.budget.as_deref(), &config.budgets)?;
     let outbox_err = |source| StartError::Outbox {
         path: config.outbox_path.clone(),
         source,
@@ -105,6 +109,27 @@ pub async fn state(config: Config, client_token: String) -> Result<Arc<AppState>
     let outbox = Outbox::open(&config.outbox_path)
         .await
         .map_err(outbox_err)?;
+    let authority = match &config.authority {
+        AuthorityConfig::Embedded => {
+            Budgets::Embedded(Authority::new(config.budget.as_deref(), &config.budgets)?)
+        }
+        AuthorityConfig::Postgres(pg) => {
+            let url = config
+                .database_url
+                .as_deref()
+                .ok_or(StartError::AuthorityDatabase)?;
+            let pool = crate::lease::pool(url).map_err(|_| StartError::Ledger)?;
+            // The holder name lives in the outbox: a restart on the same file takes its lease back.
+            let holder = outbox.holder_id().await.map_err(outbox_err)?;
+            Budgets::Cluster(ClusterAuthority::new(
+                config.budget.as_deref(),
+                &config.budgets,
+                pool,
+                holder,
+                Duration::from_millis(pg.lease_ttl_ms.max(300)),
+            )?)
+        }
+    };
     let now = jiff::Timestamp::now();
     let recovered = outbox.recover_interrupted(now).await.map_err(outbox_err)?;
     if recovered > 0 {
@@ -175,6 +200,28 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
         )
             .into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// Deletes delivered outbox rows older than the longest budget window, every
+/// `pruneIntervalMs`, until `stop`.
+async fn prune_loop(state: Arc<AppState>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let every = Duration::from_millis(state.config.prune_interval_ms);
+    let sinks = crate::outbox::Sinks {
+        ledger: state.config.database_url.is_some(),
+        events: state.config.nats_url.is_some(),
+    };
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let before = state.authority.replay_since(jiff::Timestamp::now());
+        match state.outbox.prune(before, sinks).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(pruned = n, "delivered outbox rows deleted"),
+            Err(e) => tracing::warn!(error = %e, "outbox pruning failed"),
+        }
     }
 }
 
@@ -263,8 +310,20 @@ pub async fn start(config: Config, client_token: String) -> Result<Running, Star
             pool,
             interval,
             500,
-            rx,
+            rx.clone(),
         )));
+    }
+    if state.config.prune_interval_ms > 0 {
+        tasks.push(tokio::spawn(prune_loop(state.clone(), rx.clone())));
+    }
+    if let Budgets::Cluster(_) = &state.authority {
+        let s = state.clone();
+        let rx = rx.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Budgets::Cluster(c) = &s.authority {
+                c.run(rx).await;
+            }
+        }));
     }
     tracing::info!(%proxy_addr, %admin_addr, budgets = %state.authority.chain_label(), "soma-proxy serving");
     Ok(Running {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use soma_metering::{Amount, Price, Reservation, Usage};
 
-use crate::authority::Authority;
+use crate::budgets::Budgets;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Settlement};
@@ -22,7 +22,7 @@ pub struct AppState {
     /// Upstream HTTP client.
     pub client: UpstreamClient,
     /// Budgets.
-    pub authority: Authority,
+    pub authority: Budgets,
     /// Durable usage.
     pub outbox: Outbox,
     /// Prometheus.

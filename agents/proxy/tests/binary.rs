@@ -4,104 +4,11 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use soma_proxy::fake_upstream::FakeUpstream;
+use support::sidecar::*;
 use support::*;
-
-struct Proc {
-    child: Child,
-    addr: String,
-    admin: String,
-    lines: mpsc::Receiver<String>,
-}
-
-/// Starts the binary and waits for its "serving" log line, which names its ports. A panic
-/// before `Proc` exists leaves the child to the test process's exit (clippy's zombie lint).
-#[allow(clippy::zombie_processes)]
-fn spawn(config: &std::path::Path) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_soma-proxy"))
-        .arg("--config")
-        .arg(config)
-        .env("SOMA_POD_UID", TOKEN)
-        // Every level, hyper's included: the key must not appear even in trace output.
-        .env("RUST_LOG", "trace")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, lines) = mpsc::channel();
-    for pipe in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ] {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-    }
-    let mut seen: Vec<String> = Vec::new();
-    loop {
-        let line = lines
-            .recv_timeout(std::time::Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("no serving line; output: {seen:#?}"));
-        if line.contains("soma-proxy serving") {
-            let v: Value = serde_json::from_str(&line).unwrap();
-            let f = &v["fields"];
-            let proc = Proc {
-                child,
-                addr: f["proxy_addr"].as_str().unwrap().to_owned(),
-                admin: f["admin_addr"].as_str().unwrap().to_owned(),
-                lines,
-            };
-            // Keep what came before: it is checked for the key too.
-            for l in seen {
-                assert!(!l.contains(KEY), "key in start-up log: {l}");
-            }
-            return proc;
-        }
-        seen.push(line);
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // A failed assertion must not leave the sidecar running.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    /// SIGKILL, then everything it printed.
-    fn kill(mut self) -> Vec<String> {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-        let mut out = Vec::new();
-        while let Ok(l) = self.lines.recv_timeout(std::time::Duration::from_secs(2)) {
-            out.push(l);
-        }
-        out
-    }
-}
-
-fn write_config(
-    dir: &std::path::Path,
-    upstream: &str,
-    kind: &str,
-    extra: Value,
-) -> std::path::PathBuf {
-    let c = config_json(upstream, kind, dir, extra);
-    let path = dir.join("config.yaml");
-    std::fs::write(&path, serde_json::to_string_pretty(&c).unwrap()).unwrap();
-    path
-}
 
 fn reply_text(r: &Reply) -> String {
     let mut s = format!("{}\n", r.status);
@@ -126,7 +33,7 @@ async fn the_key_never_appears_in_any_response_or_log_line() {
                 "budgets": [{"name": "team", "limits": {"costMicros": 30_000}, "period": {"calendar": "day"}}],
             }),
         );
-        let p = spawn(&cfg);
+        let p = spawn(&cfg, "trace");
         let client = http();
         let (path, model, auth_header) = match kind {
             "openai" => ("/v1/chat/completions", "gpt-4o", "authorization"),
@@ -268,7 +175,7 @@ async fn kill_9_mid_stream_loses_nothing_and_counts_it_once_after_restart() {
             "budgets": [{"name": "team", "limits": {"costMicros": 1_000_000}, "period": {"calendar": "day"}}],
         }),
     );
-    let p = spawn(&cfg);
+    let p = spawn(&cfg, "trace");
     let client = http();
     // One complete request, then a slow stream killed after its first chunk.
     let done = send(&client, "POST", &format!("http://{}/v1/chat/completions", p.addr),
@@ -288,7 +195,7 @@ async fn kill_9_mid_stream_loses_nothing_and_counts_it_once_after_restart() {
     p.kill();
     drop(body);
 
-    let p = spawn(&cfg);
+    let p = spawn(&cfg, "trace");
     let outbox = soma_proxy::outbox::Outbox::open(&dir.path().join("outbox.db"))
         .await
         .unwrap();

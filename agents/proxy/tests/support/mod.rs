@@ -3,6 +3,11 @@
 
 use std::path::PathBuf;
 
+pub mod fleet;
+pub mod nats;
+pub mod pg;
+pub mod sidecar;
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, StatusCode, header::HeaderMap};

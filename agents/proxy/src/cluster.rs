@@ -1,0 +1,461 @@
+//! The cluster budget authority: many sidecar replicas sharing one Budget chain, with the
+//! chain's state in PostgreSQL and the common-case check in memory.
+//!
+//! Each replica leases a slice of each Budget's window (`src/lease.rs`): the window's
+//! `granted` total never passes its cap, and a replica reserves only inside its own lease.
+//! A reservation that its lease covers costs no database round trip; one that does not waits
+//! for a top-up (one transaction, one at a time per replica). If PostgreSQL cannot be reached
+//! then, the request is refused (fail closed): nothing is spent that was not granted.
+//!
+//! ```text
+//!  reserve(worst) ─► local: used + worst ≤ lease on every Budget? ─yes─► Ledger::reserve (rates)
+//!        └─no─► top-up (PostgreSQL) ─granted─► retry local
+//!                  └─ cap reached ─► 429 naming the Budget      └─ unreachable ─► 503
+//!  every ttl/3: report used, renew the lease; idle: give the unused rest back; stop: give back
+//! ```
+//!
+//! What is exact: the period caps (`tokens`, `costMicros`) across all replicas, up to what a
+//! provider returns beyond the worst case asked for (as with the embedded authority). What is
+//! approximate: the per-minute rate limits, which each replica enforces as its share
+//! (`limit / live replicas`, rounded up) of the limit; and a replica that dies and stays away
+//! longer than the lease TTL has its lease cut back to what it last reported, so spend it
+//! made after its last report (at most its slice) is counted when its outbox comes back,
+//! possibly past the cap.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use soma_metering::budget::LimitKind;
+use soma_metering::{Amount, BudgetDef, Ledger, Refusal, Reservation, Window};
+use sqlx::postgres::PgPool;
+
+use crate::authority::{ChainError, Reserve, build_chain};
+use crate::lease::{self, Ask, Grant, Shortfall};
+use crate::outbox::PastSpend;
+
+/// One Budget as this replica sees it.
+#[derive(Debug)]
+struct Local {
+    /// The definition as configured (full rate limits).
+    def: BudgetDef,
+    /// This replica's spend and reservations, with its share of the rate limits.
+    ledger: Ledger,
+    /// The window `lease` is for.
+    window: Option<Window>,
+    /// This replica's lease in `window`.
+    lease: Amount,
+    /// A reservation was taken since the last heartbeat.
+    touched: bool,
+}
+
+impl Local {
+    fn share_rates(&mut self, live: u64) {
+        let live = live.max(1);
+        let share = |l: Option<u64>| l.map(|v| v.div_ceil(live));
+        let l = &self.def.limits;
+        let (t, r) = (share(l.tokens_per_minute), share(l.requests_per_minute));
+        self.ledger.set_rate_limits(t, r);
+    }
+
+    /// Moves to `now`'s window (a new window starts with no lease) and says whether the lease
+    /// covers `want` on every period cap.
+    fn covers(&mut self, now: Timestamp, want: Amount) -> bool {
+        let Ok(w) = self.ledger.window(now) else {
+            return false;
+        };
+        if self.window.map(|x| x.start) != Some(w.start) {
+            // A past window's lease constrains nothing any more; it is left as it is.
+            self.window = Some(w);
+            self.lease = Amount::default();
+        }
+        let Ok(used) = self.ledger.used(now) else {
+            return false;
+        };
+        let l = &self.def.limits;
+        l.tokens
+            .is_none_or(|_| used.tokens + want.tokens <= self.lease.tokens)
+            && l.cost_micros
+                .is_none_or(|_| used.micros + want.micros <= self.lease.micros)
+    }
+
+    fn ask(&mut self, now: Timestamp, want: Amount) -> Option<Ask> {
+        let w = self.ledger.window(now).ok()?;
+        let used = self.ledger.used(now).ok()?;
+        Some(Ask {
+            budget: self.def.name.clone(),
+            window_start_ms: w.start.as_millisecond(),
+            window_end_ms: w.end.as_millisecond(),
+            cap_tokens: self.def.limits.tokens,
+            cap_micros: self.def.limits.cost_micros,
+            used,
+            want,
+        })
+    }
+}
+
+enum Step {
+    Taken(Vec<Reservation>),
+    Refused(Box<Refusal>),
+    Short,
+}
+
+/// The authority.
+#[derive(Debug)]
+pub struct ClusterAuthority {
+    chain: Vec<String>,
+    missing: Option<String>,
+    holder: String,
+    pool: PgPool,
+    ttl: Duration,
+    local: Mutex<HashMap<String, Local>>,
+    topup: tokio::sync::Mutex<()>,
+    migrated: tokio::sync::OnceCell<()>,
+    /// Lease transactions that granted, and that refused.
+    trips: [AtomicU64; 2],
+    /// The last refused top-up: for a second, a request needing more than it left is refused
+    /// without asking again (an exhausted Budget would otherwise cost a round trip per request).
+    last_short: Mutex<Option<(std::time::Instant, Shortfall)>>,
+}
+
+/// How long a refused top-up answers for the cluster.
+const SHORT_MEMORY: Duration = Duration::from_secs(1);
+
+impl ClusterAuthority {
+    /// Builds the chain for `budget` from `defs`. `holder` names this replica's leases and must
+    /// stay the same across restarts on the same outbox (a restarted replica takes its lease
+    /// back); `ttl` is how long a lease lives without a heartbeat.
+    pub fn new(
+        budget: Option<&str>,
+        defs: &[BudgetDef],
+        pool: PgPool,
+        holder: String,
+        ttl: Duration,
+    ) -> Result<ClusterAuthority, ChainError> {
+        let (chain, missing, ledgers) = build_chain(budget, defs)?;
+        let mut local = HashMap::new();
+        for (name, ledger) in ledgers {
+            let def = ledger.def().clone();
+            if def.period.rolling.is_some() {
+                return Err(ChainError::Rolling(name));
+            }
+            local.insert(
+                name,
+                Local {
+                    def,
+                    ledger,
+                    window: None,
+                    lease: Amount::default(),
+                    touched: false,
+                },
+            );
+        }
+        Ok(ClusterAuthority {
+            chain,
+            missing,
+            holder,
+            pool,
+            ttl,
+            local: Mutex::new(local),
+            topup: tokio::sync::Mutex::new(()),
+            migrated: tokio::sync::OnceCell::new(),
+            trips: [AtomicU64::new(0), AtomicU64::new(0)],
+            last_short: Mutex::new(None),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Local>> {
+        // Each method finishes its arithmetic before returning: a poisoned map is still sound.
+        self.local.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The chain as recorded in the outbox.
+    pub fn chain_label(&self) -> String {
+        self.chain.join(",")
+    }
+
+    /// Whether any Budget applies.
+    pub fn is_budgeted(&self) -> bool {
+        !self.chain.is_empty()
+    }
+
+    /// This replica's lease holder name.
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    /// Top-ups so far (database round trips on the request path): (granted, refused).
+    pub fn top_ups(&self) -> (u64, u64) {
+        (
+            self.trips[0].load(Ordering::Relaxed),
+            self.trips[1].load(Ordering::Relaxed),
+        )
+    }
+
+    /// A Budget's definition as configured.
+    pub fn def(&self, name: &str) -> Option<BudgetDef> {
+        self.lock().get(name).map(|l| l.def.clone())
+    }
+
+    fn try_local(&self, now: Timestamp, want: Amount) -> Step {
+        let mut m = self.lock();
+        for name in &self.chain {
+            if !m.get_mut(name).is_some_and(|l| l.covers(now, want)) {
+                return Step::Short;
+            }
+        }
+        let mut taken: Vec<Reservation> = Vec::with_capacity(self.chain.len());
+        for name in &self.chain {
+            let Some(l) = m.get_mut(name) else {
+                return Step::Short;
+            };
+            match l.ledger.reserve(now, want) {
+                Ok(r) => {
+                    l.touched = true;
+                    taken.push(r);
+                }
+                Err(refusal) => {
+                    for r in taken {
+                        if let Some(l) = m.get_mut(&r.budget) {
+                            l.ledger.release(now, r);
+                        }
+                    }
+                    return Step::Refused(Box::new(refusal));
+                }
+            }
+        }
+        Step::Taken(taken)
+    }
+
+    async fn migrate(&self) -> Result<(), String> {
+        self.migrated
+            .get_or_try_init(|| async {
+                crate::ledger::MIGRATOR
+                    .run(&self.pool)
+                    .await
+                    .map_err(|e| format!("budget authority migrations failed: {e}"))
+            })
+            .await
+            .map(|_| ())
+    }
+
+    fn apply(&self, grants: &[Grant]) {
+        let mut m = self.lock();
+        for g in grants {
+            if let Some(l) = m.get_mut(&g.budget) {
+                if l.window.map(|w| w.start.as_millisecond()) == Some(g.window_start_ms) {
+                    l.lease = g.lease;
+                }
+                l.share_rates(g.live);
+            }
+        }
+    }
+
+    fn refusal(&self, s: Shortfall) -> Refusal {
+        let currency = self
+            .def(&s.budget)
+            .map_or_else(|| "USD".to_owned(), |d| d.currency);
+        Refusal {
+            budget: s.budget,
+            currency,
+            limit: if s.micros {
+                LimitKind::CostMicros
+            } else {
+                LimitKind::Tokens
+            },
+            cap: s.cap,
+            used: s.cap.saturating_sub(s.remaining),
+            requested: s.need,
+            remaining: s.remaining,
+            resets_at: Timestamp::from_millisecond(s.window_end_ms).unwrap_or(Timestamp::MAX),
+        }
+    }
+
+    /// A refusal from the last refused top-up, if it is recent and `want` needs more than it
+    /// left.
+    fn remembered_refusal(&self, want: Amount) -> Option<Refusal> {
+        let last = self
+            .last_short
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let (at, short) = last?;
+        let need = if short.micros {
+            want.micros
+        } else {
+            want.tokens
+        };
+        if at.elapsed() > SHORT_MEMORY || need <= short.remaining {
+            return None;
+        }
+        let mut r = self.refusal(short);
+        r.requested = need;
+        Some(r)
+    }
+
+    /// Reserves `want` on every Budget of the chain, or on none: from the local leases when
+    /// they cover it, else after a top-up from PostgreSQL.
+    pub async fn reserve(&self, now: Timestamp, want: Amount) -> Reserve {
+        if let Some(name) = &self.missing {
+            return Reserve::Undefined(name.clone());
+        }
+        match self.try_local(now, want) {
+            Step::Taken(r) => return Reserve::Taken(r),
+            Step::Refused(r) => return Reserve::Refused(r),
+            Step::Short => {}
+        }
+        if let Some(r) = self.remembered_refusal(want) {
+            return Reserve::Refused(Box::new(r));
+        }
+        let _one_at_a_time = self.topup.lock().await;
+        // Concurrent requests race for what a top-up brought: a few rounds, then give up.
+        for _ in 0..4 {
+            match self.try_local(now, want) {
+                Step::Taken(r) => return Reserve::Taken(r),
+                Step::Refused(r) => return Reserve::Refused(r),
+                Step::Short => {}
+            }
+            if let Err(e) = self.migrate().await {
+                return Reserve::Unavailable(e);
+            }
+            let asks: Vec<Ask> = {
+                let mut m = self.lock();
+                self.chain
+                    .iter()
+                    .filter_map(|n| m.get_mut(n).and_then(|l| l.ask(now, want)))
+                    .collect()
+            };
+            match lease::acquire(&self.pool, &self.holder, self.ttl, &asks).await {
+                Ok(Ok(grants)) => {
+                    self.trips[0].fetch_add(1, Ordering::Relaxed);
+                    self.apply(&grants);
+                }
+                Ok(Err(short)) => {
+                    self.trips[1].fetch_add(1, Ordering::Relaxed);
+                    *self
+                        .last_short
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) =
+                        Some((std::time::Instant::now(), short.clone()));
+                    return Reserve::Refused(Box::new(self.refusal(short)));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "budget lease failed; refusing (fail closed)");
+                    return Reserve::Unavailable(
+                        "the cluster budget authority (PostgreSQL) is unreachable and this \
+                         replica's budget slice is used up"
+                            .into(),
+                    );
+                }
+            }
+        }
+        Reserve::Unavailable("the budget slice leased for this request was taken by others".into())
+    }
+
+    /// Settles each reservation with `actual` (local only; the lease learns at the next report).
+    pub fn settle(&self, now: Timestamp, reservations: Vec<Reservation>, actual: Amount) {
+        let mut m = self.lock();
+        for r in reservations {
+            if let Some(l) = m.get_mut(&r.budget) {
+                l.ledger.settle(now, r, actual);
+            }
+        }
+    }
+
+    /// Releases each reservation.
+    pub fn release(&self, now: Timestamp, reservations: Vec<Reservation>) {
+        let mut m = self.lock();
+        for r in reservations {
+            if let Some(l) = m.get_mut(&r.budget) {
+                l.ledger.release(now, r);
+            }
+        }
+    }
+
+    /// The earliest instant whose spend still counts.
+    pub fn replay_since(&self, now: Timestamp) -> Timestamp {
+        let mut m = self.lock();
+        m.values_mut()
+            .filter_map(|l| l.ledger.window(now).ok())
+            .map(|w| w.start - jiff::SignedDuration::from_secs(60))
+            .min()
+            .unwrap_or(now)
+    }
+
+    /// Replays this replica's settled spend from its outbox (start-up only). Its lease is
+    /// taken back from PostgreSQL at the first top-up, reporting this spend.
+    pub fn replay(&self, rows: &[PastSpend]) {
+        let mut m = self.lock();
+        for row in rows {
+            for name in row.budgets.split(',') {
+                if let Some(l) = m.get_mut(name) {
+                    l.ledger.record(row.at, row.amount);
+                }
+            }
+        }
+    }
+
+    /// What this replica may still spend under `costMicros` without asking (for metrics).
+    pub fn remaining_micros(&self, now: Timestamp) -> Vec<(String, Option<u64>)> {
+        let mut m = self.lock();
+        self.chain
+            .iter()
+            .filter_map(|n| {
+                let l = m.get_mut(n)?;
+                l.def.limits.cost_micros?;
+                let used = l.ledger.used(now).ok()?;
+                Some((n.clone(), Some(l.lease.micros.saturating_sub(used.micros))))
+            })
+            .collect()
+    }
+
+    /// Reports usage and renews every lease held in the current window; `give_back` returns
+    /// the unused rest of every lease, `idle_only` only of those with no reservation since
+    /// the last heartbeat.
+    pub async fn heartbeat(&self, give_back: bool) -> Result<(), sqlx::Error> {
+        let now = Timestamp::now();
+        let (asks, give): (Vec<Ask>, bool) = {
+            let mut m = self.lock();
+            let mut asks = Vec::new();
+            let mut idle = true;
+            for n in &self.chain {
+                let Some(l) = m.get_mut(n) else { continue };
+                let current = l.ledger.window(now).ok().map(|w| w.start);
+                if l.window.map(|w| w.start) != current || l.window.is_none() {
+                    continue;
+                }
+                idle &= !l.touched;
+                l.touched = false;
+                if let Some(a) = l.ask(now, Amount::default()) {
+                    asks.push(a);
+                }
+            }
+            (asks, give_back || idle)
+        };
+        if asks.is_empty() {
+            return Ok(());
+        }
+        let grants = lease::report(&self.pool, &self.holder, self.ttl, &asks, give).await?;
+        self.apply(&grants);
+        Ok(())
+    }
+
+    /// Heartbeats every `ttl / 3` until `stop`, then gives every unused slice back.
+    pub async fn run(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let every = self.ttl / 3;
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                _ = tokio::time::sleep(every) => {}
+            }
+            if let Err(e) = self.heartbeat(false).await {
+                tracing::warn!(error = %e, "budget lease heartbeat failed");
+            }
+        }
+        if let Err(e) = self.heartbeat(true).await {
+            tracing::warn!(error = %e, "could not give budget slices back at shutdown; they expire");
+        }
+    }
+}

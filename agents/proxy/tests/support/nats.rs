@@ -1,0 +1,105 @@
+//! A real nats-server with JetStream for tests: on a free 127.0.0.1 port, its store in a
+//! temporary folder, stopped by PID and started again on the same store.
+#![allow(dead_code, clippy::unwrap_used)] // test support: a failed set-up should panic
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn nats_bin() -> Option<PathBuf> {
+    let from_env = std::env::var_os("SOMA_NATS_SERVER").map(PathBuf::from);
+    let on_path = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("nats-server"))
+            .find(|f| f.exists())
+    });
+    from_env
+        .into_iter()
+        .chain(on_path)
+        .chain([PathBuf::from("/usr/sbin/nats-server")])
+        .find(|f| f.exists())
+}
+
+pub struct Nats {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Nats {
+    pub fn start() -> Option<Nats> {
+        let Some(bin) = nats_bin() else {
+            eprintln!("SKIP: nats-server not installed; run scripts/test-deps/servers.sh");
+            return None;
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut n = Nats {
+            bin,
+            dir: tempfile::tempdir().unwrap(),
+            port,
+            child: None,
+        };
+        n.run();
+        Some(n)
+    }
+
+    pub fn run(&mut self) {
+        let child = Command::new(&self.bin)
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn messages(&self) -> Option<u64> {
+        let client = async_nats::connect(self.url()).await.ok()?;
+        let js = async_nats::jetstream::new(client);
+        let mut stream = js.get_stream(soma_proxy::events::STREAM).await.ok()?;
+        Some(stream.info().await.ok()?.state.messages)
+    }
+
+    /// Waits until the stream holds `n` messages.
+    pub async fn wait_for(&self, n: u64) {
+        let mut last = None;
+        for _ in 0..600 {
+            last = self.messages().await;
+            if last == Some(n) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("stream never reached {n} messages: {last:?}");
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
