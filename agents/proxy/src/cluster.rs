@@ -25,7 +25,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use soma_metering::budget::LimitKind;
@@ -33,7 +33,7 @@ use soma_metering::{Amount, BudgetDef, Ledger, Refusal, Reservation, Window};
 use sqlx::postgres::PgPool;
 
 use crate::authority::{ChainError, Reserve, build_chain};
-use crate::lease::{self, Ask, Grant, Shortfall};
+use crate::lease::{self, Ask, Grant, Shortfall, Terms};
 use crate::outbox::PastSpend;
 
 /// One Budget as this replica sees it.
@@ -49,6 +49,10 @@ struct Local {
     lease: Amount,
     /// A reservation was taken since the last heartbeat.
     touched: bool,
+    /// The lease may be used until then: a little less than one TTL after the start of the
+    /// renewal that PostgreSQL timed it from. A replica cut off from PostgreSQL stops spending
+    /// its slice then, before anyone may reclaim it.
+    valid_until: Option<Instant>,
 }
 
 impl Local {
@@ -75,6 +79,10 @@ impl Local {
             return false;
         };
         let l = &self.def.limits;
+        let capped = l.tokens.is_some() || l.cost_micros.is_some();
+        if capped && self.valid_until.is_none_or(|v| Instant::now() >= v) {
+            return false;
+        }
         l.tokens
             .is_none_or(|_| used.tokens + want.tokens <= self.lease.tokens)
             && l.cost_micros
@@ -107,9 +115,8 @@ enum Step {
 pub struct ClusterAuthority {
     chain: Vec<String>,
     missing: Option<String>,
-    holder: String,
+    terms: Terms,
     pool: PgPool,
-    ttl: Duration,
     local: Mutex<HashMap<String, Local>>,
     topup: tokio::sync::Mutex<()>,
     migrated: tokio::sync::OnceCell<()>,
@@ -124,15 +131,14 @@ pub struct ClusterAuthority {
 const SHORT_MEMORY: Duration = Duration::from_secs(1);
 
 impl ClusterAuthority {
-    /// Builds the chain for `budget` from `defs`. `holder` names this replica's leases and must
-    /// stay the same across restarts on the same outbox (a restarted replica takes its lease
-    /// back); `ttl` is how long a lease lives without a heartbeat.
+    /// Builds the chain for `budget` from `defs`. `terms.holder` names this replica's leases
+    /// and must stay the same across restarts on the same outbox (a restarted replica takes
+    /// its lease back).
     pub fn new(
         budget: Option<&str>,
         defs: &[BudgetDef],
         pool: PgPool,
-        holder: String,
-        ttl: Duration,
+        terms: Terms,
     ) -> Result<ClusterAuthority, ChainError> {
         let (chain, missing, ledgers) = build_chain(budget, defs)?;
         let mut local = HashMap::new();
@@ -149,15 +155,15 @@ impl ClusterAuthority {
                     window: None,
                     lease: Amount::default(),
                     touched: false,
+                    valid_until: None,
                 },
             );
         }
         Ok(ClusterAuthority {
             chain,
             missing,
-            holder,
+            terms,
             pool,
-            ttl,
             local: Mutex::new(local),
             topup: tokio::sync::Mutex::new(()),
             migrated: tokio::sync::OnceCell::new(),
@@ -183,7 +189,7 @@ impl ClusterAuthority {
 
     /// This replica's lease holder name.
     pub fn holder(&self) -> &str {
-        &self.holder
+        &self.terms.holder
     }
 
     /// Top-ups so far (database round trips on the request path): (granted, refused).
@@ -241,12 +247,15 @@ impl ClusterAuthority {
             .map(|_| ())
     }
 
-    fn apply(&self, grants: &[Grant]) {
+    /// Takes the leases PostgreSQL granted in a transaction started at `started`.
+    fn apply(&self, grants: &[Grant], started: Instant) {
+        let valid_until = started + self.terms.ttl - self.terms.ttl / 10;
         let mut m = self.lock();
         for g in grants {
             if let Some(l) = m.get_mut(&g.budget) {
                 if l.window.map(|w| w.start.as_millisecond()) == Some(g.window_start_ms) {
                     l.lease = g.lease;
+                    l.valid_until = Some(valid_until);
                 }
                 l.share_rates(g.live);
             }
@@ -327,10 +336,11 @@ impl ClusterAuthority {
                     .filter_map(|n| m.get_mut(n).and_then(|l| l.ask(now, want)))
                     .collect()
             };
-            match lease::acquire(&self.pool, &self.holder, self.ttl, &asks).await {
+            let started = Instant::now();
+            match lease::acquire(&self.pool, &self.terms, &asks).await {
                 Ok(Ok(grants)) => {
                     self.trips[0].fetch_add(1, Ordering::Relaxed);
-                    self.apply(&grants);
+                    self.apply(&grants, started);
                 }
                 Ok(Err(short)) => {
                     self.trips[1].fetch_add(1, Ordering::Relaxed);
@@ -437,14 +447,15 @@ impl ClusterAuthority {
         if asks.is_empty() {
             return Ok(());
         }
-        let grants = lease::report(&self.pool, &self.holder, self.ttl, &asks, give).await?;
-        self.apply(&grants);
+        let started = Instant::now();
+        let grants = lease::report(&self.pool, &self.terms, &asks, give).await?;
+        self.apply(&grants, started);
         Ok(())
     }
 
     /// Heartbeats every `ttl / 3` until `stop`, then gives every unused slice back.
     pub async fn run(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let every = self.ttl / 3;
+        let every = self.terms.ttl / 3;
         loop {
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => break,

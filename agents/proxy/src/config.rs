@@ -113,12 +113,17 @@ pub struct PostgresAuthority {
     /// replica gone longer has its unused slice reclaimed by the others.
     #[serde(default = "default_lease_ttl")]
     pub lease_ttl_ms: u64,
+    /// How long a lease must have been expired before another replica cuts it back to what
+    /// its holder last reported and reuses the rest. Default: ten lease TTLs.
+    #[serde(default)]
+    pub reclaim_after_ms: Option<u64>,
 }
 
 impl Default for PostgresAuthority {
     fn default() -> Self {
         PostgresAuthority {
             lease_ttl_ms: default_lease_ttl(),
+            reclaim_after_ms: None,
         }
     }
 }
@@ -290,7 +295,10 @@ mod tests {
         .unwrap();
         assert_eq!(
             c.authority,
-            AuthorityConfig::Postgres(PostgresAuthority { lease_ttl_ms: 900 })
+            AuthorityConfig::Postgres(PostgresAuthority {
+                lease_ttl_ms: 900,
+                reclaim_after_ms: None
+            })
         );
         for bad in [r#""sqlite""#, r#"{"postgres": {"leaseTTL": 1}}"#] {
             assert!(

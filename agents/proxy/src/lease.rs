@@ -9,7 +9,7 @@
 //! share a parent): every Budget grants or none does.
 //!
 //! ```text
-//!  lock window ─► cut expired leases back to `used` ─► my lease: overshoot? ─► need ≤ cap − granted?
+//!  lock window ─► cut long-expired leases back to `used` ─► my lease: overshoot? ─► need ≤ cap − granted?
 //!        └── yes: granted += slice (≥ need, shrinking as the window fills); lease += slice
 //!        └── no:  roll back, refuse naming the Budget
 //! ```
@@ -19,6 +19,23 @@ use std::time::Duration;
 use soma_metering::Amount;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
+
+/// Who holds leases and on what terms.
+#[derive(Clone, Debug)]
+pub struct Terms {
+    /// This replica's stable name (kept in its outbox).
+    pub holder: String,
+    /// A lease lives this long after each renewal; the holder stops using it once that time
+    /// has passed since the renewal started.
+    pub ttl: Duration,
+    /// An expired lease is cut back to what its holder last reported only once it has been
+    /// expired this long.
+    pub reclaim_after: Duration,
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
 
 /// One Budget's part of a lease request or report.
 #[derive(Clone, Debug)]
@@ -98,7 +115,7 @@ fn amount(row: &sqlx::postgres::PgRow, tokens: &str, micros: &str) -> Amount {
 async fn lock_window(
     tx: &mut Transaction<'_, Postgres>,
     a: &Ask,
-    holder: &str,
+    terms: &Terms,
 ) -> Result<Amount, sqlx::Error> {
     let row = sqlx::query(
         "INSERT INTO budget_windows (budget, window_start_ms, window_end_ms, cap_tokens, cap_micros)
@@ -120,7 +137,8 @@ async fn lock_window(
             SELECT holder, granted_tokens - LEAST(granted_tokens, used_tokens) AS t,
                    granted_micros - LEAST(granted_micros, used_micros) AS m
             FROM budget_leases
-            WHERE budget = $1 AND window_start_ms = $2 AND holder <> $3 AND expires_at < now()
+            WHERE budget = $1 AND window_start_ms = $2 AND holder <> $3
+              AND expires_at < now() - $4 * interval '1 millisecond'
               AND (granted_tokens > used_tokens OR granted_micros > used_micros)
          ), upd AS (
             UPDATE budget_leases l
@@ -133,7 +151,8 @@ async fn lock_window(
     )
     .bind(&a.budget)
     .bind(a.window_start_ms)
-    .bind(holder)
+    .bind(&terms.holder)
+    .bind(ms(terms.reclaim_after))
     .fetch_one(&mut **tx)
     .await?;
     let r = amount(&reclaimed, "t", "m");
@@ -168,8 +187,7 @@ async fn my_lease(
 async fn write(
     tx: &mut Transaction<'_, Postgres>,
     a: &Ask,
-    holder: &str,
-    ttl: Duration,
+    terms: &Terms,
     granted: Amount,
     lease: Amount,
 ) -> Result<u64, sqlx::Error> {
@@ -194,12 +212,12 @@ async fn write(
     )
     .bind(&a.budget)
     .bind(a.window_start_ms)
-    .bind(holder)
+    .bind(&terms.holder)
     .bind(i(lease.tokens))
     .bind(i(lease.micros))
     .bind(i(a.used.tokens))
     .bind(i(a.used.micros))
-    .bind(i(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)))
+    .bind(ms(terms.ttl))
     .execute(&mut **tx)
     .await?;
     let live: i64 = sqlx::query_scalar(
@@ -232,8 +250,7 @@ pub fn slice(cap: Option<u64>, granted: u64, need: u64, live: u64) -> Option<u64
 /// none. Returns the grants, or the first Budget that could not grant.
 pub async fn acquire(
     pool: &PgPool,
-    holder: &str,
-    ttl: Duration,
+    terms: &Terms,
     asks: &[Ask],
 ) -> Result<Result<Vec<Grant>, Shortfall>, sqlx::Error> {
     let mut sorted: Vec<&Ask> = asks.iter().collect();
@@ -241,8 +258,8 @@ pub async fn acquire(
     let mut tx = pool.begin().await?;
     let mut grants = Vec::with_capacity(sorted.len());
     for a in sorted {
-        let mut granted = lock_window(&mut tx, a, holder).await?;
-        let mut lease = my_lease(&mut tx, a, holder).await?;
+        let mut granted = lock_window(&mut tx, a, terms).await?;
+        let mut lease = my_lease(&mut tx, a, &terms.holder).await?;
         // Spend beyond the lease (a provider that returned more than the worst case, or a
         // restart whose outbox holds more than a reclaimed lease kept) is counted as it is:
         // it happened.
@@ -264,7 +281,7 @@ pub async fn acquire(
         )
         .bind(&a.budget)
         .bind(a.window_start_ms)
-        .bind(holder)
+        .bind(&terms.holder)
         .fetch_one(&mut *tx)
         .await?;
         let live = u(live) + 1;
@@ -305,7 +322,7 @@ pub async fn acquire(
         granted.micros += m;
         lease.tokens += t;
         lease.micros += m;
-        let live = write(&mut tx, a, holder, ttl, granted, lease).await?;
+        let live = write(&mut tx, a, terms, granted, lease).await?;
         grants.push(Grant {
             budget: a.budget.clone(),
             window_start_ms: a.window_start_ms,
@@ -321,8 +338,7 @@ pub async fn acquire(
 /// to `used` and returns the rest to the window (idle and shutdown). Returns the new leases.
 pub async fn report(
     pool: &PgPool,
-    holder: &str,
-    ttl: Duration,
+    terms: &Terms,
     reports: &[Ask],
     give_back: bool,
 ) -> Result<Vec<Grant>, sqlx::Error> {
@@ -331,8 +347,8 @@ pub async fn report(
     let mut tx = pool.begin().await?;
     let mut grants = Vec::with_capacity(sorted.len());
     for a in sorted {
-        let mut granted = lock_window(&mut tx, a, holder).await?;
-        let mut lease = my_lease(&mut tx, a, holder).await?;
+        let mut granted = lock_window(&mut tx, a, terms).await?;
+        let mut lease = my_lease(&mut tx, a, &terms.holder).await?;
         for (g, l, used) in [
             (&mut granted.tokens, &mut lease.tokens, a.used.tokens),
             (&mut granted.micros, &mut lease.micros, a.used.micros),
@@ -345,7 +361,7 @@ pub async fn report(
                 *l = used;
             }
         }
-        let live = write(&mut tx, a, holder, ttl, granted, lease).await?;
+        let live = write(&mut tx, a, terms, granted, lease).await?;
         grants.push(Grant {
             budget: a.budget.clone(),
             window_start_ms: a.window_start_ms,

@@ -121,12 +121,19 @@ pub async fn state(config: Config, client_token: String) -> Result<Arc<AppState>
             let pool = crate::lease::pool(url).map_err(|_| StartError::Ledger)?;
             // The holder name lives in the outbox: a restart on the same file takes its lease back.
             let holder = outbox.holder_id().await.map_err(outbox_err)?;
+            let ttl = pg.lease_ttl_ms.max(300);
+            let terms = crate::lease::Terms {
+                holder,
+                ttl: Duration::from_millis(ttl),
+                reclaim_after: Duration::from_millis(
+                    pg.reclaim_after_ms.unwrap_or(ttl.saturating_mul(10)),
+                ),
+            };
             Budgets::Cluster(ClusterAuthority::new(
                 config.budget.as_deref(),
                 &config.budgets,
                 pool,
-                holder,
-                Duration::from_millis(pg.lease_ttl_ms.max(300)),
+                terms,
             )?)
         }
     };

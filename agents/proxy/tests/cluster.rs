@@ -203,3 +203,184 @@ async fn replicas_sharing_a_budget_never_overspend_and_the_ledger_matches_the_cl
         "team window after shutdown: {team:?}"
     );
 }
+
+/// Sends one chat request to a sidecar at `addr`; returns the reply.
+async fn chat(
+    client: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    >,
+    addr: &str,
+    body: &serde_json::Value,
+) -> Reply {
+    let auth = format!("Bearer {TOKEN}");
+    send(
+        client,
+        "POST",
+        &format!("http://{addr}/v1/chat/completions"),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        body.to_string(),
+    )
+    .await
+}
+
+/// `n` requests of random sizes alternating between `addrs`; returns the cost the clients saw.
+async fn traffic(addrs: &[&str], n: usize, seed: u64) -> u64 {
+    let client = http();
+    let mut cost = 0;
+    for i in 0..n {
+        let mut rng = Rng::new(seed + i as u64);
+        let r = chat(
+            &client,
+            addrs[i % addrs.len()],
+            &request(&mut rng, i % 2 == 0),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        cost += observed_cost(&r);
+    }
+    cost
+}
+
+/// Settled rows and their cost in an outbox file (opened beside the running binary).
+async fn outbox_totals(path: &std::path::Path) -> (u64, u64, Vec<serde_json::Value>) {
+    let outbox = soma_proxy::outbox::Outbox::open(path).await.unwrap();
+    let t = outbox.totals().await.unwrap();
+    let rows = outbox.rows().await.unwrap();
+    outbox.close().await;
+    assert_eq!(t.open, 0);
+    (t.rows, t.micros, rows)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_and_database_and_nats_outages_lose_nothing_and_double_count_nothing() {
+    use http_body_util::BodyExt;
+    use support::sidecar::{spawn, write_config};
+
+    let Some(mut pg) = Pg::start() else { return };
+    let Some(mut nats) = Nats::start() else {
+        return;
+    };
+    let upstream = FakeUpstream::start(KEY).await.unwrap();
+    let cap = 50_000_000;
+    let chain = budgets(cap, TENANT_TOKENS);
+    let mut extra = replica_config(&pg.url(), &nats.url(), &chain, 1_500);
+    extra["authority"]["postgres"]["reclaimAfterMs"] = serde_json::json!(1_000);
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (ca, cb) = (
+        write_config(da.path(), &upstream.url(), "openai", extra.clone()),
+        write_config(db.path(), &upstream.url(), "openai", extra),
+    );
+    let a = spawn(&ca, "info");
+    let b = spawn(&cb, "info");
+    let mut seen = traffic(&[&a.addr, &b.addr], 40, 1_000).await;
+
+    // kill -9 A in the middle of a stream.
+    let client = http();
+    let req = hyper::Request::post(format!("http://{}/v1/chat/completions", a.addr))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            serde_json::json!({"model": "gpt-4o", "max_tokens": 200, "stream": true,
+                "messages": [{"role": "user", "content": "SCENARIO:slow"}]})
+            .to_string(),
+        )))
+        .unwrap();
+    let mut body = client.request(req).await.unwrap().into_body();
+    assert!(body.frame().await.unwrap().unwrap().is_data());
+    a.kill();
+    drop(body);
+
+    // While A is down past its lease's TTL and the reclaim delay, B tops up with a request
+    // its own slice cannot cover: A's unused slice is cut back to what A last reported.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let pool = pg.pool().await;
+    let big = serde_json::json!({"model": "gpt-4o", "max_tokens": 1_500_000,
+        "messages": [{"role": "user", "content": "top up"}]});
+    let r = chat(&client, &b.addr, &big).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    seen += observed_cost(&r);
+    let leases: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT holder, granted_micros, used_micros FROM budget_leases WHERE budget = 'team'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(leases.len(), 2, "{leases:?}");
+    assert!(
+        leases.iter().any(|(_, g, u)| g == u),
+        "A's lease was not reclaimed: {leases:?}"
+    );
+
+    // A restarts on the same outbox: same holder, its interrupted stream settled at worst case.
+    let a = spawn(&ca, "info");
+    seen += traffic(&[&a.addr, &b.addr], 20, 2_000).await;
+
+    // PostgreSQL and NATS go away. Requests the leased slices cover are still served and
+    // recorded; one that needs a top-up is refused (fail closed), in the client's format.
+    pool.close().await;
+    pg.stop();
+    nats.stop();
+    seen += traffic(&[&a.addr, &b.addr], 30, 3_000).await;
+    let r = chat(&client, &a.addr, &big).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "budget_unavailable");
+    // Past the lease TTL, a replica cut off from PostgreSQL stops using its slice.
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    let small = serde_json::json!({"model": "gpt-4o", "max_tokens": 1,
+        "messages": [{"role": "user", "content": "hi"}]});
+    let r = chat(&client, &b.addr, &small).await;
+    if r.status != 503 {
+        let logs: Vec<String> = b.lines.try_iter().collect();
+        panic!("{} {}\n{}", r.status, r.text(), logs.join("\n"));
+    }
+
+    // Both come back (same data folder, same JetStream store).
+    pg.run();
+    nats.run();
+    let pool = pg.pool().await;
+    seen += traffic(&[&a.addr, &b.addr], 10, 4_000).await;
+
+    // Exact totals once the outboxes drain: every row once in the ledger, once in JetStream.
+    let (mut rows, mut micros, mut interrupted) = (0, 0, 0);
+    for dir in [&da, &db] {
+        let path = dir.path().join("outbox.db");
+        for _ in 0..600 {
+            let o = soma_proxy::outbox::Outbox::open(&path).await.unwrap();
+            let pending = o.pending_delivery(Sink::Ledger).await.unwrap()
+                + o.pending_delivery(Sink::Events).await.unwrap();
+            o.close().await;
+            if pending == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (n, c, all) = outbox_totals(&path).await;
+        rows += n;
+        micros += c;
+        for r in all.iter().filter(|r| r["outcome"] == "interrupted") {
+            interrupted += r["cost_micros"].as_u64().unwrap();
+        }
+    }
+    assert!(interrupted > 0, "the killed stream was not recorded");
+    assert_eq!(micros, seen + interrupted);
+    let (n, distinct, settled, tokens) = ledger(&pool).await;
+    assert_eq!(
+        (n as u64, distinct as u64, settled as u64),
+        (rows, rows, micros)
+    );
+    assert_eq!(rollup(&pool).await, (n, settled, tokens));
+    nats.wait_for(rows).await;
+    for (budget, cap_t, cap_m, granted_t, granted_m) in windows(&pool).await {
+        assert!(cap_t.is_none_or(|c| granted_t <= c), "{budget}");
+        assert!(cap_m.is_none_or(|c| granted_m <= c), "{budget}");
+    }
+    println!(
+        "crash+outage: rows={rows} settled_micros={settled} interrupted_micros={interrupted} cap={cap}"
+    );
+    a.kill();
+    b.kill();
+}
