@@ -15,7 +15,7 @@ pub enum Budgets {
     /// `authority: embedded`.
     Embedded(Authority),
     /// `authority: {postgres: {...}}`.
-    Cluster(ClusterAuthority),
+    Cluster(Box<ClusterAuthority>),
 }
 
 impl Budgets {

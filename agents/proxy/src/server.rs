@@ -129,12 +129,12 @@ pub async fn state(config: Config, client_token: String) -> Result<Arc<AppState>
                     pg.reclaim_after_ms.unwrap_or(ttl.saturating_mul(10)),
                 ),
             };
-            Budgets::Cluster(ClusterAuthority::new(
+            Budgets::Cluster(Box::new(ClusterAuthority::new(
                 config.budget.as_deref(),
                 &config.budgets,
                 pool,
                 terms,
-            )?)
+            )?))
         }
     };
     let now = jiff::Timestamp::now();

@@ -111,4 +111,74 @@ async fn usage_reaches_the_ledger_once_through_an_outage_and_a_redelivery() {
         0
     );
     assert_eq!(ledger_totals(&pool, 35).await.0, 35);
+    // The per-minute rollup was kept in step, redelivery included.
+    let (rows, _, cost, tokens) = support::fleet::ledger(&pool).await;
+    assert_eq!(support::fleet::rollup(&pool).await, (rows, cost, tokens));
+}
+
+#[tokio::test]
+async fn delivered_rows_older_than_the_longest_window_are_pruned() {
+    use soma_proxy::outbox::Sinks;
+    let Some(pg) = Pg::start() else { return };
+    // A daily Budget: today's rows are still replayed at start-up, so they stay.
+    let h = Harness::start(
+        "openai",
+        json!({"databaseUrl": pg.url(), "deliveryIntervalMs": 50, "pruneIntervalMs": 50,
+            "budget": "team",
+            "budgets": [{"name": "team", "limits": {"costMicros": 1_000_000_000}, "period": {"calendar": "day"}}]}),
+    )
+    .await;
+    let pool = pg.pool().await;
+    traffic(&h, 10).await;
+    ledger_totals(&pool, 10).await;
+    let outbox = &h.proxy.state.outbox;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(outbox.totals().await.unwrap().rows, 10);
+    }
+    // Past the window: only what every configured sink has is deleted.
+    let later = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(48);
+    let both = Sinks {
+        ledger: true,
+        events: true,
+    };
+    assert_eq!(
+        outbox.prune(later, both).await.unwrap(),
+        0,
+        "nothing was published"
+    );
+    let none = Sinks {
+        ledger: false,
+        events: false,
+    };
+    assert_eq!(
+        outbox.prune(later, none).await.unwrap(),
+        0,
+        "the outbox is the only record"
+    );
+    let ledger_only = Sinks {
+        ledger: true,
+        events: false,
+    };
+    assert_eq!(outbox.prune(later, ledger_only).await.unwrap(), 10);
+    assert_eq!(outbox.totals().await.unwrap().rows, 0);
+    assert_eq!(ledger_totals(&pool, 10).await.0, 10);
+
+    // Without a Budget nothing is replayed: the background task deletes rows once delivered.
+    let h = Harness::start(
+        "openai",
+        json!({"databaseUrl": pg.url(), "deliveryIntervalMs": 50, "pruneIntervalMs": 50}),
+    )
+    .await;
+    traffic(&h, 5).await;
+    let mut left = u64::MAX;
+    for _ in 0..600 {
+        left = h.proxy.state.outbox.totals().await.unwrap().rows;
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(left, 0, "delivered rows were never pruned");
+    assert_eq!(ledger_totals(&pool, 15).await.0, 15);
 }

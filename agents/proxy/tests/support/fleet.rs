@@ -63,7 +63,7 @@ pub fn observed_cost(r: &Reply) -> u64 {
             .filter_map(|l| l.strip_prefix("data: "))
             .filter_map(|d| serde_json::from_str::<Value>(d).ok())
             .filter_map(|v| v.get("usage").filter(|u| !u.is_null()).cloned())
-            .last()
+            .next_back()
             .unwrap_or_else(|| panic!("no usage in stream: {}", r.text()))
     } else {
         r.json()["usage"].clone()
