@@ -421,28 +421,43 @@ impl ClusterAuthority {
             .collect()
     }
 
-    /// Reports usage and renews every lease held in the current window; `give_back` returns
-    /// the unused rest of every lease, `idle_only` only of those with no reservation since
-    /// the last heartbeat.
+    /// Reports usage and renews every lease held in the current window. With `give_back`, or
+    /// when no reservation was taken since the last heartbeat, also gives the unused rest of
+    /// every lease back.
+    ///
+    /// It runs under the top-up lock, so it never interleaves with a top-up. Before giving
+    /// back, the local leases are cut to the usage being reported: a request arriving while
+    /// the report is in flight then waits for a top-up instead of spending a slice that
+    /// PostgreSQL is about to take back.
     pub async fn heartbeat(&self, give_back: bool) -> Result<(), sqlx::Error> {
+        let _one_at_a_time = self.topup.lock().await;
         let now = Timestamp::now();
-        let (asks, give): (Vec<Ask>, bool) = {
+        let (asks, give) = {
             let mut m = self.lock();
-            let mut asks = Vec::new();
+            let mut held: Vec<&mut Local> = Vec::new();
             let mut idle = true;
-            for n in &self.chain {
-                let Some(l) = m.get_mut(n) else { continue };
+            for l in m.values_mut() {
                 let current = l.ledger.window(now).ok().map(|w| w.start);
-                if l.window.map(|w| w.start) != current || l.window.is_none() {
+                if l.window.is_none() || l.window.map(|w| w.start) != current {
                     continue;
                 }
                 idle &= !l.touched;
                 l.touched = false;
-                if let Some(a) = l.ask(now, Amount::default()) {
-                    asks.push(a);
-                }
+                held.push(l);
             }
-            (asks, give_back || idle)
+            let give = give_back || idle;
+            let mut asks = Vec::with_capacity(held.len());
+            for l in held {
+                let Some(a) = l.ask(now, Amount::default()) else {
+                    continue;
+                };
+                if give {
+                    l.lease.tokens = l.lease.tokens.min(a.used.tokens);
+                    l.lease.micros = l.lease.micros.min(a.used.micros);
+                }
+                asks.push(a);
+            }
+            (asks, give)
         };
         if asks.is_empty() {
             return Ok(());
