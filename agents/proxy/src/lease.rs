@@ -78,7 +78,7 @@ pub struct Shortfall {
     pub micros: bool,
     /// The cap.
     pub cap: u64,
-    /// What this replica needed beyond its lease.
+    /// What the request needed (more than `remaining`).
     pub need: u64,
     /// What is left for this replica: the window's ungranted rest plus its own unused lease.
     pub remaining: u64,
@@ -215,8 +215,10 @@ async fn write(
     .bind(&terms.holder)
     .bind(i(lease.tokens))
     .bind(i(lease.micros))
-    .bind(i(a.used.tokens))
-    .bind(i(a.used.micros))
+    // A top-up's request reserves `want` as soon as the grant arrives: it is recorded as used
+    // already, so a reclaim of this lease can never take it back.
+    .bind(i(a.used.tokens.saturating_add(a.want.tokens)))
+    .bind(i(a.used.micros.saturating_add(a.want.micros)))
     .bind(ms(terms.ttl))
     .execute(&mut **tx)
     .await?;
@@ -294,7 +296,7 @@ pub async fn acquire(
                 (
                     a.cap_micros,
                     granted.micros,
-                    need.micros,
+                    a.want.micros,
                     lease.micros,
                     a.used.micros,
                 )
@@ -302,7 +304,7 @@ pub async fn acquire(
                 (
                     a.cap_tokens,
                     granted.tokens,
-                    need.tokens,
+                    a.want.tokens,
                     lease.tokens,
                     a.used.tokens,
                 )
