@@ -229,8 +229,17 @@ async fn chat(
 
 /// `n` requests of random sizes alternating between `addrs`; returns the cost the clients saw.
 async fn traffic(addrs: &[&str], n: usize, seed: u64) -> u64 {
+    let (cost, unavailable) = traffic_in_outage(addrs, n, seed, false).await;
+    assert_eq!(unavailable, 0);
+    cost
+}
+
+/// Like [`traffic`]; with `outage`, a 503 `budget_unavailable` (fail closed) is counted
+/// instead of failing. Returns the cost the clients saw and the 503 count.
+async fn traffic_in_outage(addrs: &[&str], n: usize, seed: u64, outage: bool) -> (u64, u64) {
     let client = http();
     let mut cost = 0;
+    let mut unavailable = 0;
     for i in 0..n {
         let mut rng = Rng::new(seed + i as u64);
         let r = chat(
@@ -239,10 +248,15 @@ async fn traffic(addrs: &[&str], n: usize, seed: u64) -> u64 {
             &request(&mut rng, i % 2 == 0),
         )
         .await;
+        if outage && r.status == 503 {
+            assert_eq!(r.json()["error"]["code"], "budget_unavailable");
+            unavailable += 1;
+            continue;
+        }
         assert_eq!(r.status, 200, "{}", r.text());
         cost += observed_cost(&r);
     }
-    cost
+    (cost, unavailable)
 }
 
 /// Settled rows and their cost in an outbox file (opened beside the running binary).
@@ -267,7 +281,7 @@ async fn kill_9_and_database_and_nats_outages_lose_nothing_and_double_count_noth
     let upstream = FakeUpstream::start(KEY).await.unwrap();
     let cap = 50_000_000;
     let chain = budgets(cap, TENANT_TOKENS);
-    let mut extra = replica_config(&pg.url(), &nats.url(), &chain, 1_500);
+    let mut extra = replica_config(&pg.url(), &nats.url(), &chain, 3_000);
     extra["authority"]["postgres"]["reclaimAfterMs"] = serde_json::json!(1_000);
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (ca, cb) = (
@@ -296,7 +310,7 @@ async fn kill_9_and_database_and_nats_outages_lose_nothing_and_double_count_noth
 
     // While A is down past its lease's TTL and the reclaim delay, B tops up with a request
     // its own slice cannot cover: A's unused slice is cut back to what A last reported.
-    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    tokio::time::sleep(Duration::from_millis(5_000)).await;
     let pool = pg.pool().await;
     let big = serde_json::json!({"model": "gpt-4o", "max_tokens": 1_500_000,
         "messages": [{"role": "user", "content": "top up"}]});
@@ -324,12 +338,18 @@ async fn kill_9_and_database_and_nats_outages_lose_nothing_and_double_count_noth
     pool.close().await;
     pg.stop();
     nats.stop();
-    seen += traffic(&[&a.addr, &b.addr], 30, 3_000).await;
+    // (A machine slow enough to pass the lease's TTL during these gets 503s instead.)
+    let (cost, unavailable) = traffic_in_outage(&[&a.addr, &b.addr], 30, 3_000, true).await;
+    assert!(
+        unavailable < 30,
+        "nothing was served from the leased slices"
+    );
+    seen += cost;
     let r = chat(&client, &a.addr, &big).await;
     assert_eq!(r.status, 503, "{}", r.text());
     assert_eq!(r.json()["error"]["code"], "budget_unavailable");
     // Past the lease TTL, a replica cut off from PostgreSQL stops using its slice.
-    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
     let small = serde_json::json!({"model": "gpt-4o", "max_tokens": 1,
         "messages": [{"role": "user", "content": "hi"}]});
     let r = chat(&client, &b.addr, &small).await;
@@ -532,4 +552,65 @@ async fn bad_authority_configurations_stop_the_sidecar_with_the_reason() {
         .to_string(),
     );
     assert!(typo.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_the_per_minute_limits() {
+    let Some(pg) = Pg::start() else { return };
+    let Some(nats) = Nats::start() else { return };
+    let upstream = FakeUpstream::start(KEY).await.unwrap();
+    let chain = serde_json::json!([{"name": "team",
+        "limits": {"costMicros": 1_000_000_000, "requestsPerMinute": 4},
+        "period": {"calendar": "month"}}]);
+    let mut dirs = Vec::new();
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let dir = tempfile::tempdir().unwrap();
+        let extra = replica_config(&pg.url(), &nats.url(), &chain, 900);
+        replicas
+            .push(start_proxy(&config_json(&upstream.url(), "openai", dir.path(), extra)).await);
+        dirs.push(dir);
+    }
+    let client = http();
+    let small = serde_json::json!({"model": "gpt-4o", "max_tokens": 1,
+        "messages": [{"role": "user", "content": "hi"}]});
+    let a = replicas[0].proxy_addr.to_string();
+    let b = replicas[1].proxy_addr.to_string();
+    // A minute boundary inside a round resets the counters: such a round is run again.
+    let mut checked = false;
+    for _ in 0..3 {
+        let minute = jiff::Timestamp::now().as_second() / 60;
+        // Both replicas hold a lease; after a heartbeat each knows there are two.
+        assert_eq!(chat(&client, &b, &small).await.status, 200);
+        assert_eq!(chat(&client, &a, &small).await.status, 200);
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        let mut answered = 0;
+        let mut refusal = None;
+        for _ in 0..6 {
+            let r = chat(&client, &a, &small).await;
+            match r.status.as_u16() {
+                200 => answered += 1,
+                429 => {
+                    refusal = Some(r.json());
+                    break;
+                }
+                s => panic!("unexpected {s}: {}", r.text()),
+            }
+        }
+        if jiff::Timestamp::now().as_second() / 60 != minute {
+            continue;
+        }
+        // A's share is half of 4: one more after the first, then refused as a rate limit.
+        assert_eq!(answered, 1);
+        let refusal = refusal.unwrap();
+        assert_eq!(refusal["error"]["code"], "rate_limit_exceeded");
+        assert_eq!(refusal["soma_budget"]["limit"], "requestsPerMinute");
+        assert_eq!(refusal["soma_budget"]["cap"], 2);
+        checked = true;
+        break;
+    }
+    assert!(checked, "every round crossed a minute boundary");
+    for r in replicas {
+        r.stop().await;
+    }
 }
