@@ -125,6 +125,9 @@ pub struct ClusterAuthority {
     /// The last refused top-up: for a second, a request needing more than it left is refused
     /// without asking again (an exhausted Budget would otherwise cost a round trip per request).
     last_short: Mutex<Option<(std::time::Instant, Shortfall)>>,
+    /// When a top-up last failed to reach PostgreSQL: for a second, requests that need a
+    /// top-up are refused at once instead of each waiting for the connection timeout.
+    last_failure: Mutex<Option<Instant>>,
 }
 
 /// How long a refused top-up answers for the cluster.
@@ -169,6 +172,7 @@ impl ClusterAuthority {
             migrated: tokio::sync::OnceCell::new(),
             trips: [AtomicU64::new(0), AtomicU64::new(0)],
             last_short: Mutex::new(None),
+            last_failure: Mutex::new(None),
         })
     }
 
@@ -247,6 +251,14 @@ impl ClusterAuthority {
             .map(|_| ())
     }
 
+    /// Records whether PostgreSQL was just unreachable.
+    fn failed(&self, now: bool) {
+        *self
+            .last_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = now.then(Instant::now);
+    }
+
     /// Takes the leases PostgreSQL granted in a transaction started at `started`.
     fn apply(&self, grants: &[Grant], started: Instant) {
         let valid_until = started + self.terms.ttl - self.terms.ttl / 10;
@@ -318,7 +330,25 @@ impl ClusterAuthority {
         if let Some(r) = self.remembered_refusal(want) {
             return Reserve::Refused(Box::new(r));
         }
+        let unreachable = || {
+            Reserve::Unavailable(
+                "the cluster budget authority (PostgreSQL) is unreachable and this replica's \
+                 budget slice does not cover the request"
+                    .into(),
+            )
+        };
+        let failed_recently = |m: &Mutex<Option<Instant>>| {
+            m.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_some_and(|at| at.elapsed() < SHORT_MEMORY)
+        };
+        if failed_recently(&self.last_failure) {
+            return unreachable();
+        }
         let _one_at_a_time = self.topup.lock().await;
+        if failed_recently(&self.last_failure) {
+            return unreachable();
+        }
         // Concurrent requests race for what a top-up brought: a few rounds, then give up.
         for _ in 0..4 {
             match self.try_local(now, want) {
@@ -327,7 +357,9 @@ impl ClusterAuthority {
                 Step::Short => {}
             }
             if let Err(e) = self.migrate().await {
-                return Reserve::Unavailable(e);
+                tracing::warn!(error = %e, "budget authority migrations failed; refusing (fail closed)");
+                self.failed(true);
+                return unreachable();
             }
             let asks: Vec<Ask> = {
                 let mut m = self.lock();
@@ -339,6 +371,7 @@ impl ClusterAuthority {
             let started = Instant::now();
             match lease::acquire(&self.pool, &self.terms, &asks).await {
                 Ok(Ok(grants)) => {
+                    self.failed(false);
                     self.trips[0].fetch_add(1, Ordering::Relaxed);
                     self.apply(&grants, started);
                 }
@@ -353,11 +386,8 @@ impl ClusterAuthority {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "budget lease failed; refusing (fail closed)");
-                    return Reserve::Unavailable(
-                        "the cluster budget authority (PostgreSQL) is unreachable and this \
-                         replica's budget slice is used up"
-                            .into(),
-                    );
+                    self.failed(true);
+                    return unreachable();
                 }
             }
         }
@@ -464,6 +494,7 @@ impl ClusterAuthority {
         }
         let started = Instant::now();
         let grants = lease::report(&self.pool, &self.terms, &asks, give).await?;
+        self.failed(false);
         self.apply(&grants, started);
         Ok(())
     }

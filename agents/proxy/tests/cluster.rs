@@ -362,6 +362,21 @@ async fn kill_9_and_database_and_nats_outages_lose_nothing_and_double_count_noth
     pg.run();
     nats.run();
     let pool = pg.pool().await;
+    // Each replica refuses top-ups for a second after PostgreSQL last failed it; then serves.
+    for addr in [&a.addr, &b.addr] {
+        let mut served = false;
+        for _ in 0..100 {
+            let r = chat(&client, addr, &small).await;
+            if r.status == 200 {
+                seen += observed_cost(&r);
+                served = true;
+                break;
+            }
+            assert_eq!(r.json()["error"]["code"], "budget_unavailable");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(served, "{addr} never served again");
+    }
     seen += traffic(&[&a.addr, &b.addr], 10, 4_000).await;
 
     // Exact totals once the outboxes drain: every row once in the ledger, once in JetStream.
