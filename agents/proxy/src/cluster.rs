@@ -17,10 +17,12 @@
 //! What is exact: the period caps (`tokens`, `costMicros`) across all replicas, up to what a
 //! provider returns beyond the worst case asked for (as with the embedded authority). What is
 //! approximate: the per-minute rate limits, which each replica enforces as its share
-//! (`limit / live replicas`, rounded up) of the limit; and a replica that dies and stays away
-//! longer than the lease TTL has its lease cut back to what it last reported, so spend it
-//! made after its last report (at most its slice) is counted when its outbox comes back,
-//! possibly past the cap.
+//! (`limit / live replicas`, rounded up) of the limit; and a replica cut off from PostgreSQL
+//! for longer than the lease TTL plus the reclaim delay has its lease cut back to what it last
+//! reported, so spend it made from its slice after that report (at most the slice) is counted
+//! when it reports again or its outbox is delivered, possibly past the cap. A replica uses a
+//! lease only until just under one TTL after the renewal that timed it started, so it stops
+//! spending before anyone may reclaim. `docs/sidecar.md` has the full account.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
