@@ -19,6 +19,14 @@ pub enum ConfigError {
     /// Valid syntax, wrong fields.
     #[error("invalid configuration")]
     Shape(#[source] serde_json::Error),
+    /// A `...Env` field names an environment variable that is unset or empty.
+    #[error("{field} names the environment variable {var}, which is not set")]
+    MissingEnv {
+        /// The configuration field.
+        field: &'static str,
+        /// The variable it names.
+        var: String,
+    },
 }
 
 /// The whole file.
@@ -70,6 +78,10 @@ pub struct Config {
     /// logged.
     #[serde(default)]
     pub database_url: Option<String>,
+    /// The environment variable holding `databaseUrl` instead (the operator sets it from a
+    /// Secret, so the password is never in the ConfigMap). Ignored when `databaseUrl` is set.
+    #[serde(default)]
+    pub database_url_env: Option<String>,
     /// NATS URL; when set, settled usage is published to JetStream in the background.
     #[serde(default)]
     pub nats_url: Option<String>,
@@ -239,6 +251,26 @@ impl Config {
         let value: serde_json::Value = serde_yaml::from_str(text).map_err(ConfigError::Syntax)?;
         serde_json::from_value(value).map_err(ConfigError::Shape)
     }
+
+    /// Fills the fields that the file names an environment variable for (`databaseUrlEnv`),
+    /// reading variables through `var`. A named variable that is unset or empty is an error:
+    /// starting without the ledger the operator asked for would look healthy and meter nothing.
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if self.database_url.is_none()
+            && let Some(name) = &self.database_url_env
+        {
+            match var(name).filter(|v| !v.trim().is_empty()) {
+                Some(url) => self.database_url = Some(url),
+                None => {
+                    return Err(ConfigError::MissingEnv {
+                        field: "databaseUrlEnv",
+                        var: name.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -276,6 +308,29 @@ mod tests {
         assert_eq!(c.provider.kind, ProviderKind::Anthropic);
         assert!(Config::parse("agent: [").is_err());
         assert!(Config::parse("{\"agent\": 1}").is_err());
+    }
+
+    #[test]
+    fn database_url_from_the_environment() {
+        let base = r#""agent": {"namespace": "a", "name": "b"}, "provider": {"kind": "openai", "upstream": "http://x", "model": "m"}, "credentials": "none", "clientTokenEnv": "T""#;
+        let doc = format!(r#"{{{base}, "databaseUrlEnv": "SOMA_DATABASE_URL"}}"#);
+        let mut c = Config::parse(&doc).unwrap();
+        c.apply_env(|n| (n == "SOMA_DATABASE_URL").then(|| "postgres://u:p@db/soma".into()))
+            .unwrap();
+        assert_eq!(c.database_url.as_deref(), Some("postgres://u:p@db/soma"));
+
+        let mut c = Config::parse(&doc).unwrap();
+        let err = c.apply_env(|_| Some(" ".into())).unwrap_err();
+        assert!(err.to_string().contains("SOMA_DATABASE_URL"), "{err}");
+        assert!(c.database_url.is_none());
+
+        // An explicit URL wins and the variable is not needed.
+        let doc = format!(
+            r#"{{{base}, "databaseUrl": "postgres://x/y", "databaseUrlEnv": "SOMA_DATABASE_URL"}}"#
+        );
+        let mut c = Config::parse(&doc).unwrap();
+        c.apply_env(|_| None).unwrap();
+        assert_eq!(c.database_url.as_deref(), Some("postgres://x/y"));
     }
 
     #[test]

@@ -35,8 +35,11 @@ async fn main() -> anyhow::Result<()> {
     }
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading {}", args.config.display()))?;
-    let config = soma_proxy::Config::parse(&text)
+    let mut config = soma_proxy::Config::parse(&text)
         .with_context(|| format!("parsing {}", args.config.display()))?;
+    config
+        .apply_env(|name| std::env::var(name).ok())
+        .with_context(|| format!("reading {}", args.config.display()))?;
     let token = std::env::var(&config.client_token_env).unwrap_or_default();
     let running = soma_proxy::start(config, token).await?;
     shutdown_signal().await;
