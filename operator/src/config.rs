@@ -3,9 +3,10 @@
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use soma_metering::PriceTable;
 use std::collections::BTreeMap;
 
-/// The metering sidecar's image and ports.
+/// The metering sidecar's image, ports, and where its usage goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SidecarConfig {
     /// Image of the `soma-proxy` metering sidecar.
@@ -14,6 +15,17 @@ pub struct SidecarConfig {
     pub port: u16,
     /// Port of the sidecar's `/healthz` and `/metrics`, on all addresses (probes, Prometheus).
     pub admin_port: u16,
+    /// Prices per model, handed to every sidecar (cost is metered only with prices; with a
+    /// table, a model missing from it is refused as unknown).
+    pub prices: Option<PriceTable>,
+    /// The Secret, in each Agent's namespace, whose `database-url` key is the PostgreSQL URL
+    /// of the usage ledger and the cluster budget authority. Set: every sidecar delivers usage
+    /// there and shares Budgets with the Agent's other replicas through leases. Unset: each
+    /// sidecar enforces its Budgets alone (the embedded authority) and keeps usage in its
+    /// outbox.
+    pub ledger_secret: Option<String>,
+    /// NATS URL the sidecars publish settled usage to (JetStream), if any.
+    pub nats_url: Option<String>,
 }
 
 impl Default for SidecarConfig {
@@ -22,8 +34,20 @@ impl Default for SidecarConfig {
             image: "ghcr.io/soma-dev/soma-proxy:0.1.0".to_owned(),
             port: 4000,
             admin_port: 9090,
+            prices: None,
+            ledger_secret: None,
+            nats_url: None,
         }
     }
+}
+
+/// The key of [`SidecarConfig::ledger_secret`] holding the URL.
+pub const LEDGER_SECRET_KEY: &str = "database-url";
+
+/// Reads a price table file (YAML or JSON: model → `inputPerMTok`, `outputPerMTok`,
+/// optional `cachedInputPerMTok` and `cacheWritePerMTok`, in micro-units per million tokens).
+pub fn read_price_table(text: &str) -> Result<PriceTable, serde_yaml::Error> {
+    serde_yaml::from_str(text)
 }
 
 /// Settings shared by every reconcile.

@@ -19,8 +19,8 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
     EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Service,
-    ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+    PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
+    Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
@@ -33,8 +33,9 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use soma_crds::agent::{Agent, EgressRule, PROVIDER_KEY_ENV_NAMES, Provider};
 use soma_crds::budget::BudgetSpec;
+use soma_metering::PriceTable;
 
-use crate::config::OperatorConfig;
+use crate::config::{LEDGER_SECRET_KEY, OperatorConfig};
 
 /// Field manager for everything the Agent controller applies.
 pub const FIELD_MANAGER: &str = "soma.dev/agent";
@@ -205,7 +206,23 @@ pub struct SidecarSettings {
     pub budgets: Vec<BudgetDefinition>,
     /// The sidecar's durable usage outbox, on a volume that survives container restarts.
     pub outbox_path: String,
+    /// Prices per model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prices: Option<PriceTable>,
+    /// `postgres` when a ledger Secret is configured (replicas share Budgets through
+    /// leases); absent means the sidecar's embedded authority.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authority: Option<serde_json::Value>,
+    /// The sidecar's environment variable holding the ledger URL (from the Secret).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url_env: Option<String>,
+    /// NATS URL for usage events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_url: Option<String>,
 }
+
+/// The sidecar's environment variable carrying the ledger URL.
+const DATABASE_URL_ENV: &str = "SOMA_DATABASE_URL";
 
 /// Namespace and name of the Agent.
 #[derive(Serialize, Clone, Debug, PartialEq, Eq)]
@@ -273,6 +290,7 @@ pub fn sidecar_settings(
         },
         None => CredentialSettings::None,
     };
+    let ledger = config.sidecar.ledger_secret.as_ref();
     let kind = match spec.model.provider {
         Provider::Openai => "openai",
         Provider::Anthropic => "anthropic",
@@ -297,6 +315,10 @@ pub fn sidecar_settings(
         capsules: spec.capsules.iter().map(|c| c.name.clone()).collect(),
         budgets: resolved.budgets.clone(),
         outbox_path: format!("{SIDECAR_STATE_DIR}/outbox.db"),
+        prices: config.sidecar.prices.clone(),
+        authority: ledger.map(|_| serde_json::json!({"postgres": {}})),
+        database_url_env: ledger.map(|_| DATABASE_URL_ENV.to_owned()),
+        nats_url: config.sidecar.nats_url.clone(),
     }
 }
 
@@ -416,6 +438,26 @@ fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
     }
 }
 
+/// The sidecar's environment: the per-pod client token and, with a ledger Secret, its URL.
+fn sidecar_env(config: &OperatorConfig) -> Vec<EnvVar> {
+    let mut vars = vec![pod_uid_env("SOMA_POD_UID")];
+    if let Some(secret) = &config.sidecar.ledger_secret {
+        vars.push(EnvVar {
+            name: DATABASE_URL_ENV.to_owned(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: secret.clone(),
+                    key: LEDGER_SECRET_KEY.to_owned(),
+                    optional: Some(false),
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        });
+    }
+    vars
+}
+
 /// The metering sidecar: a native sidecar (an init container that keeps running), so it is
 /// up before the agent starts and stops after it.
 fn sidecar_container(agent: &Agent, config: &OperatorConfig) -> Container {
@@ -449,7 +491,7 @@ fn sidecar_container(agent: &Agent, config: &OperatorConfig) -> Container {
             format!("{SIDECAR_CONFIG_DIR}/config.yaml"),
         ]),
         restart_policy: Some("Always".to_owned()),
-        env: Some(vec![pod_uid_env("SOMA_POD_UID")]),
+        env: Some(sidecar_env(config)),
         ports: Some(vec![ContainerPort {
             name: Some("proxy-admin".to_owned()),
             container_port: i32::from(config.sidecar.admin_port),

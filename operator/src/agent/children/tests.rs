@@ -673,3 +673,67 @@ fn sidecar_gets_budget_definitions_and_a_writable_outbox() {
         "a Budget change changes the config (and so the pod template's hash)"
     );
 }
+
+#[test]
+fn sidecar_gets_prices_ledger_and_events_only_when_configured() {
+    let resolved = Resolved {
+        replicas: 3,
+        budgets: Vec::new(),
+    };
+    let sidecar_config = |c: &Children| -> serde_json::Value {
+        let text = c
+            .sidecar_config
+            .data
+            .as_ref()
+            .and_then(|d| d.get("config.yaml"))
+            .expect("config");
+        serde_json::from_str(text).expect("JSON")
+    };
+
+    let plain = built(&agent(|_| {}));
+    let doc = sidecar_config(&plain);
+    for field in ["prices", "authority", "databaseUrlEnv", "natsUrl"] {
+        assert!(
+            doc.get(field).is_none(),
+            "{field} written without a setting"
+        );
+    }
+    assert!(env_value(sidecar(&plain), "SOMA_DATABASE_URL").is_none());
+
+    let mut config = OperatorConfig::default();
+    config.sidecar.prices = Some(
+        crate::config::read_price_table("gpt-4o: {inputPerMTok: 2500000, outputPerMTok: 10000000}")
+            .expect("prices"),
+    );
+    config.sidecar.ledger_secret = Some("soma-ledger".into());
+    config.sidecar.nats_url = Some("nats://nats.soma-system:4222".into());
+    let c = children(&agent(|_| {}), &resolved, &config).expect("children");
+    let doc = sidecar_config(&c);
+    assert_eq!(doc["prices"]["gpt-4o"]["outputPerMTok"], 10_000_000);
+    assert_eq!(doc["authority"], serde_json::json!({"postgres": {}}));
+    assert_eq!(doc["databaseUrlEnv"], "SOMA_DATABASE_URL");
+    assert_eq!(doc["natsUrl"], "nats://nats.soma-system:4222");
+    assert!(
+        !doc.to_string().contains("postgres://"),
+        "no URL (and so no password) in the ConfigMap"
+    );
+    let url = env_value(sidecar(&c), "SOMA_DATABASE_URL").expect("ledger env");
+    let secret = url
+        .value_from
+        .as_ref()
+        .and_then(|v| v.secret_key_ref.as_ref())
+        .expect("from a Secret");
+    assert_eq!(
+        (secret.name.as_str(), secret.key.as_str()),
+        ("soma-ledger", "database-url")
+    );
+    assert!(
+        env_value(agent_container(&c), "SOMA_DATABASE_URL").is_none(),
+        "the agent container never sees the ledger"
+    );
+
+    let bad = crate::config::read_price_table("gpt-4o: {inputPerMTok: -1, outputPerMTok: 1}");
+    assert!(bad.is_err(), "a negative price is refused");
+    let bad = crate::config::read_price_table("gpt-4o: {inputPerMTok: 1, outputPerMtok: 1}");
+    assert!(bad.is_err(), "a misspelt field is refused");
+}
