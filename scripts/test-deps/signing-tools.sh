@@ -6,6 +6,8 @@
 #   cosign           -> $SOMA_CACHE/tools/signing/usr/bin/cosign            (cosign)
 #   oras             -> $SOMA_CACHE/tools/signing/usr/bin/oras              (oras)
 #   docker-registry  -> $SOMA_CACHE/tools/signing/usr/bin/docker-registry   (docker-registry)
+#   openssl          -> the machine's openssl CLI (bookworm's `openssl`, apt-get installed if
+#                       missing): the keyless tests make their stand-in Fulcio CA with it
 #
 # apt runs with a private sources list, state and archive folder under $SOMA_CACHE/apt-trixie,
 # so the machine's own apt configuration is neither read nor changed.
@@ -58,6 +60,12 @@ install() {
 }
 
 install
+if ! command -v openssl >/dev/null 2>&1; then
+    [[ $(id -u) == 0 ]] || { log "need root to apt-get install openssl"; exit 1; }
+    log "installing openssl"
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssl >&2
+fi
 for tool in cosign oras docker-registry; do
     [[ -x $ROOT/usr/bin/$tool ]] || { log "$tool missing after install"; exit 1; }
 done

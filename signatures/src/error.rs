@@ -21,16 +21,44 @@ pub enum Rejection {
         "invalid public key: {0}; expected a PEM public key as written by `cosign generate-key-pair`"
     )]
     InvalidPublicKey(String),
-    /// The policy accepts only keyless signers, which this verifier cannot check offline yet.
+    /// The policy accepts keyless signers but the verifier has no trusted root to check their
+    /// certificates against.
     #[error(
-        "keyless verification (issuer {issuer:?}, subject {subject:?}) is not supported offline yet; \
-         sign with a key and reference it with publicKeyRef"
+        "keyless signer (issuer {issuer:?}, subject {subject:?}) cannot be checked: keyless verification \
+         needs a configured trusted root and applies to OCI signatures only; configure a root or sign \
+         with a key (publicKeyRef)"
     )]
-    KeylessUnsupported {
+    KeylessNotConfigured {
         /// The OIDC issuer the policy asks for.
         issuer: String,
         /// The certificate subject the policy asks for.
         subject: String,
+    },
+    /// A configured trusted root could not be read.
+    #[error("invalid trusted root: {0}; expected PEM CA certificates")]
+    InvalidTrustedRoot(String),
+    /// A keyless signature's certificate does not chain to a trusted root, is expired, or is not
+    /// for code signing.
+    #[error("{reference}: untrusted signing certificate: {reason}")]
+    UntrustedCertificate {
+        /// The artifact.
+        reference: String,
+        /// Why the chain was refused.
+        reason: String,
+    },
+    /// A keyless signature by a trusted certificate, but for an identity the policy does not accept.
+    #[error(
+        "{reference}: signed by subject {subject:?} from issuer {issuer:?}, which the policy does not accept (accepted: {accepted})"
+    )]
+    IdentityMismatch {
+        /// The artifact.
+        reference: String,
+        /// The certificate's OIDC issuer.
+        issuer: String,
+        /// The certificate's subject.
+        subject: String,
+        /// The accepted identities.
+        accepted: String,
     },
     /// The artifact itself is not in the registry.
     #[error("artifact {reference} not found in the registry")]
@@ -97,7 +125,10 @@ impl Rejection {
         match self {
             Rejection::InvalidReference { .. } => "InvalidReference",
             Rejection::InvalidPublicKey(_) => "InvalidPublicKey",
-            Rejection::KeylessUnsupported { .. } => "KeylessUnsupported",
+            Rejection::KeylessNotConfigured { .. } => "KeylessNotConfigured",
+            Rejection::InvalidTrustedRoot(_) => "InvalidTrustedRoot",
+            Rejection::UntrustedCertificate { .. } => "UntrustedCertificate",
+            Rejection::IdentityMismatch { .. } => "IdentityMismatch",
             Rejection::ArtifactNotFound { .. } => "ArtifactNotFound",
             Rejection::Unsigned { .. } => "Unsigned",
             Rejection::WrongKey { .. } => "WrongKey",

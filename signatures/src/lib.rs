@@ -10,15 +10,17 @@
 //!
 //! What is checked: a cosign signature (`cosign sign --key`) stored under the artifact's
 //! `sha256-<hex>.sig` tag, made by an accepted key over a simple-signing payload that names the
-//! requested digest; or a `cosign sign-blob` signature over a blob's bytes. Successful
-//! verifications are cached by (digest, policy fingerprint). Keyless (Fulcio certificate)
-//! verification is not implemented yet: a keyless-only policy is rejected with
-//! [`Rejection::KeylessUnsupported`]. See `docs/signatures.md`.
+//! requested digest, or a keyless signature whose certificate chains to a configured trusted
+//! root and names an accepted identity; or a `cosign sign-blob` signature over a blob's bytes.
+//! Successful verifications are cached by (digest, policy fingerprint). Keyless verification is
+//! offline: no Rekor or timestamp evidence is checked, so the certificate must be valid at
+//! verification time. See `docs/signatures.md`.
 #![forbid(unsafe_code)]
 
 mod blob;
 mod cache;
 mod error;
+mod keyless;
 mod policy;
 mod reference;
 mod registry;

@@ -127,20 +127,31 @@ impl Policy {
 
     /// The accepted keys' fingerprints, for messages.
     pub(crate) fn describe_keys(&self) -> String {
-        self.keys
+        let keys: Vec<&str> = self.keys.iter().map(PublicKey::fingerprint).collect();
+        if keys.is_empty() {
+            "no key accepted".to_string()
+        } else {
+            keys.join(", ")
+        }
+    }
+
+    /// The accepted keyless identities, for messages.
+    pub(crate) fn describe_keyless(&self) -> String {
+        self.keyless
             .iter()
-            .map(PublicKey::fingerprint)
+            .map(|id| format!("subject {:?} from issuer {:?}", id.subject, id.issuer))
             .collect::<Vec<_>>()
             .join(", ")
     }
 
-    /// Fails when the policy has no key to check against (keyless only, or empty).
-    pub(crate) fn require_keys(&self) -> Result<(), Rejection> {
-        if !self.keys.is_empty() {
+    /// Fails when nothing the policy accepts can be checked: no key, and no keyless identity
+    /// (or keyless identities but no trusted root to check their certificates against).
+    pub(crate) fn require_checkable(&self, have_roots: bool) -> Result<(), Rejection> {
+        if !self.keys.is_empty() || (!self.keyless.is_empty() && have_roots) {
             return Ok(());
         }
         match self.keyless.first() {
-            Some(id) => Err(Rejection::KeylessUnsupported {
+            Some(id) => Err(Rejection::KeylessNotConfigured {
                 issuer: id.issuer.clone(),
                 subject: id.subject.clone(),
             }),

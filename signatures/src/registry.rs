@@ -7,7 +7,10 @@ use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::{IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE, OciImageManifest};
 use oci_client::secrets::RegistryAuth;
 
-use crate::simple_signing::{SIGNATURE_ANNOTATION, SIMPLE_SIGNING_MEDIA_TYPE, SignatureLayer};
+use crate::simple_signing::{
+    CERTIFICATE_ANNOTATION, CHAIN_ANNOTATION, SIGNATURE_ANNOTATION, SIMPLE_SIGNING_MEDIA_TYPE,
+    SignatureLayer,
+};
 use crate::{OciRef, Rejection, TrustConfig};
 
 /// A signature payload is a few hundred bytes; refuse to download anything much larger.
@@ -104,12 +107,19 @@ impl Registry {
                     }
                     e => classify(&artifact.registry, e),
                 })?;
-            let signature = descriptor
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(SIGNATURE_ANNOTATION))
-                .cloned();
-            layers.push(SignatureLayer { payload, signature });
+            let annotation = |name: &str| {
+                descriptor
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(name))
+                    .cloned()
+            };
+            layers.push(SignatureLayer {
+                payload,
+                signature: annotation(SIGNATURE_ANNOTATION),
+                certificate: annotation(CERTIFICATE_ANNOTATION),
+                chain: annotation(CHAIN_ANNOTATION),
+            });
         }
         Ok(layers)
     }

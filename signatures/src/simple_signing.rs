@@ -10,6 +10,7 @@
 use sigstore::cosign::payload::SimpleSigning;
 use sigstore::cosign::payload::simple_signing::CRITICAL_TYPE_NAME;
 
+use crate::keyless::{CertificateProblem, TrustedRoots, certified_signer};
 use crate::{OciRef, Policy, Rejection};
 
 /// The media type of a cosign simple-signing layer.
@@ -17,24 +18,41 @@ pub(crate) const SIMPLE_SIGNING_MEDIA_TYPE: &str =
     "application/vnd.dev.cosign.simplesigning.v1+json";
 /// The layer annotation holding the base64 signature.
 pub(crate) const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
+/// The layer annotation holding a keyless signature's certificate (PEM).
+pub(crate) const CERTIFICATE_ANNOTATION: &str = "dev.sigstore.cosign/certificate";
+/// The layer annotation holding that certificate's chain (PEM).
+pub(crate) const CHAIN_ANNOTATION: &str = "dev.sigstore.cosign/chain";
 
-/// One layer of a `.sig` manifest: the payload bytes and the signature annotation, if present.
+/// One layer of a `.sig` manifest: the payload bytes and its annotations.
 #[derive(Clone, Debug)]
 pub(crate) struct SignatureLayer {
     pub(crate) payload: Vec<u8>,
+    /// `dev.cosignproject.cosign/signature`.
     pub(crate) signature: Option<String>,
+    /// `dev.sigstore.cosign/certificate` (keyless signatures).
+    pub(crate) certificate: Option<String>,
+    /// `dev.sigstore.cosign/chain` (keyless signatures).
+    pub(crate) chain: Option<String>,
 }
 
-/// Returns the fingerprint of the key that signed `artifact`, or the most telling reason why no
-/// layer is acceptable (a replayed signature beats a malformed one beats a wrong key).
+/// Everything a layer is checked against.
+pub(crate) struct Trust<'a> {
+    pub(crate) policy: &'a Policy,
+    pub(crate) roots: &'a TrustedRoots,
+    pub(crate) now: jiff::Timestamp,
+}
+
+/// Returns the signer of `artifact` (`key:sha256:<hex>` or `keyless:subject=...,issuer=...`),
+/// or the most telling reason why no layer is acceptable (a replayed signature beats an
+/// unaccepted identity beats an untrusted certificate beats a malformed one beats a wrong key).
 pub(crate) fn accepted_signer(
     artifact: &OciRef,
     layers: &[SignatureLayer],
-    policy: &Policy,
+    trust: &Trust<'_>,
 ) -> Result<String, Rejection> {
     let mut best: Option<Rejection> = None;
     for layer in layers {
-        let rejection = match check_layer(artifact, layer, policy) {
+        let rejection = match check_layer(artifact, layer, trust) {
             Ok(signer) => return Ok(signer),
             Err(rejection) => rejection,
         };
@@ -50,7 +68,9 @@ pub(crate) fn accepted_signer(
 
 fn rank(rejection: &Rejection) -> u8 {
     match rejection {
-        Rejection::DigestMismatch { .. } => 3,
+        Rejection::DigestMismatch { .. } => 5,
+        Rejection::IdentityMismatch { .. } => 4,
+        Rejection::UntrustedCertificate { .. } => 3,
         Rejection::MalformedSignature { .. } => 2,
         _ => 1,
     }
@@ -59,7 +79,7 @@ fn rank(rejection: &Rejection) -> u8 {
 fn check_layer(
     artifact: &OciRef,
     layer: &SignatureLayer,
-    policy: &Policy,
+    trust: &Trust<'_>,
 ) -> Result<String, Rejection> {
     let malformed = |reason: String| Rejection::MalformedSignature {
         reference: artifact.to_string(),
@@ -75,14 +95,7 @@ fn check_layer(
         ));
     }
     // Authenticate the bytes before reading them.
-    let signer =
-        policy
-            .signer_of(signature, &layer.payload)
-            .ok_or_else(|| Rejection::WrongKey {
-                reference: artifact.to_string(),
-                count: 1,
-                key: policy.describe_keys(),
-            })?;
+    let signer = authenticate(artifact, layer, signature, trust)?;
     let payload: SimpleSigning = serde_json::from_slice(&layer.payload).map_err(|e| {
         malformed(format!(
             "the signed payload is not cosign simple signing JSON: {e}"
@@ -102,7 +115,63 @@ fn check_layer(
             requested: artifact.digest.clone(),
         });
     }
-    Ok(signer.fingerprint().to_string())
+    Ok(signer)
+}
+
+/// Who made `signature` over the layer's payload: an accepted key, else an accepted keyless
+/// identity whose certificate chains to a trusted root.
+fn authenticate(
+    artifact: &OciRef,
+    layer: &SignatureLayer,
+    signature: &str,
+    trust: &Trust<'_>,
+) -> Result<String, Rejection> {
+    let policy = trust.policy;
+    if let Some(key) = policy.signer_of(signature, &layer.payload) {
+        return Ok(format!("key:{}", key.fingerprint()));
+    }
+    let wrong_key = || Rejection::WrongKey {
+        reference: artifact.to_string(),
+        count: 1,
+        key: policy.describe_keys(),
+    };
+    let Some(certificate) = layer.certificate.as_deref() else {
+        return Err(wrong_key());
+    };
+    if policy.keyless().is_empty() || trust.roots.is_empty() {
+        return Err(wrong_key());
+    }
+    let certified = certified_signer(trust.roots, certificate, layer.chain.as_deref(), trust.now)
+        .map_err(|p| match p {
+        CertificateProblem::Malformed(reason) => Rejection::MalformedSignature {
+            reference: artifact.to_string(),
+            reason,
+        },
+        CertificateProblem::Untrusted(reason) => Rejection::UntrustedCertificate {
+            reference: artifact.to_string(),
+            reason,
+        },
+    })?;
+    let id = &certified.identity;
+    if !policy.keyless().contains(id) {
+        return Err(Rejection::IdentityMismatch {
+            reference: artifact.to_string(),
+            issuer: id.issuer.clone(),
+            subject: id.subject.clone(),
+            accepted: policy.describe_keyless(),
+        });
+    }
+    if !certified.verifies(signature, &layer.payload) {
+        return Err(Rejection::WrongKey {
+            reference: artifact.to_string(),
+            count: 1,
+            key: "the signing certificate's key".to_string(),
+        });
+    }
+    Ok(format!(
+        "keyless:subject={},issuer={}",
+        id.subject, id.issuer
+    ))
 }
 
 pub(crate) fn is_base64(s: &str) -> bool {

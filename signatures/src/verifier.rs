@@ -17,9 +17,10 @@ use tracing::{debug, instrument};
 
 use crate::blob::{Blob, blob_signer, sha256_digest};
 use crate::cache::VerifiedCache;
+use crate::keyless::TrustedRoots;
 use crate::reference::digest_bytes;
 use crate::registry::{Failure, Registry};
-use crate::simple_signing::{accepted_signer, with_count};
+use crate::simple_signing::{Trust, accepted_signer, with_count};
 use crate::{OciRef, Policy, Rejection};
 
 /// How the verifier reaches registries and how much it remembers.
@@ -34,6 +35,9 @@ pub struct TrustConfig {
     pub read_timeout: Duration,
     /// How many verified digests to remember (0 turns the cache off).
     pub cache_capacity: usize,
+    /// PEM CA certificates that keyless signing certificates must chain to (standing in for
+    /// Fulcio's root, which is not reachable offline). Empty: keyless signatures are refused.
+    pub keyless_roots: Vec<String>,
 }
 
 impl Default for TrustConfig {
@@ -43,6 +47,7 @@ impl Default for TrustConfig {
             connect_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(15),
             cache_capacity: 10_000,
+            keyless_roots: Vec::new(),
         }
     }
 }
@@ -52,7 +57,8 @@ impl Default for TrustConfig {
 pub struct Verified {
     /// The verified digest, `sha256:<hex>`.
     pub digest: String,
-    /// Who signed: `key:sha256:<hex>` (the fingerprint of the accepted public key).
+    /// Who signed: `key:sha256:<hex>` (the fingerprint of the accepted public key) or
+    /// `keyless:subject=<subject>,issuer=<issuer>` (the accepted certificate identity).
     pub signer: String,
     /// When the signature was verified (a cached result keeps its first time).
     pub at: jiff::Timestamp,
@@ -64,15 +70,20 @@ pub struct Verified {
 pub struct Verifier {
     registry: Registry,
     cache: VerifiedCache,
+    roots: TrustedRoots,
 }
 
 impl Verifier {
-    /// A verifier with its own registry client and an empty cache.
-    pub fn new(config: TrustConfig) -> Self {
-        Verifier {
+    /// A verifier with its own registry client and an empty cache; fails when a keyless root
+    /// cannot be read.
+    pub fn new(config: TrustConfig) -> Result<Self, Rejection> {
+        let roots = TrustedRoots::from_pems(&config.keyless_roots)
+            .map_err(Rejection::InvalidTrustedRoot)?;
+        Ok(Verifier {
             registry: Registry::new(&config),
             cache: VerifiedCache::new(config.cache_capacity),
-        }
+            roots,
+        })
     }
 
     /// Verifies that `artifact` carries a cosign signature accepted by `policy`.
@@ -92,7 +103,7 @@ impl Verifier {
         if let Some(hit) = self.cache.get(digest, policy.fingerprint()) {
             return Ok(hit);
         }
-        policy.require_keys()?;
+        policy.require_checkable(!self.roots.is_empty())?;
         let (exists, layers) = tokio::join!(
             self.registry.artifact_exists(artifact),
             self.registry.signature_layers(artifact)
@@ -116,12 +127,18 @@ impl Verifier {
             }
             Err(Failure::Other(rejection)) => return Err(rejection),
         };
+        let now = jiff::Timestamp::now();
+        let trust = Trust {
+            policy,
+            roots: &self.roots,
+            now,
+        };
         let signer =
-            accepted_signer(artifact, &layers, policy).map_err(|r| with_count(r, layers.len()))?;
+            accepted_signer(artifact, &layers, &trust).map_err(|r| with_count(r, layers.len()))?;
         debug!(%signer, "signature verified");
         let verified = Verified {
             digest: artifact.digest.clone(),
-            signer: format!("key:{signer}"),
+            signer,
             at: jiff::Timestamp::now(),
         };
         self.cache
@@ -152,7 +169,8 @@ impl Verifier {
         {
             return Ok(hit);
         }
-        policy.require_keys()?;
+        // Keyless applies to OCI signatures only (sign-blob cannot attach a certificate offline).
+        policy.require_checkable(false)?;
         let signer = blob_signer(blob, &digest, policy)?;
         let verified = Verified {
             digest,

@@ -345,7 +345,7 @@ async fn bad_policies_and_references_get_clear_errors() -> Result<()> {
         "sha256:50d462ba7793fb453045fe18ef6547305b7e920a845192fb63500803331d51fa",
     )?;
     let err = verifier.verify_oci(&artifact, &keyless).await.unwrap_err();
-    assert_eq!(err.reason(), "KeylessUnsupported", "{err}");
+    assert_eq!(err.reason(), "KeylessNotConfigured", "{err}");
     assert!(!err.is_transient());
 
     for pem in [

@@ -234,10 +234,17 @@ impl Workdir {
 
 /// A verifier that may use plain HTTP to `registry`.
 pub fn verifier(registry: &str) -> soma_signatures::Verifier {
+    verifier_with_roots(registry, Vec::new())
+}
+
+/// A verifier that may use plain HTTP to `registry` and trusts `roots` for keyless signatures.
+pub fn verifier_with_roots(registry: &str, roots: Vec<String>) -> soma_signatures::Verifier {
     soma_signatures::Verifier::new(soma_signatures::TrustConfig {
         insecure_registries: vec![registry.to_string()],
+        keyless_roots: roots,
         ..Default::default()
     })
+    .expect("the test's trusted roots parse")
 }
 
 /// Returns early from a test (with a SKIP line) when the tools are missing.
