@@ -19,8 +19,18 @@ pub struct Tools {
 }
 
 /// The tools from `SOMA_COSIGN`/`SOMA_ORAS`/`SOMA_REGISTRY`, or else from running the install
-/// script; `None` (after saying why) when they cannot be had, so the caller skips.
+/// script (once per test binary: tests run in parallel and must not race apt); `None` (after
+/// saying why) when they cannot be had, so the caller skips.
 pub fn tools() -> Option<Tools> {
+    static TOOLS: std::sync::OnceLock<Option<Tools>> = std::sync::OnceLock::new();
+    let tools = TOOLS.get_or_init(find_or_install_tools).clone();
+    if tools.is_none() {
+        eprintln!("SKIP: cosign/oras/docker-registry are not available");
+    }
+    tools
+}
+
+fn find_or_install_tools() -> Option<Tools> {
     let from_env = || -> Option<Tools> {
         Some(Tools {
             cosign: std::env::var_os("SOMA_COSIGN")?.into(),
