@@ -53,3 +53,39 @@ impl VerifiedCache {
             .clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verified(n: u8) -> Verified {
+        Verified {
+            digest: format!("sha256:{n:064x}"),
+            signer: "key:sha256:00".into(),
+            at: jiff::Timestamp::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn keyed_by_digest_and_policy_and_bounded() {
+        let cache = VerifiedCache::new(2);
+        cache.insert([1; 32], [9; 32], verified(1));
+        assert_eq!(cache.get([1; 32], [9; 32]), Some(verified(1)));
+        assert_eq!(cache.get([1; 32], [8; 32]), None, "another policy misses");
+        assert_eq!(cache.get([2; 32], [9; 32]), None, "another digest misses");
+        cache.insert([2; 32], [9; 32], verified(2));
+        cache.insert([2; 32], [9; 32], verified(2));
+        assert_eq!(
+            cache.len(),
+            2,
+            "re-inserting a key does not grow or clear the cache"
+        );
+        cache.insert([3; 32], [9; 32], verified(3));
+        assert_eq!(cache.len(), 1, "full: emptied, then the new entry kept");
+        assert_eq!(cache.get([3; 32], [9; 32]), Some(verified(3)));
+
+        let off = VerifiedCache::new(0);
+        off.insert([1; 32], [9; 32], verified(1));
+        assert_eq!(off.get([1; 32], [9; 32]), None);
+    }
+}

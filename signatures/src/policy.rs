@@ -168,3 +168,68 @@ impl Policy {
             .find(|k| k.verifies(signature_b64, message))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAETNMjI1azpTh/2ouMbSxFken3gx+R
+gYEIXC+X3ZhfII9tjZXo4tkjBLrMbfwJxIbefO7TFXyG40O6GR4TFMOrvw==
+-----END PUBLIC KEY-----
+";
+    const B: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAENptdY/l3nB0yqkXLBWkZWQwo6+cu
+OSWS1X9vPavpiQOoTTGC0xX57OojUadxF1cdQmrsiReWg2Wn4FneJfa8xw==
+-----END PUBLIC KEY-----
+";
+
+    fn id(subject: &str) -> KeylessIdentity {
+        KeylessIdentity {
+            issuer: "https://issuer.example".into(),
+            subject: subject.into(),
+        }
+    }
+
+    #[test]
+    fn fingerprints_follow_what_is_accepted_not_the_order_keys_are_listed() {
+        let key = |pem| PublicKey::from_pem(pem).unwrap();
+        let ab = Policy::new(vec![key(A), key(B)], vec![]);
+        let ba = Policy::new(vec![key(B), key(A)], vec![]);
+        assert_eq!(ab.fingerprint(), ba.fingerprint());
+        let a = Policy::new(vec![key(A)], vec![]);
+        assert_ne!(a.fingerprint(), ab.fingerprint());
+        assert_ne!(
+            Policy::new(vec![key(A)], vec![id("x@example.com")]).fingerprint(),
+            Policy::new(vec![key(A)], vec![id("y@example.com")]).fingerprint()
+        );
+        assert_ne!(
+            a.fingerprint(),
+            Policy::new(vec![], vec![id("x@example.com")]).fingerprint()
+        );
+    }
+
+    #[test]
+    fn key_fingerprint_matches_openssl() {
+        // `openssl pkey -pubin -in a.pub -outform DER | sha256sum` of key A.
+        assert_eq!(
+            PublicKey::from_pem(A).unwrap().fingerprint(),
+            "sha256:42c7496306f1db0bb1cd2aba8d7f3511d232152d290367eacfd4e56f394359fa"
+        );
+    }
+
+    #[test]
+    fn a_policy_needs_something_it_can_check() {
+        let keyless_only = Policy::new(vec![], vec![id("x@example.com")]);
+        assert_eq!(
+            keyless_only.require_checkable(false).unwrap_err().reason(),
+            "KeylessNotConfigured"
+        );
+        assert!(keyless_only.require_checkable(true).is_ok());
+        let empty = Policy::new(vec![], vec![]);
+        assert_eq!(
+            empty.require_checkable(true).unwrap_err().reason(),
+            "InvalidPublicKey"
+        );
+    }
+}
