@@ -8,6 +8,8 @@
 #   docker-registry  -> $SOMA_CACHE/tools/signing/usr/bin/docker-registry   (docker-registry)
 #   openssl          -> the machine's openssl CLI (bookworm's `openssl`, apt-get installed if
 #                       missing): the keyless tests make their stand-in Fulcio CA with it
+#   libssl-dev, pkg-config -> bookworm's, apt-get installed if missing: soma-signatures links
+#                       OpenSSL (the sigstore crate's native-tls crypto backend)
 #
 # apt runs with a private sources list, state and archive folder under $SOMA_CACHE/apt-trixie,
 # so the machine's own apt configuration is neither read nor changed.
@@ -60,11 +62,15 @@ install() {
 }
 
 install
-if ! command -v openssl >/dev/null 2>&1; then
-    [[ $(id -u) == 0 ]] || { log "need root to apt-get install openssl"; exit 1; }
-    log "installing openssl"
+missing=()
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+pkg-config --exists openssl 2>/dev/null || missing+=(libssl-dev)
+if ((${#missing[@]})); then
+    [[ $(id -u) == 0 ]] || { log "need root to apt-get install ${missing[*]}"; exit 1; }
+    log "installing ${missing[*]}"
     apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssl >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
 for tool in cosign oras docker-registry; do
     [[ -x $ROOT/usr/bin/$tool ]] || { log "$tool missing after install"; exit 1; }
