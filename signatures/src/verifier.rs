@@ -139,7 +139,7 @@ impl Verifier {
         let verified = Verified {
             digest: artifact.digest.clone(),
             signer,
-            at: jiff::Timestamp::now(),
+            at: now,
         };
         self.cache
             .insert(digest, policy.fingerprint(), verified.clone());
