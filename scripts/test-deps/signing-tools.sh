@@ -8,8 +8,6 @@
 #   docker-registry  -> $SOMA_CACHE/tools/signing/usr/bin/docker-registry   (docker-registry)
 #   openssl          -> the machine's openssl CLI (bookworm's `openssl`, apt-get installed if
 #                       missing): the keyless tests make their stand-in Fulcio CA with it
-#   libssl-dev, pkg-config -> bookworm's, apt-get installed if missing: soma-signatures links
-#                       OpenSSL (the sigstore crate's native-tls crypto backend)
 #
 # apt runs with a private sources list, state and archive folder under $SOMA_CACHE/apt-trixie,
 # so the machine's own apt configuration is neither read nor changed.
@@ -64,8 +62,6 @@ install() {
 install
 missing=()
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
-command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
-pkg-config --exists openssl 2>/dev/null || missing+=(libssl-dev)
 if ((${#missing[@]})); then
     [[ $(id -u) == 0 ]] || { log "need root to apt-get install ${missing[*]}"; exit 1; }
     log "installing ${missing[*]}"
