@@ -10,6 +10,7 @@ use kube::runtime::events::{Recorder, Reporter};
 
 use crate::config::OperatorConfig;
 use crate::metrics::Metrics;
+use crate::policy::check::Checker;
 
 /// Shared reconcile state.
 pub struct Context {
@@ -21,6 +22,8 @@ pub struct Context {
     pub metrics: std::sync::Arc<Metrics>,
     /// Publishes Kubernetes Events.
     pub recorder: Recorder,
+    /// The reconcile-time policy re-check (no policies unless [`Context::with_policy`]).
+    pub policy: Checker,
     /// Consecutive failures per object (`namespace/name`), for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -37,8 +40,16 @@ impl Context {
             client,
             config,
             metrics,
+            policy: Checker::default(),
             failures: Mutex::default(),
         }
+    }
+
+    /// The same context, re-checking objects against `policy`.
+    #[must_use]
+    pub fn with_policy(mut self, policy: Checker) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// Records a failure of `key` and returns how long to wait before retrying:

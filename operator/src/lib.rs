@@ -14,6 +14,8 @@ pub mod context;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod policy;
 pub mod render;
 pub mod runtime;
 pub mod telemetry;
+pub mod webhook;

@@ -2,20 +2,26 @@
 //! the controllers (one per watched namespace, or one for all), until SIGTERM or until
 //! leadership is lost.
 //!
+//! Every replica loads the policies and serves the admission webhook; only the Lease holder
+//! reconciles.
+//!
 //! ```text
-//!  start ─▶ serve /healthz /readyz /metrics ─▶ wait for the Lease ─▶ run controllers
+//!  start ─▶ serve /healthz /readyz /metrics ─▶ policies (load, watch ConfigMaps, inventory)
+//!        ─▶ webhook (certificate, HTTPS, configuration) ─▶ wait for the Lease ─▶ run controllers
 //!                                               (standby replicas      │
 //!                                                wait here)            ├─ SIGTERM: drain, release the Lease, exit 0
 //!                                                                      └─ Lease lost: stop, exit 1 (restart and re-contend)
 //! ```
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
 use kube_lease_manager::LeaseManagerBuilder;
+use soma_policy::PolicyStore;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -23,6 +29,10 @@ use crate::config::OperatorConfig;
 use crate::context::Context;
 use crate::http::{Health, HttpState, Phase, router};
 use crate::metrics::Metrics;
+use crate::policy::PolicyOptions;
+use crate::policy::check::Checker;
+use crate::policy::loader::Policies;
+use crate::webhook::WebhookOptions;
 
 /// How the operator runs.
 #[derive(Clone, Debug)]
@@ -41,7 +51,15 @@ pub struct RunOptions {
     pub identity: String,
     /// Lease duration in seconds; a standby takes over at most this long after a leader dies.
     pub lease_seconds: u64,
+    /// Where policies come from and how they apply.
+    pub policy: PolicyOptions,
+    /// The admission webhook and the address it binds, unless disabled.
+    pub webhook: Option<(WebhookOptions, IpAddr)>,
 }
+
+/// How long the leader waits for the first load of the policy ConfigMaps before reconciling
+/// (reconciling earlier would judge Agents by the built-ins alone).
+const FIRST_POLICY_LOAD: Duration = Duration::from_secs(30);
 
 /// Resolves when `rx` carries `true` (or its sender is gone).
 async fn until(mut rx: watch::Receiver<bool>, value: bool) {
@@ -54,7 +72,16 @@ pub async fn run(
     options: RunOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::default());
+    let store = Arc::new(PolicyStore::new());
+    let admission = soma_admission::State::new(
+        store.clone(),
+        soma_admission::Config {
+            deadline: options.policy.deadline,
+            fail_open: options.policy.fail_open,
+            ..soma_admission::Config::default()
+        },
+    );
+    let metrics = Arc::new(Metrics::new(|r| admission.metrics.register(r)));
     let health = Arc::new(Health::default());
     let listener = tokio::net::TcpListener::bind(options.metrics_addr)
         .await
@@ -70,6 +97,56 @@ pub async fn run(
             .with_graceful_shutdown(until(http_stopped, true))
             .await
     });
+
+    // Policies: the built-ins and the directory before anything is served, then the
+    // ConfigMaps as they are listed and changed, and the inventory.
+    let policies = Policies::new(store.clone(), admission.metrics.clone());
+    let first = policies.load(&[], &options.policy);
+    if !first.is_clean() {
+        warn!(
+            errors = first.errors.len(),
+            "some policies did not load; see the warnings above"
+        );
+    }
+    let (stop_background, background_stopped) = watch::channel(false);
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "soma-operator".into(),
+            instance: Some(options.identity.clone()),
+        },
+    );
+    tokio::spawn(crate::policy::loader::run(
+        client.clone(),
+        policies.clone(),
+        recorder,
+        options.policy.clone(),
+        until(background_stopped.clone(), true),
+    ));
+    tokio::spawn(crate::policy::inventory::run(
+        client.clone(),
+        policies.clone(),
+        options.config.namespaces.clone(),
+        until(background_stopped.clone(), true),
+    ));
+    let webhook = match &options.webhook {
+        Some((webhook, bind)) => Some(
+            crate::webhook::server::start(
+                client.clone(),
+                webhook.clone(),
+                *bind,
+                admission.clone(),
+                until(background_stopped.clone(), true),
+            )
+            .await
+            .context("starting the admission webhook")?,
+        ),
+        None => None,
+    };
+    let background = Background {
+        stop: stop_background,
+        webhook,
+    };
 
     tokio::pin!(shutdown);
     // `leading` is true while this replica may reconcile.
@@ -99,13 +176,28 @@ pub async fn run(
         () = until(leading.clone(), true) => {}
         () = &mut shutdown => {
             info!("shutting down before becoming leader");
-            return finish(health, stop_http, server, lease_task, leading).await;
+            return finish(health, stop_http, server, lease_task, leading, background).await;
         }
     }
     health.set(Phase::Leading);
+    let mut reloads = policies.reloads();
+    // The start-up load counts as 1; the first ConfigMap list makes it 2.
+    if tokio::time::timeout(FIRST_POLICY_LOAD, reloads.wait_for(|n| *n >= 2))
+        .await
+        .is_err()
+    {
+        warn!("policy ConfigMaps not listed yet; reconciling with the policies loaded so far");
+    }
+    reloads.mark_unchanged();
     info!(namespaces = ?options.config.namespaces, "leading: starting controllers");
 
-    let ctx = Arc::new(Context::new(client, options.config.clone(), metrics));
+    let ctx = Arc::new(
+        Context::new(client, options.config.clone(), metrics).with_policy(Checker {
+            store,
+            deadline: options.policy.deadline,
+            fail_open: options.policy.fail_open,
+        }),
+    );
     let (stop_controllers, controllers_stopped) = watch::channel(false);
     let scopes: Vec<Option<String>> = if options.config.namespaces.is_empty() {
         vec![None]
@@ -123,6 +215,7 @@ pub async fn run(
             ctx.clone(),
             ns,
             until(controllers_stopped.clone(), true),
+            reloads.clone(),
         ))
     }));
     tokio::pin!(controllers);
@@ -139,7 +232,7 @@ pub async fn run(
     let _ = stop_controllers.send(true);
     // In-flight reconciles finish; a stuck one does not hold the shutdown forever.
     let _ = tokio::time::timeout(Duration::from_secs(20), controllers).await;
-    finish(health, stop_http, server, lease_task, leading).await?;
+    finish(health, stop_http, server, lease_task, leading, background).await?;
     if lost {
         anyhow::bail!(
             "lost the leader lease; exiting so that this replica restarts and contends again"
@@ -148,7 +241,13 @@ pub async fn run(
     Ok(())
 }
 
-/// Stops the HTTP server and releases the Lease.
+/// Tasks every replica runs beside the HTTP server.
+struct Background {
+    stop: watch::Sender<bool>,
+    webhook: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Stops the HTTP server, the webhook and the policy watches, and releases the Lease.
 async fn finish(
     health: Arc<Health>,
     stop_http: watch::Sender<bool>,
@@ -157,8 +256,13 @@ async fn finish(
         tokio::task::JoinHandle<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>,
     >,
     leading: watch::Receiver<bool>,
+    background: Background,
 ) -> anyhow::Result<()> {
     health.set(Phase::Stopping);
+    let _ = background.stop.send(true);
+    if let Some(webhook) = background.webhook {
+        let _ = tokio::time::timeout(Duration::from_secs(5), webhook).await;
+    }
     // Dropping the last receiver ends the lease task, which hands the Lease back.
     drop(leading);
     if let Some(task) = lease_task {
