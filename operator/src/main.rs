@@ -246,6 +246,7 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
                 configuration_name: w.webhook_configuration,
                 cert_secret: w.webhook_cert_secret,
                 cert_manager: w.webhook_cert_manager,
+                watched: namespaces.clone(),
                 fail_open: policy.fail_open,
                 deadline,
                 ..WebhookOptions::default()

@@ -59,16 +59,7 @@ pub fn desired(options: &WebhookOptions, ca_pem: &str) -> ValidatingWebhookConfi
                 }),
                 url: None,
             },
-            // The operator's own namespace is exempt, so a broken webhook can always be
-            // repaired.
-            namespace_selector: Some(LabelSelector {
-                match_expressions: Some(vec![LabelSelectorRequirement {
-                    key: "kubernetes.io/metadata.name".to_owned(),
-                    operator: "NotIn".to_owned(),
-                    values: Some(vec![options.namespace.clone()]),
-                }]),
-                match_labels: None,
-            }),
+            namespace_selector: Some(namespace_selector(options)),
             // The main resources only, not `*/status`: the operator's status writes are never
             // held up by its own webhook.
             rules: Some(vec![RuleWithOperations {
@@ -86,6 +77,36 @@ pub fn desired(options: &WebhookOptions, ca_pem: &str) -> ValidatingWebhookConfi
             match_conditions: None,
             object_selector: None,
         }]),
+    }
+}
+
+/// The operator's own namespace is always exempt, so a broken webhook can always be repaired;
+/// an operator watching some namespaces judges only those.
+fn namespace_selector(options: &WebhookOptions) -> LabelSelector {
+    let (operator, values) = if options.watched.is_empty() {
+        ("NotIn", vec![options.namespace.clone()])
+    } else {
+        let mut only: Vec<String> = options
+            .watched
+            .iter()
+            .filter(|n| **n != options.namespace)
+            .cloned()
+            .collect();
+        only.sort();
+        if only.is_empty() {
+            // Watching only its own namespace: judge nothing (every namespace has this label).
+            ("DoesNotExist", only)
+        } else {
+            ("In", only)
+        }
+    };
+    LabelSelector {
+        match_expressions: Some(vec![LabelSelectorRequirement {
+            key: "kubernetes.io/metadata.name".to_owned(),
+            operator: operator.to_owned(),
+            values: (!values.is_empty()).then_some(values),
+        }]),
+        match_labels: None,
     }
 }
 
@@ -161,6 +182,15 @@ mod tests {
         assert_eq!(
             w["namespaceSelector"]["matchExpressions"][0]["values"],
             serde_json::json!(["soma-system"])
+        );
+        let scoped = WebhookOptions {
+            watched: vec!["team-b".into(), "soma-system".into(), "team-a".into()],
+            ..options.clone()
+        };
+        assert_eq!(
+            serde_json::to_value(desired(&scoped, "x")).expect("json")["webhooks"][0]
+                ["namespaceSelector"]["matchExpressions"][0],
+            serde_json::json!({"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]})
         );
         let open = WebhookOptions {
             fail_open: true,

@@ -40,6 +40,9 @@ pub struct WebhookOptions {
     pub cert_secret: String,
     /// The Secret is written by cert-manager: read and watch it, never generate.
     pub cert_manager: bool,
+    /// Namespaces the operator watches; the webhook judges only these. Empty: every namespace
+    /// but its own.
+    pub watched: Vec<String>,
     /// `failurePolicy: Ignore` instead of `Fail`.
     pub fail_open: bool,
     /// Time one decision may take; `timeoutSeconds` is set above it.
@@ -66,6 +69,7 @@ impl Default for WebhookOptions {
             configuration_name: "soma-policy".to_owned(),
             cert_secret: "soma-operator-webhook-cert".to_owned(),
             cert_manager: false,
+            watched: Vec::new(),
             fail_open: false,
             deadline: Duration::from_millis(1500),
         }
