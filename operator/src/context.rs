@@ -8,6 +8,7 @@ use std::time::Duration;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 
+use crate::capsule::verify::{Cache, CapsuleVerifier, Unavailable};
 use crate::config::OperatorConfig;
 use crate::metrics::Metrics;
 use crate::policy::check::Checker;
@@ -24,6 +25,10 @@ pub struct Context {
     pub recorder: Recorder,
     /// The reconcile-time policy re-check (no policies unless [`Context::with_policy`]).
     pub policy: Checker,
+    /// Verifies Capsule signatures ([`Unavailable`] unless [`Context::with_verifier`]).
+    pub verifier: std::sync::Arc<dyn CapsuleVerifier>,
+    /// Verification results by (digest, signer, policy hash).
+    pub verified: Cache,
     /// Consecutive failures per object (`namespace/name`), for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -41,6 +46,8 @@ impl Context {
             config,
             metrics,
             policy: Checker::default(),
+            verifier: std::sync::Arc::new(Unavailable),
+            verified: Cache::default(),
             failures: Mutex::default(),
         }
     }
@@ -49,6 +56,13 @@ impl Context {
     #[must_use]
     pub fn with_policy(mut self, policy: Checker) -> Self {
         self.policy = policy;
+        self
+    }
+
+    /// The same context, verifying Capsules with `verifier`.
+    #[must_use]
+    pub fn with_verifier(mut self, verifier: std::sync::Arc<dyn CapsuleVerifier>) -> Self {
+        self.verifier = verifier;
         self
     }
 

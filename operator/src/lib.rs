@@ -9,6 +9,7 @@
 //! `render` reuses the pure builders without a cluster.
 
 pub mod agent;
+pub mod capsule;
 pub mod config;
 pub mod context;
 pub mod error;

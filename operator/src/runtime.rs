@@ -210,13 +210,21 @@ pub async fn run(
             .map(Some)
             .collect()
     };
-    let controllers = futures::future::join_all(scopes.into_iter().map(|ns| {
-        tokio::spawn(crate::agent::controller::run(
-            ctx.clone(),
-            ns,
-            until(controllers_stopped.clone(), true),
-            reloads.clone(),
-        ))
+    let controllers = futures::future::join_all(scopes.into_iter().flat_map(|ns| {
+        [
+            tokio::spawn(crate::agent::controller::run(
+                ctx.clone(),
+                ns.clone(),
+                until(controllers_stopped.clone(), true),
+                reloads.clone(),
+            )),
+            tokio::spawn(crate::capsule::controller::run(
+                ctx.clone(),
+                ns,
+                until(controllers_stopped.clone(), true),
+                reloads.clone(),
+            )),
+        ]
     }));
     tokio::pin!(controllers);
 

@@ -656,3 +656,45 @@ async fn allowed_agent_reports_policy_allowed() {
         (Some("True"), Some("Allowed"))
     );
 }
+
+#[tokio::test]
+async fn agent_waits_for_a_capsule_that_is_not_ready() {
+    let mut agent = agent_json();
+    agent["spec"]["capsules"] = json!([{"name": "kb"}]);
+    let capsule = json!({
+        "apiVersion": "soma.dev/v1alpha1", "kind": "Capsule",
+        "metadata": {"name": "kb", "namespace": "team"},
+        "spec": {"version": "1", "policyHash": format!("sha256:{}", "9b".repeat(32)),
+                 "source": {"oci": {"repository": "r", "digest": format!("sha256:{}", "aa".repeat(32))}},
+                 "signature": {"publicKeyRef": {"name": "signers", "key": "cosign.pub"}}},
+        "status": {"conditions": [{"type": "Ready", "status": "False", "reason": "VerificationUnavailable",
+            "message": "this operator build cannot verify Cosign signatures yet",
+            "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+    });
+    let mut steps = vec![
+        step(
+            Method::GET,
+            &format!("{SOMA}/budgets/team-budget"),
+            budget_found,
+        ),
+        step(Method::GET, &format!("{SOMA}/capsules/kb"), move |_| {
+            (StatusCode::OK, capsule)
+        }),
+    ];
+    steps.extend(stalled_status_steps());
+    let (result, seen, _) = run(agent_from(agent), steps).await;
+    assert_eq!(result.expect("waits"), Action::await_change());
+    let status = &seen[4].body["status"];
+    let ready = condition(status, "Ready");
+    assert_eq!(
+        (ready["status"].as_str(), ready["reason"].as_str()),
+        (Some("False"), Some("CapsuleNotReady"))
+    );
+    assert!(
+        ready["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("\"kb\"") && m.contains("VerificationUnavailable")),
+        "{ready}"
+    );
+    assert_eq!(seen[5].body["reason"], "CapsuleNotReady");
+}

@@ -105,12 +105,28 @@ async fn resolve_refs(client: &Client, agent: &Agent, namespace: &str) -> Result
                 what: format!("Capsule {namespace}/{}", capsule.name),
                 source,
             })?;
-        if found.is_none() {
-            refs.missing.push(MissingRef {
+        match found {
+            None => refs.missing.push(MissingRef {
                 kind: "Capsule",
                 name: capsule.name.clone(),
                 field: "spec.capsules".to_owned(),
-            });
+            }),
+            Some(found) => {
+                if let (Err((reason, message)), None) = (
+                    crate::capsule::status::readiness(found.status.as_ref()),
+                    &refs.stall,
+                ) {
+                    // A Capsule that is not verified (or revoked, or denied) must not reach
+                    // an agent: the Agent waits, like for a missing reference.
+                    refs.stall = Some(Stall {
+                        reason: "CapsuleNotReady".to_owned(),
+                        message: format!(
+                            "Capsule {:?} is not Ready ({reason}: {message}); the agent's pods are not started or changed until it is",
+                            capsule.name
+                        ),
+                    });
+                }
+            }
         }
     }
     Ok(refs)

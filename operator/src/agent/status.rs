@@ -82,14 +82,14 @@ pub struct Observed {
 
 /// A condition without its time: what the reconcile decided.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Verdict {
-    type_: &'static str,
-    status: bool,
-    reason: String,
-    message: String,
+pub(crate) struct Verdict {
+    pub(crate) type_: &'static str,
+    pub(crate) status: bool,
+    pub(crate) reason: String,
+    pub(crate) message: String,
 }
 
-fn verdict(
+pub(crate) fn verdict(
     type_: &'static str,
     status: bool,
     reason: impl Into<String>,
@@ -221,7 +221,7 @@ fn kstatus_verdicts(obs: &Observed) -> [Verdict; 3] {
 
 /// Turns verdicts into conditions, keeping `lastTransitionTime` from `old` unless the
 /// status flipped.
-fn conditions(
+pub(crate) fn conditions(
     old: &[Condition],
     verdicts: &[Verdict],
     generation: Option<i64>,

@@ -188,8 +188,8 @@ mod tests {
             ..options.clone()
         };
         assert_eq!(
-            serde_json::to_value(desired(&scoped, "x")).expect("json")["webhooks"][0]
-                ["namespaceSelector"]["matchExpressions"][0],
+            serde_json::to_value(desired(&scoped, "x")).expect("json")["webhooks"][0]["namespaceSelector"]
+                ["matchExpressions"][0],
             serde_json::json!({"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]})
         );
         let open = WebhookOptions {
