@@ -146,7 +146,8 @@ def agent_state(standin: StandIn, namespace: str) -> dict[str, str]:
         status = a.get("status") or {}
         ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
         if missing:
-            out[name] = f"missing children {missing}"
+            why = f"; Ready={ready['status']} {ready['reason']}" if ready else ""
+            out[name] = f"missing children {missing}{why}"
         elif status.get("observedGeneration") != a["metadata"].get("generation"):
             out[name] = f"observedGeneration {status.get('observedGeneration')} != {a['metadata'].get('generation')}"
         elif not ready or ready.get("status") != "True":

@@ -232,6 +232,33 @@ def test_broken_policy_is_reported_and_the_last_good_set_kept(env: Env) -> None:
     k.delete("v1", "configmaps", OPERATOR_NS, "broken")
 
 
+def test_unverifiable_capsule_keeps_its_agent_from_starting(env: Env) -> None:
+    """Until Cosign verification is built in, a Capsule is honestly not Ready and an Agent
+    that uses it is not started."""
+    k = env.standin.kube
+    k.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "signers", "namespace": TEAM},
+             "data": {"cosign.pub": "-----BEGIN PUBLIC KEY-----\nMFkw\n-----END PUBLIC KEY-----\n"}},
+            manager="kubectl")
+    k.apply({"apiVersion": AGENTS, "kind": "Capsule", "metadata": {"name": "kb", "namespace": TEAM},
+             "spec": {"version": "1", "policyHash": "sha256:" + "9b" * 32,
+                      "source": {"oci": {"repository": "registry.example.com/capsules/kb", "digest": DIGEST}},
+                      "signature": {"publicKeyRef": {"name": "signers", "key": "cosign.pub"}}}}, manager="kubectl")
+    with_kb = agent("with-kb", f"registry.example.com/agents/echo@{DIGEST}")
+    with_kb["spec"]["capsules"] = [{"name": "kb"}]
+    k.apply(with_kb, manager="kubectl")
+
+    def capsule_ready() -> dict[str, Any] | None:
+        c = k.get(AGENTS, "capsules", TEAM, "kb")
+        return next((x for x in (c.get("status") or {}).get("conditions") or [] if x["type"] == "Ready"), None)
+
+    ready = wait_for("the Capsule's Ready condition", capsule_ready)
+    assert (ready["status"], ready["reason"]) == ("False", "VerificationUnavailable")
+    assert "verifiedDigest" not in (k.get(AGENTS, "capsules", TEAM, "kb").get("status") or {})
+    blocked = wait_for("Agent with-kb blocked", lambda: (c := env.condition("with-kb", "Ready")) and c)
+    assert (blocked["status"], blocked["reason"]) == ("False", "CapsuleNotReady"), blocked
+    assert k.get_opt("apps/v1", "deployments", TEAM, "with-kb") is None
+
+
 def test_restarted_operator_reuses_the_secret_and_writes_no_configuration(env: Env) -> None:
     ca = env.ca_pem()
     secrets, configs = env.writes("v1/secrets"), env.writes("/".join(VWC))
