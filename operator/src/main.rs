@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Reconcile Agents in the cluster the kubeconfig (or in-cluster config) points at.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print, as YAML, every child object the operator would apply for the Agents in a manifest.
     Render(RenderArgs),
 }
@@ -171,7 +171,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run_operator(args)) {
+            match runtime.block_on(run_operator(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(
