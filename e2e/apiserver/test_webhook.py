@@ -215,21 +215,29 @@ def test_a_new_policy_rechecks_an_existing_agent(env: Env) -> None:
 
 def test_broken_policy_is_reported_and_the_last_good_set_kept(env: Env) -> None:
     k = env.standin.kube
-    k.apply(policy_configmap("broken", "kind: [unclosed"), manager="kubectl")
+    k.apply(policy_configmap("team-policy", ONLY_GHCR), manager="kubectl")
+    wait_for("the ConfigMap's constraint served", lambda: env.review(
+        agent("probe", f"registry.example.com/agents/echo@{DIGEST}"))["allowed"] is False)
+    # Someone breaks the ConfigMap.
+    k.apply(policy_configmap("team-policy", "kind: [unclosed"), manager="kubectl")
 
     def event() -> dict[str, Any] | None:
         items = k.list("events.k8s.io/v1", "events", OPERATOR_NS)["items"]
-        return next((e for e in items if (e.get("regarding") or {}).get("name") == "broken"), None)
+        return next((e for e in items if (e.get("regarding") or {}).get("name") == "team-policy"), None)
 
-    ev = wait_for("a Warning Event on ConfigMap broken", event)
+    ev = wait_for("a Warning Event on ConfigMap team-policy", event)
     assert ev["type"] == "Warning" and ev["reason"] == "InvalidPolicyDocument", ev
     assert "last good version" in ev["note"]
     wait_for("soma_policy_load_errors_total", lambda: 'soma_policy_load_errors_total{reason="InvalidPolicyDocument"}'
              in env.operator.metrics())
-    # Still serving, still deciding.
-    assert env.review(agent("fine", f"registry.example.com/agents/echo@{DIGEST}"))["allowed"] is True
-    assert env.review(agent("sloppy", "registry.example.com/x:latest"))["allowed"] is False
-    k.delete("v1", "configmaps", OPERATOR_NS, "broken")
+    # Still serving, and still with the last good version of the broken document.
+    denied = env.review(agent("probe", f"registry.example.com/agents/echo@{DIGEST}"))
+    assert denied["allowed"] is False and "[SomaImages/only-ghcr]" in denied["status"]["message"], denied
+    assert env.review(agent("fine", f"ghcr.io/acme/echo@{DIGEST}"))["allowed"] is True
+    k.delete("v1", "configmaps", OPERATOR_NS, "team-policy")
+    wait_for("the constraint gone", lambda: env.review(
+        agent("probe", f"registry.example.com/agents/echo@{DIGEST}"))["allowed"] is True)
+    wait_for("Agent good Ready again", lambda: (env.condition("good", "Ready") or {}).get("status") == "True")
 
 
 def test_unverifiable_capsule_keeps_its_agent_from_starting(env: Env) -> None:

@@ -101,7 +101,7 @@ pub async fn run(
     // Policies: the built-ins and the directory before anything is served, then the
     // ConfigMaps as they are listed and changed, and the inventory.
     let policies = Policies::new(store.clone(), admission.metrics.clone());
-    let first = policies.load(&[], &options.policy);
+    let first = policies.load(&[], &options.policy).unwrap_or_default();
     if !first.is_clean() {
         warn!(
             errors = first.errors.len(),
@@ -180,14 +180,15 @@ pub async fn run(
         }
     }
     health.set(Phase::Leading);
-    let mut reloads = policies.reloads();
-    // The start-up load counts as 1; the first ConfigMap list makes it 2.
-    if tokio::time::timeout(FIRST_POLICY_LOAD, reloads.wait_for(|n| *n >= 2))
+    let mut synced = policies.synced();
+    if tokio::time::timeout(FIRST_POLICY_LOAD, synced.wait_for(|s| *s))
         .await
         .is_err()
     {
         warn!("policy ConfigMaps not listed yet; reconciling with the policies loaded so far");
     }
+    // Reconcilers start now and check against the current set; later reloads re-check.
+    let mut reloads = policies.reloads();
     reloads.mark_unchanged();
     info!(namespaces = ?options.config.namespaces, "leading: starting controllers");
 

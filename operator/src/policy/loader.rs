@@ -33,6 +33,14 @@ pub struct Policies {
     writes: Mutex<()>,
     /// Counts reloads; reconcilers re-check every object when it moves.
     reloads: watch::Sender<u64>,
+    /// Whether the policy ConfigMaps have been listed once.
+    synced: watch::Sender<bool>,
+    /// Fingerprint of the sources last loaded: an event that changes no document (a relist,
+    /// a label edit) neither reloads nor re-checks every object.
+    last: Mutex<Option<String>>,
+    /// The documents of each origin (ConfigMap key, file) that last parsed: an origin that no
+    /// longer parses keeps serving these.
+    last_good: Mutex<BTreeMap<String, Vec<serde_json::Value>>>,
 }
 
 impl Policies {
@@ -43,13 +51,30 @@ impl Policies {
             metrics,
             writes: Mutex::default(),
             reloads: watch::channel(0).0,
+            synced: watch::channel(false).0,
+            last: Mutex::default(),
+            last_good: Mutex::default(),
         })
     }
 
     /// Loads `config_maps` (plus built-ins and the directory), records the outcome and
-    /// announces the reload.
-    pub fn load(&self, config_maps: &[ConfigMap], options: &PolicyOptions) -> LoadReport {
-        let sources = sources(config_maps, options.dir.as_deref());
+    /// announces the reload. `None` when the documents are those of the last load.
+    pub fn load(&self, config_maps: &[ConfigMap], options: &PolicyOptions) -> Option<LoadReport> {
+        let mut sources = sources(config_maps, options.dir.as_deref());
+        let fingerprint = serde_json::to_vec(&(&sources.documents, &sources.unreadable))
+            .ok()
+            .map(|bytes| crate::capsule::content::sha256(&bytes));
+        {
+            let mut last = self
+                .last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if fingerprint.is_some() && *last == fingerprint {
+                return None;
+            }
+            last.clone_from(&fingerprint);
+        }
+        self.keep_last_good(&mut sources);
         let report = {
             let _guard = self
                 .writes
@@ -70,7 +95,40 @@ impl Policies {
             "policies loaded"
         );
         self.reloads.send_modify(|n| *n += 1);
-        report
+        Some(report)
+    }
+
+    /// Remembers the documents of every origin that parsed, and puts back the last good
+    /// documents of an origin that no longer parses (the error is still reported).
+    fn keep_last_good(&self, sources: &mut soma_policy::Sources) {
+        let mut last_good = self
+            .last_good
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut now: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+        for (origin, doc) in &sources.documents {
+            now.entry(origin.clone()).or_default().push(doc.clone());
+        }
+        for (origin, _) in &sources.unreadable {
+            if let Some(docs) = last_good.get(origin) {
+                warn!(%origin, "policy document does not parse; serving its last good version");
+                sources
+                    .documents
+                    .extend(docs.iter().map(|d| (origin.clone(), d.clone())));
+                now.insert(origin.clone(), docs.clone());
+            }
+        }
+        *last_good = now;
+    }
+
+    /// Records that the policy ConfigMaps have been listed (and loaded) once.
+    pub fn mark_synced(&self) {
+        self.synced.send_replace(true);
+    }
+
+    /// Receives whether the policy ConfigMaps have been listed once.
+    pub fn synced(&self) -> watch::Receiver<bool> {
+        self.synced.subscribe()
     }
 
     /// Replaces the inventory the policies see.
@@ -126,11 +184,14 @@ pub async fn run(
                     (maps, report)
                 })
                 .await;
-                let Ok((maps, report)) = loaded else {
-                    warn!("policy load panicked; the previous set is kept");
-                    continue;
-                };
-                publish_events(&recorder, &maps, &report, &options, &mut published).await;
+                policies.mark_synced();
+                match loaded {
+                    Ok((maps, Some(report))) => {
+                        publish_events(&recorder, &maps, &report, &options, &mut published).await;
+                    }
+                    Ok((_, None)) => {}
+                    Err(_) => warn!("policy load panicked; the previous set is kept"),
+                }
             }
         }
     }
@@ -177,5 +238,47 @@ async fn publish_events(
             }
             Err(e) => warn!(error = %e, "publishing a policy Event failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::api::ObjectMeta;
+
+    fn cm(text: &str) -> ConfigMap {
+        ConfigMap {
+            metadata: ObjectMeta {
+                name: Some("p".into()),
+                namespace: Some("soma-system".into()),
+                ..ObjectMeta::default()
+            },
+            data: Some(BTreeMap::from([("p.yaml".to_owned(), text.to_owned())])),
+            ..ConfigMap::default()
+        }
+    }
+
+    #[test]
+    fn only_a_change_of_documents_reloads() {
+        let p = Policies::new(
+            Arc::new(PolicyStore::new()),
+            Arc::new(soma_admission::Metrics::default()),
+        );
+        let reloads = p.reloads();
+        let options = PolicyOptions::default();
+        let strict = "apiVersion: constraints.gatekeeper.sh/v1beta1\nkind: SomaImages\nmetadata: {name: strict}\nspec: {parameters: {requireDigest: true}}\n";
+        assert!(p.load(&[], &options).is_some());
+        assert!(p.load(&[], &options).is_none(), "same documents");
+        let report = p.load(&[cm(strict)], &options).expect("changed");
+        assert!(report.constraints.contains(&"SomaImages/strict".to_owned()));
+        assert!(p.load(&[cm(strict)], &options).is_none());
+        // A broken document reloads (and is reported); its last good version keeps serving.
+        let broken = p.load(&[cm("a: [unclosed")], &options).expect("changed");
+        assert_eq!(broken.errors[0].label(), "InvalidPolicyDocument");
+        assert!(broken.constraints.contains(&"SomaImages/strict".to_owned()));
+        // Removing the ConfigMap removes its policies.
+        let gone = p.load(&[], &options).expect("changed");
+        assert!(!gone.constraints.contains(&"SomaImages/strict".to_owned()));
+        assert_eq!(*reloads.borrow(), 4);
     }
 }
