@@ -240,6 +240,32 @@ def test_broken_policy_is_reported_and_the_last_good_set_kept(env: Env) -> None:
     wait_for("Agent good Ready again", lambda: (env.condition("good", "Ready") or {}).get("status") == "True")
 
 
+REQUIRE_EXISTING_BUDGET = """apiVersion: constraints.gatekeeper.sh/v1beta1
+kind: SomaBudgetRef
+metadata: {name: existing-budgets}
+spec:
+  match: {kinds: [{apiGroups: [soma.dev], kinds: [Agent, Job]}]}
+  parameters: {requireExisting: true}
+"""
+
+
+def test_policies_see_the_inventory(env: Env) -> None:
+    """A policy that reads data.inventory (Budgets here) decides from the operator's caches."""
+    k = env.standin.kube
+    k.apply(policy_configmap("existing-budgets", REQUIRE_EXISTING_BUDGET), manager="kubectl")
+    try:
+        missing = agent("orphan", f"registry.example.com/agents/echo@{DIGEST}", budget_ref="no-such-budget")
+        denied = wait_for("a denial naming the missing Budget", lambda: (r := env.review(missing))
+                          and not r["allowed"] and r)
+        assert 'references Budget "no-such-budget", which does not exist' in denied["status"]["message"], denied
+        charged = env.review(agent("charged", f"registry.example.com/agents/echo@{DIGEST}"))
+        assert charged["allowed"] is True, charged
+        k.apply(budget("no-such-budget", TEAM), manager="kubectl")
+        wait_for("the new Budget in the inventory", lambda: env.review(missing)["allowed"] is True)
+    finally:
+        k.delete("v1", "configmaps", OPERATOR_NS, "existing-budgets")
+
+
 def test_unverifiable_capsule_keeps_its_agent_from_starting(env: Env) -> None:
     """Until Cosign verification is built in, a Capsule is honestly not Ready and an Agent
     that uses it is not started."""

@@ -57,8 +57,9 @@ pub struct RunOptions {
     pub webhook: Option<(WebhookOptions, IpAddr)>,
 }
 
-/// How long the leader waits for the first load of the policy ConfigMaps before reconciling
-/// (reconciling earlier would judge Agents by the built-ins alone).
+/// How long a replica waits for the first load of the policy ConfigMaps and the inventory
+/// before serving the webhook and reconciling (earlier, objects would be judged by the
+/// built-ins alone, or against an empty inventory).
 const FIRST_POLICY_LOAD: Duration = Duration::from_secs(30);
 
 /// Resolves when `rx` carries `true` (or its sender is gone).
@@ -129,6 +130,10 @@ pub async fn run(
         options.config.namespaces.clone(),
         until(background_stopped.clone(), true),
     ));
+    // Serve decisions only with the ConfigMaps' policies and the inventory in place.
+    if !policies.wait_synced(FIRST_POLICY_LOAD).await {
+        warn!("policy ConfigMaps or inventory not listed yet; serving with what is loaded");
+    }
     let webhook = match &options.webhook {
         Some((webhook, bind)) => Some(
             crate::webhook::server::start(
@@ -180,13 +185,6 @@ pub async fn run(
         }
     }
     health.set(Phase::Leading);
-    let mut synced = policies.synced();
-    if tokio::time::timeout(FIRST_POLICY_LOAD, synced.wait_for(|s| *s))
-        .await
-        .is_err()
-    {
-        warn!("policy ConfigMaps not listed yet; reconciling with the policies loaded so far");
-    }
     // Reconcilers start now and check against the current set; later reloads re-check.
     let mut reloads = policies.reloads();
     reloads.mark_unchanged();

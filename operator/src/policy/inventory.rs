@@ -2,6 +2,10 @@
 //! Agents, debounced: a burst of changes costs one rebuild. Namespaces are watched only when
 //! the operator watches every namespace (listing them needs cluster-wide RBAC).
 //!
+//! The first inventory is built as soon as every watch has listed; the webhook starts serving,
+//! and the leader reconciling, only after it (bounded), so a policy that reads the inventory
+//! never judges an empty one.
+//!
 //! An inventory change does not trigger reconciles (every Agent's status write changes the
 //! inventory; re-checking all Agents on each would be quadratic): decisions that read the
 //! inventory are re-checked at the object's next reconcile.
@@ -34,7 +38,8 @@ fn entry<K: Serialize>(object: &K) -> Option<Value> {
     Some(v)
 }
 
-fn watch<K>(api: Api<K>) -> (Store<K>, BoxStream<'static, ()>)
+/// A cache of `api` and a stream that yields on every change (`true` when a list completes).
+fn watch<K>(api: Api<K>) -> (Store<K>, BoxStream<'static, bool>)
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -50,9 +55,12 @@ where
         watcher(api, watcher::Config::default().any_semantic()),
     )
     .default_backoff()
-    .map(|e| {
-        if let Err(e) = e {
+    .map(|e| match e {
+        Ok(watcher::Event::InitDone) => true,
+        Ok(_) => false,
+        Err(e) => {
             warn!(error = %e, "inventory watch failed; retrying");
+            false
         }
     })
     .boxed();
@@ -94,19 +102,30 @@ pub async fn run(
         agents.push(a);
         streams.push(e);
     }
+    let lists = streams.len();
+    let mut listed = 0;
     let mut changes = futures::stream::select_all(streams);
     tokio::pin!(shutdown);
     loop {
-        tokio::select! {
+        let done = tokio::select! {
             () = &mut shutdown => return,
-            next = changes.next() => if next.is_none() { return },
-        }
-        tokio::select! {
-            () = &mut shutdown => return,
-            () = tokio::time::sleep(DEBOUNCE) => {}
+            next = changes.next() => match next { Some(d) => d, None => return },
+        };
+        if listed < lists {
+            // The first inventory is built as soon as every cache is listed, without waiting:
+            // the webhook waits for it before it serves.
+            listed += usize::from(done);
+            if listed < lists {
+                continue;
+            }
+        } else {
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = tokio::time::sleep(DEBOUNCE) => {}
+            }
         }
         // Take in whatever arrived meanwhile, so the caches are current.
-        while let Some(Some(())) = changes.next().now_or_never() {}
+        while let Some(Some(_)) = changes.next().now_or_never() {}
         let mut objects: Vec<Value> = Vec::new();
         if let Some(s) = &ns_store {
             objects.extend(s.state().iter().filter_map(|o| entry(&**o)));
@@ -117,10 +136,11 @@ pub async fn run(
         for s in &agents {
             objects.extend(s.state().iter().filter_map(|o| entry(&**o)));
         }
+        tracing::debug!(objects = objects.len(), "updating the policy inventory");
         let inventory = soma_policy::inventory::from_objects(objects.iter());
         let p = policies.clone();
         match tokio::task::spawn_blocking(move || p.set_inventory(inventory)).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => policies.mark_inventory_synced(),
             Ok(Err(e)) => warn!(error = %e, "updating the policy inventory failed"),
             Err(e) => warn!(error = %e, "updating the policy inventory panicked"),
         }

@@ -35,6 +35,8 @@ pub struct Policies {
     reloads: watch::Sender<u64>,
     /// Whether the policy ConfigMaps have been listed once.
     synced: watch::Sender<bool>,
+    /// Whether the inventory has been built once.
+    inventory_synced: watch::Sender<bool>,
     /// Fingerprint of the sources last loaded: an event that changes no document (a relist,
     /// a label edit) neither reloads nor re-checks every object.
     last: Mutex<Option<String>>,
@@ -52,6 +54,7 @@ impl Policies {
             writes: Mutex::default(),
             reloads: watch::channel(0).0,
             synced: watch::channel(false).0,
+            inventory_synced: watch::channel(false).0,
             last: Mutex::default(),
             last_good: Mutex::default(),
         })
@@ -124,6 +127,24 @@ impl Policies {
     /// Records that the policy ConfigMaps have been listed (and loaded) once.
     pub fn mark_synced(&self) {
         self.synced.send_replace(true);
+    }
+
+    /// Records that the inventory has been built once.
+    pub fn mark_inventory_synced(&self) {
+        self.inventory_synced.send_replace(true);
+    }
+
+    /// Resolves once the policy ConfigMaps have been listed and the inventory built, or after
+    /// `limit` (returns whether both happened).
+    pub async fn wait_synced(&self, limit: std::time::Duration) -> bool {
+        let mut policies = self.synced.subscribe();
+        let mut inventory = self.inventory_synced.subscribe();
+        tokio::time::timeout(limit, async {
+            let _ = policies.wait_for(|s| *s).await;
+            let _ = inventory.wait_for(|s| *s).await;
+        })
+        .await
+        .is_ok()
     }
 
     /// Receives whether the policy ConfigMaps have been listed once.
