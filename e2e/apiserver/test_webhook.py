@@ -10,7 +10,9 @@ rules, namespace exemption, caBundle = the Secret's CA); a valid Agent is allowe
 one denied with every violated policy's message; a policy ConfigMap added later re-checks an
 existing Agent (PolicyAllowed=False, Ready=False PolicyDenied) and removing it lets the Agent
 through again; a broken policy ConfigMap gets a Warning Event and a metric while the webhook
-keeps serving the last good set; a restarted operator reuses the Secret and writes nothing.
+keeps serving the last good set; policies read the inventory; an unverifiable Capsule keeps its
+Agent from starting; a restarted operator reuses the Secret and writes nothing; in cert-manager
+mode the operator waits for the Secret, never writes it, and follows its rotation.
 
 Needs SOMA_OPERATOR_BIN; skipped without.
 """
@@ -110,9 +112,10 @@ class Env:
         a = self.standin.kube.get(AGENTS, "agents", TEAM, name)
         return next((c for c in (a.get("status") or {}).get("conditions") or [] if c["type"] == type_), None)
 
-    def writes(self, resource: str) -> int:
+    def writes(self, resource: str, name: str | None = None) -> int:
         return sum(r["count"] for r in self.standin.stats()["requests"]
-                   if r["resource"] == resource and r["verb"] in ("create", "apply", "patch", "update"))
+                   if r["resource"] == resource and r["verb"] in ("create", "apply", "patch", "update")
+                   and (name is None or r["name"] == name))
 
 
 @pytest.fixture(scope="module")
@@ -304,3 +307,74 @@ def test_restarted_operator_reuses_the_secret_and_writes_no_configuration(env: E
     assert env.review(agent("fine", f"registry.example.com/agents/echo@{DIGEST}"))["allowed"] is True
     assert env.ca_pem() == ca
     assert (env.writes("v1/secrets"), env.writes("/".join(VWC))) == (1, 1)
+
+
+def test_cert_manager_secret_is_waited_for_never_written_and_rotation_followed(env: Env) -> None:
+    """A second operator in cert-manager mode: it waits for the Secret instead of generating
+    one, serves what it holds, and follows a rotation without restarting."""
+    k = env.standin.kube
+    cm_secret, cm_config = "cm-cert", "cm-config"
+    b = Operator(env.workdir, env.workdir / "kubeconfig", "soma-operator-cm", "--no-leader-election",
+                 "--namespaces", "elsewhere", "--webhook-cert-manager",
+                 "--webhook-cert-secret", cm_secret, "--webhook-configuration", cm_config)
+    try:
+        time.sleep(3)
+        assert k.get_opt("v1", "secrets", OPERATOR_NS, cm_secret) is None, "cert-manager mode generated a Secret"
+        assert k.get_opt(*VWC, None, cm_config) is None
+        assert not listening(b.webhook_port)
+
+        def issue(source: str) -> str:
+            """Plays cert-manager: copies a serving certificate into the Secret; returns its CA."""
+            data = k.get("v1", "secrets", OPERATOR_NS, source)["data"]
+            k.apply({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                     "metadata": {"name": cm_secret, "namespace": OPERATOR_NS}, "data": data},
+                    manager="cert-manager")
+            return base64.b64decode(data["ca.crt"]).decode()
+
+        def served_ca() -> str | None:
+            cfg = k.get_opt(*VWC, None, cm_config)
+            return cfg and base64.b64decode(cfg["webhooks"][0]["clientConfig"]["caBundle"]).decode()
+
+        first_ca = issue(SECRET)
+        wait_for("the cert-manager configuration", lambda: served_ca() == first_ca)
+        wait_for("operator B's webhook port", lambda: listening(b.webhook_port))
+        assert b_review(b, first_ca)["allowed"] is True
+        assert env.writes("v1/secrets", cm_secret) == 1, "someone but the test wrote cert-manager's Secret"
+        assert env.writes("v1/secrets") == 2, "only operator A's create and the test's issue"
+
+        # A new certificate from another CA (operator A regenerates after its Secret is deleted).
+        k.delete("v1", "secrets", OPERATOR_NS, SECRET)
+        env.operator.stop()
+        env.operator = Operator(env.workdir, env.workdir / "kubeconfig", "soma-operator-2", "--no-leader-election")
+        second = wait_for("a regenerated Secret", lambda: k.get_opt("v1", "secrets", OPERATOR_NS, SECRET))
+        second_ca = base64.b64decode(second["data"]["ca.crt"]).decode()
+        assert second_ca != first_ca
+        issue(SECRET)
+        wait_for("the rotated CA in the configuration", lambda: served_ca() == second_ca)
+        wait_for("the rotated certificate served", lambda: try_review(b, second_ca))
+        with pytest.raises(ssl.SSLCertVerificationError):
+            b_review(b, first_ca)
+    finally:
+        b.stop()
+
+
+def b_review(op: Operator, ca_pem: str) -> dict[str, Any]:
+    ctx = ssl.create_default_context(cadata=ca_pem)
+    conn = _ServiceConnection(op.webhook_port, f"{SERVICE}.{OPERATOR_NS}.svc", ctx)
+    body = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+        "uid": "u1", "kind": {"group": "soma.dev", "version": "v1alpha1", "kind": "Agent"},
+        "resource": {"group": "soma.dev", "version": "v1alpha1", "resource": "agents"},
+        "namespace": TEAM, "name": "x", "operation": "CREATE", "userInfo": {},
+        "object": agent("x", f"registry.example.com/agents/echo@{DIGEST}")}}
+    try:
+        conn.request("POST", "/validate", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        return json.loads(conn.getresponse().read())["response"]
+    finally:
+        conn.close()
+
+
+def try_review(op: Operator, ca_pem: str) -> bool:
+    try:
+        return b_review(op, ca_pem)["allowed"] is True
+    except ssl.SSLError:
+        return False
