@@ -99,59 +99,7 @@ pub async fn run(
             .await
     });
 
-    // Policies: the built-ins and the directory before anything is served, then the
-    // ConfigMaps as they are listed and changed, and the inventory.
-    let policies = Policies::new(store.clone(), admission.metrics.clone());
-    let first = policies.load(&[], &options.policy).unwrap_or_default();
-    if !first.is_clean() {
-        warn!(
-            errors = first.errors.len(),
-            "some policies did not load; see the warnings above"
-        );
-    }
-    let (stop_background, background_stopped) = watch::channel(false);
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "soma-operator".into(),
-            instance: Some(options.identity.clone()),
-        },
-    );
-    tokio::spawn(crate::policy::loader::run(
-        client.clone(),
-        policies.clone(),
-        recorder,
-        options.policy.clone(),
-        until(background_stopped.clone(), true),
-    ));
-    tokio::spawn(crate::policy::inventory::run(
-        client.clone(),
-        policies.clone(),
-        options.config.namespaces.clone(),
-        until(background_stopped.clone(), true),
-    ));
-    // Serve decisions only with the ConfigMaps' policies and the inventory in place.
-    if !policies.wait_synced(FIRST_POLICY_LOAD).await {
-        warn!("policy ConfigMaps or inventory not listed yet; serving with what is loaded");
-    }
-    let webhook = match &options.webhook {
-        Some((webhook, bind)) => Some(
-            crate::webhook::server::start(
-                client.clone(),
-                webhook.clone(),
-                *bind,
-                admission.clone(),
-                until(background_stopped.clone(), true),
-            )
-            .await
-            .context("starting the admission webhook")?,
-        ),
-        None => None,
-    };
-    let background = Background {
-        stop: stop_background,
-        webhook,
-    };
+    let (policies, background) = start_background(&client, &options, &admission).await?;
 
     tokio::pin!(shutdown);
     // `leading` is true while this replica may reconcile.
@@ -246,6 +194,70 @@ pub async fn run(
         );
     }
     Ok(())
+}
+
+/// What every replica runs beside the HTTP server, before it contends for the Lease: the
+/// policies (built-ins and the directory first, then the ConfigMaps as they are listed and
+/// changed), the inventory, and the webhook once both are in place.
+async fn start_background(
+    client: &Client,
+    options: &RunOptions,
+    admission: &Arc<soma_admission::State>,
+) -> anyhow::Result<(Arc<Policies>, Background)> {
+    let policies = Policies::new(admission.store.clone(), admission.metrics.clone());
+    let first = policies.load(&[], &options.policy).unwrap_or_default();
+    if !first.is_clean() {
+        warn!(
+            errors = first.errors.len(),
+            "some policies did not load; see the warnings above"
+        );
+    }
+    let (stop_background, background_stopped) = watch::channel(false);
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "soma-operator".into(),
+            instance: Some(options.identity.clone()),
+        },
+    );
+    tokio::spawn(crate::policy::loader::run(
+        client.clone(),
+        policies.clone(),
+        recorder,
+        options.policy.clone(),
+        until(background_stopped.clone(), true),
+    ));
+    tokio::spawn(crate::policy::inventory::run(
+        client.clone(),
+        policies.clone(),
+        options.config.namespaces.clone(),
+        until(background_stopped.clone(), true),
+    ));
+    // Serve decisions only with the ConfigMaps' policies and the inventory in place.
+    if !policies.wait_synced(FIRST_POLICY_LOAD).await {
+        warn!("policy ConfigMaps or inventory not listed yet; serving with what is loaded");
+    }
+    let webhook = match &options.webhook {
+        Some((webhook, bind)) => Some(
+            crate::webhook::server::start(
+                client.clone(),
+                webhook.clone(),
+                *bind,
+                admission.clone(),
+                until(background_stopped, true),
+            )
+            .await
+            .context("starting the admission webhook")?,
+        ),
+        None => None,
+    };
+    Ok((
+        policies,
+        Background {
+            stop: stop_background,
+            webhook,
+        },
+    ))
 }
 
 /// Tasks every replica runs beside the HTTP server.
