@@ -163,6 +163,27 @@ mod tests {
         assert!(!PolicyCheck::from_condition(warn, false).blocks);
     }
 
+    /// The real-cluster suite's own Agent must pass the built-ins, or the operator would
+    /// (rightly) never start it and `e2e/cluster/run.sh` would fail for the wrong reason.
+    #[tokio::test]
+    async fn the_cluster_suites_agent_passes_the_builtins() {
+        let text = include_str!("../../../e2e/cluster/fixtures/e2e-agent.yaml");
+        let checker = builtins();
+        let mut agents = 0;
+        for doc in serde_yaml::Deserializer::from_str(text) {
+            let mut v: serde_json::Value =
+                serde::Deserialize::deserialize(doc).expect("YAML document");
+            if v["kind"] != "Agent" {
+                continue;
+            }
+            v["metadata"]["namespace"] = "soma-e2e".into();
+            let check = checker.check(&v).await.expect("serialises");
+            assert_eq!(check.condition.reason, "Allowed", "{check:?}");
+            agents += 1;
+        }
+        assert_eq!(agents, 1);
+    }
+
     #[tokio::test]
     async fn no_policies_allow_everything() {
         let check = Checker::default()
