@@ -378,3 +378,15 @@ def try_review(op: Operator, ca_pem: str) -> bool:
         return b_review(op, ca_pem)["allowed"] is True
     except ssl.SSLError:
         return False
+
+
+def test_sigterm_during_start_up_stops_cleanly(env: Env) -> None:
+    """An operator still waiting for cert-manager's Secret exits 0 on SIGTERM, not when the
+    wait or the kubelet's grace period runs out."""
+    waiting = Operator(env.workdir, env.workdir / "kubeconfig", "soma-operator-waiting", "--no-leader-election",
+                       "--namespaces", "elsewhere", "--webhook-cert-manager",
+                       "--webhook-cert-secret", "never-issued", "--webhook-configuration", "never")
+    proc = waiting.proc
+    assert proc is not None and proc.poll() is None
+    waiting.stop()  # SIGTERM, then SIGKILL only after 25 s
+    assert proc.returncode == 0, waiting.log_path.read_text()[-2000:]

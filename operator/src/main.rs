@@ -215,6 +215,7 @@ fn render(args: &RenderArgs) -> ExitCode {
 }
 
 async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
+    let shutdown = shutdown_signal();
     let _telemetry = soma_operator::telemetry::init("soma-operator")?;
     let client = kube::Client::try_default().await?;
     let namespaces: Vec<String> = args
@@ -267,28 +268,52 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         policy,
         webhook,
     };
-    run(client, options, shutdown_signal()).await
+    run(client, options, shutdown).await
 }
 
-/// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C. The handlers are installed
+/// when this is called, not when the future is first polled, so a SIGTERM during start-up
+/// (policies compiling, waiting for a certificate) is a clean shutdown, not a kill.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let handlers = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (
+            signal(SignalKind::terminate()).ok(),
+            signal(SignalKind::interrupt()).ok(),
+        )
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
+    async move {
+        #[cfg(unix)]
+        {
+            let (mut term, mut int) = handlers;
+            let term = async {
+                match term.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let int = async {
+                match int.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => {
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
+                }
+            };
+            tokio::select! {
+                () = term => {}
+                () = int => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!("shutdown signal received");
     }
-    tracing::info!("shutdown signal received");
 }

@@ -99,9 +99,18 @@ pub async fn run(
             .await
     });
 
-    let (policies, background) = start_background(&client, &options, &admission).await?;
-
     tokio::pin!(shutdown);
+    // Start-up may wait (for the first policy load, for cert-manager's Secret); SIGTERM still
+    // stops it at once.
+    let (policies, background) = tokio::select! {
+        started = start_background(&client, &options, &admission) => started?,
+        () = &mut shutdown => {
+            info!("shutting down during start-up");
+            let _ = stop_http.send(true);
+            server.await.context("HTTP server task")?.context("HTTP server")?;
+            return Ok(());
+        }
+    };
     // `leading` is true while this replica may reconcile.
     let (lease_task, leading) = if options.leader_election {
         let manager = LeaseManagerBuilder::new(client.clone(), &options.lease_name)

@@ -146,3 +146,26 @@ pub async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_keep_kind_and_version_and_drop_managed_fields() {
+        let budget: Budget = serde_json::from_value(serde_json::json!({
+            "apiVersion": "soma.dev/v1alpha1", "kind": "Budget",
+            "metadata": {"name": "team", "namespace": "a",
+                         "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+            "spec": {"limits": {"tokens": 1000}, "period": {"calendar": "day"}}
+        }))
+        .expect("budget");
+        let e = entry(&budget).expect("serialises");
+        assert!(e["metadata"].get("managedFields").is_none());
+        let inventory = soma_policy::inventory::from_objects([&e]);
+        assert_eq!(
+            inventory["namespace"]["a"]["soma.dev/v1alpha1"]["Budget"]["team"]["spec"]["limits"]["tokens"],
+            1000
+        );
+    }
+}
