@@ -103,8 +103,13 @@ check "helm lint (everything on)" helm lint --strict "$chart" -f "$values/everyt
 check "render cluster-wide" render "$out/cluster.yaml"
 check "cluster-wide: ClusterRole + ClusterRoleBinding with least-privilege rules, lease Role" \
     "$py" "$rendered" cluster-mode "$out/cluster.yaml" "$release_ns"
-equals "cluster-wide: exactly one ClusterRole" 1 "$py" "$rendered" count "$out/cluster.yaml" ClusterRole
-equals "cluster-wide: exactly one ClusterRoleBinding" 1 "$py" "$rendered" count "$out/cluster.yaml" ClusterRoleBinding
+equals "cluster-wide: two ClusterRoles (operator, webhook)" 2 "$py" "$rendered" count "$out/cluster.yaml" ClusterRole
+equals "cluster-wide: two ClusterRoleBindings" 2 "$py" "$rendered" count "$out/cluster.yaml" ClusterRoleBinding
+check "cluster-wide: webhook Service, flags, Role for its Secret, ClusterRole for its configuration" \
+    "$py" "$rendered" webhook "$out/cluster.yaml" "$release_ns"
+equals "default webhook port" 9443 "$py" "$rendered" arg "$out/cluster.yaml" --webhook-port
+equals "default policy deadline" 1500 "$py" "$rendered" arg "$out/cluster.yaml" --policy-deadline
+equals "fail closed by default" 0 bash -c "grep -c -- '--policy-fail-open' '$out/cluster.yaml'"
 check "cluster-wide: operator pod hardened, probes, downward API, flags" \
     "$py" "$rendered" hardened "$out/cluster.yaml"
 equals "default image is ghcr.io/soma-dev/soma-operator:<appVersion>" \
@@ -124,8 +129,16 @@ check "kubernetes-validate cluster-wide" validate "$out/cluster.yaml"
 check "render namespaced (team-a, team-b)" render "$out/namespaced.yaml" -f "$values/namespaced.yaml"
 check "namespaced: a Role + RoleBinding per namespace, nothing cluster-scoped, --namespaces" \
     "$py" "$rendered" namespaced-mode "$out/namespaced.yaml" "$release_ns" team-a,team-b
-equals "namespaced: zero ClusterRoles" 0 "$py" "$rendered" count "$out/namespaced.yaml" ClusterRole
-equals "namespaced: zero ClusterRoleBindings" 0 "$py" "$rendered" count "$out/namespaced.yaml" ClusterRoleBinding
+equals "namespaced: only the webhook's ClusterRole" 1 "$py" "$rendered" count "$out/namespaced.yaml" ClusterRole
+equals "namespaced: only the webhook's ClusterRoleBinding" 1 "$py" "$rendered" count "$out/namespaced.yaml" ClusterRoleBinding
+check "namespaced: webhook RBAC limited to its Secret and configuration" \
+    "$py" "$rendered" webhook "$out/namespaced.yaml" "$release_ns"
+check "render namespaced without the webhook" render "$out/namespaced-nowebhook.yaml" \
+    -f "$values/namespaced.yaml" --set webhook.enabled=false
+equals "namespaced without the webhook: zero ClusterRoles" 0 \
+    "$py" "$rendered" count "$out/namespaced-nowebhook.yaml" ClusterRole
+equals "without the webhook: --webhook-port=0" 0 \
+    "$py" "$rendered" arg "$out/namespaced-nowebhook.yaml" --webhook-port
 check "namespaced: operator pod hardened" "$py" "$rendered" hardened "$out/namespaced.yaml"
 check "kubernetes-validate namespaced" validate "$out/namespaced.yaml"
 check "namespaced via --set-json works the same" \
@@ -144,6 +157,10 @@ equals "metrics port follows values.metrics.port" 0.0.0.0:9090 \
 equals "ServiceMonitor when enabled" 1 "$py" "$rendered" count "$out/everything.yaml" ServiceMonitor
 check "everything on: operator pod hardened" "$py" "$rendered" hardened "$out/everything.yaml"
 check "kubernetes-validate everything on (ServiceMonitor may only warn)" validate "$out/everything.yaml"
+equals "cert-manager Certificate when enabled" 1 "$py" "$rendered" count "$out/everything.yaml" Certificate
+equals "cert-manager mode flag" --webhook-cert-manager \
+    "$py" "$rendered" arg "$out/everything.yaml" --webhook-cert-manager
+equals "fail-open switch" --policy-fail-open "$py" "$rendered" arg "$out/everything.yaml" --policy-fail-open
 check "OTEL_EXPORTER_OTLP_ENDPOINT rendered" grep -q 'name: OTEL_EXPORTER_OTLP_ENDPOINT' "$out/everything.yaml"
 
 check "render single replica without leader election" render "$out/single.yaml" -f "$values/single.yaml"

@@ -106,18 +106,32 @@ def check_lease_role(docs, release_ns, sa_name, lease_name="soma-operator"):
            f"lease RoleBinding subjects: {binding[0]['subjects']}")
 
 
+# Only in cluster mode: Namespaces, read, for the policies' inventory.
+NAMESPACES_RULE = {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]}
+
+
+def is_webhook(obj):
+    return obj["metadata"]["name"].endswith("-webhook")
+
+
 def cluster_mode(docs, release_ns):
     """ClusterRole + ClusterRoleBinding; no per-namespace operator Role; all namespaces watched."""
-    cr = one(docs, "ClusterRole")
-    check_rules(cr["rules"], "ClusterRole")
-    crb = one(docs, "ClusterRoleBinding")
+    crs = [r for r in of_kind(docs, "ClusterRole") if not is_webhook(r)]
+    expect(len(crs) == 1, f"expected one operator ClusterRole, found {len(crs)}")
+    cr = crs[0]
+    expect(NAMESPACES_RULE in cr["rules"], "cluster mode: Namespaces are readable for the policy inventory")
+    check_rules([r for r in cr["rules"] if r != NAMESPACES_RULE], "ClusterRole")
+    crbs = [b for b in of_kind(docs, "ClusterRoleBinding") if not is_webhook(b)]
+    expect(len(crbs) == 1, f"expected one operator ClusterRoleBinding, found {len(crbs)}")
+    crb = crbs[0]
     sa = one(docs, "ServiceAccount")
     expect(sa["metadata"]["namespace"] == release_ns, "ServiceAccount not in the release namespace")
     expect(crb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
                               "name": cr["metadata"]["name"]}, f"ClusterRoleBinding roleRef {crb['roleRef']}")
     expect(crb["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
                                 "namespace": release_ns}], f"ClusterRoleBinding subjects {crb['subjects']}")
-    other_roles = [r for r in of_kind(docs, "Role") if not r["metadata"]["name"].endswith("-leader-election")]
+    other_roles = [r for r in of_kind(docs, "Role")
+                   if not r["metadata"]["name"].endswith("-leader-election") and not is_webhook(r)]
     expect(not other_roles, f"cluster mode renders namespaced operator Roles: {other_roles}")
     expect(not any(a.startswith("--namespaces") for a in args_of(docs)),
            "cluster mode must not pass --namespaces")
@@ -125,16 +139,19 @@ def cluster_mode(docs, release_ns):
 
 
 def namespaced_mode(docs, release_ns, namespaces):
-    """Role + RoleBinding per listed namespace and nothing cluster-scoped at all."""
+    """Role + RoleBinding per listed namespace and nothing cluster-scoped but the webhook's
+    ClusterRole for its one ValidatingWebhookConfiguration (none with webhook.enabled=false)."""
     namespaces = namespaces.split(",")
-    cluster = [f"{d['kind']}/{d['metadata']['name']}" for d in docs if d["kind"] in CLUSTER_SCOPED]
+    cluster = [f"{d['kind']}/{d['metadata']['name']}" for d in docs
+               if d["kind"] in CLUSTER_SCOPED and not is_webhook(d)]
     expect(not cluster, f"namespaced mode renders cluster-scoped objects: {cluster}")
     for d in docs:
-        expect(d["metadata"].get("namespace"), f"{d['kind']}/{d['metadata']['name']} has no namespace")
+        if d["kind"] not in CLUSTER_SCOPED:
+            expect(d["metadata"].get("namespace"), f"{d['kind']}/{d['metadata']['name']} has no namespace")
     sa = one(docs, "ServiceAccount")
     for ns in namespaces:
         roles = [r for r in of_kind(docs, "Role") if r["metadata"]["namespace"] == ns
-                 and not r["metadata"]["name"].endswith("-leader-election")]
+                 and not r["metadata"]["name"].endswith("-leader-election") and not is_webhook(r)]
         expect(len(roles) == 1, f"expected one operator Role in {ns}, found {len(roles)}")
         check_rules(roles[0]["rules"], f"Role in {ns}")
         rbs = [b for b in of_kind(docs, "RoleBinding") if b["metadata"]["namespace"] == ns
@@ -144,7 +161,7 @@ def namespaced_mode(docs, release_ns, namespaces):
         expect(rbs[0]["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
                                        "namespace": release_ns}], f"RoleBinding in {ns}: {rbs[0]['subjects']}")
     operator_role_ns = sorted(r["metadata"]["namespace"] for r in of_kind(docs, "Role")
-                              if not r["metadata"]["name"].endswith("-leader-election"))
+                              if not r["metadata"]["name"].endswith("-leader-election") and not is_webhook(r))
     expect(operator_role_ns == sorted(namespaces), f"operator Roles in {operator_role_ns}, want {namespaces}")
     expect(f"--namespaces={','.join(namespaces)}" in args_of(docs), f"args {args_of(docs)} lack --namespaces")
     check_lease_role(docs, release_ns, sa["metadata"]["name"])
@@ -185,12 +202,46 @@ def hardened(docs):
         expect(any(a.startswith(flag) for a in args), f"{flag} passed")
     mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
     expect("/tmp" in mounts, "writable /tmp for a read-only root filesystem")
-    svc = one(docs, "Service")
+    svc = one(docs, "Service", dep["metadata"]["name"] + "-metrics")
     expect(svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items(),
            "metrics Service selects the operator pods")
     expect(svc["spec"]["ports"][0]["targetPort"] == "http-metrics", "metrics Service targets http-metrics")
     expect(dep["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items(),
            "Deployment selector matches its pod labels")
+
+
+def webhook(docs, release_ns):
+    """The webhook: a Service on 443 to the pods' `webhook` port, the flags naming it, a Role in
+    the release namespace that reads only its own Secret, and a ClusterRole for only its own
+    ValidatingWebhookConfiguration."""
+    dep = operator_deployment(docs)
+    name = dep["metadata"]["name"]
+    args = dict(a.split("=", 1) for a in args_of(docs) if "=" in a)
+    ports = {p["name"]: p["containerPort"] for p in operator_container(docs)["ports"]}
+    expect(args.get("--webhook-port") == str(ports.get("webhook")), f"--webhook-port vs ports {ports}")
+    svc = one(docs, "Service", args.get("--webhook-service"))
+    expect(svc["metadata"]["namespace"] == release_ns, "webhook Service in the release namespace")
+    expect(svc["spec"]["ports"] == [{"name": "https-webhook", "port": 443, "targetPort": "webhook",
+                                     "protocol": "TCP"}], f"webhook Service ports {svc['spec']['ports']}")
+    expect(svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items(),
+           "webhook Service selects the operator pods")
+    role = one(docs, "Role", f"{name}-webhook")
+    expect(role["metadata"]["namespace"] == release_ns, "webhook Role in the release namespace")
+    for rule in role["rules"]:
+        if "secrets" in rule["resources"]:
+            expect(rule.get("resourceNames") == [args["--webhook-cert-secret"]] or rule["verbs"] == ["create"],
+                   f"webhook Role reads Secrets other than its own: {rule}")
+        for field in ("apiGroups", "resources", "verbs"):
+            expect("*" not in rule.get(field, []), f"webhook Role: wildcard in {field}")
+    cr = one(docs, "ClusterRole", f"{name}-webhook")
+    for rule in cr["rules"]:
+        expect(rule["resources"] == ["validatingwebhookconfigurations"], f"webhook ClusterRole grants {rule}")
+        expect(rule.get("resourceNames") == [args["--webhook-configuration"]] or rule["verbs"] == ["create"],
+               f"webhook ClusterRole not limited to its configuration: {rule}")
+    for kind, role_kind in (("RoleBinding", "Role"), ("ClusterRoleBinding", "ClusterRole")):
+        b = one(docs, kind, f"{name}-webhook")
+        expect(b["roleRef"]["kind"] == role_kind and b["roleRef"]["name"] == f"{name}-webhook",
+               f"{kind} roleRef {b['roleRef']}")
 
 
 def arg(docs, flag):
@@ -215,6 +266,7 @@ def replicas(docs):
 
 
 CHECKS = {"cluster-mode": cluster_mode, "namespaced-mode": namespaced_mode, "hardened": hardened,
+          "webhook": webhook,
           "arg": arg, "image": image, "count": count, "replicas": replicas}
 
 if __name__ == "__main__":

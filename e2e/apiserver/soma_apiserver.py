@@ -122,6 +122,8 @@ BUILTIN_KINDS = [
     Kind("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", status=True, short_names=("pdb",)),
     Kind("rbac.authorization.k8s.io", "v1", "roles", "Role", generation=False),
     Kind("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", generation=False),
+    Kind("admissionregistration.k8s.io", "v1", "validatingwebhookconfigurations",
+         "ValidatingWebhookConfiguration", namespaced=False),
     Kind("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
          namespaced=False, status=True, short_names=("crd", "crds")),
 ]

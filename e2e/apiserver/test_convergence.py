@@ -67,13 +67,15 @@ class Operator:
     def __init__(self, workdir: pathlib.Path, kubeconfig: pathlib.Path, name: str, *args: str):
         self.name = name
         self.port = free_port()
+        self.webhook_port = free_port()
         self.log_path = workdir / f"{name}.log"
         self._log = open(self.log_path, "wb")
         env = {k: v for k, v in os.environ.items() if not k.startswith("KUBE")}
         env.update(KUBECONFIG=str(kubeconfig), POD_NAME=name, POD_NAMESPACE="default",
                    RUST_LOG=os.environ.get("SOMA_E2E_RUST_LOG", "info"), NO_COLOR="1")
         self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-            [BIN, "run", "--metrics-addr", f"127.0.0.1:{self.port}", *args],
+            [BIN, "run", "--metrics-addr", f"127.0.0.1:{self.port}",
+             "--webhook-port", str(self.webhook_port), "--webhook-bind-address", "127.0.0.1", *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
         deadline = time.monotonic() + 30
         while True:
@@ -144,7 +146,8 @@ def agent_state(standin: StandIn, namespace: str) -> dict[str, str]:
         status = a.get("status") or {}
         ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
         if missing:
-            out[name] = f"missing children {missing}"
+            why = f"; Ready={ready['status']} {ready['reason']}" if ready else ""
+            out[name] = f"missing children {missing}{why}"
         elif status.get("observedGeneration") != a["metadata"].get("generation"):
             out[name] = f"observedGeneration {status.get('observedGeneration')} != {a['metadata'].get('generation')}"
         elif not ready or ready.get("status") != "True":

@@ -8,8 +8,10 @@ use std::time::Duration;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 
+use crate::capsule::verify::{Cache, CapsuleVerifier, Unavailable};
 use crate::config::OperatorConfig;
 use crate::metrics::Metrics;
+use crate::policy::check::Checker;
 
 /// Shared reconcile state.
 pub struct Context {
@@ -21,6 +23,12 @@ pub struct Context {
     pub metrics: std::sync::Arc<Metrics>,
     /// Publishes Kubernetes Events.
     pub recorder: Recorder,
+    /// The reconcile-time policy re-check (no policies unless [`Context::with_policy`]).
+    pub policy: Checker,
+    /// Verifies Capsule signatures ([`Unavailable`] unless [`Context::with_verifier`]).
+    pub verifier: std::sync::Arc<dyn CapsuleVerifier>,
+    /// Verification results by (digest, signer, policy hash).
+    pub verified: Cache,
     /// Consecutive failures per object (`namespace/name`), for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -37,8 +45,25 @@ impl Context {
             client,
             config,
             metrics,
+            policy: Checker::default(),
+            verifier: std::sync::Arc::new(Unavailable),
+            verified: Cache::default(),
             failures: Mutex::default(),
         }
+    }
+
+    /// The same context, re-checking objects against `policy`.
+    #[must_use]
+    pub fn with_policy(mut self, policy: Checker) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The same context, verifying Capsules with `verifier`.
+    #[must_use]
+    pub fn with_verifier(mut self, verifier: std::sync::Arc<dyn CapsuleVerifier>) -> Self {
+        self.verifier = verifier;
+        self
     }
 
     /// Records a failure of `key` and returns how long to wait before retrying:

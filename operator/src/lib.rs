@@ -9,11 +9,14 @@
 //! `render` reuses the pure builders without a cluster.
 
 pub mod agent;
+pub mod capsule;
 pub mod config;
 pub mod context;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod policy;
 pub mod render;
 pub mod runtime;
 pub mod telemetry;
+pub mod webhook;

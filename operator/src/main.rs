@@ -1,13 +1,16 @@
 //! `soma-operator`: `run` reconciles Agents in a cluster; `render` prints the children an
 //! Agent manifest would get, without a cluster.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use soma_operator::config::{OperatorConfig, SidecarConfig};
+use soma_operator::policy::{DEFAULT_SELECTOR, PolicyOptions};
 use soma_operator::runtime::{RunOptions, run};
+use soma_operator::webhook::WebhookOptions;
 
 #[derive(Parser)]
 #[command(
@@ -23,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Reconcile Agents in the cluster the kubeconfig (or in-cluster config) points at.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print, as YAML, every child object the operator would apply for the Agents in a manifest.
     Render(RenderArgs),
 }
@@ -86,6 +89,62 @@ struct RunArgs {
     lease_seconds: u64,
     #[command(flatten)]
     sidecar: SidecarArgs,
+    #[command(flatten)]
+    policy: PolicyArgs,
+    #[command(flatten)]
+    webhook: WebhookArgs,
+}
+
+#[derive(Args)]
+struct PolicyArgs {
+    /// Label selector of the ConfigMaps (in the operator's namespace) holding policies.
+    #[arg(long, env = "SOMA_POLICY_CONFIGMAP_SELECTOR", default_value = DEFAULT_SELECTOR)]
+    policy_configmap_selector: String,
+    /// A directory of ConstraintTemplates and constraints (YAML or JSON), read at start-up.
+    #[arg(long, env = "SOMA_POLICY_DIR")]
+    policy_dir: Option<PathBuf>,
+    /// When a policy cannot be evaluated (deadline, overload), allow instead of deny, and set
+    /// the webhook's failurePolicy to Ignore. Policy violations always deny.
+    #[arg(long, env = "SOMA_POLICY_FAIL_OPEN")]
+    policy_fail_open: bool,
+    /// Time one policy decision may take, in milliseconds (100 to 25000).
+    #[arg(long, env = "SOMA_POLICY_DEADLINE_MS", default_value_t = 1500,
+          value_parser = clap::value_parser!(u64).range(100..=25_000))]
+    policy_deadline: u64,
+}
+
+#[derive(Args)]
+struct WebhookArgs {
+    /// Port of the admission webhook (HTTPS) on every replica; 0 disables the webhook.
+    #[arg(long, env = "SOMA_WEBHOOK_PORT", default_value_t = 9443)]
+    webhook_port: u16,
+    /// Address the webhook binds.
+    #[arg(long, env = "SOMA_WEBHOOK_BIND_ADDRESS", default_value = "0.0.0.0")]
+    webhook_bind_address: IpAddr,
+    /// The Service in front of the webhook (its DNS names go into the certificate).
+    #[arg(
+        long,
+        env = "SOMA_WEBHOOK_SERVICE",
+        default_value = "soma-operator-webhook"
+    )]
+    webhook_service: String,
+    /// Name of the ValidatingWebhookConfiguration the operator manages.
+    #[arg(
+        long,
+        env = "SOMA_WEBHOOK_CONFIGURATION",
+        default_value = "soma-policy"
+    )]
+    webhook_configuration: String,
+    /// Secret (in the operator's namespace) holding the serving certificate.
+    #[arg(
+        long,
+        env = "SOMA_WEBHOOK_CERT_SECRET",
+        default_value = "soma-operator-webhook-cert"
+    )]
+    webhook_cert_secret: String,
+    /// The certificate Secret is issued by cert-manager: read and follow it, never generate.
+    #[arg(long, env = "SOMA_WEBHOOK_CERT_MANAGER")]
+    webhook_cert_manager: bool,
 }
 
 #[derive(Args)]
@@ -112,7 +171,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run_operator(args)) {
+            match runtime.block_on(run_operator(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(
@@ -156,6 +215,7 @@ fn render(args: &RenderArgs) -> ExitCode {
 }
 
 async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
+    let shutdown = shutdown_signal();
     let _telemetry = soma_operator::telemetry::init("soma-operator")?;
     let client = kube::Client::try_default().await?;
     let namespaces: Vec<String> = args
@@ -168,6 +228,33 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         .lease_namespace
         .or_else(|| std::env::var("POD_NAMESPACE").ok())
         .unwrap_or_else(|| "default".to_owned());
+    let own_namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".to_owned());
+    let deadline = Duration::from_millis(args.policy.policy_deadline);
+    let policy = PolicyOptions {
+        namespace: own_namespace.clone(),
+        configmap_selector: args.policy.policy_configmap_selector,
+        dir: args.policy.policy_dir,
+        deadline,
+        fail_open: args.policy.policy_fail_open,
+    };
+    let w = args.webhook;
+    let webhook = (w.webhook_port != 0).then(|| {
+        (
+            WebhookOptions {
+                port: w.webhook_port,
+                service: w.webhook_service,
+                namespace: own_namespace,
+                configuration_name: w.webhook_configuration,
+                cert_secret: w.webhook_cert_secret,
+                cert_manager: w.webhook_cert_manager,
+                watched: namespaces.clone(),
+                fail_open: policy.fail_open,
+                deadline,
+                ..WebhookOptions::default()
+            },
+            w.webhook_bind_address,
+        )
+    });
     let identity = std::env::var("POD_NAME")
         .unwrap_or_else(|_| format!("soma-operator-{}", std::process::id()));
     let options = RunOptions {
@@ -178,29 +265,55 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         lease_namespace,
         identity,
         lease_seconds: args.lease_seconds.max(2),
+        policy,
+        webhook,
     };
-    run(client, options, shutdown_signal()).await
+    run(client, options, shutdown).await
 }
 
-/// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C. The handlers are installed
+/// when this is called, not when the future is first polled, so a SIGTERM during start-up
+/// (policies compiling, waiting for a certificate) is a clean shutdown, not a kill.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let handlers = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (
+            signal(SignalKind::terminate()).ok(),
+            signal(SignalKind::interrupt()).ok(),
+        )
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
+    async move {
+        #[cfg(unix)]
+        {
+            let (mut term, mut int) = handlers;
+            let term = async {
+                match term.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let int = async {
+                match int.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => {
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
+                }
+            };
+            tokio::select! {
+                () = term => {}
+                () = int => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!("shutdown signal received");
     }
-    tracing::info!("shutdown signal received");
 }

@@ -38,7 +38,16 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
+        Self::new(|_| {})
+    }
+}
+
+impl Metrics {
+    /// The operator's metrics, plus whatever `register` adds to the same registry (the
+    /// webhook's, which share the `soma_` names they were given).
+    pub fn new(register: impl FnOnce(&mut Registry)) -> Self {
         let mut registry = Registry::default();
+        register(&mut registry);
         let reconciles = Family::<ControllerLabels, Counter>::default();
         let failures = Family::<FailureLabels, Counter>::default();
         let duration = Family::<ControllerLabels, Histogram>::new_with_constructor(|| {

@@ -2,20 +2,26 @@
 //! the controllers (one per watched namespace, or one for all), until SIGTERM or until
 //! leadership is lost.
 //!
+//! Every replica loads the policies and serves the admission webhook; only the Lease holder
+//! reconciles.
+//!
 //! ```text
-//!  start ─▶ serve /healthz /readyz /metrics ─▶ wait for the Lease ─▶ run controllers
+//!  start ─▶ serve /healthz /readyz /metrics ─▶ policies (load, watch ConfigMaps, inventory)
+//!        ─▶ webhook (certificate, HTTPS, configuration) ─▶ wait for the Lease ─▶ run controllers
 //!                                               (standby replicas      │
 //!                                                wait here)            ├─ SIGTERM: drain, release the Lease, exit 0
 //!                                                                      └─ Lease lost: stop, exit 1 (restart and re-contend)
 //! ```
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
 use kube_lease_manager::LeaseManagerBuilder;
+use soma_policy::PolicyStore;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -23,6 +29,10 @@ use crate::config::OperatorConfig;
 use crate::context::Context;
 use crate::http::{Health, HttpState, Phase, router};
 use crate::metrics::Metrics;
+use crate::policy::PolicyOptions;
+use crate::policy::check::Checker;
+use crate::policy::loader::Policies;
+use crate::webhook::WebhookOptions;
 
 /// How the operator runs.
 #[derive(Clone, Debug)]
@@ -41,7 +51,16 @@ pub struct RunOptions {
     pub identity: String,
     /// Lease duration in seconds; a standby takes over at most this long after a leader dies.
     pub lease_seconds: u64,
+    /// Where policies come from and how they apply.
+    pub policy: PolicyOptions,
+    /// The admission webhook and the address it binds, unless disabled.
+    pub webhook: Option<(WebhookOptions, IpAddr)>,
 }
+
+/// How long a replica waits for the first load of the policy ConfigMaps and the inventory
+/// before serving the webhook and reconciling (earlier, objects would be judged by the
+/// built-ins alone, or against an empty inventory).
+const FIRST_POLICY_LOAD: Duration = Duration::from_secs(30);
 
 /// Resolves when `rx` carries `true` (or its sender is gone).
 async fn until(mut rx: watch::Receiver<bool>, value: bool) {
@@ -54,7 +73,16 @@ pub async fn run(
     options: RunOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::default());
+    let store = Arc::new(PolicyStore::new());
+    let admission = soma_admission::State::new(
+        store.clone(),
+        soma_admission::Config {
+            deadline: options.policy.deadline,
+            fail_open: options.policy.fail_open,
+            ..soma_admission::Config::default()
+        },
+    );
+    let metrics = Arc::new(Metrics::new(|r| admission.metrics.register(r)));
     let health = Arc::new(Health::default());
     let listener = tokio::net::TcpListener::bind(options.metrics_addr)
         .await
@@ -72,6 +100,17 @@ pub async fn run(
     });
 
     tokio::pin!(shutdown);
+    // Start-up may wait (for the first policy load, for cert-manager's Secret); SIGTERM still
+    // stops it at once.
+    let (policies, background) = tokio::select! {
+        started = start_background(&client, &options, &admission) => started?,
+        () = &mut shutdown => {
+            info!("shutting down during start-up");
+            let _ = stop_http.send(true);
+            server.await.context("HTTP server task")?.context("HTTP server")?;
+            return Ok(());
+        }
+    };
     // `leading` is true while this replica may reconcile.
     let (lease_task, leading) = if options.leader_election {
         let manager = LeaseManagerBuilder::new(client.clone(), &options.lease_name)
@@ -99,13 +138,22 @@ pub async fn run(
         () = until(leading.clone(), true) => {}
         () = &mut shutdown => {
             info!("shutting down before becoming leader");
-            return finish(health, stop_http, server, lease_task, leading).await;
+            return finish(health, stop_http, server, lease_task, leading, background).await;
         }
     }
     health.set(Phase::Leading);
+    // Reconcilers start now and check against the current set; later reloads re-check.
+    let mut reloads = policies.reloads();
+    reloads.mark_unchanged();
     info!(namespaces = ?options.config.namespaces, "leading: starting controllers");
 
-    let ctx = Arc::new(Context::new(client, options.config.clone(), metrics));
+    let ctx = Arc::new(
+        Context::new(client, options.config.clone(), metrics).with_policy(Checker {
+            store,
+            deadline: options.policy.deadline,
+            fail_open: options.policy.fail_open,
+        }),
+    );
     let (stop_controllers, controllers_stopped) = watch::channel(false);
     let scopes: Vec<Option<String>> = if options.config.namespaces.is_empty() {
         vec![None]
@@ -118,12 +166,21 @@ pub async fn run(
             .map(Some)
             .collect()
     };
-    let controllers = futures::future::join_all(scopes.into_iter().map(|ns| {
-        tokio::spawn(crate::agent::controller::run(
-            ctx.clone(),
-            ns,
-            until(controllers_stopped.clone(), true),
-        ))
+    let controllers = futures::future::join_all(scopes.into_iter().flat_map(|ns| {
+        [
+            tokio::spawn(crate::agent::controller::run(
+                ctx.clone(),
+                ns.clone(),
+                until(controllers_stopped.clone(), true),
+                reloads.clone(),
+            )),
+            tokio::spawn(crate::capsule::controller::run(
+                ctx.clone(),
+                ns,
+                until(controllers_stopped.clone(), true),
+                reloads.clone(),
+            )),
+        ]
     }));
     tokio::pin!(controllers);
 
@@ -139,7 +196,7 @@ pub async fn run(
     let _ = stop_controllers.send(true);
     // In-flight reconciles finish; a stuck one does not hold the shutdown forever.
     let _ = tokio::time::timeout(Duration::from_secs(20), controllers).await;
-    finish(health, stop_http, server, lease_task, leading).await?;
+    finish(health, stop_http, server, lease_task, leading, background).await?;
     if lost {
         anyhow::bail!(
             "lost the leader lease; exiting so that this replica restarts and contends again"
@@ -148,7 +205,77 @@ pub async fn run(
     Ok(())
 }
 
-/// Stops the HTTP server and releases the Lease.
+/// What every replica runs beside the HTTP server, before it contends for the Lease: the
+/// policies (built-ins and the directory first, then the ConfigMaps as they are listed and
+/// changed), the inventory, and the webhook once both are in place.
+async fn start_background(
+    client: &Client,
+    options: &RunOptions,
+    admission: &Arc<soma_admission::State>,
+) -> anyhow::Result<(Arc<Policies>, Background)> {
+    let policies = Policies::new(admission.store.clone(), admission.metrics.clone());
+    let first = policies.load(&[], &options.policy).unwrap_or_default();
+    if !first.is_clean() {
+        warn!(
+            errors = first.errors.len(),
+            "some policies did not load; see the warnings above"
+        );
+    }
+    let (stop_background, background_stopped) = watch::channel(false);
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "soma-operator".into(),
+            instance: Some(options.identity.clone()),
+        },
+    );
+    tokio::spawn(crate::policy::loader::run(
+        client.clone(),
+        policies.clone(),
+        recorder,
+        options.policy.clone(),
+        until(background_stopped.clone(), true),
+    ));
+    tokio::spawn(crate::policy::inventory::run(
+        client.clone(),
+        policies.clone(),
+        options.config.namespaces.clone(),
+        until(background_stopped.clone(), true),
+    ));
+    // Serve decisions only with the ConfigMaps' policies and the inventory in place.
+    if !policies.wait_synced(FIRST_POLICY_LOAD).await {
+        warn!("policy ConfigMaps or inventory not listed yet; serving with what is loaded");
+    }
+    let webhook = match &options.webhook {
+        Some((webhook, bind)) => Some(
+            crate::webhook::server::start(
+                client.clone(),
+                webhook.clone(),
+                *bind,
+                admission.clone(),
+                until(background_stopped, true),
+            )
+            .await
+            .context("starting the admission webhook")?,
+        ),
+        None => None,
+    };
+    Ok((
+        policies,
+        Background {
+            stop: stop_background,
+            webhook,
+        },
+    ))
+}
+
+/// Tasks every replica runs beside the HTTP server.
+struct Background {
+    stop: watch::Sender<bool>,
+    webhook: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Stops the HTTP server, the webhook and the policy watches, and releases the Lease.
 async fn finish(
     health: Arc<Health>,
     stop_http: watch::Sender<bool>,
@@ -157,8 +284,13 @@ async fn finish(
         tokio::task::JoinHandle<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>,
     >,
     leading: watch::Receiver<bool>,
+    background: Background,
 ) -> anyhow::Result<()> {
     health.set(Phase::Stopping);
+    let _ = background.stop.send(true);
+    if let Some(webhook) = background.webhook {
+        let _ = tokio::time::timeout(Duration::from_secs(5), webhook).await;
+    }
     // Dropping the last receiver ends the lease task, which hands the Lease back.
     drop(leading);
     if let Some(task) = lease_task {

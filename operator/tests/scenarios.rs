@@ -2,6 +2,8 @@
 //! `ApiServerVerifier`: the reconcile runs against a `tower-test` mock, and each scenario
 //! states the exact requests it must make, in order, and nothing else.
 
+mod support;
+
 use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode};
@@ -14,39 +16,8 @@ use soma_operator::agent::reconcile::{error_policy, reconcile};
 use soma_operator::config::OperatorConfig;
 use soma_operator::context::Context;
 use soma_operator::metrics::Metrics;
-
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
-
-/// How the fake API server answers one request, given its body.
-type Reply = Box<dyn FnOnce(&Value) -> (StatusCode, Value) + Send>;
-
-/// A request the scenario expects, and how the fake API server answers it.
-struct Step {
-    method: Method,
-    path: String,
-    reply: Reply,
-}
-
-fn step(
-    method: Method,
-    path: &str,
-    reply: impl FnOnce(&Value) -> (StatusCode, Value) + Send + 'static,
-) -> Step {
-    Step {
-        method,
-        path: path.to_owned(),
-        reply: Box::new(reply),
-    }
-}
-
-fn not_found() -> (StatusCode, Value) {
-    let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"});
-    (StatusCode::NOT_FOUND, body)
-}
-
-fn echo(body: &Value) -> (StatusCode, Value) {
-    (StatusCode::OK, body.clone())
-}
+use soma_operator::policy::check::Checker;
+use support::{Seen, Step, echo, not_found, serve, step};
 
 /// The live Agent as the API server has it (here: as the test's cache has it).
 fn live_agent(_: &Value) -> (StatusCode, Value) {
@@ -58,74 +29,6 @@ fn status_reply(body: &Value) -> (StatusCode, Value) {
     let mut agent = agent_json();
     agent["status"] = body["status"].clone();
     (StatusCode::OK, agent)
-}
-
-/// A recorded write: method, path, query and body.
-#[derive(Debug, Clone)]
-struct Seen {
-    method: Method,
-    path: String,
-    query: String,
-    content_type: String,
-    body: Value,
-}
-
-/// Serves `steps` in order, asserting each request matches; returns what it saw. Panics on an
-/// unexpected or extra request (the client is dropped when the reconcile ends, which ends the
-/// stream, so "nothing else" is checked too).
-async fn serve(mut handle: Handle, steps: Vec<Step>) -> Vec<Seen> {
-    let mut seen = Vec::new();
-    for (i, s) in steps.into_iter().enumerate() {
-        let (request, send) = handle.next_request().await.unwrap_or_else(|| {
-            panic!("step {i}: expected {} {}, got no request", s.method, s.path)
-        });
-        let method = request.method().clone();
-        let path = request.uri().path().to_owned();
-        let query = request.uri().query().unwrap_or_default().to_owned();
-        let content_type = request
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        assert_eq!(
-            (&method, path.as_str()),
-            (&s.method, s.path.as_str()),
-            "step {i}"
-        );
-        let bytes = request
-            .into_body()
-            .collect_bytes()
-            .await
-            .expect("request body");
-        let body: Value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).expect("JSON body")
-        };
-        let (status, reply) = (s.reply)(&body);
-        seen.push(Seen {
-            method,
-            path,
-            query,
-            content_type,
-            body,
-        });
-        send.send_response(
-            Response::builder()
-                .status(status)
-                .body(Body::from(serde_json::to_vec(&reply).expect("reply")))
-                .expect("response"),
-        );
-    }
-    if let Some((request, _)) = handle.next_request().await {
-        panic!(
-            "unexpected extra request: {} {}",
-            request.method(),
-            request.uri()
-        );
-    }
-    seen
 }
 
 fn agent_json() -> Value {
@@ -210,18 +113,26 @@ fn child_paths() -> Vec<String> {
     ]
 }
 
-/// Runs one reconcile of `agent` against `steps`.
-async fn run(
-    agent: Arc<Agent>,
-    steps: Vec<Step>,
-) -> (
+type Outcome = (
     kube::Result<Action, soma_operator::error::Error>,
     Vec<Seen>,
     Arc<Context>,
-) {
+);
+
+/// Runs one reconcile of `agent` against `steps`.
+async fn run(agent: Arc<Agent>, steps: Vec<Step>) -> Outcome {
+    run_with(agent, steps, Checker::default()).await
+}
+
+/// Runs one reconcile of `agent` against `steps`, re-checking it against `policy`.
+async fn run_with(agent: Arc<Agent>, steps: Vec<Step>, policy: Checker) -> Outcome {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let server = tokio::spawn(serve(handle, steps));
-    let ctx = context(Client::new(service, "default"));
+    let ctx = Arc::new(
+        Arc::into_inner(context(Client::new(service, "default")))
+            .expect("one reference")
+            .with_policy(policy),
+    );
     let result = reconcile(agent, ctx.clone()).await;
     // Dropping every clone of the mock client ends the request stream, so `serve` can check
     // that no extra request follows; the caller gets a context on a fresh mock instead.
@@ -653,4 +564,137 @@ async fn budget_parent_loop_stalls() {
     let stalled = condition(&seen[4].body["status"], "Stalled");
     assert_eq!(stalled["status"], "True");
     assert_eq!(stalled["reason"], "BudgetChainInvalid");
+}
+
+/// The built-in policies, as the operator loads them at start-up.
+fn builtins(deadline: std::time::Duration) -> Checker {
+    let (store, report) = soma_policy::PolicyStore::loaded(&soma_policy::Sources::builtins());
+    assert!(report.is_clean(), "{:?}", report.errors);
+    Checker {
+        store: Arc::new(store),
+        deadline,
+        fail_open: false,
+    }
+}
+
+#[tokio::test]
+async fn agent_denied_by_a_policy_is_not_started_and_says_why() {
+    let mut agent = agent_json();
+    agent["spec"]["image"] = json!("registry.example.com/helper:latest");
+    let mut steps = vec![step(
+        Method::GET,
+        &format!("{SOMA}/budgets/team-budget"),
+        budget_found,
+    )];
+    // No child is read or written: straight to the status.
+    steps.extend(stalled_status_steps());
+    let (result, seen, _) = run_with(
+        agent_from(agent),
+        steps,
+        builtins(std::time::Duration::from_secs(5)),
+    )
+    .await;
+    assert_eq!(
+        result.expect("a denial is not an error to retry"),
+        Action::await_change()
+    );
+    let status = &seen[3].body["status"];
+    let policy = condition(status, "PolicyAllowed");
+    assert_eq!(
+        (policy["status"].as_str(), policy["reason"].as_str()),
+        (Some("False"), Some("Denied"))
+    );
+    assert!(
+        policy["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("[SomaImages/") && m.contains("digest")),
+        "{policy}"
+    );
+    let ready = condition(status, "Ready");
+    assert_eq!(
+        (ready["status"].as_str(), ready["reason"].as_str()),
+        (Some("False"), Some("PolicyDenied"))
+    );
+    assert_eq!(condition(status, "Stalled")["status"], "True");
+    assert_eq!(seen[4].body["reason"], "PolicyDenied");
+    assert_eq!(seen[4].body["type"], "Warning");
+}
+
+#[tokio::test]
+async fn policy_that_cannot_be_evaluated_blocks_and_is_retried() {
+    let mut steps = vec![step(
+        Method::GET,
+        &format!("{SOMA}/budgets/team-budget"),
+        budget_found,
+    )];
+    // A zero deadline: no constraint finishes, so the decision fails closed.
+    steps.extend(stalled_status_steps());
+    let (result, seen, _) = run_with(
+        agent_from(agent_json()),
+        steps,
+        builtins(std::time::Duration::ZERO),
+    )
+    .await;
+    assert_eq!(
+        result.expect("retried by requeue, not by the error policy"),
+        Action::requeue(std::time::Duration::from_secs(1))
+    );
+    let status = &seen[3].body["status"];
+    assert_eq!(condition(status, "PolicyAllowed")["reason"], "PolicyError");
+    assert_eq!(condition(status, "Ready")["reason"], "PolicyError");
+    assert_eq!(condition(status, "Reconciling")["status"], "True");
+    assert_eq!(condition(status, "Stalled")["status"], "False");
+    assert_eq!(seen[4].body["reason"], "PolicyError");
+}
+
+#[tokio::test]
+async fn allowed_agent_reports_policy_allowed() {
+    let (_, status) = first_reconcile().await;
+    let policy = condition(&status, "PolicyAllowed");
+    assert_eq!(
+        (policy["status"].as_str(), policy["reason"].as_str()),
+        (Some("True"), Some("Allowed"))
+    );
+}
+
+#[tokio::test]
+async fn agent_waits_for_a_capsule_that_is_not_ready() {
+    let mut agent = agent_json();
+    agent["spec"]["capsules"] = json!([{"name": "kb"}]);
+    let capsule = json!({
+        "apiVersion": "soma.dev/v1alpha1", "kind": "Capsule",
+        "metadata": {"name": "kb", "namespace": "team"},
+        "spec": {"version": "1", "policyHash": format!("sha256:{}", "9b".repeat(32)),
+                 "source": {"oci": {"repository": "r", "digest": format!("sha256:{}", "aa".repeat(32))}},
+                 "signature": {"publicKeyRef": {"name": "signers", "key": "cosign.pub"}}},
+        "status": {"conditions": [{"type": "Ready", "status": "False", "reason": "VerificationUnavailable",
+            "message": "this operator build cannot verify Cosign signatures yet",
+            "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+    });
+    let mut steps = vec![
+        step(
+            Method::GET,
+            &format!("{SOMA}/budgets/team-budget"),
+            budget_found,
+        ),
+        step(Method::GET, &format!("{SOMA}/capsules/kb"), move |_| {
+            (StatusCode::OK, capsule)
+        }),
+    ];
+    steps.extend(stalled_status_steps());
+    let (result, seen, _) = run(agent_from(agent), steps).await;
+    assert_eq!(result.expect("waits"), Action::await_change());
+    let status = &seen[4].body["status"];
+    let ready = condition(status, "Ready");
+    assert_eq!(
+        (ready["status"].as_str(), ready["reason"].as_str()),
+        (Some("False"), Some("CapsuleNotReady"))
+    );
+    assert!(
+        ready["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("\"kb\"") && m.contains("VerificationUnavailable")),
+        "{ready}"
+    );
+    assert_eq!(seen[5].body["reason"], "CapsuleNotReady");
 }

@@ -88,3 +88,14 @@ two modes cannot drift apart. docs/rbac.md explains each rule.
 {{- define "soma.operatorName" -}}
 {{- printf "%s-operator" (include "soma.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
+
+{{/* The webhook's Service, certificate Secret and (cluster-scoped) ValidatingWebhookConfiguration. */}}
+{{- define "soma.webhookService" -}}
+{{- printf "%s-webhook" (include "soma.operatorName" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- define "soma.webhookSecret" -}}
+{{- printf "%s-webhook-cert" (include "soma.operatorName" .) | trunc 253 | trimSuffix "-" -}}
+{{- end -}}
+{{- define "soma.webhookConfiguration" -}}
+{{- printf "%s.%s" (include "soma.operatorName" .) .Release.Namespace | trunc 253 | trimSuffix "-" -}}
+{{- end -}}

@@ -47,11 +47,13 @@ fn referring(
         .collect()
 }
 
-/// Runs the Agent controller for one namespace (or all, with `None`) until `shutdown`.
+/// Runs the Agent controller for one namespace (or all, with `None`) until `shutdown`. Every
+/// Agent is reconciled again when `policy_reloads` moves (policies change after admission).
 pub async fn run(
     ctx: Arc<Context>,
     namespace: Option<String>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+    policy_reloads: tokio::sync::watch::Receiver<u64>,
 ) {
     let client = ctx.client.clone();
     let ns = namespace.as_deref();
@@ -100,6 +102,10 @@ pub async fn run(
                 })
             },
         )
+        .reconcile_all_on(futures::stream::unfold(
+            policy_reloads,
+            |mut rx| async move { rx.changed().await.ok().map(|()| ((), rx)) },
+        ))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

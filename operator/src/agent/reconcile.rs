@@ -105,12 +105,28 @@ async fn resolve_refs(client: &Client, agent: &Agent, namespace: &str) -> Result
                 what: format!("Capsule {namespace}/{}", capsule.name),
                 source,
             })?;
-        if found.is_none() {
-            refs.missing.push(MissingRef {
+        match found {
+            None => refs.missing.push(MissingRef {
                 kind: "Capsule",
                 name: capsule.name.clone(),
                 field: "spec.capsules".to_owned(),
-            });
+            }),
+            Some(found) => {
+                if let (Err((reason, message)), None) = (
+                    crate::capsule::status::readiness(found.status.as_ref()),
+                    &refs.stall,
+                ) {
+                    // A Capsule that is not verified (or revoked, or denied) must not reach
+                    // an agent: the Agent waits, like for a missing reference.
+                    refs.stall = Some(Stall {
+                        reason: "CapsuleNotReady".to_owned(),
+                        message: format!(
+                            "Capsule {:?} is not Ready ({reason}: {message}); the agent's pods are not started or changed until it is",
+                            capsule.name
+                        ),
+                    });
+                }
+            }
         }
     }
     Ok(refs)
@@ -163,9 +179,21 @@ pub async fn reconcile(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Action> {
         }
         Err(e) => return Err(e),
     };
-    let stalled = !observed.missing.is_empty() || observed.stall.is_some();
+    let policy_error = observed
+        .policy
+        .as_ref()
+        .is_some_and(|p| p.blocks && p.is_error());
+    let stalled = !observed.missing.is_empty()
+        || observed.stall.is_some()
+        || observed.policy.as_ref().is_some_and(|p| p.blocks);
     write_status(&agent, &ctx, &namespace, &observed).await?;
+    if policy_error {
+        // An evaluation that did not finish (deadline, overload) is worth another try.
+        return Ok(Action::requeue(ctx.backoff(&key)));
+    }
     ctx.succeeded(&key);
+    // A denied Agent waits for a change to itself or to the policies (a reload re-checks
+    // every Agent).
     Ok(if stalled {
         Action::await_change()
     } else {
@@ -176,8 +204,16 @@ pub async fn reconcile(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Action> {
 /// Resolves references and applies the children; returns what the status is computed from.
 async fn converge(agent: &Agent, ctx: &Context, namespace: &str) -> Result<Observed> {
     let refs = resolve_refs(&ctx.client, agent, namespace).await?;
+    let policy = ctx
+        .policy
+        .check(agent)
+        .await
+        .map_err(|source| Error::Serialize {
+            what: "the Agent for policy evaluation",
+            source,
+        })?;
     let replicas = desired_replicas(agent);
-    let deployment = if refs.missing.is_empty() && refs.stall.is_none() {
+    let deployment = if refs.missing.is_empty() && refs.stall.is_none() && !policy.blocks {
         let resolved = Resolved {
             replicas,
             budgets: refs.budgets,
@@ -195,8 +231,10 @@ async fn converge(agent: &Agent, ctx: &Context, namespace: &str) -> Result<Obser
         Span::current().record("writes", applied.writes);
         applied.deployment.as_ref().map(deployment_state)
     } else {
-        // Fail closed: nothing is started or changed while a reference is broken. Pods
-        // already running keep running; their sidecar still enforces the Budget it has.
+        // Fail closed: nothing is started or changed while a reference is broken or a policy
+        // denies the Agent. Pods already running keep running (as Gatekeeper's audit reports
+        // existing objects without removing them); their sidecar still enforces the Budget
+        // it has.
         read_deployment(&ctx.client, agent, namespace).await?
     };
     Ok(Observed {
@@ -206,6 +244,7 @@ async fn converge(agent: &Agent, ctx: &Context, namespace: &str) -> Result<Obser
         stall: refs.stall,
         deployment,
         desired_replicas: replicas,
+        policy: Some(policy),
     })
 }
 
@@ -276,7 +315,12 @@ async fn write_status(
         } else {
             (EventType::Warning, "Reconcile")
         };
-        if type_ == EventType::Normal || observed.stall.is_some() || !observed.missing.is_empty() {
+        let policy_blocks = observed.policy.as_ref().is_some_and(|p| p.blocks);
+        if type_ == EventType::Normal
+            || observed.stall.is_some()
+            || !observed.missing.is_empty()
+            || policy_blocks
+        {
             let event = Event {
                 type_,
                 reason: ready.reason.clone(),

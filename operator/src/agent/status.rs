@@ -6,6 +6,9 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use soma_crds::agent::AgentStatus;
 use soma_crds::common::condition_types::{READY, RECONCILING, STALLED};
+use soma_policy::condition::POLICY_ALLOWED;
+
+use crate::policy::check::PolicyCheck;
 
 /// A reference the Agent (directly or through a Budget's parent) names that does not exist.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,18 +76,20 @@ pub struct Observed {
     pub deployment: Option<DeploymentState>,
     /// Replicas Soma wants.
     pub desired_replicas: i32,
+    /// The reconcile-time policy re-check (`None`: not evaluated, no `PolicyAllowed`).
+    pub policy: Option<PolicyCheck>,
 }
 
 /// A condition without its time: what the reconcile decided.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Verdict {
-    type_: &'static str,
-    status: bool,
-    reason: String,
-    message: String,
+pub(crate) struct Verdict {
+    pub(crate) type_: &'static str,
+    pub(crate) status: bool,
+    pub(crate) reason: String,
+    pub(crate) message: String,
 }
 
-fn verdict(
+pub(crate) fn verdict(
     type_: &'static str,
     status: bool,
     reason: impl Into<String>,
@@ -98,12 +103,56 @@ fn verdict(
     }
 }
 
-/// Ready, Reconciling and Stalled, in the kstatus sense.
-fn verdicts(obs: &Observed) -> [Verdict; 3] {
+/// Ready, Reconciling and Stalled in the kstatus sense, then `PolicyAllowed` when checked.
+fn verdicts(obs: &Observed) -> Vec<Verdict> {
+    let mut out = kstatus_verdicts(obs).to_vec();
+    if let Some(p) = &obs.policy {
+        out.push(verdict(
+            POLICY_ALLOWED,
+            p.condition.status == "True",
+            p.condition.reason,
+            p.condition.message.clone(),
+        ));
+    }
+    out
+}
+
+/// The message of `Ready=False` when a policy blocks the Agent.
+fn policy_block_message(p: &PolicyCheck) -> String {
+    format!(
+        "{}. The agent's pods are not started or changed until the policies allow it.",
+        p.condition.message
+    )
+}
+
+fn kstatus_verdicts(obs: &Observed) -> [Verdict; 3] {
+    // An evaluation error is retried, so the Agent is reconciling, not stalled.
+    if let Some(p) = obs.policy.as_ref().filter(|p| p.blocks && p.is_error())
+        && obs.missing.is_empty()
+        && obs.stall.is_none()
+    {
+        let message = policy_block_message(p);
+        return [
+            verdict(READY, false, "PolicyError", message.clone()),
+            verdict(RECONCILING, true, "PolicyError", message),
+            verdict(
+                STALLED,
+                false,
+                "PolicyError",
+                "retrying the policy evaluation",
+            ),
+        ];
+    }
     let blocked = obs
         .missing
         .first()
         .map(|m| (m.reason(), m.message(&obs.namespace)))
+        .or_else(|| {
+            obs.policy
+                .as_ref()
+                .filter(|p| p.blocks)
+                .map(|p| ("PolicyDenied".to_owned(), policy_block_message(p)))
+        })
         .or_else(|| {
             obs.stall
                 .as_ref()
@@ -172,7 +221,7 @@ fn verdicts(obs: &Observed) -> [Verdict; 3] {
 
 /// Turns verdicts into conditions, keeping `lastTransitionTime` from `old` unless the
 /// status flipped.
-fn conditions(
+pub(crate) fn conditions(
     old: &[Condition],
     verdicts: &[Verdict],
     generation: Option<i64>,

@@ -1,0 +1,24 @@
+//! The Capsule controller: checks a Capsule's content against its digest, verifies its
+//! signature through a [`verify::CapsuleVerifier`], re-checks it against the policies, and
+//! writes `Ready`, `PolicyAllowed`, `verifiedDigest`, `signer` and `verifiedAt`. An Agent that
+//! references a Capsule that is not Ready is not started (`agent::reconcile`).
+//!
+//! ```text
+//!  watch Capsules ─▶ reconcile ─▶ revoked? ─▶ policies ─▶ content digest ─▶ public key
+//!                                   (content::digest: oci as given; inline computed;
+//!                                    configMapRef computed and compared)
+//!                               ─▶ cache (digest, key fingerprint, policyHash) ─▶ verifier
+//!                               ─▶ status (pure) ─▶ patch status only if changed
+//! ```
+//!
+//! - [`content`]: pure: the digest a Capsule's content has;
+//! - [`verify`]: the verifier trait, the stand-in used until Cosign verification lands, and
+//!   the result cache;
+//! - [`status`]: pure: the status from what the reconcile found;
+//! - [`reconcile`], [`controller`]: the reconcile and its watches.
+
+pub mod content;
+pub mod controller;
+pub mod reconcile;
+pub mod status;
+pub mod verify;

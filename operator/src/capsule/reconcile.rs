@@ -1,0 +1,303 @@
+//! The Capsule reconcile: revoked? → policies → content digest → public key → verify (cached)
+//! → status (pure) → patch status only if changed → requeue on purpose.
+//!
+//! A missing ConfigMap (content or public key) is retried with backoff, since ConfigMaps are
+//! not watched; a transient verification failure too; a permanent rejection waits for a
+//! change to the Capsule (a policy reload re-checks every Capsule).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Client, Resource, ResourceExt};
+use soma_crds::Capsule;
+use tracing::{Span, field, info, instrument, warn};
+
+use super::content::{check_declared, inline_digest};
+use super::status::{CapsuleObserved, capsule_status};
+use super::verify::{Rejection, Request, Verified, verify_cached};
+use crate::context::Context;
+use crate::error::{Error, Result};
+
+/// Name of this controller in metrics and logs.
+pub const CONTROLLER: &str = "capsule";
+
+/// Field manager of Capsule status writes.
+pub const FIELD_MANAGER: &str = "soma.dev/capsule";
+
+/// Safety-net requeue after a verification; watches drive everything else.
+const RESYNC: Duration = Duration::from_secs(3600);
+
+fn rejection(reason: &str, message: String, transient: bool) -> Rejection {
+    Rejection {
+        reason: reason.to_owned(),
+        message,
+        transient,
+    }
+}
+
+/// The bytes of `key` in ConfigMap `name`, or why there are none (a transient rejection:
+/// the ConfigMap may yet be created).
+async fn config_map_key(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    key: &str,
+    what: &str,
+    reason: &str,
+) -> Result<Result<Vec<u8>, Rejection>> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let cm = api.get_opt(name).await.map_err(|source| Error::Read {
+        what: format!("ConfigMap {namespace}/{name}"),
+        source,
+    })?;
+    let bytes = cm.and_then(|cm| {
+        cm.data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|s| s.as_bytes().to_vec())
+            .or_else(|| {
+                cm.binary_data
+                    .as_ref()
+                    .and_then(|d| d.get(key))
+                    .map(|b| b.0.clone())
+            })
+    });
+    Ok(bytes.ok_or_else(|| {
+        rejection(
+            reason,
+            format!("{what}: ConfigMap {namespace}/{name} has no key {key:?}; create it or correct the reference"),
+            true,
+        )
+    }))
+}
+
+/// The digest of the Capsule's content, checked where the operator can read the bytes.
+async fn content_digest(
+    client: &Client,
+    capsule: &Capsule,
+    namespace: &str,
+) -> Result<Result<String, Rejection>> {
+    let source = &capsule.spec.source;
+    if let Some(oci) = &source.oci {
+        return Ok(Ok(oci.digest.clone()));
+    }
+    if let Some(inline) = &source.inline {
+        return inline_digest(&inline.blocks)
+            .map(Ok)
+            .map_err(|source| Error::Serialize {
+                what: "inline Capsule blocks",
+                source,
+            });
+    }
+    if let Some(cm) = &source.config_map_ref {
+        let bytes = match config_map_key(
+            client,
+            namespace,
+            &cm.name,
+            &cm.key,
+            "spec.source.configMapRef",
+            "ContentNotFound",
+        )
+        .await?
+        {
+            Ok(b) => b,
+            Err(r) => return Ok(Err(r)),
+        };
+        return Ok(
+            check_declared(&cm.digest, &bytes).map_err(|m| rejection("DigestMismatch", m, false))
+        );
+    }
+    Ok(Err(rejection(
+        "InvalidSource",
+        "spec.source needs exactly one of oci, inline or configMapRef".to_owned(),
+        false,
+    )))
+}
+
+/// Everything up to the verifier's answer.
+async fn observe(capsule: &Capsule, ctx: &Context, namespace: &str) -> Result<CapsuleObserved> {
+    let policy = ctx
+        .policy
+        .check(capsule)
+        .await
+        .map_err(|source| Error::Serialize {
+            what: "the Capsule for policy evaluation",
+            source,
+        })?;
+    let outcome = if capsule.spec.revoked {
+        Err(rejection(
+            "Revoked",
+            "the Capsule is revoked (spec.revoked); no Agent may use it".to_owned(),
+            false,
+        ))
+    } else if policy.blocks {
+        Err(rejection(
+            if policy.is_error() {
+                "PolicyError"
+            } else {
+                "PolicyDenied"
+            },
+            policy.condition.message.clone(),
+            policy.is_error(),
+        ))
+    } else {
+        verify(capsule, ctx, namespace).await?
+    };
+    Ok(CapsuleObserved {
+        generation: capsule.metadata.generation,
+        outcome,
+        policy: Some(policy),
+    })
+}
+
+async fn verify(
+    capsule: &Capsule,
+    ctx: &Context,
+    namespace: &str,
+) -> Result<Result<Verified, Rejection>> {
+    let digest = match content_digest(&ctx.client, capsule, namespace).await? {
+        Ok(d) => d,
+        Err(r) => return Ok(Err(r)),
+    };
+    let key = match &capsule.spec.signature.public_key_ref {
+        Some(r) => match config_map_key(
+            &ctx.client,
+            namespace,
+            &r.name,
+            &r.key,
+            "spec.signature.publicKeyRef",
+            "PublicKeyNotFound",
+        )
+        .await?
+        {
+            Ok(bytes) => match String::from_utf8(bytes) {
+                Ok(pem) => Some(pem),
+                Err(_) => {
+                    return Ok(Err(rejection(
+                        "PublicKeyInvalid",
+                        format!(
+                            "ConfigMap {}/{} key {:?} is not PEM text",
+                            namespace, r.name, r.key
+                        ),
+                        false,
+                    )));
+                }
+            },
+            Err(r) => return Ok(Err(r)),
+        },
+        None => None,
+    };
+    let request = Request {
+        capsule,
+        digest: &digest,
+        key_pem: key.as_deref(),
+    };
+    Ok(verify_cached(ctx.verifier.as_ref(), &ctx.verified, request).await)
+}
+
+/// Reconciles one Capsule.
+#[instrument(skip(capsule, ctx), fields(namespace = field::Empty, capsule = %capsule.name_any()))]
+pub async fn reconcile(capsule: Arc<Capsule>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_started(CONTROLLER);
+    let namespace = capsule
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    Span::current().record("namespace", namespace.as_str());
+    if capsule.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let key = format!("capsule:{namespace}/{}", capsule.name_any());
+    let observed = observe(&capsule, &ctx, &namespace).await?;
+    write_status(&capsule, &ctx, &namespace, &observed).await?;
+    Ok(match &observed.outcome {
+        Ok(_) => {
+            ctx.succeeded(&key);
+            Action::requeue(RESYNC)
+        }
+        Err(r) if r.transient => Action::requeue(ctx.backoff(&key)),
+        Err(_) => {
+            ctx.succeeded(&key);
+            Action::await_change()
+        }
+    })
+}
+
+/// Writes the status if it changed (decided on the live object, like the Agent's), with a
+/// Warning Event when the Capsule stops or fails to be Ready for a new reason.
+async fn write_status(
+    capsule: &Capsule,
+    ctx: &Context,
+    namespace: &str,
+    observed: &CapsuleObserved,
+) -> Result<()> {
+    let now = Time(Timestamp::now());
+    if capsule.status.as_ref() == Some(&capsule_status(capsule.status.as_ref(), observed, &now)) {
+        return Ok(());
+    }
+    let api: Api<Capsule> = Api::namespaced(ctx.client.clone(), namespace);
+    let name = capsule.name_any();
+    let live = api.get(&name).await.map_err(|source| Error::Read {
+        what: format!("Capsule {namespace}/{name}"),
+        source,
+    })?;
+    let new = capsule_status(live.status.as_ref(), observed, &now);
+    if live.status.as_ref() == Some(&new) {
+        return Ok(());
+    }
+    let patch = serde_json::json!({
+        "apiVersion": "soma.dev/v1alpha1",
+        "kind": "Capsule",
+        "metadata": {"name": name},
+        "status": new,
+    });
+    api.patch_status(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(|source| Error::Status { source })?;
+    ctx.metrics.status_written(CONTROLLER);
+    let old_reason = super::status::readiness(live.status.as_ref())
+        .err()
+        .map(|(r, _)| r);
+    if let Err(r) = &observed.outcome
+        && old_reason.as_deref() != Some(r.reason.as_str())
+    {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: r.reason.clone(),
+            note: Some(r.message.chars().take(1000).collect()),
+            action: "Verify".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &capsule.object_ref(&())).await {
+            warn!(error = %e, "publishing an Event failed");
+        }
+    }
+    info!(ready = observed.outcome.is_ok(), "capsule status updated");
+    Ok(())
+}
+
+/// Transient API failures are retried with backoff; permanent ones wait for a change.
+pub fn error_policy(capsule: Arc<Capsule>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_failed(CONTROLLER, error.label());
+    if !error.is_transient() {
+        warn!(capsule = %capsule.name_any(), error = %error, "permanent failure; waiting for a change");
+        return Action::await_change();
+    }
+    let key = format!(
+        "capsule:{}/{}",
+        capsule.namespace().unwrap_or_default(),
+        capsule.name_any()
+    );
+    let delay = ctx.backoff(&key);
+    warn!(capsule = %capsule.name_any(), error = %error, retry_in = ?delay, "reconcile failed; retrying");
+    Action::requeue(delay)
+}

@@ -1,0 +1,109 @@
+//! The scripted API server of the scenario tests, in the style of kube-rs' controller-rs
+//! `ApiServerVerifier`: each scenario states the exact requests it expects, in order, and how
+//! they are answered; anything else fails the test.
+#![allow(dead_code)] // each test binary uses part of it
+
+use http::{Method, Request, Response, StatusCode};
+use kube::client::Body;
+use serde_json::{Value, json};
+
+pub type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+/// How the fake API server answers one request, given its body.
+pub type Reply = Box<dyn FnOnce(&Value) -> (StatusCode, Value) + Send>;
+
+/// A request the scenario expects, and how the fake API server answers it.
+pub struct Step {
+    pub method: Method,
+    pub path: String,
+    pub reply: Reply,
+}
+
+pub fn step(
+    method: Method,
+    path: &str,
+    reply: impl FnOnce(&Value) -> (StatusCode, Value) + Send + 'static,
+) -> Step {
+    Step {
+        method,
+        path: path.to_owned(),
+        reply: Box::new(reply),
+    }
+}
+
+pub fn not_found() -> (StatusCode, Value) {
+    let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"});
+    (StatusCode::NOT_FOUND, body)
+}
+
+pub fn echo(body: &Value) -> (StatusCode, Value) {
+    (StatusCode::OK, body.clone())
+}
+
+/// A recorded write: method, path, query and body.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    pub path: String,
+    pub query: String,
+    pub content_type: String,
+    pub body: Value,
+}
+
+/// Serves `steps` in order, asserting each request matches; returns what it saw. Panics on an
+/// unexpected or extra request (the client is dropped when the reconcile ends, which ends the
+/// stream, so "nothing else" is checked too).
+pub async fn serve(mut handle: Handle, steps: Vec<Step>) -> Vec<Seen> {
+    let mut seen = Vec::new();
+    for (i, s) in steps.into_iter().enumerate() {
+        let (request, send) = handle.next_request().await.unwrap_or_else(|| {
+            panic!("step {i}: expected {} {}, got no request", s.method, s.path)
+        });
+        let method = request.method().clone();
+        let path = request.uri().path().to_owned();
+        let query = request.uri().query().unwrap_or_default().to_owned();
+        let content_type = request
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        assert_eq!(
+            (&method, path.as_str()),
+            (&s.method, s.path.as_str()),
+            "step {i}"
+        );
+        let bytes = request
+            .into_body()
+            .collect_bytes()
+            .await
+            .expect("request body");
+        let body: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).expect("JSON body")
+        };
+        let (status, reply) = (s.reply)(&body);
+        seen.push(Seen {
+            method,
+            path,
+            query,
+            content_type,
+            body,
+        });
+        send.send_response(
+            Response::builder()
+                .status(status)
+                .body(Body::from(serde_json::to_vec(&reply).expect("reply")))
+                .expect("response"),
+        );
+    }
+    if let Some((request, _)) = handle.next_request().await {
+        panic!(
+            "unexpected extra request: {} {}",
+            request.method(),
+            request.uri()
+        );
+    }
+    seen
+}
