@@ -6,11 +6,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use soma_operator::config::{OperatorConfig, SidecarConfig};
+use soma_operator::config::{OperatorConfig, SidecarConfig, read_price_table};
 use soma_operator::policy::{DEFAULT_SELECTOR, PolicyOptions};
 use soma_operator::runtime::{RunOptions, run};
 use soma_operator::webhook::WebhookOptions;
+use soma_signatures::TrustConfig;
 
 #[derive(Parser)]
 #[command(
@@ -46,19 +48,83 @@ struct SidecarArgs {
     /// Port of the sidecar's /healthz and /metrics.
     #[arg(long, env = "SOMA_SIDECAR_ADMIN_PORT", default_value_t = 9090)]
     sidecar_admin_port: u16,
+    /// Price table handed to every sidecar (YAML or JSON: model → inputPerMTok,
+    /// outputPerMTok, cachedInputPerMTok, cacheWritePerMTok, in micro-units per million tokens).
+    #[arg(long, env = "SOMA_PRICES_FILE")]
+    prices_file: Option<PathBuf>,
+    /// Secret in each Agent's namespace whose `database-url` key is the ledger's PostgreSQL
+    /// URL; set, sidecars deliver usage there and replicas share Budgets through leases.
+    #[arg(long, env = "SOMA_LEDGER_SECRET")]
+    ledger_secret: Option<String>,
+    /// NATS URL the sidecars publish settled usage to (JetStream).
+    #[arg(long, env = "SOMA_NATS_URL")]
+    nats_url: Option<String>,
 }
 
 impl SidecarArgs {
-    fn config(&self, namespaces: Vec<String>) -> OperatorConfig {
-        OperatorConfig {
+    fn config(&self, namespaces: Vec<String>) -> anyhow::Result<OperatorConfig> {
+        let prices = match &self.prices_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the price table {}", path.display()))?;
+                Some(
+                    read_price_table(&text)
+                        .with_context(|| format!("parsing the price table {}", path.display()))?,
+                )
+            }
+            None => None,
+        };
+        let nonempty = |v: &Option<String>| v.as_ref().filter(|s| !s.trim().is_empty()).cloned();
+        Ok(OperatorConfig {
             sidecar: SidecarConfig {
                 image: self.sidecar_image.clone(),
                 port: self.sidecar_port,
                 admin_port: self.sidecar_admin_port,
+                prices,
+                ledger_secret: nonempty(&self.ledger_secret),
+                nats_url: nonempty(&self.nats_url),
             },
             namespaces,
             ..OperatorConfig::default()
+        })
+    }
+}
+
+#[derive(Args)]
+struct SignatureArgs {
+    /// Registries (`host:port`) reached over plain HTTP when verifying Capsule signatures,
+    /// comma-separated (a registry inside the cluster without TLS).
+    #[arg(long, env = "SOMA_INSECURE_REGISTRIES", value_delimiter = ',')]
+    insecure_registries: Vec<String>,
+    /// PEM files of CA certificates that keyless signing certificates must chain to
+    /// (standing in for Fulcio offline), comma-separated.
+    #[arg(long, env = "SOMA_KEYLESS_ROOTS", value_delimiter = ',')]
+    keyless_roots: Vec<PathBuf>,
+}
+
+impl SignatureArgs {
+    fn trust(&self) -> anyhow::Result<TrustConfig> {
+        let mut roots = Vec::new();
+        for path in self
+            .keyless_roots
+            .iter()
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            roots.push(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the keyless root {}", path.display()))?,
+            );
         }
+        Ok(TrustConfig {
+            insecure_registries: self
+                .insecure_registries
+                .iter()
+                .map(|r| r.trim().to_owned())
+                .filter(|r| !r.is_empty())
+                .collect(),
+            keyless_roots: roots,
+            ..TrustConfig::default()
+        })
     }
 }
 
@@ -93,6 +159,8 @@ struct RunArgs {
     policy: PolicyArgs,
     #[command(flatten)]
     webhook: WebhookArgs,
+    #[command(flatten)]
+    signatures: SignatureArgs,
 }
 
 #[derive(Args)]
@@ -202,7 +270,14 @@ fn render(args: &RenderArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match soma_operator::render::render(&manifest, &args.sidecar.config(Vec::new())) {
+    let config = match args.sidecar.config(Vec::new()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("soma-operator render: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match soma_operator::render::render(&manifest, &config) {
         Ok(yaml) => {
             print!("{yaml}");
             ExitCode::SUCCESS
@@ -258,7 +333,7 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
     let identity = std::env::var("POD_NAME")
         .unwrap_or_else(|_| format!("soma-operator-{}", std::process::id()));
     let options = RunOptions {
-        config: args.sidecar.config(namespaces),
+        config: args.sidecar.config(namespaces)?,
         metrics_addr: args.metrics_addr,
         leader_election: !args.no_leader_election,
         lease_name: args.lease_name,
@@ -267,6 +342,7 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         lease_seconds: args.lease_seconds.max(2),
         policy,
         webhook,
+        trust: args.signatures.trust()?,
     };
     run(client, options, shutdown).await
 }

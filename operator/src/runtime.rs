@@ -25,6 +25,7 @@ use soma_policy::PolicyStore;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::capsule::cosign::Cosign;
 use crate::config::OperatorConfig;
 use crate::context::Context;
 use crate::http::{Health, HttpState, Phase, router};
@@ -55,6 +56,8 @@ pub struct RunOptions {
     pub policy: PolicyOptions,
     /// The admission webhook and the address it binds, unless disabled.
     pub webhook: Option<(WebhookOptions, IpAddr)>,
+    /// How Capsule signatures are verified (registries reached over HTTP, keyless roots).
+    pub trust: soma_signatures::TrustConfig,
 }
 
 /// How long a replica waits for the first load of the policy ConfigMaps and the inventory
@@ -73,6 +76,9 @@ pub async fn run(
     options: RunOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    // A trusted root that cannot be read stops start-up here, before anything is served.
+    let cosign = Cosign::new(options.trust.clone())
+        .map_err(|e| anyhow::anyhow!("Capsule signature verification: {e}"))?;
     let store = Arc::new(PolicyStore::new());
     let admission = soma_admission::State::new(
         store.clone(),
@@ -148,11 +154,13 @@ pub async fn run(
     info!(namespaces = ?options.config.namespaces, "leading: starting controllers");
 
     let ctx = Arc::new(
-        Context::new(client, options.config.clone(), metrics).with_policy(Checker {
-            store,
-            deadline: options.policy.deadline,
-            fail_open: options.policy.fail_open,
-        }),
+        Context::new(client, options.config.clone(), metrics)
+            .with_policy(Checker {
+                store,
+                deadline: options.policy.deadline,
+                fail_open: options.policy.fail_open,
+            })
+            .with_verifier(Arc::new(cosign)),
     );
     let (stop_controllers, controllers_stopped) = watch::channel(false);
     let scopes: Vec<Option<String>> = if options.config.namespaces.is_empty() {

@@ -12,13 +12,15 @@
 //! ```
 //!
 //! - [`content`]: pure: the digest a Capsule's content has;
-//! - [`verify`]: the verifier trait, the stand-in used until Cosign verification lands, and
-//!   the result cache;
+//! - [`verify`]: the verifier trait, the result cache, and the verifier of a binary that
+//!   cannot verify (never a pass);
+//! - [`cosign`]: the verifier the operator runs (Cosign, through `soma-signatures`);
 //! - [`status`]: pure: the status from what the reconcile found;
 //! - [`reconcile`], [`controller`]: the reconcile and its watches.
 
 pub mod content;
 pub mod controller;
+pub mod cosign;
 pub mod reconcile;
 pub mod status;
 pub mod verify;

@@ -20,7 +20,7 @@ use tracing::{Span, field, info, instrument, warn};
 
 use super::content::{check_declared, inline_digest};
 use super::status::{CapsuleObserved, capsule_status};
-use super::verify::{Rejection, Request, Verified, verify_cached};
+use super::verify::{BlobContent, Rejection, Request, Verified, verify_cached};
 use crate::context::Context;
 use crate::error::{Error, Result};
 
@@ -77,23 +77,39 @@ async fn config_map_key(
     }))
 }
 
-/// The digest of the Capsule's content, checked where the operator can read the bytes.
-async fn content_digest(
+/// A Capsule's content as the verifier needs it.
+struct Content {
+    /// `sha256:<hex>`.
+    digest: String,
+    /// For a ConfigMap source: the bytes and the detached signature stored beside them.
+    blob: Option<(Vec<u8>, String)>,
+}
+
+/// The key holding the detached signature of ConfigMap content stored under `key`.
+pub fn signature_key(key: &str) -> String {
+    format!("{key}.sig")
+}
+
+/// The Capsule's content: its digest, checked where the operator can read the bytes, and
+/// for a ConfigMap source the bytes and their signature.
+async fn content(
     client: &Client,
     capsule: &Capsule,
     namespace: &str,
-) -> Result<Result<String, Rejection>> {
+) -> Result<Result<Content, Rejection>> {
     let source = &capsule.spec.source;
     if let Some(oci) = &source.oci {
-        return Ok(Ok(oci.digest.clone()));
+        return Ok(Ok(Content {
+            digest: oci.digest.clone(),
+            blob: None,
+        }));
     }
     if let Some(inline) = &source.inline {
-        return inline_digest(&inline.blocks)
-            .map(Ok)
-            .map_err(|source| Error::Serialize {
-                what: "inline Capsule blocks",
-                source,
-            });
+        let digest = inline_digest(&inline.blocks).map_err(|source| Error::Serialize {
+            what: "inline Capsule blocks",
+            source,
+        })?;
+        return Ok(Ok(Content { digest, blob: None }));
     }
     if let Some(cm) = &source.config_map_ref {
         let bytes = match config_map_key(
@@ -109,9 +125,28 @@ async fn content_digest(
             Ok(b) => b,
             Err(r) => return Ok(Err(r)),
         };
-        return Ok(
-            check_declared(&cm.digest, &bytes).map_err(|m| rejection("DigestMismatch", m, false))
-        );
+        let digest = match check_declared(&cm.digest, &bytes) {
+            Ok(d) => d,
+            Err(m) => return Ok(Err(rejection("DigestMismatch", m, false))),
+        };
+        let sig_key = signature_key(&cm.key);
+        let signature = match config_map_key(
+            client,
+            namespace,
+            &cm.name,
+            &sig_key,
+            "the content's signature (cosign sign-blob output)",
+            "SignatureNotFound",
+        )
+        .await?
+        {
+            Ok(b) => String::from_utf8_lossy(&b).trim().to_owned(),
+            Err(r) => return Ok(Err(r)),
+        };
+        return Ok(Ok(Content {
+            digest,
+            blob: Some((bytes, signature)),
+        }));
     }
     Ok(Err(rejection(
         "InvalidSource",
@@ -161,8 +196,8 @@ async fn verify(
     ctx: &Context,
     namespace: &str,
 ) -> Result<Result<Verified, Rejection>> {
-    let digest = match content_digest(&ctx.client, capsule, namespace).await? {
-        Ok(d) => d,
+    let content = match content(&ctx.client, capsule, namespace).await? {
+        Ok(c) => c,
         Err(r) => return Ok(Err(r)),
     };
     let key = match &capsule.spec.signature.public_key_ref {
@@ -195,8 +230,12 @@ async fn verify(
     };
     let request = Request {
         capsule,
-        digest: &digest,
+        digest: &content.digest,
         key_pem: key.as_deref(),
+        blob: content
+            .blob
+            .as_ref()
+            .map(|(bytes, signature)| BlobContent { bytes, signature }),
     };
     Ok(verify_cached(ctx.verifier.as_ref(), &ctx.verified, request).await)
 }

@@ -33,8 +33,9 @@ pub struct Rejection {
     pub transient: bool,
 }
 
-/// What is verified: the Capsule, the digest its content has, and the PEM public key its
-/// `signature.publicKeyRef` names (when it names one).
+/// What is verified: the Capsule, the digest its content has, the PEM public key its
+/// `signature.publicKeyRef` names (when it names one), and for content the operator reads
+/// itself (a ConfigMap), the bytes and their detached signature.
 #[derive(Clone, Copy, Debug)]
 pub struct Request<'a> {
     /// The Capsule.
@@ -43,6 +44,17 @@ pub struct Request<'a> {
     pub digest: &'a str,
     /// The public key, PEM.
     pub key_pem: Option<&'a str>,
+    /// Content held outside a registry, with its signature.
+    pub blob: Option<BlobContent<'a>>,
+}
+
+/// A Capsule's content read from a ConfigMap, and the signature stored beside it.
+#[derive(Clone, Copy, Debug)]
+pub struct BlobContent<'a> {
+    /// The content's bytes (already checked against the declared digest).
+    pub bytes: &'a [u8],
+    /// `cosign sign-blob`'s output: a base64 signature or a bundle (JSON).
+    pub signature: &'a str,
 }
 
 /// Verifies a Capsule's signature.
@@ -78,6 +90,8 @@ pub struct CacheKey {
     pub signer: String,
     /// The Capsule's `policyHash`.
     pub policy_hash: String,
+    /// SHA-256 of a detached blob signature (a corrected signature is checked afresh).
+    pub signature: String,
 }
 
 impl CacheKey {
@@ -97,6 +111,10 @@ impl CacheKey {
                 keyless.unwrap_or_default()
             ),
             policy_hash: request.capsule.spec.policy_hash.clone(),
+            signature: request
+                .blob
+                .map(|b| sha256(b.signature.as_bytes()))
+                .unwrap_or_default(),
         }
     }
 }
@@ -190,6 +208,7 @@ mod tests {
             capsule: &c,
             digest,
             key_pem: Some(key),
+            blob: None,
         };
         for _ in 0..3 {
             verify_cached(&v, &cache, req("sha256:aa", "KEY1"))
@@ -228,6 +247,7 @@ mod tests {
                 capsule: &c,
                 digest: "sha256:aa",
                 key_pem: None,
+                blob: None,
             })
             .await
             .expect_err("never verified");
