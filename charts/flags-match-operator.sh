@@ -7,7 +7,8 @@ bin=$1
 cd "$(dirname "${BASH_SOURCE[0]}")"
 help=$("$bin" run --help)
 failed=0
-for values in "" "--set watchNamespaces={a,b} --set leaderElection.enabled=false --set replicas=1"; do
+for values in "" "--set watchNamespaces={a,b} --set leaderElection.enabled=false --set replicas=1" \
+    "-f tests/values/everything.yaml"; do
     # shellcheck disable=SC2086
     flags=$(helm template soma soma -n soma-system $values | grep -oE -- '^\s+- --[a-z-]+' | sed 's/.*- //' | sort -u)
     [[ -n $flags ]] || { echo "no flags rendered (${values:-defaults})"; exit 1; }
@@ -18,5 +19,16 @@ for values in "" "--set watchNamespaces={a,b} --set leaderElection.enabled=false
         fi
     done
 done
-[[ $failed -eq 0 ]] && echo "every chart flag is an operator flag"
+
+# The price table the chart renders is one the operator reads: render an Agent with it.
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+helm template soma soma -n soma-system -f tests/values/everything.yaml --show-only templates/settings.yaml |
+    "${SOMA_CACHE:-$HOME/.cache/soma}/venv/bin/python" -c \
+        'import sys, yaml; print(yaml.safe_load(sys.stdin)["data"]["prices.yaml"])' >"$tmp/prices.yaml"
+if ! "$bin" render -f ../examples/agent.yaml --prices-file "$tmp/prices.yaml" | grep -q '"outputPerMTok": 10000000'; then
+    echo "the chart's prices.yaml was not handed to the sidecar by soma-operator render"
+    failed=1
+fi
+[[ $failed -eq 0 ]] && echo "every chart flag is an operator flag; the chart's price table reaches the sidecar"
 exit $failed

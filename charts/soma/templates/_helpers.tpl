@@ -99,3 +99,8 @@ two modes cannot drift apart. docs/rbac.md explains each rule.
 {{- define "soma.webhookConfiguration" -}}
 {{- printf "%s.%s" (include "soma.operatorName" .) .Release.Namespace | trunc 253 | trimSuffix "-" -}}
 {{- end -}}
+
+{{/* Non-empty when the operator needs its settings ConfigMap. */}}
+{{- define "soma.hasSettings" -}}
+{{- if or .Values.sidecar.prices .Values.signatures.keylessRootsPem -}}true{{- end -}}
+{{- end }}
