@@ -270,8 +270,8 @@ def test_policies_see_the_inventory(env: Env) -> None:
 
 
 def test_unverifiable_capsule_keeps_its_agent_from_starting(env: Env) -> None:
-    """Until Cosign verification is built in, a Capsule is honestly not Ready and an Agent
-    that uses it is not started."""
+    """A Capsule whose public key is not a usable PEM key is not Ready, with the reason, and an
+    Agent that uses it is not started (test_capsule_signatures.py verifies real signatures)."""
     k = env.standin.kube
     k.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "signers", "namespace": TEAM},
              "data": {"cosign.pub": "-----BEGIN PUBLIC KEY-----\nMFkw\n-----END PUBLIC KEY-----\n"}},
@@ -289,7 +289,7 @@ def test_unverifiable_capsule_keeps_its_agent_from_starting(env: Env) -> None:
         return next((x for x in (c.get("status") or {}).get("conditions") or [] if x["type"] == "Ready"), None)
 
     ready = wait_for("the Capsule's Ready condition", capsule_ready)
-    assert (ready["status"], ready["reason"]) == ("False", "VerificationUnavailable")
+    assert (ready["status"], ready["reason"]) == ("False", "InvalidPublicKey"), ready
     assert "verifiedDigest" not in (k.get(AGENTS, "capsules", TEAM, "kb").get("status") or {})
     blocked = wait_for("Agent with-kb blocked", lambda: (c := env.condition("with-kb", "Ready")) and c)
     assert (blocked["status"], blocked["reason"]) == ("False", "CapsuleNotReady"), blocked
