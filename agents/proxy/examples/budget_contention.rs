@@ -5,7 +5,7 @@
 //! Phases, each sidecar with its own fresh outbox, all in front of one fake provider:
 //!
 //! 1. **peer** (no Budget) and **large cap** (a cost Budget far above the run's spend),
-//!    alternated in `--rounds` slices so both see the same machine: throughput and per-request
+//!    alternated in `--rounds` slices (ABBA) so both see the same machine: throughput and per-request
 //!    latency; the added latency is the budgeted percentile minus the peer's.
 //! 2. **exhausted** (a cost cap set to `--cap-fraction` of what the peer spent, so it runs out
 //!    partway): every call is either admitted (the reservation was taken) or refused with 429;
@@ -282,9 +282,15 @@ async fn main() {
     );
     let slice = a.seconds / f64::from(a.rounds);
     let (mut p, mut l) = (Seen::default(), Seen::default());
-    for _ in 0..a.rounds {
-        p.merge(closed_loop(&client, &peer_t, a.clients, slice).await);
-        l.merge(closed_loop(&client, &large_t, a.clients, slice).await);
+    // ABBA order, so neither side always runs first (or just after the other) in a round.
+    for round in 0..a.rounds {
+        if round % 2 == 0 {
+            p.merge(closed_loop(&client, &peer_t, a.clients, slice).await);
+            l.merge(closed_loop(&client, &large_t, a.clients, slice).await);
+        } else {
+            l.merge(closed_loop(&client, &large_t, a.clients, slice).await);
+            p.merge(closed_loop(&client, &peer_t, a.clients, slice).await);
+        }
     }
     for s in [&mut p, &mut l] {
         s.admitted.sort_unstable();

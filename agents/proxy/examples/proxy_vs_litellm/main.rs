@@ -8,6 +8,7 @@
 //!    offered rate, under 1 % of calls fail or time out, and p99 latency from the scheduled
 //!    time stays under a bound (500 ms by default). The ladder stops at the first rate not
 //!    sustained.
+//!    The same ladder straight to the provider shows the harness's own ceiling.
 //! 2. **Added latency** at the highest rate LiteLLM sustains: for each proxy in turn, one
 //!    open-loop schedule whose even slots go straight to the provider and odd slots through
 //!    the proxy (each at that rate), as `bench/proxy-overhead` does; added = proxied
@@ -88,6 +89,8 @@ struct Step {
     error_rate: f64,
     p99_us: u64,
     sustained: bool,
+    /// The first failure, if any (a status and body, or a transport error).
+    first_error: Option<String>,
 }
 
 async fn step(client: &Http, target: &Target, rate: u64, a: &Args) -> Step {
@@ -113,6 +116,10 @@ async fn step(client: &Http, target: &Target, rate: u64, a: &Args) -> Step {
     let p99_us = pct(&ok_latencies(&samples, 0), 0.99);
     let sustained =
         achieved >= 0.95 * rate as f64 && error_rate < 0.01 && p99_us <= a.p99_bound_ms * 1000;
+    let first_error = samples.iter().find(|s| !s.ok()).map(|s| match &s.outcome {
+        Ok(r) => format!("HTTP {}", r.status),
+        Err(e) => e.chars().take(120).collect(),
+    });
     // Let any queue drain before the next step.
     tokio::time::sleep(Duration::from_secs(1)).await;
     Step {
@@ -121,6 +128,7 @@ async fn step(client: &Http, target: &Target, rate: u64, a: &Args) -> Step {
         error_rate,
         p99_us,
         sustained,
+        first_error,
     }
 }
 
@@ -139,6 +147,9 @@ async fn max_rate(client: &Http, name: &str, target: &Target, a: &Args) -> u64 {
                 "NOT sustained"
             }
         );
+        if let Some(e) = &s.first_error {
+            println!("           first error: {e}");
+        }
     };
     let mut best = 0;
     let mut rate = 25;
@@ -252,7 +263,12 @@ async fn main() {
     );
     let soma_max = max_rate(&client, "soma", &soma_t, &a).await;
     let lite_max = max_rate(&client, "litellm", &lite_t, &a).await;
-    println!("  soma max {soma_max}/s, litellm max {lite_max}/s");
+    // The same ladder straight to the provider: the ceiling of this harness on this machine
+    // (generator and provider share the cores with the proxy).
+    let direct_max = max_rate(&client, "direct", &direct, &a).await;
+    println!(
+        "  soma max {soma_max}/s, litellm max {lite_max}/s (direct, no proxy: {direct_max}/s)"
+    );
 
     let rate = lite_max.max(25);
     println!(
@@ -288,7 +304,7 @@ async fn main() {
     );
     println!("load average at end: {}", procs::load_average());
     println!(
-        "RESULT proxy-vs-litellm soma_added_p50_us={} soma_added_p99_us={} litellm_added_p50_us={} litellm_added_p99_us={} p99_ratio={ratio:.1} soma_max_rps={soma_max} litellm_max_rps={lite_max} max_rps_ratio={rps_ratio:.1} rate_rps={rate} errors={} aim_p99_ratio=20",
+        "RESULT proxy-vs-litellm soma_added_p50_us={} soma_added_p99_us={} litellm_added_p50_us={} litellm_added_p99_us={} p99_ratio={ratio:.1} soma_max_rps={soma_max} litellm_max_rps={lite_max} max_rps_ratio={rps_ratio:.1} rate_rps={rate} direct_max_rps={direct_max} errors={} aim_p99_ratio=20",
         s.p50(),
         s.p99(),
         l.p50(),
