@@ -82,13 +82,20 @@ impl Sidecar {
     pub fn start(config: &Value, dir: &Path) -> Sidecar {
         let path = dir.join("config.json");
         std::fs::write(&path, config.to_string()).expect("write config");
+        // `SOMA_BENCH_SIDECAR_THREADS` sets the sidecar's tokio worker threads (and only the
+        // sidecar's), for experiments; unset, tokio's default (one per core).
+        let threads = std::env::var("SOMA_BENCH_SIDECAR_THREADS").ok();
+        let mut env = vec![
+            ("SOMA_POD_UID", TOKEN),
+            ("RUST_LOG", "warn,soma_proxy=info"),
+        ];
+        if let Some(t) = &threads {
+            env.push(("TOKIO_WORKER_THREADS", t));
+        }
         let (proc, line) = start(
             &bin_dir().join("soma-proxy"),
             &["--config", path.to_str().expect("utf-8 path")],
-            &[
-                ("SOMA_POD_UID", TOKEN),
-                ("RUST_LOG", "warn,soma_proxy=info"),
-            ],
+            &env,
             "soma-proxy serving",
         );
         let v: Value = serde_json::from_str(&line).expect("json log line");
