@@ -101,12 +101,8 @@ impl LiteLlm {
             .stdout(Stdio::from(out.try_clone().expect("log handle")))
             .stderr(Stdio::from(out))
             .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "{}: {e} (run scripts/test-deps/litellm.sh)",
-                    litellm.display()
-                )
-            });
+            // A panic, not an exit, so the processes already started are stopped on unwind.
+            .unwrap_or_else(|e| panic!("{}: {e}", litellm.display()));
         let mut proc = Killed(child);
         let url = format!("http://127.0.0.1:{port}/health/liveliness");
         let deadline = Instant::now() + Duration::from_secs(180);

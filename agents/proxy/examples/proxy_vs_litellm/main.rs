@@ -236,6 +236,14 @@ async fn warm_up(client: &Http, target: &Target) {
 #[tokio::main]
 async fn main() {
     let a = args();
+    // Checked before any process starts (exiting later would leave them running).
+    if !a.litellm.is_file() {
+        eprintln!(
+            "proxy_vs_litellm: no LiteLLM at {} (install it with scripts/test-deps/litellm.sh)",
+            a.litellm.display()
+        );
+        std::process::exit(1);
+    }
     println!("load average at start: {}", procs::load_average());
     let dir = tempfile::tempdir().expect("tempdir");
     let client = load::client();
