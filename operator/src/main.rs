@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use soma_operator::config::{OperatorConfig, SidecarConfig, read_price_table};
+use soma_operator::config::{ImageSignatures, OperatorConfig, SidecarConfig, read_price_table};
 use soma_operator::policy::{DEFAULT_SELECTOR, PolicyOptions};
 use soma_operator::runtime::{RunOptions, run};
 use soma_operator::webhook::WebhookOptions;
@@ -100,9 +100,51 @@ struct SignatureArgs {
     /// (standing in for Fulcio offline), comma-separated.
     #[arg(long, env = "SOMA_KEYLESS_ROOTS", value_delimiter = ',')]
     keyless_roots: Vec<PathBuf>,
+    /// Run Agents only from images with a Cosign signature by an accepted key
+    /// (`--image-signature-keys`) or identity (`--image-keyless-identity`); the agent
+    /// container is pinned to the verified digest.
+    #[arg(long, env = "SOMA_REQUIRE_SIGNED_IMAGES")]
+    require_signed_images: bool,
+    /// PEM files of the public keys accepted for agent images, comma-separated (in the chart:
+    /// a ConfigMap mounted as files).
+    #[arg(long, env = "SOMA_IMAGE_SIGNATURE_KEYS", value_delimiter = ',')]
+    image_signature_keys: Vec<PathBuf>,
+    /// A keyless identity accepted for agent images, `issuer=<OIDC issuer>,subject=<identity>`
+    /// (repeat the flag for more; needs `--keyless-roots`).
+    #[arg(long)]
+    image_keyless_identity: Vec<String>,
+    /// Seconds a verified image tag is trusted before it is resolved again.
+    #[arg(long, env = "SOMA_IMAGE_RECHECK_SECONDS", default_value_t = 600)]
+    image_recheck_seconds: u64,
 }
 
 impl SignatureArgs {
+    fn images(&self) -> anyhow::Result<ImageSignatures> {
+        let mut keys = Vec::new();
+        for path in self
+            .image_signature_keys
+            .iter()
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            keys.push(
+                std::fs::read_to_string(path).with_context(|| {
+                    format!("reading the image signature key {}", path.display())
+                })?,
+            );
+        }
+        let keyless = self
+            .image_keyless_identity
+            .iter()
+            .map(|text| parse_identity(text))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(ImageSignatures {
+            required: self.require_signed_images,
+            keys,
+            keyless,
+            recheck: std::time::Duration::from_secs(self.image_recheck_seconds),
+        })
+    }
+
     fn trust(&self) -> anyhow::Result<TrustConfig> {
         let mut roots = Vec::new();
         for path in self
@@ -333,7 +375,10 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
     let identity = std::env::var("POD_NAME")
         .unwrap_or_else(|_| format!("soma-operator-{}", std::process::id()));
     let options = RunOptions {
-        config: args.sidecar.config(namespaces)?,
+        config: OperatorConfig {
+            images: args.signatures.images()?,
+            ..args.sidecar.config(namespaces)?
+        },
         metrics_addr: args.metrics_addr,
         leader_election: !args.no_leader_election,
         lease_name: args.lease_name,
@@ -345,6 +390,26 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         trust: args.signatures.trust()?,
     };
     run(client, options, shutdown).await
+}
+
+/// `issuer=<issuer>,subject=<subject>` (either order) as (issuer, subject).
+fn parse_identity(text: &str) -> anyhow::Result<(String, String)> {
+    let (mut issuer, mut subject) = (None, None);
+    for part in text.split(',') {
+        match part.trim().split_once('=') {
+            Some(("issuer", v)) if !v.is_empty() => issuer = Some(v.to_owned()),
+            Some(("subject", v)) if !v.is_empty() => subject = Some(v.to_owned()),
+            _ => anyhow::bail!(
+                "--image-keyless-identity {text:?}: expected issuer=<OIDC issuer>,subject=<identity>"
+            ),
+        }
+    }
+    match (issuer, subject) {
+        (Some(i), Some(s)) => Ok((i, s)),
+        _ => anyhow::bail!(
+            "--image-keyless-identity {text:?}: expected issuer=<OIDC issuer>,subject=<identity>"
+        ),
+    }
 }
 
 /// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C. The handlers are installed
