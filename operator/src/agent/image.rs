@@ -166,12 +166,28 @@ impl ImageCache {
             .map(|(v, _)| v.clone())
     }
 
-    /// Remembers that `image` verified now.
-    pub fn put(&self, image: &str, verified: VerifiedImage) {
+    /// Remembers that `image` verified now, forgetting entries older than `max_age` (so
+    /// images no Agent uses any more do not pile up).
+    pub fn put(&self, image: &str, verified: VerifiedImage, max_age: std::time::Duration) {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.retain(|_, (_, at)| at.elapsed() < max_age);
+        map.insert(image.to_owned(), (verified, Instant::now()));
+    }
+
+    /// How many images are remembered.
+    pub fn len(&self) -> usize {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(image.to_owned(), (verified, Instant::now()));
+            .len()
+    }
+
+    /// Whether no image is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -186,7 +202,7 @@ pub async fn verify_cached(
         return Ok(hit);
     }
     let verified = verifier.verify(image).await?;
-    cache.put(image, verified.clone());
+    cache.put(image, verified.clone(), recheck);
     Ok(verified)
 }
 
