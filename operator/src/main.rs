@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use soma_operator::agent::image::accepted_keys;
 use soma_operator::config::{ImageSignatures, OperatorConfig, SidecarConfig, read_price_table};
 use soma_operator::policy::{DEFAULT_SELECTOR, PolicyOptions};
 use soma_operator::runtime::{RunOptions, run};
@@ -334,6 +335,12 @@ fn render(args: &RenderArgs) -> ExitCode {
 async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
     let shutdown = shutdown_signal();
     let _telemetry = soma_operator::telemetry::init("soma-operator")?;
+    // Flags are checked before connecting, so a mistake is reported as itself.
+    let images = args.signatures.images()?;
+    let trust = args.signatures.trust()?;
+    if images.required {
+        accepted_keys(&trust, &images).map_err(anyhow::Error::msg)?;
+    }
     let client = kube::Client::try_default().await?;
     let namespaces: Vec<String> = args
         .namespaces
@@ -376,7 +383,7 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|_| format!("soma-operator-{}", std::process::id()));
     let options = RunOptions {
         config: OperatorConfig {
-            images: args.signatures.images()?,
+            images,
             ..args.sidecar.config(namespaces)?
         },
         metrics_addr: args.metrics_addr,
@@ -387,7 +394,7 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         lease_seconds: args.lease_seconds.max(2),
         policy,
         webhook,
-        trust: args.signatures.trust()?,
+        trust,
     };
     run(client, options, shutdown).await
 }
@@ -456,5 +463,36 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
             let _ = tokio::signal::ctrl_c().await;
         }
         tracing::info!("shutdown signal received");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_identity;
+
+    #[test]
+    fn keyless_identities_need_an_issuer_and_a_subject() {
+        assert_eq!(
+            parse_identity("issuer=https://token.actions.githubusercontent.com,subject=me@x.dev")
+                .expect("valid"),
+            (
+                "https://token.actions.githubusercontent.com".to_owned(),
+                "me@x.dev".to_owned()
+            )
+        );
+        assert_eq!(
+            parse_identity("subject=s, issuer=i").expect("either order"),
+            ("i".to_owned(), "s".to_owned())
+        );
+        for bad in [
+            "issuer=i",
+            "subject=s",
+            "issuer=,subject=s",
+            "owner=o,subject=s",
+            "",
+        ] {
+            let err = parse_identity(bad).expect_err(bad).to_string();
+            assert!(err.contains("expected issuer="), "{bad}: {err}");
+        }
     }
 }

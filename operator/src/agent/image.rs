@@ -79,6 +79,32 @@ impl ImageVerifier for Unconfigured {
     }
 }
 
+/// The accepted public keys of `images`, after checking that the configuration can verify
+/// anything: at least one key or identity, every key a public key, and keyless roots for
+/// keyless identities. `main` calls it before connecting, so a bad flag stops start-up first.
+pub fn accepted_keys(
+    trust: &TrustConfig,
+    images: &ImageSignatures,
+) -> Result<Vec<PublicKey>, String> {
+    if images.keys.is_empty() && images.keyless.is_empty() {
+        return Err(
+            "--require-signed-images needs --image-signature-keys or --image-keyless-identity"
+                .to_owned(),
+        );
+    }
+    if !images.keyless.is_empty() && trust.keyless_roots.is_empty() {
+        return Err(
+            "--image-keyless-identity needs --keyless-roots (the CA certificates that keyless signing certificates chain to)"
+                .to_owned(),
+        );
+    }
+    images
+        .keys
+        .iter()
+        .map(|pem| PublicKey::from_pem(pem).map_err(|e| format!("image signature key: {e}")))
+        .collect()
+}
+
 /// Cosign verification of agent images through `soma-signatures`.
 pub struct CosignImages {
     verifier: Verifier,
@@ -90,23 +116,7 @@ impl CosignImages {
     /// identities of `images`. Fails (for start-up to report) on an unreadable key, a
     /// keyless identity without a keyless root, or no accepted signer at all.
     pub fn new(trust: TrustConfig, images: &ImageSignatures) -> Result<Self, String> {
-        if images.keys.is_empty() && images.keyless.is_empty() {
-            return Err(
-                "--require-signed-images needs --image-signature-key or --image-keyless-identity"
-                    .to_owned(),
-            );
-        }
-        if !images.keyless.is_empty() && trust.keyless_roots.is_empty() {
-            return Err(
-                "--image-keyless-identity needs --keyless-roots (the CA certificates that keyless signing certificates chain to)"
-                    .to_owned(),
-            );
-        }
-        let keys = images
-            .keys
-            .iter()
-            .map(|pem| PublicKey::from_pem(pem).map_err(|e| format!("image signature key: {e}")))
-            .collect::<Result<Vec<_>, _>>()?;
+        let keys = accepted_keys(&trust, images)?;
         let keyless = images
             .keyless
             .iter()
@@ -365,7 +375,7 @@ mod tests {
         let err = CosignImages::new(TrustConfig::default(), &none)
             .err()
             .expect("refused");
-        assert!(err.contains("--image-signature-key"), "{err}");
+        assert!(err.contains("--image-signature-keys"), "{err}");
         let bad = ImageSignatures {
             keys: vec!["not a key".into()],
             ..none.clone()
