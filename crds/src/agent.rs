@@ -292,4 +292,24 @@ pub struct AgentStatus {
     /// Share of the Budget spent, for `kubectl get agents` (filled by the Budget controller).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget_used: Option<String>,
+    /// The verified signature of `spec.image`, when the operator requires signed images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<AgentImageStatus>,
+}
+
+/// The verification of an Agent's image: what `spec.image` resolved to and who signed it.
+/// The agent container runs `repository@digest`, so a tag moved later cannot swap in other
+/// content.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentImageStatus {
+    /// `spec.image` as verified (a tag or a digest reference).
+    pub reference: String,
+    /// The digest it resolved to and whose signature verified, `sha256:<hex>`.
+    pub digest: String,
+    /// Who signed: `key:sha256:<hex>` (public key fingerprint) or
+    /// `keyless:subject=<subject>,issuer=<issuer>`.
+    pub signer: String,
+    /// When the signature of this digest was first verified (RFC 3339).
+    pub verified_at: String,
 }

@@ -61,6 +61,35 @@ pub struct OperatorConfig {
     pub sidecar_resources: ResourceRequirements,
     /// Namespaces to watch; empty means all.
     pub namespaces: Vec<String>,
+    /// Whether, and how, agent images must be signed.
+    pub images: ImageSignatures,
+}
+
+/// The operator's policy for agent images: off by default; when `required`, every Agent's
+/// `spec.image` must carry a Cosign signature by one of `keys` or `keyless` identities.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageSignatures {
+    /// Whether Agents may only run signed images.
+    pub required: bool,
+    /// Accepted public keys, PEM.
+    pub keys: Vec<String>,
+    /// Accepted keyless identities: (OIDC issuer, certificate subject).
+    pub keyless: Vec<(String, String)>,
+    /// How long a verified tag is trusted to still point at the digest that was verified;
+    /// after that the tag is resolved again (the signature check itself stays cached by
+    /// digest).
+    pub recheck: std::time::Duration,
+}
+
+impl Default for ImageSignatures {
+    fn default() -> Self {
+        Self {
+            required: false,
+            keys: Vec::new(),
+            keyless: Vec::new(),
+            recheck: std::time::Duration::from_secs(600),
+        }
+    }
 }
 
 impl Default for OperatorConfig {
@@ -70,6 +99,7 @@ impl Default for OperatorConfig {
             default_agent_resources: resources("100m", "128Mi", "1", "512Mi"),
             sidecar_resources: resources("50m", "64Mi", "500m", "256Mi"),
             namespaces: Vec::new(),
+            images: ImageSignatures::default(),
         }
     }
 }

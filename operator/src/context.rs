@@ -8,6 +8,7 @@ use std::time::Duration;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 
+use crate::agent::image::{ImageCache, ImageVerifier, Unconfigured};
 use crate::capsule::verify::{Cache, CapsuleVerifier, Unavailable};
 use crate::config::OperatorConfig;
 use crate::metrics::Metrics;
@@ -29,6 +30,11 @@ pub struct Context {
     pub verifier: std::sync::Arc<dyn CapsuleVerifier>,
     /// Verification results by (digest, signer, policy hash).
     pub verified: Cache,
+    /// Verifies agent images when signed images are required
+    /// ([`Unconfigured`] unless [`Context::with_image_verifier`]).
+    pub images: std::sync::Arc<dyn ImageVerifier>,
+    /// Verified agent images by reference.
+    pub verified_images: ImageCache,
     /// Consecutive failures per object (`namespace/name`), for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -48,6 +54,8 @@ impl Context {
             policy: Checker::default(),
             verifier: std::sync::Arc::new(Unavailable),
             verified: Cache::default(),
+            images: std::sync::Arc::new(Unconfigured),
+            verified_images: ImageCache::default(),
             failures: Mutex::default(),
         }
     }
@@ -63,6 +71,13 @@ impl Context {
     #[must_use]
     pub fn with_verifier(mut self, verifier: std::sync::Arc<dyn CapsuleVerifier>) -> Self {
         self.verifier = verifier;
+        self
+    }
+
+    /// The same context, verifying agent images with `images`.
+    #[must_use]
+    pub fn with_image_verifier(mut self, images: std::sync::Arc<dyn ImageVerifier>) -> Self {
+        self.images = images;
         self
     }
 

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use soma_operator::config::{OperatorConfig, SidecarConfig, read_price_table};
+use soma_operator::agent::image::accepted_keys;
+use soma_operator::config::{ImageSignatures, OperatorConfig, SidecarConfig, read_price_table};
 use soma_operator::policy::{DEFAULT_SELECTOR, PolicyOptions};
 use soma_operator::runtime::{RunOptions, run};
 use soma_operator::webhook::WebhookOptions;
@@ -100,9 +101,51 @@ struct SignatureArgs {
     /// (standing in for Fulcio offline), comma-separated.
     #[arg(long, env = "SOMA_KEYLESS_ROOTS", value_delimiter = ',')]
     keyless_roots: Vec<PathBuf>,
+    /// Run Agents only from images with a Cosign signature by an accepted key
+    /// (`--image-signature-keys`) or identity (`--image-keyless-identity`); the agent
+    /// container is pinned to the verified digest.
+    #[arg(long, env = "SOMA_REQUIRE_SIGNED_IMAGES")]
+    require_signed_images: bool,
+    /// PEM files of the public keys accepted for agent images, comma-separated (in the chart:
+    /// a ConfigMap mounted as files).
+    #[arg(long, env = "SOMA_IMAGE_SIGNATURE_KEYS", value_delimiter = ',')]
+    image_signature_keys: Vec<PathBuf>,
+    /// A keyless identity accepted for agent images, `issuer=<OIDC issuer>,subject=<identity>`
+    /// (repeat the flag for more; needs `--keyless-roots`).
+    #[arg(long)]
+    image_keyless_identity: Vec<String>,
+    /// Seconds a verified image tag is trusted before it is resolved again.
+    #[arg(long, env = "SOMA_IMAGE_RECHECK_SECONDS", default_value_t = 600)]
+    image_recheck_seconds: u64,
 }
 
 impl SignatureArgs {
+    fn images(&self) -> anyhow::Result<ImageSignatures> {
+        let mut keys = Vec::new();
+        for path in self
+            .image_signature_keys
+            .iter()
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            keys.push(
+                std::fs::read_to_string(path).with_context(|| {
+                    format!("reading the image signature key {}", path.display())
+                })?,
+            );
+        }
+        let keyless = self
+            .image_keyless_identity
+            .iter()
+            .map(|text| parse_identity(text))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(ImageSignatures {
+            required: self.require_signed_images,
+            keys,
+            keyless,
+            recheck: std::time::Duration::from_secs(self.image_recheck_seconds),
+        })
+    }
+
     fn trust(&self) -> anyhow::Result<TrustConfig> {
         let mut roots = Vec::new();
         for path in self
@@ -292,6 +335,12 @@ fn render(args: &RenderArgs) -> ExitCode {
 async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
     let shutdown = shutdown_signal();
     let _telemetry = soma_operator::telemetry::init("soma-operator")?;
+    // Flags are checked before connecting, so a mistake is reported as itself.
+    let images = args.signatures.images()?;
+    let trust = args.signatures.trust()?;
+    if images.required {
+        accepted_keys(&trust, &images).map_err(anyhow::Error::msg)?;
+    }
     let client = kube::Client::try_default().await?;
     let namespaces: Vec<String> = args
         .namespaces
@@ -333,7 +382,10 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
     let identity = std::env::var("POD_NAME")
         .unwrap_or_else(|_| format!("soma-operator-{}", std::process::id()));
     let options = RunOptions {
-        config: args.sidecar.config(namespaces)?,
+        config: OperatorConfig {
+            images,
+            ..args.sidecar.config(namespaces)?
+        },
         metrics_addr: args.metrics_addr,
         leader_election: !args.no_leader_election,
         lease_name: args.lease_name,
@@ -342,9 +394,29 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         lease_seconds: args.lease_seconds.max(2),
         policy,
         webhook,
-        trust: args.signatures.trust()?,
+        trust,
     };
     run(client, options, shutdown).await
+}
+
+/// `issuer=<issuer>,subject=<subject>` (either order) as (issuer, subject).
+fn parse_identity(text: &str) -> anyhow::Result<(String, String)> {
+    let (mut issuer, mut subject) = (None, None);
+    for part in text.split(',') {
+        match part.trim().split_once('=') {
+            Some(("issuer", v)) if !v.is_empty() => issuer = Some(v.to_owned()),
+            Some(("subject", v)) if !v.is_empty() => subject = Some(v.to_owned()),
+            _ => anyhow::bail!(
+                "--image-keyless-identity {text:?}: expected issuer=<OIDC issuer>,subject=<identity>"
+            ),
+        }
+    }
+    match (issuer, subject) {
+        (Some(i), Some(s)) => Ok((i, s)),
+        _ => anyhow::bail!(
+            "--image-keyless-identity {text:?}: expected issuer=<OIDC issuer>,subject=<identity>"
+        ),
+    }
 }
 
 /// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C. The handlers are installed
@@ -391,5 +463,36 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
             let _ = tokio::signal::ctrl_c().await;
         }
         tracing::info!("shutdown signal received");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_identity;
+
+    #[test]
+    fn keyless_identities_need_an_issuer_and_a_subject() {
+        assert_eq!(
+            parse_identity("issuer=https://token.actions.githubusercontent.com,subject=me@x.dev")
+                .expect("valid"),
+            (
+                "https://token.actions.githubusercontent.com".to_owned(),
+                "me@x.dev".to_owned()
+            )
+        );
+        assert_eq!(
+            parse_identity("subject=s, issuer=i").expect("either order"),
+            ("i".to_owned(), "s".to_owned())
+        );
+        for bad in [
+            "issuer=i",
+            "subject=s",
+            "issuer=,subject=s",
+            "owner=o,subject=s",
+            "",
+        ] {
+            let err = parse_identity(bad).expect_err(bad).to_string();
+            assert!(err.contains("expected issuer="), "{bad}: {err}");
+        }
     }
 }

@@ -25,6 +25,7 @@ use soma_policy::PolicyStore;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::agent::image::{CosignImages, ImageVerifier, Unconfigured};
 use crate::capsule::cosign::Cosign;
 use crate::config::OperatorConfig;
 use crate::context::Context;
@@ -79,6 +80,15 @@ pub async fn run(
     // A trusted root that cannot be read stops start-up here, before anything is served.
     let cosign = Cosign::new(options.trust.clone())
         .map_err(|e| anyhow::anyhow!("Capsule signature verification: {e}"))?;
+    // Agent images: only when required; a policy that accepts nobody stops start-up.
+    let images: Arc<dyn ImageVerifier> = if options.config.images.required {
+        Arc::new(
+            CosignImages::new(options.trust.clone(), &options.config.images)
+                .map_err(|e| anyhow::anyhow!("agent image signature verification: {e}"))?,
+        )
+    } else {
+        Arc::new(Unconfigured)
+    };
     let store = Arc::new(PolicyStore::new());
     let admission = soma_admission::State::new(
         store.clone(),
@@ -160,7 +170,8 @@ pub async fn run(
                 deadline: options.policy.deadline,
                 fail_open: options.policy.fail_open,
             })
-            .with_verifier(Arc::new(cosign)),
+            .with_verifier(Arc::new(cosign))
+            .with_image_verifier(images),
     );
     let (stop_controllers, controllers_stopped) = watch::channel(false);
     let scopes: Vec<Option<String>> = if options.config.namespaces.is_empty() {

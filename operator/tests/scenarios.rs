@@ -2,6 +2,8 @@
 //! `ApiServerVerifier`: the reconcile runs against a `tower-test` mock, and each scenario
 //! states the exact requests it must make, in order, and nothing else.
 
+#[path = "scenarios/image.rs"]
+mod image;
 mod support;
 
 use std::sync::Arc;
@@ -126,13 +128,20 @@ async fn run(agent: Arc<Agent>, steps: Vec<Step>) -> Outcome {
 
 /// Runs one reconcile of `agent` against `steps`, re-checking it against `policy`.
 async fn run_with(agent: Arc<Agent>, steps: Vec<Step>, policy: Checker) -> Outcome {
+    run_configured(agent, steps, |c| c.with_policy(policy)).await
+}
+
+/// Runs one reconcile of `agent` against `steps` with a context `configure` adjusts.
+async fn run_configured(
+    agent: Arc<Agent>,
+    steps: Vec<Step>,
+    configure: impl FnOnce(Context) -> Context,
+) -> Outcome {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let server = tokio::spawn(serve(handle, steps));
-    let ctx = Arc::new(
-        Arc::into_inner(context(Client::new(service, "default")))
-            .expect("one reference")
-            .with_policy(policy),
-    );
+    let ctx = Arc::new(configure(
+        Arc::into_inner(context(Client::new(service, "default"))).expect("one reference"),
+    ));
     let result = reconcile(agent, ctx.clone()).await;
     // Dropping every clone of the mock client ends the request stream, so `serve` can check
     // that no extra request follows; the caller gets a context on a fresh mock instead.

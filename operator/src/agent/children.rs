@@ -119,6 +119,23 @@ pub fn children(
     })
 }
 
+/// Makes the agent container run `image` (the verified `repo@digest`), so a tag moved after
+/// verification cannot swap in other content.
+pub fn pin_agent_image(deployment: &mut Deployment, image: &str) {
+    let containers = deployment
+        .spec
+        .as_mut()
+        .and_then(|s| s.template.spec.as_mut())
+        .map(|p| p.containers.iter_mut());
+    for c in containers
+        .into_iter()
+        .flatten()
+        .filter(|c| c.name == AGENT_CONTAINER)
+    {
+        c.image = Some(image.to_owned());
+    }
+}
+
 /// Name of the sidecar ConfigMap for `agent`.
 pub fn sidecar_config_name(agent_name: &str) -> String {
     format!("{agent_name}-sidecar")

@@ -9,6 +9,7 @@
 //! ```
 //!
 //! - [`children`]: pure builders of the child objects;
+//! - [`image`]: agent image signatures (tag → digest → Cosign), cached, pinned;
 //! - [`status`]: pure computation of conditions;
 //! - [`apply`]: the only place that writes children;
 //! - [`reconcile`]: the reconcile and error policy;
@@ -17,5 +18,6 @@
 pub mod apply;
 pub mod children;
 pub mod controller;
+pub mod image;
 pub mod reconcile;
 pub mod status;

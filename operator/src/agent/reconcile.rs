@@ -20,8 +20,11 @@ use soma_crds::{Agent, Budget, Capsule};
 use tracing::{Span, field, info, instrument, warn};
 
 use super::apply::apply_children;
-use super::children::{BudgetDefinition, FIELD_MANAGER, Resolved, children};
-use super::status::{DeploymentState, MissingRef, Observed, Stall, agent_status, ready_condition};
+use super::children::{BudgetDefinition, FIELD_MANAGER, Resolved, children, pin_agent_image};
+use super::image::{pin, verify_cached};
+use super::status::{
+    DeploymentState, ImageCheck, MissingRef, Observed, Stall, agent_status, ready_condition,
+};
 use crate::context::Context;
 use crate::error::{Error, Result};
 
@@ -183,12 +186,15 @@ pub async fn reconcile(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Action> {
         .policy
         .as_ref()
         .is_some_and(|p| p.blocks && p.is_error());
+    let image_retry = observed.image.rejection().is_some_and(|r| r.transient);
     let stalled = !observed.missing.is_empty()
+        || observed.image.rejection().is_some()
         || observed.stall.is_some()
         || observed.policy.as_ref().is_some_and(|p| p.blocks);
     write_status(&agent, &ctx, &namespace, &observed).await?;
-    if policy_error {
-        // An evaluation that did not finish (deadline, overload) is worth another try.
+    if policy_error || image_retry {
+        // An evaluation that did not finish (deadline, overload) or a registry that did not
+        // answer is worth another try.
         return Ok(Action::requeue(ctx.backoff(&key)));
     }
     ctx.succeeded(&key);
@@ -196,6 +202,10 @@ pub async fn reconcile(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Action> {
     // every Agent).
     Ok(if stalled {
         Action::await_change()
+    } else if matches!(observed.image, ImageCheck::Verified { .. }) {
+        // A verified tag is resolved again after the recheck interval, so a moved tag is
+        // verified and rolled out (or refused) without waiting for the hourly resync.
+        Action::requeue(RESYNC.min(ctx.config.images.recheck.max(Duration::from_secs(1))))
     } else {
         Action::requeue(RESYNC)
     })
@@ -213,16 +223,30 @@ async fn converge(agent: &Agent, ctx: &Context, namespace: &str) -> Result<Obser
             source,
         })?;
     let replicas = desired_replicas(agent);
-    let deployment = if refs.missing.is_empty() && refs.stall.is_none() && !policy.blocks {
+    let runnable = refs.missing.is_empty() && refs.stall.is_none() && !policy.blocks;
+    // The registry is asked only about an Agent that could otherwise run.
+    let image = if runnable && ctx.config.images.required {
+        check_image(agent, ctx).await
+    } else {
+        ImageCheck::NotRequired
+    };
+    let deployment = if runnable && image.rejection().is_none() {
+        let pinned_image = match &image {
+            ImageCheck::Verified { verified, .. } => Some(pin(&agent.spec.image, &verified.digest)),
+            _ => None,
+        };
         let resolved = Resolved {
             replicas,
             budgets: refs.budgets,
         };
-        let desired =
+        let mut desired =
             children(agent, &resolved, &ctx.config).map_err(|source| Error::Serialize {
                 what: "children",
                 source,
             })?;
+        if let Some(image) = &pinned_image {
+            pin_agent_image(&mut desired.deployment, image);
+        }
         let uid = agent.uid().ok_or(Error::MissingField("metadata.uid"))?;
         let applied = apply_children(&ctx.client, &desired, &uid).await?;
         for _ in 0..applied.writes {
@@ -231,8 +255,8 @@ async fn converge(agent: &Agent, ctx: &Context, namespace: &str) -> Result<Obser
         Span::current().record("writes", applied.writes);
         applied.deployment.as_ref().map(deployment_state)
     } else {
-        // Fail closed: nothing is started or changed while a reference is broken or a policy
-        // denies the Agent. Pods already running keep running (as Gatekeeper's audit reports
+        // Fail closed: nothing is started or changed while a reference is broken, a policy
+        // denies the Agent or its image is not verified. Pods already running keep running (as Gatekeeper's audit reports
         // existing objects without removing them); their sidecar still enforces the Budget
         // it has.
         read_deployment(&ctx.client, agent, namespace).await?
@@ -245,7 +269,30 @@ async fn converge(agent: &Agent, ctx: &Context, namespace: &str) -> Result<Obser
         deployment,
         desired_replicas: replicas,
         policy: Some(policy),
+        image,
     })
+}
+
+/// Verifies `spec.image` (cached by reference for the recheck interval).
+async fn check_image(agent: &Agent, ctx: &Context) -> ImageCheck {
+    let reference = agent.spec.image.clone();
+    match verify_cached(
+        ctx.images.as_ref(),
+        &ctx.verified_images,
+        &reference,
+        ctx.config.images.recheck,
+    )
+    .await
+    {
+        Ok(verified) => ImageCheck::Verified {
+            reference,
+            verified,
+        },
+        Err(rejection) => {
+            warn!(image = %reference, reason = %rejection.reason, transient = rejection.transient, "agent image not verified");
+            ImageCheck::Rejected(rejection)
+        }
+    }
 }
 
 async fn read_deployment(
@@ -315,7 +362,8 @@ async fn write_status(
         } else {
             (EventType::Warning, "Reconcile")
         };
-        let policy_blocks = observed.policy.as_ref().is_some_and(|p| p.blocks);
+        let policy_blocks = observed.policy.as_ref().is_some_and(|p| p.blocks)
+            || observed.image.rejection().is_some();
         if type_ == EventType::Normal
             || observed.stall.is_some()
             || !observed.missing.is_empty()

@@ -8,7 +8,35 @@ use soma_crds::agent::AgentStatus;
 use soma_crds::common::condition_types::{READY, RECONCILING, STALLED};
 use soma_policy::condition::POLICY_ALLOWED;
 
+use super::image::{IMAGE_NOT_VERIFIED, ImageRejection, VerifiedImage, image_status};
 use crate::policy::check::PolicyCheck;
+
+/// The outcome of the image signature check.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ImageCheck {
+    /// Signed images are not required (or the check was not reached): no `status.image`.
+    #[default]
+    NotRequired,
+    /// `reference` (`spec.image`) resolved to a digest whose signature verified.
+    Verified {
+        /// `spec.image`.
+        reference: String,
+        /// The verification.
+        verified: VerifiedImage,
+    },
+    /// The image is not verified: the Agent waits (permanent) or retries (transient).
+    Rejected(ImageRejection),
+}
+
+impl ImageCheck {
+    /// The rejection, if the image was rejected.
+    pub fn rejection(&self) -> Option<&ImageRejection> {
+        match self {
+            ImageCheck::Rejected(r) => Some(r),
+            _ => None,
+        }
+    }
+}
 
 /// A reference the Agent (directly or through a Budget's parent) names that does not exist.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,6 +106,8 @@ pub struct Observed {
     pub desired_replicas: i32,
     /// The reconcile-time policy re-check (`None`: not evaluated, no `PolicyAllowed`).
     pub policy: Option<PolicyCheck>,
+    /// The image signature check.
+    pub image: ImageCheck,
 }
 
 /// A condition without its time: what the reconcile decided.
@@ -126,6 +156,22 @@ fn policy_block_message(p: &PolicyCheck) -> String {
 }
 
 fn kstatus_verdicts(obs: &Observed) -> [Verdict; 3] {
+    // A registry that did not answer is retried, so the Agent is reconciling, not stalled.
+    if let Some(r) = obs.image.rejection().filter(|r| r.transient)
+        && obs.missing.is_empty()
+        && obs.stall.is_none()
+    {
+        return [
+            verdict(READY, false, IMAGE_NOT_VERIFIED, r.message.clone()),
+            verdict(RECONCILING, true, IMAGE_NOT_VERIFIED, r.message.clone()),
+            verdict(
+                STALLED,
+                false,
+                IMAGE_NOT_VERIFIED,
+                "retrying the image verification",
+            ),
+        ];
+    }
     // An evaluation error is retried, so the Agent is reconciling, not stalled.
     if let Some(p) = obs.policy.as_ref().filter(|p| p.blocks && p.is_error())
         && obs.missing.is_empty()
@@ -147,6 +193,11 @@ fn kstatus_verdicts(obs: &Observed) -> [Verdict; 3] {
         .missing
         .first()
         .map(|m| (m.reason(), m.message(&obs.namespace)))
+        .or_else(|| {
+            obs.image
+                .rejection()
+                .map(|r| (IMAGE_NOT_VERIFIED.to_owned(), r.message.clone()))
+        })
         .or_else(|| {
             obs.policy
                 .as_ref()
@@ -259,6 +310,20 @@ pub fn agent_status(old: Option<&AgentStatus>, obs: &Observed, now: &Time) -> Ag
         desired_replicas: obs.desired_replicas,
         replica_summary: Some(format!("{ready}/{}", obs.desired_replicas)),
         budget_used: old.and_then(|s| s.budget_used.clone()),
+        image: match &obs.image {
+            ImageCheck::NotRequired => None,
+            ImageCheck::Verified {
+                reference,
+                verified,
+            } => Some(image_status(
+                old.and_then(|s| s.image.as_ref()),
+                reference,
+                verified,
+            )),
+            // What still runs was verified: keep it while the registry does not answer.
+            ImageCheck::Rejected(r) if r.transient => old.and_then(|s| s.image.clone()),
+            ImageCheck::Rejected(_) => None,
+        },
     }
 }
 
@@ -503,5 +568,91 @@ mod tests {
             (3, 2, 3)
         );
         assert_eq!(s.replica_summary.as_deref(), Some("2/3"));
+    }
+
+    fn rejected(transient: bool) -> ImageCheck {
+        ImageCheck::Rejected(ImageRejection {
+            reason: "WrongKey".into(),
+            message: "image r:1 is not verified (WrongKey): sign it".into(),
+            transient,
+        })
+    }
+
+    #[test]
+    fn image_checks_set_status_image_and_conditions() {
+        let verified = ImageCheck::Verified {
+            reference: "r:1".into(),
+            verified: VerifiedImage {
+                digest: "sha256:aa".into(),
+                signer: "key:sha256:bb".into(),
+                verified_at: "2026-01-01T00:00:00Z".into(),
+            },
+        };
+        let ok = agent_status(
+            None,
+            &Observed {
+                image: verified.clone(),
+                ..observed(ready_deployment(1), 1)
+            },
+            &at(1),
+        );
+        let image = ok.image.clone().expect("status.image");
+        assert_eq!(
+            (
+                image.reference.as_str(),
+                image.digest.as_str(),
+                image.signer.as_str()
+            ),
+            ("r:1", "sha256:aa", "key:sha256:bb")
+        );
+        assert_eq!(get(&ok, READY).status, "True");
+
+        // Permanent: stalled with the rejection's text; no verified image is claimed.
+        let bad = agent_status(
+            Some(&ok),
+            &Observed {
+                image: rejected(false),
+                ..observed(ready_deployment(1), 1)
+            },
+            &at(2),
+        );
+        assert_eq!(bad.image, None);
+        let ready = get(&bad, READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "ImageNotVerified")
+        );
+        assert!(ready.message.contains("WrongKey"), "{}", ready.message);
+        assert_eq!(get(&bad, STALLED).status, "True");
+
+        // Transient: reconciling, not stalled, and the image that runs stays recorded.
+        let later = agent_status(
+            Some(&ok),
+            &Observed {
+                image: rejected(true),
+                ..observed(ready_deployment(1), 1)
+            },
+            &at(3),
+        );
+        assert_eq!(later.image, ok.image);
+        assert_eq!(get(&later, READY).reason, "ImageNotVerified");
+        assert_eq!(get(&later, RECONCILING).status, "True");
+        assert_eq!(get(&later, STALLED).status, "False");
+
+        // A missing reference is reported before the image.
+        let missing = agent_status(
+            None,
+            &Observed {
+                image: rejected(false),
+                missing: vec![MissingRef {
+                    kind: "Budget",
+                    name: "b".into(),
+                    field: "spec.budgetRef".into(),
+                }],
+                ..observed(None, 1)
+            },
+            &at(4),
+        );
+        assert_eq!(get(&missing, READY).reason, "BudgetNotFound");
     }
 }

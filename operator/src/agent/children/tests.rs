@@ -737,3 +737,28 @@ fn sidecar_gets_prices_ledger_and_events_only_when_configured() {
     let bad = crate::config::read_price_table("gpt-4o: {inputPerMTok: 1, outputPerMtok: 1}");
     assert!(bad.is_err(), "a misspelt field is refused");
 }
+
+#[test]
+fn a_verified_image_is_pinned_in_the_agent_container_only() {
+    let a = agent(|s| s.image = "reg.example/agent:1.0".into());
+    let unpinned = built(&a);
+    assert_eq!(
+        agent_container(&unpinned).image.as_deref(),
+        Some("reg.example/agent:1.0")
+    );
+    let pinned_ref =
+        "reg.example/agent@sha256:2222222222222222222222222222222222222222222222222222222222222222";
+    let mut pinned = built(&a);
+    pin_agent_image(&mut pinned.deployment, pinned_ref);
+    assert_eq!(agent_container(&pinned).image.as_deref(), Some(pinned_ref));
+    let sidecar = pod(&pinned)
+        .init_containers
+        .as_ref()
+        .and_then(|c| c.first())
+        .expect("sidecar");
+    assert_eq!(
+        sidecar.image.as_deref(),
+        Some(OperatorConfig::default().sidecar.image.as_str()),
+        "the sidecar keeps the operator's image"
+    );
+}
