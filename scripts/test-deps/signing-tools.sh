@@ -11,12 +11,15 @@
 #
 # apt runs with a private sources list, state and archive folder under $SOMA_CACHE/apt-trixie,
 # so the machine's own apt configuration is neither read nor changed.
+# Upstream versions are pinned; the Debian revision is whatever trixie carries now (trixie
+# rebuilds Go packages as binNMUs, `+bN`, and drops the old builds from its archive).
 # Idempotent: nothing is downloaded when the pinned versions are already unpacked. Prints
 # `SOMA_COSIGN=...`, `SOMA_ORAS=...` and `SOMA_REGISTRY=...`, one per line, for the caller to export.
 # Usage: scripts/test-deps/signing-tools.sh        (SOMA_CACHE defaults to ~/.cache/soma)
 set -euo pipefail
 
-PACKAGES=(cosign=2.5.0-2+b4 oras=1.2.0-1+b9 docker-registry=2.8.3+ds1-2+b8)
+# name=upstream version (the Debian revision after it may change).
+PACKAGES=(cosign=2.5.0 oras=1.2.0 docker-registry=2.8.3)
 
 CACHE=${SOMA_CACHE:-$HOME/.cache/soma}
 ROOT=$CACHE/tools/signing
@@ -35,7 +38,7 @@ install() {
     local keyring=/usr/share/keyrings/debian-archive-keyring.gpg
     [[ -f $keyring ]] || { log "missing $keyring (apt-get install -y debian-archive-keyring)"; exit 1; }
 
-    mkdir -p "$APT/lists/partial" "$APT/archives/partial" "$ROOT"
+    mkdir -p "$APT/lists/partial" "$APT/archives/partial" "$APT/cache" "$ROOT"
     echo "deb [signed-by=$keyring] http://deb.debian.org/debian trixie main" >"$APT/sources.list"
     local opts=(
         -o "Dir::Etc::sourcelist=$APT/sources.list"
@@ -47,9 +50,20 @@ install() {
     )
     log "reading Debian trixie's package lists"
     apt-get "${opts[@]}" update -qq >&2
-    log "downloading ${PACKAGES[*]}"
-    (cd "$APT/archives" && apt-get "${opts[@]}" download -qq "${PACKAGES[@]}" >&2)
-    local name deb
+    local wanted=() pkg name upstream candidate
+    for pkg in "${PACKAGES[@]}"; do
+        name=${pkg%%=*} upstream=${pkg#*=}
+        candidate=$(apt-cache "${opts[@]}" -o "Dir::Cache=$APT/cache" policy "$name" |
+            awk '/Candidate:/ {print $2}')
+        case $candidate in
+            "$upstream"-* | "$upstream"+*) wanted+=("$name=$candidate") ;;
+            *) log "trixie offers $name ${candidate:-nothing}, not upstream $upstream"; exit 1 ;;
+        esac
+    done
+    rm -f "$APT/archives/"*.deb
+    log "downloading ${wanted[*]}"
+    (cd "$APT/archives" && apt-get "${opts[@]}" download -qq "${wanted[@]}" >&2)
+    local deb
     for pkg in "${PACKAGES[@]}"; do
         name=${pkg%%=*}
         deb=$(ls "$APT/archives/${name}_"*.deb | head -n 1)

@@ -159,13 +159,19 @@ impl Verifier {
         self.verify_oci(&artifact, policy).await
     }
 
-    /// Verifies a blob signed with `cosign sign-blob` (cached by the blob's digest like OCI
-    /// artifacts).
+    /// Verifies a blob signed with `cosign sign-blob`, cached by the blob's digest, the policy
+    /// and the signature text.
+    ///
+    /// Unlike an OCI artifact, whose signatures the verifier fetches itself, a blob's signature
+    /// comes from the caller (for a Capsule, a ConfigMap anyone with write access can edit), so
+    /// the signature is part of the cache key: a replaced or tampered signature is checked
+    /// afresh and rejected, even for content verified before.
     pub fn verify_blob(&self, blob: &Blob<'_>, policy: &Policy) -> Result<Verified, Rejection> {
         let digest = sha256_digest(blob.bytes);
         let key = digest_bytes(&digest).unwrap_or_default();
+        let trust_key = blob_trust_key(policy, blob.signature);
         if blob.declared_digest.is_none_or(|d| d == digest)
-            && let Some(hit) = self.cache.get(key, policy.fingerprint())
+            && let Some(hit) = self.cache.get(key, trust_key)
         {
             return Ok(hit);
         }
@@ -177,8 +183,7 @@ impl Verifier {
             signer: format!("key:{signer}"),
             at: jiff::Timestamp::now(),
         };
-        self.cache
-            .insert(key, policy.fingerprint(), verified.clone());
+        self.cache.insert(key, trust_key, verified.clone());
         Ok(verified)
     }
 
@@ -196,4 +201,13 @@ impl Verifier {
     pub fn forget_all(&self) {
         self.cache.clear();
     }
+}
+
+/// The second half of a blob's cache key: the policy's fingerprint bound to the exact signature.
+fn blob_trust_key(policy: &Policy, signature: &str) -> [u8; 32] {
+    use sha2::{Digest as _, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(policy.fingerprint());
+    hasher.update(signature.trim().as_bytes());
+    hasher.finalize().into()
 }

@@ -122,5 +122,23 @@ async fn rejects_tampered_blobs_wrong_keys_other_digests_and_malformed_signature
             .is_ok()
     );
     assert_eq!(verifier.cached_len(), 1);
+
+    // The content is cached as verified now; a signature swapped for another blob's, or
+    // tampered with, must still be rejected rather than answered from the cache.
+    let other_signature = work.sign_blob("soma", "other.json", &[])?;
+    assert_eq!(
+        reason(blob(CAPSULE.as_bytes(), &other_signature), &policy),
+        "WrongKey",
+        "a signature moved from another blob"
+    );
+    let mut flipped = signature.trim().to_string().into_bytes();
+    flipped[10] = if flipped[10] == b'A' { b'B' } else { b'A' };
+    let flipped = String::from_utf8(flipped)?;
+    assert_eq!(
+        reason(blob(CAPSULE.as_bytes(), &flipped), &policy),
+        "WrongKey",
+        "a tampered signature"
+    );
+    assert_eq!(verifier.cached_len(), 1, "rejections are never cached");
     Ok(())
 }
