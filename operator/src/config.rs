@@ -63,6 +63,10 @@ pub struct OperatorConfig {
     pub namespaces: Vec<String>,
     /// Whether, and how, agent images must be signed.
     pub images: ImageSignatures,
+    /// How soon a Capsule whose OCI signature was rejected for what the registry holds
+    /// (unsigned, wrong key, replayed, not found) is looked up again: a signature pushed
+    /// after the Capsule was applied is not an event the operator can watch.
+    pub capsule_recheck: std::time::Duration,
 }
 
 /// The operator's policy for agent images: off by default; when `required`, every Agent's
@@ -100,6 +104,7 @@ impl Default for OperatorConfig {
             sidecar_resources: resources("50m", "64Mi", "500m", "256Mi"),
             namespaces: Vec::new(),
             images: ImageSignatures::default(),
+            capsule_recheck: std::time::Duration::from_secs(300),
         }
     }
 }

@@ -117,6 +117,11 @@ struct SignatureArgs {
     /// Seconds a verified image tag is trusted before it is resolved again.
     #[arg(long, env = "SOMA_IMAGE_RECHECK_SECONDS", default_value_t = 600)]
     image_recheck_seconds: u64,
+    /// Seconds after which a Capsule whose OCI signature was rejected for what the registry
+    /// holds (unsigned, wrong key, replayed, not found) is looked up again, so a signature
+    /// pushed after the Capsule was applied is seen.
+    #[arg(long, env = "SOMA_CAPSULE_RECHECK_SECONDS", default_value_t = 300)]
+    capsule_recheck_seconds: u64,
 }
 
 impl SignatureArgs {
@@ -338,6 +343,7 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
     // Flags are checked before connecting, so a mistake is reported as itself.
     let images = args.signatures.images()?;
     let trust = args.signatures.trust()?;
+    let capsule_recheck = Duration::from_secs(args.signatures.capsule_recheck_seconds.max(1));
     if images.required {
         accepted_keys(&trust, &images).map_err(anyhow::Error::msg)?;
     }
@@ -384,6 +390,7 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
     let options = RunOptions {
         config: OperatorConfig {
             images,
+            capsule_recheck,
             ..args.sidecar.config(namespaces)?
         },
         metrics_addr: args.metrics_addr,

@@ -332,6 +332,7 @@ async fn transient_verifier_failure_is_retried_and_not_cached() {
         reason: "RegistryUnavailable".into(),
         message: "registry did not answer".into(),
         transient: true,
+        recheck: false,
     }));
     let mut steps = verified_steps(capsule_json());
     steps.push(step(Method::POST, EVENTS, echo));
@@ -344,4 +345,30 @@ async fn transient_verifier_failure_is_retried_and_not_cached() {
         condition(&seen[2].body["status"], "Reconciling"),
         ("True".into(), "RegistryUnavailable".into())
     );
+}
+
+#[tokio::test]
+async fn rejection_for_what_the_registry_holds_is_looked_up_again_later() {
+    // Unsigned now; CI may push the signature after the Capsule was applied, and no watch
+    // reports that: Stalled, and requeued at the recheck interval (not backoff, not never).
+    let verifier = Scripted::new(Err(Rejection {
+        reason: "Unsigned".into(),
+        message: "no cosign signature".into(),
+        transient: false,
+        recheck: true,
+    }));
+    let mut steps = verified_steps(capsule_json());
+    steps.push(step(Method::POST, EVENTS, echo));
+    let (result, seen) = run(capsule_json(), steps, Some(verifier)).await;
+    assert_eq!(
+        result.expect("not an error"),
+        Action::requeue(OperatorConfig::default().capsule_recheck)
+    );
+    let status = &seen[2].body["status"];
+    assert_eq!(
+        condition(status, "Ready"),
+        ("False".into(), "Unsigned".into())
+    );
+    assert_eq!(condition(status, "Stalled").0, "True");
+    assert_eq!(seen[3].body["reason"], "Unsigned");
 }

@@ -34,6 +34,37 @@ fn rejected(e: &soma_signatures::Rejection) -> Rejection {
         reason: e.reason().to_owned(),
         message: e.to_string(),
         transient: e.is_transient(),
+        recheck: false,
+    }
+}
+
+/// A rejection of an OCI artifact: when it is about what the registry holds (no signature,
+/// none by the key, one for another digest, the artifact missing, …), the registry may hold
+/// something else later without the Capsule changing, so it is looked up again.
+fn rejected_by_registry(e: &soma_signatures::Rejection) -> Rejection {
+    use soma_signatures::Rejection as R;
+    let recheck = !e.is_transient()
+        && matches!(
+            e,
+            R::ArtifactNotFound { .. }
+                | R::Unsigned { .. }
+                | R::WrongKey { .. }
+                | R::DigestMismatch { .. }
+                | R::MalformedSignature { .. }
+                | R::UntrustedCertificate { .. }
+                | R::IdentityMismatch { .. }
+                | R::RegistryUnreachable { .. }
+        );
+    Rejection {
+        recheck,
+        ..rejected(e)
+    }
+}
+
+fn verified(v: soma_signatures::Verified) -> Verified {
+    Verified {
+        digest: v.digest,
+        signer: v.signer,
     }
 }
 
@@ -62,12 +93,26 @@ impl CapsuleVerifier for Cosign {
         Box::pin(async move {
             let policy = policy(&request)?;
             let source = &request.capsule.spec.source;
-            let outcome = if let Some(oci) = &source.oci {
+            if let Some(oci) = &source.oci {
                 let reference = OciRef::from_repository(&oci.repository, &oci.digest)
                     .map_err(|e| rejected(&e))?;
-                self.verifier.verify_oci(&reference, &policy).await
-            } else if let Some(blob) = request.blob {
-                self.verifier.verify_blob(
+                return self
+                    .verifier
+                    .verify_oci(&reference, &policy)
+                    .await
+                    .map(verified)
+                    .map_err(|e| rejected_by_registry(&e));
+            }
+            let Some(blob) = request.blob else {
+                return Err(Rejection {
+                    reason: "InlineNotSignable".to_owned(),
+                    message: "inline blocks cannot carry a Cosign signature, so they are never trusted; publish the content as an OCI artifact signed with `cosign sign`, or in a ConfigMap with `cosign sign-blob`'s signature under `<key>.sig`".to_owned(),
+                    transient: false,
+                    recheck: false,
+                });
+            };
+            self.verifier
+                .verify_blob(
                     &Blob {
                         bytes: blob.bytes,
                         declared_digest: Some(request.digest),
@@ -75,19 +120,52 @@ impl CapsuleVerifier for Cosign {
                     },
                     &policy,
                 )
-            } else {
-                return Err(Rejection {
-                    reason: "InlineNotSignable".to_owned(),
-                    message: "inline blocks cannot carry a Cosign signature, so they are never trusted; publish the content as an OCI artifact signed with `cosign sign`, or in a ConfigMap with `cosign sign-blob`'s signature under `<key>.sig`".to_owned(),
-                    transient: false,
-                });
-            };
-            outcome
-                .map(|v| Verified {
-                    digest: v.digest,
-                    signer: v.signer,
-                })
+                .map(verified)
                 .map_err(|e| rejected(&e))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use soma_signatures::Rejection as R;
+
+    #[test]
+    fn rejections_for_what_the_registry_holds_are_rechecked_others_not() {
+        let unsigned = R::Unsigned {
+            reference: "r@sha256:aa".into(),
+            signature_tag: "sha256-aa.sig".into(),
+        };
+        let replayed = R::DigestMismatch {
+            reference: "r@sha256:aa".into(),
+            signed: "sha256:bb".into(),
+            requested: "sha256:aa".into(),
+        };
+        for e in [&unsigned, &replayed] {
+            let r = rejected_by_registry(e);
+            assert!(r.recheck && !r.transient, "{r:?}");
+            assert_eq!(r.reason, e.reason());
+        }
+        let down = R::RegistryUnreachable {
+            registry: "r".into(),
+            transient: true,
+            detail: "refused".into(),
+        };
+        let r = rejected_by_registry(&down);
+        assert!(
+            r.transient && !r.recheck,
+            "retried with backoff instead: {r:?}"
+        );
+        let bad = R::InvalidReference {
+            reference: "r".into(),
+            reason: "no digest".into(),
+        };
+        assert!(
+            !rejected_by_registry(&bad).recheck,
+            "only a change to the Capsule helps"
+        );
+        // A blob's signature lives in a watched ConfigMap: never rechecked on a timer.
+        assert!(!rejected(&replayed).recheck);
     }
 }

@@ -1,9 +1,12 @@
 //! The Capsule reconcile: revoked? → policies → content digest → public key → verify (cached)
 //! → status (pure) → patch status only if changed → requeue on purpose.
 //!
-//! A missing ConfigMap (content or public key) is retried with backoff, since ConfigMaps are
-//! not watched; a transient verification failure too; a permanent rejection waits for a
-//! change to the Capsule (a policy reload re-checks every Capsule).
+//! A missing ConfigMap (content or public key) is retried with backoff (and the ConfigMaps a
+//! Capsule references are watched, so one created or edited is seen at once); a transient
+//! verification failure too; a rejection for what a registry holds (unsigned, wrong key,
+//! replayed) is looked up again after `capsule_recheck`, since no watch reports a signature
+//! pushed later; any other rejection waits for a change to the Capsule or what it references
+//! (a policy reload re-checks every Capsule).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +41,7 @@ fn rejection(reason: &str, message: String, transient: bool) -> Rejection {
         reason: reason.to_owned(),
         message,
         transient,
+        recheck: false,
     }
 }
 
@@ -260,6 +264,12 @@ pub async fn reconcile(capsule: Arc<Capsule>, ctx: Arc<Context>) -> Result<Actio
             Action::requeue(RESYNC)
         }
         Err(r) if r.transient => Action::requeue(ctx.backoff(&key)),
+        Err(r) if r.recheck => {
+            // Stalled until the registry holds a signature the policy accepts, which no watch
+            // reports: look again later (a cache hit costs no registry request).
+            ctx.succeeded(&key);
+            Action::requeue(ctx.config.capsule_recheck)
+        }
         Err(_) => {
             ctx.succeeded(&key);
             Action::await_change()

@@ -124,6 +124,7 @@ mod tests {
             reason: "SignatureInvalid".into(),
             message: "no signature by the key".into(),
             transient,
+            recheck: false,
         })
     }
 

@@ -31,6 +31,10 @@ pub struct Rejection {
     /// Whether retrying may help (a registry that did not answer); permanent rejections are
     /// cached and wait for a change.
     pub transient: bool,
+    /// Whether the answer depends on what a registry holds, which can change while the
+    /// Capsule does not (a signature pushed later, a `.sig` tag fixed): such a rejection is
+    /// not cached and is looked up again after `OperatorConfig::capsule_recheck`.
+    pub recheck: bool,
 }
 
 /// What is verified: the Capsule, the digest its content has, the PEM public key its
@@ -76,6 +80,7 @@ impl CapsuleVerifier for Unavailable {
                 reason: "VerificationUnavailable".to_owned(),
                 message: "this operator build cannot verify Cosign signatures yet, so the Capsule is not trusted and no Agent may use it".to_owned(),
                 transient: false,
+                recheck: false,
             })
         })
     }
@@ -119,7 +124,8 @@ impl CacheKey {
     }
 }
 
-/// Verification results that do not change: successes and permanent rejections.
+/// Verification results that do not change: successes, and rejections that neither a retry
+/// nor a change in a registry can turn around (a blob's signature, a key that is not a key).
 #[derive(Debug, Default)]
 pub struct Cache(Mutex<HashMap<CacheKey, Result<Verified, Rejection>>>);
 
@@ -133,9 +139,9 @@ impl Cache {
             .cloned()
     }
 
-    /// Remembers a result unless it is transient.
+    /// Remembers a result unless it may change on its own (transient, or registry state).
     pub fn put(&self, key: CacheKey, result: &Result<Verified, Rejection>) {
-        if matches!(result, Err(r) if r.transient) {
+        if matches!(result, Err(r) if r.transient || r.recheck) {
             return;
         }
         self.0
@@ -178,6 +184,7 @@ mod tests {
                         reason: "RegistryUnavailable".into(),
                         message: "later".into(),
                         transient: true,
+                        recheck: false,
                     })
                 } else {
                     Ok(Verified {
@@ -237,6 +244,59 @@ mod tests {
             );
         }
         assert_eq!(flaky.0.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn rejections_a_registry_can_turn_around_are_not_cached() {
+        struct Rejecting(AtomicUsize, bool);
+        impl CapsuleVerifier for Rejecting {
+            fn verify<'a>(&'a self, _: Request<'a>) -> BoxFuture<'a, Result<Verified, Rejection>> {
+                self.0.fetch_add(1, Ordering::SeqCst);
+                let recheck = self.1;
+                Box::pin(async move {
+                    Err(Rejection {
+                        reason: "Unsigned".into(),
+                        message: "no signature yet".into(),
+                        transient: false,
+                        recheck,
+                    })
+                })
+            }
+        }
+        let c = capsule();
+        let req = |digest| Request {
+            capsule: &c,
+            digest,
+            key_pem: Some("KEY"),
+            blob: None,
+        };
+        let cache = Cache::default();
+        let registry = Rejecting(AtomicUsize::new(0), true);
+        for _ in 0..2 {
+            assert!(
+                verify_cached(&registry, &cache, req("sha256:aa"))
+                    .await
+                    .is_err()
+            );
+        }
+        assert_eq!(
+            registry.0.load(Ordering::SeqCst),
+            2,
+            "asked again each time"
+        );
+        let fixed = Rejecting(AtomicUsize::new(0), false);
+        for _ in 0..2 {
+            assert!(
+                verify_cached(&fixed, &cache, req("sha256:bb"))
+                    .await
+                    .is_err()
+            );
+        }
+        assert_eq!(
+            fixed.0.load(Ordering::SeqCst),
+            1,
+            "a settled rejection is cached"
+        );
     }
 
     #[tokio::test]
