@@ -25,7 +25,6 @@
 //! spending before anyone may reclaim. `docs/sidecar.md` has the full account.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -36,6 +35,7 @@ use sqlx::postgres::PgPool;
 
 use crate::authority::{ChainError, Reserve, build_chain};
 use crate::lease::{self, Ask, Grant, Shortfall, Terms};
+use crate::metrics::LeaseTransactions;
 use crate::outbox::PastSpend;
 
 /// One Budget as this replica sees it.
@@ -122,8 +122,8 @@ pub struct ClusterAuthority {
     local: Mutex<HashMap<String, Local>>,
     topup: tokio::sync::Mutex<()>,
     migrated: tokio::sync::OnceCell<()>,
-    /// Lease transactions that granted, and that refused.
-    trips: [AtomicU64; 2],
+    /// Lease transactions (top-ups and heartbeats), by outcome.
+    transactions: LeaseTransactions,
     /// The last refused top-up: for a second, a request needing more than it left is refused
     /// without asking again (an exhausted Budget would otherwise cost a round trip per request).
     last_short: Mutex<Option<(std::time::Instant, Shortfall)>>,
@@ -172,7 +172,7 @@ impl ClusterAuthority {
             local: Mutex::new(local),
             topup: tokio::sync::Mutex::new(()),
             migrated: tokio::sync::OnceCell::new(),
-            trips: [AtomicU64::new(0), AtomicU64::new(0)],
+            transactions: LeaseTransactions::default(),
             last_short: Mutex::new(None),
             last_failure: Mutex::new(None),
         })
@@ -200,10 +200,13 @@ impl ClusterAuthority {
 
     /// Top-ups so far (database round trips on the request path): (granted, refused).
     pub fn top_ups(&self) -> (u64, u64) {
-        (
-            self.trips[0].load(Ordering::Relaxed),
-            self.trips[1].load(Ordering::Relaxed),
-        )
+        let t = &self.transactions;
+        (t.get("top_up", "granted"), t.get("top_up", "refused"))
+    }
+
+    /// The transaction counters, for `/metrics`.
+    pub fn transactions(&self) -> &LeaseTransactions {
+        &self.transactions
     }
 
     /// A Budget's definition as configured.
@@ -374,11 +377,11 @@ impl ClusterAuthority {
             match lease::acquire(&self.pool, &self.terms, &asks).await {
                 Ok(Ok(grants)) => {
                     self.failed(false);
-                    self.trips[0].fetch_add(1, Ordering::Relaxed);
+                    self.transactions.count("top_up", "granted");
                     self.apply(&grants, started);
                 }
                 Ok(Err(short)) => {
-                    self.trips[1].fetch_add(1, Ordering::Relaxed);
+                    self.transactions.count("top_up", "refused");
                     *self
                         .last_short
                         .lock()
@@ -388,6 +391,7 @@ impl ClusterAuthority {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "budget lease failed; refusing (fail closed)");
+                    self.transactions.count("top_up", "failed");
                     self.failed(true);
                     return unreachable();
                 }
@@ -495,7 +499,10 @@ impl ClusterAuthority {
             return Ok(());
         }
         let started = Instant::now();
-        let grants = lease::report(&self.pool, &self.terms, &asks, give).await?;
+        let grants = lease::report(&self.pool, &self.terms, &asks, give)
+            .await
+            .inspect_err(|_| self.transactions.count("heartbeat", "failed"))?;
+        self.transactions.count("heartbeat", "ok");
         self.failed(false);
         self.apply(&grants, started);
         Ok(())

@@ -209,4 +209,46 @@ impl Metrics {
     pub fn in_flight(&self) -> &Gauge {
         &self.in_flight
     }
+
+    /// Exposes the cluster budget authority's transaction counts (called once, at start-up,
+    /// when that authority is configured).
+    pub fn register_lease_transactions(&mut self, t: &LeaseTransactions) {
+        self.registry
+            .sub_registry_with_prefix("soma_proxy")
+            .register(
+                "budget_lease_transactions",
+                "Transactions of the cluster budget authority on PostgreSQL, by kind (top_up: \
+                 on the request path; heartbeat: in the background) and outcome",
+                t.0.clone(),
+            );
+    }
+}
+
+/// The cluster budget authority's PostgreSQL transactions, counted by the authority and read
+/// by `/metrics` (`soma_proxy_budget_lease_transactions_total`). `kind` is `top_up` (a
+/// request waited for it) or `heartbeat`; `outcome` is `granted`, `refused` (the cap left too
+/// little), `ok` (a heartbeat) or `failed` (PostgreSQL unreachable).
+#[derive(Clone, Debug, Default)]
+pub struct LeaseTransactions(Family<Labels, Counter>);
+
+impl LeaseTransactions {
+    /// One transaction.
+    pub fn count(&self, kind: &'static str, outcome: &'static str) {
+        self.0
+            .get_or_create(&vec![
+                ("kind", kind.to_owned()),
+                ("outcome", outcome.to_owned()),
+            ])
+            .inc();
+    }
+
+    /// How many of `kind` ended with `outcome` so far.
+    pub fn get(&self, kind: &'static str, outcome: &'static str) -> u64 {
+        self.0
+            .get(&vec![
+                ("kind", kind.to_owned()),
+                ("outcome", outcome.to_owned()),
+            ])
+            .map_or(0, |c| c.get())
+    }
 }

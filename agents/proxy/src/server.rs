@@ -155,7 +155,10 @@ pub async fn state(config: Config, client_token: String) -> Result<Arc<AppState>
     tokio::task::spawn_blocking(soma_metering::tokens::warm)
         .await
         .unwrap_or_default();
-    let metrics = Metrics::new(&config.agent.namespace, &config.agent.name);
+    let mut metrics = Metrics::new(&config.agent.namespace, &config.agent.name);
+    if let Budgets::Cluster(c) = &authority {
+        metrics.register_lease_transactions(c.transactions());
+    }
     Ok(Arc::new(AppState {
         client_token: client_token.trim().to_owned(),
         key,

@@ -174,6 +174,14 @@ async fn replicas_sharing_a_budget_never_overspend_and_the_ledger_matches_the_cl
         if let Budgets::Cluster(c) = &r.state.authority {
             let (g, f) = c.top_ups();
             trips = (trips.0 + g, trips.1 + f);
+            // `/metrics` reports the same top-ups.
+            let text = r.state.metrics.encode().unwrap();
+            for (outcome, n) in [("granted", g), ("refused", f)] {
+                let line = format!(
+                    "soma_proxy_budget_lease_transactions_total{{kind=\"top_up\",outcome=\"{outcome}\"}} {n}"
+                );
+                assert!(n == 0 || text.contains(&line), "{line} not in {text}");
+            }
         }
     }
     // The common case stays off the database: far fewer top-ups than answered requests.
