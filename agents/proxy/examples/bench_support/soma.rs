@@ -136,6 +136,21 @@ pub fn counter_sum(text: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// The sum of the series of counter `name` whose labels include every `key="value"` of
+/// `labels`.
+pub fn counter_sum_where(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let total = format!("{name}_total{{");
+    text.lines()
+        .filter(|l| {
+            l.starts_with(&total)
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Upper bucket bounds (µs) holding the 50th and 99th percentiles of histogram `name` for
 /// `endpoint`.
 pub fn histogram_quantiles(text: &str, name: &str, endpoint: &str) -> (u64, u64) {
