@@ -97,18 +97,6 @@ fn names_service(resource: &Resource) -> bool {
 
 /// Installs the global subscriber. Must run inside the Tokio runtime (the exporter uses it).
 pub fn init(service_name: &str) -> Result<Telemetry, TelemetryError> {
-    let logged = filter_fn(|meta| meta.target() != EXPORT_ONLY);
-    let fmt = match std::env::var("SOMA_LOG_FORMAT").as_deref() {
-        Ok("text") => tracing_subscriber::fmt::layer()
-            .with_target(false)
-            .with_filter(env_filter().and(logged))
-            .boxed(),
-        _ => tracing_subscriber::fmt::layer()
-            .json()
-            .with_current_span(true)
-            .with_filter(env_filter().and(logged))
-            .boxed(),
-    };
     let provider = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
         Ok(endpoint) if !endpoint.trim().is_empty() => {
             let exporter = match std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").as_deref() {
@@ -129,7 +117,39 @@ pub fn init(service_name: &str) -> Result<Telemetry, TelemetryError> {
         }
         _ => None,
     };
-    let otel = provider.as_ref().map(|p| {
+    let text = std::env::var("SOMA_LOG_FORMAT").as_deref() == Ok("text");
+    subscriber(env_filter, text, provider.as_ref(), service_name)
+        .try_init()
+        .map_err(TelemetryError::Install)?;
+    Ok(Telemetry { provider })
+}
+
+/// The layers [`init`] installs: logs filtered by `filter()` without [`EXPORT_ONLY`] spans, and
+/// with a `provider` the OpenTelemetry layer, filtered by `filter()` plus every
+/// [`EXPORT_ONLY`] span. (`filter` is called once per layer: an `EnvFilter` is not `Clone`.)
+fn subscriber(
+    filter: impl Fn() -> EnvFilter,
+    text: bool,
+    provider: Option<&SdkTracerProvider>,
+    service_name: &str,
+) -> impl tracing::Subscriber + Send + Sync {
+    let logged = filter_fn(|meta| meta.target() != EXPORT_ONLY);
+    let fmt = if text {
+        tracing_subscriber::fmt::layer()
+            .with_target(false)
+            .with_filter(filter().and(logged))
+            .boxed()
+    } else {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_filter(filter().and(logged))
+            .boxed()
+    };
+    // A Vec rather than an Option: an absent `Option` layer still claims interest in every
+    // call site (tracing-subscriber 0.3), which would keep EXPORT_ONLY spans alive for nothing.
+    let mut layers = vec![fmt];
+    layers.extend(provider.map(|p| {
         let exported = filter_fn(|meta| meta.target() == EXPORT_ONLY);
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer(service_name.to_owned()))
@@ -142,14 +162,10 @@ pub fn init(service_name: &str) -> Result<Telemetry, TelemetryError> {
             .with_threads(false)
             .with_tracked_inactivity(false)
             .with_target(false)
-            .with_filter(env_filter().or(exported))
-    });
-    tracing_subscriber::registry()
-        .with(fmt)
-        .with(otel)
-        .try_init()
-        .map_err(TelemetryError::Install)?;
-    Ok(Telemetry { provider })
+            .with_filter(filter().or(exported))
+            .boxed()
+    }));
+    tracing_subscriber::registry().with(layers)
 }
 
 /// Sets a string-array attribute (such as `gen_ai.response.finish_reasons`) on `span`'s
@@ -166,6 +182,41 @@ pub fn set_string_array(span: &tracing::Span, key: &'static str, values: &[Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether a span with `target` at INFO is enabled under the layers for `directives`.
+    fn enabled(directives: &str, exporting: bool, target: &str) -> bool {
+        let provider = exporting.then(|| SdkTracerProvider::builder().build());
+        let sub = subscriber(|| EnvFilter::new(directives), true, provider.as_ref(), "t");
+        tracing::subscriber::with_default(sub, || {
+            // One call site per target: interest is cached per call site.
+            let span = match target {
+                EXPORT_ONLY => tracing::info_span!(target: "soma::otel", "gen_ai.request"),
+                _ => tracing::info_span!(target: "soma_proxy", "reconcile"),
+            };
+            !span.is_disabled()
+        })
+    }
+
+    #[test]
+    fn export_only_spans_exist_only_when_exporting_whatever_the_log_filter() {
+        let cases = [
+            // (RUST_LOG, exporting, target, enabled)
+            ("info", false, EXPORT_ONLY, false),
+            ("trace", false, EXPORT_ONLY, false),
+            ("info", true, EXPORT_ONLY, true),
+            ("warn", true, EXPORT_ONLY, true),
+            ("info", false, "soma_proxy", true),
+            ("warn", false, "soma_proxy", false),
+            ("warn", true, "soma_proxy", false),
+        ];
+        for (directives, exporting, target, want) in cases {
+            assert_eq!(
+                enabled(directives, exporting, target),
+                want,
+                "RUST_LOG={directives} exporting={exporting} target={target}"
+            );
+        }
+    }
 
     #[test]
     fn the_sdk_fallback_name_does_not_count_as_naming_the_service() {
