@@ -3,8 +3,9 @@
     client ──► soma-proxy ──► soma-fake-upstream (deterministic OpenAI stand-in)
                    └──OTLP/HTTP protobuf──▶ oteltap receiver ──re-emit──▶ resource recorder
 
-Three chat calls go through the real binaries: one plain, one streamed, one the provider
-answers with a 500. The test awaits their spans and checks the names, kind and attributes the
+Chat calls go through the real binaries: to an OpenAI-kind sidecar one plain, one streamed,
+one the provider answers with a 500 and one the Budget refuses; to an Anthropic-kind sidecar
+one streamed. The test awaits their spans and checks the names, kind and attributes the
 OpenTelemetry GenAI semantic conventions ask for, Soma's own `soma.*` attributes, the resource
 (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`), and that neither the provider key, the
 client token nor any prompt or answer text is in any exported attribute. Bounded: 60 s a wait.
@@ -95,17 +96,21 @@ def start_upstream(tmp_path: pathlib.Path) -> tuple[subprocess.Popen[bytes], str
     return proc, "http://" + line.removeprefix("listening on ").strip()
 
 
-def start_proxy(tmp_path: pathlib.Path, upstream: str, otlp: str) -> tuple[subprocess.Popen[bytes], str, list[str]]:
+def start_proxy(tmp_path: pathlib.Path, upstream: str, otlp: str,
+                kind: str = "openai") -> tuple[subprocess.Popen[bytes], str, list[str]]:
+    tmp_path = tmp_path / kind
+    tmp_path.mkdir()
     (tmp_path / "api-key").write_text(KEY + "\n")
     config = {
         "listen": "127.0.0.1:0",
         "adminListen": "127.0.0.1:0",
         "agent": {"namespace": "research", "name": "assistant"},
-        "provider": {"kind": "openai", "upstream": upstream, "model": "gpt-4o-mini"},
+        "provider": {"kind": kind, "upstream": upstream, "model": "gpt-4o-mini"},
         "credentials": {"file": str(tmp_path / "api-key")},
         "clientTokenEnv": "SOMA_POD_UID",
         "outboxPath": str(tmp_path / "outbox.db"),
-        "prices": {"gpt-4o-mini": {"inputPerMTok": 150_000, "outputPerMTok": 600_000}},
+        "prices": {"gpt-4o-mini": {"inputPerMTok": 150_000, "outputPerMTok": 600_000},
+                   "claude-sonnet-4": {"inputPerMTok": 3_000_000, "outputPerMTok": 15_000_000}},
         "budget": "team",
         "budgets": [{"name": "team", "limits": {"costMicros": 1_000_000}, "period": {"calendar": "day"}}],
     }
@@ -136,15 +141,21 @@ def chat(proxy: str, content: str, **extra: Any) -> requests.Response:
                          headers={"authorization": f"Bearer {TOKEN}"}, stream=bool(extra.get("stream")))
 
 
+def messages(proxy: str, content: str, **extra: Any) -> requests.Response:
+    body = {"model": "claude-sonnet-4", "max_tokens": 16, "messages": [{"role": "user", "content": content}], **extra}
+    return requests.post(f"{proxy}/v1/messages", json=body, timeout=30, headers={"x-api-key": TOKEN},
+                         stream=bool(extra.get("stream")))
+
+
 def test_genai_spans_reach_an_otlp_receiver(tmp_path: pathlib.Path) -> None:
     from oteltap import OtelTapHttpProtobufReceiver, OtelTapHttpProtobufReceiverSettings
 
     recorder = ResourceRecorder()
-    upstream = proxy = None
+    upstream = proxy = anthropic = None
     port = free_port()
 
     async def scenario() -> None:
-        nonlocal upstream, proxy
+        nonlocal upstream, proxy, anthropic
         settings = OtelTapHttpProtobufReceiverSettings(http_port=port, listen_on_all_interfaces=False,
                                                        reemit_traces_to_url=recorder.url)
         async with OtelTapHttpProtobufReceiver(settings) as receiver:
@@ -162,6 +173,16 @@ def test_genai_spans_reach_an_otlp_receiver(tmp_path: pathlib.Path) -> None:
             assert "data: [DONE]" in stream_text
             failed = await asyncio.to_thread(chat, proxy_url, "SCENARIO:error-500")
             assert failed.status_code == 500
+            # Worst case 5M output tokens × 0.6 micro-units each is over the 1M cap: refused.
+            refused = await asyncio.to_thread(chat, proxy_url, PROMPT, max_tokens=5_000_000)
+            assert refused.status_code == 429, refused.text
+
+            anthropic, anthropic_url, anthropic_log = start_proxy(tmp_path, upstream_url,
+                                                                  f"http://127.0.0.1:{port}", kind="anthropic")
+            claude = await asyncio.to_thread(messages, anthropic_url, PROMPT, stream=True)
+            assert claude.status_code == 200
+            claude_text = await asyncio.to_thread(lambda: claude.content.decode())
+            assert "message_stop" in claude_text
 
             def call(stream: bool, status: int):
                 def match(span) -> bool:
@@ -170,15 +191,24 @@ def test_genai_spans_reach_an_otlp_receiver(tmp_path: pathlib.Path) -> None:
                             and a.get("http.response.status_code") == status)
                 return receiver.await_trace(match, timeout=60)
 
+            def named(name: str, error_type: str | None = None):
+                def match(span) -> bool:
+                    return span.name == name and attributes(span.attributes).get("error.type") == error_type
+                return receiver.await_trace(match, timeout=60)
+
             spans = {"plain": await call(False, 200), "streamed": await call(True, 200),
-                     "failed": await call(False, 500)}
+                     "failed": await call(False, 500), "refused": await named("chat gpt-4o-mini", "budget"),
+                     "claude": await named("chat claude-sonnet-4")}
             stop_process(proxy)  # flushes the batch exporter
+            stop_process(anthropic)
             await asyncio.sleep(0.5)  # oteltap re-emits asynchronously
 
         usages = {"plain": plain.json()["usage"],
                   "streamed": [json.loads(e.removeprefix("data: ")) for e in stream_text.split("\n\n")
                                if e.startswith("data: {") and '"usage":{' in e][-1]["usage"]}
         for name, span in spans.items():
+            if name == "claude":
+                continue
             a = attributes(span.attributes)
             assert span.kind == CLIENT, name
             assert span.end_time_unix_nano >= span.start_time_unix_nano > 0, name
@@ -192,8 +222,11 @@ def test_genai_spans_reach_an_otlp_receiver(tmp_path: pathlib.Path) -> None:
                 "server.port": int(upstream_url.rsplit(":", 1)[1]),
                 "soma.budget": "team",
             }
+            if name == "refused":
+                expected["gen_ai.request.max_tokens"] = 5_000_000
             assert {k: a.get(k) for k in expected} == expected, (name, a)
-            assert isinstance(a.get("soma.usage.estimated"), bool), (name, a)
+            if name != "refused":  # refused before anything was settled
+                assert isinstance(a.get("soma.usage.estimated"), bool), (name, a)
         for name in ("plain", "streamed"):
             a = attributes(spans[name].attributes)
             assert a["gen_ai.response.id"] == "chatcmpl-fake", (name, a)
@@ -209,6 +242,31 @@ def test_genai_spans_reach_an_otlp_receiver(tmp_path: pathlib.Path) -> None:
         assert a["error.type"] == "500", a
         assert a["soma.outcome"] == "upstream_error", a
         assert spans["failed"].status.code == STATUS_ERROR, spans["failed"].status
+        a = attributes(spans["refused"].attributes)
+        assert a["soma.budget.refused_by"] == "team", a
+        assert "gen_ai.usage.input_tokens" not in a, a
+        assert spans["refused"].status.code == STATUS_ERROR
+
+        a = attributes(spans["claude"].attributes)
+        assert spans["claude"].kind == CLIENT
+        claude_events = [json.loads(line.removeprefix("data: ")) for line in claude_text.splitlines()
+                         if line.startswith("data: {")]
+        start = next(e for e in claude_events if e["type"] == "message_start")["message"]
+        delta = next(e for e in claude_events if e["type"] == "message_delta")
+        want = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": "anthropic",
+            "gen_ai.request.model": "claude-sonnet-4",
+            "gen_ai.request.stream": True,
+            "gen_ai.response.id": start["id"],
+            "gen_ai.response.model": start["model"],
+            "gen_ai.response.finish_reasons": [delta["delta"]["stop_reason"]],
+            "gen_ai.usage.input_tokens": start["usage"]["input_tokens"],
+            "gen_ai.usage.output_tokens": delta["usage"]["output_tokens"],
+            "soma.usage.estimated": False,
+            "soma.outcome": "ok",
+        }
+        assert {k: a.get(k) for k in want} == want, a
         # The streamed span ends after the stream was metered (its usage is on it, above), not when
         # the response headers went out: it lasts at least the upstream's 17 pauses of 20 ms.
         streamed_ns = spans["streamed"].end_time_unix_nano - spans["streamed"].start_time_unix_nano
@@ -225,11 +283,12 @@ def test_genai_spans_reach_an_otlp_receiver(tmp_path: pathlib.Path) -> None:
             text = json.dumps(attrs)
             for secret in (KEY, TOKEN, PROMPT, "w0 w1"):
                 assert secret not in text, f"{secret!r} in span {name}: {text}"
-        assert not any(KEY in line for line in log)
+        assert not any(KEY in line for line in log + anthropic_log)
 
     try:
         asyncio.run(scenario())
     finally:
         stop_process(proxy)
+        stop_process(anthropic)
         stop_process(upstream)
         recorder.stop()
