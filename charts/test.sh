@@ -162,6 +162,9 @@ equals "cert-manager mode flag" --webhook-cert-manager \
     "$py" "$rendered" arg "$out/everything.yaml" --webhook-cert-manager
 equals "fail-open switch" --policy-fail-open "$py" "$rendered" arg "$out/everything.yaml" --policy-fail-open
 check "OTEL_EXPORTER_OTLP_ENDPOINT rendered" grep -q 'name: OTEL_EXPORTER_OTLP_ENDPOINT' "$out/everything.yaml"
+equals "sidecar OTLP endpoint flag" http://otel-collector.observability:4317 \
+    "$py" "$rendered" arg "$out/everything.yaml" --sidecar-otlp-endpoint
+equals "sidecar OTLP protocol flag" grpc "$py" "$rendered" arg "$out/everything.yaml" --sidecar-otlp-protocol
 
 check "render single replica without leader election" render "$out/single.yaml" -f "$values/single.yaml"
 equals "single: --no-leader-election" --no-leader-election \

@@ -73,6 +73,56 @@ pub fn usage_from_body(dialect: Dialect, body: &Value) -> Option<Usage> {
     usage_object(dialect, body.get("usage")?)
 }
 
+/// What a response says about itself, for traces: the provider's id for it, the model that
+/// answered, and why generation stopped (one reason per choice). Never any generated text.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResponseInfo {
+    /// `id` (OpenAI `chatcmpl-…`/`resp_…`, Anthropic `msg_…`).
+    pub id: Option<String>,
+    /// `model`, as the provider reports it.
+    pub model: Option<String>,
+    /// OpenAI `choices[].finish_reason`, Anthropic `stop_reason`.
+    pub finish_reasons: Vec<String>,
+}
+
+impl ResponseInfo {
+    /// From a complete (non-streaming) response body.
+    pub fn from_body(body: &Value) -> ResponseInfo {
+        let mut info = ResponseInfo::default();
+        info.take_ids(body);
+        info.take_finish_reasons(body);
+        if let Some(r) = body.get("stop_reason").and_then(Value::as_str) {
+            info.finish_reasons.push(r.to_owned());
+        }
+        info
+    }
+
+    /// Keeps the first `id` and `model` seen in `v`.
+    fn take_ids(&mut self, v: &Value) {
+        let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+        if self.id.is_none() {
+            self.id = s("id");
+        }
+        if self.model.is_none() {
+            self.model = s("model");
+        }
+    }
+
+    /// OpenAI's per-choice reasons (set on a stream's last chunk of each choice).
+    fn take_finish_reasons(&mut self, v: &Value) {
+        for choice in v
+            .get("choices")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(r) = choice.get("finish_reason").and_then(Value::as_str) {
+                self.finish_reasons.push(r.to_owned());
+            }
+        }
+    }
+}
+
 /// What the relay should do with one stream event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Disposition {
@@ -94,6 +144,8 @@ pub struct StreamMeter {
     complete: bool,
     /// Text delivered to the client, for estimates.
     delivered: String,
+    /// Response id, model and finish reasons, for traces.
+    info: ResponseInfo,
 }
 
 impl StreamMeter {
@@ -104,6 +156,7 @@ impl StreamMeter {
             reported: None,
             complete: false,
             delivered: String::new(),
+            info: ResponseInfo::default(),
         }
     }
 
@@ -124,6 +177,9 @@ impl StreamMeter {
     fn openai(&mut self, v: &Value) -> Disposition {
         // Responses API events carry a `type`.
         if let Some(kind) = v.get("type").and_then(Value::as_str) {
+            if let Some(r) = v.get("response") {
+                self.info.take_ids(r);
+            }
             match kind {
                 "response.completed" | "response.incomplete" | "response.failed" => {
                     if let Some(u) = v.pointer("/response/usage") {
@@ -140,6 +196,8 @@ impl StreamMeter {
             }
             return Disposition::Forward;
         }
+        self.info.take_ids(v);
+        self.info.take_finish_reasons(v);
         for choice in v
             .get("choices")
             .and_then(Value::as_array)
@@ -192,11 +250,17 @@ impl StreamMeter {
         let kind = event.or_else(|| v.get("type").and_then(Value::as_str));
         match kind {
             Some("message_start") => {
+                if let Some(m) = v.get("message") {
+                    self.info.take_ids(m);
+                }
                 self.reported = v
                     .pointer("/message/usage")
                     .and_then(|u| usage_object(Dialect::Anthropic, u));
             }
             Some("message_delta") => {
+                if let Some(r) = v.pointer("/delta/stop_reason").and_then(Value::as_str) {
+                    self.info.finish_reasons.push(r.to_owned());
+                }
                 if let Some(u) = v.get("usage") {
                     let mut r = self.reported.unwrap_or_default();
                     // Cumulative counts; input fields appear here only in newer API versions.
@@ -221,6 +285,11 @@ impl StreamMeter {
             }
             _ => {}
         }
+    }
+
+    /// The response's id, model and finish reasons seen so far.
+    pub fn response(&self) -> &ResponseInfo {
+        &self.info
     }
 
     /// Whether the provider's closing usage arrived.
@@ -417,6 +486,45 @@ mod tests {
             (u.input_tokens, u.output_tokens, u.reasoning_tokens),
             (5, 2, 1)
         );
+    }
+
+    #[test]
+    fn response_info_from_bodies_and_streams() {
+        let info = |id: &str, model: Option<&str>, reasons: &[&str]| ResponseInfo {
+            id: Some(id.to_owned()),
+            model: model.map(str::to_owned),
+            finish_reasons: reasons.iter().map(|r| (*r).to_owned()).collect(),
+        };
+        let bodies = [
+            (
+                json!({"id": "chatcmpl-1", "model": "gpt-4o-2024-08-06", "choices": [
+                    {"index": 0, "message": {"content": "hi"}, "finish_reason": "stop"},
+                    {"index": 1, "message": {"content": "ho"}, "finish_reason": "length"}]}),
+                info("chatcmpl-1", Some("gpt-4o-2024-08-06"), &["stop", "length"]),
+            ),
+            (
+                json!({"id": "msg_1", "type": "message", "model": "claude-sonnet-4",
+                    "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn"}),
+                info("msg_1", Some("claude-sonnet-4"), &["end_turn"]),
+            ),
+            (
+                json!({"object": "list", "data": [], "model": "text-embedding-3-small"}),
+                ResponseInfo {
+                    model: Some("text-embedding-3-small".into()),
+                    ..ResponseInfo::default()
+                },
+            ),
+        ];
+        for (body, want) in bodies {
+            assert_eq!(ResponseInfo::from_body(&body), want, "{body}");
+        }
+        let (m, _) = run(Dialect::OpenAi, OPENAI);
+        assert_eq!(m.response(), &info("c", None, &["stop"]));
+        let (m, _) = run(Dialect::Anthropic, ANTHROPIC);
+        assert_eq!(m.response(), &info("m", None, &["end_turn"]));
+        let created = "data: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"model\":\"gpt-4o\"}}\n\n";
+        let (m, _) = run(Dialect::OpenAi, created);
+        assert_eq!(m.response(), &info("resp_1", Some("gpt-4o"), &[]));
     }
 
     #[test]

@@ -26,6 +26,13 @@ pub struct SidecarConfig {
     pub ledger_secret: Option<String>,
     /// NATS URL the sidecars publish settled usage to (JetStream), if any.
     pub nats_url: Option<String>,
+    /// OTLP endpoint the sidecars export their GenAI spans to, if any. Set: every sidecar gets
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_SERVICE_NAME=soma-proxy` and
+    /// `OTEL_RESOURCE_ATTRIBUTES` naming its namespace, pod and Agent.
+    pub otlp_endpoint: Option<String>,
+    /// `OTEL_EXPORTER_OTLP_PROTOCOL` for the sidecars (`grpc` or `http/protobuf`); unset, the
+    /// sidecar's default, HTTP/protobuf.
+    pub otlp_protocol: Option<String>,
 }
 
 impl Default for SidecarConfig {
@@ -37,6 +44,8 @@ impl Default for SidecarConfig {
             prices: None,
             ledger_secret: None,
             nats_url: None,
+            otlp_endpoint: None,
+            otlp_protocol: None,
         }
     }
 }

@@ -60,6 +60,13 @@ struct SidecarArgs {
     /// NATS URL the sidecars publish settled usage to (JetStream).
     #[arg(long, env = "SOMA_NATS_URL")]
     nats_url: Option<String>,
+    /// OTLP endpoint the sidecars export their GenAI spans to (an OpenTelemetry collector,
+    /// e.g. http://otel-collector.observability:4318); unset, sidecars export nothing.
+    #[arg(long, env = "SOMA_SIDECAR_OTLP_ENDPOINT")]
+    sidecar_otlp_endpoint: Option<String>,
+    /// OTLP protocol of `--sidecar-otlp-endpoint`.
+    #[arg(long, env = "SOMA_SIDECAR_OTLP_PROTOCOL", value_parser = ["http/protobuf", "grpc"])]
+    sidecar_otlp_protocol: Option<String>,
 }
 
 impl SidecarArgs {
@@ -84,6 +91,8 @@ impl SidecarArgs {
                 prices,
                 ledger_secret: nonempty(&self.ledger_secret),
                 nats_url: nonempty(&self.nats_url),
+                otlp_endpoint: nonempty(&self.sidecar_otlp_endpoint),
+                otlp_protocol: nonempty(&self.sidecar_otlp_protocol),
             },
             namespaces,
             ..OperatorConfig::default()

@@ -25,6 +25,7 @@ use tracing::Instrument;
 use crate::authority::Reserve;
 use crate::endpoint::Endpoint;
 use crate::error::ProxyError;
+use crate::genai_span;
 use crate::outbox::OpenRecord;
 use crate::relay;
 use crate::state::{AppState, Charge};
@@ -33,18 +34,28 @@ use crate::upstream;
 /// Serves one request to `endpoint`.
 pub async fn handle(state: Arc<AppState>, endpoint: Endpoint, req: Request) -> Response {
     let t0 = Instant::now();
-    let span = tracing::info_span!(
-        "gen_ai.request",
-        gen_ai.operation.name = endpoint.label(),
-        gen_ai.system = ?state.config.provider.kind,
-        gen_ai.request.model = tracing::field::Empty,
-        otel.kind = "client",
+    let span = genai_span::open(
+        endpoint,
+        &state.config.provider,
+        state.config.budget.as_deref(),
     );
     state.metrics.in_flight().inc();
     let task_state = state.clone();
-    let result =
-        tokio::spawn(async move { serve(&task_state, endpoint, req, t0).await }.instrument(span))
-            .await;
+    let task_span = span.clone();
+    let result = tokio::spawn(
+        async move {
+            let result = serve(&task_state, endpoint, req, t0, &task_span).await;
+            if let Err(e) = &result {
+                if let ProxyError::Budget(refusal) = e {
+                    task_span.record("soma.budget.refused_by", refusal.budget.as_str());
+                }
+                genai_span::record_error(&task_span, e.label());
+            }
+            result
+        }
+        .instrument(span),
+    )
+    .await;
     state.metrics.in_flight().dec();
     match result {
         Ok(Ok(resp)) => resp,
@@ -120,6 +131,7 @@ async fn serve(
     endpoint: Endpoint,
     req: Request,
     t0: Instant,
+    span: &tracing::Span,
 ) -> Result<Response, ProxyError> {
     if !authorized(state, req.headers()) {
         return Err(ProxyError::Unauthorized);
@@ -146,7 +158,7 @@ async fn serve(
             }
             read_body(body, limit).await?
         };
-        return forward_unmetered(state, endpoint, &parts, bytes).await;
+        return forward_unmetered(state, endpoint, &parts, bytes, span).await;
     }
     if !is_json(&parts.headers) {
         return Err(ProxyError::ContentType);
@@ -163,7 +175,14 @@ async fn serve(
         .filter(|m| !m.is_empty())
         .ok_or(ProxyError::NoModel)?
         .to_owned();
-    tracing::Span::current().record("gen_ai.request.model", model.as_str());
+    let stream = json.get("stream") == Some(&Value::Bool(true));
+    genai_span::record_request(
+        span,
+        endpoint,
+        &model,
+        tokens::max_output_tokens(&json),
+        stream,
+    );
     let mut price = price_of(state, &model)?;
     let prompt = tokens::estimate_prompt(&model, &json);
     let max_out = if endpoint.input_only() {
@@ -225,6 +244,7 @@ async fn serve(
         model: model.clone(),
         price,
         prompt_estimate: prompt,
+        span: span.clone(),
     };
     let record = OpenRecord {
         id: charge.id.clone(),
@@ -243,7 +263,6 @@ async fn serve(
         return Err(ProxyError::Outbox(e));
     }
 
-    let stream = json.get("stream") == Some(&Value::Bool(true));
     let inject = stream
         && endpoint.needs_include_usage()
         && json.pointer("/stream_options/include_usage") != Some(&Value::Bool(true));
@@ -358,9 +377,15 @@ async fn forward_metered(
 
     match upstream::read_all(rbody, state.idle()).await {
         Ok(body) => {
-            let parsed = serde_json::from_slice::<Value>(&body)
-                .ok()
-                .and_then(|v| wire::usage_from_body(dialect, &v));
+            let value = serde_json::from_slice::<Value>(&body).ok();
+            if let Some(v) = &value
+                && !charge.span.is_disabled()
+            {
+                genai_span::record_response(&charge.span, &wire::ResponseInfo::from_body(v));
+            }
+            let parsed = value
+                .as_ref()
+                .and_then(|v| wire::usage_from_body(dialect, v));
             let (usage, estimated) = match parsed {
                 Some(u) => (u, false),
                 None => (estimate_from_body(&charge, &body), true),
@@ -433,6 +458,7 @@ async fn forward_unmetered(
     endpoint: Endpoint,
     parts: &axum::http::request::Parts,
     body: Bytes,
+    span: &tracing::Span,
 ) -> Result<Response, ProxyError> {
     let request = build(state, endpoint, parts, body)?;
     let upstream = tokio::time::timeout(
@@ -449,6 +475,7 @@ async fn forward_unmetered(
     state
         .metrics
         .request(endpoint.label(), "", rparts.status.as_u16());
+    genai_span::record_status(span, rparts.status.as_u16());
     let body = if rparts.status.is_success() {
         body
     } else {

@@ -11,6 +11,7 @@
 //!                               └──► upstream (key injected) ──► relay/settle
 //!  outbox ──(background)──► ledger (PostgreSQL) and events (NATS JetStream), idempotent
 //!  Prometheus ──:9090──► admin (/healthz, /metrics)
+//!  each call ──► one GenAI span (genai_span), exported over OTLP when configured
 //! ```
 //!
 //! The domain arithmetic (prices, periods, reservations, usage parsing) is in `soma-metering`.
@@ -24,6 +25,7 @@ pub mod endpoint;
 pub mod error;
 pub mod events;
 pub mod fake_upstream;
+pub mod genai_span;
 pub mod handler;
 pub mod lease;
 pub mod ledger;

@@ -22,17 +22,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let json = std::env::var("SOMA_LOG_FORMAT").map_or(true, |f| f != "text");
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    if json {
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .json()
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
+    // Logs, and GenAI spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set (the operator
+    // sets it, with OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES, when it has a collector).
+    let _telemetry = soma_telemetry::init("soma-proxy")?;
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading {}", args.config.display()))?;
     let mut config = soma_proxy::Config::parse(&text)

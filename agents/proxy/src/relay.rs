@@ -9,6 +9,9 @@
 //! The usage record is settled before the client's body ends. A client that goes away stops
 //! the relay (and the upstream call); a provider that goes silent or breaks the connection ends
 //! the client's body with an error after settling. Either way what was delivered is metered.
+//!
+//! The call's GenAI span travels in the [`Charge`], so it stays open until the stream has been
+//! metered and settled, and carries the stream's response id, model and finish reasons.
 
 use std::sync::Arc;
 
@@ -21,7 +24,9 @@ use hyper::body::Incoming;
 use soma_metering::sse::{self, Framer};
 use soma_metering::wire::{Dialect, Disposition, StreamMeter};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
+use crate::genai_span;
 use crate::state::{AppState, Charge};
 use crate::upstream::replace_all;
 
@@ -38,7 +43,10 @@ pub fn relay(
     body: Incoming,
 ) -> Response {
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(32);
-    tokio::spawn(pump(state, charge, dialect, strip_usage, status, body, tx));
+    // The pump enters the call's span, so the span ends when the stream is metered, not when
+    // the response headers went out.
+    let span = charge.span.clone();
+    tokio::spawn(pump(state, charge, dialect, strip_usage, status, body, tx).instrument(span));
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });
@@ -117,10 +125,18 @@ async fn pump(
     }
     let (usage, estimated) = meter.finish(&charge.model, charge.prompt_estimate);
     let client_status = if outcome == "ok" { status.as_u16() } else { 0 };
+    let span = charge.span.clone();
+    genai_span::record_response(&span, meter.response());
+    let failed = matches!(outcome, "upstream_cut" | "upstream_timeout");
+    if failed {
+        genai_span::record_error(&span, outcome);
+    }
     charge
         .settle(&state, usage, estimated, outcome, client_status)
         .await;
-    if matches!(outcome, "upstream_cut" | "upstream_timeout") {
+    // The span closes here, after the stream is metered and settled.
+    drop(span);
+    if failed {
         // Abort the client's body so it sees an incomplete stream, as it would without us.
         let _ = tx
             .send(Err(std::io::Error::other(

@@ -55,6 +55,9 @@ pub struct Charge {
     pub price: Option<Price>,
     /// Pre-call prompt estimate.
     pub prompt_estimate: u64,
+    /// The call's GenAI span, held until the charge is settled so that it closes after the
+    /// usage is known (for a stream, after the relay has metered it).
+    pub span: tracing::Span,
 }
 
 impl Charge {
@@ -76,6 +79,14 @@ impl Charge {
         } else {
             state.authority.settle(now, self.reservations, amount);
         }
+        crate::genai_span::record_settlement(
+            &self.span,
+            &usage,
+            amount.micros,
+            estimated,
+            outcome,
+            http_status,
+        );
         let settlement = Settlement {
             usage,
             cost_micros: amount.micros,

@@ -455,8 +455,9 @@ fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
     }
 }
 
-/// The sidecar's environment: the per-pod client token and, with a ledger Secret, its URL.
-fn sidecar_env(config: &OperatorConfig) -> Vec<EnvVar> {
+/// The sidecar's environment: the per-pod client token, with a ledger Secret its URL, and with
+/// an OTLP endpoint the standard OpenTelemetry variables.
+fn sidecar_env(agent: &Agent, config: &OperatorConfig) -> Vec<EnvVar> {
     let mut vars = vec![pod_uid_env("SOMA_POD_UID")];
     if let Some(secret) = &config.sidecar.ledger_secret {
         vars.push(EnvVar {
@@ -472,6 +473,46 @@ fn sidecar_env(config: &OperatorConfig) -> Vec<EnvVar> {
             ..EnvVar::default()
         });
     }
+    vars.extend(sidecar_otel_env(agent, config));
+    vars
+}
+
+/// `OTEL_*` for the sidecar when the operator has an OTLP endpoint for sidecars: the endpoint
+/// (and protocol), the service name, and resource attributes naming the namespace, the pod
+/// (`$(SOMA_POD_NAME)`, expanded by the kubelet from the variable before it) and the Agent.
+fn sidecar_otel_env(agent: &Agent, config: &OperatorConfig) -> Vec<EnvVar> {
+    let Some(endpoint) = &config.sidecar.otlp_endpoint else {
+        return Vec::new();
+    };
+    let mut vars = vec![
+        EnvVar {
+            name: "SOMA_POD_NAME".to_owned(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.name".to_owned(),
+                    api_version: None,
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        },
+        env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()),
+    ];
+    if let Some(protocol) = &config.sidecar.otlp_protocol {
+        vars.push(env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol.clone()));
+    }
+    vars.extend([
+        env("OTEL_SERVICE_NAME", SIDECAR_NAME.to_owned()),
+        // Kubernetes names need no percent-encoding: no `,`, `=` or spaces.
+        env(
+            "OTEL_RESOURCE_ATTRIBUTES",
+            format!(
+                "k8s.namespace.name={},k8s.pod.name=$(SOMA_POD_NAME),soma.agent={}",
+                agent.namespace().unwrap_or_default(),
+                agent.name_any()
+            ),
+        ),
+    ]);
     vars
 }
 
@@ -508,7 +549,7 @@ fn sidecar_container(agent: &Agent, config: &OperatorConfig) -> Container {
             format!("{SIDECAR_CONFIG_DIR}/config.yaml"),
         ]),
         restart_policy: Some("Always".to_owned()),
-        env: Some(sidecar_env(config)),
+        env: Some(sidecar_env(agent, config)),
         ports: Some(vec![ContainerPort {
             name: Some("proxy-admin".to_owned()),
             container_port: i32::from(config.sidecar.admin_port),

@@ -739,6 +739,76 @@ fn sidecar_gets_prices_ledger_and_events_only_when_configured() {
 }
 
 #[test]
+fn sidecar_exports_traces_only_when_the_operator_has_an_otlp_endpoint() {
+    let otel_vars = |c: &Children| -> Vec<(String, String)> {
+        sidecar(c)
+            .env
+            .iter()
+            .flatten()
+            .filter(|e| e.name.starts_with("OTEL_"))
+            .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+            .collect()
+    };
+    let plain = built(&agent(|_| {}));
+    assert_eq!(otel_vars(&plain), Vec::new());
+    assert!(env_value(sidecar(&plain), "SOMA_POD_NAME").is_none());
+
+    let resolved = Resolved {
+        replicas: 1,
+        budgets: Vec::new(),
+    };
+    let pair = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+    let cases = [
+        (None, None),
+        (
+            Some("grpc"),
+            Some(pair("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")),
+        ),
+    ];
+    for (protocol, protocol_var) in cases {
+        let mut config = OperatorConfig::default();
+        config.sidecar.otlp_endpoint = Some("http://otel-collector.observability:4318".into());
+        config.sidecar.otlp_protocol = protocol.map(str::to_owned);
+        let c = children(&agent(|_| {}), &resolved, &config).expect("children");
+        let mut want = vec![pair(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "http://otel-collector.observability:4318",
+        )];
+        want.extend(protocol_var);
+        want.extend([
+            pair("OTEL_SERVICE_NAME", "soma-proxy"),
+            pair(
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "k8s.namespace.name=team,k8s.pod.name=$(SOMA_POD_NAME),soma.agent=helper",
+            ),
+        ]);
+        assert_eq!(otel_vars(&c), want, "protocol {protocol:?}");
+        // $(SOMA_POD_NAME) expands only from a variable defined before it.
+        let names: Vec<&str> = sidecar(&c)
+            .env
+            .iter()
+            .flatten()
+            .map(|e| e.name.as_str())
+            .collect();
+        let pos = |n: &str| names.iter().position(|x| *x == n).expect(n);
+        assert!(pos("SOMA_POD_NAME") < pos("OTEL_RESOURCE_ATTRIBUTES"));
+        let pod_name = env_value(sidecar(&c), "SOMA_POD_NAME")
+            .and_then(|e| e.value_from.as_ref())
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.as_str());
+        assert_eq!(pod_name, Some("metadata.name"));
+        assert!(
+            agent_container(&c)
+                .env
+                .iter()
+                .flatten()
+                .all(|e| !e.name.starts_with("OTEL_")),
+            "the agent container's telemetry is the agent's own business"
+        );
+    }
+}
+
+#[test]
 fn a_verified_image_is_pinned_in_the_agent_container_only() {
     let a = agent(|s| s.image = "reg.example/agent:1.0".into());
     let unpinned = built(&a);
