@@ -159,6 +159,25 @@ def test_genai_spans_reach_an_otlp_receiver(tmp_path: pathlib.Path) -> None:
         settings = OtelTapHttpProtobufReceiverSettings(http_port=port, listen_on_all_interfaces=False,
                                                        reemit_traces_to_url=recorder.url)
         async with OtelTapHttpProtobufReceiver(settings) as receiver:
+            # Every span the receiver hands over is kept: its await_trace sees only spans that
+            # arrive while it waits, and the batch exporter sends several spans at once.
+            seen: list[Any] = []
+
+            async def collect() -> None:
+                async for received in receiver.stream_traces():
+                    seen.append(received)
+
+            collector = asyncio.create_task(collect())
+            await asyncio.sleep(0.1)  # the subscription starts with the task's first step
+
+            async def find(predicate, what: str):
+                for _ in range(600):  # 60 s at most
+                    found = next((s for s in seen if predicate(s)), None)
+                    if found is not None:
+                        return found
+                    await asyncio.sleep(0.1)
+                raise AssertionError(f"no span for {what}; received {[s.name for s in seen]}")
+
             upstream, upstream_url = start_upstream(tmp_path)
             proxy, proxy_url, log = start_proxy(tmp_path, upstream_url, f"http://127.0.0.1:{port}")
 
@@ -189,16 +208,17 @@ def test_genai_spans_reach_an_otlp_receiver(tmp_path: pathlib.Path) -> None:
                     a = attributes(span.attributes)
                     return (span.name == "chat gpt-4o-mini" and a.get("gen_ai.request.stream") is stream
                             and a.get("http.response.status_code") == status)
-                return receiver.await_trace(match, timeout=60)
+                return find(match, f"stream={stream} status={status}")
 
             def named(name: str, error_type: str | None = None):
                 def match(span) -> bool:
                     return span.name == name and attributes(span.attributes).get("error.type") == error_type
-                return receiver.await_trace(match, timeout=60)
+                return find(match, f"{name} error.type={error_type}")
 
             spans = {"plain": await call(False, 200), "streamed": await call(True, 200),
                      "failed": await call(False, 500), "refused": await named("chat gpt-4o-mini", "budget"),
                      "claude": await named("chat claude-sonnet-4")}
+            collector.cancel()
             stop_process(proxy)  # flushes the batch exporter
             stop_process(anthropic)
             await asyncio.sleep(0.5)  # oteltap re-emits asynchronously
@@ -244,6 +264,7 @@ def test_genai_spans_reach_an_otlp_receiver(tmp_path: pathlib.Path) -> None:
         assert spans["failed"].status.code == STATUS_ERROR, spans["failed"].status
         a = attributes(spans["refused"].attributes)
         assert a["soma.budget.refused_by"] == "team", a
+        assert a["http.response.status_code"] == 429, a
         assert "gen_ai.usage.input_tokens" not in a, a
         assert spans["refused"].status.code == STATUS_ERROR
 

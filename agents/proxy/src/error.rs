@@ -93,7 +93,8 @@ impl ProxyError {
         }
     }
 
-    fn status(&self) -> StatusCode {
+    /// The HTTP status the client receives for this error.
+    pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
             ProxyError::NotFound(_) | ProxyError::WrongProvider { .. } => StatusCode::NOT_FOUND,

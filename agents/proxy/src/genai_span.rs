@@ -181,6 +181,13 @@ pub fn record_status(span: &Span, status: u16) {
     }
 }
 
+/// Marks a call the sidecar itself answered with an error: `error.type` is the error's label
+/// (`budget`, `unauthorized`, ...) and `http.response.status_code` the status the client got.
+pub fn record_refusal(span: &Span, label: &'static str, status: u16) {
+    span.record("http.response.status_code", i64::from(status));
+    record_error(span, label);
+}
+
 /// Marks the call failed with `error_type` (a sidecar refusal's label, an upstream status).
 pub fn record_error(span: &Span, error_type: impl tracing::Value) {
     span.record("error.type", error_type);

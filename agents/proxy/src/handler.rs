@@ -49,7 +49,7 @@ pub async fn handle(state: Arc<AppState>, endpoint: Endpoint, req: Request) -> R
                 if let ProxyError::Budget(refusal) = e {
                     task_span.record("soma.budget.refused_by", refusal.budget.as_str());
                 }
-                genai_span::record_error(&task_span, e.label());
+                genai_span::record_refusal(&task_span, e.label(), e.status().as_u16());
             }
             result
         }
