@@ -114,7 +114,8 @@ const HOP_BY_HOP: [&str; 8] = [
 ];
 
 /// Client headers that must not reach the provider: the client's token, and `accept-encoding`
-/// (the sidecar reads usage from the body, so it asks for it uncompressed).
+/// (the sidecar reads usage from the body, so it asks for it uncompressed: `identity`, said
+/// explicitly, because a request without the header accepts any coding).
 const CLIENT_ONLY: [&str; 5] = [
     "host",
     "authorization",
@@ -170,6 +171,7 @@ pub fn request(
         v.set_sensitive(true);
         headers.insert(name, v);
     }
+    headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     if provider == ProviderKind::Anthropic
         && !headers.contains_key("anthropic-version")
         && let Ok(v) = HeaderValue::from_str(anthropic_version)
@@ -286,7 +288,11 @@ mod tests {
         assert_eq!(r.headers()[header::AUTHORIZATION], "Bearer sk-live-123");
         assert!(r.headers()[header::AUTHORIZATION].is_sensitive());
         assert!(r.headers().get("x-api-key").is_none());
-        assert!(r.headers().get("accept-encoding").is_none());
+        assert_eq!(
+            r.headers()["accept-encoding"],
+            "identity",
+            "the client's gzip is replaced: usage is read from the body"
+        );
         assert!(r.headers().get(header::CONNECTION).is_none());
         assert_eq!(r.headers()["openai-organization"], "org-1");
         let r = request(
