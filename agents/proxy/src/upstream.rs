@@ -171,7 +171,10 @@ pub fn request(
         v.set_sensitive(true);
         headers.insert(name, v);
     }
-    headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
     if provider == ProviderKind::Anthropic
         && !headers.contains_key("anthropic-version")
         && let Ok(v) = HeaderValue::from_str(anthropic_version)
