@@ -4,8 +4,11 @@
 //! The estimate feeds the worst-case reservation, so it leans high: every string in the
 //! request's prompt-bearing fields is tokenised and each message adds a small framing overhead.
 //! Anthropic's tokenizer is not public; its models are estimated with cl100k, which is close for
-//! English text. Images and audio are not counted (their size is not in the JSON); the settled
-//! usage always comes from the provider.
+//! English text. An image part counts as a fixed bound ([`DEFAULT_IMAGE_TOKENS`] unless
+//! configured), not as the text of its URL or base64 data: the providers charge images by their
+//! pixels, and tokenising a megabyte of base64 would both cost milliseconds and reserve a
+//! million tokens. Other media (audio, files) are still counted as the text they are sent as,
+//! which over-estimates. The settled usage always comes from the provider.
 
 use serde_json::Value;
 use tiktoken_rs::CoreBPE;
@@ -14,6 +17,17 @@ use tiktoken_rs::CoreBPE;
 const PER_MESSAGE: u64 = 4;
 /// Tokens priming the reply.
 const PER_REPLY: u64 = 3;
+
+/// Prompt tokens assumed for one image part when no bound is configured: the most any
+/// provider's documented formula charges for one image. OpenAI's gpt-4o-mini at high detail
+/// charges 2,833 + 5,667 per 512-px tile, and an image is scaled to at most 768 × 2,048 px
+/// (8 tiles): 48,169. gpt-4o charges at most 1,445 and Anthropic about 1,600, so for those
+/// models a configured bound (`imageTokens`) reserves far less.
+pub const DEFAULT_IMAGE_TOKENS: u64 = 48_169;
+
+/// Content part types that carry an image: OpenAI chat (`image_url`), OpenAI Responses
+/// (`input_image`) and Anthropic Messages (`image`).
+const IMAGE_PARTS: [&str; 3] = ["image_url", "input_image", "image"];
 
 /// The tokenizer for `model`: o200k for current OpenAI models, cl100k for older ones and for
 /// models whose tokenizer is not public.
@@ -40,11 +54,16 @@ pub fn count_text(model: &str, text: &str) -> u64 {
 }
 
 /// Prompt tokens of a request body (chat completions, completions, embeddings, responses,
-/// Anthropic messages and count_tokens).
+/// Anthropic messages and count_tokens), with [`DEFAULT_IMAGE_TOKENS`] per image.
 pub fn estimate_prompt(model: &str, body: &Value) -> u64 {
+    estimate_prompt_with(model, body, DEFAULT_IMAGE_TOKENS)
+}
+
+/// [`estimate_prompt`] with `image_tokens` per image part.
+pub fn estimate_prompt_with(model: &str, body: &Value, image_tokens: u64) -> u64 {
     let bpe = bpe_for(model);
     let mut total = 0u64;
-    let mut count = |v: &Value| total += strings(bpe, v);
+    let mut count = |v: &Value| total = total.saturating_add(strings(bpe, v, image_tokens));
     // Fields that carry prompt text, across both providers' request formats.
     for field in [
         "messages",
@@ -66,14 +85,21 @@ pub fn estimate_prompt(model: &str, body: &Value) -> u64 {
     total + messages * PER_MESSAGE + if messages > 0 { PER_REPLY } else { 0 }
 }
 
-fn strings(bpe: &CoreBPE, v: &Value) -> u64 {
+fn strings(bpe: &CoreBPE, v: &Value, image_tokens: u64) -> u64 {
     match v {
         Value::String(s) => bpe.encode_ordinary(s).len() as u64,
-        Value::Array(a) => a.iter().map(|x| strings(bpe, x)).sum(),
+        Value::Array(a) => a.iter().map(|x| strings(bpe, x, image_tokens)).sum(),
+        Value::Object(o)
+            if o.get("type")
+                .and_then(Value::as_str)
+                .is_some_and(|t| IMAGE_PARTS.contains(&t)) =>
+        {
+            image_tokens
+        }
         // Object keys count too: tool schemas are sent to the model as text.
         Value::Object(o) => o
             .iter()
-            .map(|(k, x)| bpe.encode_ordinary(k).len() as u64 + strings(bpe, x))
+            .map(|(k, x)| bpe.encode_ordinary(k).len() as u64 + strings(bpe, x, image_tokens))
             .sum(),
         // Token-id prompts (`"prompt": [1, 2, 3]`) are one token per number.
         Value::Number(_) => 1,
@@ -125,6 +151,40 @@ mod tests {
             assert!(est >= text_tokens, "{body}: {est} < {text_tokens}");
             assert!(est <= text_tokens + 20, "{body}: {est} is far too high");
         }
+    }
+
+    #[test]
+    fn images_count_as_the_bound_not_as_their_base64() {
+        // 300 KB of base64: tokenised as text it would be well over 100,000 tokens.
+        let data = "iVBORw0KGgo".repeat(30_000);
+        let text = json!({"type": "text", "text": "hello world"});
+        let bodies = [
+            json!({"model": "gpt-4o", "messages": [{"role": "user", "content": [text.clone(),
+                {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{data}"), "detail": "high"}}]}]}),
+            json!({"model": "gpt-4o", "input": [{"role": "user", "content": [
+                {"type": "input_text", "text": "hello world"},
+                {"type": "input_image", "image_url": format!("data:image/png;base64,{data}")}]}]}),
+            json!({"model": "claude-sonnet-4", "messages": [{"role": "user", "content": [text,
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}}]}]}),
+        ];
+        for body in &bodies {
+            let model = body["model"].as_str().unwrap();
+            let est = estimate_prompt(model, body);
+            assert!(
+                (DEFAULT_IMAGE_TOKENS..DEFAULT_IMAGE_TOKENS + 40).contains(&est),
+                "{model}: {est}"
+            );
+            let configured = estimate_prompt_with(model, body, 1_600);
+            assert!(
+                (1_600..1_640).contains(&configured),
+                "{model}: {configured}"
+            );
+        }
+        // An image by URL is charged by its pixels too, not by the URL's few tokens.
+        let by_url = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+            {"type": "image_url", "image_url": {"url": "https://example.com/dog.png"}}]}]});
+        assert!(estimate_prompt_with("gpt-4o", &by_url, 1_445) >= 2 * 1_445);
     }
 
     #[test]

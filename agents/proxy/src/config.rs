@@ -98,6 +98,12 @@ pub struct Config {
     /// Output tokens assumed for the worst case when a request sets no `max_tokens`.
     #[serde(default = "default_max_tokens")]
     pub default_max_tokens: u64,
+    /// Prompt tokens assumed for each image in a request (the provider charges images by their
+    /// pixels, which the sidecar does not decode). The default covers the dearest documented
+    /// formula (OpenAI's gpt-4o-mini at high detail); set the bound of your models to reserve
+    /// less, for example 1,445 for gpt-4o or 1,600 for Claude.
+    #[serde(default = "default_image_tokens")]
+    pub image_tokens: u64,
     /// Upstream timeouts.
     #[serde(default)]
     pub timeouts: Timeouts,
@@ -239,6 +245,9 @@ fn default_body_limit() -> usize {
 }
 fn default_max_tokens() -> u64 {
     4_096
+}
+fn default_image_tokens() -> u64 {
+    soma_metering::tokens::DEFAULT_IMAGE_TOKENS
 }
 fn default_anthropic_version() -> String {
     "2023-06-01".into()

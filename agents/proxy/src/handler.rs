@@ -184,7 +184,7 @@ async fn serve(
         stream,
     );
     let mut price = price_of(state, &model)?;
-    let prompt = tokens::estimate_prompt(&model, &json);
+    let prompt = tokens::estimate_prompt_with(&model, &json, state.config.image_tokens);
     let max_out = if endpoint.input_only() {
         0
     } else {
