@@ -33,6 +33,11 @@ pub struct SidecarConfig {
     /// `OTEL_EXPORTER_OTLP_PROTOCOL` for the sidecars (`grpc` or `http/protobuf`); unset, the
     /// sidecar's default, HTTP/protobuf.
     pub otlp_protocol: Option<String>,
+    /// Namespaces the Agents' pods may open connections to on any port, beside DNS, the
+    /// provider and the Agent's allow-list: where the platform runs the ledger's PostgreSQL,
+    /// NATS and the OpenTelemetry collector. NetworkPolicy cannot name a host, and these live
+    /// in the cluster's private ranges, which the provider rule leaves closed.
+    pub egress_namespaces: Vec<String>,
 }
 
 impl Default for SidecarConfig {
@@ -46,6 +51,7 @@ impl Default for SidecarConfig {
             nats_url: None,
             otlp_endpoint: None,
             otlp_protocol: None,
+            egress_namespaces: Vec::new(),
         }
     }
 }

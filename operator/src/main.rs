@@ -67,6 +67,10 @@ struct SidecarArgs {
     /// OTLP protocol of `--sidecar-otlp-endpoint`.
     #[arg(long, env = "SOMA_SIDECAR_OTLP_PROTOCOL", value_parser = ["http/protobuf", "grpc"])]
     sidecar_otlp_protocol: Option<String>,
+    /// Namespaces the Agents' pods may reach on any port (where the ledger's PostgreSQL, NATS
+    /// and the OpenTelemetry collector run), opened in every Agent's NetworkPolicy.
+    #[arg(long, env = "SOMA_SIDECAR_EGRESS_NAMESPACES", value_delimiter = ',')]
+    sidecar_egress_namespaces: Vec<String>,
 }
 
 impl SidecarArgs {
@@ -93,6 +97,12 @@ impl SidecarArgs {
                 nats_url: nonempty(&self.nats_url),
                 otlp_endpoint: nonempty(&self.sidecar_otlp_endpoint),
                 otlp_protocol: nonempty(&self.sidecar_otlp_protocol),
+                egress_namespaces: self
+                    .sidecar_egress_namespaces
+                    .iter()
+                    .map(|n| n.trim().to_owned())
+                    .filter(|n| !n.is_empty())
+                    .collect(),
             },
             namespaces,
             ..OperatorConfig::default()

@@ -26,7 +26,9 @@ use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
     NetworkPolicyPort, NetworkPolicySpec,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, ObjectMeta,
+};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
@@ -781,8 +783,9 @@ fn egress_allow_rule(rule: &EgressRule) -> NetworkPolicyEgressRule {
     }
 }
 
-/// Default-deny egress for the Agent's pods except DNS, the model provider and the Agent's
-/// allow-list; ingress only to the agent's port and the sidecar's metrics port.
+/// Default-deny egress for the Agent's pods except DNS, the model provider, the Agent's
+/// allow-list and the operator's `egress_namespaces` (the ledger, NATS and collector the
+/// sidecar reports to); ingress only to the agent's port and the sidecar's metrics port.
 ///
 /// NetworkPolicy is L3/L4, so a destination known only by host name (the public provider API,
 /// a `host` rule) is opened on its ports to public addresses, never to the cluster's private
@@ -818,6 +821,22 @@ pub fn network_policy(agent: &Agent, config: &OperatorConfig) -> NetworkPolicy {
     };
     let mut egress = vec![dns, provider];
     egress.extend(agent.spec.sandbox.egress.iter().map(egress_allow_rule));
+    if !config.sidecar.egress_namespaces.is_empty() {
+        egress.push(NetworkPolicyEgressRule {
+            to: Some(vec![NetworkPolicyPeer {
+                namespace_selector: Some(LabelSelector {
+                    match_labels: None,
+                    match_expressions: Some(vec![LabelSelectorRequirement {
+                        key: "kubernetes.io/metadata.name".to_owned(),
+                        operator: "In".to_owned(),
+                        values: Some(config.sidecar.egress_namespaces.clone()),
+                    }]),
+                }),
+                ..NetworkPolicyPeer::default()
+            }]),
+            ports: None,
+        });
+    }
 
     let mut ingress_ports = vec![tcp(i32::from(config.sidecar.admin_port))];
     if let Some(port) = agent.spec.port {

@@ -506,6 +506,50 @@ fn children_are_owned_labelled_and_named() {
 }
 
 #[test]
+fn network_policy_opens_the_platform_namespaces_only_when_configured() {
+    let egress = |c: &Children| {
+        c.network_policy
+            .spec
+            .as_ref()
+            .and_then(|s| s.egress.clone())
+            .expect("egress")
+    };
+    let plain = built(&agent(|_| {}));
+    assert!(
+        egress(&plain).iter().all(|r| r
+            .to
+            .iter()
+            .flatten()
+            .all(|p| p.namespace_selector.is_none())),
+        "no namespace is opened by default"
+    );
+
+    let mut config = OperatorConfig::default();
+    config.sidecar.egress_namespaces = vec!["soma-system".into(), "observability".into()];
+    let resolved = Resolved {
+        replicas: 1,
+        budgets: Vec::new(),
+    };
+    let c = children(&agent(|_| {}), &resolved, &config).expect("children");
+    let rules = egress(&c);
+    let last = rules.last().expect("a rule");
+    let selector = last
+        .to
+        .as_ref()
+        .and_then(|t| t[0].namespace_selector.as_ref())
+        .expect("namespaceSelector");
+    let req = &selector.match_expressions.as_ref().expect("expressions")[0];
+    assert_eq!(req.key, "kubernetes.io/metadata.name");
+    assert_eq!(req.operator, "In");
+    assert_eq!(
+        req.values.as_deref(),
+        Some(&["soma-system".to_owned(), "observability".to_owned()][..])
+    );
+    assert!(last.ports.is_none(), "any port in those namespaces");
+    assert_eq!(rules.len(), egress(&plain).len() + 1);
+}
+
+#[test]
 fn service_only_with_a_port() {
     assert!(built(&agent(|_| {})).service.is_some());
     assert!(built(&agent(|s| s.port = None)).service.is_none());
