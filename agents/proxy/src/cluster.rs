@@ -215,7 +215,11 @@ impl ClusterAuthority {
     }
 
     fn try_local(&self, now: Timestamp, want: Amount) -> Step {
-        let mut m = self.lock();
+        self.take(&mut self.lock(), now, want)
+    }
+
+    /// [`Self::try_local`] on a map the caller has locked.
+    fn take(&self, m: &mut HashMap<String, Local>, now: Timestamp, want: Amount) -> Step {
         for name in &self.chain {
             if !m.get_mut(name).is_some_and(|l| l.covers(now, want)) {
                 return Step::Short;
@@ -266,8 +270,12 @@ impl ClusterAuthority {
 
     /// Takes the leases PostgreSQL granted in a transaction started at `started`.
     fn apply(&self, grants: &[Grant], started: Instant) {
+        self.apply_to(&mut self.lock(), grants, started);
+    }
+
+    /// [`Self::apply`] on a map the caller has locked.
+    fn apply_to(&self, m: &mut HashMap<String, Local>, grants: &[Grant], started: Instant) {
         let valid_until = started + self.terms.ttl - self.terms.ttl / 10;
-        let mut m = self.lock();
         for g in grants {
             if let Some(l) = m.get_mut(&g.budget) {
                 if l.window.map(|w| w.start.as_millisecond()) == Some(g.window_start_ms) {
@@ -378,7 +386,19 @@ impl ClusterAuthority {
                 Ok(Ok(grants)) => {
                     self.failed(false);
                     self.transactions.count("top_up", "granted");
-                    self.apply(&grants, started);
+                    // Land the grant and take this request's share under one lock: otherwise
+                    // the replica's other requests, on the fast path, can use up what was
+                    // leased for this one before it looks, round after round.
+                    let step = {
+                        let mut m = self.lock();
+                        self.apply_to(&mut m, &grants, started);
+                        self.take(&mut m, now, want)
+                    };
+                    match step {
+                        Step::Taken(r) => return Reserve::Taken(r),
+                        Step::Refused(r) => return Reserve::Refused(r),
+                        Step::Short => {}
+                    }
                 }
                 Ok(Err(short)) => {
                     self.transactions.count("top_up", "refused");
