@@ -84,6 +84,7 @@ class Operator:
                 break
             except requests.ConnectionError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
+                    stop_process(self.proc)
                     raise RuntimeError(f"{name} did not start:\n{self.log_tail()}")
                 time.sleep(0.1)
 

@@ -122,19 +122,20 @@ class Env:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     workdir = tmp_path_factory.mktemp("webhook")
     standin = StandIn(workdir / "standin", crds=REPO / "crds")
-    operator = None
+    env = None
     try:
         k = standin.kube
         k.ensure_namespace(TEAM)
         k.apply(budget("team-budget", TEAM), manager="kubectl")
         k.apply(agent("good", f"registry.example.com/agents/echo@{DIGEST}"), manager="kubectl")
         kubeconfig = standin.write_kubeconfig(workdir / "kubeconfig")
-        operator = Operator(workdir, kubeconfig, "soma-operator-0", "--no-leader-election")
-        wait_for("the webhook port", lambda: listening(operator.webhook_port))
-        yield Env(standin, operator, workdir)
+        env = Env(standin, Operator(workdir, kubeconfig, "soma-operator-0", "--no-leader-election"), workdir)
+        wait_for("the webhook port", lambda: listening(env.operator.webhook_port))
+        yield env
     finally:
-        if operator is not None:
-            operator.stop()
+        # Tests restart the operator (env.operator is replaced), so stop whichever runs now.
+        if env is not None:
+            env.operator.stop()
         standin.stop()
 
 
