@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import requests
 import yaml
@@ -31,6 +31,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for(what: str, probe: Callable[[], Any], seconds: float = 60.0, interval: float = 0.2) -> Any:
+    """Polls `probe` until it returns something truthy (returned), failing the test after
+    `seconds` with the last value seen."""
+    import pytest  # here, not at the top: scripts/local_up.py imports harness without pytest
+
+    deadline = time.monotonic() + seconds
+    last = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    pytest.fail(f"timed out waiting for {what} (last: {last!r})")
 
 
 def stop_process(proc: subprocess.Popen[Any] | None, grace: float = 5.0) -> None:

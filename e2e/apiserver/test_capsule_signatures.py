@@ -25,12 +25,12 @@ import datetime
 import hashlib
 import pathlib
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 
 import signing
-from harness import REPO, StandIn
+from harness import REPO, StandIn, wait_for
 from signing import Registry, Workdir, condition, sha256
 from test_convergence import AGENTS, Operator, budget, pytestmark as needs_operator
 
@@ -43,19 +43,9 @@ NS = "sig"
 REPO_KB = "capsules/kb"
 POLICY_HASH = "sha256:" + "9b" * 32
 IMAGE = "registry.example.com/agents/echo@sha256:" + "ab" * 32
-WAIT = 60.0
 RECHECK_SECONDS = 1  # how soon a rejected OCI Capsule is looked up in the registry again
 
 
-def wait_for(what: str, probe: Callable[[], Any], seconds: float = WAIT) -> Any:
-    deadline = time.monotonic() + seconds
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what} (last: {last!r})")
 
 
 def key_fingerprint(pem: str) -> str:

@@ -27,11 +27,11 @@ import socket
 import ssl
 import time
 import uuid
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 
-from harness import REPO, StandIn
+from harness import REPO, StandIn, wait_for
 from test_convergence import AGENTS, Operator, budget, pytestmark  # noqa: F401  (skip without the binary)
 
 OPERATOR_NS = "default"  # the operator's POD_NAMESPACE in the harness
@@ -40,7 +40,6 @@ SERVICE = "soma-operator-webhook"
 VWC = ("admissionregistration.k8s.io/v1", "validatingwebhookconfigurations")
 SECRET = "soma-operator-webhook-cert"
 DIGEST = "sha256:" + "ab" * 32
-WAIT = 60.0
 
 
 def agent(name: str, image: str, budget_ref: str | None = "team-budget") -> dict[str, Any]:
@@ -50,15 +49,6 @@ def agent(name: str, image: str, budget_ref: str | None = "team-budget") -> dict
     return {"apiVersion": AGENTS, "kind": "Agent", "metadata": {"name": name, "namespace": TEAM}, "spec": spec}
 
 
-def wait_for(what: str, probe: Callable[[], Any], seconds: float = WAIT) -> Any:
-    deadline = time.monotonic() + seconds
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.25)
-    pytest.fail(f"timed out waiting for {what} (last: {last!r})")
 
 
 class _ServiceConnection(http.client.HTTPSConnection):

@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use kube::Client;
+use kube::api::Api;
 use kube::runtime::events::{Recorder, Reporter};
 
 use crate::agent::image::{ImageCache, ImageVerifier, Unconfigured};
@@ -13,6 +14,18 @@ use crate::capsule::verify::{Cache, CapsuleVerifier, Unavailable};
 use crate::config::OperatorConfig;
 use crate::metrics::Metrics;
 use crate::policy::check::Checker;
+
+/// The API of a namespaced kind in `namespace`, or in every namespace with `None`: what each
+/// controller watches.
+pub fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
 
 /// Shared reconcile state.
 pub struct Context {

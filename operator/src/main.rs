@@ -97,12 +97,7 @@ impl SidecarArgs {
                 nats_url: nonempty(&self.nats_url),
                 otlp_endpoint: nonempty(&self.sidecar_otlp_endpoint),
                 otlp_protocol: nonempty(&self.sidecar_otlp_protocol),
-                egress_namespaces: self
-                    .sidecar_egress_namespaces
-                    .iter()
-                    .map(|n| n.trim().to_owned())
-                    .filter(|n| !n.is_empty())
-                    .collect(),
+                egress_namespaces: listed(&self.sidecar_egress_namespaces),
             },
             namespaces,
             ..OperatorConfig::default()
@@ -183,12 +178,7 @@ impl SignatureArgs {
             );
         }
         Ok(TrustConfig {
-            insecure_registries: self
-                .insecure_registries
-                .iter()
-                .map(|r| r.trim().to_owned())
-                .filter(|r| !r.is_empty())
-                .collect(),
+            insecure_registries: listed(&self.insecure_registries),
             keyless_roots: roots,
             ..TrustConfig::default()
         })
@@ -426,6 +416,15 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
 }
 
 /// `issuer=<issuer>,subject=<subject>` (either order) as (issuer, subject).
+/// A comma-separated flag's items, trimmed, empty ones dropped (`--x a,,b ,` is `[a, b]`).
+fn listed(items: &[String]) -> Vec<String> {
+    items
+        .iter()
+        .map(|i| i.trim().to_owned())
+        .filter(|i| !i.is_empty())
+        .collect()
+}
+
 fn parse_identity(text: &str) -> anyhow::Result<(String, String)> {
     let (mut issuer, mut subject) = (None, None);
     for part in text.split(',') {

@@ -125,17 +125,14 @@ async fn pump(
     }
     let (usage, estimated) = meter.finish(&charge.model, charge.prompt_estimate);
     let client_status = if outcome == "ok" { status.as_u16() } else { 0 };
-    let span = charge.span.clone();
-    genai_span::record_response(&span, meter.response());
+    genai_span::record_response(&charge.span, meter.response());
     let failed = matches!(outcome, "upstream_cut" | "upstream_timeout");
     if failed {
-        genai_span::record_error(&span, outcome);
+        genai_span::record_error(&charge.span, outcome);
     }
     charge
         .settle(&state, usage, estimated, outcome, client_status)
         .await;
-    // The span closes here, after the stream is metered and settled.
-    drop(span);
     if failed {
         // Abort the client's body so it sees an incomplete stream, as it would without us.
         let _ = tx

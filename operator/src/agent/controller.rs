@@ -9,29 +9,18 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::api::Api;
+use kube::ResourceExt;
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
 use kube::runtime::{PredicateConfig, WatchStreamExt, predicates, watcher};
-use kube::{Client, ResourceExt};
 use soma_crds::{Agent, Budget, Capsule};
 use tracing::{debug, warn};
 
 use super::reconcile::{error_policy, reconcile};
-use crate::context::Context;
+use crate::context::{Context, api};
 
 /// Selects the objects the operator created, so the owned-object watches stay small.
 pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=soma-operator";
-
-fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
-{
-    match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    }
-}
 
 /// Agents in `namespace` whose spec satisfies `refers`.
 fn referring(

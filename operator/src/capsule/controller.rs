@@ -9,26 +9,15 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::Api;
+use kube::ResourceExt;
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
 use kube::runtime::{PredicateConfig, WatchStreamExt, predicates, watcher};
-use kube::{Client, ResourceExt};
 use soma_crds::Capsule;
 use tracing::{debug, warn};
 
 use super::reconcile::{error_policy, reconcile};
-use crate::context::Context;
-
-fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
-{
-    match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    }
-}
+use crate::context::{Context, api};
 
 /// Whether `capsule` reads ConfigMap `name` (of its own namespace): its content
 /// (`spec.source.configMapRef`, with the `<key>.sig` beside it) or its public key.
