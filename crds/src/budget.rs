@@ -7,7 +7,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{LocalRef, conditions_schema};
+use crate::common::conditions_schema;
 
 /// Caps on what agents and Jobs that reference this Budget may spend.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -20,10 +20,12 @@ use crate::common::{LocalRef, conditions_schema};
     shortname = "bud",
     category = "soma",
     printcolumn = r#"{"name":"Period","type":"string","jsonPath":".status.periodLabel"}"#,
+    printcolumn = r#"{"name":"Used","type":"string","jsonPath":".status.usedDisplay"}"#,
     printcolumn = r#"{"name":"Spent","type":"string","jsonPath":".status.spentDisplay"}"#,
     printcolumn = r#"{"name":"Remaining","type":"string","jsonPath":".status.remainingDisplay"}"#,
     printcolumn = r#"{"name":"Exhausted","type":"string","jsonPath":".status.conditions[?(@.type==\"Exhausted\")].status"}"#,
     printcolumn = r#"{"name":"Resets","type":"date","jsonPath":".status.periodEnd"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -41,9 +43,20 @@ pub struct BudgetSpec {
     /// What happens to a request that does not fit.
     #[serde(default)]
     pub on_exhausted: OnExhausted,
-    /// A parent Budget (for example the tenant's) whose caps also apply.
+    /// A parent Budget (for example the tenant's) whose caps also apply. It may be in another
+    /// namespace only if that Budget lists this one's namespace in `allowedChildNamespaces`;
+    /// until it does, this Budget is `Ready=False` (`ParentNotGranted`) and Agents charged to
+    /// it do not start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub parent_ref: Option<LocalRef>,
+    pub parent_ref: Option<BudgetParentRef>,
+    /// Namespaces whose Budgets may name this Budget as their `parentRef` (`*`: any
+    /// namespace). Budgets in this Budget's own namespace always may. Like Gateway API's
+    /// ReferenceGrant, the grant is made by the side that is referred to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    #[x_kube(validation = Rule::new("self.all(n, n == '*' || n.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$'))")
+        .message("allowedChildNamespaces entries are namespace names or '*'"))]
+    pub allowed_child_namespaces: Vec<String>,
     /// ISO 4217 currency of `limits.costMicros` and the price table.
     #[serde(default = "default_currency")]
     #[schemars(regex(pattern = r"^[A-Z]{3}$"))]
@@ -55,6 +68,21 @@ fn default_thresholds() -> Vec<i32> {
 }
 fn default_currency() -> String {
     "USD".to_owned()
+}
+
+/// A parent Budget, in this Budget's namespace unless `namespace` says otherwise.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct BudgetParentRef {
+    /// The parent's namespace; this Budget's own when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub namespace: Option<String>,
+    /// The parent Budget's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
 }
 
 /// Token, cost and rate caps.
@@ -148,38 +176,74 @@ pub enum ExhaustedAction {
     BrownOut,
 }
 
-/// What Soma observed about a Budget.
+/// What Soma observed about a Budget. Spend comes from the usage ledger; without one (see the
+/// operator's `--ledger-url`) only the period and the conditions are reported.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BudgetStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// kstatus conditions plus `Warning` and `Exhausted`.
+    /// kstatus conditions (`Ready`, `Reconciling`, `Stalled`) plus `Exhausted` and
+    /// `ThresholdReached`.
     #[serde(default)]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
-    /// Tokens spent in the current period.
+    /// Start of the current period (RFC 3339, in the Budget's time zone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period_start: Option<String>,
+    /// End of the current period (RFC 3339, in the Budget's time zone): when the caps reset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period_end: Option<String>,
+    /// Where the spend figures come from: `Ledger`, or `None` when the operator has no ledger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spend_source: Option<String>,
+    /// Requests recorded in the current period.
+    #[serde(default)]
+    pub requests: i64,
+    /// Tokens spent in the current period (recorded in the ledger).
     #[serde(default)]
     pub spent_tokens: i64,
     /// Cost spent in the current period, in micros.
     #[serde(default)]
     pub spent_micros: i64,
-    /// Cost reserved by in-flight requests, in micros.
+    /// Tokens reserved by requests in flight, as the sidecars last reported.
+    #[serde(default)]
+    pub reserved_tokens: i64,
+    /// Cost reserved by requests in flight, in micros.
     #[serde(default)]
     pub reserved_micros: i64,
-    /// Cost remaining, in micros.
+    /// Tokens left under `limits.tokens` (spent and reserved taken off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining_tokens: Option<i64>,
+    /// Cost left under `limits.costMicros`, in micros.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remaining_micros: Option<i64>,
-    /// Start of the current period (RFC 3339).
+    /// The highest share of a period cap used (spent plus reserved), in percent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub period_start: Option<String>,
-    /// End of the current period (RFC 3339): when the caps reset.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub period_end: Option<String>,
+    pub percent_used: Option<i64>,
+    /// Requests the sidecars refused in the current period.
+    #[serde(default)]
+    pub refusals: i64,
+    /// Requests the sidecars sent to `brownOutModel` in the current period.
+    #[serde(default)]
+    pub brown_outs: i64,
+    /// Thresholds reached in the current period (a Warning Event was raised once for each).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub thresholds_reached: Vec<i32>,
+    /// Agents charging this Budget, directly or through a child Budget (`namespace/name`, at
+    /// most 50).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<String>,
+    /// How many Agents charge it.
+    #[serde(default)]
+    pub agent_count: i64,
     /// Human-readable period, for `kubectl get budgets`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub period_label: Option<String>,
+    /// Human-readable share used, for `kubectl get budgets`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_display: Option<String>,
     /// Human-readable spend, for `kubectl get budgets`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spent_display: Option<String>,

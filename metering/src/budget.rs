@@ -18,17 +18,30 @@ use std::collections::BTreeMap;
 use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
 
+use crate::chain::{BudgetKey, BudgetRef};
 use crate::error::Error;
 use crate::period::{Period, PeriodSpec, Window};
 use crate::price::Price;
 use crate::usage::Usage;
 
-/// A Budget as the sidecar's configuration carries it: `metadata.name` plus the CRD's spec.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A Budget as the sidecar's configuration and the ledger's live table carry it: its identity
+/// (namespace, name, uid) plus the CRD's spec.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct BudgetDef {
-    /// The Budget's name (in the Agent's namespace).
+    /// The Budget's namespace. Empty in a hand-written sidecar configuration means the
+    /// Agent's namespace (the sidecar fills it in when it reads the file).
+    #[serde(default)]
+    pub namespace: String,
+    /// The Budget's name.
     pub name: String,
+    /// `metadata.uid`: spend and leases belong to this incarnation of the Budget. Empty where
+    /// none is known (offline renders, local configurations).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uid: String,
+    /// `metadata.generation` the definition was read from (0: unknown).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: i64,
     /// Caps.
     pub limits: Limits,
     /// The period token and cost caps apply to.
@@ -42,9 +55,44 @@ pub struct BudgetDef {
     /// A parent Budget whose caps also apply.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_ref: Option<ParentRef>,
+    /// Namespaces whose Budgets may name this one as their parent (`*`: any). Its own
+    /// namespace always may.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_child_namespaces: Vec<String>,
     /// Currency of `costMicros` and the price table.
     #[serde(default = "default_currency")]
     pub currency: String,
+}
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
+}
+
+impl BudgetDef {
+    /// `namespace/name`.
+    pub fn key(&self) -> BudgetKey {
+        BudgetKey::new(self.namespace.clone(), self.name.clone())
+    }
+
+    /// The key and uid: what spend belongs to.
+    pub fn reference(&self) -> BudgetRef {
+        BudgetRef {
+            key: self.key(),
+            uid: self.uid.clone(),
+        }
+    }
+
+    /// The parent's key (a parent without a namespace is in this Budget's namespace).
+    pub fn parent_key(&self) -> Option<BudgetKey> {
+        self.parent_ref.as_ref().map(|p| {
+            BudgetKey::new(
+                p.namespace
+                    .clone()
+                    .unwrap_or_else(|| self.namespace.clone()),
+                p.name.clone(),
+            )
+        })
+    }
 }
 
 fn default_thresholds() -> Vec<u8> {
@@ -57,6 +105,9 @@ fn default_currency() -> String {
 /// `spec.parentRef`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ParentRef {
+    /// The parent's namespace; the child's own when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     /// The parent Budget's name.
     pub name: String,
 }
@@ -183,7 +234,7 @@ impl LimitKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refusal {
     /// The Budget that refused.
-    pub budget: String,
+    pub budget: BudgetKey,
     /// Its currency (for messages).
     pub currency: String,
     /// The cap that would be passed.
@@ -206,7 +257,7 @@ pub struct Refusal {
 #[must_use = "a reservation must be settled or released"]
 pub struct Reservation {
     /// The Budget.
-    pub budget: String,
+    pub budget: BudgetKey,
     /// The worst case counted.
     pub amount: Amount,
     /// When it was taken (its spend is attributed to this instant's period).
@@ -246,12 +297,12 @@ impl Ledger {
             && l.tokens_per_minute.is_none()
             && l.requests_per_minute.is_none()
         {
-            return Err(Error::NoLimit(def.name));
+            return Err(Error::NoLimit(def.key().to_string()));
         }
         if def.on_exhausted.action == ExhaustedAction::BrownOut
             && def.on_exhausted.brown_out_model.is_none()
         {
-            return Err(Error::BrownOutModel(def.name));
+            return Err(Error::BrownOutModel(def.key().to_string()));
         }
         let period = Period::try_from(&def.period)?;
         Ok(Ledger {
@@ -270,6 +321,19 @@ impl Ledger {
     /// The definition.
     pub fn def(&self) -> &BudgetDef {
         &self.def
+    }
+
+    /// Takes a new definition of the same Budget (a live edit: caps, thresholds, action or
+    /// period changed) and keeps what was spent and reserved. A changed period recounts the
+    /// spend that falls inside the new window from the per-minute buckets.
+    pub fn redefine(&mut self, def: BudgetDef) -> Result<(), Error> {
+        let next = Ledger::new(def)?;
+        if next.period != self.period {
+            self.period = next.period;
+            self.window = None;
+        }
+        self.def = next.def;
+        Ok(())
     }
 
     /// Settled spend in the window containing `now`.
@@ -382,7 +446,7 @@ impl Ledger {
     }
 
     /// Counts `want` against every cap, or says which cap it would pass.
-    pub fn reserve(&mut self, now: Timestamp, want: Amount) -> Result<Reservation, Refusal> {
+    pub fn reserve(&mut self, now: Timestamp, want: Amount) -> Result<Reservation, Box<Refusal>> {
         let window = match self.roll(now) {
             Ok(w) => w,
             Err(_) => Window {
@@ -425,8 +489,8 @@ impl Ledger {
         for (limit, cap, used, requested, resets_at) in checks {
             let Some(cap) = cap else { continue };
             if used.saturating_add(requested) > cap {
-                return Err(Refusal {
-                    budget: self.def.name.clone(),
+                return Err(Box::new(Refusal {
+                    budget: self.def.key(),
                     currency: self.def.currency.clone(),
                     limit,
                     cap,
@@ -434,14 +498,14 @@ impl Ledger {
                     requested,
                     remaining: cap.saturating_sub(used),
                     resets_at,
-                });
+                }));
             }
         }
         self.reserved.add(want);
         self.rate_tokens = self.rate_tokens.saturating_add(want.tokens);
         self.rate_requests = self.rate_requests.saturating_add(1);
         Ok(Reservation {
-            budget: self.def.name.clone(),
+            budget: self.def.key(),
             amount: want,
             at: now,
         })
@@ -497,13 +561,13 @@ mod tests {
 
     fn def(limits: Limits, period: PeriodSpec) -> BudgetDef {
         BudgetDef {
+            namespace: "research".into(),
             name: "team".into(),
             limits,
             period,
             thresholds: vec![80, 95],
-            on_exhausted: OnExhausted::default(),
-            parent_ref: None,
             currency: "USD".into(),
+            ..BudgetDef::default()
         }
     }
 
@@ -665,7 +729,7 @@ mod tests {
         assert_eq!(l.spent(ts("2026-01-10T12:00:00Z")).unwrap(), amt(30, 0));
         // A request reserved yesterday and settled today is yesterday's spend.
         let r = Reservation {
-            budget: "team".into(),
+            budget: BudgetKey::new("research", "team"),
             amount: amt(0, 0),
             at: ts("2026-01-09T22:59:00Z"), // 23:59 in Berlin
         };
@@ -743,6 +807,38 @@ mod tests {
     }
 
     #[test]
+    fn redefine_keeps_spend_and_reservations() {
+        let now = ts("2026-01-10T12:00:00Z");
+        let mut l = daily(Limits {
+            tokens: Some(1_000),
+            ..Limits::default()
+        });
+        let r = l.reserve(now, amt(300, 0)).unwrap();
+        l.record(now, amt(400, 0));
+        // Lowered below spent + reserved: nothing more fits, nothing is forgotten.
+        let mut lower = l.def().clone();
+        lower.limits.tokens = Some(600);
+        l.redefine(lower).unwrap();
+        assert_eq!(l.used(now).unwrap(), amt(700, 0));
+        let refused = l.reserve(now, amt(1, 0)).unwrap_err();
+        assert_eq!((refused.cap, refused.remaining), (600, 0));
+        l.settle(now, r, amt(100, 0));
+        assert_eq!(l.used(now).unwrap(), amt(500, 0));
+        assert!(l.reserve(now, amt(100, 0)).is_ok());
+        // A new period recounts from the minute buckets: an hour period holds this hour only.
+        let mut hourly = l.def().clone();
+        hourly.period.calendar = Some(CalendarUnit::Hour);
+        l.redefine(hourly).unwrap();
+        assert_eq!(l.spent(ts("2026-01-10T12:30:00Z")).unwrap(), amt(500, 0));
+        assert_eq!(l.spent(ts("2026-01-10T13:00:00Z")).unwrap(), amt(0, 0));
+        // An invalid definition is refused and changes nothing.
+        let mut bad = l.def().clone();
+        bad.limits = Limits::default();
+        assert!(l.redefine(bad).is_err());
+        assert_eq!(l.def().limits.tokens, Some(600));
+    }
+
+    #[test]
     fn invalid_definitions() {
         let day = PeriodSpec {
             calendar: Some(CalendarUnit::Day),
@@ -773,7 +869,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(d.thresholds, vec![80, 95]);
-        assert_eq!(d.parent_ref.unwrap().name, "tenant");
+        assert_eq!(d.parent_ref.as_ref().unwrap().name, "tenant");
+        // Without a namespace the parent is in the Budget's own (filled in by the reader).
+        assert_eq!(d.namespace, "");
+        assert_eq!(d.parent_key().unwrap().name, "tenant");
         assert_eq!(d.on_exhausted.action, ExhaustedAction::BrownOut);
     }
 }

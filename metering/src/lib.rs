@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod budget;
+pub mod chain;
 pub mod error;
 pub mod period;
 pub mod price;
@@ -25,6 +26,7 @@ pub mod wire;
 pub use budget::{
     Amount, BudgetDef, ExhaustedAction, Ledger, Limits, OnExhausted, Refusal, Reservation,
 };
+pub use chain::{BudgetKey, BudgetRef, ChainProblem, Resolution};
 pub use error::Error;
 pub use period::{Period, PeriodSpec, Window};
 pub use price::{Price, PriceTable};

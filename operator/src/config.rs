@@ -18,12 +18,6 @@ pub struct SidecarConfig {
     /// Prices per model, handed to every sidecar (cost is metered only with prices; with a
     /// table, a model missing from it is refused as unknown).
     pub prices: Option<PriceTable>,
-    /// The Secret, in each Agent's namespace, whose `database-url` key is the PostgreSQL URL
-    /// of the usage ledger and the cluster budget authority. Set: every sidecar delivers usage
-    /// there and shares Budgets with the Agent's other replicas through leases. Unset: each
-    /// sidecar enforces its Budgets alone (the embedded authority) and keeps usage in its
-    /// outbox.
-    pub ledger_secret: Option<String>,
     /// NATS URL the sidecars publish settled usage to (JetStream), if any.
     pub nats_url: Option<String>,
     /// OTLP endpoint the sidecars export their GenAI spans to, if any. Set: every sidecar gets
@@ -47,7 +41,6 @@ impl Default for SidecarConfig {
             port: 4000,
             admin_port: 9090,
             prices: None,
-            ledger_secret: None,
             nats_url: None,
             otlp_endpoint: None,
             otlp_protocol: None,
@@ -56,8 +49,56 @@ impl Default for SidecarConfig {
     }
 }
 
-/// The key of [`SidecarConfig::ledger_secret`] holding the URL.
+/// The key of the per-Agent ledger Secret holding the URL.
 pub const LEDGER_SECRET_KEY: &str = "database-url";
+
+/// A value that must never be printed (a URL with a password): `Debug` shows `<redacted>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Redacted(String);
+
+impl Redacted {
+    /// Wraps `value`.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value, for the one place that must use it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// The usage ledger, as the operator uses it and hands it to the sidecars.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LedgerConfig {
+    /// The PostgreSQL URL. Set: every sidecar gets it (through a Secret `<agent>-ledger` in
+    /// the Agent's namespace), delivers usage there and shares its Budgets with the other
+    /// replicas through leases; the operator publishes Budget definitions there, reads spend
+    /// for Budget status and seals the audit chain. Unset: each sidecar enforces its Budgets
+    /// alone and keeps usage in its outbox; Agents say so in their `BudgetScope` condition.
+    pub url: Option<Redacted>,
+    /// The Secret (in the operator's namespace) holding the key that signs ledger seals; the
+    /// public key is published in a ConfigMap of the same name.
+    pub seal_key_secret: String,
+    /// Least time between two status refreshes of a Budget the sidecars keep charging.
+    pub refresh: std::time::Duration,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            seal_key_secret: "soma-ledger-seal-key".to_owned(),
+            refresh: std::time::Duration::from_secs(5),
+        }
+    }
+}
 
 /// Reads a price table file (YAML or JSON: model → `inputPerMTok`, `outputPerMTok`,
 /// optional `cachedInputPerMTok` and `cacheWritePerMTok`, in micro-units per million tokens).
@@ -78,6 +119,8 @@ pub struct OperatorConfig {
     pub namespaces: Vec<String>,
     /// Whether, and how, agent images must be signed.
     pub images: ImageSignatures,
+    /// The usage ledger.
+    pub ledger: LedgerConfig,
     /// How soon a Capsule whose OCI signature was rejected for what the registry holds
     /// (unsigned, wrong key, replayed, not found) is looked up again: a signature pushed
     /// after the Capsule was applied is not an event the operator can watch.
@@ -120,6 +163,7 @@ impl Default for OperatorConfig {
             namespaces: Vec::new(),
             images: ImageSignatures::default(),
             capsule_recheck: std::time::Duration::from_secs(300),
+            ledger: LedgerConfig::default(),
         }
     }
 }

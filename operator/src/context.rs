@@ -27,6 +27,35 @@ where
     }
 }
 
+/// The operator's clock: the system's, or (tests of period boundaries) the system's moved by
+/// the number of milliseconds in a file, read at every use.
+#[derive(Clone, Debug, Default)]
+pub enum Clock {
+    /// The system clock.
+    #[default]
+    System,
+    /// The system clock plus the offset (signed milliseconds) in this file.
+    OffsetFile(std::path::PathBuf),
+}
+
+impl Clock {
+    /// Now.
+    pub fn now(&self) -> k8s_openapi::jiff::Timestamp {
+        let now = k8s_openapi::jiff::Timestamp::now();
+        match self {
+            Clock::System => now,
+            Clock::OffsetFile(path) => std::fs::read_to_string(path)
+                .ok()
+                .and_then(|s| s.trim().parse::<i64>().ok())
+                .and_then(|ms| {
+                    now.checked_add(k8s_openapi::jiff::SignedDuration::from_millis(ms))
+                        .ok()
+                })
+                .unwrap_or(now),
+        }
+    }
+}
+
 /// Shared reconcile state.
 pub struct Context {
     /// API client.
@@ -48,6 +77,12 @@ pub struct Context {
     pub images: std::sync::Arc<dyn ImageVerifier>,
     /// Verified agent images by reference.
     pub verified_images: ImageCache,
+    /// The usage ledger, when the operator has one (`--ledger-url`).
+    pub ledger: Option<std::sync::Arc<crate::ledger::Ledger>>,
+    /// The clock reconciles compare periods with.
+    pub clock: Clock,
+    /// Which Budgets each chain passed through, and the Budget refresh bus.
+    pub index: std::sync::Arc<crate::budget::index::ChainIndex>,
     /// Consecutive failures per object (`namespace/name`), for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -69,8 +104,25 @@ impl Context {
             verified: Cache::default(),
             images: std::sync::Arc::new(Unconfigured),
             verified_images: ImageCache::default(),
+            ledger: None,
+            clock: Clock::default(),
+            index: std::sync::Arc::default(),
             failures: Mutex::default(),
         }
+    }
+
+    /// The same context, with the usage ledger.
+    #[must_use]
+    pub fn with_ledger(mut self, ledger: std::sync::Arc<crate::ledger::Ledger>) -> Self {
+        self.ledger = Some(ledger);
+        self
+    }
+
+    /// The same context, with `clock`.
+    #[must_use]
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// The same context, re-checking objects against `policy`.

@@ -9,13 +9,17 @@
 //! `render` reuses the pure builders without a cluster.
 
 pub mod agent;
+pub mod budget;
 pub mod capsule;
 pub mod config;
 pub mod context;
 pub mod error;
 pub mod http;
+pub mod kstatus;
+pub mod ledger;
 pub mod metrics;
 pub mod policy;
+pub mod reconciler;
 pub mod render;
 pub mod runtime;
 pub mod telemetry;

@@ -9,7 +9,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use soma_operator::agent::image::accepted_keys;
-use soma_operator::config::{ImageSignatures, OperatorConfig, SidecarConfig, read_price_table};
+use soma_operator::config::{
+    ImageSignatures, LedgerConfig, OperatorConfig, Redacted, SidecarConfig, read_price_table,
+};
+use soma_operator::context::Clock;
 use soma_operator::policy::{DEFAULT_SELECTOR, PolicyOptions};
 use soma_operator::runtime::{RunOptions, run};
 use soma_operator::webhook::WebhookOptions;
@@ -53,10 +56,12 @@ struct SidecarArgs {
     /// outputPerMTok, cachedInputPerMTok, cacheWritePerMTok, in micro-units per million tokens).
     #[arg(long, env = "SOMA_PRICES_FILE")]
     prices_file: Option<PathBuf>,
-    /// Secret in each Agent's namespace whose `database-url` key is the ledger's PostgreSQL
-    /// URL; set, sidecars deliver usage there and replicas share Budgets through leases.
-    #[arg(long, env = "SOMA_LEDGER_SECRET")]
-    ledger_secret: Option<String>,
+    /// The usage ledger's PostgreSQL URL. Set: every sidecar gets it (a Secret `<agent>-ledger`
+    /// in the Agent's namespace), delivers usage there and shares Budgets with the Agent's
+    /// other replicas; the operator reports spend in Budget status and seals the audit chain.
+    /// The chart sets it from its PostgreSQL's Secret (or `ledger.existingSecret`).
+    #[arg(long, env = "SOMA_LEDGER_URL", hide_env_values = true)]
+    ledger_url: Option<String>,
     /// NATS URL the sidecars publish settled usage to (JetStream).
     #[arg(long, env = "SOMA_NATS_URL")]
     nats_url: Option<String>,
@@ -93,16 +98,40 @@ impl SidecarArgs {
                 port: self.sidecar_port,
                 admin_port: self.sidecar_admin_port,
                 prices,
-                ledger_secret: nonempty(&self.ledger_secret),
                 nats_url: nonempty(&self.nats_url),
                 otlp_endpoint: nonempty(&self.sidecar_otlp_endpoint),
                 otlp_protocol: nonempty(&self.sidecar_otlp_protocol),
                 egress_namespaces: listed(&self.sidecar_egress_namespaces),
             },
             namespaces,
+            ledger: LedgerConfig {
+                url: nonempty(&self.ledger_url).map(Redacted::new),
+                ..LedgerConfig::default()
+            },
             ..OperatorConfig::default()
         })
     }
+}
+
+#[derive(Args)]
+struct LedgerArgs {
+    /// Secret (in the operator's namespace) holding the Ed25519 key that signs ledger seals;
+    /// created with a new key when absent. Its public key is published in a ConfigMap of the
+    /// same name for `soma audit verify --seal-public-key`.
+    #[arg(
+        long,
+        env = "SOMA_LEDGER_SEAL_KEY_SECRET",
+        default_value = "soma-ledger-seal-key"
+    )]
+    ledger_seal_key_secret: String,
+    /// Least seconds between two status refreshes of a Budget the sidecars keep charging.
+    #[arg(long, env = "SOMA_BUDGET_REFRESH_SECONDS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    budget_refresh_seconds: u64,
+    /// Tests only: a file holding milliseconds added to the operator's clock (read at every
+    /// use), to cross Budget period boundaries without waiting for them.
+    #[arg(long, hide = true)]
+    clock_offset_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -212,6 +241,8 @@ struct RunArgs {
     lease_seconds: u64,
     #[command(flatten)]
     sidecar: SidecarArgs,
+    #[command(flatten)]
+    ledger: LedgerArgs,
     #[command(flatten)]
     policy: PolicyArgs,
     #[command(flatten)]
@@ -396,12 +427,22 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
     });
     let identity = std::env::var("POD_NAME")
         .unwrap_or_else(|_| format!("soma-operator-{}", std::process::id()));
+    let base = args.sidecar.config(namespaces)?;
     let options = RunOptions {
         config: OperatorConfig {
             images,
             capsule_recheck,
-            ..args.sidecar.config(namespaces)?
+            ledger: LedgerConfig {
+                seal_key_secret: args.ledger.ledger_seal_key_secret,
+                refresh: Duration::from_secs(args.ledger.budget_refresh_seconds),
+                ..base.ledger.clone()
+            },
+            ..base
         },
+        clock: args
+            .ledger
+            .clock_offset_file
+            .map_or(Clock::System, Clock::OffsetFile),
         metrics_addr: args.metrics_addr,
         leader_election: !args.no_leader_election,
         lease_name: args.lease_name,

@@ -4,8 +4,13 @@
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -25,10 +30,42 @@ pub struct FailureLabels {
     pub reason: String,
 }
 
+/// Labels of the per-Budget metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct BudgetLabels {
+    /// The Budget's namespace.
+    pub namespace: String,
+    /// The Budget's name.
+    pub budget: String,
+}
+
+/// Per-Budget figures, from the ledger, exported once by the operator (not by each sidecar,
+/// so a dashboard sums nothing twice).
+#[derive(Debug, Default)]
+struct BudgetMetrics {
+    used_ratio: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
+    spent_micros: Family<BudgetLabels, Gauge>,
+    spent_tokens: Family<BudgetLabels, Gauge>,
+    remaining_micros: Family<BudgetLabels, Gauge>,
+    remaining_tokens: Family<BudgetLabels, Gauge>,
+    limit_micros: Family<BudgetLabels, Gauge>,
+    limit_tokens: Family<BudgetLabels, Gauge>,
+    exhausted: Family<BudgetLabels, Gauge>,
+    refusals: Family<BudgetLabels, Counter>,
+    brownouts: Family<BudgetLabels, Counter>,
+    /// Per Budget: the period and the refusal and brown-out totals last seen in it, so the
+    /// counters grow by what is new.
+    seen: Mutex<BTreeMap<BudgetLabels, Seen>>,
+}
+
+/// A Budget's period and its refusal and brown-out totals last seen in it.
+type Seen = (Option<String>, i64, i64);
+
 /// The operator's metrics.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    budgets: BudgetMetrics,
     reconciles: Family<ControllerLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
     duration: Family<ControllerLabels, Histogram>,
@@ -55,7 +92,59 @@ impl Metrics {
         });
         let status_writes = Family::<ControllerLabels, Counter>::default();
         let child_writes = Family::<ControllerLabels, Counter>::default();
+        let budgets = BudgetMetrics::default();
         let soma = registry.sub_registry_with_prefix("soma");
+        let b = &budgets;
+        soma.register(
+            "budget_used_ratio",
+            "Share of the Budget's tightest period cap spent or reserved (1 = used up)",
+            b.used_ratio.clone(),
+        );
+        soma.register(
+            "budget_spent_micros",
+            "Cost recorded in the ledger for the Budget's current period, in micros",
+            b.spent_micros.clone(),
+        );
+        soma.register(
+            "budget_spent_tokens",
+            "Tokens recorded in the ledger for the Budget's current period",
+            b.spent_tokens.clone(),
+        );
+        soma.register(
+            "budget_remaining_micros",
+            "Cost left under limits.costMicros in the current period",
+            b.remaining_micros.clone(),
+        );
+        soma.register(
+            "budget_remaining_tokens",
+            "Tokens left under limits.tokens in the current period",
+            b.remaining_tokens.clone(),
+        );
+        soma.register(
+            "budget_limit_micros",
+            "The Budget's limits.costMicros",
+            b.limit_micros.clone(),
+        );
+        soma.register(
+            "budget_limit_tokens",
+            "The Budget's limits.tokens",
+            b.limit_tokens.clone(),
+        );
+        soma.register(
+            "budget_exhausted",
+            "1 while a period cap of the Budget is used up",
+            b.exhausted.clone(),
+        );
+        soma.register(
+            "budget_refusals",
+            "Requests the sidecars refused because of this Budget",
+            b.refusals.clone(),
+        );
+        soma.register(
+            "budget_brownouts",
+            "Requests the sidecars sent to the Budget's brown-out model",
+            b.brownouts.clone(),
+        );
         soma.register("reconcile", "Reconciles started", reconciles.clone());
         soma.register(
             "reconcile_failures",
@@ -79,6 +168,7 @@ impl Metrics {
         );
         Self {
             registry,
+            budgets,
             reconciles,
             failures,
             duration,
@@ -128,6 +218,93 @@ impl Metrics {
                 controller: controller.to_owned(),
             })
             .inc();
+    }
+
+    /// Records a Budget's figures from its status.
+    pub fn budget(
+        &self,
+        namespace: &str,
+        name: &str,
+        def: &soma_metering::BudgetDef,
+        status: &soma_crds::BudgetStatus,
+    ) {
+        let l = BudgetLabels {
+            namespace: namespace.to_owned(),
+            budget: name.to_owned(),
+        };
+        let b = &self.budgets;
+        let set = |f: &Family<BudgetLabels, Gauge>, v: Option<i64>| match v {
+            Some(v) => {
+                f.get_or_create(&l).set(v);
+            }
+            None => {
+                f.remove(&l);
+            }
+        };
+        let cap = |c: Option<u64>| c.map(|c| i64::try_from(c).unwrap_or(i64::MAX));
+        set(&b.limit_micros, cap(def.limits.cost_micros));
+        set(&b.limit_tokens, cap(def.limits.tokens));
+        let mut seen = b
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let last = seen
+            .entry(l.clone())
+            .or_insert((status.period_start.clone(), 0, 0));
+        if status.spend_source.as_deref() != Some("Ledger") {
+            return;
+        }
+        b.used_ratio
+            .get_or_create(&l)
+            .set(status.percent_used.map_or(0.0, |p| p as f64 / 100.0));
+        set(&b.spent_micros, Some(status.spent_micros));
+        set(&b.spent_tokens, Some(status.spent_tokens));
+        set(&b.remaining_micros, status.remaining_micros);
+        set(&b.remaining_tokens, status.remaining_tokens);
+        let exhausted = status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Exhausted" && c.status == "True");
+        b.exhausted.get_or_create(&l).set(i64::from(exhausted));
+        if last.0 != status.period_start {
+            *last = (status.period_start.clone(), 0, 0);
+        }
+        let grow = |c: &Counter, now: i64, before: i64| {
+            if let Ok(d) = u64::try_from(now - before) {
+                c.inc_by(d);
+            }
+        };
+        grow(&b.refusals.get_or_create(&l), status.refusals, last.1);
+        grow(&b.brownouts.get_or_create(&l), status.brown_outs, last.2);
+        last.1 = last.1.max(status.refusals);
+        last.2 = last.2.max(status.brown_outs);
+    }
+
+    /// Forgets the series of a deleted Budget.
+    pub fn forget_budget(&self, namespace: &str, name: &str) {
+        let l = BudgetLabels {
+            namespace: namespace.to_owned(),
+            budget: name.to_owned(),
+        };
+        let b = &self.budgets;
+        b.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&l);
+        b.used_ratio.remove(&l);
+        for f in [
+            &b.spent_micros,
+            &b.spent_tokens,
+            &b.remaining_micros,
+            &b.remaining_tokens,
+            &b.limit_micros,
+            &b.limit_tokens,
+            &b.exhausted,
+        ] {
+            f.remove(&l);
+        }
+        b.refusals.remove(&l);
+        b.brownouts.remove(&l);
     }
 
     /// The registry in the Prometheus text format.

@@ -5,8 +5,12 @@
 use serde::Deserialize;
 use soma_crds::{Agent, Budget};
 
-use crate::agent::children::{BudgetDefinition, Resolved, children};
+use soma_metering::BudgetKey;
+use soma_metering::chain::ChainProblem;
+
+use crate::agent::children::{Resolved, children};
 use crate::agent::reconcile::desired_replicas;
+use crate::budget::def::resolve_in;
 use crate::config::OperatorConfig;
 
 /// Why a manifest could not be rendered.
@@ -81,44 +85,51 @@ pub fn render(manifest: &str, config: &OperatorConfig) -> Result<String, RenderE
             .unwrap_or_else(|| "default".to_owned())
     };
     let mut out = String::new();
+    for b in &mut budgets {
+        b.metadata.namespace = Some(namespace_of(&b.metadata));
+    }
     for mut agent in agents {
         let namespace = namespace_of(&agent.metadata);
         agent.metadata.namespace = Some(namespace.clone());
         let name = agent.metadata.name.clone().unwrap_or_default();
-        // The Budget chain from the manifest, as the controller resolves it from the cluster.
-        let mut chain: Vec<BudgetDefinition> = Vec::new();
-        let mut next = agent.spec.budget_ref.as_ref().map(|b| b.name.clone());
-        let mut absent = None;
-        while let Some(budget_name) = next.take() {
-            if chain.iter().any(|b| b.name == budget_name) {
-                break;
-            }
-            match budgets.iter().find(|b| {
-                b.metadata.name.as_deref() == Some(budget_name.as_str())
-                    && namespace_of(&b.metadata) == namespace
-            }) {
-                Some(b) => {
-                    next = b.spec.parent_ref.as_ref().map(|p| p.name.clone());
-                    chain.push(BudgetDefinition {
-                        name: budget_name,
-                        spec: b.spec.clone(),
-                    });
-                }
-                None => absent = Some(budget_name),
-            }
-        }
+        // The Budget chain from the manifest, walked with the controller's rules.
+        let resolution = agent.spec.budget_ref.as_ref().map(|b| {
+            resolve_in(
+                &BudgetKey::new(namespace.clone(), b.name.clone()),
+                "spec.budgetRef",
+                budgets.iter(),
+            )
+        });
         let resolved = Resolved {
             replicas: desired_replicas(&agent),
-            budgets: chain,
+            budgets: resolution
+                .as_ref()
+                .map(|r| r.budgets.clone())
+                .unwrap_or_default(),
         };
         let c =
             children(&agent, &resolved, config).map_err(|e| RenderError::Output(e.to_string()))?;
         out.push_str(&format!(
             "# Children of Agent {namespace}/{name} (ownerReferences are added in the cluster, where the Agent has a uid)\n"
         ));
-        if let Some(missing) = absent {
+        if let Some(problem) = resolution.and_then(|r| r.problem) {
+            let consequence = match &problem {
+                ChainProblem::Missing { .. } => {
+                    "the Budget is not in the input, so the sidecar configuration below lacks its definition; in the cluster the operator reads it, and waits (BudgetNotFound) while it does not exist"
+                }
+                _ => {
+                    "the operator would not start or change this Agent's pods (and the sidecar would refuse metered calls) until the chain is valid"
+                }
+            };
             out.push_str(&format!(
-                "# Budget {missing:?} is not in the input, so the sidecar configuration below lacks its definition;\n# in the cluster the operator reads it (and waits, with BudgetNotFound, while it does not exist).\n"
+                "# {}: {problem};\n#   {consequence}.\n",
+                problem.reason()
+            ));
+        }
+        if let Some(secret) = &c.ledger_secret {
+            out.push_str(&format!(
+                "# Secret {} (the ledger's URL for the sidecar) is not shown: it holds a password.\n",
+                secret.metadata.name.as_deref().unwrap_or_default()
             ));
         }
         let mut docs: Vec<String> = Vec::new();

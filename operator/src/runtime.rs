@@ -59,6 +59,8 @@ pub struct RunOptions {
     pub webhook: Option<(WebhookOptions, IpAddr)>,
     /// How Capsule signatures are verified (registries reached over HTTP, keyless roots).
     pub trust: soma_signatures::TrustConfig,
+    /// The clock Budget periods are computed with.
+    pub clock: crate::context::Clock,
 }
 
 /// How long a replica waits for the first load of the policy ConfigMaps and the inventory
@@ -163,16 +165,62 @@ pub async fn run(
     reloads.mark_unchanged();
     info!(namespaces = ?options.config.namespaces, "leading: starting controllers");
 
-    let ctx = Arc::new(
-        Context::new(client, options.config.clone(), metrics)
-            .with_policy(Checker {
-                store,
-                deadline: options.policy.deadline,
-                fail_open: options.policy.fail_open,
-            })
-            .with_verifier(Arc::new(cosign))
-            .with_image_verifier(images),
-    );
+    let mut context = Context::new(client.clone(), options.config.clone(), metrics)
+        .with_policy(Checker {
+            store,
+            deadline: options.policy.deadline,
+            fail_open: options.policy.fail_open,
+        })
+        .with_verifier(Arc::new(cosign))
+        .with_image_verifier(images)
+        .with_clock(options.clock.clone());
+    let mut ledger_tasks = Vec::new();
+    if let Some(url) = &options.config.ledger.url {
+        let ledger = Arc::new(
+            crate::ledger::Ledger::new(url.expose())
+                .map_err(|_| anyhow::anyhow!("--ledger-url is not a valid PostgreSQL URL"))?,
+        );
+        // The seal key is loaded in the background: a Secret that cannot be read yet only
+        // delays sealing, never reconciling.
+        ledger_tasks.push(tokio::spawn({
+            let (ledger, client) = (ledger.clone(), client.clone());
+            let (namespace, name) = (
+                options.lease_namespace.clone(),
+                options.config.ledger.seal_key_secret.clone(),
+            );
+            async move {
+                let mut wait = Duration::from_secs(1);
+                loop {
+                    match crate::ledger::load_seal_key(&client, &namespace, &name).await {
+                        Ok(key) => {
+                            *ledger.seal.lock().await = Some(key);
+                            return;
+                        }
+                        Err(e) => warn!(error = %e, "the ledger seal key is not available yet; seals wait"),
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(60));
+                }
+            }
+        }));
+        context = context.with_ledger(ledger);
+    }
+    let ctx = Arc::new(context);
+    if let Some(ledger) = ctx.ledger.clone() {
+        // Sidecars charging Budgets wake their status refresh, at most once per interval.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        ledger_tasks.push(tokio::spawn(crate::ledger::follow_usage(
+            ledger,
+            options.config.ledger.refresh,
+            tx,
+        )));
+        let index = ctx.index.clone();
+        ledger_tasks.push(tokio::spawn(async move {
+            while let Some(batch) = rx.recv().await {
+                index.refresh(batch);
+            }
+        }));
+    }
     let (stop_controllers, controllers_stopped) = watch::channel(false);
     let scopes: Vec<Option<String>> = if options.config.namespaces.is_empty() {
         vec![None]
@@ -187,6 +235,11 @@ pub async fn run(
     };
     let controllers = futures::future::join_all(scopes.into_iter().flat_map(|ns| {
         [
+            tokio::spawn(crate::budget::controller::run(
+                ctx.clone(),
+                ns.clone(),
+                until(controllers_stopped.clone(), true),
+            )),
             tokio::spawn(crate::agent::controller::run(
                 ctx.clone(),
                 ns.clone(),
@@ -215,6 +268,9 @@ pub async fn run(
     let _ = stop_controllers.send(true);
     // In-flight reconciles finish; a stuck one does not hold the shutdown forever.
     let _ = tokio::time::timeout(Duration::from_secs(20), controllers).await;
+    for task in ledger_tasks {
+        task.abort();
+    }
     finish(health, stop_http, server, lease_task, leading, background).await?;
     if lost {
         anyhow::bail!(

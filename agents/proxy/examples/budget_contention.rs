@@ -298,7 +298,7 @@ impl Phase {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let granted: Option<i64> = sqlx::query_scalar(
-            "SELECT MAX(granted_micros) FROM budget_windows WHERE budget = 'contended'",
+            "SELECT MAX(granted_micros) FROM budget_windows WHERE budget = 'bench/contended'",
         )
         .fetch_one(&pool)
         .await

@@ -3,9 +3,9 @@
 //! chosen by the configuration's `authority` field. `handler.rs` does not know which.
 
 use jiff::Timestamp;
-use soma_metering::{Amount, BudgetDef, Reservation};
+use soma_metering::{Amount, BudgetDef, BudgetKey, BudgetRef, Reservation};
 
-use crate::authority::{Authority, Reserve};
+use crate::authority::{Applied, Authority, ChainError, Plan, Reserve};
 use crate::cluster::ClusterAuthority;
 use crate::outbox::PastSpend;
 
@@ -19,7 +19,7 @@ pub enum Budgets {
 }
 
 impl Budgets {
-    /// The chain as recorded in the outbox (`team,tenant`).
+    /// The chain as recorded in the outbox (`ns/team@uid,platform/tenant@uid`).
     pub fn chain_label(&self) -> String {
         match self {
             Budgets::Embedded(a) => a.chain_label(),
@@ -36,10 +36,18 @@ impl Budgets {
     }
 
     /// A Budget's definition.
-    pub fn def(&self, name: &str) -> Option<BudgetDef> {
+    pub fn def(&self, key: &BudgetKey) -> Option<BudgetDef> {
         match self {
-            Budgets::Embedded(a) => a.def(name),
-            Budgets::Cluster(a) => a.def(name),
+            Budgets::Embedded(a) => a.def(key),
+            Budgets::Cluster(a) => a.def(key),
+        }
+    }
+
+    /// Takes a new plan while running (a live edit); an invalid one changes nothing.
+    pub fn apply(&self, plan: &Plan) -> Result<Applied, ChainError> {
+        match self {
+            Budgets::Embedded(a) => a.apply(plan),
+            Budgets::Cluster(a) => a.apply(plan),
         }
     }
 
@@ -48,6 +56,14 @@ impl Budgets {
         match self {
             Budgets::Embedded(a) => a.reserve(now, want),
             Budgets::Cluster(a) => a.reserve(now, want).await,
+        }
+    }
+
+    /// Counts a refusal (or, with `brown_out`, a downgrade) by `key` for the Budget's
+    /// cluster-wide figures (the embedded authority has only the sidecar's own metrics).
+    pub fn count_refusal(&self, key: &BudgetKey, brown_out: bool) {
+        if let Budgets::Cluster(a) = self {
+            a.count_refusal(key, brown_out);
         }
     }
 
@@ -76,17 +92,17 @@ impl Budgets {
         }
     }
 
-    /// Replays settled spend from the outbox (start-up only).
-    pub fn replay(&self, rows: &[PastSpend]) {
+    /// Replays settled spend from the outbox into the Budgets of `only` (all when `None`).
+    pub fn replay(&self, rows: &[PastSpend], only: Option<&[BudgetRef]>) {
         match self {
-            Budgets::Embedded(a) => a.replay(rows),
-            Budgets::Cluster(a) => a.replay(rows),
+            Budgets::Embedded(a) => a.replay(rows, only),
+            Budgets::Cluster(a) => a.replay(rows, only),
         }
     }
 
     /// Cost left per Budget, for metrics (the cluster authority reports this replica's
     /// unused lease).
-    pub fn remaining_micros(&self, now: Timestamp) -> Vec<(String, Option<u64>)> {
+    pub fn remaining_micros(&self, now: Timestamp) -> Vec<(BudgetKey, Option<u64>)> {
         match self {
             Budgets::Embedded(a) => a.remaining_micros(now),
             Budgets::Cluster(a) => a.remaining_micros(now),

@@ -24,16 +24,15 @@
 //! lease only until just under one TTL after the renewal that timed it started, so it stops
 //! spending before anyone may reclaim. `docs/sidecar.md` has the full account.
 
-use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use soma_metering::budget::LimitKind;
-use soma_metering::{Amount, BudgetDef, Ledger, Refusal, Reservation, Window};
+use soma_metering::{Amount, BudgetDef, BudgetKey, Ledger, Refusal, Reservation, Window};
 use sqlx::postgres::PgPool;
 
-use crate::authority::{ChainError, Reserve, build_chain};
+use crate::authority::{Applied, BudgetState, ChainError, ChainState, Plan, Reserve};
 use crate::lease::{self, Ask, Grant, Shortfall, Terms};
 use crate::metrics::LeaseTransactions;
 use crate::outbox::PastSpend;
@@ -55,11 +54,64 @@ struct Local {
     /// renewal that PostgreSQL timed it from. A replica cut off from PostgreSQL stops spending
     /// its slice then, before anyone may reclaim it.
     valid_until: Option<Instant>,
+    /// Requests this replica refused (this Budget refusing) in `window`.
+    refusals: u64,
+    /// Requests this replica sent to the brown-out model (this Budget exhausted) in `window`.
+    brownouts: u64,
+    /// Replicas holding a live lease at the last grant or report (rates are shared by them).
+    live: u64,
+}
+
+impl BudgetState for Local {
+    fn create(def: BudgetDef) -> Result<Self, ChainError> {
+        if def.period.rolling.is_some() {
+            return Err(ChainError::Rolling(def.key()));
+        }
+        Ok(Local {
+            ledger: Ledger::new(def.clone())?,
+            def,
+            window: None,
+            lease: Amount::default(),
+            touched: false,
+            valid_until: None,
+            refusals: 0,
+            brownouts: 0,
+            live: 1,
+        })
+    }
+
+    fn def(&self) -> &BudgetDef {
+        &self.def
+    }
+
+    fn redefine(&mut self, def: BudgetDef) -> Result<(), ChainError> {
+        if def.period.rolling.is_some() {
+            return Err(ChainError::Rolling(def.key()));
+        }
+        self.ledger.redefine(def.clone())?;
+        let lowered = |old: Option<u64>, new: Option<u64>| match (old, new) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(o), Some(n)) => n < o,
+        };
+        if lowered(self.def.limits.tokens, def.limits.tokens)
+            || lowered(self.def.limits.cost_micros, def.limits.cost_micros)
+        {
+            // A lowered cap: stop spending the slice granted under the old one. The live
+            // loop then reports and gives the unused rest back; the next request tops up
+            // against the new cap.
+            self.valid_until = None;
+        }
+        self.def = def;
+        self.share_rates(self.live);
+        Ok(())
+    }
 }
 
 impl Local {
     fn share_rates(&mut self, live: u64) {
         let live = live.max(1);
+        self.live = live;
         let share = |l: Option<u64>| l.map(|v| v.div_ceil(live));
         let l = &self.def.limits;
         let (t, r) = (share(l.tokens_per_minute), share(l.requests_per_minute));
@@ -76,6 +128,8 @@ impl Local {
             // A past window's lease constrains nothing any more; it is left as it is.
             self.window = Some(w);
             self.lease = Amount::default();
+            self.refusals = 0;
+            self.brownouts = 0;
         }
         let Ok(used) = self.ledger.used(now) else {
             return false;
@@ -95,13 +149,16 @@ impl Local {
         let w = self.ledger.window(now).ok()?;
         let used = self.ledger.used(now).ok()?;
         Some(Ask {
-            budget: self.def.name.clone(),
+            budget: self.def.reference(),
             window_start_ms: w.start.as_millisecond(),
             window_end_ms: w.end.as_millisecond(),
             cap_tokens: self.def.limits.tokens,
             cap_micros: self.def.limits.cost_micros,
             used,
+            reserved: self.ledger.reserved(),
             want,
+            refusals: self.refusals,
+            brownouts: self.brownouts,
         })
     }
 }
@@ -115,11 +172,9 @@ enum Step {
 /// The authority.
 #[derive(Debug)]
 pub struct ClusterAuthority {
-    chain: Vec<String>,
-    missing: Option<String>,
+    chain: Mutex<ChainState<Local>>,
     terms: Terms,
     pool: PgPool,
-    local: Mutex<HashMap<String, Local>>,
     topup: tokio::sync::Mutex<()>,
     migrated: tokio::sync::OnceCell<()>,
     /// Lease transactions (top-ups and heartbeats), by outcome.
@@ -136,40 +191,15 @@ pub struct ClusterAuthority {
 const SHORT_MEMORY: Duration = Duration::from_secs(1);
 
 impl ClusterAuthority {
-    /// Builds the chain for `budget` from `defs`. `terms.holder` names this replica's leases
-    /// and must stay the same across restarts on the same outbox (a restarted replica takes
-    /// its lease back).
-    pub fn new(
-        budget: Option<&str>,
-        defs: &[BudgetDef],
-        pool: PgPool,
-        terms: Terms,
-    ) -> Result<ClusterAuthority, ChainError> {
-        let (chain, missing, ledgers) = build_chain(budget, defs)?;
-        let mut local = HashMap::new();
-        for (name, ledger) in ledgers {
-            let def = ledger.def().clone();
-            if def.period.rolling.is_some() {
-                return Err(ChainError::Rolling(name));
-            }
-            local.insert(
-                name,
-                Local {
-                    def,
-                    ledger,
-                    window: None,
-                    lease: Amount::default(),
-                    touched: false,
-                    valid_until: None,
-                },
-            );
-        }
+    /// Enforces `plan`. `terms.holder` names this replica's leases and must stay the same
+    /// across restarts on the same outbox (a restarted replica takes its lease back).
+    pub fn new(plan: &Plan, pool: PgPool, terms: Terms) -> Result<ClusterAuthority, ChainError> {
+        let mut chain = ChainState::default();
+        chain.apply(plan)?;
         Ok(ClusterAuthority {
-            chain,
-            missing,
+            chain: Mutex::new(chain),
             terms,
             pool,
-            local: Mutex::new(local),
             topup: tokio::sync::Mutex::new(()),
             migrated: tokio::sync::OnceCell::new(),
             transactions: LeaseTransactions::default(),
@@ -178,19 +208,33 @@ impl ClusterAuthority {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Local>> {
+    fn lock(&self) -> MutexGuard<'_, ChainState<Local>> {
         // Each method finishes its arithmetic before returning: a poisoned map is still sound.
-        self.local.lock().unwrap_or_else(PoisonError::into_inner)
+        self.chain.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes a new plan while running (a Budget edited in the cluster). A lowered cap stops
+    /// this replica spending its old slice at once; [`Self::heartbeat`] then gives it back.
+    pub fn apply(&self, plan: &Plan) -> Result<Applied, ChainError> {
+        let applied = self.lock().apply(plan)?;
+        if applied.changed {
+            *self
+                .last_short
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = None;
+        }
+        Ok(applied)
     }
 
     /// The chain as recorded in the outbox.
     pub fn chain_label(&self) -> String {
-        self.chain.join(",")
+        self.lock().label()
     }
 
     /// Whether any Budget applies.
     pub fn is_budgeted(&self) -> bool {
-        !self.chain.is_empty()
+        let c = self.lock();
+        !c.refs.is_empty() || c.problem.is_some()
     }
 
     /// This replica's lease holder name.
@@ -210,24 +254,38 @@ impl ClusterAuthority {
     }
 
     /// A Budget's definition as configured.
-    pub fn def(&self, name: &str) -> Option<BudgetDef> {
-        self.lock().get(name).map(|l| l.def.clone())
+    pub fn def(&self, key: &BudgetKey) -> Option<BudgetDef> {
+        self.lock().states.get(key).map(|l| l.def.clone())
+    }
+
+    /// Counts a request `key` refused (`brown_out`: sent to the cheaper model instead), for
+    /// the next report.
+    pub fn count_refusal(&self, key: &BudgetKey, brown_out: bool) {
+        if let Some(l) = self.lock().states.get_mut(key) {
+            if brown_out {
+                l.brownouts += 1;
+            } else {
+                l.refusals += 1;
+            }
+            l.touched = true;
+        }
     }
 
     fn try_local(&self, now: Timestamp, want: Amount) -> Step {
         self.take(&mut self.lock(), now, want)
     }
 
-    /// [`Self::try_local`] on a map the caller has locked.
-    fn take(&self, m: &mut HashMap<String, Local>, now: Timestamp, want: Amount) -> Step {
-        for name in &self.chain {
-            if !m.get_mut(name).is_some_and(|l| l.covers(now, want)) {
+    /// [`Self::try_local`] on a chain the caller has locked.
+    fn take(&self, c: &mut ChainState<Local>, now: Timestamp, want: Amount) -> Step {
+        let keys: Vec<BudgetKey> = c.refs.iter().map(|r| r.key.clone()).collect();
+        for key in &keys {
+            if !c.states.get_mut(key).is_some_and(|l| l.covers(now, want)) {
                 return Step::Short;
             }
         }
-        let mut taken: Vec<Reservation> = Vec::with_capacity(self.chain.len());
-        for name in &self.chain {
-            let Some(l) = m.get_mut(name) else {
+        let mut taken: Vec<Reservation> = Vec::with_capacity(keys.len());
+        for key in &keys {
+            let Some(l) = c.states.get_mut(key) else {
                 return Step::Short;
             };
             match l.ledger.reserve(now, want) {
@@ -237,11 +295,11 @@ impl ClusterAuthority {
                 }
                 Err(refusal) => {
                     for r in taken {
-                        if let Some(l) = m.get_mut(&r.budget) {
+                        if let Some(l) = c.states.get_mut(&r.budget) {
                             l.ledger.release(now, r);
                         }
                     }
-                    return Step::Refused(Box::new(refusal));
+                    return Step::Refused(refusal);
                 }
             }
         }
@@ -269,15 +327,18 @@ impl ClusterAuthority {
     }
 
     /// Takes the leases PostgreSQL granted in a transaction started at `started`.
-    fn apply(&self, grants: &[Grant], started: Instant) {
-        self.apply_to(&mut self.lock(), grants, started);
+    fn land(&self, grants: &[Grant], started: Instant) {
+        self.land_in(&mut self.lock(), grants, started);
     }
 
-    /// [`Self::apply`] on a map the caller has locked.
-    fn apply_to(&self, m: &mut HashMap<String, Local>, grants: &[Grant], started: Instant) {
+    /// [`Self::land`] on a chain the caller has locked. A grant for another incarnation of a
+    /// Budget (recreated meanwhile) is not taken.
+    fn land_in(&self, c: &mut ChainState<Local>, grants: &[Grant], started: Instant) {
         let valid_until = started + self.terms.ttl - self.terms.ttl / 10;
         for g in grants {
-            if let Some(l) = m.get_mut(&g.budget) {
+            if let Some(l) = c.states.get_mut(&g.budget.key)
+                && l.def.uid == g.budget.uid
+            {
                 if l.window.map(|w| w.start.as_millisecond()) == Some(g.window_start_ms) {
                     l.lease = g.lease;
                     l.valid_until = Some(valid_until);
@@ -289,10 +350,10 @@ impl ClusterAuthority {
 
     fn refusal(&self, s: Shortfall) -> Refusal {
         let currency = self
-            .def(&s.budget)
+            .def(&s.budget.key)
             .map_or_else(|| "USD".to_owned(), |d| d.currency);
         Refusal {
-            budget: s.budget,
+            budget: s.budget.key,
             currency,
             limit: if s.micros {
                 LimitKind::CostMicros
@@ -332,8 +393,8 @@ impl ClusterAuthority {
     /// Reserves `want` on every Budget of the chain, or on none: from the local leases when
     /// they cover it, else after a top-up from PostgreSQL.
     pub async fn reserve(&self, now: Timestamp, want: Amount) -> Reserve {
-        if let Some(name) = &self.missing {
-            return Reserve::Undefined(name.clone());
+        if let Some(reason) = self.lock().undefined() {
+            return Reserve::Undefined(reason);
         }
         match self.try_local(now, want) {
             Step::Taken(r) => return Reserve::Taken(r),
@@ -375,10 +436,10 @@ impl ClusterAuthority {
                 return unreachable();
             }
             let asks: Vec<Ask> = {
-                let mut m = self.lock();
-                self.chain
-                    .iter()
-                    .filter_map(|n| m.get_mut(n).and_then(|l| l.ask(now, want)))
+                let mut c = self.lock();
+                let keys: Vec<BudgetKey> = c.refs.iter().map(|r| r.key.clone()).collect();
+                keys.iter()
+                    .filter_map(|k| c.states.get_mut(k).and_then(|l| l.ask(now, want)))
                     .collect()
             };
             let started = Instant::now();
@@ -390,9 +451,9 @@ impl ClusterAuthority {
                     // the replica's other requests, on the fast path, can use up what was
                     // leased for this one before it looks, round after round.
                     let step = {
-                        let mut m = self.lock();
-                        self.apply_to(&mut m, &grants, started);
-                        self.take(&mut m, now, want)
+                        let mut c = self.lock();
+                        self.land_in(&mut c, &grants, started);
+                        self.take(&mut c, now, want)
                     };
                     match step {
                         Step::Taken(r) => return Reserve::Taken(r),
@@ -422,9 +483,9 @@ impl ClusterAuthority {
 
     /// Settles each reservation with `actual` (local only; the lease learns at the next report).
     pub fn settle(&self, now: Timestamp, reservations: Vec<Reservation>, actual: Amount) {
-        let mut m = self.lock();
+        let mut c = self.lock();
         for r in reservations {
-            if let Some(l) = m.get_mut(&r.budget) {
+            if let Some(l) = c.states.get_mut(&r.budget) {
                 l.ledger.settle(now, r, actual);
             }
         }
@@ -432,9 +493,9 @@ impl ClusterAuthority {
 
     /// Releases each reservation.
     pub fn release(&self, now: Timestamp, reservations: Vec<Reservation>) {
-        let mut m = self.lock();
+        let mut c = self.lock();
         for r in reservations {
-            if let Some(l) = m.get_mut(&r.budget) {
+            if let Some(l) = c.states.get_mut(&r.budget) {
                 l.ledger.release(now, r);
             }
         }
@@ -442,21 +503,23 @@ impl ClusterAuthority {
 
     /// The earliest instant whose spend still counts.
     pub fn replay_since(&self, now: Timestamp) -> Timestamp {
-        let mut m = self.lock();
-        m.values_mut()
+        let mut c = self.lock();
+        c.states
+            .values_mut()
             .filter_map(|l| l.ledger.window(now).ok())
             .map(|w| w.start - jiff::SignedDuration::from_secs(60))
             .min()
             .unwrap_or(now)
     }
 
-    /// Replays this replica's settled spend from its outbox (start-up only). Its lease is
-    /// taken back from PostgreSQL at the first top-up, reporting this spend.
-    pub fn replay(&self, rows: &[PastSpend]) {
-        let mut m = self.lock();
+    /// Replays this replica's settled spend from its outbox into the Budgets of `only` (all,
+    /// when `None`). Its lease is taken back from PostgreSQL at the first top-up, reporting
+    /// this spend.
+    pub fn replay(&self, rows: &[PastSpend], only: Option<&[soma_metering::BudgetRef]>) {
+        let mut c = self.lock();
         for row in rows {
-            for name in row.budgets.split(',') {
-                if let Some(l) = m.get_mut(name) {
+            for l in c.charged_by(&row.budgets) {
+                if only.is_none_or(|o| o.contains(&l.def.reference())) {
                     l.ledger.record(row.at, row.amount);
                 }
             }
@@ -464,15 +527,15 @@ impl ClusterAuthority {
     }
 
     /// What this replica may still spend under `costMicros` without asking (for metrics).
-    pub fn remaining_micros(&self, now: Timestamp) -> Vec<(String, Option<u64>)> {
-        let mut m = self.lock();
-        self.chain
-            .iter()
-            .filter_map(|n| {
-                let l = m.get_mut(n)?;
+    pub fn remaining_micros(&self, now: Timestamp) -> Vec<(BudgetKey, Option<u64>)> {
+        let mut c = self.lock();
+        let keys: Vec<BudgetKey> = c.refs.iter().map(|r| r.key.clone()).collect();
+        keys.into_iter()
+            .filter_map(|k| {
+                let l = c.states.get_mut(&k)?;
                 l.def.limits.cost_micros?;
                 let used = l.ledger.used(now).ok()?;
-                Some((n.clone(), Some(l.lease.micros.saturating_sub(used.micros))))
+                Some((k, Some(l.lease.micros.saturating_sub(used.micros))))
             })
             .collect()
     }
@@ -489,10 +552,10 @@ impl ClusterAuthority {
         let _one_at_a_time = self.topup.lock().await;
         let now = Timestamp::now();
         let (asks, give) = {
-            let mut m = self.lock();
+            let mut c = self.lock();
             let mut held: Vec<&mut Local> = Vec::new();
             let mut idle = true;
-            for l in m.values_mut() {
+            for l in c.states.values_mut() {
                 let current = l.ledger.window(now).ok().map(|w| w.start);
                 if l.window.is_none() || l.window.map(|w| w.start) != current {
                     continue;
@@ -524,7 +587,7 @@ impl ClusterAuthority {
             .inspect_err(|_| self.transactions.count("heartbeat", "failed"))?;
         self.transactions.count("heartbeat", "ok");
         self.failed(false);
-        self.apply(&grants, started);
+        self.land(&grants, started);
         Ok(())
     }
 

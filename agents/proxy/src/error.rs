@@ -50,8 +50,9 @@ pub enum ProxyError {
     /// A Budget refused.
     #[error("budget {} refused the request", .0.budget)]
     Budget(Box<Refusal>),
-    /// The configured Budget has no definition.
-    #[error("budget {0:?} has no definition in the sidecar's configuration")]
+    /// The Budget chain cannot be enforced (a Budget missing, a parent that does not grant
+    /// the child's namespace, a loop): fail closed.
+    #[error("the Budget chain cannot be enforced: {0}")]
     BudgetUndefined(String),
     /// The budget authority cannot decide; the request is refused rather than risk overspend.
     #[error("budget authority unavailable: {0}; the request was not sent")]
@@ -233,7 +234,7 @@ fn refusal_message(r: &Refusal) -> String {
         _ => "tokens".into(),
     };
     format!(
-        "Budget {:?} refused this request: limits.{} is {} {unit}, {} are used or reserved, \
+        "Budget \"{}\" refused this request: limits.{} is {} {unit}, {} are used or reserved, \
          {} remain, and this request needs up to {}. It resets at {}.",
         r.budget,
         r.limit.field(),

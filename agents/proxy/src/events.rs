@@ -52,6 +52,12 @@ pub async fn publish_once(
         .map_err(|e| PublishError::Stream(e.to_string()))?;
         *stream_ready = true;
     }
+    // Events carry the audit chain too, so a consumer (the DR drill) can check them.
+    let holder = outbox.holder_id().await.map_err(PublishError::Outbox)?;
+    outbox
+        .chain_pending(&holder, batch)
+        .await
+        .map_err(PublishError::Outbox)?;
     let rows = outbox
         .undelivered(Sink::Events, batch)
         .await

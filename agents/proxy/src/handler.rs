@@ -47,7 +47,10 @@ pub async fn handle(state: Arc<AppState>, endpoint: Endpoint, req: Request) -> R
             let result = serve(&task_state, endpoint, req, t0, &task_span).await;
             if let Err(e) = &result {
                 if let ProxyError::Budget(refusal) = e {
-                    task_span.record("soma.budget.refused_by", refusal.budget.as_str());
+                    task_span.record(
+                        "soma.budget.refused_by",
+                        refusal.budget.to_string().as_str(),
+                    );
                 }
                 genai_span::record_refusal(&task_span, e.label(), e.status().as_u16());
             }
@@ -214,6 +217,7 @@ async fn serve(
                     match state.authority.reserve(now, cheaper_worst).await {
                         Reserve::Taken(r) => {
                             tracing::info!(from = %model, to = %cheaper, budget = %refusal.budget, "brown-out");
+                            state.authority.count_refusal(&refusal.budget, true);
                             json["model"] = Value::String(cheaper.clone());
                             model = cheaper;
                             price = cheaper_price;
@@ -229,6 +233,7 @@ async fn serve(
             match retried {
                 Some(r) => r,
                 None => {
+                    state.authority.count_refusal(&refusal.budget, false);
                     state
                         .metrics
                         .refusal(&refusal.budget, refusal.limit.field());

@@ -16,7 +16,7 @@
 
 use std::time::Duration;
 
-use soma_metering::Amount;
+use soma_metering::{Amount, BudgetRef};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
 
@@ -25,6 +25,10 @@ use sqlx::{Postgres, Row, Transaction};
 pub struct Terms {
     /// This replica's stable name (kept in its outbox).
     pub holder: String,
+    /// The Agent's namespace (shown on its lease rows).
+    pub namespace: String,
+    /// The Agent (shown on its lease rows).
+    pub agent: String,
     /// A lease lives this long after each renewal; the holder stops using it once that time
     /// has passed since the renewal started.
     pub ttl: Duration,
@@ -40,8 +44,8 @@ fn ms(d: Duration) -> i64 {
 /// One Budget's part of a lease request or report.
 #[derive(Clone, Debug)]
 pub struct Ask {
-    /// The Budget.
-    pub budget: String,
+    /// The Budget (key and uid: a recreated Budget has windows of its own).
+    pub budget: BudgetRef,
     /// Its window, Unix milliseconds.
     pub window_start_ms: i64,
     /// The window's end (when the caps reset).
@@ -52,15 +56,21 @@ pub struct Ask {
     pub cap_micros: Option<u64>,
     /// This replica's settled plus reserved spend in the window.
     pub used: Amount,
+    /// The part of `used` still reserved by requests in flight.
+    pub reserved: Amount,
     /// What the request waiting for the lease needs on top of `used`.
     pub want: Amount,
+    /// Requests this replica refused in the window (this Budget refusing).
+    pub refusals: u64,
+    /// Requests this replica browned out in the window.
+    pub brownouts: u64,
 }
 
 /// What a Budget granted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Grant {
     /// The Budget.
-    pub budget: String,
+    pub budget: BudgetRef,
     /// The window the grant is for.
     pub window_start_ms: i64,
     /// This replica's whole lease for the window (what it may reach in `used`).
@@ -73,7 +83,7 @@ pub struct Grant {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Shortfall {
     /// The Budget.
-    pub budget: String,
+    pub budget: BudgetRef,
     /// True for `limits.costMicros`, false for `limits.tokens`.
     pub micros: bool,
     /// The cap.
@@ -110,21 +120,40 @@ fn amount(row: &sqlx::postgres::PgRow, tokens: &str, micros: &str) -> Amount {
     }
 }
 
+/// A window as locked: what is granted of it, and its caps.
+struct Locked {
+    granted: Amount,
+    cap_tokens: Option<u64>,
+    cap_micros: Option<u64>,
+}
+
 /// Locks the window row (creating it, and keeping its caps current) and cuts other replicas'
-/// expired leases back to what they used. Returns the window's granted total.
+/// expired leases back to what they used. The caps are the operator's live definition of the
+/// Budget (`soma_budgets`) when it has one for this incarnation, else the asker's: a replica
+/// that has not yet heard of a lowered cap is still granted no more than it allows.
 async fn lock_window(
     tx: &mut Transaction<'_, Postgres>,
     a: &Ask,
     terms: &Terms,
-) -> Result<Amount, sqlx::Error> {
+) -> Result<Locked, sqlx::Error> {
     let row = sqlx::query(
-        "INSERT INTO budget_windows (budget, window_start_ms, window_end_ms, cap_tokens, cap_micros)
-         VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (budget, window_start_ms) DO UPDATE
+        "WITH live AS (
+            SELECT (definition->'limits'->>'tokens')::BIGINT AS t,
+                   (definition->'limits'->>'costMicros')::BIGINT AS m
+              FROM soma_budgets
+             WHERE namespace = split_part($1, '/', 1) AND name = split_part($1, '/', 2)
+               AND uid = $2)
+         INSERT INTO budget_windows AS w (budget, budget_uid, window_start_ms, window_end_ms,
+                                          cap_tokens, cap_micros)
+         VALUES ($1, $2, $3, $4,
+                 CASE WHEN EXISTS (SELECT 1 FROM live) THEN (SELECT t FROM live) ELSE $5 END,
+                 CASE WHEN EXISTS (SELECT 1 FROM live) THEN (SELECT m FROM live) ELSE $6 END)
+         ON CONFLICT (budget, budget_uid, window_start_ms) DO UPDATE
             SET cap_tokens = EXCLUDED.cap_tokens, cap_micros = EXCLUDED.cap_micros
-         RETURNING granted_tokens, granted_micros",
+         RETURNING granted_tokens, granted_micros, cap_tokens, cap_micros",
     )
-    .bind(&a.budget)
+    .bind(a.budget.key.to_string())
+    .bind(&a.budget.uid)
     .bind(a.window_start_ms)
     .bind(a.window_end_ms)
     .bind(a.cap_tokens.map(i))
@@ -132,24 +161,28 @@ async fn lock_window(
     .fetch_one(&mut **tx)
     .await?;
     let mut granted = amount(&row, "granted_tokens", "granted_micros");
+    let cap = |c: &str| row.get::<Option<i64>, _>(c).map(u);
+    let (cap_tokens, cap_micros) = (cap("cap_tokens"), cap("cap_micros"));
     let reclaimed = sqlx::query(
         "WITH old AS (
             SELECT holder, granted_tokens - LEAST(granted_tokens, used_tokens) AS t,
                    granted_micros - LEAST(granted_micros, used_micros) AS m
             FROM budget_leases
-            WHERE budget = $1 AND window_start_ms = $2 AND holder <> $3
-              AND expires_at < now() - $4 * interval '1 millisecond'
+            WHERE budget = $1 AND budget_uid = $2 AND window_start_ms = $3 AND holder <> $4
+              AND expires_at < now() - $5 * interval '1 millisecond'
               AND (granted_tokens > used_tokens OR granted_micros > used_micros)
          ), upd AS (
             UPDATE budget_leases l
                SET granted_tokens = LEAST(l.granted_tokens, l.used_tokens),
                    granted_micros = LEAST(l.granted_micros, l.used_micros)
               FROM old
-             WHERE l.budget = $1 AND l.window_start_ms = $2 AND l.holder = old.holder
+             WHERE l.budget = $1 AND l.budget_uid = $2 AND l.window_start_ms = $3
+               AND l.holder = old.holder
          )
          SELECT COALESCE(SUM(t), 0)::BIGINT AS t, COALESCE(SUM(m), 0)::BIGINT AS m FROM old",
     )
-    .bind(&a.budget)
+    .bind(a.budget.key.to_string())
+    .bind(&a.budget.uid)
     .bind(a.window_start_ms)
     .bind(&terms.holder)
     .bind(ms(terms.reclaim_after))
@@ -159,9 +192,13 @@ async fn lock_window(
     if r != Amount::default() {
         granted.tokens = granted.tokens.saturating_sub(r.tokens);
         granted.micros = granted.micros.saturating_sub(r.micros);
-        tracing::info!(budget = %a.budget, tokens = r.tokens, micros = r.micros, "reclaimed expired leases");
+        tracing::info!(budget = %a.budget.key, tokens = r.tokens, micros = r.micros, "reclaimed expired leases");
     }
-    Ok(granted)
+    Ok(Locked {
+        granted,
+        cap_tokens,
+        cap_micros,
+    })
 }
 
 async fn my_lease(
@@ -171,9 +208,10 @@ async fn my_lease(
 ) -> Result<Amount, sqlx::Error> {
     let row = sqlx::query(
         "SELECT granted_tokens, granted_micros FROM budget_leases
-         WHERE budget = $1 AND window_start_ms = $2 AND holder = $3",
+         WHERE budget = $1 AND budget_uid = $2 AND window_start_ms = $3 AND holder = $4",
     )
-    .bind(&a.budget)
+    .bind(a.budget.key.to_string())
+    .bind(&a.budget.uid)
     .bind(a.window_start_ms)
     .bind(holder)
     .fetch_optional(&mut **tx)
@@ -192,25 +230,33 @@ async fn write(
     lease: Amount,
 ) -> Result<u64, sqlx::Error> {
     sqlx::query(
-        "UPDATE budget_windows SET granted_tokens = $3, granted_micros = $4
-         WHERE budget = $1 AND window_start_ms = $2",
+        "UPDATE budget_windows SET granted_tokens = $4, granted_micros = $5
+         WHERE budget = $1 AND budget_uid = $2 AND window_start_ms = $3",
     )
-    .bind(&a.budget)
+    .bind(a.budget.key.to_string())
+    .bind(&a.budget.uid)
     .bind(a.window_start_ms)
     .bind(i(granted.tokens))
     .bind(i(granted.micros))
     .execute(&mut **tx)
     .await?;
     sqlx::query(
-        "INSERT INTO budget_leases (budget, window_start_ms, holder, granted_tokens, granted_micros,
-            used_tokens, used_micros, expires_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, now() + $8 * interval '1 millisecond')
-         ON CONFLICT (budget, window_start_ms, holder) DO UPDATE SET
+        "INSERT INTO budget_leases (budget, budget_uid, window_start_ms, holder, granted_tokens,
+            granted_micros, used_tokens, used_micros, expires_at, reserved_tokens,
+            reserved_micros, refusals, brownouts, namespace, agent)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + $9 * interval '1 millisecond', $10, $11,
+                 $12, $13, $14, $15)
+         ON CONFLICT (budget, budget_uid, window_start_ms, holder) DO UPDATE SET
             granted_tokens = EXCLUDED.granted_tokens, granted_micros = EXCLUDED.granted_micros,
             used_tokens = EXCLUDED.used_tokens, used_micros = EXCLUDED.used_micros,
-            expires_at = EXCLUDED.expires_at",
+            expires_at = EXCLUDED.expires_at, reserved_tokens = EXCLUDED.reserved_tokens,
+            reserved_micros = EXCLUDED.reserved_micros,
+            refusals = GREATEST(budget_leases.refusals, EXCLUDED.refusals),
+            brownouts = GREATEST(budget_leases.brownouts, EXCLUDED.brownouts),
+            namespace = EXCLUDED.namespace, agent = EXCLUDED.agent",
     )
-    .bind(&a.budget)
+    .bind(a.budget.key.to_string())
+    .bind(&a.budget.uid)
     .bind(a.window_start_ms)
     .bind(&terms.holder)
     .bind(i(lease.tokens))
@@ -220,13 +266,20 @@ async fn write(
     .bind(i(a.used.tokens.saturating_add(a.want.tokens)))
     .bind(i(a.used.micros.saturating_add(a.want.micros)))
     .bind(ms(terms.ttl))
+    .bind(i(a.reserved.tokens.saturating_add(a.want.tokens)))
+    .bind(i(a.reserved.micros.saturating_add(a.want.micros)))
+    .bind(i(a.refusals))
+    .bind(i(a.brownouts))
+    .bind(&terms.namespace)
+    .bind(&terms.agent)
     .execute(&mut **tx)
     .await?;
     let live: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM budget_leases
-         WHERE budget = $1 AND window_start_ms = $2 AND expires_at >= now()",
+         WHERE budget = $1 AND budget_uid = $2 AND window_start_ms = $3 AND expires_at >= now()",
     )
-    .bind(&a.budget)
+    .bind(a.budget.key.to_string())
+    .bind(&a.budget.uid)
     .bind(a.window_start_ms)
     .fetch_one(&mut **tx)
     .await?;
@@ -260,7 +313,8 @@ pub async fn acquire(
     let mut tx = pool.begin().await?;
     let mut grants = Vec::with_capacity(sorted.len());
     for a in sorted {
-        let mut granted = lock_window(&mut tx, a, terms).await?;
+        let locked = lock_window(&mut tx, a, terms).await?;
+        let mut granted = locked.granted;
         let mut lease = my_lease(&mut tx, a, &terms.holder).await?;
         // Spend beyond the lease (a provider that returned more than the worst case, or a
         // restart whose outbox holds more than a reclaimed lease kept) is counted as it is:
@@ -279,22 +333,24 @@ pub async fn acquire(
         };
         let live: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM budget_leases
-             WHERE budget = $1 AND window_start_ms = $2 AND expires_at >= now() AND holder <> $3",
+             WHERE budget = $1 AND budget_uid = $2 AND window_start_ms = $3
+               AND expires_at >= now() AND holder <> $4",
         )
-        .bind(&a.budget)
+        .bind(a.budget.key.to_string())
+        .bind(&a.budget.uid)
         .bind(a.window_start_ms)
         .bind(&terms.holder)
         .fetch_one(&mut *tx)
         .await?;
         let live = u(live) + 1;
         let unused = |l: u64, used: u64| l.saturating_sub(used);
-        let tokens = slice(a.cap_tokens, granted.tokens, need.tokens, live);
-        let micros = slice(a.cap_micros, granted.micros, need.micros, live);
+        let tokens = slice(locked.cap_tokens, granted.tokens, need.tokens, live);
+        let micros = slice(locked.cap_micros, granted.micros, need.micros, live);
         let (Some(t), Some(m)) = (tokens, micros) else {
             let micros_short = micros.is_none();
             let (cap, g, n, l, used) = if micros_short {
                 (
-                    a.cap_micros,
+                    locked.cap_micros,
                     granted.micros,
                     a.want.micros,
                     lease.micros,
@@ -302,7 +358,7 @@ pub async fn acquire(
                 )
             } else {
                 (
-                    a.cap_tokens,
+                    locked.cap_tokens,
                     granted.tokens,
                     a.want.tokens,
                     lease.tokens,
@@ -349,7 +405,7 @@ pub async fn report(
     let mut tx = pool.begin().await?;
     let mut grants = Vec::with_capacity(sorted.len());
     for a in sorted {
-        let mut granted = lock_window(&mut tx, a, terms).await?;
+        let mut granted = lock_window(&mut tx, a, terms).await?.granted;
         let mut lease = my_lease(&mut tx, a, &terms.holder).await?;
         for (g, l, used) in [
             (&mut granted.tokens, &mut lease.tokens, a.used.tokens),

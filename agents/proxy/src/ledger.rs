@@ -1,25 +1,25 @@
-//! Delivery from the outbox to the PostgreSQL ledger (`usage_records`, and its per-minute
-//! rollup `usage_minute`; schema by sqlx migrations in `agents/proxy/migrations`).
+//! Delivery from the outbox to the PostgreSQL ledger (`usage_records`, its per-minute
+//! rollups and the audit chain; schema and statement in the `soma-ledger` crate).
 //!
-//! A background task takes settled, undelivered outbox rows in batches, inserts them with
-//! `ON CONFLICT (id) DO NOTHING`, and only then marks them delivered in the outbox. A sidecar
-//! that dies between the two steps delivers the batch again on restart and the idempotency key
-//! keeps it once; a database outage only delays delivery (the outbox keeps everything, and the
-//! task retries with backoff up to 30 s). Nothing here is on the request path.
+//! A background task links settled rows into this sidecar's audit chain, takes them in
+//! batches, inserts them with `ON CONFLICT (id) DO NOTHING`, and only then marks them
+//! delivered in the outbox. A sidecar that dies between the two steps delivers the batch again
+//! on restart and the idempotency key keeps it once; a database outage only delays delivery
+//! (the outbox keeps everything, and the task retries with backoff up to 30 s). Nothing here
+//! is on the request path.
 //!
 //! ```text
-//!  outbox (settled, delivered_at_ms NULL) ──batch──► INSERT … ON CONFLICT DO NOTHING ──► mark delivered
+//!  outbox (settled) ─chain─► (seq, prev_hash, hash) ─batch─► INSERT … ON CONFLICT DO NOTHING ─► mark delivered
 //! ```
 
 use std::time::Duration;
 
-use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::{Postgres, QueryBuilder};
+use sqlx::postgres::PgPool;
 
 use crate::outbox::{Outbox, Sink};
 
-/// The migrations, embedded at build time.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+/// The ledger's migrations (`soma-ledger`).
+pub static MIGRATOR: &sqlx::migrate::Migrator = &soma_ledger::MIGRATOR;
 
 /// Why a delivery round failed (it is retried).
 #[derive(Debug, thiserror::Error)]
@@ -27,7 +27,7 @@ pub enum DeliveryError {
     /// Running the migrations failed.
     #[error("ledger migrations failed")]
     Migrate(#[source] sqlx::migrate::MigrateError),
-    /// Reading or marking the outbox failed.
+    /// Reading, chaining or marking the outbox failed.
     #[error("outbox read or mark failed")]
     Outbox(#[source] sqlx::Error),
     /// The insert failed.
@@ -38,19 +38,10 @@ pub enum DeliveryError {
 /// A connection pool to the ledger, created without connecting (the sidecar starts and
 /// serves while the database is down).
 pub fn pool(url: &str) -> Result<PgPool, sqlx::Error> {
-    PgPoolOptions::new()
-        .max_connections(2)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_lazy(url)
+    soma_ledger::pool(url, 2, Duration::from_secs(5))
 }
 
-fn rfc3339(ms: i64) -> String {
-    jiff::Timestamp::from_millisecond(ms)
-        .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
-        .to_string()
-}
-
-/// One round: migrate if not yet done, deliver up to `batch` rows. Returns how many.
+/// One round: migrate if not yet done, chain and deliver up to `batch` rows. Returns how many.
 pub async fn deliver_once(
     outbox: &Outbox,
     pool: &PgPool,
@@ -61,6 +52,11 @@ pub async fn deliver_once(
         MIGRATOR.run(pool).await.map_err(DeliveryError::Migrate)?;
         *migrated = true;
     }
+    let holder = outbox.holder_id().await.map_err(DeliveryError::Outbox)?;
+    outbox
+        .chain_pending(&holder, batch)
+        .await
+        .map_err(DeliveryError::Outbox)?;
     let rows = outbox
         .undelivered(Sink::Ledger, batch)
         .await
@@ -68,56 +64,7 @@ pub async fn deliver_once(
     if rows.is_empty() {
         return Ok(0);
     }
-    // One statement: the per-request insert and the per-minute rollup of exactly the rows it
-    // inserted (a redelivered row conflicts, is not returned, and is not added again).
-    let mut q = QueryBuilder::<Postgres>::new(
-        "WITH ins AS (INSERT INTO usage_records (id, namespace, agent, budgets, endpoint, model, started_at,
-            finished_at, input_tokens, cached_input_tokens, cache_write_input_tokens,
-            output_tokens, reasoning_tokens, cost_micros, estimated, outcome, http_status) ",
-    );
-    q.push_values(&rows, |mut b, r| {
-        b.push_bind(&r.id)
-            .push_bind(&r.namespace)
-            .push_bind(&r.agent)
-            .push_bind(&r.budgets)
-            .push_bind(&r.endpoint)
-            .push_bind(&r.model)
-            .push_bind(rfc3339(r.started_at_ms))
-            .push_unseparated("::timestamptz")
-            .push_bind(r.finished_at_ms.map(rfc3339))
-            .push_unseparated("::timestamptz")
-            .push_bind(r.input_tokens)
-            .push_bind(r.cached_input_tokens)
-            .push_bind(r.cache_write_input_tokens)
-            .push_bind(r.output_tokens)
-            .push_bind(r.reasoning_tokens)
-            .push_bind(r.cost_micros)
-            .push_bind(r.estimated)
-            .push_bind(&r.outcome)
-            .push_bind(r.http_status.and_then(|s| i32::try_from(s).ok()));
-    });
-    q.push(
-        " ON CONFLICT (id) DO NOTHING RETURNING namespace, agent, model, started_at,
-            input_tokens, cached_input_tokens, cache_write_input_tokens, output_tokens,
-            reasoning_tokens, cost_micros)
-        INSERT INTO usage_minute AS m (namespace, agent, model, minute, requests, input_tokens,
-            cached_input_tokens, cache_write_input_tokens, output_tokens, reasoning_tokens,
-            cost_micros)
-        SELECT namespace, agent, model, date_trunc('minute', started_at), COUNT(*),
-            SUM(input_tokens), SUM(cached_input_tokens), SUM(cache_write_input_tokens),
-            SUM(output_tokens), SUM(reasoning_tokens), SUM(cost_micros)
-        FROM ins GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
-        ON CONFLICT (namespace, agent, model, minute) DO UPDATE SET
-            requests = m.requests + EXCLUDED.requests,
-            input_tokens = m.input_tokens + EXCLUDED.input_tokens,
-            cached_input_tokens = m.cached_input_tokens + EXCLUDED.cached_input_tokens,
-            cache_write_input_tokens = m.cache_write_input_tokens + EXCLUDED.cache_write_input_tokens,
-            output_tokens = m.output_tokens + EXCLUDED.output_tokens,
-            reasoning_tokens = m.reasoning_tokens + EXCLUDED.reasoning_tokens,
-            cost_micros = m.cost_micros + EXCLUDED.cost_micros",
-    );
-    q.build()
-        .execute(pool)
+    soma_ledger::deliver::insert(pool, &rows)
         .await
         .map_err(DeliveryError::Insert)?;
     let ids: Vec<String> = rows.into_iter().map(|r| r.id).collect();

@@ -29,6 +29,7 @@ pub mod genai_span;
 pub mod handler;
 pub mod lease;
 pub mod ledger;
+pub mod live;
 pub mod metrics;
 pub mod outbox;
 pub mod relay;

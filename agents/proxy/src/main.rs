@@ -29,11 +29,10 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", args.config.display()))?;
     let mut config = soma_proxy::Config::parse(&text)
         .with_context(|| format!("parsing {}", args.config.display()))?;
-    config
-        .apply_env(|name| std::env::var(name).ok())
+    soma_proxy::config::apply_env(&mut config, |name| std::env::var(name).ok())
         .with_context(|| format!("reading {}", args.config.display()))?;
     let token = std::env::var(&config.client_token_env).unwrap_or_default();
-    let running = soma_proxy::start(config, token).await?;
+    let running = soma_proxy::start(config, token, Some(args.config.clone())).await?;
     shutdown_signal().await;
     tracing::info!("shutting down");
     running.stop().await;

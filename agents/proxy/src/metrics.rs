@@ -8,7 +8,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use soma_metering::Usage;
+use soma_metering::{BudgetKey, Usage};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -28,6 +28,7 @@ pub struct Metrics {
     added_latency: Family<Labels, Histogram>,
     in_flight: Gauge,
     estimated: Counter,
+    live_updates: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -48,6 +49,7 @@ impl Metrics {
         });
         let in_flight = Gauge::default();
         let estimated = Counter::default();
+        let live_updates = Family::<Labels, Counter>::default();
         let r = registry.sub_registry_with_prefix("soma_proxy");
         r.register(
             "requests",
@@ -99,6 +101,11 @@ impl Metrics {
             "Usage records the sidecar had to estimate",
             estimated.clone(),
         );
+        r.register(
+            "live_updates",
+            "Live Budget definition changes, by source (file, ledger) and outcome (applied, refused)",
+            live_updates.clone(),
+        );
         Metrics {
             registry,
             namespace: namespace.to_owned(),
@@ -113,6 +120,7 @@ impl Metrics {
             added_latency,
             in_flight,
             estimated,
+            live_updates,
         }
     }
 
@@ -168,11 +176,22 @@ impl Metrics {
     }
 
     /// A Budget refusal.
-    pub fn refusal(&self, budget: &str, limit: &str) {
+    pub fn refusal(&self, budget: &BudgetKey, limit: &str) {
         self.refusals
             .get_or_create(&vec![
-                ("budget", budget.to_owned()),
+                ("budget_namespace", budget.namespace.clone()),
+                ("budget", budget.name.clone()),
                 ("limit", limit.to_owned()),
+            ])
+            .inc();
+    }
+
+    /// A live configuration change from `source` (`file`, `ledger`), `applied` or `refused`.
+    pub fn live_update(&self, source: &str, outcome: &str) {
+        self.live_updates
+            .get_or_create(&vec![
+                ("source", source.to_owned()),
+                ("outcome", outcome.to_owned()),
             ])
             .inc();
     }
@@ -185,9 +204,12 @@ impl Metrics {
     }
 
     /// What a Budget has left.
-    pub fn budget_remaining(&self, budget: &str, micros: u64) {
+    pub fn budget_remaining(&self, budget: &BudgetKey, micros: u64) {
         self.budget_remaining
-            .get_or_create(&vec![("budget", budget.to_owned())])
+            .get_or_create(&vec![
+                ("budget_namespace", budget.namespace.clone()),
+                ("budget", budget.name.clone()),
+            ])
             .set(i64::try_from(micros).unwrap_or(i64::MAX));
     }
 

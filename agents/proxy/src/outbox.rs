@@ -21,6 +21,7 @@ use std::path::Path;
 use std::str::FromStr;
 
 use jiff::Timestamp;
+use soma_ledger::UsageRecord;
 use soma_metering::{Amount, Usage};
 use sqlx::Row;
 use sqlx::sqlite::{
@@ -52,7 +53,10 @@ CREATE TABLE IF NOT EXISTS usage_outbox (
     outcome TEXT,
     http_status INTEGER,
     delivered_at_ms INTEGER,             -- set once the row is in the PostgreSQL ledger
-    published_at_ms INTEGER              -- set once JetStream acknowledged the event
+    published_at_ms INTEGER,             -- set once JetStream acknowledged the event
+    chain_seq INTEGER,                   -- its place in this outbox's audit chain, once linked
+    prev_hash TEXT,
+    hash TEXT
 );
 CREATE INDEX IF NOT EXISTS ix_outbox_started ON usage_outbox (started_at_ms);
 CREATE TABLE IF NOT EXISTS outbox_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -61,7 +65,17 @@ CREATE INDEX IF NOT EXISTS ix_outbox_undelivered ON usage_outbox (started_at_ms)
     WHERE state = 'settled' AND delivered_at_ms IS NULL;
 CREATE INDEX IF NOT EXISTS ix_outbox_unpublished ON usage_outbox (started_at_ms)
     WHERE state = 'settled' AND published_at_ms IS NULL;
+CREATE INDEX IF NOT EXISTS ix_outbox_unchained ON usage_outbox (finished_at_ms)
+    WHERE state = 'settled' AND chain_seq IS NULL;
 ";
+
+/// Columns added after the first release, for outbox files an older sidecar created (a
+/// container restarted onto a newer image keeps its emptyDir).
+const ADDED_COLUMNS: &[(&str, &str)] = &[
+    ("chain_seq", "INTEGER"),
+    ("prev_hash", "TEXT"),
+    ("hash", "TEXT"),
+];
 
 /// A request about to leave for the provider.
 #[derive(Clone, Debug)]
@@ -140,45 +154,6 @@ pub struct Sinks {
     pub ledger: bool,
     /// `natsUrl` is set.
     pub events: bool,
-}
-
-/// A settled row as the ledger stores it and the event carries it.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct LedgerRecord {
-    /// Idempotency key.
-    pub id: String,
-    /// Agent namespace.
-    pub namespace: String,
-    /// Agent name.
-    pub agent: String,
-    /// Budget chain.
-    pub budgets: String,
-    /// Endpoint label.
-    pub endpoint: String,
-    /// Model.
-    pub model: String,
-    /// Start (Unix ms).
-    pub started_at_ms: i64,
-    /// End (Unix ms).
-    pub finished_at_ms: Option<i64>,
-    /// Tokens by kind.
-    pub input_tokens: i64,
-    /// Cached input.
-    pub cached_input_tokens: i64,
-    /// Cache-write input.
-    pub cache_write_input_tokens: i64,
-    /// Output.
-    pub output_tokens: i64,
-    /// Reasoning.
-    pub reasoning_tokens: i64,
-    /// Cost in micros.
-    pub cost_micros: i64,
-    /// Estimated by the sidecar.
-    pub estimated: bool,
-    /// How it ended.
-    pub outcome: Option<String>,
-    /// Status the client saw.
-    pub http_status: Option<i64>,
 }
 
 /// Totals over settled rows (tests, reports).
@@ -304,6 +279,37 @@ fn write_loop(mut conn: rusqlite::Connection, jobs: std::sync::mpsc::Receiver<Jo
     }
 }
 
+/// The columns a [`UsageRecord`] is read from.
+const RECORD_COLUMNS: &str = "id, namespace, agent, budgets, endpoint, model, started_at_ms,
+    finished_at_ms, input_tokens, cached_input_tokens, cache_write_input_tokens, output_tokens,
+    reasoning_tokens, cost_micros, estimated, outcome, http_status, chain_seq, prev_hash, hash";
+
+fn record_of(r: &sqlx::sqlite::SqliteRow) -> UsageRecord {
+    UsageRecord {
+        id: r.get("id"),
+        namespace: r.get("namespace"),
+        agent: r.get("agent"),
+        budgets: r.get("budgets"),
+        endpoint: r.get("endpoint"),
+        model: r.get("model"),
+        started_at_ms: r.get("started_at_ms"),
+        finished_at_ms: r.get("finished_at_ms"),
+        input_tokens: r.get("input_tokens"),
+        cached_input_tokens: r.get("cached_input_tokens"),
+        cache_write_input_tokens: r.get("cache_write_input_tokens"),
+        output_tokens: r.get("output_tokens"),
+        reasoning_tokens: r.get("reasoning_tokens"),
+        cost_micros: r.get("cost_micros"),
+        estimated: r.get("estimated"),
+        outcome: r.get("outcome"),
+        http_status: r.get("http_status"),
+        holder: String::new(),
+        seq: r.get::<Option<i64>, _>("chain_seq").unwrap_or_default(),
+        prev_hash: r.get::<Option<String>, _>("prev_hash").unwrap_or_default(),
+        hash: r.get::<Option<String>, _>("hash").unwrap_or_default(),
+    }
+}
+
 fn ms(t: Timestamp) -> i64 {
     t.as_millisecond()
 }
@@ -333,6 +339,23 @@ impl Outbox {
             .max_connections(1)
             .connect_with(opts)
             .await?;
+        for (column, kind) in ADDED_COLUMNS {
+            let have: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM pragma_table_info('usage_outbox') WHERE name = ?1",
+            )
+            .bind(column)
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(0);
+            if have == 0 {
+                // A fresh file has no table yet: the schema below creates the column.
+                let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "ALTER TABLE usage_outbox ADD COLUMN {column} {kind}"
+                )))
+                .execute(&pool)
+                .await;
+            }
+        }
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
         let conn = rusqlite::Connection::open(path)
             .and_then(|c| {
@@ -465,18 +488,69 @@ impl Outbox {
             .collect())
     }
 
-    /// Settled rows not yet delivered to `sink`, oldest first.
+    /// Links settled rows that are not yet in this outbox's audit chain, in the order they
+    /// were settled, to the chain of `holder` (see `soma_ledger::record`). Runs off the
+    /// request path, before delivery; a row keeps its link for every redelivery. Returns how
+    /// many were linked.
+    pub async fn chain_pending(&self, holder: &str, limit: u32) -> Result<u64, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let head: Option<String> =
+            sqlx::query_scalar("SELECT value FROM outbox_meta WHERE key = 'chain_head'")
+                .fetch_optional(&mut *tx)
+                .await?;
+        let (mut seq, mut prev) = head
+            .and_then(|h| {
+                let (s, hash) = h.split_once(' ')?;
+                Some((s.parse::<i64>().ok()?, hash.to_owned()))
+            })
+            .unwrap_or_else(|| (0, soma_ledger::record::genesis(holder)));
+        let sql = format!(
+            "SELECT {RECORD_COLUMNS} FROM usage_outbox WHERE state = 'settled' AND chain_seq IS NULL
+             ORDER BY finished_at_ms, id LIMIT ?1"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await?;
+        let n = rows.len() as u64;
+        for row in rows {
+            let mut r = record_of(&row);
+            seq += 1;
+            r.chain(holder, seq, &prev);
+            sqlx::query(
+                "UPDATE usage_outbox SET chain_seq = ?2, prev_hash = ?3, hash = ?4 WHERE id = ?1",
+            )
+            .bind(&r.id)
+            .bind(seq)
+            .bind(&r.prev_hash)
+            .bind(&r.hash)
+            .execute(&mut *tx)
+            .await?;
+            prev = r.hash;
+        }
+        if n > 0 {
+            sqlx::query(
+                "INSERT OR REPLACE INTO outbox_meta (key, value) VALUES ('chain_head', ?1)",
+            )
+            .bind(format!("{seq} {prev}"))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    /// Settled, chained rows not yet delivered to `sink`, in chain order.
     pub async fn undelivered(
         &self,
         sink: Sink,
         limit: u32,
-    ) -> Result<Vec<LedgerRecord>, sqlx::Error> {
+    ) -> Result<Vec<UsageRecord>, sqlx::Error> {
+        let holder = self.holder_id().await?;
         let sql = format!(
-            "SELECT id, namespace, agent, budgets, endpoint, model, started_at_ms, finished_at_ms,
-                input_tokens, cached_input_tokens, cache_write_input_tokens, output_tokens,
-                reasoning_tokens, cost_micros, estimated, outcome, http_status
-             FROM usage_outbox WHERE state = 'settled' AND {} IS NULL
-             ORDER BY started_at_ms, id LIMIT ?1",
+            "SELECT {RECORD_COLUMNS} FROM usage_outbox
+             WHERE state = 'settled' AND chain_seq IS NOT NULL AND {} IS NULL
+             ORDER BY chain_seq LIMIT ?1",
             sink.column()
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -484,25 +558,11 @@ impl Outbox {
             .fetch_all(&self.pool)
             .await?;
         Ok(rows
-            .into_iter()
-            .map(|r| LedgerRecord {
-                id: r.get("id"),
-                namespace: r.get("namespace"),
-                agent: r.get("agent"),
-                budgets: r.get("budgets"),
-                endpoint: r.get("endpoint"),
-                model: r.get("model"),
-                started_at_ms: r.get("started_at_ms"),
-                finished_at_ms: r.get("finished_at_ms"),
-                input_tokens: r.get("input_tokens"),
-                cached_input_tokens: r.get("cached_input_tokens"),
-                cache_write_input_tokens: r.get("cache_write_input_tokens"),
-                output_tokens: r.get("output_tokens"),
-                reasoning_tokens: r.get("reasoning_tokens"),
-                cost_micros: r.get("cost_micros"),
-                estimated: r.get("estimated"),
-                outcome: r.get("outcome"),
-                http_status: r.get("http_status"),
+            .iter()
+            .map(|row| {
+                let mut r = record_of(row);
+                r.holder.clone_from(&holder);
+                r
             })
             .collect())
     }

@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
-use crate::authority::{Authority, ChainError};
+use crate::authority::{Authority, ChainError, plan};
 use crate::budgets::Budgets;
 use crate::cluster::ClusterAuthority;
 use crate::config::{AuthorityConfig, Config, Credentials};
@@ -109,10 +109,14 @@ pub async fn state(config: Config, client_token: String) -> Result<Arc<AppState>
     let outbox = Outbox::open(&config.outbox_path)
         .await
         .map_err(outbox_err)?;
+    let plan = plan(config.budget_key().as_ref(), &config.budgets);
+    if let Some(problem) = &plan.problem {
+        // Not a start failure: the ledger may hold the missing definition, or the operator
+        // may write it soon. Metered requests are refused (fail closed) until it resolves.
+        tracing::warn!(problem = %problem, "the Budget chain cannot be enforced yet; metered requests are refused until it can");
+    }
     let authority = match &config.authority {
-        AuthorityConfig::Embedded => {
-            Budgets::Embedded(Authority::new(config.budget.as_deref(), &config.budgets)?)
-        }
+        AuthorityConfig::Embedded => Budgets::Embedded(Authority::new(&plan)?),
         AuthorityConfig::Postgres(pg) => {
             let url = config
                 .database_url
@@ -124,17 +128,14 @@ pub async fn state(config: Config, client_token: String) -> Result<Arc<AppState>
             let ttl = pg.lease_ttl_ms.max(300);
             let terms = crate::lease::Terms {
                 holder,
+                namespace: config.agent.namespace.clone(),
+                agent: config.agent.name.clone(),
                 ttl: Duration::from_millis(ttl),
                 reclaim_after: Duration::from_millis(
                     pg.reclaim_after_ms.unwrap_or(ttl.saturating_mul(10)),
                 ),
             };
-            Budgets::Cluster(Box::new(ClusterAuthority::new(
-                config.budget.as_deref(),
-                &config.budgets,
-                pool,
-                terms,
-            )?))
+            Budgets::Cluster(Box::new(ClusterAuthority::new(&plan, pool, terms)?))
         }
     };
     let now = jiff::Timestamp::now();
@@ -150,7 +151,7 @@ pub async fn state(config: Config, client_token: String) -> Result<Arc<AppState>
             .spend_since(authority.replay_since(now))
             .await
             .map_err(outbox_err)?;
-        authority.replay(&rows);
+        authority.replay(&rows, None);
     }
     tokio::task::spawn_blocking(soma_metering::tokens::warm)
         .await
@@ -267,8 +268,13 @@ async fn bind(addr: &str) -> Result<TcpListener, StartError> {
         })
 }
 
-/// Binds both listeners and serves until [`Running::stop`].
-pub async fn start(config: Config, client_token: String) -> Result<Running, StartError> {
+/// Binds both listeners and serves until [`Running::stop`]. With `config_path`, the file is
+/// followed for live changes (`crate::live`); with a ledger, so are its Budget rows.
+pub async fn start(
+    config: Config,
+    client_token: String,
+    config_path: Option<PathBuf>,
+) -> Result<Running, StartError> {
     let proxy = bind(&config.listen).await?;
     let admin = bind(&config.admin_listen).await?;
     let state = state(config, client_token).await?;
@@ -309,6 +315,20 @@ pub async fn start(config: Config, client_token: String) -> Result<Running, Star
             url.clone(),
             Duration::from_millis(state.config.delivery_interval_ms),
             500,
+            rx.clone(),
+        )));
+    }
+    let live_pool = match &state.config.database_url {
+        Some(url) => Some(
+            soma_ledger::pool(url, 1, Duration::from_secs(5)).map_err(|_| StartError::Ledger)?,
+        ),
+        None => None,
+    };
+    if state.authority.is_budgeted() && (config_path.is_some() || live_pool.is_some()) {
+        tasks.push(tokio::spawn(crate::live::run(
+            state.clone(),
+            config_path,
+            live_pool,
             rx.clone(),
         )));
     }

@@ -126,7 +126,11 @@ async fn replicas_sharing_a_budget_never_overspend_and_the_ledger_matches_the_cl
     assert_eq!(seen.ok + seen.refused, REQUESTS as u64);
     assert!(seen.refused > 0, "the cap was never reached");
     assert!(seen.ok > 0);
-    assert!(seen.by_budget.contains_key("team"), "{:?}", seen.by_budget);
+    assert!(
+        seen.by_budget.contains_key("research/team"),
+        "{:?}",
+        seen.by_budget
+    );
 
     wait_drained(&replicas).await;
     let pool = pg.pool().await;
@@ -204,7 +208,7 @@ async fn replicas_sharing_a_budget_never_overspend_and_the_ledger_matches_the_cl
     let team = windows(&pool)
         .await
         .into_iter()
-        .find(|w| w.0 == "team")
+        .find(|w| w.0 == "research/team")
         .unwrap();
     assert_eq!(
         team.4, settled_after,
@@ -326,7 +330,7 @@ async fn kill_9_and_database_and_nats_outages_lose_nothing_and_double_count_noth
     assert_eq!(r.status, 200, "{}", r.text());
     seen += observed_cost(&r);
     let leases: Vec<(String, i64, i64)> = sqlx::query_as(
-        "SELECT holder, granted_micros, used_micros FROM budget_leases WHERE budget = 'team'",
+        "SELECT holder, granted_micros, used_micros FROM budget_leases WHERE budget = 'research/team'",
     )
     .fetch_all(&pool)
     .await

@@ -25,6 +25,8 @@ async fn concurrent_leases_never_grant_past_the_cap_and_always_add_up() {
             let reclaimable = h % 3 == 0;
             let terms = Terms {
                 holder: format!("holder-{h}"),
+                namespace: "research".into(),
+                agent: "assistant".into(),
                 // Short leases, reclaimed at once: reclaim races with the others' top-ups.
                 ttl: Duration::from_millis(if reclaimable { 1 } else { 60_000 }),
                 reclaim_after: Duration::ZERO,
@@ -35,7 +37,10 @@ async fn concurrent_leases_never_grant_past_the_cap_and_always_add_up() {
             for _ in 0..150 {
                 let want = 1 + rng.below(20_000);
                 let ask = |used: u64, want: u64| Ask {
-                    budget: "team".into(),
+                    budget: soma_metering::BudgetRef {
+                        key: soma_metering::BudgetKey::new("research", "team"),
+                        uid: String::new(),
+                    },
                     window_start_ms: 0,
                     window_end_ms: 1,
                     cap_tokens: None,
@@ -44,10 +49,13 @@ async fn concurrent_leases_never_grant_past_the_cap_and_always_add_up() {
                         tokens: 0,
                         micros: used,
                     },
+                    reserved: Amount::default(),
                     want: Amount {
                         tokens: 0,
                         micros: want,
                     },
+                    refusals: 0,
+                    brownouts: 0,
                 };
                 if !reclaimable && used + want <= lease {
                     used += want;
@@ -94,8 +102,8 @@ async fn concurrent_leases_never_grant_past_the_cap_and_always_add_up() {
     let (granted, sum, used): (i64, i64, i64) = sqlx::query_as(
         "SELECT w.granted_micros, COALESCE(SUM(l.granted_micros), 0)::BIGINT,
             COALESCE(SUM(l.used_micros), 0)::BIGINT
-         FROM budget_windows w LEFT JOIN budget_leases l USING (budget, window_start_ms)
-         WHERE w.budget = 'team' GROUP BY w.granted_micros",
+         FROM budget_windows w LEFT JOIN budget_leases l USING (budget, budget_uid, window_start_ms)
+         WHERE w.budget = 'research/team' GROUP BY w.granted_micros",
     )
     .fetch_one(&pool)
     .await
@@ -115,16 +123,19 @@ async fn bad_authority_configurations_stop_the_sidecar_with_the_reason() {
         let c = config_json("http://127.0.0.1:9", "openai", dir.path(), extra);
         async move {
             let c = soma_proxy::Config::parse(&c.to_string()).unwrap();
-            soma_proxy::start(c, TOKEN.to_owned()).await.err().map(|e| {
-                // The message with its causes, as the binary prints it.
-                let mut s = e.to_string();
-                let mut cause = std::error::Error::source(&e);
-                while let Some(c) = cause {
-                    s.push_str(&format!(": {c}"));
-                    cause = c.source();
-                }
-                s
-            })
+            soma_proxy::start(c, TOKEN.to_owned(), None)
+                .await
+                .err()
+                .map(|e| {
+                    // The message with its causes, as the binary prints it.
+                    let mut s = e.to_string();
+                    let mut cause = std::error::Error::source(&e);
+                    while let Some(c) = cause {
+                        s.push_str(&format!(": {c}"));
+                        cause = c.source();
+                    }
+                    s
+                })
         }
     };
     let no_url = start(
@@ -143,8 +154,9 @@ async fn bad_authority_configurations_stop_the_sidecar_with_the_reason() {
     assert_eq!(
         rolling.as_deref(),
         Some(
-            "invalid budget definitions: budget \"team\" has a rolling period, which the postgres \
-             budget authority does not support; use a calendar period or the embedded authority"
+            "invalid budget definitions: budget research/team has a rolling period, which the \
+             postgres budget authority does not support; use a calendar period or the embedded \
+             authority"
         )
     );
     let typo = soma_proxy::Config::parse(

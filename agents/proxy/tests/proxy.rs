@@ -5,6 +5,7 @@
 mod support;
 
 use serde_json::{Value, json};
+use soma_metering::BudgetKey;
 use support::*;
 
 fn chat(model: &str, text: &str, extra: Value) -> Value {
@@ -381,7 +382,10 @@ async fn upstream_errors_pass_through_and_release_the_reservation() {
         .state
         .authority
         .remaining_micros(jiff::Timestamp::now());
-    assert_eq!(left, vec![("team".to_owned(), Some(1_000_000))]);
+    assert_eq!(
+        left,
+        vec![(BudgetKey::new("research", "team"), Some(1_000_000))]
+    );
 }
 
 #[tokio::test]
@@ -554,10 +558,12 @@ async fn a_budget_refuses_with_429_naming_itself_what_is_left_and_when_it_resets
     assert_eq!(j["error"]["code"], "budget_exceeded");
     let msg = j["error"]["message"].as_str().unwrap();
     assert!(
-        msg.contains("\"team\"") && msg.contains("costMicros") && msg.contains("resets at"),
+        msg.contains("\"research/team\"")
+            && msg.contains("costMicros")
+            && msg.contains("resets at"),
         "{msg}"
     );
-    assert_eq!(j["soma_budget"]["budget"], "team");
+    assert_eq!(j["soma_budget"]["budget"], "research/team");
     let remaining = j["soma_budget"]["remaining"].as_u64().unwrap();
     assert!(remaining < j["soma_budget"]["requested"].as_u64().unwrap());
     assert!(r.headers.contains_key("retry-after"));
@@ -612,7 +618,7 @@ async fn parent_budgets_cap_too_and_brown_out_switches_to_the_cheaper_model() {
     let r = h.post("/v1/chat/completions", &body).await;
     // The tenant refused, and the tenant has no brown-out: refused.
     assert_eq!(r.status, 429, "{}", r.text());
-    assert_eq!(r.json()["soma_budget"]["budget"], "tenant");
+    assert_eq!(r.json()["soma_budget"]["budget"], "research/tenant");
 
     let h = Harness::start(
         "openai",
@@ -738,7 +744,7 @@ async fn a_restart_settles_interrupted_requests_and_remembers_spend() {
             id: "crashed-1".into(),
             namespace: "research".into(),
             agent: "assistant".into(),
-            budgets: "team".into(),
+            budgets: "research/team".into(),
             endpoint: "chat_completions",
             model: "gpt-4o".into(),
             started_at: jiff::Timestamp::now(),
@@ -765,7 +771,10 @@ async fn a_restart_settles_interrupted_requests_and_remembers_spend() {
     let left = p.state.authority.remaining_micros(jiff::Timestamp::now());
     assert_eq!(
         left,
-        vec![("team".to_owned(), Some(5_000 - after.micros))],
+        vec![(
+            BudgetKey::new("research", "team"),
+            Some(5_000 - after.micros)
+        )],
         "spend was forgotten across the restart"
     );
     let rows = p.state.outbox.rows().await.unwrap();

@@ -146,6 +146,23 @@ pub async fn apply_children(
     let mut writes = 0;
     let mut count = |wrote: bool| writes += usize::from(wrote);
     count(ensure(client, &children.service_account).await?.1);
+    let namespace = children
+        .deployment
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let name = children.deployment.name_any();
+    match &children.ledger_secret {
+        Some(secret) => count(ensure(client, secret).await?.1),
+        None => count(
+            remove::<k8s_openapi::api::core::v1::Secret>(
+                client,
+                &namespace,
+                &super::children::ledger_secret_name(&name),
+                owner_uid,
+            )
+            .await?,
+        ),
+    }
     count(ensure(client, &children.sidecar_config).await?.1);
     count(ensure(client, &children.network_policy).await?.1);
     let (deployment, wrote) = ensure(client, &children.deployment).await?;
@@ -153,11 +170,6 @@ pub async fn apply_children(
     match &children.service {
         Some(service) => count(ensure(client, service).await?.1),
         None => {
-            let namespace = children
-                .deployment
-                .namespace()
-                .ok_or(Error::MissingField("metadata.namespace"))?;
-            let name = children.deployment.name_any();
             count(
                 remove::<k8s_openapi::api::core::v1::Service>(client, &namespace, &name, owner_uid)
                     .await?,

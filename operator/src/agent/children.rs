@@ -19,8 +19,8 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
     EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
-    Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+    PodTemplateSpec, Probe, SeccompProfile, Secret, SecretKeySelector, SecretVolumeSource,
+    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
@@ -31,11 +31,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
-use serde::Serialize;
 use sha2::{Digest, Sha256};
+use soma_contract::{
+    AgentIdentity, AuthorityConfig, Credentials, PostgresAuthority, ProviderConfig, ProviderKind,
+    SidecarConfig,
+};
 use soma_crds::agent::{Agent, EgressRule, PROVIDER_KEY_ENV_NAMES, Provider};
-use soma_crds::budget::BudgetSpec;
-use soma_metering::PriceTable;
+use soma_metering::{BudgetDef, BudgetKey};
 
 use crate::config::{LEDGER_SECRET_KEY, OperatorConfig};
 
@@ -75,6 +77,8 @@ const NON_PUBLIC_RANGES: &[&str] = &[
 pub struct Children {
     /// The pod identity; its token is not mounted unless the Agent asks.
     pub service_account: ServiceAccount,
+    /// The ledger's URL for the sidecar; only when the operator has a ledger.
+    pub ledger_secret: Option<Secret>,
     /// The sidecar's configuration.
     pub sidecar_config: ConfigMap,
     /// The agent pods.
@@ -91,17 +95,7 @@ pub struct Resolved {
     /// Pods the Deployment should run.
     pub replicas: i32,
     /// The Agent's Budget followed by its `parentRef` chain, as the sidecar enforces them.
-    pub budgets: Vec<BudgetDefinition>,
-}
-
-/// A Budget as the sidecar reads it: its name and its spec's fields.
-#[derive(Serialize, Clone, Debug, PartialEq)]
-pub struct BudgetDefinition {
-    /// The Budget's name.
-    pub name: String,
-    /// Its spec.
-    #[serde(flatten)]
-    pub spec: BudgetSpec,
+    pub budgets: Vec<BudgetDef>,
 }
 
 /// Builds every child of `agent`.
@@ -110,14 +104,15 @@ pub fn children(
     resolved: &Resolved,
     config: &OperatorConfig,
 ) -> Result<Children, serde_json::Error> {
-    let sidecar_config = sidecar_config_map(agent, resolved, config)?;
-    let config_hash = hash_config(&sidecar_config);
+    let settings = sidecar_config(agent, resolved, config);
+    let config_hash = hash_config(&settings)?;
     Ok(Children {
         service_account: service_account(agent),
+        ledger_secret: ledger_secret(agent, config),
         deployment: deployment(agent, resolved.replicas, &config_hash, config),
         service: service(agent, config),
         network_policy: network_policy(agent, config),
-        sidecar_config,
+        sidecar_config: sidecar_config_map(agent, &settings)?,
     })
 }
 
@@ -141,6 +136,11 @@ pub fn pin_agent_image(deployment: &mut Deployment, image: &str) {
 /// Name of the sidecar ConfigMap for `agent`.
 pub fn sidecar_config_name(agent_name: &str) -> String {
     format!("{agent_name}-sidecar")
+}
+
+/// Name of the Secret carrying the ledger's URL to `agent`'s sidecar.
+pub fn ledger_secret_name(agent_name: &str) -> String {
+    format!("{agent_name}-ledger")
 }
 
 /// Labels on every child and on the pods.
@@ -197,157 +197,72 @@ pub fn upstream_url(agent: &Agent) -> String {
     }
 }
 
-/// The sidecar's configuration file, as the `soma-proxy` binary reads it.
-#[derive(Serialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct SidecarSettings {
-    /// Address the proxy listens on (loopback only).
-    pub listen: String,
-    /// Address of `/healthz` and `/metrics`.
-    pub admin_listen: String,
-    /// The Agent, for metering labels and the ledger.
-    pub agent: AgentIdentity,
-    /// The provider the proxy forwards to.
-    pub provider: ProviderSettings,
-    /// Where the provider key is read from.
-    pub credentials: CredentialSettings,
-    /// Budget the calls are charged to, if any.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub budget: Option<String>,
-    /// Environment variable holding the per-pod client credential.
-    pub client_token_env: String,
-    /// Tools the agent may call.
-    pub tools: Vec<String>,
-    /// Capsules the agent may use.
-    pub capsules: Vec<String>,
-    /// Definitions of `budget` and its parents; the sidecar refuses metered calls (fails
-    /// closed) for a Budget it has no definition of.
-    pub budgets: Vec<BudgetDefinition>,
-    /// The sidecar's durable usage outbox, on a volume that survives container restarts.
-    pub outbox_path: String,
-    /// Prices per model.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub prices: Option<PriceTable>,
-    /// `postgres` when a ledger Secret is configured (replicas share Budgets through
-    /// leases); absent means the sidecar's embedded authority.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub authority: Option<serde_json::Value>,
-    /// The sidecar's environment variable holding the ledger URL (from the Secret).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub database_url_env: Option<String>,
-    /// NATS URL for usage events.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub nats_url: Option<String>,
-}
-
 /// The sidecar's environment variable carrying the ledger URL.
 const DATABASE_URL_ENV: &str = "SOMA_DATABASE_URL";
 
-/// Namespace and name of the Agent.
-#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
-pub struct AgentIdentity {
-    /// Namespace.
-    pub namespace: String,
-    /// Name.
-    pub name: String,
-}
-
-/// Where the proxy forwards.
-#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
-pub struct ProviderSettings {
-    /// `openai`, `anthropic` or `openaiCompatible`.
-    pub kind: String,
-    /// Base URL.
-    pub upstream: String,
-    /// Default model.
-    pub model: String,
-}
-
-/// Where the provider key comes from, as the sidecar sees it.
-#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub enum CredentialSettings {
-    /// No key (a keyless local endpoint).
-    None,
-    /// A file mounted into the sidecar from a Secret.
-    File(String),
-    /// A Vault KV path the sidecar reads itself.
-    Vault {
-        /// KV path.
-        path: String,
-        /// Field.
-        key: String,
-        /// Kubernetes-auth role.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        role: Option<String>,
-    },
-}
-
-/// The settings the sidecar runs with.
-pub fn sidecar_settings(
+/// The sidecar's configuration (the contract type the `soma-proxy` binary reads).
+pub fn sidecar_config(
     agent: &Agent,
     resolved: &Resolved,
     config: &OperatorConfig,
-) -> SidecarSettings {
+) -> SidecarConfig {
     let spec = &agent.spec;
     let credentials = match &spec.credentials {
-        Some(c) if c.secret_ref.is_some() => {
-            let key = c
-                .secret_ref
-                .as_ref()
-                .map(|s| s.key.clone())
-                .unwrap_or_default();
-            CredentialSettings::File(format!("{PROVIDER_KEY_DIR}/{key}"))
-        }
-        Some(c) => match &c.vault {
-            Some(v) => CredentialSettings::Vault {
+        Some(c) => match (&c.secret_ref, &c.vault) {
+            (Some(s), _) => Credentials::File(format!("{PROVIDER_KEY_DIR}/{}", s.key).into()),
+            (None, Some(v)) => Credentials::Vault {
                 path: v.path.clone(),
                 key: v.key.clone(),
                 role: v.role.clone(),
             },
-            None => CredentialSettings::None,
+            (None, None) => Credentials::None,
         },
-        None => CredentialSettings::None,
+        None => Credentials::None,
     };
-    let ledger = config.sidecar.ledger_secret.as_ref();
     let kind = match spec.model.provider {
-        Provider::Openai => "openai",
-        Provider::Anthropic => "anthropic",
-        Provider::OpenaiCompatible => "openaiCompatible",
+        Provider::Openai => ProviderKind::Openai,
+        Provider::Anthropic => ProviderKind::Anthropic,
+        Provider::OpenaiCompatible => ProviderKind::OpenaiCompatible,
     };
-    SidecarSettings {
-        listen: format!("127.0.0.1:{}", config.sidecar.port),
-        admin_listen: format!("0.0.0.0:{}", config.sidecar.admin_port),
-        agent: AgentIdentity {
-            namespace: agent.namespace().unwrap_or_default(),
+    let namespace = agent.namespace().unwrap_or_default();
+    let mut c = SidecarConfig::new(
+        AgentIdentity {
+            namespace: namespace.clone(),
             name: agent.name_any(),
         },
-        provider: ProviderSettings {
-            kind: kind.to_owned(),
+        ProviderConfig {
+            kind,
             upstream: upstream_url(agent),
             model: spec.model.name.clone(),
         },
         credentials,
-        budget: spec.budget_ref.as_ref().map(|b| b.name.clone()),
-        client_token_env: "SOMA_POD_UID".to_owned(),
-        tools: spec.tools.clone(),
-        capsules: spec.capsules.iter().map(|c| c.name.clone()).collect(),
-        budgets: resolved.budgets.clone(),
-        outbox_path: format!("{SIDECAR_STATE_DIR}/outbox.db"),
-        prices: config.sidecar.prices.clone(),
-        authority: ledger.map(|_| serde_json::json!({"postgres": {}})),
-        database_url_env: ledger.map(|_| DATABASE_URL_ENV.to_owned()),
-        nats_url: config.sidecar.nats_url.clone(),
+        "SOMA_POD_UID",
+    );
+    c.listen = format!("127.0.0.1:{}", config.sidecar.port);
+    c.admin_listen = format!("0.0.0.0:{}", config.sidecar.admin_port);
+    c.budget = spec
+        .budget_ref
+        .as_ref()
+        .map(|b| BudgetKey::new(namespace.clone(), b.name.clone()).to_string());
+    c.tools.clone_from(&spec.tools);
+    c.capsules = spec.capsules.iter().map(|c| c.name.clone()).collect();
+    c.budgets.clone_from(&resolved.budgets);
+    c.outbox_path = format!("{SIDECAR_STATE_DIR}/outbox.db").into();
+    c.prices.clone_from(&config.sidecar.prices);
+    if config.ledger.url.is_some() {
+        c.authority = AuthorityConfig::Postgres(PostgresAuthority::default());
+        c.database_url_env = Some(DATABASE_URL_ENV.to_owned());
     }
+    c.nats_url.clone_from(&config.sidecar.nats_url);
+    c
 }
 
 /// The ConfigMap holding the sidecar's configuration as JSON (valid YAML too).
 pub fn sidecar_config_map(
     agent: &Agent,
-    resolved: &Resolved,
-    config: &OperatorConfig,
+    settings: &SidecarConfig,
 ) -> Result<ConfigMap, serde_json::Error> {
-    let body = serde_json::to_string_pretty(&sidecar_settings(agent, resolved, config))?;
+    let body = serde_json::to_string_pretty(settings)?;
     Ok(ConfigMap {
         metadata: child_meta(agent, sidecar_config_name(&agent.name_any())),
         data: Some(BTreeMap::from([("config.yaml".to_owned(), body)])),
@@ -355,16 +270,29 @@ pub fn sidecar_config_map(
     })
 }
 
-/// A short content hash of the ConfigMap's data.
-fn hash_config(config_map: &ConfigMap) -> String {
-    let mut hasher = Sha256::new();
-    for (k, v) in config_map.data.iter().flatten() {
-        hasher.update(k.as_bytes());
-        hasher.update([0]);
-        hasher.update(v.as_bytes());
-        hasher.update([0]);
-    }
-    hex::encode(&hasher.finalize()[..8])
+/// The Secret giving the sidecar the ledger's URL, when the operator has a ledger. The URL may
+/// hold a password, so it travels in a Secret read into the sidecar's environment only.
+pub fn ledger_secret(agent: &Agent, config: &OperatorConfig) -> Option<Secret> {
+    let url = config.ledger.url.as_ref()?;
+    Some(Secret {
+        metadata: child_meta(agent, ledger_secret_name(&agent.name_any())),
+        // `data`, not `stringData`: the API server keeps only `data`, and the applied object
+        // must match the live one for the reconcile to leave it alone.
+        data: Some(BTreeMap::from([(
+            LEDGER_SECRET_KEY.to_owned(),
+            k8s_openapi::ByteString(url.expose().as_bytes().to_vec()),
+        )])),
+        type_: Some("Opaque".to_owned()),
+        ..Secret::default()
+    })
+}
+
+/// A short content hash of the configuration without its live parts: a change to the Budget
+/// definitions reaches running sidecars without a restart (`soma-proxy`'s live loop); any
+/// other change rolls the pods.
+fn hash_config(settings: &SidecarConfig) -> Result<String, serde_json::Error> {
+    let body = serde_json::to_vec(&settings.without_live_part())?;
+    Ok(hex::encode(&Sha256::digest(&body)[..8]))
 }
 
 /// The strict container security context every Soma container runs with.
@@ -461,12 +389,12 @@ fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
 /// an OTLP endpoint the standard OpenTelemetry variables.
 fn sidecar_env(agent: &Agent, config: &OperatorConfig) -> Vec<EnvVar> {
     let mut vars = vec![pod_uid_env("SOMA_POD_UID")];
-    if let Some(secret) = &config.sidecar.ledger_secret {
+    if config.ledger.url.is_some() {
         vars.push(EnvVar {
             name: DATABASE_URL_ENV.to_owned(),
             value_from: Some(EnvVarSource {
                 secret_key_ref: Some(SecretKeySelector {
-                    name: secret.clone(),
+                    name: ledger_secret_name(&agent.name_any()),
                     key: LEDGER_SECRET_KEY.to_owned(),
                     optional: Some(false),
                 }),

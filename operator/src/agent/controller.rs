@@ -17,7 +17,21 @@ use soma_crds::{Agent, Budget, Capsule};
 use tracing::{debug, warn};
 
 use super::reconcile::{error_policy, reconcile};
+use crate::budget::def::key_of;
 use crate::context::{Context, api};
+
+/// What of a Budget an Agent depends on: its spec (generation) and the share used it shows.
+fn budget_relevant(b: &Budget) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    b.metadata.generation.hash(&mut h);
+    b.metadata.uid.hash(&mut h);
+    b.status
+        .as_ref()
+        .and_then(|s| s.used_display.clone())
+        .hash(&mut h);
+    Some(h.finish())
+}
 
 /// Selects the objects the operator created, so the owned-object watches stay small.
 pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=soma-operator";
@@ -59,10 +73,30 @@ pub async fn run(
         ),
     )
     .default_backoff()
+    .inspect({
+        // A deleted Agent charges nothing any more (no reconcile runs for it).
+        let index = ctx.index.clone();
+        move |event| {
+            if let Ok(watcher::Event::Delete(a)) = event {
+                index.record_agent(
+                    &format!("{}/{}", a.namespace().unwrap_or_default(), a.name_any()),
+                    None,
+                );
+            }
+        }
+    })
     .applied_objects()
     .predicate_filter(predicates::generation, PredicateConfig::default());
     let controller = Controller::for_stream(trigger, agents.clone());
-    let by_budget = agents.clone();
+    // A Budget's change (or appearance) wakes every Agent whose chain passed through it or
+    // stopped at it, as the last reconciles recorded (a parent that appears wakes the Agent
+    // that waited for it). Its spec, and the share used that Agents show, trigger; other
+    // status changes do not.
+    let budget_changes = watcher(api::<Budget>(&client, None), watcher::Config::default())
+        .default_backoff()
+        .touched_objects()
+        .predicate_filter(budget_relevant, PredicateConfig::default());
+    let index = ctx.index.clone();
     let by_capsule = agents.clone();
     controller
         .with_config(controller::Config::default().concurrency(16))
@@ -71,16 +105,16 @@ pub async fn run(
         .owns(api::<ConfigMap>(&client, ns), owned.clone())
         .owns(api::<ServiceAccount>(&client, ns), owned.clone())
         .owns(api::<NetworkPolicy>(&client, ns), owned)
-        .watches(
-            api::<Budget>(&client, ns),
-            watcher::Config::default(),
-            move |budget| {
-                let name = budget.name_any();
-                referring(&by_budget, budget.namespace(), |a| {
-                    a.spec.budget_ref.as_ref().is_some_and(|b| b.name == name)
+        .watches_stream(budget_changes, move |budget: Budget| {
+            index
+                .agents_touching(&key_of(&budget))
+                .into_iter()
+                .filter_map(|a| {
+                    let (ns, name) = a.split_once('/')?;
+                    Some(ObjectRef::new(name).within(ns))
                 })
-            },
-        )
+                .collect::<Vec<_>>()
+        })
         .watches(
             api::<Capsule>(&client, ns),
             watcher::Config::default(),

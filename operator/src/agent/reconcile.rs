@@ -11,22 +11,26 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::{Client, Resource, ResourceExt};
-use soma_crds::{Agent, Budget, Capsule};
+use soma_crds::{Agent, Capsule};
+use soma_metering::chain::ChainProblem;
+use soma_metering::{BudgetDef, BudgetKey};
 use tracing::{Span, field, info, instrument, warn};
 
 use super::apply::apply_children;
-use super::children::{BudgetDefinition, FIELD_MANAGER, Resolved, children, pin_agent_image};
+use super::children::{Resolved, children, pin_agent_image};
 use super::image::{pin, verify_cached};
 use super::status::{
     DeploymentState, ImageCheck, MissingRef, Observed, Stall, agent_status, ready_condition,
 };
+use crate::budget::def::resolve_chain;
+use crate::budget::index::Walked;
 use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::reconciler;
 
 /// Name of this controller in metrics and logs.
 pub const CONTROLLER: &str = "agent";
@@ -41,62 +45,68 @@ pub fn desired_replicas(agent: &Agent) -> i32 {
     s.min_replicas.max(1).min(s.max_replicas.max(1))
 }
 
-/// Budgets followed through `parentRef` before Soma calls the chain a loop or too deep.
-const MAX_BUDGET_CHAIN: usize = 8;
-
 /// What the Agent's references resolved to.
 #[derive(Debug, Default)]
 struct Refs {
     /// References that do not exist.
     missing: Vec<MissingRef>,
     /// The Agent's Budget and its parents, for the sidecar.
-    budgets: Vec<BudgetDefinition>,
-    /// A chain the sidecar would refuse (a loop, or deeper than it follows).
+    budgets: Vec<BudgetDef>,
+    /// A chain the sidecar would refuse (a loop, too deep, a parent that does not grant the
+    /// child's namespace), or a Capsule that is not Ready.
     stall: Option<Stall>,
+    /// The share of its Budget used, from the Budget's status.
+    budget_used: Option<String>,
 }
 
-/// Reads the Agent's Budget with its `parentRef` chain, and checks its Capsules exist.
-async fn resolve_refs(client: &Client, agent: &Agent, namespace: &str) -> Result<Refs> {
+/// Resolves the Agent's Budget chain (the one resolver, over Budgets read from the API) and
+/// checks its Capsules exist and are Ready.
+async fn resolve_refs(ctx: &Context, agent: &Agent, namespace: &str) -> Result<Refs> {
+    let client = &ctx.client;
     let mut refs = Refs::default();
-    let budgets: Api<Budget> = Api::namespaced(client.clone(), namespace);
-    let mut next = agent
-        .spec
-        .budget_ref
-        .as_ref()
-        .map(|b| (b.name.clone(), "spec.budgetRef".to_owned()));
-    while let Some((name, field)) = next.take() {
-        if refs.budgets.iter().any(|b| b.name == name) || refs.budgets.len() >= MAX_BUDGET_CHAIN {
-            let chain: Vec<&str> = refs.budgets.iter().map(|b| b.name.as_str()).collect();
-            refs.stall = Some(Stall {
-                reason: "BudgetChainInvalid".to_owned(),
-                message: format!(
-                    "the Budget parent chain {} -> {name} loops or is deeper than {MAX_BUDGET_CHAIN}; correct a Budget's spec.parentRef",
-                    chain.join(" -> ")
-                ),
-            });
-            break;
-        }
-        let found = budgets.get_opt(&name).await.map_err(|source| Error::Read {
-            what: format!("Budget {namespace}/{name}"),
-            source,
-        })?;
-        match found {
-            Some(budget) => {
-                next = budget
-                    .spec
-                    .parent_ref
-                    .as_ref()
-                    .map(|p| (p.name.clone(), format!("spec.parentRef of Budget {name:?}")));
-                refs.budgets.push(BudgetDefinition {
-                    name,
-                    spec: budget.spec,
-                });
+    let me = format!("{namespace}/{}", agent.name_any());
+    match &agent.spec.budget_ref {
+        None => ctx.index.record_agent(&me, None),
+        Some(b) => {
+            let start = BudgetKey::new(namespace, b.name.clone());
+            let chain = resolve_chain(client, &start, "spec.budgetRef").await?;
+            ctx.index.record_agent(
+                &me,
+                Some(Walked {
+                    chain: chain
+                        .resolution
+                        .budgets
+                        .iter()
+                        .map(BudgetDef::key)
+                        .collect(),
+                    missing: match &chain.resolution.problem {
+                        Some(ChainProblem::Missing { key, .. }) => Some(key.clone()),
+                        _ => None,
+                    },
+                }),
+            );
+            refs.budget_used = chain
+                .first()
+                .and_then(|b| b.status.as_ref())
+                .and_then(|s| s.used_display.clone());
+            match &chain.resolution.problem {
+                None => {}
+                Some(ChainProblem::Missing { key, field }) => refs.missing.push(MissingRef {
+                    kind: "Budget",
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                    field: field.clone(),
+                }),
+                Some(problem) => {
+                    refs.stall = Some(Stall {
+                        reason: problem.reason().to_owned(),
+                        message: format!(
+                            "{problem}. The agent's pods are not started or changed until the chain is valid."
+                        ),
+                    });
+                }
             }
-            None => refs.missing.push(MissingRef {
-                kind: "Budget",
-                name,
-                field,
-            }),
+            refs.budgets = chain.resolution.budgets;
         }
     }
     let capsules: Api<Capsule> = Api::namespaced(client.clone(), namespace);
@@ -111,6 +121,7 @@ async fn resolve_refs(client: &Client, agent: &Agent, namespace: &str) -> Result
         match found {
             None => refs.missing.push(MissingRef {
                 kind: "Capsule",
+                namespace: namespace.to_owned(),
                 name: capsule.name.clone(),
                 field: "spec.capsules".to_owned(),
             }),
@@ -159,7 +170,7 @@ pub async fn reconcile(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Action> {
         // them. Nothing outside Kubernetes to clean up, hence no finalizer.
         return Ok(Action::await_change());
     }
-    let key = format!("{namespace}/{}", agent.name_any());
+    let key = reconciler::key(&*agent);
     let result = converge(&agent, &ctx, &namespace).await;
     let observed = match result {
         Ok(observed) => observed,
@@ -191,7 +202,7 @@ pub async fn reconcile(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Action> {
         || observed.image.rejection().is_some()
         || observed.stall.is_some()
         || observed.policy.as_ref().is_some_and(|p| p.blocks);
-    write_status(&agent, &ctx, &namespace, &observed).await?;
+    write_status(&agent, &ctx, &observed).await?;
     if policy_error || image_retry {
         // An evaluation that did not finish (deadline, overload) or a registry that did not
         // answer is worth another try.
@@ -213,7 +224,7 @@ pub async fn reconcile(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Action> {
 
 /// Resolves references and applies the children; returns what the status is computed from.
 async fn converge(agent: &Agent, ctx: &Context, namespace: &str) -> Result<Observed> {
-    let refs = resolve_refs(&ctx.client, agent, namespace).await?;
+    let refs = resolve_refs(ctx, agent, namespace).await?;
     let policy = ctx
         .policy
         .check(agent)
@@ -270,6 +281,12 @@ async fn converge(agent: &Agent, ctx: &Context, namespace: &str) -> Result<Obser
         desired_replicas: replicas,
         policy: Some(policy),
         image,
+        budget_used: refs.budget_used,
+        budget_cluster_wide: agent
+            .spec
+            .budget_ref
+            .as_ref()
+            .map(|_| ctx.config.ledger.url.is_some()),
     })
 }
 
@@ -311,95 +328,43 @@ async fn read_deployment(
 
 /// Writes the status if it changed, and publishes an Event when the Ready condition's reason
 /// changes, so users see why in `kubectl describe` without Events repeating every reconcile.
-async fn write_status(
-    agent: &Agent,
-    ctx: &Context,
-    namespace: &str,
-    observed: &Observed,
-) -> Result<()> {
-    let now = Time(Timestamp::now());
-    if agent.status.as_ref() == Some(&agent_status(agent.status.as_ref(), observed, &now)) {
+async fn write_status(agent: &Agent, ctx: &Context, observed: &Observed) -> Result<()> {
+    let now = Time(ctx.clock.now());
+    let Some(written) =
+        reconciler::write_status(ctx, agent, |old| agent_status(old, observed, &now)).await?
+    else {
         return Ok(());
-    }
-    // The cached Agent may predate this controller's last status write. Decide on the live
-    // status, so a stale cache neither writes the same status again nor restarts a
-    // condition's lastTransitionTime.
-    let api: Api<Agent> = Api::namespaced(ctx.client.clone(), namespace);
-    let name = agent.name_any();
-    let live = api.get(&name).await.map_err(|source| Error::Read {
-        what: format!("Agent {namespace}/{name}"),
-        source,
-    })?;
-    let new = agent_status(live.status.as_ref(), observed, &now);
-    if live.status.as_ref() == Some(&new) {
-        return Ok(());
-    }
-    let patch = serde_json::json!({
-        "apiVersion": "soma.dev/v1alpha1",
-        "kind": "Agent",
-        "metadata": {"name": agent.name_any()},
-        "status": new,
-    });
-    api.patch_status(
-        &agent.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(|source| Error::Status { source })?;
-    ctx.metrics.status_written(CONTROLLER);
-
-    let old_reason = live
-        .status
-        .as_ref()
-        .and_then(ready_condition)
-        .map(|c| c.reason.clone());
-    if let Some(ready) = ready_condition(&new)
-        && old_reason.as_deref() != Some(ready.reason.as_str())
-    {
-        let (type_, action) = if ready.status == "True" {
-            (EventType::Normal, "Ready")
-        } else {
-            (EventType::Warning, "Reconcile")
-        };
+    };
+    if let Some(ready) = reconciler::ready_reason_changed::<Agent>(&written) {
         let policy_blocks = observed.policy.as_ref().is_some_and(|p| p.blocks)
             || observed.image.rejection().is_some();
-        if type_ == EventType::Normal
-            || observed.stall.is_some()
-            || !observed.missing.is_empty()
-            || policy_blocks
-        {
-            let event = Event {
-                type_,
-                reason: ready.reason.clone(),
-                note: Some(ready.message.chars().take(1000).collect()),
-                action: action.into(),
-                secondary: None,
-            };
-            if let Err(e) = ctx.recorder.publish(&event, &agent.object_ref(&())).await {
-                // An Event is a courtesy; failing to publish one must not fail the reconcile.
-                warn!(error = %e, "publishing an Event failed");
-            }
+        if ready.status == "True" {
+            reconciler::publish(
+                ctx,
+                agent,
+                EventType::Normal,
+                &ready.reason,
+                &ready.message,
+                "Ready",
+            )
+            .await;
+        } else if observed.stall.is_some() || !observed.missing.is_empty() || policy_blocks {
+            reconciler::publish(
+                ctx,
+                agent,
+                EventType::Warning,
+                &ready.reason,
+                &ready.message,
+                "Reconcile",
+            )
+            .await;
         }
     }
-    info!(ready = ?ready_condition(&new).map(|c| (&c.status, &c.reason)), "status updated");
+    info!(ready = ?ready_condition(&written.new).map(|c| (&c.status, &c.reason)), "status updated");
     Ok(())
 }
 
-/// Transient failures are retried with exponential backoff per object; permanent ones
-/// (already written as `Stalled` by [`reconcile`] where possible) wait for a change.
+/// The Agent controller's error policy (the shared one).
 pub fn error_policy(agent: Arc<Agent>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.reconcile_failed(CONTROLLER, error.label());
-    if !error.is_transient() {
-        warn!(agent = %agent.name_any(), error = %error, "permanent failure; waiting for a change");
-        return Action::await_change();
-    }
-    let key = format!(
-        "{}/{}",
-        agent.namespace().unwrap_or_default(),
-        agent.name_any()
-    );
-    let delay = ctx.backoff(&key);
-    warn!(agent = %agent.name_any(), error = %error, retry_in = ?delay, "reconcile failed; retrying");
-    Action::requeue(delay)
+    reconciler::error_policy(agent, error, ctx)
 }

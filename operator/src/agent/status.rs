@@ -9,6 +9,7 @@ use soma_crds::common::condition_types::{READY, RECONCILING, STALLED};
 use soma_policy::condition::POLICY_ALLOWED;
 
 use super::image::{IMAGE_NOT_VERIFIED, ImageRejection, VerifiedImage, image_status};
+use crate::kstatus::{Verdict, conditions, verdict};
 use crate::policy::check::PolicyCheck;
 
 /// The outcome of the image signature check.
@@ -43,6 +44,8 @@ impl ImageCheck {
 pub struct MissingRef {
     /// `Budget` or `Capsule`.
     pub kind: &'static str,
+    /// The namespace it was looked for in.
+    pub namespace: String,
     /// The name that was given.
     pub name: String,
     /// Where the name was given: `spec.budgetRef`, `spec.capsules`, or
@@ -57,10 +60,10 @@ impl MissingRef {
     }
 
     /// A message a user can act on.
-    pub fn message(&self, namespace: &str) -> String {
+    pub fn message(&self) -> String {
         format!(
-            "{} {:?} does not exist in namespace {namespace:?}; create it or correct {}. The agent's pods are not started or changed until it exists.",
-            self.kind, self.name, self.field
+            "{} {:?} does not exist in namespace {:?}; create it or correct {}. The agent's pods are not started or changed until it exists.",
+            self.kind, self.name, self.namespace, self.field
         )
     }
 }
@@ -108,30 +111,15 @@ pub struct Observed {
     pub policy: Option<PolicyCheck>,
     /// The image signature check.
     pub image: ImageCheck,
+    /// The share of the Agent's Budget used (`42%`), from the Budget's status.
+    pub budget_used: Option<String>,
+    /// With a Budget: whether it is enforced across all replicas through the ledger
+    /// (`BudgetScope`); `None` without a Budget.
+    pub budget_cluster_wide: Option<bool>,
 }
 
-/// A condition without its time: what the reconcile decided.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Verdict {
-    pub(crate) type_: &'static str,
-    pub(crate) status: bool,
-    pub(crate) reason: String,
-    pub(crate) message: String,
-}
-
-pub(crate) fn verdict(
-    type_: &'static str,
-    status: bool,
-    reason: impl Into<String>,
-    message: impl Into<String>,
-) -> Verdict {
-    Verdict {
-        type_,
-        status,
-        reason: reason.into(),
-        message: message.into(),
-    }
-}
+/// Condition type: whether the Agent's Budget is enforced across replicas.
+pub const BUDGET_SCOPE: &str = "BudgetScope";
 
 /// Ready, Reconciling and Stalled in the kstatus sense, then `PolicyAllowed` when checked.
 fn verdicts(obs: &Observed) -> Vec<Verdict> {
@@ -143,6 +131,21 @@ fn verdicts(obs: &Observed) -> Vec<Verdict> {
             p.condition.reason,
             p.condition.message.clone(),
         ));
+    }
+    match obs.budget_cluster_wide {
+        Some(true) => out.push(verdict(
+            BUDGET_SCOPE,
+            true,
+            "ClusterWide",
+            "the Budget is enforced across all replicas through the usage ledger, and spend survives pod restarts",
+        )),
+        Some(false) => out.push(verdict(
+            BUDGET_SCOPE,
+            false,
+            "PerReplica",
+            "no usage ledger is configured (the operator's --ledger-url): each replica enforces the Budget alone, so N replicas may spend up to N times its caps, and a replaced pod forgets what it spent",
+        )),
+        None => {}
     }
     out
 }
@@ -192,7 +195,7 @@ fn kstatus_verdicts(obs: &Observed) -> [Verdict; 3] {
     let blocked = obs
         .missing
         .first()
-        .map(|m| (m.reason(), m.message(&obs.namespace)))
+        .map(|m| (m.reason(), m.message()))
         .or_else(|| {
             obs.image
                 .rejection()
@@ -270,34 +273,6 @@ fn kstatus_verdicts(obs: &Observed) -> [Verdict; 3] {
     }
 }
 
-/// Turns verdicts into conditions, keeping `lastTransitionTime` from `old` unless the
-/// status flipped.
-pub(crate) fn conditions(
-    old: &[Condition],
-    verdicts: &[Verdict],
-    generation: Option<i64>,
-    now: &Time,
-) -> Vec<Condition> {
-    verdicts
-        .iter()
-        .map(|v| {
-            let status = if v.status { "True" } else { "False" }.to_owned();
-            let since = old
-                .iter()
-                .find(|c| c.type_ == v.type_ && c.status == status)
-                .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
-            Condition {
-                type_: v.type_.to_owned(),
-                status,
-                reason: v.reason.clone(),
-                message: v.message.clone(),
-                observed_generation: generation,
-                last_transition_time: since,
-            }
-        })
-        .collect()
-}
-
 /// The status the Agent should have, given its old status and what was observed at `now`.
 pub fn agent_status(old: Option<&AgentStatus>, obs: &Observed, now: &Time) -> AgentStatus {
     let old_conditions = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
@@ -309,7 +284,7 @@ pub fn agent_status(old: Option<&AgentStatus>, obs: &Observed, now: &Time) -> Ag
         ready_replicas: ready,
         desired_replicas: obs.desired_replicas,
         replica_summary: Some(format!("{ready}/{}", obs.desired_replicas)),
-        budget_used: old.and_then(|s| s.budget_used.clone()),
+        budget_used: obs.budget_used.clone(),
         image: match &obs.image {
             ImageCheck::NotRequired => None,
             ImageCheck::Verified {
@@ -373,6 +348,7 @@ mod tests {
         let missing_budget = Observed {
             missing: vec![MissingRef {
                 kind: "Budget",
+                namespace: "team".into(),
                 name: "b".into(),
                 field: "spec.budgetRef".into(),
             }],
@@ -506,10 +482,11 @@ mod tests {
     fn missing_reference_message_says_what_to_do() {
         let m = MissingRef {
             kind: "Capsule",
+            namespace: "team".into(),
             name: "kb".into(),
             field: "spec.capsules".into(),
         };
-        let msg = m.message("team");
+        let msg = m.message();
         assert!(
             msg.contains("\"kb\"") && msg.contains("\"team\"") && msg.contains("spec.capsules"),
             "{msg}"
@@ -646,6 +623,7 @@ mod tests {
                 image: rejected(false),
                 missing: vec![MissingRef {
                     kind: "Budget",
+                    namespace: "team".into(),
                     name: "b".into(),
                     field: "spec.budgetRef".into(),
                 }],

@@ -13,25 +13,22 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::{Client, Resource, ResourceExt};
 use soma_crds::Capsule;
-use tracing::{Span, field, info, instrument, warn};
+use tracing::{Span, field, info, instrument};
 
 use super::content::{check_declared, inline_digest};
 use super::status::{CapsuleObserved, capsule_status};
 use super::verify::{BlobContent, Rejection, Request, Verified, verify_cached};
 use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::reconciler;
 
 /// Name of this controller in metrics and logs.
 pub const CONTROLLER: &str = "capsule";
-
-/// Field manager of Capsule status writes.
-pub const FIELD_MANAGER: &str = "soma.dev/capsule";
 
 /// Safety-net requeue after a verification; watches drive everything else.
 const RESYNC: Duration = Duration::from_secs(3600);
@@ -255,9 +252,9 @@ pub async fn reconcile(capsule: Arc<Capsule>, ctx: Arc<Context>) -> Result<Actio
     if capsule.meta().deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
-    let key = format!("capsule:{namespace}/{}", capsule.name_any());
+    let key = reconciler::key(&*capsule);
     let observed = observe(&capsule, &ctx, &namespace).await?;
-    write_status(&capsule, &ctx, &namespace, &observed).await?;
+    write_status(&capsule, &ctx, &observed).await?;
     Ok(match &observed.outcome {
         Ok(_) => {
             ctx.succeeded(&key);
@@ -277,76 +274,33 @@ pub async fn reconcile(capsule: Arc<Capsule>, ctx: Arc<Context>) -> Result<Actio
     })
 }
 
-/// Writes the status if it changed (decided on the live object, like the Agent's), with a
-/// Warning Event when the Capsule stops or fails to be Ready for a new reason.
-async fn write_status(
-    capsule: &Capsule,
-    ctx: &Context,
-    namespace: &str,
-    observed: &CapsuleObserved,
-) -> Result<()> {
-    let now = Time(Timestamp::now());
-    if capsule.status.as_ref() == Some(&capsule_status(capsule.status.as_ref(), observed, &now)) {
+/// Writes the status if it changed (decided on the live object), with a Warning Event when
+/// the Capsule stops or fails to be Ready for a new reason.
+async fn write_status(capsule: &Capsule, ctx: &Context, observed: &CapsuleObserved) -> Result<()> {
+    let now = Time(ctx.clock.now());
+    let Some(written) =
+        reconciler::write_status(ctx, capsule, |old| capsule_status(old, observed, &now)).await?
+    else {
         return Ok(());
-    }
-    let api: Api<Capsule> = Api::namespaced(ctx.client.clone(), namespace);
-    let name = capsule.name_any();
-    let live = api.get(&name).await.map_err(|source| Error::Read {
-        what: format!("Capsule {namespace}/{name}"),
-        source,
-    })?;
-    let new = capsule_status(live.status.as_ref(), observed, &now);
-    if live.status.as_ref() == Some(&new) {
-        return Ok(());
-    }
-    let patch = serde_json::json!({
-        "apiVersion": "soma.dev/v1alpha1",
-        "kind": "Capsule",
-        "metadata": {"name": name},
-        "status": new,
-    });
-    api.patch_status(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(|source| Error::Status { source })?;
-    ctx.metrics.status_written(CONTROLLER);
-    let old_reason = super::status::readiness(live.status.as_ref())
-        .err()
-        .map(|(r, _)| r);
+    };
     if let Err(r) = &observed.outcome
-        && old_reason.as_deref() != Some(r.reason.as_str())
+        && reconciler::ready_reason_changed::<Capsule>(&written).is_some()
     {
-        let event = Event {
-            type_: EventType::Warning,
-            reason: r.reason.clone(),
-            note: Some(r.message.chars().take(1000).collect()),
-            action: "Verify".into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&event, &capsule.object_ref(&())).await {
-            warn!(error = %e, "publishing an Event failed");
-        }
+        reconciler::publish(
+            ctx,
+            capsule,
+            EventType::Warning,
+            &r.reason,
+            &r.message,
+            "Verify",
+        )
+        .await;
     }
     info!(ready = observed.outcome.is_ok(), "capsule status updated");
     Ok(())
 }
 
-/// Transient API failures are retried with backoff; permanent ones wait for a change.
+/// The Capsule controller's error policy (the shared one).
 pub fn error_policy(capsule: Arc<Capsule>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.reconcile_failed(CONTROLLER, error.label());
-    if !error.is_transient() {
-        warn!(capsule = %capsule.name_any(), error = %error, "permanent failure; waiting for a change");
-        return Action::await_change();
-    }
-    let key = format!(
-        "capsule:{}/{}",
-        capsule.namespace().unwrap_or_default(),
-        capsule.name_any()
-    );
-    let delay = ctx.backoff(&key);
-    warn!(capsule = %capsule.name_any(), error = %error, retry_in = ?delay, "reconcile failed; retrying");
-    Action::requeue(delay)
+    reconciler::error_policy(capsule, error, ctx)
 }

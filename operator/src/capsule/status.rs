@@ -9,7 +9,7 @@ use soma_crds::common::condition_types::{READY, RECONCILING, STALLED};
 use soma_policy::condition::POLICY_ALLOWED;
 
 use super::verify::{Rejection, Verified};
-use crate::agent::status::{Verdict, conditions, verdict};
+use crate::kstatus::{Verdict, conditions, verdict};
 use crate::policy::check::PolicyCheck;
 
 /// What the reconcile found.

@@ -165,7 +165,9 @@ impl Harness {
 
 pub async fn start_proxy(config: &Value) -> Running {
     let config = Config::parse(&config.to_string()).unwrap();
-    soma_proxy::start(config, TOKEN.to_owned()).await.unwrap()
+    soma_proxy::start(config, TOKEN.to_owned(), None)
+        .await
+        .unwrap()
 }
 
 #[derive(Debug)]

@@ -355,7 +355,7 @@ fn sidecar_is_a_native_sidecar_holding_the_key() {
         config["credentials"]["file"],
         "/var/run/secrets/soma/provider/api-key"
     );
-    assert_eq!(config["budget"], "team");
+    assert_eq!(config["budget"], "team/team", "namespace/name");
     assert_eq!(config["provider"]["upstream"], "https://api.openai.com");
 }
 
@@ -667,16 +667,14 @@ fn upstream_port_parsing() {
 
 #[test]
 fn sidecar_gets_budget_definitions_and_a_writable_outbox() {
-    let budget: soma_crds::BudgetSpec = serde_json::from_value(serde_json::json!({
+    let budget: soma_metering::BudgetDef = serde_json::from_value(serde_json::json!({
+        "namespace": "research", "name": "team", "uid": "u1", "generation": 2,
         "limits": {"tokens": 1000}, "period": {"calendar": "day"}
     }))
-    .expect("budget spec");
+    .expect("budget definition");
     let resolved = Resolved {
         replicas: 1,
-        budgets: vec![BudgetDefinition {
-            name: "team".into(),
-            spec: budget,
-        }],
+        budgets: vec![budget],
     };
     let c = children(&agent(|_| {}), &resolved, &OperatorConfig::default()).expect("children");
     let config = c
@@ -687,6 +685,8 @@ fn sidecar_gets_budget_definitions_and_a_writable_outbox() {
         .expect("config");
     let config: serde_json::Value = serde_json::from_str(config).expect("JSON");
     assert_eq!(config["budgets"][0]["name"], "team");
+    assert_eq!(config["budgets"][0]["namespace"], "research");
+    assert_eq!(config["budgets"][0]["uid"], "u1");
     assert_eq!(config["budgets"][0]["limits"]["tokens"], 1000);
     assert_eq!(config["outboxPath"], "/var/lib/soma/outbox.db");
     let state = sidecar(&c)
@@ -711,11 +711,37 @@ fn sidecar_gets_budget_definitions_and_a_writable_outbox() {
         .find(|v| v.name == state.name)
         .expect("state volume");
     assert!(volume.empty_dir.is_some());
-    let no_budgets = built(&agent(|_| {}));
-    assert_ne!(
-        c.sidecar_config.data, no_budgets.sidecar_config.data,
-        "a Budget change changes the config (and so the pod template's hash)"
-    );
+    // A Budget edit reaches running sidecars live: the ConfigMap changes, the pod template
+    // (and so the pods) does not.
+    let mut edited = resolved.clone();
+    edited.budgets[0].limits.tokens = Some(10);
+    edited.budgets[0].generation = 3;
+    let e = children(&agent(|_| {}), &edited, &OperatorConfig::default()).expect("children");
+    assert_ne!(c.sidecar_config.data, e.sidecar_config.data);
+    let hash = |c: &Children| {
+        pod_template_annotations(c)
+            .get(CONFIG_HASH_ANNOTATION)
+            .cloned()
+            .expect("hash")
+    };
+    assert_eq!(hash(&c), hash(&e), "a Budget edit must not roll the pods");
+    // Anything else in the configuration does.
+    let other = children(
+        &agent(|s| s.model.name = "gpt-4o-mini".into()),
+        &edited,
+        &OperatorConfig::default(),
+    )
+    .expect("children");
+    assert_ne!(hash(&e), hash(&other));
+}
+
+fn pod_template_annotations(c: &Children) -> std::collections::BTreeMap<String, String> {
+    c.deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.annotations.clone())
+        .unwrap_or_default()
 }
 
 #[test]
@@ -736,7 +762,9 @@ fn sidecar_gets_prices_ledger_and_events_only_when_configured() {
 
     let plain = built(&agent(|_| {}));
     let doc = sidecar_config(&plain);
-    for field in ["prices", "authority", "databaseUrlEnv", "natsUrl"] {
+    assert_eq!(doc["authority"], "embedded");
+    assert!(plain.ledger_secret.is_none());
+    for field in ["prices", "databaseUrlEnv", "natsUrl"] {
         assert!(
             doc.get(field).is_none(),
             "{field} written without a setting"
@@ -749,12 +777,17 @@ fn sidecar_gets_prices_ledger_and_events_only_when_configured() {
         crate::config::read_price_table("gpt-4o: {inputPerMTok: 2500000, outputPerMTok: 10000000}")
             .expect("prices"),
     );
-    config.sidecar.ledger_secret = Some("soma-ledger".into());
+    config.ledger.url = Some(crate::config::Redacted::new(
+        "postgres://soma:secret@ledger.soma-system:5432/soma",
+    ));
     config.sidecar.nats_url = Some("nats://nats.soma-system:4222".into());
     let c = children(&agent(|_| {}), &resolved, &config).expect("children");
     let doc = sidecar_config(&c);
     assert_eq!(doc["prices"]["gpt-4o"]["outputPerMTok"], 10_000_000);
-    assert_eq!(doc["authority"], serde_json::json!({"postgres": {}}));
+    assert_eq!(
+        doc["authority"],
+        serde_json::json!({"postgres": {"leaseTtlMs": 30000}})
+    );
     assert_eq!(doc["databaseUrlEnv"], "SOMA_DATABASE_URL");
     assert_eq!(doc["natsUrl"], "nats://nats.soma-system:4222");
     assert!(
@@ -769,7 +802,17 @@ fn sidecar_gets_prices_ledger_and_events_only_when_configured() {
         .expect("from a Secret");
     assert_eq!(
         (secret.name.as_str(), secret.key.as_str()),
-        ("soma-ledger", "database-url")
+        ("helper-ledger", "database-url")
+    );
+    let ledger = c.ledger_secret.as_ref().expect("ledger Secret");
+    assert_eq!(ledger.metadata.name.as_deref(), Some("helper-ledger"));
+    assert!(
+        ledger.metadata.owner_references.is_some(),
+        "deleted with its Agent"
+    );
+    assert!(
+        !format!("{:?}", config.ledger).contains("secret@"),
+        "the URL is redacted in logs"
     );
     assert!(
         env_value(agent_container(&c), "SOMA_DATABASE_URL").is_none(),

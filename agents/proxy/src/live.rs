@@ -1,0 +1,331 @@
+//! The sidecar's live configuration: the Budget definitions it enforces, followed while it
+//! runs, so that an edited Budget (caps, thresholds, action, period, parent) takes effect
+//! without restarting any pod.
+//!
+//! Two sources feed one [`Book`] of definitions, which resolves the chain with the same rules
+//! as the operator ([`crate::authority::plan`]) and hands the plan to the budget authority:
+//!
+//! ```text
+//!  ledger: LISTEN soma_live ──notify 'ns/name'──► read the chain's soma_budgets rows ─┐
+//!          (and every ledgerPollMs, for a notification missed while reconnecting)      ├─► Book ─► plan ─► authority.apply
+//!  file:   the configuration file, looked at every fileCheckMs (a ConfigMap volume) ───┘
+//! ```
+//!
+//! With a ledger an edit arrives in milliseconds; without one, when the kubelet refreshes the
+//! ConfigMap volume (about a minute). A definition replaces the one held only when it is newer:
+//! the same Budget (uid) at a higher generation, or, from the ledger, the Budget's current
+//! incarnation. Spend and reservations survive every change; a Budget new to the chain has its
+//! spend replayed from the outbox; a lowered cap makes the cluster authority give its unused
+//! slice back at once.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use soma_metering::{BudgetDef, BudgetKey};
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::{mpsc, watch};
+
+use crate::authority::{Plan, plan};
+use crate::budgets::Budgets;
+use crate::config::Config;
+use crate::state::AppState;
+
+/// Where a definition came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The configuration file.
+    File,
+    /// The ledger's `soma_budgets` table (the operator's current view).
+    Ledger,
+}
+
+impl Source {
+    fn label(self) -> &'static str {
+        match self {
+            Source::File => "file",
+            Source::Ledger => "ledger",
+        }
+    }
+}
+
+/// The definitions the sidecar knows, newest first.
+#[derive(Clone, Debug, Default)]
+pub struct Book {
+    start: Option<BudgetKey>,
+    defs: BTreeMap<BudgetKey, (BudgetDef, Source)>,
+}
+
+impl Book {
+    /// The book of a configuration file.
+    pub fn new(config: &Config) -> Book {
+        let mut book = Book {
+            start: config.budget_key(),
+            defs: BTreeMap::new(),
+        };
+        book.take(config.budgets.iter().cloned(), Source::File);
+        book
+    }
+
+    /// Takes definitions from `source`; returns whether anything changed.
+    pub fn take(&mut self, defs: impl IntoIterator<Item = BudgetDef>, source: Source) -> bool {
+        let mut changed = false;
+        for def in defs {
+            let key = def.key();
+            let newer = match self.defs.get(&key) {
+                None => true,
+                Some((known, _)) if known.uid == def.uid => {
+                    def.generation > known.generation
+                        || (def.generation == known.generation && def != *known)
+                }
+                // Another incarnation: the ledger holds the operator's current one; a file
+                // only replaces what another file said.
+                Some((_, from)) => source == Source::Ledger || *from == Source::File,
+            };
+            if newer {
+                self.defs.insert(key, (def, source));
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// The chain as these definitions resolve it.
+    pub fn plan(&self) -> Plan {
+        let defs: Vec<BudgetDef> = self.defs.values().map(|(d, _)| d.clone()).collect();
+        plan(self.start.as_ref(), &defs)
+    }
+}
+
+/// Takes the book's plan into the authority: replays the spend of Budgets new to the chain
+/// and, when a cap changed under the cluster authority, reports and gives unused slices back.
+async fn enforce(state: &AppState, book: &Book, source: Source) {
+    let plan = book.plan();
+    let applied = match state.authority.apply(&plan) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, source = source.label(), "a live Budget definition was refused; the previous ones stay in force");
+            state.metrics.live_update(source.label(), "refused");
+            return;
+        }
+    };
+    if !applied.changed {
+        return;
+    }
+    state.metrics.live_update(source.label(), "applied");
+    if !applied.added.is_empty() {
+        let now = jiff::Timestamp::now();
+        match state
+            .outbox
+            .spend_since(state.authority.replay_since(now))
+            .await
+        {
+            Ok(rows) => state.authority.replay(&rows, Some(&applied.added)),
+            Err(e) => tracing::warn!(error = %e, "replaying the outbox for a new Budget failed"),
+        }
+    }
+    let generations: Vec<String> = plan
+        .defs
+        .iter()
+        .map(|d| format!("{}@{}", d.key(), d.generation))
+        .collect();
+    tracing::info!(source = source.label(), chain = ?generations, problem = ?plan.problem.as_ref().map(ToString::to_string), "budget definitions updated");
+    if applied.caps_changed
+        && let Budgets::Cluster(c) = &state.authority
+        && let Err(e) = c.heartbeat(true).await
+    {
+        tracing::warn!(error = %e, "could not give budget slices back after a lowered cap; they are not spent and expire");
+    }
+}
+
+/// Reads the ledger rows of the chain's Budgets, following parents the rows add.
+async fn read_ledger(pool: &PgPool, book: &mut Book) -> Result<bool, sqlx::Error> {
+    let mut changed = false;
+    let mut asked: Vec<BudgetKey> = Vec::new();
+    for _ in 0..=soma_metering::chain::MAX_CHAIN {
+        let keys: Vec<BudgetKey> = book
+            .plan()
+            .keys()
+            .into_iter()
+            .chain(book.start.clone())
+            .filter(|k| !asked.contains(k))
+            .collect();
+        if keys.is_empty() {
+            break;
+        }
+        let defs = soma_ledger::live::budgets(pool, &keys).await?;
+        asked.extend(keys);
+        changed |= book.take(defs, Source::Ledger);
+    }
+    Ok(changed)
+}
+
+/// Forwards notifications on `soma_live` until the receiver is gone; reconnects with backoff.
+async fn listen(pool: PgPool, tx: mpsc::Sender<String>) {
+    let mut wait = Duration::from_millis(500);
+    loop {
+        let listener = async {
+            let mut l = PgListener::connect_with(&pool).await?;
+            l.listen(soma_ledger::live::CHANNEL).await?;
+            Ok::<_, sqlx::Error>(l)
+        }
+        .await;
+        match listener {
+            Ok(mut l) => {
+                wait = Duration::from_millis(500);
+                // A reconnect may have missed notifications: read everything once.
+                if tx.send(String::new()).await.is_err() {
+                    return;
+                }
+                loop {
+                    match l.try_recv().await {
+                        Ok(Some(n)) => {
+                            if tx.send(n.payload().to_owned()).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "live configuration listener lost");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "live configuration listener cannot connect"),
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Follows the file (when `path` is given) and the ledger (when `pool` is given) until `stop`.
+pub async fn run(
+    state: Arc<AppState>,
+    path: Option<PathBuf>,
+    pool: Option<PgPool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let settings = state.config.live;
+    let mut book = Book::new(&state.config);
+    let mut last_text = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok());
+    let (tx, mut notes) = mpsc::channel::<String>(64);
+    let listener = pool.clone().map(|p| tokio::spawn(listen(p, tx)));
+    let every = |ms: u64| {
+        if ms == 0 {
+            Duration::from_secs(24 * 3600)
+        } else {
+            Duration::from_millis(ms)
+        }
+    };
+    let mut file_tick = tokio::time::interval(every(settings.file_check_ms));
+    let mut poll_tick = tokio::time::interval(every(settings.ledger_poll_ms));
+    file_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    poll_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let source = tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            _ = file_tick.tick(), if path.is_some() && settings.file_check_ms > 0 => {
+                let Some(p) = &path else { continue };
+                let Ok(text) = std::fs::read_to_string(p) else { continue };
+                if last_text.as_deref() == Some(text.as_str()) {
+                    continue;
+                }
+                last_text = Some(text.clone());
+                match Config::parse(&text) {
+                    Ok(c) => {
+                        if !book.take(c.budgets, Source::File) {
+                            continue;
+                        }
+                        Source::File
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, cause = ?std::error::Error::source(&e).map(ToString::to_string), "the changed configuration file does not read; the previous Budgets stay in force");
+                        state.metrics.live_update("file", "refused");
+                        continue;
+                    }
+                }
+            }
+            note = notes.recv(), if pool.is_some() => {
+                let Some(note) = note else { continue };
+                let keys = book.plan().keys();
+                let relevant = note.is_empty()
+                    || note.parse::<BudgetKey>().map_or(true, |k| keys.contains(&k) || book.start.as_ref() == Some(&k));
+                if !relevant {
+                    continue;
+                }
+                Source::Ledger
+            }
+            _ = poll_tick.tick(), if pool.is_some() && settings.ledger_poll_ms > 0 => Source::Ledger,
+        };
+        if source == Source::Ledger {
+            let Some(p) = &pool else { continue };
+            match read_ledger(p, &mut book).await {
+                Ok(false) => continue,
+                Ok(true) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading live Budget definitions failed; retrying at the next poll");
+                    continue;
+                }
+            }
+        }
+        enforce(&state, &book, source).await;
+    }
+    if let Some(l) = listener {
+        l.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use soma_metering::budget::Limits;
+
+    fn def(name: &str, uid: &str, generation: i64, tokens: u64) -> BudgetDef {
+        BudgetDef {
+            namespace: "a".into(),
+            name: name.into(),
+            uid: uid.into(),
+            generation,
+            limits: Limits {
+                tokens: Some(tokens),
+                ..Limits::default()
+            },
+            ..BudgetDef::default()
+        }
+    }
+
+    fn tokens(book: &Book, name: &str) -> Option<u64> {
+        book.defs
+            .get(&BudgetKey::new("a", name))
+            .and_then(|(d, _)| d.limits.tokens)
+    }
+
+    #[test]
+    fn newer_definitions_win_whatever_their_source() {
+        let mut book = Book {
+            start: Some(BudgetKey::new("a", "team")),
+            defs: BTreeMap::new(),
+        };
+        assert!(book.take([def("team", "u1", 1, 100)], Source::File));
+        // The ledger has generation 2: it wins.
+        assert!(book.take([def("team", "u1", 2, 50)], Source::Ledger));
+        // The kubelet then refreshes the file to generation 2: nothing changes; a stale file
+        // (generation 1) does not take the old cap back.
+        assert!(!book.take([def("team", "u1", 2, 50)], Source::File));
+        assert!(!book.take([def("team", "u1", 1, 100)], Source::File));
+        assert_eq!(tokens(&book, "team"), Some(50));
+        // A recreated Budget: the ledger's incarnation wins, a file cannot bring the old back.
+        assert!(book.take([def("team", "u2", 1, 7)], Source::Ledger));
+        assert!(!book.take([def("team", "u1", 3, 100)], Source::File));
+        assert_eq!(tokens(&book, "team"), Some(7));
+        // Hand-written files without generations: a changed definition is taken.
+        let mut local = Book::default();
+        assert!(local.take([def("x", "", 0, 1)], Source::File));
+        assert!(local.take([def("x", "", 0, 2)], Source::File));
+        assert!(!local.take([def("x", "", 0, 2)], Source::File));
+    }
+}

@@ -1,0 +1,508 @@
+//! The contract between the operator and the metering sidecar: the sidecar's configuration
+//! file, typed once. The operator builds a [`SidecarConfig`] and writes it into the Agent's
+//! ConfigMap (`soma-operator render` shows it); the sidecar (`soma-proxy`) reads the same type
+//! back. A field added here is seen by both sides or by neither.
+//!
+//! ```text
+//!  operator: Agent + resolved Budget chain ─► SidecarConfig ─► ConfigMap <agent>-sidecar (JSON)
+//!  sidecar:  /etc/soma/proxy/config.yaml ─► SidecarConfig::parse ─► normalise ─► serve
+//!            └─ live: the file again on change, and the ledger's soma_budgets rows (LISTEN)
+//! ```
+//!
+//! Some parts are **live**: a change takes effect in running sidecars without a restart
+//! ([`SidecarConfig::live_part`]). Everything else is part of the pod template's hash, so a
+//! change to it rolls the pods. Serde only: no kube, no HTTP, no database.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use soma_metering::{BudgetDef, BudgetKey, PriceTable};
+
+/// Why the file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Not JSON or YAML.
+    #[error("not valid JSON or YAML")]
+    Syntax(#[source] serde_yaml::Error),
+    /// Valid syntax, wrong fields.
+    #[error("invalid configuration")]
+    Shape(#[source] serde_json::Error),
+    /// A Budget reference does not read as `namespace/name` or a bare name.
+    #[error("invalid configuration")]
+    Budget(#[source] soma_metering::chain::KeyError),
+}
+
+/// The whole file. Every field is documented in `docs/sidecar.md`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarConfig {
+    /// Proxy listener; loopback by default.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// `/healthz`, `/readyz` and `/metrics`.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: String,
+    /// The Agent, for labels and records.
+    pub agent: AgentIdentity,
+    /// Where calls go.
+    pub provider: ProviderConfig,
+    /// Where the provider key is read from.
+    pub credentials: Credentials,
+    /// The Budget calls are charged to: `namespace/name`, or a bare name in the Agent's
+    /// namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<String>,
+    /// The environment variable holding the per-pod client token.
+    pub client_token_env: String,
+    /// Tools the agent may call (not enforced by the proxy yet).
+    #[serde(default)]
+    pub tools: Vec<String>,
+    /// Capsules the agent may use (not enforced by the proxy yet).
+    #[serde(default)]
+    pub capsules: Vec<String>,
+    /// Prices per model (micros per million tokens). Absent: cost is not metered (0) and any
+    /// model is accepted; present: a model missing from it is refused as unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prices: Option<PriceTable>,
+    /// Budget definitions (live): `budget` and its `parentRef` chain are looked up here and,
+    /// with a ledger, in its `soma_budgets` table, the newer generation winning.
+    #[serde(default)]
+    pub budgets: Vec<BudgetDef>,
+    /// The SQLite outbox (WAL): usage records and the embedded budget authority's state.
+    #[serde(default = "default_outbox_path")]
+    pub outbox_path: PathBuf,
+    /// Which budget authority enforces `budget`: `embedded` (this sidecar alone, its state
+    /// rebuilt from the outbox) or `{"postgres": {...}}` (replicas sharing Budgets through the
+    /// PostgreSQL at `databaseUrl`, each leasing slices).
+    #[serde(default)]
+    pub authority: AuthorityConfig,
+    /// PostgreSQL URL: the ledger and, with `authority: postgres`, the cluster budget
+    /// authority. Never written by the operator (it may hold a password); see `databaseUrlEnv`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    /// The environment variable holding `databaseUrl` (the operator sets it from a Secret, so
+    /// the password is never in the ConfigMap). Ignored when `databaseUrl` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_url_env: Option<String>,
+    /// NATS URL; when set, settled usage is published to JetStream in the background.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats_url: Option<String>,
+    /// How often delivered outbox rows older than the longest budget window are deleted, in
+    /// milliseconds (0: never).
+    #[serde(default = "default_prune_interval")]
+    pub prune_interval_ms: u64,
+    /// Pause between delivery rounds (ledger and events) when the outbox is drained, in ms.
+    #[serde(default = "default_delivery_interval")]
+    pub delivery_interval_ms: u64,
+    /// How the live parts of the configuration are followed.
+    #[serde(default)]
+    pub live: LiveSettings,
+    /// Largest request body accepted, in bytes.
+    #[serde(default = "default_body_limit")]
+    pub body_limit_bytes: usize,
+    /// Output tokens assumed for the worst case when a request sets no `max_tokens`.
+    #[serde(default = "default_max_tokens")]
+    pub default_max_tokens: u64,
+    /// Prompt tokens assumed for each image in a request (the provider charges images by their
+    /// pixels, which the sidecar does not decode). The default covers the dearest documented
+    /// formula (OpenAI's gpt-4o-mini at high detail); set the bound of your models to reserve
+    /// less, for example 1,445 for gpt-4o or 1,600 for Claude.
+    #[serde(default = "default_image_tokens")]
+    pub image_tokens: u64,
+    /// Upstream timeouts.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// `anthropic-version` sent when the client sends none.
+    #[serde(default = "default_anthropic_version")]
+    pub anthropic_version: String,
+}
+
+/// `live`: how the sidecar follows the live parts of its configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct LiveSettings {
+    /// How often the configuration file is looked at for a change, in ms (0: never). A
+    /// ConfigMap volume follows its ConfigMap within the kubelet's sync period (about a
+    /// minute); the ledger's notification path takes milliseconds.
+    pub file_check_ms: u64,
+    /// With a ledger: how often the `soma_budgets` rows are read even without a notification
+    /// (a missed notification, a reconnect), in ms (0: notifications only).
+    pub ledger_poll_ms: u64,
+}
+
+impl Default for LiveSettings {
+    fn default() -> Self {
+        LiveSettings {
+            file_check_ms: 2_000,
+            ledger_poll_ms: 5_000,
+        }
+    }
+}
+
+/// `authority`: `"embedded"` or `{"postgres": {"leaseTtlMs": 30000}}`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AuthorityConfig {
+    /// One sidecar: Budgets in memory, rebuilt from the outbox at start-up.
+    #[default]
+    Embedded,
+    /// Many replicas: Budget windows and leases in PostgreSQL (`databaseUrl`).
+    Postgres(PostgresAuthority),
+}
+
+/// `authority.postgres`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PostgresAuthority {
+    /// How long a lease lives without a heartbeat (heartbeats run every third of it); a
+    /// replica gone longer has its unused slice reclaimed by the others.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl_ms: u64,
+    /// How long a lease must have been expired before another replica cuts it back to what
+    /// its holder last reported and reuses the rest. Default: ten lease TTLs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reclaim_after_ms: Option<u64>,
+}
+
+impl Default for PostgresAuthority {
+    fn default() -> Self {
+        PostgresAuthority {
+            lease_ttl_ms: default_lease_ttl(),
+            reclaim_after_ms: None,
+        }
+    }
+}
+
+/// `agent`: whose sidecar this is.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentIdentity {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+/// `provider`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderConfig {
+    /// Which wire format the upstream speaks.
+    pub kind: ProviderKind,
+    /// Base URL, such as `https://api.openai.com` or `http://vllm:8000/v1`.
+    pub upstream: String,
+    /// The Agent's model.
+    pub model: String,
+}
+
+/// `provider.kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ProviderKind {
+    /// OpenAI.
+    Openai,
+    /// Anthropic.
+    Anthropic,
+    /// Anything speaking OpenAI's API.
+    OpenaiCompatible,
+}
+
+impl ProviderKind {
+    /// The spelling in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Openai => "openai",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::OpenaiCompatible => "openaiCompatible",
+        }
+    }
+}
+
+/// `credentials`: `"none"`, `{"file": PATH}` or `{"vault": {...}}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Credentials {
+    /// No key (a keyless local endpoint).
+    None,
+    /// A file mounted from a Secret.
+    File(PathBuf),
+    /// A Vault KV path.
+    Vault {
+        /// KV path.
+        path: String,
+        /// Field.
+        key: String,
+        /// Kubernetes-auth role.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        role: Option<String>,
+    },
+}
+
+/// `timeouts`, in milliseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Timeouts {
+    /// TCP (and TLS) connect.
+    pub connect_ms: u64,
+    /// From sending the request to the upstream's response headers.
+    pub response_headers_ms: u64,
+    /// Longest silence between two body chunks.
+    pub idle_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect_ms: 10_000,
+            response_headers_ms: 600_000,
+            idle_ms: 300_000,
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:4000".into()
+}
+fn default_admin_listen() -> String {
+    "0.0.0.0:9090".into()
+}
+fn default_outbox_path() -> PathBuf {
+    PathBuf::from("/var/lib/soma/outbox.db")
+}
+fn default_delivery_interval() -> u64 {
+    1_000
+}
+fn default_prune_interval() -> u64 {
+    60_000
+}
+fn default_lease_ttl() -> u64 {
+    30_000
+}
+fn default_body_limit() -> usize {
+    16 * 1024 * 1024
+}
+fn default_max_tokens() -> u64 {
+    4_096
+}
+fn default_image_tokens() -> u64 {
+    soma_metering::tokens::DEFAULT_IMAGE_TOKENS
+}
+fn default_anthropic_version() -> String {
+    "2023-06-01".into()
+}
+
+/// The parts of a [`SidecarConfig`] a running sidecar takes without a restart: the Budget
+/// definitions (caps, thresholds, action, period, parents). Which Budget the Agent charges
+/// (`budget`) is part of the Agent's spec; a change to it rolls the pods.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct LivePart {
+    /// `budgets`.
+    pub budgets: Vec<BudgetDef>,
+}
+
+impl SidecarConfig {
+    /// A configuration with every optional field at its default.
+    pub fn new(
+        agent: AgentIdentity,
+        provider: ProviderConfig,
+        credentials: Credentials,
+        client_token_env: impl Into<String>,
+    ) -> SidecarConfig {
+        SidecarConfig {
+            listen: default_listen(),
+            admin_listen: default_admin_listen(),
+            agent,
+            provider,
+            credentials,
+            budget: None,
+            client_token_env: client_token_env.into(),
+            tools: Vec::new(),
+            capsules: Vec::new(),
+            prices: None,
+            budgets: Vec::new(),
+            outbox_path: default_outbox_path(),
+            authority: AuthorityConfig::default(),
+            database_url: None,
+            database_url_env: None,
+            nats_url: None,
+            prune_interval_ms: default_prune_interval(),
+            delivery_interval_ms: default_delivery_interval(),
+            live: LiveSettings::default(),
+            body_limit_bytes: default_body_limit(),
+            default_max_tokens: default_max_tokens(),
+            image_tokens: default_image_tokens(),
+            timeouts: Timeouts::default(),
+            anthropic_version: default_anthropic_version(),
+        }
+    }
+
+    /// Parses the file's text (JSON or YAML) and normalises it ([`Self::normalise`]). YAML is
+    /// read into a JSON value first, so that enums have one spelling in both (`{"file": PATH}`,
+    /// not a YAML tag).
+    pub fn parse(text: &str) -> Result<SidecarConfig, ConfigError> {
+        let value: serde_json::Value = serde_yaml::from_str(text).map_err(ConfigError::Syntax)?;
+        let mut config: SidecarConfig =
+            serde_json::from_value(value).map_err(ConfigError::Shape)?;
+        config.normalise()?;
+        Ok(config)
+    }
+
+    /// Makes every Budget reference explicit: a Budget definition without a namespace is in
+    /// the Agent's namespace, and `budget` becomes `namespace/name`.
+    pub fn normalise(&mut self) -> Result<(), ConfigError> {
+        let ns = self.agent.namespace.clone();
+        for def in &mut self.budgets {
+            if def.namespace.is_empty() {
+                def.namespace.clone_from(&ns);
+            }
+        }
+        if let Some(b) = &self.budget {
+            self.budget = Some(
+                BudgetKey::parse_in(&ns, b)
+                    .map_err(ConfigError::Budget)?
+                    .to_string(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The Budget calls are charged to, as a key.
+    pub fn budget_key(&self) -> Option<BudgetKey> {
+        self.budget
+            .as_deref()
+            .and_then(|b| BudgetKey::parse_in(&self.agent.namespace, b).ok())
+    }
+
+    /// The parts a running sidecar follows without a restart.
+    pub fn live_part(&self) -> LivePart {
+        LivePart {
+            budgets: self.budgets.clone(),
+        }
+    }
+
+    /// The configuration without its live parts: what a change of must roll the pods.
+    pub fn without_live_part(&self) -> SidecarConfig {
+        SidecarConfig {
+            budgets: Vec::new(),
+            ..self.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// What an operator of the first wave wrote (bare Budget names, no live settings).
+    const FIRST_WAVE_DOCUMENT: &str = r#"{
+  "listen": "127.0.0.1:4000",
+  "adminListen": "0.0.0.0:9090",
+  "agent": { "namespace": "research", "name": "research-assistant" },
+  "provider": { "kind": "openai", "upstream": "https://api.openai.com", "model": "gpt-4o" },
+  "credentials": { "file": "/etc/soma/provider-key/api-key" },
+  "budget": "research-team",
+  "clientTokenEnv": "SOMA_POD_UID",
+  "tools": ["web-search"],
+  "capsules": ["support-kb"],
+  "budgets": [{"name": "research-team", "limits": {"tokens": 5}, "period": {"calendar": "day"},
+               "parentRef": {"name": "acme"}}]
+}"#;
+
+    #[test]
+    fn reads_an_older_document_and_makes_budgets_explicit() {
+        let c = SidecarConfig::parse(FIRST_WAVE_DOCUMENT).unwrap();
+        assert_eq!(c.provider.kind, ProviderKind::Openai);
+        assert!(matches!(c.credentials, Credentials::File(ref p) if p.ends_with("api-key")));
+        assert_eq!(c.budget.as_deref(), Some("research/research-team"));
+        assert_eq!(c.budgets[0].key().to_string(), "research/research-team");
+        assert_eq!(
+            c.budgets[0].parent_key().unwrap().to_string(),
+            "research/acme"
+        );
+        assert_eq!(c.body_limit_bytes, 16 * 1024 * 1024);
+        assert_eq!(c.live, LiveSettings::default());
+    }
+
+    #[test]
+    fn what_the_operator_writes_the_sidecar_reads_back() {
+        let mut c = SidecarConfig::new(
+            AgentIdentity {
+                namespace: "a".into(),
+                name: "b".into(),
+            },
+            ProviderConfig {
+                kind: ProviderKind::Anthropic,
+                upstream: "http://x".into(),
+                model: "m".into(),
+            },
+            Credentials::Vault {
+                path: "secret/data/k".into(),
+                key: "api-key".into(),
+                role: None,
+            },
+            "T",
+        );
+        c.budget = Some("a/team".into());
+        c.authority = AuthorityConfig::Postgres(PostgresAuthority::default());
+        c.database_url_env = Some("SOMA_DATABASE_URL".into());
+        let text = serde_json::to_string_pretty(&c).unwrap();
+        assert!(!text.contains("databaseUrl\""), "{text}");
+        assert_eq!(SidecarConfig::parse(&text).unwrap(), c);
+    }
+
+    #[test]
+    fn yaml_reads_too_and_typos_are_reported() {
+        let y = "agent: {namespace: a, name: b}\nprovider: {kind: anthropic, upstream: 'http://x', model: m}\ncredentials: none\nclientTokenEnv: T\n";
+        let c = SidecarConfig::parse(y).unwrap();
+        assert_eq!(c.provider.kind, ProviderKind::Anthropic);
+        assert!(SidecarConfig::parse("agent: [").is_err());
+        assert!(SidecarConfig::parse("{\"agent\": 1}").is_err());
+        let bad_budget = format!("{y}budget: 'a/b/c'\n");
+        assert!(matches!(
+            SidecarConfig::parse(&bad_budget),
+            Err(ConfigError::Budget(_))
+        ));
+        let bad_live = format!("{y}live: {{fileCheck: 3}}\n");
+        assert!(SidecarConfig::parse(&bad_live).is_err());
+    }
+
+    #[test]
+    fn authority_and_credential_shapes() {
+        let base = r#""agent": {"namespace": "a", "name": "b"}, "provider": {"kind": "openai", "upstream": "http://x", "model": "m"}, "credentials": "none", "clientTokenEnv": "T""#;
+        let c = SidecarConfig::parse(&format!("{{{base}}}")).unwrap();
+        assert_eq!(c.authority, AuthorityConfig::Embedded);
+        let c = SidecarConfig::parse(&format!(
+            r#"{{{base}, "authority": {{"postgres": {{"leaseTtlMs": 900}}}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(
+            c.authority,
+            AuthorityConfig::Postgres(PostgresAuthority {
+                lease_ttl_ms: 900,
+                reclaim_after_ms: None
+            })
+        );
+        for bad in [r#""sqlite""#, r#"{"postgres": {"leaseTTL": 1}}"#] {
+            assert!(
+                SidecarConfig::parse(&format!(r#"{{{base}, "authority": {bad}}}"#)).is_err(),
+                "{bad}"
+            );
+        }
+        for (json, ok) in [
+            (r#""none""#, true),
+            (r#"{"file": "/k"}"#, true),
+            (r#"{"vault": {"path": "secret/x", "key": "k"}}"#, true),
+            (r#"{"env": "X"}"#, false),
+        ] {
+            let r: Result<Credentials, _> = serde_json::from_str(json);
+            assert_eq!(r.is_ok(), ok, "{json}");
+        }
+    }
+
+    #[test]
+    fn live_parts_are_not_part_of_the_rest() {
+        let c = SidecarConfig::parse(FIRST_WAVE_DOCUMENT).unwrap();
+        assert!(c.without_live_part().budgets.is_empty());
+        assert_eq!(c.live_part().budgets.len(), 1);
+    }
+}
