@@ -240,7 +240,7 @@ def test_genai_spans_reach_an_otlp_receiver(tmp_path: pathlib.Path) -> None:
                 "gen_ai.request.max_tokens": 16,
                 "server.address": "127.0.0.1",
                 "server.port": int(upstream_url.rsplit(":", 1)[1]),
-                "soma.budget": "team",
+                "soma.budget": "research/team",
             }
             if name == "refused":
                 expected["gen_ai.request.max_tokens"] = 5_000_000
@@ -263,7 +263,7 @@ def test_genai_spans_reach_an_otlp_receiver(tmp_path: pathlib.Path) -> None:
         assert a["soma.outcome"] == "upstream_error", a
         assert spans["failed"].status.code == STATUS_ERROR, spans["failed"].status
         a = attributes(spans["refused"].attributes)
-        assert a["soma.budget.refused_by"] == "team", a
+        assert a["soma.budget.refused_by"] == "research/team", a
         assert a["http.response.status_code"] == 429, a
         assert "gen_ai.usage.input_tokens" not in a, a
         assert spans["refused"].status.code == STATUS_ERROR

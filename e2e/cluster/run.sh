@@ -2,8 +2,9 @@
 # End-to-end suite for a REAL Kubernetes cluster (kind, or any cluster you may write to).
 #
 # Without a reachable cluster (KUBECONFIG unset, or `kubectl cluster-info` failing) it says
-# so and exits 0: CI machines have no cluster, and a default ~/.kube/config is deliberately
-# ignored so that this suite never reaches a cluster nobody pointed it at.
+# so and exits 77 ("skipped", as automake's test drivers count it; scripts/test reports it as
+# skipped, never as passed): CI machines have no cluster, and a default ~/.kube/config is
+# deliberately ignored so that this suite never reaches a cluster nobody pointed it at.
 #
 # With one, in a temporary namespace soma-e2e-<random>:
 #   1. applies crds/ (unless --installed) and waits until they are Established;
@@ -64,7 +65,7 @@ fi
 skip() {
     echo "no Kubernetes cluster reachable (KUBECONFIG unset or cluster down): skipping the real-cluster e2e suite"
     [[ -n ${1:-} ]] && echo "  ($1)"
-    exit 0
+    exit 77
 }
 [[ -n ${KUBECONFIG:-} ]] || skip
 command -v kubectl >/dev/null 2>&1 || skip "kubectl not found: run scripts/test-deps/k8s-tools.sh"

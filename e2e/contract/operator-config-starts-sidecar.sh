@@ -40,5 +40,5 @@ done
 code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "127.0.0.1:$proxy_port/v1/chat/completions" \
     -H 'content-type: application/json' -d '{"model":"gpt-4o","messages":[]}')
 [[ $code == 401 ]] || { echo "FAIL: unauthenticated call got $code, want 401"; exit 1; }
-grep -q '"budgets":"research-team,acme-tenant"' "$tmp/proxy.log" || { cat "$tmp/proxy.log"; echo "FAIL: sidecar did not load both Budgets"; exit 1; }
+grep -q '"budgets":"research/research-team,research/acme-tenant"' "$tmp/proxy.log" || { cat "$tmp/proxy.log"; echo "FAIL: sidecar did not load both Budgets"; exit 1; }
 echo "ok: the operator's sidecar configuration starts soma-proxy with both Budgets"

@@ -18,7 +18,7 @@ fn blob<'a>(bytes: &'a [u8], signature: &'a str) -> Blob<'a> {
 
 #[tokio::test]
 async fn verifies_cosign_sign_blob_in_every_output_form() -> Result<()> {
-    let tools = tools_or_skip!();
+    let tools = tools_or_fail!();
     let work = Workdir::new(&tools)?;
     let pem = work.key_pair("soma")?;
     let policy = Policy::public_key_pem(&pem)?;
@@ -58,7 +58,7 @@ async fn verifies_cosign_sign_blob_in_every_output_form() -> Result<()> {
 
 #[tokio::test]
 async fn rejects_tampered_blobs_wrong_keys_other_digests_and_malformed_signatures() -> Result<()> {
-    let tools = tools_or_skip!();
+    let tools = tools_or_fail!();
     let work = Workdir::new(&tools)?;
     let pem = work.key_pair("soma")?;
     let wrong_pem = work.key_pair("wrong")?;

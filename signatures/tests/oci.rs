@@ -21,7 +21,7 @@ fn reason(result: Result<soma_signatures::Verified, Rejection>) -> String {
 
 #[tokio::test]
 async fn verifies_what_cosign_signed_then_answers_from_cache_without_the_registry() -> Result<()> {
-    let tools = tools_or_skip!();
+    let tools = tools_or_fail!();
     let mut registry = Registry::start(&tools)?;
     let work = Workdir::new(&tools)?;
     let pem = work.key_pair("soma")?;
@@ -68,7 +68,7 @@ async fn verifies_what_cosign_signed_then_answers_from_cache_without_the_registr
 
 #[tokio::test]
 async fn rejects_tampered_unsigned_wrong_key_and_replayed_signatures() -> Result<()> {
-    let tools = tools_or_skip!();
+    let tools = tools_or_fail!();
     let registry = Registry::start(&tools)?;
     let work = Workdir::new(&tools)?;
     let pem = work.key_pair("soma")?;
@@ -187,7 +187,7 @@ fn push_signature(
 
 #[tokio::test]
 async fn rejects_malformed_and_altered_signature_payloads() -> Result<()> {
-    let tools = tools_or_skip!();
+    let tools = tools_or_fail!();
     let registry = Registry::start(&tools)?;
     let work = Workdir::new(&tools)?;
     let pem = work.key_pair("soma")?;
@@ -237,7 +237,7 @@ async fn rejects_malformed_and_altered_signature_payloads() -> Result<()> {
 
 #[tokio::test]
 async fn resolves_agent_image_tags_to_digests_and_verifies_them() -> Result<()> {
-    let tools = tools_or_skip!();
+    let tools = tools_or_fail!();
     let registry = Registry::start(&tools)?;
     let work = Workdir::new(&tools)?;
     let pem = work.key_pair("soma")?;
@@ -291,7 +291,7 @@ async fn resolves_agent_image_tags_to_digests_and_verifies_them() -> Result<()> 
 
 #[tokio::test]
 async fn a_policy_change_means_a_fresh_verification() -> Result<()> {
-    let tools = tools_or_skip!();
+    let tools = tools_or_fail!();
     let registry = Registry::start(&tools)?;
     let work = Workdir::new(&tools)?;
     let pem = work.key_pair("soma")?;

@@ -24,8 +24,6 @@
 //! ...` (embedded keys first, `cluster_*` after).
 
 mod bench_support;
-#[path = "../tests/support/pg.rs"]
-mod pg;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -38,8 +36,8 @@ use bench_support::soma::{
     OutboxTotals, Sidecar, Upstream, counter_sum, counter_sum_where, outbox_totals,
     reported_cost_micros, sidecar_config,
 };
-use pg::Pg;
 use serde_json::{Value, json};
+use soma_testsupport::Pg;
 
 /// Which budget authorities to measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -649,14 +647,9 @@ async fn main() {
     let cluster = if a.mode == Mode::Embedded {
         None
     } else {
-        let Some(pg) = Pg::start() else {
-            eprintln!(
-                "budget_contention: PostgreSQL 15 binaries not found (SOMA_PG_BIN, \
-                 /usr/lib/postgresql/15/bin); run scripts/test-deps/servers.sh, or pass \
-                 --authority embedded"
-            );
-            std::process::exit(1)
-        };
+        // Panics with the install command when PostgreSQL is missing (or pass
+        // --authority embedded).
+        let pg = Pg::start();
         let backend = Backend::Cluster {
             pg: &pg,
             sidecars: a.sidecars,

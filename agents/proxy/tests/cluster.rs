@@ -51,8 +51,8 @@ async fn wait_drained(replicas: &[soma_proxy::Running]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_sharing_a_budget_never_overspend_and_the_ledger_matches_the_clients() {
-    let Some(pg) = Pg::start() else { return };
-    let Some(nats) = Nats::start() else { return };
+    let pg = Pg::start();
+    let nats = Nats::start();
     let upstream = FakeUpstream::start(KEY).await.unwrap();
     let chain = budgets(CAP_MICROS, TENANT_TOKENS);
     let mut dirs = Vec::new();
@@ -286,10 +286,8 @@ async fn kill_9_and_database_and_nats_outages_lose_nothing_and_double_count_noth
     use http_body_util::BodyExt;
     use support::sidecar::{spawn, write_config};
 
-    let Some(mut pg) = Pg::start() else { return };
-    let Some(mut nats) = Nats::start() else {
-        return;
-    };
+    let mut pg = Pg::start();
+    let mut nats = Nats::start();
     let upstream = FakeUpstream::start(KEY).await.unwrap();
     let cap = 50_000_000;
     let chain = budgets(cap, TENANT_TOKENS);
@@ -434,8 +432,8 @@ async fn kill_9_and_database_and_nats_outages_lose_nothing_and_double_count_noth
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_share_the_per_minute_limits() {
-    let Some(pg) = Pg::start() else { return };
-    let Some(nats) = Nats::start() else { return };
+    let pg = Pg::start();
+    let nats = Nats::start();
     let upstream = FakeUpstream::start(KEY).await.unwrap();
     let chain = serde_json::json!([{"name": "team",
         "limits": {"costMicros": 1_000_000_000, "requestsPerMinute": 4},

@@ -1,5 +1,5 @@
 //! The cluster authority's lease SQL against a real PostgreSQL 15 (started by this harness on
-//! 127.0.0.1; skips, saying so, when it is not installed), and the configurations it refuses.
+//! 127.0.0.1; fails, saying how to install it, when it is not installed), and the configurations it refuses.
 #![allow(clippy::unwrap_used)] // helpers outside #[test] fns panic on a failed set-up too
 
 mod support;
@@ -14,7 +14,7 @@ use support::*;
 async fn concurrent_leases_never_grant_past_the_cap_and_always_add_up() {
     use soma_metering::Amount;
     use soma_proxy::lease::{Ask, Terms, acquire, report};
-    let Some(pg) = Pg::start() else { return };
+    let pg = Pg::start();
     let pool = pg.pool().await;
     soma_proxy::ledger::MIGRATOR.run(&pool).await.unwrap();
     let cap = 1_000_000u64;

@@ -40,7 +40,7 @@ pub fn tools() -> Option<Tools> {
     {
         Ok(out) if out.status.success() => out,
         other => {
-            eprintln!("SKIP: cosign/oras/docker-registry not installable: {other:?}");
+            eprintln!("cosign/oras/docker-registry not installable: {other:?}");
             return None;
         }
     };

@@ -20,12 +20,12 @@ pub struct Tools {
 
 /// The tools from `SOMA_COSIGN`/`SOMA_ORAS`/`SOMA_REGISTRY`, or else from running the install
 /// script (once per test binary: tests run in parallel and must not race apt); `None` (after
-/// saying why) when they cannot be had, so the caller skips.
+/// saying why) when they cannot be had, so the caller fails.
 pub fn tools() -> Option<Tools> {
     static TOOLS: std::sync::OnceLock<Option<Tools>> = std::sync::OnceLock::new();
     let tools = TOOLS.get_or_init(find_or_install_tools).clone();
     if tools.is_none() {
-        eprintln!("SKIP: cosign/oras/docker-registry are not available");
+        eprintln!("cosign/oras/docker-registry are not available");
     }
     tools
 }
@@ -51,7 +51,7 @@ fn find_or_install_tools() -> Option<Tools> {
         Ok(out) if out.status.success() => out,
         other => {
             eprintln!(
-                "SKIP: cosign/oras/docker-registry could not be installed by {}: {other:?}",
+                "cosign/oras/docker-registry could not be installed by {}: {other:?}",
                 script.display()
             );
             return None;
@@ -257,13 +257,16 @@ pub fn verifier_with_roots(registry: &str, roots: Vec<String>) -> soma_signature
     .expect("the test's trusted roots parse")
 }
 
-/// Returns early from a test (with a SKIP line) when the tools are missing.
+/// The tools, or a failed test saying how to install them: a test that cannot reach its
+/// tools must never pass.
 #[macro_export]
-macro_rules! tools_or_skip {
+macro_rules! tools_or_fail {
     () => {
         match support::tools() {
             Some(t) => t,
-            None => return Ok(()),
+            None => panic!(
+                "cosign, oras and docker-registry are not available: run scripts/test-deps/signing-tools.sh (or set SOMA_COSIGN, SOMA_ORAS, SOMA_REGISTRY)"
+            ),
         }
     };
 }

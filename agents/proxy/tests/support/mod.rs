@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 pub mod fleet;
-pub mod nats;
-pub mod pg;
+#[allow(unused_imports)] // each test binary uses part of it
+pub use soma_testsupport::{nats, pg};
 pub mod sidecar;
 
 use bytes::Bytes;

@@ -1,10 +1,12 @@
 //! A real nats-server with JetStream for tests: on a free 127.0.0.1 port, its store in a
 //! temporary folder, stopped by PID and started again on the same store.
-#![allow(dead_code, clippy::unwrap_used)] // test support: a failed set-up should panic
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+/// The stream the sidecars publish usage to.
+pub const USAGE_STREAM: &str = "SOMA_USAGE";
 
 fn nats_bin() -> Option<PathBuf> {
     let from_env = std::env::var_os("SOMA_NATS_SERVER").map(PathBuf::from);
@@ -20,6 +22,7 @@ fn nats_bin() -> Option<PathBuf> {
         .find(|f| f.exists())
 }
 
+/// One nats-server with JetStream.
 pub struct Nats {
     bin: PathBuf,
     dir: tempfile::TempDir,
@@ -28,10 +31,10 @@ pub struct Nats {
 }
 
 impl Nats {
-    pub fn start() -> Option<Nats> {
+    /// Starts a fresh server; panics (failing the test) when nats-server is not installed.
+    pub fn start() -> Nats {
         let Some(bin) = nats_bin() else {
-            eprintln!("SKIP: nats-server not installed; run scripts/test-deps/servers.sh");
-            return None;
+            panic!("nats-server is not installed: run scripts/test-deps/servers.sh");
         };
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -45,9 +48,10 @@ impl Nats {
             child: None,
         };
         n.run();
-        Some(n)
+        n
     }
 
+    /// (Re)starts the server on its store.
     pub fn run(&mut self) {
         let child = Command::new(&self.bin)
             .args([
@@ -66,6 +70,7 @@ impl Nats {
         self.child = Some(child);
     }
 
+    /// Kills it by PID.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -73,14 +78,16 @@ impl Nats {
         }
     }
 
+    /// Its URL.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// Messages in the usage stream (`SOMA_USAGE`), if it exists.
     pub async fn messages(&self) -> Option<u64> {
         let client = async_nats::connect(self.url()).await.ok()?;
         let js = async_nats::jetstream::new(client);
-        let mut stream = js.get_stream(soma_proxy::events::STREAM).await.ok()?;
+        let mut stream = js.get_stream(USAGE_STREAM).await.ok()?;
         Some(stream.info().await.ok()?.state.messages)
     }
 

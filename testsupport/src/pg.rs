@@ -1,6 +1,5 @@
 //! A real PostgreSQL 15 for tests: initdb in a temporary folder, started on a free 127.0.0.1
 //! port, stopped (fast shutdown) by PID and started again on the same data.
-#![allow(dead_code, clippy::unwrap_used)] // test support: a failed set-up should panic
 
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -41,6 +40,7 @@ fn run_as() -> Option<(u32, u32)> {
     Some((id("-u")?, id("-g")?))
 }
 
+/// One PostgreSQL server.
 pub struct Pg {
     bin: PathBuf,
     dir: tempfile::TempDir,
@@ -50,6 +50,21 @@ pub struct Pg {
 }
 
 impl Pg {
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Creates database `name` and returns its URL.
+    pub async fn database(&self, name: &str) -> String {
+        let pool = self.pool().await;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&pool)
+            .await
+            .unwrap();
+        format!("postgres://soma@127.0.0.1:{}/{name}", self.port)
+    }
+
     fn command(&self, program: &str) -> Command {
         let mut c = Command::new(self.bin.join(program));
         if let Some((uid, gid)) = self.user {
@@ -58,10 +73,12 @@ impl Pg {
         c
     }
 
-    pub fn start() -> Option<Pg> {
+    /// Starts a fresh server; panics (failing the test) when PostgreSQL is not installed.
+    pub fn start() -> Pg {
         let Some(bin) = pg_bin() else {
-            eprintln!("SKIP: PostgreSQL not installed; run scripts/test-deps/servers.sh");
-            return None;
+            panic!(
+                "PostgreSQL is not installed (looked in $SOMA_PG_BIN, /usr/lib/postgresql/15/bin, /usr/local/bin): run scripts/test-deps/servers.sh"
+            );
         };
         let dir = tempfile::tempdir().unwrap();
         let user = run_as();
@@ -100,13 +117,15 @@ impl Pg {
             String::from_utf8_lossy(&out.stderr)
         );
         pg.run();
-        Some(pg)
+        pg
     }
 
+    /// The data directory.
     pub fn data(&self) -> PathBuf {
         self.dir.path().join("data")
     }
 
+    /// (Re)starts the server on its data directory.
     pub fn run(&mut self) {
         let child = self
             .command("postgres")
@@ -136,10 +155,12 @@ impl Pg {
         }
     }
 
+    /// The URL of the `postgres` database (user `soma`, trust authentication).
     pub fn url(&self) -> String {
         format!("postgres://soma@127.0.0.1:{}/postgres", self.port)
     }
 
+    /// A pool to `postgres`, once the server accepts connections.
     pub async fn pool(&self) -> sqlx::PgPool {
         for _ in 0..300 {
             if let Ok(p) = sqlx::postgres::PgPoolOptions::new()
