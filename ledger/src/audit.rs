@@ -441,6 +441,9 @@ fn record_from_row(r: &sqlx::postgres::PgRow) -> (UsageRecord, i64) {
     )
 }
 
+/// How far from its current seq a record is looked for where it was written.
+const REORDER_SEARCH: i64 = 1_000;
+
 /// Checks one holder's chain (records in stored `seq` order).
 fn check_chain(holder: &str, records: &[(UsageRecord, i64)], out: &mut Vec<Finding>) {
     let at = |kind: &'static str, r: &UsageRecord, message: String| Finding {
@@ -449,11 +452,6 @@ fn check_chain(holder: &str, records: &[(UsageRecord, i64)], out: &mut Vec<Findi
         record: Some(r.id.clone()),
         ..finding(kind, message)
     };
-    // Where each stored hash sits, to tell a reordered record from an edited one.
-    let by_hash: HashMap<&str, i64> = records
-        .iter()
-        .map(|(r, _)| (r.hash.as_str(), r.seq))
-        .collect();
     let mut expected_seq = 1;
     let mut prev = genesis(holder);
     let mut last_seq = 0;
@@ -485,16 +483,15 @@ fn check_chain(holder: &str, records: &[(UsageRecord, i64)], out: &mut Vec<Findi
         }
         let content_ok = r.link_hash(&r.prev_hash) == r.hash;
         if !content_ok {
-            // Written at another position? Its stored links say where.
-            let written_at = by_hash
-                .get(r.prev_hash.as_str())
-                .map(|s| s + 1)
-                .or_else(|| (r.prev_hash == genesis(holder)).then_some(1));
-            let moved = written_at.filter(|s| *s != r.seq).filter(|s| {
-                let mut probe = r.clone();
-                probe.seq = *s;
-                probe.link_hash(&r.prev_hash) == r.hash
-            });
+            // Written at another position? A record whose content still matches its hash at
+            // a nearby seq was moved there, not edited.
+            let moved = (r.seq.saturating_sub(REORDER_SEARCH).max(1)..=r.seq + REORDER_SEARCH)
+                .filter(|s| *s != r.seq)
+                .find(|s| {
+                    let mut probe = r.clone();
+                    probe.seq = *s;
+                    probe.link_hash(&r.prev_hash) == r.hash
+                });
             match moved {
                 Some(s) => out.push(at(
                     "reordered",

@@ -56,6 +56,35 @@ impl Clock {
     }
 }
 
+/// The scopes the operator may watch: every namespace (`None`), or each of `namespaces`.
+pub fn scopes(namespaces: &[String]) -> Vec<Option<String>> {
+    if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces.iter().cloned().map(Some).collect()
+    }
+}
+
+/// Every Budget the operator may read, as one watch stream: one watch for all namespaces, or
+/// one per watched namespace in a namespace-scoped install (which has no cluster-wide rights).
+/// A Budget's parent may be in another watched namespace, so every controller sees them all.
+pub fn budget_watch(
+    client: &Client,
+    namespaces: &[String],
+) -> impl futures::Stream<
+    Item = Result<kube::runtime::watcher::Event<soma_crds::Budget>, kube::runtime::watcher::Error>,
+> + Send
++ 'static {
+    use futures::StreamExt;
+    futures::stream::select_all(scopes(namespaces).into_iter().map(|ns| {
+        kube::runtime::watcher(
+            api::<soma_crds::Budget>(client, ns.as_deref()),
+            kube::runtime::watcher::Config::default(),
+        )
+        .boxed()
+    }))
+}
+
 /// Shared reconcile state.
 pub struct Context {
     /// API client.

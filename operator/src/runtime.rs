@@ -222,17 +222,7 @@ pub async fn run(
         }));
     }
     let (stop_controllers, controllers_stopped) = watch::channel(false);
-    let scopes: Vec<Option<String>> = if options.config.namespaces.is_empty() {
-        vec![None]
-    } else {
-        options
-            .config
-            .namespaces
-            .iter()
-            .cloned()
-            .map(Some)
-            .collect()
-    };
+    let scopes = crate::context::scopes(&options.config.namespaces);
     let controllers = futures::future::join_all(scopes.into_iter().flat_map(|ns| {
         [
             tokio::spawn(crate::budget::controller::run(

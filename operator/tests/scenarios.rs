@@ -138,7 +138,7 @@ async fn run_configured(
     configure: impl FnOnce(Context) -> Context,
 ) -> Outcome {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let server = tokio::spawn(serve(handle, with_ledger_probe(steps)));
+    let server = tokio::spawn(serve(handle, steps));
     let ctx = Arc::new(configure(
         Arc::into_inner(context(Client::new(service, "default"))).expect("one reference"),
     ));
@@ -159,26 +159,6 @@ async fn run_configured(
         .expect("scenario finished")
         .expect("scenario passed");
     (result, seen, ctx_for_caller)
-}
-
-/// Without a ledger the reconcile makes sure no ledger Secret of the Agent is left over (one
-/// read, after the ServiceAccount): added to every scenario that applies children.
-fn with_ledger_probe(steps: Vec<Step>) -> Vec<Step> {
-    let sa = format!("{NS}/serviceaccounts/helper");
-    let mut out: Vec<Step> = Vec::with_capacity(steps.len() + 1);
-    let mut steps = steps.into_iter().peekable();
-    while let Some(s) = steps.next() {
-        let last_of_sa = s.path == sa && steps.peek().is_none_or(|n| n.path != sa);
-        out.push(s);
-        if last_of_sa {
-            out.push(step(
-                Method::GET,
-                &format!("{NS}/secrets/helper-ledger"),
-                |_| not_found(),
-            ));
-        }
-    }
-    out
 }
 
 /// The first reconcile: every child is created by server-side apply under `soma.dev/agent`,

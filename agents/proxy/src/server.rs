@@ -320,7 +320,8 @@ pub async fn start(
     }
     let live_pool = match &state.config.database_url {
         Some(url) => Some(
-            soma_ledger::pool(url, 1, Duration::from_secs(5)).map_err(|_| StartError::Ledger)?,
+            // Two connections: the listener holds one for as long as it listens.
+            soma_ledger::pool(url, 2, Duration::from_secs(5)).map_err(|_| StartError::Ledger)?,
         ),
         None => None,
     };

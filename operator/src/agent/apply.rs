@@ -61,6 +61,20 @@ where
         + DeserializeOwned
         + std::fmt::Debug,
 {
+    let (_, live, wrote) = ensure_from(client, desired).await?;
+    Ok((live, wrote))
+}
+
+/// [`ensure`], also returning the object as it was before (if it existed).
+async fn ensure_from<K>(client: &Client, desired: &K) -> Result<(Option<K>, K, bool)>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + k8s_openapi::Resource
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
     let name = desired.name_any();
     let namespace = desired
         .namespace()
@@ -80,14 +94,14 @@ where
         what: "child",
         source,
     })?;
-    if let Some(live) = live {
+    if let Some(live) = live.clone() {
         let have = serde_json::to_value(&live).map_err(|source| Error::Serialize {
             what: "child",
             source,
         })?;
         if live.annotations().get(APPLIED_HASH_ANNOTATION) == Some(&hash) && contains(&have, &want)
         {
-            return Ok((live, false));
+            return Ok((Some(live.clone()), live, false));
         }
     }
     // Soma alone owns its children, so it takes conflicting fields back (force).
@@ -100,7 +114,7 @@ where
             name: name.clone(),
             source,
         })?;
-    Ok((applied, true))
+    Ok((live, applied, true))
 }
 
 /// Deletes the child `name` of kind `K` if it exists and is controlled by the owner `uid`.
@@ -136,6 +150,42 @@ where
     }
 }
 
+/// Whether the Deployment's pods read Secret `secret` into their environment.
+fn reads_secret(d: &k8s_openapi::api::apps::v1::Deployment, secret: &str) -> bool {
+    let pod = d.spec.as_ref().and_then(|s| s.template.spec.as_ref());
+    pod.into_iter()
+        .flat_map(|p| {
+            p.init_containers
+                .iter()
+                .flatten()
+                .chain(p.containers.iter())
+        })
+        .flat_map(|c| c.env.iter().flatten())
+        .filter_map(|e| e.value_from.as_ref()?.secret_key_ref.as_ref())
+        .any(|r| r.name == secret)
+}
+
+/// Deletes `name` of kind `K` (gone already is fine).
+async fn delete_by_name<K>(client: &Client, namespace: &str, name: &str) -> Result<bool>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + k8s_openapi::Resource
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+        Err(source) => Err(Error::Delete {
+            kind: <K as k8s_openapi::Resource>::KIND,
+            name: name.to_owned(),
+            source,
+        }),
+    }
+}
+
 /// Applies every desired child in dependency order (identity and configuration before the
 /// pods that use them) and deletes the Service when the Agent no longer has a port.
 pub async fn apply_children(
@@ -151,22 +201,30 @@ pub async fn apply_children(
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let name = children.deployment.name_any();
-    match &children.ledger_secret {
-        Some(secret) => count(ensure(client, secret).await?.1),
-        None => count(
-            remove::<k8s_openapi::api::core::v1::Secret>(
-                client,
-                &namespace,
-                &super::children::ledger_secret_name(&name),
-                owner_uid,
-            )
-            .await?,
-        ),
+    if let Some(secret) = &children.ledger_secret {
+        count(ensure(client, secret).await?.1);
     }
     count(ensure(client, &children.sidecar_config).await?.1);
     count(ensure(client, &children.network_policy).await?.1);
-    let (deployment, wrote) = ensure(client, &children.deployment).await?;
+    let (before, deployment, wrote) = ensure_from(client, &children.deployment).await?;
     count(wrote);
+    // The ledger was turned off: the pods no longer read its Secret, which is removed. (Only
+    // then: an operator without a ledger never reads Secrets.)
+    let ledger_secret = super::children::ledger_secret_name(&name);
+    if children.ledger_secret.is_none()
+        && before
+            .as_ref()
+            .is_some_and(|d| reads_secret(d, &ledger_secret))
+    {
+        count(
+            delete_by_name::<k8s_openapi::api::core::v1::Secret>(
+                client,
+                &namespace,
+                &ledger_secret,
+            )
+            .await?,
+        );
+    }
     match &children.service {
         Some(service) => count(ensure(client, service).await?.1),
         None => {

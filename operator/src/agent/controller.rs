@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 
 use super::reconcile::{error_policy, reconcile};
 use crate::budget::def::key_of;
-use crate::context::{Context, api};
+use crate::context::{Context, api, budget_watch};
 
 /// What of a Budget an Agent depends on: its spec (generation) and the share used it shows.
 fn budget_relevant(b: &Budget) -> Option<u64> {
@@ -92,7 +92,7 @@ pub async fn run(
     // stopped at it, as the last reconciles recorded (a parent that appears wakes the Agent
     // that waited for it). Its spec, and the share used that Agents show, trigger; other
     // status changes do not.
-    let budget_changes = watcher(api::<Budget>(&client, None), watcher::Config::default())
+    let budget_changes = budget_watch(&client, &ctx.config.namespaces)
         .default_backoff()
         .touched_objects()
         .predicate_filter(budget_relevant, PredicateConfig::default());

@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 
 use super::def::key_of;
 use super::reconcile::reconcile;
-use crate::context::{Context, api};
+use crate::context::{Context, api, budget_watch};
 use crate::reconciler::error_policy;
 
 /// Runs the Budget controller for one namespace (or all) until `shutdown`.
@@ -82,11 +82,12 @@ pub async fn run(
     let index = ctx.index.clone();
     Controller::for_stream(trigger, budgets)
         .with_config(controller::Config::default().concurrency(8))
-        // A Budget's children (in any namespace) depend on its definition and its grant.
-        .watches(
-            api::<Budget>(&client, None),
-            watcher::Config::default(),
-            move |parent| {
+        // A Budget's children (in any watched namespace) depend on its definition and grant.
+        .watches_stream(
+            budget_watch(&client, &ctx.config.namespaces)
+                .default_backoff()
+                .touched_objects(),
+            move |parent: Budget| {
                 index
                     .budgets_touching(&key_of(&parent))
                     .into_iter()
