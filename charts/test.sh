@@ -78,6 +78,16 @@ rejects() { # rejects VALUES_FILE: helm must fail and print the error named on i
     }
 }
 
+# The in-chart PostgreSQL's passwords are random at every render (kept from the live Secret only
+# on a real install or upgrade): blank them before comparing two renders.
+unrandom() { sed -E 's/^( +(password|admin-password|database-url): ).*/\1"<generated>"/' "$@"; }
+
+same_render() { # same_render FILE [helm args...]: helm template with these args renders FILE
+    local file=$1
+    shift
+    helm template soma "$chart" --namespace "$release_ns" "$@" | unrandom | cmp - <(unrandom "$file")
+}
+
 crds_in_sync() { # the chart's crds/ are crdgen's copy of the repo's crds/
     local f n=0
     for f in "$repo"/crds/*.yaml; do
@@ -123,6 +133,20 @@ equals "lease in the release namespace" "$release_ns" "$py" "$rendered" arg "$ou
 equals "lease name" soma-operator "$py" "$rendered" arg "$out/cluster.yaml" --lease-name
 equals "PodDisruptionBudget with 2 replicas" 1 "$py" "$rendered" count "$out/cluster.yaml" PodDisruptionBudget
 equals "no ServiceMonitor by default" 0 "$py" "$rendered" count "$out/cluster.yaml" ServiceMonitor
+check "default: in-chart PostgreSQL (Secret, Service, StatefulSet), SOMA_LEDGER_URL from its Secret, release namespace in egress" \
+    "$py" "$rendered" ledger "$out/cluster.yaml" "$release_ns"
+check "default: PostgreSQL superuser is postgres; the init script creates the NOSUPERUSER role soma owning soma; database-url names it" \
+    "$py" "$rendered" ledger-roles "$out/cluster.yaml" soma soma
+equals "default: SOMA_LEDGER_URL from soma-ledger/database-url" soma-ledger/database-url \
+    "$py" "$rendered" ledger-url "$out/cluster.yaml"
+equals "default: sidecar egress to the release namespace" "$release_ns" \
+    "$py" "$rendered" arg "$out/cluster.yaml" --sidecar-egress-namespaces
+equals "default PostgreSQL image" docker.io/library/postgres:15-alpine \
+    "$py" "$rendered" postgres-image "$out/cluster.yaml"
+equals "default PostgreSQL claim: default StorageClass, 10Gi" "- 10Gi" "$py" "$rendered" claim "$out/cluster.yaml"
+equals "default seal key Secret" soma-ledger-seal-key \
+    "$py" "$rendered" arg "$out/cluster.yaml" --ledger-seal-key-secret
+equals "default Budget refresh" 5 "$py" "$rendered" arg "$out/cluster.yaml" --budget-refresh-seconds
 check "kubernetes-validate cluster-wide" validate "$out/cluster.yaml"
 
 # --- namespaced mode ---------------------------------------------------------
@@ -140,10 +164,11 @@ equals "namespaced without the webhook: zero ClusterRoles" 0 \
 equals "without the webhook: --webhook-port=0" 0 \
     "$py" "$rendered" arg "$out/namespaced-nowebhook.yaml" --webhook-port
 check "namespaced: operator pod hardened" "$py" "$rendered" hardened "$out/namespaced.yaml"
+check "namespaced: in-chart PostgreSQL in the release namespace, open to the sidecars" \
+    "$py" "$rendered" ledger "$out/namespaced.yaml" "$release_ns"
 check "kubernetes-validate namespaced" validate "$out/namespaced.yaml"
 check "namespaced via --set-json works the same" \
-    bash -c "helm template soma '$chart' -n $release_ns --set-json 'watchNamespaces=[\"team-a\",\"team-b\"]' \
-        | cmp - '$out/namespaced.yaml'"
+    same_render "$out/namespaced.yaml" --set-json 'watchNamespaces=["team-a","team-b"]'
 
 # --- options -------------------------------------------------------------------
 check "render everything on" render "$out/everything.yaml" -f "$values/everything.yaml"
@@ -165,6 +190,43 @@ check "OTEL_EXPORTER_OTLP_ENDPOINT rendered" grep -q 'name: OTEL_EXPORTER_OTLP_E
 equals "sidecar OTLP endpoint flag" http://otel-collector.observability:4317 \
     "$py" "$rendered" arg "$out/everything.yaml" --sidecar-otlp-endpoint
 equals "sidecar OTLP protocol flag" grpc "$py" "$rendered" arg "$out/everything.yaml" --sidecar-otlp-protocol
+check "everything on: in-chart PostgreSQL with the custom user and database" \
+    "$py" "$rendered" ledger "$out/everything.yaml" "$release_ns"
+check "everything on: the init script creates the NOSUPERUSER role soma_operator owning soma_ledger; database-url names it" \
+    "$py" "$rendered" ledger-roles "$out/everything.yaml" soma_operator soma_ledger
+equals "egress namespaces merged with the release namespace, no duplicates" "soma-system,observability" \
+    "$py" "$rendered" arg "$out/everything.yaml" --sidecar-egress-namespaces
+equals "PostgreSQL digest wins over tag" \
+    "registry.example.com/mirror/postgres@sha256:abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789" \
+    "$py" "$rendered" postgres-image "$out/everything.yaml"
+equals "PostgreSQL claim: storageClassName and storage" "fast-ssd 50Gi" \
+    "$py" "$rendered" claim "$out/everything.yaml"
+equals "seal key Secret override" soma-seals "$py" "$rendered" arg "$out/everything.yaml" --ledger-seal-key-secret
+equals "Budget refresh override" 30 "$py" "$rendered" arg "$out/everything.yaml" --budget-refresh-seconds
+check "everything on: RBAC with the ledger (seal key Role names soma-seals)" \
+    "$py" "$rendered" cluster-mode "$out/everything.yaml" "$release_ns"
+
+check "render ledger.existingSecret" render "$out/ledger-existing.yaml" -f "$values/ledger-existing.yaml"
+check "existingSecret: no PostgreSQL rendered" "$py" "$rendered" no-postgres "$out/ledger-existing.yaml"
+equals "existingSecret: SOMA_LEDGER_URL from my-ledger/database-url" my-ledger/database-url \
+    "$py" "$rendered" ledger-url "$out/ledger-existing.yaml"
+equals "existingSecret: egress namespaces only as listed" databases \
+    "$py" "$rendered" arg "$out/ledger-existing.yaml" --sidecar-egress-namespaces
+check "existingSecret: RBAC with the ledger" "$py" "$rendered" cluster-mode "$out/ledger-existing.yaml" "$release_ns"
+check "existingSecret: operator pod hardened, no URL in args" "$py" "$rendered" hardened "$out/ledger-existing.yaml"
+check "kubernetes-validate existingSecret" validate "$out/ledger-existing.yaml"
+
+check "render ledger.enabled=false" render "$out/ledger-off.yaml" -f "$values/ledger-off.yaml"
+check "no ledger: no PostgreSQL rendered" "$py" "$rendered" no-postgres "$out/ledger-off.yaml"
+equals "no ledger: no SOMA_LEDGER_URL" none "$py" "$rendered" ledger-url "$out/ledger-off.yaml"
+equals "no ledger: no ledger flags, no egress flag" 0 \
+    bash -c "grep -cE -- '--(ledger-seal-key-secret|budget-refresh-seconds|sidecar-egress-namespaces)' '$out/ledger-off.yaml'"
+check "no ledger: Secrets only deleted (never read), no seal key Role" \
+    "$py" "$rendered" cluster-mode "$out/ledger-off.yaml" "$release_ns"
+check "no ledger, namespaced: the same in each Role" bash -c \
+    "helm template soma '$chart' -n $release_ns -f '$values/ledger-off.yaml' -f '$values/namespaced.yaml' >'$out/ledger-off-ns.yaml' \
+        && '$py' '$rendered' namespaced-mode '$out/ledger-off-ns.yaml' $release_ns team-a,team-b"
+check "kubernetes-validate no ledger" validate "$out/ledger-off.yaml"
 
 check "render single replica without leader election" render "$out/single.yaml" -f "$values/single.yaml"
 equals "single: --no-leader-election" --no-leader-election \

@@ -8,7 +8,10 @@ RBAC rules are written out here, separately from the chart, so that a change to
 the chart's permissions has to be made twice: in the chart and, deliberately,
 here (and in docs/rbac.md).
 """
+import base64
+import re
 import sys
+import urllib.parse
 
 import yaml
 
@@ -24,6 +27,15 @@ EXPECTED_RULES = [
     (("events.k8s.io",), ("events",), ("create", "patch")),
     (("",), ("events",), ("create", "patch")),
 ]
+# The per-Agent ledger Secret `<agent>-ledger`: with a ledger, read, applied (server-side apply:
+# create, patch) and deleted; without one, never read, only deleted once (the ledger was turned
+# off and the Deployment it replaces still referenced it). Never list or watch: the operator
+# cannot enumerate Secrets.
+LEDGER_SECRET_RULE = (("",), ("secrets",), ("get", "create", "patch", "delete"))
+NO_LEDGER_SECRET_RULE = (("",), ("secrets",), ("delete",))
+# The key of the Secrets holding the ledger's URL (the chart's, ledger.existingSecret, and the
+# per-Agent copies).
+LEDGER_URL_KEY = "database-url"
 CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Namespace",
                   "PriorityClass", "StorageClass", "ValidatingWebhookConfiguration",
                   "MutatingWebhookConfiguration", "APIService"}
@@ -59,15 +71,18 @@ def normalise(rules):
                   for r in rules)
 
 
-def check_rules(rules, where):
+def check_rules(rules, where, ledger):
+    expected = EXPECTED_RULES + [LEDGER_SECRET_RULE if ledger else NO_LEDGER_SECRET_RULE]
     want = normalise([{"apiGroups": list(g), "resources": list(r), "verbs": list(v)}
-                      for g, r, v in EXPECTED_RULES])
+                      for g, r, v in expected])
     got = normalise(rules)
     expect(got == want, f"{where}: rules differ from the expected least-privilege set\n got: {got}\nwant: {want}")
     for r in rules:
         for field in ("apiGroups", "resources", "verbs"):
             expect("*" not in r.get(field, []), f"{where}: wildcard in {field}")
-        expect("secrets" not in r.get("resources", []), f"{where}: grants access to secrets")
+        if "secrets" in r.get("resources", []):
+            expect(not {"list", "watch"} & set(r["verbs"]), f"{where}: may list or watch Secrets: {r}")
+            expect(ledger or "get" not in r["verbs"], f"{where}: reads Secrets without a ledger: {r}")
 
 
 def operator_deployment(docs):
@@ -82,6 +97,51 @@ def operator_container(docs):
 
 def args_of(docs):
     return operator_container(docs)["args"]
+
+
+def env_of(docs):
+    return {e["name"]: e for e in operator_container(docs)["env"]}
+
+
+def ledger_url_ref(docs):
+    """The secretKeyRef SOMA_LEDGER_URL comes from, or None without a ledger."""
+    env = env_of(docs).get("SOMA_LEDGER_URL")
+    if env is None:
+        return None
+    expect("value" not in env, "SOMA_LEDGER_URL must come from a Secret, not a literal value")
+    return env["valueFrom"]["secretKeyRef"]
+
+
+def is_extra_role(obj):
+    """The release-namespace Roles beside the operator's rules: Lease, webhook, ledger seal key."""
+    return obj["metadata"]["name"].endswith(("-leader-election", "-webhook", "-ledger"))
+
+
+def check_ledger_role(docs, release_ns, sa_name):
+    """With a ledger: a Role in the release namespace for the seal key Secret (create; get by
+    name) and its public key ConfigMap (create and patch by name), and nothing else."""
+    args = dict(a.split("=", 1) for a in args_of(docs) if "=" in a)
+    roles = [r for r in of_kind(docs, "Role") if r["metadata"]["name"].endswith("-ledger")]
+    if ledger_url_ref(docs) is None:
+        expect(not roles, f"no ledger, yet a ledger Role: {roles}")
+        expect("--ledger-seal-key-secret" not in args, "no ledger, yet --ledger-seal-key-secret")
+        return
+    expect(len(roles) == 1, f"expected one ledger Role, found {len(roles)}")
+    role = roles[0]
+    expect(role["metadata"]["namespace"] == release_ns, "ledger Role in the release namespace")
+    key = args.get("--ledger-seal-key-secret")
+    expect(key, "--ledger-seal-key-secret passed")
+    want = normalise([
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"], "resourceNames": [key]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "patch"], "resourceNames": [key]},
+    ])
+    expect(normalise(role["rules"]) == want, f"ledger Role rules {role['rules']}")
+    binding = [b for b in of_kind(docs, "RoleBinding")
+               if b["metadata"]["namespace"] == release_ns and b["roleRef"]["name"] == role["metadata"]["name"]]
+    expect(len(binding) == 1, "ledger Role has no RoleBinding")
+    expect(binding[0]["subjects"] == [{"kind": "ServiceAccount", "name": sa_name, "namespace": release_ns}],
+           f"ledger RoleBinding subjects: {binding[0]['subjects']}")
 
 
 def check_lease_role(docs, release_ns, sa_name, lease_name="soma-operator"):
@@ -120,7 +180,7 @@ def cluster_mode(docs, release_ns):
     expect(len(crs) == 1, f"expected one operator ClusterRole, found {len(crs)}")
     cr = crs[0]
     expect(NAMESPACES_RULE in cr["rules"], "cluster mode: Namespaces are readable for the policy inventory")
-    check_rules([r for r in cr["rules"] if r != NAMESPACES_RULE], "ClusterRole")
+    check_rules([r for r in cr["rules"] if r != NAMESPACES_RULE], "ClusterRole", ledger_url_ref(docs) is not None)
     crbs = [b for b in of_kind(docs, "ClusterRoleBinding") if not is_webhook(b)]
     expect(len(crbs) == 1, f"expected one operator ClusterRoleBinding, found {len(crbs)}")
     crb = crbs[0]
@@ -130,12 +190,12 @@ def cluster_mode(docs, release_ns):
                               "name": cr["metadata"]["name"]}, f"ClusterRoleBinding roleRef {crb['roleRef']}")
     expect(crb["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
                                 "namespace": release_ns}], f"ClusterRoleBinding subjects {crb['subjects']}")
-    other_roles = [r for r in of_kind(docs, "Role")
-                   if not r["metadata"]["name"].endswith("-leader-election") and not is_webhook(r)]
+    other_roles = [r for r in of_kind(docs, "Role") if not is_extra_role(r)]
     expect(not other_roles, f"cluster mode renders namespaced operator Roles: {other_roles}")
     expect(not any(a.startswith("--namespaces") for a in args_of(docs)),
            "cluster mode must not pass --namespaces")
     check_lease_role(docs, release_ns, sa["metadata"]["name"])
+    check_ledger_role(docs, release_ns, sa["metadata"]["name"])
 
 
 def namespaced_mode(docs, release_ns, namespaces):
@@ -150,21 +210,20 @@ def namespaced_mode(docs, release_ns, namespaces):
             expect(d["metadata"].get("namespace"), f"{d['kind']}/{d['metadata']['name']} has no namespace")
     sa = one(docs, "ServiceAccount")
     for ns in namespaces:
-        roles = [r for r in of_kind(docs, "Role") if r["metadata"]["namespace"] == ns
-                 and not r["metadata"]["name"].endswith("-leader-election") and not is_webhook(r)]
+        roles = [r for r in of_kind(docs, "Role") if r["metadata"]["namespace"] == ns and not is_extra_role(r)]
         expect(len(roles) == 1, f"expected one operator Role in {ns}, found {len(roles)}")
-        check_rules(roles[0]["rules"], f"Role in {ns}")
+        check_rules(roles[0]["rules"], f"Role in {ns}", ledger_url_ref(docs) is not None)
         rbs = [b for b in of_kind(docs, "RoleBinding") if b["metadata"]["namespace"] == ns
                and b["roleRef"]["name"] == roles[0]["metadata"]["name"]]
         expect(len(rbs) == 1, f"expected one RoleBinding in {ns}, found {len(rbs)}")
         expect(rbs[0]["roleRef"]["kind"] == "Role", f"RoleBinding in {ns} must reference a Role")
         expect(rbs[0]["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
                                        "namespace": release_ns}], f"RoleBinding in {ns}: {rbs[0]['subjects']}")
-    operator_role_ns = sorted(r["metadata"]["namespace"] for r in of_kind(docs, "Role")
-                              if not r["metadata"]["name"].endswith("-leader-election") and not is_webhook(r))
+    operator_role_ns = sorted(r["metadata"]["namespace"] for r in of_kind(docs, "Role") if not is_extra_role(r))
     expect(operator_role_ns == sorted(namespaces), f"operator Roles in {operator_role_ns}, want {namespaces}")
     expect(f"--namespaces={','.join(namespaces)}" in args_of(docs), f"args {args_of(docs)} lack --namespaces")
     check_lease_role(docs, release_ns, sa["metadata"]["name"])
+    check_ledger_role(docs, release_ns, sa["metadata"]["name"])
 
 
 def hardened(docs):
@@ -200,6 +259,8 @@ def hardened(docs):
     expect(metrics[0].rsplit(":", 1)[1] == str(port_names["http-metrics"]), "--metrics-addr on the probe port")
     for flag in ("--sidecar-image=", "--sidecar-port="):
         expect(any(a.startswith(flag) for a in args), f"{flag} passed")
+    expect(not any(a.startswith("--ledger-url") or "postgres://" in a for a in args),
+           "the ledger's URL (it holds a password) must not be in args")
     mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
     expect("/tmp" in mounts, "writable /tmp for a read-only root filesystem")
     svc = one(docs, "Service", dep["metadata"]["name"] + "-metrics")
@@ -244,6 +305,187 @@ def webhook(docs, release_ns):
                f"{kind} roleRef {b['roleRef']}")
 
 
+def ledger(docs, release_ns):
+    """The in-chart PostgreSQL: a Secret with a generated password and the URL of the Service,
+    a Service on 5432 selecting only the PostgreSQL pod, a hardened StatefulSet of one replica
+    with its data on a ReadWriteOnce claim; the operator reads the URL from that Secret and the
+    release namespace is open to the sidecars' egress."""
+    sts = one(docs, "StatefulSet")
+    name = sts["metadata"]["name"]
+    secret = one(docs, "Secret", name)
+    expect(secret["metadata"]["namespace"] == release_ns, "ledger Secret in the release namespace")
+    expect(secret["metadata"].get("annotations", {}).get("helm.sh/resource-policy") == "keep",
+           "ledger Secret kept on uninstall (its password goes with the kept volume)")
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    expect(set(data) == {"password", "admin-password", LEDGER_URL_KEY}, f"ledger Secret keys {sorted(data)}")
+    password = data["password"]
+    for key in ("password", "admin-password"):
+        expect(len(data[key]) == 32 and data[key].isalnum(), f"{key}: a generated 32-character alphanumeric password")
+    expect(data["admin-password"] != password, "the superuser and the ledger role share a password")
+    expect(sts["metadata"]["namespace"] == release_ns, "StatefulSet in the release namespace")
+    spec = sts["spec"]
+    expect(spec["replicas"] == 1, "one PostgreSQL replica")
+    pod = spec["template"]["spec"]
+    c = pod["containers"][0]
+    env = {e["name"]: e for e in c["env"]}
+    user, db = env["SOMA_LEDGER_USER"]["value"], env["SOMA_LEDGER_DATABASE"]["value"]
+    expect(env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": name, "key": "admin-password"},
+           "POSTGRES_PASSWORD (the superuser's) from the Secret's admin-password")
+    expect(env["SOMA_LEDGER_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": name, "key": "password"},
+           "SOMA_LEDGER_PASSWORD (the ledger role's) from the Secret's password")
+    svc = one(docs, "Service", name)
+    expect(data[LEDGER_URL_KEY] ==
+           f"postgres://{user}:{password}@{name}.{release_ns}.svc:5432/{db}?sslmode=disable",
+           f"database-url {data[LEDGER_URL_KEY]!r}")
+    expect(svc["spec"]["ports"] == [{"name": "postgres", "port": 5432, "targetPort": "postgres",
+                                     "protocol": "TCP"}], f"ledger Service ports {svc['spec']['ports']}")
+    pod_labels = spec["template"]["metadata"]["labels"]
+    expect(svc["spec"]["selector"].items() <= pod_labels.items(), "ledger Service selects the PostgreSQL pod")
+    expect(spec["selector"]["matchLabels"].items() <= pod_labels.items(), "StatefulSet selector matches its pods")
+    op_labels = operator_deployment(docs)["spec"]["template"]["metadata"]["labels"]
+    for other in of_kind(docs, "Service"):
+        if other["metadata"]["name"] != name:
+            expect(not other["spec"]["selector"].items() <= pod_labels.items(),
+                   f"Service {other['metadata']['name']} selects the PostgreSQL pod")
+    expect(not svc["spec"]["selector"].items() <= op_labels.items(), "ledger Service selects operator pods")
+    expect(spec["serviceName"] == name, "StatefulSet serviceName")
+    # Hardened like the operator pod, as uid 70 (postgres in the alpine images).
+    psc = pod["securityContext"]
+    expect(psc.get("runAsNonRoot") is True and psc.get("runAsUser") == 70 and psc.get("fsGroup") == 70,
+           f"pod runs as uid 70, non-root, fsGroup 70: {psc}")
+    expect(psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", "pod seccomp RuntimeDefault")
+    expect(pod.get("automountServiceAccountToken") is False, "no API token in the PostgreSQL pod")
+    sc = c["securityContext"]
+    expect(sc.get("readOnlyRootFilesystem") is True, "readOnlyRootFilesystem")
+    expect(sc.get("allowPrivilegeEscalation") is False, "allowPrivilegeEscalation false")
+    expect(sc.get("capabilities", {}).get("drop") == ["ALL"] and not sc["capabilities"].get("add"),
+           "capabilities drop ALL")
+    expect(c["resources"].get("limits") and c["resources"].get("requests"), "resources requests and limits")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        expect(c[probe]["exec"]["command"][0] == "pg_isready", f"{probe} runs pg_isready")
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for path in ("/var/run/postgresql", "/tmp"):
+        expect(path in mounts and "emptyDir" in volumes[mounts[path]], f"writable emptyDir at {path}")
+    claims = {t["metadata"]["name"]: t["spec"] for t in spec["volumeClaimTemplates"]}
+    data_dir = next(p for p, v in mounts.items() if v in claims)
+    expect(env["PGDATA"]["value"].startswith(data_dir + "/"), f"PGDATA {env['PGDATA']['value']} below {data_dir}")
+    claim = claims[mounts[data_dir]]
+    expect(claim["accessModes"] == ["ReadWriteOnce"], "ReadWriteOnce claim")
+    expect(ledger_url_ref(docs) == {"name": name, "key": LEDGER_URL_KEY},
+           f"SOMA_LEDGER_URL from {ledger_url_ref(docs)}, want the chart's Secret {name}")
+    egress = dict(a.split("=", 1) for a in args_of(docs) if "=" in a).get("--sidecar-egress-namespaces", "")
+    expect(release_ns in egress.split(","), f"release namespace not in --sidecar-egress-namespaces={egress}")
+    expect(len(egress.split(",")) == len(set(egress.split(","))), f"duplicates in egress namespaces: {egress}")
+
+
+def psql_vars(script):
+    """psql variables the init script sets from the environment: {var: ENV_NAME}."""
+    return dict(re.findall(r'-v\s+(\w+)="\$\{?(\w+)\}?"', script))
+
+
+def ledger_roles(docs, want_user=None, want_db=None):
+    """The in-chart PostgreSQL's roles: its superuser is `postgres` (POSTGRES_USER, password
+    `admin-password`); an init script mounted at /docker-entrypoint-initdb.d creates the ledger
+    role with LOGIN, NOSUPERUSER, NOCREATEDB, NOCREATEROLE and the Secret's `password`, and the
+    database owned by it; `database-url`, which every Agent namespace gets a copy of, names
+    that role and database, never the superuser."""
+    sts = one(docs, "StatefulSet")
+    name = sts["metadata"]["name"]
+    pod = sts["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    env = {e["name"]: e for e in c["env"]}
+    expect(env["POSTGRES_USER"].get("value") == "postgres", f"POSTGRES_USER {env['POSTGRES_USER']}, want postgres")
+    expect(env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": name, "key": "admin-password"},
+           "the superuser's password from admin-password")
+    expect(env.get("POSTGRES_DB", {}).get("value", "postgres") == "postgres",
+           "POSTGRES_DB: the superuser's own database, not the ledger's")
+    # The init script, from a ConfigMap mounted at /docker-entrypoint-initdb.d.
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    mount = mounts.get("/docker-entrypoint-initdb.d")
+    expect(mount is not None, "nothing mounted at /docker-entrypoint-initdb.d")
+    expect(mount.get("readOnly") is True, "init scripts mounted read-only")
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    expect("configMap" in volume, f"init scripts from a ConfigMap: {volume}")
+    cm = one(docs, "ConfigMap", volume["configMap"]["name"])
+    expect(cm["metadata"]["namespace"] == sts["metadata"]["namespace"], "init ConfigMap beside the StatefulSet")
+    scripts = {k: v for k, v in cm["data"].items() if k.endswith((".sh", ".sql"))}
+    expect(len(scripts) == 1, f"expected one init script, found {sorted(cm['data'])}")
+    (file, script), = scripts.items()
+    if file.endswith(".sh"):
+        # Not executable, the entrypoint would source it into its own shell instead of running it.
+        expect(volume["configMap"].get("defaultMode", 0o644) & 0o111 == 0o111, f"{file} is not executable")
+        expect(script.startswith("#!/bin/sh\n") or script.startswith("#!/bin/bash\n"), f"{file} has no shebang")
+
+    def value(var):
+        """The value of psql variable `var`: {"value": ...} or {"secret": key} from the pod's env."""
+        e = env.get(psql_vars(script).get(var, ""))
+        expect(e is not None, f"psql variable {var} is not set from the container's environment")
+        if "value" in e:
+            return {"value": e["value"]}
+        ref = e["valueFrom"]["secretKeyRef"]
+        expect(ref["name"] == name, f"{var} from Secret {ref['name']}, want {name}")
+        return {"secret": ref["key"]}
+
+    sql = " ".join(script.split())
+    role = re.search(r'CREATE ROLE :"(\w+)" (?:WITH )?(.*?);', sql, re.I)
+    expect(role, f"{file} creates no role:\n{script}")
+    role_var, attrs = role.group(1), role.group(2).upper().split()
+    for attr in ("LOGIN", "NOSUPERUSER", "NOCREATEDB", "NOCREATEROLE"):
+        expect(attr in attrs, f"CREATE ROLE without {attr}: {role.group(0)}")
+    for attr in ("SUPERUSER", "CREATEDB", "CREATEROLE", "REPLICATION", "BYPASSRLS"):
+        expect(attr not in attrs, f"CREATE ROLE with {attr}: {role.group(0)}")
+    password = re.search(r"PASSWORD :'(\w+)'", role.group(0))
+    expect(password, f"CREATE ROLE sets no password from a psql variable: {role.group(0)}")
+    expect(value(password.group(1)) == {"secret": "password"}, "the role's password is not the Secret's password")
+    user = value(role_var).get("value")
+    expect(user and user != "postgres", f"the init script's role is {user!r}")
+    database = re.search(r'CREATE DATABASE :"(\w+)" (?:WITH )?OWNER :"(\w+)"', sql, re.I)
+    expect(database, f"{file} creates no database owned by the ledger role:\n{script}")
+    expect(database.group(2) == role_var, f"database owned by :{database.group(2)}, want :{role_var}")
+    db = value(database.group(1)).get("value")
+    expect(not re.search(r"ALTER ROLE|GRANT\s+(pg_|postgres)", sql, re.I), f"{file} widens the role: {sql}")
+    # database-url: the ledger role, its password and database, never the superuser.
+    secret = one(docs, "Secret", name)
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    url = urllib.parse.urlsplit(data[LEDGER_URL_KEY])
+    expect(url.username == user, f"database-url connects as {url.username!r}, want the ledger role {user!r}")
+    expect(url.username != "postgres", "database-url names the superuser")
+    expect(url.password == data["password"] and url.password != data["admin-password"],
+           "database-url does not carry the ledger role's password")
+    expect(url.path == f"/{db}", f"database-url database {url.path}, want /{db}")
+    if want_user:
+        expect(user == want_user, f"ledger role {user}, want {want_user}")
+    if want_db:
+        expect(db == want_db, f"ledger database {db}, want {want_db}")
+
+
+def no_postgres(docs):
+    """No PostgreSQL rendered: no StatefulSet, no claim, no Secret, no init ConfigMap."""
+    expect(not [c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-ledger-init")],
+           "a ledger init ConfigMap rendered")
+    for kind in ("StatefulSet", "PersistentVolumeClaim", "Secret"):
+        expect(not of_kind(docs, kind), f"{kind} rendered: {[d['metadata']['name'] for d in of_kind(docs, kind)]}")
+    expect(not [s for s in of_kind(docs, "Service") if s["metadata"]["name"].endswith("-ledger")],
+           "a ledger Service rendered")
+
+
+def ledger_url(docs):
+    """Print SECRET/KEY that SOMA_LEDGER_URL comes from, or `none`."""
+    ref = ledger_url_ref(docs)
+    print(f"{ref['name']}/{ref['key']}" if ref else "none")
+
+
+def claim(docs):
+    """Print the PostgreSQL claim: STORAGECLASS STORAGE (`-` for the default class)."""
+    spec = one(docs, "StatefulSet")["spec"]["volumeClaimTemplates"][0]["spec"]
+    print(spec.get("storageClassName", "-"), spec["resources"]["requests"]["storage"])
+
+
+def postgres_image(docs):
+    print(one(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["image"])
+
+
 def arg(docs, flag):
     """Print the value of --flag=VALUE (or the flag itself for a bare switch)."""
     for a in args_of(docs):
@@ -266,7 +508,8 @@ def replicas(docs):
 
 
 CHECKS = {"cluster-mode": cluster_mode, "namespaced-mode": namespaced_mode, "hardened": hardened,
-          "webhook": webhook,
+          "webhook": webhook, "ledger": ledger, "ledger-roles": ledger_roles, "no-postgres": no_postgres,
+          "ledger-url": ledger_url, "claim": claim, "postgres-image": postgres_image,
           "arg": arg, "image": image, "count": count, "replicas": replicas}
 
 if __name__ == "__main__":

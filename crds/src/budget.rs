@@ -222,7 +222,8 @@ pub struct BudgetStatus {
     /// The highest share of a period cap used (spent plus reserved), in percent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percent_used: Option<i64>,
-    /// Requests the sidecars refused in the current period.
+    /// Requests the sidecars refused in the current period because a period cap (`tokens`,
+    /// `costMicros`) was used up (rate-limit refusals are in the sidecars' own metrics).
     #[serde(default)]
     pub refusals: i64,
     /// Requests the sidecars sent to `brownOutModel` in the current period.

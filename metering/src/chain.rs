@@ -252,13 +252,22 @@ pub struct Resolution {
 }
 
 impl Resolution {
-    /// Every Budget the walk looked at, found or missing: what a controller watches.
+    /// Every Budget the walk looked at, found, missing or refusing its child: what a
+    /// controller watches.
     pub fn touched(&self) -> Vec<BudgetKey> {
         let mut keys: Vec<BudgetKey> = self.budgets.iter().map(BudgetDef::key).collect();
-        if let Some(ChainProblem::Missing { key, .. }) = &self.problem {
-            keys.push(key.clone());
-        }
+        keys.extend(self.stopped_at().cloned());
         keys
+    }
+
+    /// The Budget the walk stopped at outside the chain: missing, or a parent that does not
+    /// grant its child's namespace.
+    pub fn stopped_at(&self) -> Option<&BudgetKey> {
+        match &self.problem {
+            Some(ChainProblem::Missing { key, .. }) => Some(key),
+            Some(ChainProblem::NotGranted { parent, .. }) => Some(parent),
+            _ => None,
+        }
     }
 
     /// The chain when it has no problem.

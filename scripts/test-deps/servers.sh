@@ -3,7 +3,8 @@
 # own temporary folder, stopped by PID): PostgreSQL 15 and nats-server (JetStream).
 #
 #   PostgreSQL  -> initdb/pg_ctl/postgres on PATH already (for example /usr/local/bin), or
-#                  Debian's postgresql-15 (/usr/lib/postgresql/15/bin)
+#                  Debian's postgresql-15 (/usr/lib/postgresql/15/bin); psql from
+#                  postgresql-client-15
 #   nats-server -> Debian's nats-server
 #
 # Idempotent: nothing is installed when the binaries are already there. Prints the folder
@@ -38,6 +39,11 @@ pg_bin() {
 if [ -z "$(pg_bin)" ]; then
     log "installing postgresql-15"
     apt_install postgresql-15
+fi
+# psql (the stand-in tests read the ledger with it) and pg_dump come with the client package.
+if ! command -v psql >/dev/null 2>&1 && [ ! -x "$(pg_bin)/psql" ]; then
+    log "installing postgresql-client-15"
+    apt_install postgresql-client-15
 fi
 if ! command -v nats-server >/dev/null 2>&1; then
     log "installing nats-server"

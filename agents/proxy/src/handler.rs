@@ -233,7 +233,15 @@ async fn serve(
             match retried {
                 Some(r) => r,
                 None => {
-                    state.authority.count_refusal(&refusal.budget, false);
+                    // The Budget's refusal count means "its period cap is used up"; rate-limit
+                    // refusals are the sidecar's own metric (`limit` label) only.
+                    if matches!(
+                        refusal.limit,
+                        soma_metering::budget::LimitKind::Tokens
+                            | soma_metering::budget::LimitKind::CostMicros
+                    ) {
+                        state.authority.count_refusal(&refusal.budget, false);
+                    }
                     state
                         .metrics
                         .refusal(&refusal.budget, refusal.limit.field());

@@ -266,8 +266,10 @@ async fn write(
     .bind(i(a.used.tokens.saturating_add(a.want.tokens)))
     .bind(i(a.used.micros.saturating_add(a.want.micros)))
     .bind(ms(terms.ttl))
-    .bind(i(a.reserved.tokens.saturating_add(a.want.tokens)))
-    .bind(i(a.reserved.micros.saturating_add(a.want.micros)))
+    // What was in flight before this request: it settles within moments, and counting it
+    // here would count it twice once it is delivered.
+    .bind(i(a.reserved.tokens))
+    .bind(i(a.reserved.micros))
     .bind(i(a.refusals))
     .bind(i(a.brownouts))
     .bind(&terms.namespace)
@@ -427,6 +429,14 @@ pub async fn report(
             live,
         });
     }
+    // What was reported (reservations, refusals) changes the Budgets' status: wake the
+    // operator's refresh, as a delivery does. Sent at commit.
+    let labels: Vec<String> = reports.iter().map(|a| a.budget.label()).collect();
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(soma_ledger::deliver::USAGE_CHANNEL)
+        .bind(labels.join(","))
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(grants)
 }

@@ -30,10 +30,26 @@ app.kubernetes.io/component: operator
 
 {{- define "soma.labels" -}}
 {{ include "soma.selectorLabels" . }}
+{{ include "soma.commonLabels" . }}
+{{- end -}}
+
+{{- define "soma.commonLabels" -}}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: soma
 helm.sh/chart: {{ include "soma.chart" . }}
+{{- end -}}
+
+{{/* Labels that select the ledger's PostgreSQL pod (component ledger, never the operator's). */}}
+{{- define "soma.ledgerSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "soma.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: ledger
+{{- end -}}
+
+{{- define "soma.ledgerLabels" -}}
+{{ include "soma.ledgerSelectorLabels" . }}
+{{ include "soma.commonLabels" . }}
 {{- end -}}
 
 {{- define "soma.serviceAccountName" -}}
@@ -70,6 +86,18 @@ two modes cannot drift apart. docs/rbac.md explains each rule.
 - apiGroups: [""]
   resources: ["serviceaccounts", "services", "configmaps"]
   verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+# The per-Agent Secret `<agent>-ledger` carrying the ledger's URL to the sidecar. With a
+# ledger: read before it is applied (get), applied by server-side apply (create, patch), and
+# deleted (delete). Without one the operator never reads a Secret: it only deletes
+# `<agent>-ledger` once, when the Deployment it replaces still referenced it (the ledger was
+# turned off). Never list or watch. docs/rbac.md explains each verb.
+- apiGroups: [""]
+  resources: ["secrets"]
+  {{- if .Values.ledger.enabled }}
+  verbs: ["get", "create", "patch", "delete"]
+  {{- else }}
+  verbs: ["delete"]
+  {{- end }}
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
@@ -104,3 +132,29 @@ two modes cannot drift apart. docs/rbac.md explains each rule.
 {{- define "soma.hasSettings" -}}
 {{- if or .Values.sidecar.prices .Values.signatures.keylessRootsPem -}}true{{- end -}}
 {{- end }}
+
+{{/*
+The usage ledger. soma.ledgerName: the in-chart PostgreSQL's StatefulSet, Service and Secret
+(at most 52 characters, so the StatefulSet's pod names and revision labels stay valid).
+soma.ledgerInChart: non-empty when the chart runs that PostgreSQL. soma.ledgerUrlSecret: the
+Secret whose `database-url` the operator reads.
+*/}}
+{{- define "soma.ledgerName" -}}
+{{- printf "%s-ledger" (include "soma.fullname" . | trunc 45 | trimSuffix "-") -}}
+{{- end -}}
+{{- define "soma.ledgerInChart" -}}
+{{- if and .Values.ledger.enabled (not .Values.ledger.existingSecret) -}}true{{- end -}}
+{{- end -}}
+{{- define "soma.ledgerUrlSecret" -}}
+{{- default (include "soma.ledgerName" .) .Values.ledger.existingSecret -}}
+{{- end -}}
+
+{{/* sidecar.egressNamespaces, plus the release namespace when the chart runs the ledger's
+PostgreSQL there; without duplicates, comma-separated. */}}
+{{- define "soma.egressNamespaces" -}}
+{{- $namespaces := .Values.sidecar.egressNamespaces | default list -}}
+{{- if include "soma.ledgerInChart" . -}}
+{{- $namespaces = append $namespaces .Release.Namespace -}}
+{{- end -}}
+{{- $namespaces | uniq | join "," -}}
+{{- end -}}

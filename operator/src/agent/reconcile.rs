@@ -79,10 +79,7 @@ async fn resolve_refs(ctx: &Context, agent: &Agent, namespace: &str) -> Result<R
                         .iter()
                         .map(BudgetDef::key)
                         .collect(),
-                    missing: match &chain.resolution.problem {
-                        Some(ChainProblem::Missing { key, .. }) => Some(key.clone()),
-                        _ => None,
-                    },
+                    missing: chain.resolution.stopped_at().cloned(),
                 }),
             );
             refs.budget_used = chain

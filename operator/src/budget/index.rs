@@ -25,7 +25,9 @@ use tokio::sync::broadcast;
 pub struct Walked {
     /// The Budgets found, the named one first.
     pub chain: Vec<BudgetKey>,
-    /// The Budget the walk stopped at because it does not exist.
+    /// The Budget the walk stopped at outside the chain: missing, or a parent that does not
+    /// (yet) grant the child's namespace. Its appearance or change is what the referrer waits
+    /// for.
     pub missing: Option<BudgetKey>,
 }
 

@@ -18,7 +18,6 @@ use kube::runtime::events::EventType;
 use soma_crds::Budget;
 use soma_ledger::spend;
 use soma_metering::BudgetDef;
-use soma_metering::chain::ChainProblem;
 use tracing::{Span, field, instrument};
 
 use super::def::{budget_def, key_of, resolve_chain};
@@ -101,10 +100,7 @@ pub async fn reconcile(budget: Arc<Budget>, ctx: Arc<Context>) -> Result<Action>
         &key,
         Walked {
             chain: chain.budgets.iter().map(BudgetDef::key).collect(),
-            missing: match &chain.problem {
-                Some(ChainProblem::Missing { key, .. }) => Some(key.clone()),
-                _ => None,
-            },
+            missing: chain.stopped_at().cloned(),
         },
     );
     let (ledger, ledger_error) = match &ctx.ledger {
@@ -157,7 +153,9 @@ pub async fn reconcile(budget: Arc<Budget>, ctx: Arc<Context>) -> Result<Action>
                 EventType::Warning,
                 "BudgetThreshold",
                 &note,
-                "Meter",
+                // One action per threshold: Kubernetes folds Events with the same reason and
+                // action into one series, and each threshold is news of its own.
+                &format!("Threshold{t}"),
             )
             .await;
         }

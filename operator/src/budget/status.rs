@@ -82,9 +82,13 @@ fn period_label(def: &BudgetDef) -> String {
     }
 }
 
-/// Micros as `12.35 USD`.
+/// Micros as `12.35 USD` (below a cent: `400 micro-USD`).
 pub fn money(micros: i64, currency: &str) -> String {
-    let cents = (micros.max(0) + 5_000) / 10_000;
+    let micros = micros.max(0);
+    if micros > 0 && micros < 10_000 {
+        return format!("{micros} micro-{currency}");
+    }
+    let cents = (micros + 5_000) / 10_000;
     format!("{}.{:02} {currency}", cents / 100, cents % 100)
 }
 
@@ -160,13 +164,20 @@ fn verdicts(obs: &BudgetObserved, status: &BudgetStatus) -> Vec<Verdict> {
     let used_tokens = status.spent_tokens + status.reserved_tokens;
     let used_micros = status.spent_micros + status.reserved_micros;
     let shares = shares(&obs.def, used_tokens, used_micros);
+    let refused = status.refusals > 0 || status.brown_outs > 0;
     match shares.first() {
-        Some((p, cap)) if *p >= 100 && obs.ledger.is_some() => out.push(verdict(
+        Some((p, cap)) if (*p >= 100 || refused) && obs.ledger.is_some() => out.push(verdict(
             EXHAUSTED,
             true,
             "CapReached",
             format!(
-                "{cap} is used up ({p}%): requests are {} until {}",
+                "{cap} is used up ({p}% spent or reserved, {} requests {} this period): requests that do not fit are {} until {}",
+                status.refusals + status.brown_outs,
+                if obs.def.on_exhausted.brown_out_model.is_some() {
+                    "browned out or refused"
+                } else {
+                    "refused"
+                },
                 if obs.def.on_exhausted.brown_out_model.is_some() {
                     "sent to the brown-out model"
                 } else {

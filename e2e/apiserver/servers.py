@@ -1,0 +1,87 @@
+"""Real servers for the stand-in tests, started like the Rust tests start them: PostgreSQL 15
+on a free 127.0.0.1 port in a temporary folder (as the `postgres` user when run as root),
+stopped by PID; a missing installation fails the test with the command that installs it.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from harness import stop_process
+
+
+def _pg_bin() -> pathlib.Path:
+    for d in (os.environ.get("SOMA_PG_BIN"), "/usr/lib/postgresql/15/bin", "/usr/local/bin"):
+        if d and (pathlib.Path(d) / "initdb").exists() and (pathlib.Path(d) / "postgres").exists():
+            return pathlib.Path(d)
+    pytest.fail("PostgreSQL is not installed: run scripts/test-deps/servers.sh")
+
+
+class Postgres:
+    """One PostgreSQL server; `url` reaches database `postgres` as user `soma` (trust)."""
+
+    def __init__(self, workdir: pathlib.Path):
+        self.bin = _pg_bin()
+        # Its own folder under /tmp: the `postgres` user cannot enter pytest's (0700, root's).
+        self.dir = pathlib.Path(tempfile.mkdtemp(prefix="soma-pg-"))
+        self.data = self.dir / "data"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.user = None
+        if os.getuid() == 0:
+            pw = pwd.getpwnam("postgres")
+            self.user = (pw.pw_uid, pw.pw_gid)
+            shutil.chown(self.dir, pw.pw_uid, pw.pw_gid)
+        self._run([str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "soma", "--no-sync"])
+        self.proc = subprocess.Popen(
+            [str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port), "-k", str(self.dir),
+             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
+            stdout=subprocess.DEVNULL, stderr=open(workdir / "pg.log", "wb"), preexec_fn=self._demote())
+        self.url = f"postgres://soma@127.0.0.1:{self.port}/postgres"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    pytest.fail(f"PostgreSQL did not start: {(workdir / 'pg.log').read_text()}")
+                time.sleep(0.1)
+        time.sleep(0.3)  # accepting TCP a moment before accepting logins
+
+    def _demote(self):
+        if self.user is None:
+            return None
+        uid, gid = self.user
+
+        def demote() -> None:
+            os.setgid(gid)
+            os.setuid(uid)
+        return demote
+
+    def _run(self, args: list[str]) -> None:
+        out = subprocess.run(args, capture_output=True, preexec_fn=self._demote())
+        assert out.returncode == 0, out.stderr.decode()
+
+    def sql(self, query: str) -> str:
+        """Runs `query` with psql and returns its unaligned output."""
+        psql = self.bin / "psql" if (self.bin / "psql").exists() else shutil.which("psql")
+        assert psql, "psql is not installed: run scripts/test-deps/servers.sh"
+        out = subprocess.run([str(psql), self.url, "-At", "-c", query], capture_output=True)
+        assert out.returncode == 0, out.stderr.decode()
+        return out.stdout.decode().strip()
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        shutil.rmtree(self.dir, ignore_errors=True)
