@@ -278,6 +278,30 @@ fn cases() -> Vec<Case> {
             None,
             Some("percentages between 1 and 100"),
         ),
+        c(
+            "budget grants namespaces and any",
+            "Budget",
+            vec![("/spec/allowedChildNamespaces", Some(json!(["team-a", "*"])))],
+            None,
+            None,
+        ),
+        c(
+            "budget grant that is not a namespace",
+            "Budget",
+            vec![("/spec/allowedChildNamespaces", Some(json!(["Team_A"])))],
+            None,
+            Some("allowedChildNamespaces entries are namespace names or '*'"),
+        ),
+        c(
+            "budget parent in another namespace",
+            "Budget",
+            vec![(
+                "/spec/parentRef",
+                Some(json!({"namespace": "platform", "name": "acme"})),
+            )],
+            None,
+            None,
+        ),
         // Job
         c(
             "job zero deadline",

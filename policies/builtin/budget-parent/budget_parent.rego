@@ -1,6 +1,9 @@
-# A Budget's caps lie within its parent's.
+# A Budget's caps lie within its parent's, and a parent in another namespace grants it.
 #
-# The parent is read from the synced inventory. Rate caps (tokensPerMinute,
+# The parent (spec.parentRef: {namespace?, name}; the Budget's own namespace when unset) is
+# read from the synced inventory. A parent in another namespace must list the child's
+# namespace (or "*") in spec.allowedChildNamespaces: the grant is made by the side referred
+# to, as with Gateway API's ReferenceGrant; the operator enforces it again at reconcile. Rate caps (tokensPerMinute,
 # requestsPerMinute) are compared always; period caps (tokens, costMicros) when the child's
 # period is no longer than the parent's (a daily child cap above a monthly parent cap can
 # never be reached). Caps in different currencies are refused outright.
@@ -12,20 +15,48 @@ ns := object.get(obj, ["metadata", "namespace"], object.get(input.review, "names
 
 parent_name := obj.spec.parentRef.name
 
-parent := data.inventory.namespace[ns]["soma.dev/v1alpha1"].Budget[parent_name]
+parent_ns := object.get(obj.spec.parentRef, "namespace", ns)
+
+parent := data.inventory.namespace[parent_ns]["soma.dev/v1alpha1"].Budget[parent_name]
+
+itself if {
+	parent_name == obj.metadata.name
+	parent_ns == ns
+}
 
 violation contains {"msg": msg} if {
 	obj.kind == "Budget"
-	parent_name == obj.metadata.name
+	itself
 	msg := sprintf("Budget %q names itself as its parent; set spec.parentRef to the tenant's Budget or remove it", [obj.metadata.name])
 }
 
 violation contains {"msg": msg} if {
 	obj.kind == "Budget"
 	parent_name
-	parent_name != obj.metadata.name
+	not itself
 	not parent
-	msg := sprintf("Budget %q has parent %q, which does not exist in namespace %q; create the parent first (or correct spec.parentRef)", [obj.metadata.name, parent_name, ns])
+	msg := sprintf("Budget %q has parent %q, which does not exist in namespace %q; create the parent first (or correct spec.parentRef)", [obj.metadata.name, parent_name, parent_ns])
+}
+
+violation contains {"msg": msg} if {
+	obj.kind == "Budget"
+	parent_ns != ns
+	not granted
+	parent
+	msg := sprintf("Budget %q names parent %s/%s, which does not allow children from namespace %q: its owner must add %q to its spec.allowedChildNamespaces (or correct spec.parentRef)", [obj.metadata.name, parent_ns, parent_name, ns, ns])
+}
+
+granted if {
+	some n in object.get(parent.spec, "allowedChildNamespaces", [])
+	n in {ns, "*"}
+}
+
+violation contains {"msg": msg} if {
+	obj.kind == "Budget"
+	some n in object.get(obj.spec, "allowedChildNamespaces", [])
+	n != "*"
+	not regex.match(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`, n)
+	msg := sprintf("Budget %q lists %q in spec.allowedChildNamespaces, which is neither a namespace name nor \"*\"", [obj.metadata.name, n])
 }
 
 violation contains {"msg": msg} if {

@@ -60,3 +60,30 @@ test_no_parent_no_check if {
 	inp := budget("solo", {"limits": {"tokens": 1}, "period": {"calendar": "day"}})
 	count(budgetparent.violation) == 0 with input as inp with data.inventory as {}
 }
+
+platform_inventory(grants) := {"namespace": {"platform": {"soma.dev/v1alpha1": {"Budget": {"tenant": {"spec": {"limits": {"costMicros": 2000000000}, "period": {"calendar": "month"}, "allowedChildNamespaces": grants}}}}}}}
+
+cross := budget("team", {"parentRef": {"namespace": "platform", "name": "tenant"}, "limits": {"costMicros": 1000}, "period": {"calendar": "day"}})
+
+test_a_parent_in_another_namespace_must_grant_the_child if {
+	some v in budgetparent.violation with input as cross with data.inventory as platform_inventory([])
+	contains(v.msg, "does not allow children from namespace \"research\"")
+	contains(v.msg, "spec.allowedChildNamespaces")
+}
+
+test_a_granting_parent_in_another_namespace_is_accepted if {
+	count(budgetparent.violation) == 0 with input as cross with data.inventory as platform_inventory(["research"])
+	count(budgetparent.violation) == 0 with input as cross with data.inventory as platform_inventory(["*"])
+}
+
+test_the_same_name_in_another_namespace_is_not_itself if {
+	inp := budget("tenant", {"parentRef": {"namespace": "platform", "name": "tenant"}, "limits": {"costMicros": 1}, "period": {"calendar": "day"}})
+	count(budgetparent.violation) == 0 with input as inp with data.inventory as platform_inventory(["research"])
+}
+
+test_grant_entries_are_namespaces if {
+	inp := budget("tenant", {"limits": {"costMicros": 1}, "period": {"calendar": "day"}, "allowedChildNamespaces": ["team-a", "*", "Team_B"]})
+	some v in budgetparent.violation with input as inp with data.inventory as inventory
+	contains(v.msg, "\"Team_B\"")
+	count(budgetparent.violation) == 1 with input as inp with data.inventory as inventory
+}
