@@ -153,7 +153,30 @@ async fn a_lowered_cap_reaches_running_replicas_under_load_without_overspend() {
             .await
             .unwrap()
     );
-    *edited_at.lock().unwrap() = Some(Instant::now());
+    let edit = Instant::now();
+    *edited_at.lock().unwrap() = Some(edit);
+    // How long until every replica enforces the new cap.
+    let key = soma_metering::BudgetKey::new("research", "team");
+    let mut taken = [None; REPLICAS];
+    while taken.iter().any(Option::is_none) {
+        for (i, r) in replicas.iter().enumerate() {
+            if taken[i].is_none()
+                && r.state
+                    .authority
+                    .def(&key)
+                    .and_then(|d| d.limits.cost_micros)
+                    == Some(LOWERED_CAP)
+            {
+                taken[i] = Some(edit.elapsed());
+            }
+        }
+        assert!(
+            edit.elapsed() < Duration::from_secs(10),
+            "not every replica took the edit: {taken:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let propagation = taken.iter().flatten().max().copied().unwrap_or_default();
     let (mut ok, mut refused, mut cost, mut new_cap_refusals) = (0, 0, 0, 0);
     let mut first_refusal: Option<Duration> = None;
     for c in clients {
@@ -195,7 +218,7 @@ async fn a_lowered_cap_reaches_running_replicas_under_load_without_overspend() {
     .await
     .unwrap();
     eprintln!(
-        "live edit: {ok} ok, {refused} refused ({new_cap_refusals} by the lowered cap, the first {first_refusal:?} after the edit); \
+        "live edit: every replica enforced it {propagation:?} after it was written; {ok} ok, {refused} refused ({new_cap_refusals} by the lowered cap, the first {first_refusal:?} after the edit); \
          ledger: {records} records, {spent} micros spent under a lowered cap of {LOWERED_CAP}; granted {granted}; clients saw {cost}"
     );
     assert_eq!(
