@@ -3,13 +3,16 @@
 //!
 //! Each replica leases a slice of each Budget's window (`src/lease.rs`): the window's
 //! `granted` total never passes its cap, and a replica reserves only inside its own lease.
-//! A reservation that its lease covers costs no database round trip; one that does not waits
-//! for a top-up (one transaction, one at a time per replica). If PostgreSQL cannot be reached
-//! then, the request is refused (fail closed): nothing is spent that was not granted.
+//! A reservation that its lease covers costs no database round trip; one that does not is
+//! reserved beyond the lease and waits for a top-up to cover it (one transaction, one at a time
+//! per replica): the replica's other requests see that share as used meanwhile, so they cannot
+//! spend what the top-up brings for it. If PostgreSQL refuses or cannot be reached, the
+//! reservation is released and the request refused (fail closed): nothing is spent that was
+//! not granted.
 //!
 //! ```text
 //!  reserve(worst) ─► local: used + worst ≤ lease on every Budget? ─yes─► Ledger::reserve (rates)
-//!        └─no─► top-up (PostgreSQL) ─granted─► retry local
+//!        └─no─► Ledger::reserve, then top-up (PostgreSQL) to cover it ─granted─► taken
 //!                  └─ cap reached ─► 429 naming the Budget      └─ unreachable ─► 503
 //!  every ttl/3: report used, renew the lease; idle: give the unused rest back; stop: give back
 //! ```
@@ -277,10 +280,24 @@ impl ClusterAuthority {
 
     /// [`Self::try_local`] on a chain the caller has locked.
     fn take(&self, c: &mut ChainState<Local>, now: Timestamp, want: Amount) -> Step {
+        self.reserve_in(c, now, want, true)
+    }
+
+    /// Reserves `want` on every Budget of the chain, or on none; with `covered`, only if the
+    /// leases cover it (the fast path), else beyond them (a top-up then covers it).
+    fn reserve_in(
+        &self,
+        c: &mut ChainState<Local>,
+        now: Timestamp,
+        want: Amount,
+        covered: bool,
+    ) -> Step {
         let keys: Vec<BudgetKey> = c.refs.iter().map(|r| r.key.clone()).collect();
-        for key in &keys {
-            if !c.states.get_mut(key).is_some_and(|l| l.covers(now, want)) {
-                return Step::Short;
+        if covered {
+            for key in &keys {
+                if !c.states.get_mut(key).is_some_and(|l| l.covers(now, want)) {
+                    return Step::Short;
+                }
             }
         }
         let mut taken: Vec<Reservation> = Vec::with_capacity(keys.len());
@@ -423,62 +440,59 @@ impl ClusterAuthority {
         if failed_recently(&self.last_failure) {
             return unreachable();
         }
-        // Concurrent requests race for what a top-up brought: a few rounds, then give up.
-        for _ in 0..4 {
-            match self.try_local(now, want) {
-                Step::Taken(r) => return Reserve::Taken(r),
+        // A top-up for an earlier request may have brought enough for this one too.
+        match self.try_local(now, want) {
+            Step::Taken(r) => return Reserve::Taken(r),
+            Step::Refused(r) => return Reserve::Refused(r),
+            Step::Short => {}
+        }
+        if let Err(e) = self.migrate().await {
+            tracing::warn!(error = %e, "budget authority migrations failed; refusing (fail closed)");
+            self.failed(true);
+            return unreachable();
+        }
+        // Reserve first, then ask PostgreSQL to cover the reservation: while the transaction
+        // runs, this replica's fast-path requests count this request's share as used and
+        // cannot spend it, so what the top-up brings is this request's.
+        let (held, asks) = {
+            let mut c = self.lock();
+            let keys: Vec<BudgetKey> = c.refs.iter().map(|r| r.key.clone()).collect();
+            let asks: Vec<Ask> = keys
+                .iter()
+                .filter_map(|k| c.states.get_mut(k).and_then(|l| l.ask(now, want)))
+                .collect();
+            match self.reserve_in(&mut c, now, want, false) {
+                Step::Taken(held) => (held, asks),
                 Step::Refused(r) => return Reserve::Refused(r),
-                Step::Short => {}
+                Step::Short => return unreachable(),
             }
-            if let Err(e) = self.migrate().await {
-                tracing::warn!(error = %e, "budget authority migrations failed; refusing (fail closed)");
+        };
+        let started = Instant::now();
+        match lease::acquire(&self.pool, &self.terms, &asks).await {
+            Ok(Ok(grants)) => {
+                self.failed(false);
+                self.transactions.count("top_up", "granted");
+                self.land(&grants, started);
+                Reserve::Taken(held)
+            }
+            Ok(Err(short)) => {
+                self.release(now, held);
+                self.transactions.count("top_up", "refused");
+                *self
+                    .last_short
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) =
+                    Some((std::time::Instant::now(), short.clone()));
+                Reserve::Refused(Box::new(self.refusal(short)))
+            }
+            Err(e) => {
+                self.release(now, held);
+                tracing::warn!(error = %e, "budget lease failed; refusing (fail closed)");
+                self.transactions.count("top_up", "failed");
                 self.failed(true);
-                return unreachable();
-            }
-            let asks: Vec<Ask> = {
-                let mut c = self.lock();
-                let keys: Vec<BudgetKey> = c.refs.iter().map(|r| r.key.clone()).collect();
-                keys.iter()
-                    .filter_map(|k| c.states.get_mut(k).and_then(|l| l.ask(now, want)))
-                    .collect()
-            };
-            let started = Instant::now();
-            match lease::acquire(&self.pool, &self.terms, &asks).await {
-                Ok(Ok(grants)) => {
-                    self.failed(false);
-                    self.transactions.count("top_up", "granted");
-                    // Land the grant and take this request's share under one lock: otherwise
-                    // the replica's other requests, on the fast path, can use up what was
-                    // leased for this one before it looks, round after round.
-                    let step = {
-                        let mut c = self.lock();
-                        self.land_in(&mut c, &grants, started);
-                        self.take(&mut c, now, want)
-                    };
-                    match step {
-                        Step::Taken(r) => return Reserve::Taken(r),
-                        Step::Refused(r) => return Reserve::Refused(r),
-                        Step::Short => {}
-                    }
-                }
-                Ok(Err(short)) => {
-                    self.transactions.count("top_up", "refused");
-                    *self
-                        .last_short
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner) =
-                        Some((std::time::Instant::now(), short.clone()));
-                    return Reserve::Refused(Box::new(self.refusal(short)));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "budget lease failed; refusing (fail closed)");
-                    self.transactions.count("top_up", "failed");
-                    self.failed(true);
-                    return unreachable();
-                }
+                unreachable()
             }
         }
-        Reserve::Unavailable("the budget slice leased for this request was taken by others".into())
     }
 
     /// Settles each reservation with `actual` (local only; the lease learns at the next report).
