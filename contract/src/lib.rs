@@ -98,6 +98,19 @@ pub struct SidecarConfig {
     /// How the live parts of the configuration are followed.
     #[serde(default)]
     pub live: LiveSettings,
+    /// How often the request journal is folded into the outbox database, in milliseconds
+    /// (every read of the outbox folds it too).
+    #[serde(default = "default_fold_interval")]
+    pub fold_interval_ms: u64,
+    /// Threads serving requests. 1 (the default) runs every request on one thread, with no
+    /// hand-off between threads; more spread requests over that many threads, for a sidecar
+    /// given more than one core.
+    #[serde(default = "default_worker_threads")]
+    pub worker_threads: std::num::NonZeroUsize,
+    /// Requests served at once (at least 1); beyond it a request gets 503 in the client's
+    /// format at once.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: std::num::NonZeroUsize,
     /// Largest request body accepted, in bytes.
     #[serde(default = "default_body_limit")]
     pub body_limit_bytes: usize,
@@ -277,6 +290,15 @@ fn default_prune_interval() -> u64 {
 fn default_lease_ttl() -> u64 {
     30_000
 }
+fn default_fold_interval() -> u64 {
+    100
+}
+fn default_worker_threads() -> std::num::NonZeroUsize {
+    std::num::NonZeroUsize::MIN
+}
+fn default_max_in_flight() -> std::num::NonZeroUsize {
+    std::num::NonZeroUsize::new(1_024).unwrap_or(std::num::NonZeroUsize::MIN)
+}
 fn default_body_limit() -> usize {
     16 * 1024 * 1024
 }
@@ -327,6 +349,9 @@ impl SidecarConfig {
             prune_interval_ms: default_prune_interval(),
             delivery_interval_ms: default_delivery_interval(),
             live: LiveSettings::default(),
+            fold_interval_ms: default_fold_interval(),
+            worker_threads: default_worker_threads(),
+            max_in_flight: default_max_in_flight(),
             body_limit_bytes: default_body_limit(),
             default_max_tokens: default_max_tokens(),
             image_tokens: default_image_tokens(),

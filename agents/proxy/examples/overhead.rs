@@ -1,13 +1,20 @@
-//! Added latency of the sidecar: the same open-loop load sent straight to the fake provider
-//! and through `soma-proxy` (a Budget and usage recording on), interleaved slot by slot so
-//! both see the same machine. Run by `bench/proxy-overhead`.
+//! Added latency and cost of the sidecar: the same open-loop load sent straight to the fake
+//! provider and through `soma-proxy` (a Budget and usage recording on), interleaved slot by
+//! slot so both see the same machine. Run by `bench/proxy-overhead`.
 //!
 //! Processes: `soma-fake-upstream` and `soma-proxy` (release builds beside this example), this
 //! load generator. Latency is measured from each request's scheduled send time, so a stall
-//! cannot hide queued requests (no coordinated omission).
+//! cannot hide queued requests (no coordinated omission). `--rate` is the proxied rate: every
+//! proxied request has a direct twin, so the provider serves twice that.
 //!
-//! Prints the distributions and ends with
-//! `RESULT proxy-overhead added_p50_us=.. added_p99_us=.. rate_rps=.. ...`.
+//! Runs, in order: non-streaming at `--rate` (1,000/s) and at `--low-rate` (200/s, where the
+//! sidecar's own cost shows apart from contention), streaming at `--stream-rate`, then the
+//! one-core ladder: the sidecar pinned to core 1, the generator and provider to core 0, the
+//! rate raised step by step until the added p99 reaches `--p99-bound-us` (1 ms). The sidecar's
+//! CPU time (`/proc/PID/stat`, all threads) over each run divided by its proxied requests is
+//! its CPU per request, background work (folding the journal, leases) included.
+//!
+//! Prints the distributions and ends with one `RESULT proxy-overhead key=value ...` line.
 
 #[path = "bench_support/mod.rs"]
 mod bench_support;
@@ -15,30 +22,49 @@ mod bench_support;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use bench_support::cpu;
 use bench_support::load::{self, Http, Sample, Schedule, Target, pct};
+use bench_support::procs::load_average;
 use bench_support::soma::{Sidecar, Upstream, histogram_quantiles, sidecar_config};
 use bytes::Bytes;
 use serde_json::json;
 
 struct Args {
+    /// Proxied requests per second (the direct twins add as many again).
     rate: u64,
+    /// The low-rate run, proxied requests per second.
+    low_rate: u64,
     seconds: u64,
     stream_rate: u64,
+    /// Length of each step of the one-core ladder.
+    step_seconds: u64,
+    /// Where the one-core ladder stops climbing.
+    max_rate: u64,
+    /// A step is sustained while the added p99 stays under this.
+    p99_bound_us: u64,
 }
 
 fn args() -> Args {
     let mut a = Args {
         rate: 1000,
+        low_rate: 200,
         seconds: 10,
         stream_rate: 200,
+        step_seconds: 4,
+        max_rate: 24_000,
+        p99_bound_us: 1000,
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
     for pair in v.chunks(2) {
         let n = pair.get(1).and_then(|s| s.parse().ok()).unwrap_or(0);
         match pair[0].as_str() {
             "--rate" => a.rate = n,
+            "--low-rate" => a.low_rate = n,
             "--seconds" => a.seconds = n,
             "--stream-rate" => a.stream_rate = n,
+            "--step-seconds" => a.step_seconds = n,
+            "--max-rate" => a.max_rate = n,
+            "--p99-bound-us" => a.p99_bound_us = n,
             other => panic!("unknown argument {other}"),
         }
     }
@@ -53,21 +79,38 @@ struct Run {
     direct_gap: Vec<u64>,
     proxy_gap: Vec<u64>,
     identical: bool,
+    /// Slots without a 2xx reply, with the first reason seen.
+    failed: usize,
+    first_failure: Option<String>,
+    /// The sidecar's CPU time over the run divided by the proxied requests, in µs.
+    cpu_us_per_request: f64,
+    /// How busy the load generator's core was (one-core runs only), 0..=1.
+    generator_busy: f64,
 }
 
-/// Open loop at `rate` for `seconds`, alternating direct (even) and proxied (odd) slots.
+impl Run {
+    fn added(&self, p: f64) -> i64 {
+        pct(&self.proxy, p) as i64 - pct(&self.direct, p) as i64
+    }
+}
+
+/// Open loop at `rate` proxied requests per second for `seconds`, each proxied slot beside a
+/// direct twin (the order of the twins rotates), with the sidecar's CPU time around it.
 async fn open_loop(
     client: &Http,
     targets: &[Target; 2],
+    sidecar_pid: u32,
     rate: u64,
     seconds: u64,
     stream: bool,
 ) -> Run {
+    let cpu_before = cpu::process_cpu_us(sidecar_pid);
+    let core_before = cpu::core_jiffies(0);
     let samples = load::open_loop(
         client,
         &Schedule {
             targets,
-            rate,
+            rate: rate * 2,
             seconds: seconds as f64,
             stream,
             max_tokens: 16,
@@ -75,6 +118,8 @@ async fn open_loop(
         },
     )
     .await;
+    let cpu_used = cpu::process_cpu_us(sidecar_pid) - cpu_before;
+    let generator_busy = cpu::busy_between(core_before, cpu::core_jiffies(0));
     let mut run = Run {
         direct: vec![],
         proxy: vec![],
@@ -83,6 +128,10 @@ async fn open_loop(
         direct_gap: vec![],
         proxy_gap: vec![],
         identical: true,
+        failed: 0,
+        first_failure: None,
+        cpu_us_per_request: 0.0,
+        generator_busy,
     };
     let mut bodies: HashMap<u64, [Option<Bytes>; 2]> = HashMap::new();
     for Sample {
@@ -95,8 +144,14 @@ async fn open_loop(
     {
         let reply = match outcome {
             Ok(r) if (200..300).contains(&r.status) => r,
-            Ok(r) => panic!("status {} from {}", r.status, targets[target].url),
-            Err(e) => panic!("{}: {e}", targets[target].url),
+            other => {
+                run.failed += 1;
+                run.first_failure.get_or_insert_with(|| match other {
+                    Ok(r) => format!("status {} from {}", r.status, targets[target].url),
+                    Err(e) => format!("{}: {e}", targets[target].url),
+                });
+                continue;
+            }
         };
         let (lat, ttft, gap) = if target == 1 {
             (&mut run.proxy, &mut run.proxy_ttft, &mut run.proxy_gap)
@@ -123,42 +178,160 @@ async fn open_loop(
     ] {
         v.sort_unstable();
     }
+    run.cpu_us_per_request = cpu_used as f64 / run.proxy.len().max(1) as f64;
     run
+}
+
+/// A measured run that must not fail.
+fn all_ok(run: Run, what: &str) -> Run {
+    if let Some(why) = &run.first_failure {
+        panic!("{what}: {} slots failed, first: {why}", run.failed);
+    }
+    run
+}
+
+/// The Budget every run charges: a cost cap far above what the run spends.
+fn budget() -> serde_json::Value {
+    json!({"name": "bench", "limits": {"costMicros": 1_000_000_000_000u64},
+        "period": {"calendar": "month"}})
+}
+
+fn show(name: &str, d: &[u64], p: &[u64]) {
+    println!(
+        "{name:<24} direct p50={:>6}us p99={:>6}us | proxy p50={:>6}us p99={:>6}us | added p50={:>6}us p99={:>6}us (n={})",
+        pct(d, 0.5),
+        pct(d, 0.99),
+        pct(p, 0.5),
+        pct(p, 0.99),
+        pct(p, 0.5) as i64 - pct(d, 0.5) as i64,
+        pct(p, 0.99) as i64 - pct(d, 0.99) as i64,
+        p.len()
+    );
+}
+
+/// The highest step of the one-core ladder that held.
+struct Capacity {
+    rate: u64,
+    added_p99_us: i64,
+    cpu_us_per_request: f64,
+    rss_kib: u64,
+    /// What ended the climb: `bound` (added p99 or a failed slot), `generator` (the load
+    /// generator's core was saturated first, so the sidecar's ceiling is higher), or `max_rate`.
+    limited_by: &'static str,
+}
+
+/// The sidecar alone on core 1, the load generator and the provider on core 0: an open-loop
+/// ladder (doubling to 4,000 req/s, then +2,000) until the added p99 passes the bound or a slot
+/// fails.
+async fn one_core_ladder(a: &Args) -> Option<Capacity> {
+    if cpu::cores() < 2 {
+        println!("one-core ladder skipped: this machine has one core");
+        return None;
+    }
+    cpu::pin_self(0);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let upstream = Upstream::start_on(Some(0));
+    let sidecar = Sidecar::start_on(
+        Some(1),
+        &sidecar_config(&upstream, dir.path(), &[budget()]),
+        dir.path(),
+    );
+    let client = load::client();
+    let targets = [upstream.target(), sidecar.target()];
+    open_loop(&client, &targets, sidecar.pid(), 200, 2, false).await;
+    let mut best: Option<Capacity> = None;
+    let mut rate = 1000;
+    let limited_by = loop {
+        if rate > a.max_rate {
+            break "max_rate";
+        }
+        let run = open_loop(
+            &client,
+            &targets,
+            sidecar.pid(),
+            rate,
+            a.step_seconds,
+            false,
+        )
+        .await;
+        let (rss, _) = cpu::process_rss_kib(sidecar.pid());
+        let added = run.added(0.99);
+        println!(
+            "one core @{rate:>6} rps: added p50={:>6}us p99={:>6}us, sidecar {:.1} CPU-us/request, rss {} KiB, generator core {:.0}% busy, failed {}",
+            run.added(0.5),
+            added,
+            run.cpu_us_per_request,
+            rss,
+            run.generator_busy * 100.0,
+            run.failed,
+        );
+        if run.failed > 0 || added >= a.p99_bound_us as i64 {
+            if let Some(why) = &run.first_failure {
+                println!("  first failure: {why}");
+            }
+            break if run.generator_busy > 0.9 {
+                "generator"
+            } else {
+                "bound"
+            };
+        }
+        best = Some(Capacity {
+            rate,
+            added_p99_us: added,
+            cpu_us_per_request: run.cpu_us_per_request,
+            rss_kib: rss,
+            limited_by: "bound",
+        });
+        rate = if rate < 4000 { rate * 2 } else { rate + 2000 };
+    };
+    best.map(|b| Capacity { limited_by, ..b })
 }
 
 #[tokio::main]
 async fn main() {
     let a = args();
+    println!("load average at start: {}", load_average());
     let dir = tempfile::tempdir().expect("tempdir");
     let upstream = Upstream::start();
-    // As deployed: a cost Budget (far above what the run spends), prices, the SQLite outbox.
-    let budget = json!({"name": "bench", "limits": {"costMicros": 1_000_000_000_000u64},
-        "period": {"calendar": "month"}});
+    // As deployed: a cost Budget, prices, the journal and SQLite outbox.
     let sidecar = Sidecar::start(
-        &sidecar_config(&upstream, dir.path(), &[budget]),
+        &sidecar_config(&upstream, dir.path(), &[budget()]),
         dir.path(),
     );
     let client = load::client();
     let targets = [upstream.target(), sidecar.target()];
+    let pid = sidecar.pid();
     // Warm-up: connections, tokenizer tables, SQLite pages.
-    open_loop(&client, &targets, 200, 2, false).await;
+    open_loop(&client, &targets, pid, 200, 2, false).await;
 
-    let r = open_loop(&client, &targets, a.rate, a.seconds, false).await;
-    let s = open_loop(&client, &targets, a.stream_rate, a.seconds, true).await;
+    let r = all_ok(
+        open_loop(&client, &targets, pid, a.rate, a.seconds, false).await,
+        "main run",
+    );
+    let (rss, peak) = cpu::process_rss_kib(pid);
+    let low = all_ok(
+        open_loop(&client, &targets, pid, a.low_rate, a.seconds, false).await,
+        "low-rate run",
+    );
+    let s = all_ok(
+        open_loop(&client, &targets, pid, a.stream_rate, a.seconds, true).await,
+        "stream run",
+    );
 
-    let show = |name: &str, d: &[u64], p: &[u64]| {
-        println!(
-            "{name:<22} direct p50={:>6}us p99={:>6}us | proxy p50={:>6}us p99={:>6}us | added p50={:>6}us p99={:>6}us (n={})",
-            pct(d, 0.5),
-            pct(d, 0.99),
-            pct(p, 0.5),
-            pct(p, 0.99),
-            pct(p, 0.5) as i64 - pct(d, 0.5) as i64,
-            pct(p, 0.99) as i64 - pct(d, 0.99) as i64,
-            p.len()
-        );
-    };
     show(&format!("non-stream @{} rps", a.rate), &r.direct, &r.proxy);
+    println!(
+        "  sidecar: {:.1} CPU-us per proxied request, rss {rss} KiB (peak {peak} KiB)",
+        r.cpu_us_per_request
+    );
+    show(
+        &format!("non-stream @{} rps", a.low_rate),
+        &low.direct,
+        &low.proxy,
+    );
+    println!(
+        "  sidecar: {:.1} CPU-us per proxied request",
+        low.cpu_us_per_request
+    );
     show(
         &format!("stream TTFT @{} rps", a.stream_rate),
         &s.direct_ttft,
@@ -177,16 +350,39 @@ async fn main() {
         "inside the sidecar (all requests, histogram bucket bounds): p50<={inside_p50}us p99<={inside_p99}us"
     );
     println!("streamed bytes identical: {}", s.identical);
-    println!("non-stream bytes identical: {}", r.identical);
     println!(
-        "RESULT proxy-overhead added_p50_us={} added_p99_us={} rate_rps={} stream_added_ttft_p50_us={} stream_added_ttft_p99_us={} stream_added_gap_p99_us={} stream_rate_rps={} bytes_identical={} inside_p50_le_us={inside_p50} inside_p99_le_us={inside_p99}",
-        pct(&r.proxy, 0.5) as i64 - pct(&r.direct, 0.5) as i64,
-        pct(&r.proxy, 0.99) as i64 - pct(&r.direct, 0.99) as i64,
+        "non-stream bytes identical: {}",
+        r.identical && low.identical
+    );
+    drop(sidecar);
+    drop(upstream);
+
+    let cap = one_core_ladder(&a).await;
+    let (cap_rate, cap_p99, cap_cpu, cap_rss, cap_limit) =
+        cap.as_ref().map_or((0, 0, 0.0, 0, "skipped"), |c| {
+            (
+                c.rate,
+                c.added_p99_us,
+                c.cpu_us_per_request,
+                c.rss_kib,
+                c.limited_by,
+            )
+        });
+    println!("load average at end: {}", load_average());
+    println!(
+        "RESULT proxy-overhead rate_rps={} added_p50_us={} added_p99_us={} cpu_us_per_request={:.1} rss_kib={rss} low_rate_rps={} low_added_p50_us={} low_added_p99_us={} low_cpu_us_per_request={:.1} one_core_max_rps={cap_rate} one_core_added_p99_us={cap_p99} one_core_cpu_us_per_request={cap_cpu:.1} one_core_rss_kib={cap_rss} one_core_limited_by={cap_limit} stream_added_ttft_p50_us={} stream_added_ttft_p99_us={} stream_added_gap_p99_us={} stream_rate_rps={} bytes_identical={} inside_p50_le_us={inside_p50} inside_p99_le_us={inside_p99}",
         a.rate,
+        r.added(0.5),
+        r.added(0.99),
+        r.cpu_us_per_request,
+        a.low_rate,
+        low.added(0.5),
+        low.added(0.99),
+        low.cpu_us_per_request,
         pct(&s.proxy_ttft, 0.5) as i64 - pct(&s.direct_ttft, 0.5) as i64,
         pct(&s.proxy_ttft, 0.99) as i64 - pct(&s.direct_ttft, 0.99) as i64,
         pct(&s.proxy_gap, 0.99) as i64 - pct(&s.direct_gap, 0.99) as i64,
         a.stream_rate,
-        r.identical && s.identical,
+        r.identical && low.identical && s.identical,
     );
 }

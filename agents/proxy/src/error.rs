@@ -69,6 +69,12 @@ pub enum ProxyError {
     /// The request could not be built (should not happen with validated config).
     #[error("internal error building the upstream request")]
     Internal(String),
+    /// As many requests are in flight as the sidecar serves at once (`maxInFlight`).
+    #[error("{limit} requests are in flight, the sidecar's limit")]
+    Overloaded {
+        /// The limit.
+        limit: usize,
+    },
 }
 
 impl ProxyError {
@@ -91,6 +97,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout => "upstream_timeout",
             ProxyError::Outbox(_) => "outbox",
             ProxyError::Internal(_) => "internal",
+            ProxyError::Overloaded { .. } => "overloaded",
         }
     }
 
@@ -108,7 +115,8 @@ impl ProxyError {
             ProxyError::Budget(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::BudgetUndefined(_)
             | ProxyError::BudgetUnavailable(_)
-            | ProxyError::Outbox(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | ProxyError::Outbox(_)
+            | ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -157,6 +165,7 @@ impl ProxyError {
             ProxyError::BudgetUnavailable(_) => {
                 ("api_error", "overloaded_error", "budget_unavailable")
             }
+            ProxyError::Overloaded { .. } => ("api_error", "overloaded_error", "overloaded"),
             ProxyError::BudgetUndefined(_) | ProxyError::Outbox(_) | ProxyError::Internal(_) => {
                 ("api_error", "api_error", "sidecar_unavailable")
             }
@@ -175,6 +184,10 @@ impl ProxyError {
             ProxyError::Outbox(_) => "The sidecar could not record usage, so the request was \
                 not sent to the provider. Try again."
                 .into(),
+            ProxyError::Overloaded { limit } => format!(
+                "The sidecar is serving its limit of {limit} requests at once; this one was not \
+                 sent to the provider. Retry shortly."
+            ),
             other => {
                 let mut s = other.to_string();
                 if let Some(first) = s.get_mut(..1) {
@@ -200,6 +213,9 @@ impl ProxyError {
             }}),
         };
         let mut headers = Vec::new();
+        if let ProxyError::Overloaded { .. } = &self {
+            headers.push((header::RETRY_AFTER, "1".to_owned()));
+        }
         if let ProxyError::Budget(r) = &self {
             body["soma_budget"] = json!({
                 "budget": r.budget,
@@ -244,4 +260,44 @@ fn refusal_message(r: &Refusal) -> String {
         r.requested,
         r.resets_at
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    async fn body(resp: Response) -> Value {
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn overload_is_a_503_with_retry_after_in_both_wire_formats() {
+        let openai = ProxyError::Overloaded { limit: 7 }.into_wire(Dialect::OpenAi);
+        assert_eq!(openai.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(openai.headers()[header::RETRY_AFTER], "1");
+        let b = body(openai).await;
+        assert_eq!(
+            (b["error"]["type"].as_str(), b["error"]["code"].as_str()),
+            (Some("api_error"), Some("overloaded"))
+        );
+
+        let anthropic = ProxyError::Overloaded { limit: 7 }.into_wire(Dialect::Anthropic);
+        assert_eq!(anthropic.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(anthropic.headers()[header::RETRY_AFTER], "1");
+        let b = body(anthropic).await;
+        assert_eq!(
+            (b["type"].as_str(), b["error"]["type"].as_str()),
+            (Some("error"), Some("overloaded_error"))
+        );
+        assert!(
+            b["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("limit of 7 requests")
+        );
+    }
 }

@@ -19,18 +19,32 @@ struct Args {
     config: PathBuf,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    // Logs, and GenAI spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set (the operator
-    // sets it, with OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES, when it has a collector).
-    let _telemetry = soma_telemetry::init("soma-proxy")?;
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading {}", args.config.display()))?;
     let mut config = soma_proxy::Config::parse(&text)
         .with_context(|| format!("parsing {}", args.config.display()))?;
     soma_proxy::config::apply_env(&mut config, |name| std::env::var(name).ok())
         .with_context(|| format!("reading {}", args.config.display()))?;
+    // One worker: the runtime runs every task on this thread, so serving a request never
+    // wakes another thread. More: tokio's work-stealing scheduler over that many threads.
+    let runtime = match config.worker_threads.get() {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()?,
+    };
+    runtime.block_on(serve(args, config))
+}
+
+async fn serve(args: Args, config: soma_proxy::Config) -> anyhow::Result<()> {
+    // Logs, and GenAI spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set (the operator
+    // sets it, with OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES, when it has a collector).
+    let _telemetry = soma_telemetry::init("soma-proxy")?;
     let token = std::env::var(&config.client_token_env).unwrap_or_default();
     let running = soma_proxy::start(config, token, Some(args.config.clone())).await?;
     shutdown_signal().await;

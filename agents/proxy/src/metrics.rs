@@ -2,6 +2,7 @@
 //! labelled by namespace, agent and model (STYLE.md, convention 10).
 
 use std::sync::atomic::AtomicI64;
+use std::sync::{Mutex, PoisonError};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -29,6 +30,60 @@ pub struct Metrics {
     in_flight: Gauge,
     estimated: Counter,
     live_updates: Family<Labels, Counter>,
+    /// Series the request path touches, looked up once and kept.
+    hot: Mutex<Hot>,
+}
+
+/// Handles to the series each request increments, by the label values that pick them, so
+/// that the request path increments atomics instead of building label sets and hashing them.
+/// A handle shares its series with the family; the lists stay short (models × statuses), and
+/// past [`HOT_LIMIT`] entries a lookup goes to the family each time.
+#[derive(Debug, Default)]
+struct Hot {
+    requests: Vec<((&'static str, String, u16), Counter)>,
+    models: Vec<(String, ModelSeries)>,
+    added: Vec<(&'static str, Histogram)>,
+    upstream: Vec<(&'static str, Histogram)>,
+}
+
+/// A model's usage series.
+#[derive(Clone, Debug)]
+struct ModelSeries {
+    /// Tokens by [`TOKEN_KINDS`].
+    tokens: [Counter; 5],
+    cost: Counter,
+}
+
+/// The `kind` label of `soma_proxy_tokens_total`, in [`ModelSeries::tokens`] order.
+const TOKEN_KINDS: [&str; 5] = [
+    "input",
+    "cached_input",
+    "cache_write_input",
+    "output",
+    "reasoning",
+];
+
+/// Most entries kept per list of [`Hot`].
+const HOT_LIMIT: usize = 256;
+
+/// The handle kept in `list` under `key`, made by `make` (and kept) on first use.
+fn hot<K: PartialEq, M: Clone>(
+    lock: &Mutex<Hot>,
+    list: impl Fn(&mut Hot) -> &mut Vec<(K, M)>,
+    find: impl Fn(&K) -> bool,
+    key: impl FnOnce() -> K,
+    make: impl FnOnce() -> M,
+) -> M {
+    let mut guard = lock.lock().unwrap_or_else(PoisonError::into_inner);
+    let entries = list(&mut guard);
+    if let Some((_, m)) = entries.iter().find(|(k, _)| find(k)) {
+        return m.clone();
+    }
+    let m = make();
+    if entries.len() < HOT_LIMIT {
+        entries.push((key(), m.clone()));
+    }
+    m
 }
 
 impl Metrics {
@@ -121,6 +176,7 @@ impl Metrics {
             in_flight,
             estimated,
             live_updates,
+            hot: Mutex::default(),
         }
     }
 
@@ -132,44 +188,62 @@ impl Metrics {
     }
 
     /// One request answered.
-    pub fn request(&self, endpoint: &str, model: &str, status: u16) {
-        self.requests
-            .get_or_create(&vec![
-                ("endpoint", endpoint.to_owned()),
-                ("model", model.to_owned()),
-                ("status", status.to_string()),
-            ])
-            .inc();
+    pub fn request(&self, endpoint: &'static str, model: &str, status: u16) {
+        hot(
+            &self.hot,
+            |h| &mut h.requests,
+            |(e, m, s)| *e == endpoint && m == model && *s == status,
+            || (endpoint, model.to_owned(), status),
+            || {
+                self.requests
+                    .get_or_create(&vec![
+                        ("endpoint", endpoint.to_owned()),
+                        ("model", model.to_owned()),
+                        ("status", status.to_string()),
+                    ])
+                    .clone()
+            },
+        )
+        .inc();
     }
 
     /// Metered usage.
     pub fn usage(&self, model: &str, usage: &Usage, cost_micros: u64, estimated: bool) {
-        let base = |kind: &'static str| {
-            vec![
-                ("namespace", self.namespace.clone()),
-                ("agent", self.agent.clone()),
-                ("model", model.to_owned()),
-                ("kind", kind.to_owned()),
-            ]
-        };
-        for (kind, n) in [
-            ("input", usage.input_tokens),
-            ("cached_input", usage.cached_input_tokens),
-            ("cache_write_input", usage.cache_write_input_tokens),
-            ("output", usage.output_tokens),
-            ("reasoning", usage.reasoning_tokens),
-        ] {
+        let series = hot(
+            &self.hot,
+            |h| &mut h.models,
+            |m| m == model,
+            || model.to_owned(),
+            || {
+                let labels = |kind: Option<&str>| {
+                    let mut l = vec![
+                        ("namespace", self.namespace.clone()),
+                        ("agent", self.agent.clone()),
+                        ("model", model.to_owned()),
+                    ];
+                    l.extend(kind.map(|k| ("kind", k.to_owned())));
+                    l
+                };
+                ModelSeries {
+                    tokens: TOKEN_KINDS
+                        .map(|kind| self.tokens.get_or_create(&labels(Some(kind))).clone()),
+                    cost: self.cost.get_or_create(&labels(None)).clone(),
+                }
+            },
+        );
+        let counts = [
+            usage.input_tokens,
+            usage.cached_input_tokens,
+            usage.cache_write_input_tokens,
+            usage.output_tokens,
+            usage.reasoning_tokens,
+        ];
+        for (counter, n) in series.tokens.iter().zip(counts) {
             if n > 0 {
-                self.tokens.get_or_create(&base(kind)).inc_by(n);
+                counter.inc_by(n);
             }
         }
-        self.cost
-            .get_or_create(&vec![
-                ("namespace", self.namespace.clone()),
-                ("agent", self.agent.clone()),
-                ("model", model.to_owned()),
-            ])
-            .inc_by(cost_micros);
+        series.cost.inc_by(cost_micros);
         if estimated {
             self.estimated.inc();
         }
@@ -214,17 +288,35 @@ impl Metrics {
     }
 
     /// Time to the upstream's headers.
-    pub fn upstream_latency(&self, endpoint: &str, secs: f64) {
-        self.upstream_latency
-            .get_or_create(&vec![("endpoint", endpoint.to_owned())])
-            .observe(secs);
+    pub fn upstream_latency(&self, endpoint: &'static str, secs: f64) {
+        hot(
+            &self.hot,
+            |h| &mut h.upstream,
+            |e| *e == endpoint,
+            || endpoint,
+            || {
+                self.upstream_latency
+                    .get_or_create(&vec![("endpoint", endpoint.to_owned())])
+                    .clone()
+            },
+        )
+        .observe(secs);
     }
 
     /// Time the sidecar added.
-    pub fn added_latency(&self, endpoint: &str, secs: f64) {
-        self.added_latency
-            .get_or_create(&vec![("endpoint", endpoint.to_owned())])
-            .observe(secs);
+    pub fn added_latency(&self, endpoint: &'static str, secs: f64) {
+        hot(
+            &self.hot,
+            |h| &mut h.added,
+            |e| *e == endpoint,
+            || endpoint,
+            || {
+                self.added_latency
+                    .get_or_create(&vec![("endpoint", endpoint.to_owned())])
+                    .clone()
+            },
+        )
+        .observe(secs);
     }
 
     /// The in-flight gauge.

@@ -1,27 +1,31 @@
-//! The durable local outbox: one SQLite file in WAL mode.
+//! The durable local outbox: a journal the request path appends to (`crate::journal`: one
+//! `write(2)` per record on the request's own task) folded into one SQLite file in WAL mode.
 //!
-//! Every metered request gets a row before it leaves for the provider (`state = 'open'`, with
-//! its worst-case reservation), and the row is settled with the provider's usage before the
-//! client's response completes. A sidecar killed in between leaves an open row; the next start
-//! settles it at its worst case, flagged `estimated` with outcome `interrupted`, so a crash can
-//! over-count one request's unknown remainder but never lose it. The rows are also the embedded
-//! budget authority's memory: at start-up the spend inside each Budget's window is replayed
-//! from them.
+//! Every metered request is recorded before it leaves for the provider (*open*, with its
+//! worst-case reservation), and settled with the provider's usage before the client's response
+//! completes. A sidecar killed in between leaves an open row; the next start settles it at its
+//! worst case, flagged `estimated` with outcome `interrupted`, so a crash can over-count one
+//! request's unknown remainder but never lose it. The rows are also the embedded budget
+//! authority's memory: at start-up the spend inside each Budget's window is replayed from them.
 //!
-//! WAL with `synchronous = NORMAL` makes a committed row survive a crash of the process
-//! (`kill -9`); a power loss may lose the last transactions, which `synchronous = FULL` would
-//! prevent at the cost of an fsync per request.
+//! A journal record and a committed SQLite transaction (WAL, `synchronous = NORMAL`) both
+//! survive the process being killed (`kill -9`); a power loss may lose the last of either.
+//! Every read of the outbox folds the journal first, so nothing appended is ever missed.
 //!
 //! ```text
-//!   begin(open) ──► provider ──► settle(usage) ──► response completes
-//!        └── crash ──► next start: recover_interrupted() settles at worst case
+//!   begin ──► journal ──► provider ──► settle ──► journal ──► response completes
+//!                └──────── fold (background, and before every read) ──► usage_outbox
+//!        └── crash ──► next start: fold, then recover_interrupted() settles at worst case
 //! ```
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use jiff::Timestamp;
 use soma_ledger::UsageRecord;
+
+use crate::journal::{Entry, Folder, Journal, JournalError};
 use soma_metering::{Amount, Usage};
 use sqlx::Row;
 use sqlx::sqlite::{
@@ -68,6 +72,16 @@ CREATE INDEX IF NOT EXISTS ix_outbox_unpublished ON usage_outbox (started_at_ms)
 CREATE INDEX IF NOT EXISTS ix_outbox_unchained ON usage_outbox (finished_at_ms)
     WHERE state = 'settled' AND chain_seq IS NULL;
 ";
+
+/// The journal's directory beside the outbox file (`outbox.db` → `outbox.journal/`).
+pub fn journal_dir(outbox: &Path) -> PathBuf {
+    let mut name = outbox
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(".journal");
+    outbox.with_file_name(name)
+}
 
 /// Columns added after the first release, for outbox files an older sidecar created (a
 /// container restarted onto a newer image keeps its emptyDir).
@@ -169,46 +183,42 @@ pub struct Totals {
     pub micros: u64,
 }
 
-/// The outbox: a sqlx pool for start-up, delivery and reads, and a dedicated writer thread
-/// for the two writes on the request path.
+/// The outbox: the journal the request path appends to, the SQLite connection the journal is
+/// folded into, and a sqlx pool for start-up, delivery and reads.
 #[derive(Clone, Debug)]
 pub struct Outbox {
     pool: SqlitePool,
-    writer: std::sync::mpsc::Sender<Job>,
+    journal: Arc<Journal>,
+    fold: Arc<Mutex<(rusqlite::Connection, Folder)>>,
 }
 
 /// Why a request-path write failed.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
-    /// SQLite refused it.
-    #[error("outbox write failed")]
+    /// The journal could not be appended to.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+}
+
+/// Why folding the journal into SQLite failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FoldError {
+    /// Reading the journal failed.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// SQLite refused the batch.
+    #[error("folding the journal into the outbox failed")]
     Sqlite(#[source] rusqlite::Error),
-    /// The batch's commit failed.
-    #[error("outbox commit failed: {0}")]
-    Commit(String),
-    /// The writer thread is gone (the outbox is closing).
-    #[error("outbox writer stopped")]
-    Stopped,
 }
 
-enum Op {
-    Begin(OpenRecord),
-    Settle(String, Settlement, Timestamp),
-}
-
-/// One write and where its result goes.
-pub struct Job {
-    op: Op,
-    done: tokio::sync::oneshot::Sender<Result<(), WriteError>>,
-}
-
-impl std::fmt::Debug for Job {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Job")
+impl From<FoldError> for sqlx::Error {
+    fn from(e: FoldError) -> sqlx::Error {
+        sqlx::Error::Protocol(e.to_string())
     }
 }
 
-const BEGIN_SQL: &str = "INSERT INTO usage_outbox (id, namespace, agent, budgets, endpoint, model,
+const BEGIN_SQL: &str =
+    "INSERT OR IGNORE INTO usage_outbox (id, namespace, agent, budgets, endpoint, model,
         state, started_at_ms, prompt_estimate, max_output_tokens, reserved_tokens, reserved_micros)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'open', ?7, ?8, ?9, ?10, ?11)";
 
@@ -218,65 +228,152 @@ const SETTLE_SQL: &str = "UPDATE usage_outbox SET state = 'settled', finished_at
         outcome = ?10, http_status = ?11
      WHERE id = ?1 AND state = 'open'";
 
-fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
-    match op {
-        Op::Begin(r) => tx.prepare_cached(BEGIN_SQL)?.execute(rusqlite::params![
-            r.id,
-            r.namespace,
-            r.agent,
-            r.budgets,
-            r.endpoint,
-            r.model,
-            ms(r.started_at),
-            i(r.prompt_estimate),
-            i(r.max_output_tokens),
-            i(r.reserved.tokens),
-            i(r.reserved.micros),
-        ])?,
-        Op::Settle(id, s, at) => tx.prepare_cached(SETTLE_SQL)?.execute(rusqlite::params![
+const BEGIN_SETTLED_SQL: &str =
+    "INSERT OR IGNORE INTO usage_outbox (id, namespace, agent, budgets, endpoint, model,
+        state, started_at_ms, prompt_estimate, max_output_tokens, reserved_tokens, reserved_micros,
+        finished_at_ms, input_tokens, cached_input_tokens, cache_write_input_tokens,
+        output_tokens, reasoning_tokens, cost_micros, estimated, outcome, http_status)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'settled', ?7, ?8, ?9, ?10, ?11,
+        ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)";
+
+/// Writes a batch of journal records. A begin whose settle is in the same batch (the common
+/// case) becomes one settled row; a settle whose begin was folded earlier updates the open row.
+/// Replaying records already folded changes nothing: a begin already there is kept, and a
+/// settle only changes an open row.
+fn apply(tx: &rusqlite::Transaction<'_>, entries: &[Entry]) -> Result<(), rusqlite::Error> {
+    let settles: std::collections::HashMap<&str, &Entry> = entries
+        .iter()
+        .filter_map(|e| match e {
+            Entry::Settle { id, .. } => Some((id.as_str(), e)),
+            Entry::Begin { .. } => None,
+        })
+        .collect();
+    let mut folded_with_begin = std::collections::HashSet::new();
+    for entry in entries {
+        let Entry::Begin {
             id,
-            ms(*at),
-            i(s.usage.input_tokens),
-            i(s.usage.cached_input_tokens),
-            i(s.usage.cache_write_input_tokens),
-            i(s.usage.output_tokens),
-            i(s.usage.reasoning_tokens),
-            i(s.cost_micros),
-            s.estimated,
-            s.outcome,
-            i64::from(s.http_status),
-        ])?,
-    };
+            ns,
+            agent,
+            budgets,
+            endpoint,
+            model,
+            at,
+            prompt,
+            max_out,
+            reserved,
+        } = entry
+        else {
+            continue;
+        };
+        let Some(Entry::Settle {
+            at: end,
+            usage,
+            cost,
+            est,
+            outcome,
+            status,
+            ..
+        }) = settles.get(id.as_str()).copied()
+        else {
+            tx.prepare_cached(BEGIN_SQL)?.execute(rusqlite::params![
+                id,
+                ns,
+                agent,
+                budgets,
+                endpoint,
+                model,
+                at,
+                i(*prompt),
+                i(*max_out),
+                i(reserved.tokens),
+                i(reserved.micros),
+            ])?;
+            continue;
+        };
+        let row = rusqlite::params![
+            id,
+            ns,
+            agent,
+            budgets,
+            endpoint,
+            model,
+            at,
+            i(*prompt),
+            i(*max_out),
+            i(reserved.tokens),
+            i(reserved.micros),
+            end,
+            i(usage.input_tokens),
+            i(usage.cached_input_tokens),
+            i(usage.cache_write_input_tokens),
+            i(usage.output_tokens),
+            i(usage.reasoning_tokens),
+            i(*cost),
+            est,
+            outcome,
+            i64::from(*status),
+        ];
+        // Inserted settled, or (a replay) the row is there already and the settle below
+        // applies to it if it is still open.
+        if tx.prepare_cached(BEGIN_SETTLED_SQL)?.execute(row)? == 1 {
+            folded_with_begin.insert(id.as_str());
+        }
+    }
+    for (id, entry) in settles {
+        if folded_with_begin.contains(id) {
+            continue;
+        }
+        let Entry::Settle {
+            id,
+            at,
+            usage,
+            cost,
+            est,
+            outcome,
+            status,
+        } = entry
+        else {
+            continue;
+        };
+        tx.prepare_cached(SETTLE_SQL)?.execute(rusqlite::params![
+            id,
+            at,
+            i(usage.input_tokens),
+            i(usage.cached_input_tokens),
+            i(usage.cache_write_input_tokens),
+            i(usage.output_tokens),
+            i(usage.reasoning_tokens),
+            i(*cost),
+            est,
+            outcome,
+            i64::from(*status),
+        ])?;
+    }
     Ok(())
 }
 
-/// The writer thread: takes every job waiting (up to 256), applies them in one transaction
-/// (group commit), then answers each. sqlx hands every statement to a worker thread and
-/// back (about 130 µs per statement here); one thread with cached statements does not.
-fn write_loop(mut conn: rusqlite::Connection, jobs: std::sync::mpsc::Receiver<Job>) {
-    while let Ok(first) = jobs.recv() {
-        let mut batch = vec![first];
-        batch.extend(jobs.try_iter().take(255));
-        let results: Result<Vec<Result<(), rusqlite::Error>>, rusqlite::Error> = (|| {
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let results = batch.iter().map(|j| apply(&tx, &j.op)).collect();
-            tx.commit()?;
-            Ok(results)
-        })();
-        match results {
-            Ok(results) => {
-                for (job, r) in batch.into_iter().zip(results) {
-                    let _ = job.done.send(r.map_err(WriteError::Sqlite));
-                }
-            }
-            Err(e) => {
-                let message = e.to_string();
-                for job in batch {
-                    let _ = job.done.send(Err(WriteError::Commit(message.clone())));
-                }
-            }
-        }
+/// Folds what was appended since the last fold into SQLite, in one transaction, then deletes
+/// the journal segments that are closed and fully committed. Returns how many records.
+fn fold_now(
+    journal: &Journal,
+    fold: &Mutex<(rusqlite::Connection, Folder)>,
+) -> Result<usize, FoldError> {
+    let mut guard = fold.lock().unwrap_or_else(PoisonError::into_inner);
+    let (conn, folder) = &mut *guard;
+    let (entries, done) = folder.read(journal.dir(), journal.current())?;
+    if !entries.is_empty() {
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(FoldError::Sqlite)?;
+        apply(&tx, &entries).map_err(FoldError::Sqlite)?;
+        tx.commit().map_err(FoldError::Sqlite)?;
     }
+    for path in done {
+        // Committed above (or in an earlier fold): the segment is not needed any more. A
+        // segment left behind by a failed delete is folded again, harmlessly, next start.
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(entries.len())
 }
 
 /// The columns a [`UsageRecord`] is read from.
@@ -365,16 +462,35 @@ impl Outbox {
                 Ok(c)
             })
             .map_err(|e| sqlx::Error::Configuration(Box::new(e)))?;
-        let (writer, jobs) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("soma-outbox-writer".into())
-            .spawn(move || write_loop(conn, jobs))
-            .map_err(sqlx::Error::Io)?;
-        Ok(Outbox { pool, writer })
+        let journal_dir = journal_dir(path);
+        let outbox = Outbox {
+            pool,
+            journal: Arc::new(
+                Journal::open(&journal_dir).map_err(|e| sqlx::Error::Configuration(Box::new(e)))?,
+            ),
+            fold: Arc::new(Mutex::new((conn, Folder::default()))),
+        };
+        // What a previous process appended and did not fold is folded before anything reads.
+        outbox.fold().await?;
+        Ok(outbox)
+    }
+
+    /// Folds the journal into SQLite now (off the async workers).
+    pub async fn fold(&self) -> Result<usize, FoldError> {
+        let (journal, fold) = (self.journal.clone(), self.fold.clone());
+        tokio::task::spawn_blocking(move || fold_now(&journal, &fold))
+            .await
+            .unwrap_or_else(|e| {
+                Err(FoldError::Journal(JournalError::Io {
+                    path: PathBuf::new(),
+                    source: std::io::Error::other(e.to_string()),
+                }))
+            })
     }
 
     /// Settles rows a previous process left open, at their worst case. Returns how many.
     pub async fn recover_interrupted(&self, now: Timestamp) -> Result<u64, sqlx::Error> {
+        self.fold().await?;
         let r = sqlx::query(
             "UPDATE usage_outbox SET state = 'settled', finished_at_ms = ?1,
                 input_tokens = prompt_estimate, output_tokens = max_output_tokens,
@@ -388,32 +504,25 @@ impl Outbox {
         Ok(r.rows_affected())
     }
 
-    async fn write(&self, op: Op) -> Result<(), WriteError> {
-        let (done, result) = tokio::sync::oneshot::channel();
-        self.writer
-            .send(Job { op, done })
-            .map_err(|_| WriteError::Stopped)?;
-        result.await.map_err(|_| WriteError::Stopped)?
+    /// Records a request before it leaves: one journal append on the caller's thread.
+    pub fn begin(&self, r: &OpenRecord) -> Result<(), WriteError> {
+        Ok(self.journal.append(&Entry::begin(r))?)
     }
 
-    /// Records a request before it leaves.
-    pub async fn begin(&self, r: &OpenRecord) -> Result<(), WriteError> {
-        self.write(Op::Begin(r.clone())).await
-    }
-
-    /// Settles a request. Idempotent: a row already settled is left as it is.
-    pub async fn settle(
+    /// Settles a request: one journal append on the caller's thread. Idempotent: a row already
+    /// settled is left as it is.
+    pub fn settle(
         &self,
         id: &str,
         s: &Settlement,
         finished_at: Timestamp,
     ) -> Result<(), WriteError> {
-        self.write(Op::Settle(id.to_owned(), s.clone(), finished_at))
-            .await
+        Ok(self.journal.append(&Entry::settle(id, s, finished_at))?)
     }
 
     /// Settled spend of requests started at or after `since`.
     pub async fn spend_since(&self, since: Timestamp) -> Result<Vec<PastSpend>, sqlx::Error> {
+        self.fold().await?;
         let rows = sqlx::query(
             "SELECT budgets, started_at_ms, input_tokens + output_tokens AS tokens, cost_micros
              FROM usage_outbox WHERE state = 'settled' AND budgets != '' AND started_at_ms >= ?1",
@@ -437,6 +546,7 @@ impl Outbox {
 
     /// Row counts and sums.
     pub async fn totals(&self) -> Result<Totals, sqlx::Error> {
+        self.fold().await?;
         let r = sqlx::query(
             "SELECT
                 COALESCE(SUM(state = 'settled'), 0) AS settled,
@@ -457,6 +567,7 @@ impl Outbox {
 
     /// Every row as JSON (tests and debugging).
     pub async fn rows(&self) -> Result<Vec<serde_json::Value>, sqlx::Error> {
+        self.fold().await?;
         let rows = sqlx::query(
             "SELECT id, endpoint, model, state, input_tokens, cached_input_tokens,
                 cache_write_input_tokens, output_tokens, reasoning_tokens, cost_micros,
@@ -493,6 +604,7 @@ impl Outbox {
     /// request path, before delivery; a row keeps its link for every redelivery. Returns how
     /// many were linked.
     pub async fn chain_pending(&self, holder: &str, limit: u32) -> Result<u64, sqlx::Error> {
+        self.fold().await?;
         let mut tx = self.pool.begin().await?;
         let head: Option<String> =
             sqlx::query_scalar("SELECT value FROM outbox_meta WHERE key = 'chain_head'")
@@ -594,6 +706,7 @@ impl Outbox {
 
     /// Settled rows not yet delivered to `sink`.
     pub async fn pending_delivery(&self, sink: Sink) -> Result<u64, sqlx::Error> {
+        self.fold().await?;
         let sql = format!(
             "SELECT COUNT(*) FROM usage_outbox WHERE state = 'settled' AND {} IS NULL",
             sink.column()
@@ -632,6 +745,7 @@ impl Outbox {
     /// start of the longest budget window (minus a minute): younger rows are still replayed
     /// into the authority at start-up.
     pub async fn prune(&self, before: Timestamp, sinks: Sinks) -> Result<u64, sqlx::Error> {
+        self.fold().await?;
         if !sinks.ledger && !sinks.events {
             return Ok(0);
         }

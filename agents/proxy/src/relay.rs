@@ -130,9 +130,7 @@ async fn pump(
     if failed {
         genai_span::record_error(&charge.span, outcome);
     }
-    charge
-        .settle(&state, usage, estimated, outcome, client_status)
-        .await;
+    charge.settle(&state, usage, estimated, outcome, client_status);
     if failed {
         // Abort the client's body so it sees an incomplete stream, as it would without us.
         let _ = tx

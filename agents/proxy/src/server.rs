@@ -161,6 +161,7 @@ pub async fn state(config: Config, client_token: String) -> Result<Arc<AppState>
         metrics.register_lease_transactions(c.transactions());
     }
     Ok(Arc::new(AppState {
+        in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight.get())),
         client_token: client_token.trim().to_owned(),
         key,
         client,
@@ -201,6 +202,12 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    // What each Budget has left, read when scraped rather than written on every request.
+    for (budget, left) in s.authority.remaining_micros(jiff::Timestamp::now()) {
+        if let Some(left) = left {
+            s.metrics.budget_remaining(&budget, left);
+        }
+    }
     match s.metrics.encode() {
         Ok(text) => (
             [(
@@ -232,6 +239,25 @@ async fn prune_loop(state: Arc<AppState>, mut stop: tokio::sync::watch::Receiver
             Ok(0) => {}
             Ok(n) => tracing::debug!(pruned = n, "delivered outbox rows deleted"),
             Err(e) => tracing::warn!(error = %e, "outbox pruning failed"),
+        }
+    }
+}
+
+/// Folds the request journal into the outbox every `foldIntervalMs` (and once more at stop),
+/// so the outbox stays current even when nothing reads it.
+async fn fold_loop(state: Arc<AppState>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let every = Duration::from_millis(state.config.fold_interval_ms.max(1));
+    loop {
+        let stopping = tokio::select! {
+            _ = stop.wait_for(|s| *s) => true,
+            _ = tokio::time::sleep(every) => false,
+        };
+        if let Err(e) = state.outbox.fold().await {
+            tracing::warn!(error = %e, "folding the journal into the outbox failed; it is retried");
+            state.metrics.error("outbox");
+        }
+        if stopping {
+            return;
         }
     }
 }
@@ -347,6 +373,7 @@ pub async fn start(
     if state.config.prune_interval_ms > 0 {
         tasks.push(tokio::spawn(prune_loop(state.clone(), rx.clone())));
     }
+    tasks.push(tokio::spawn(fold_loop(state.clone(), rx.clone())));
     if let Budgets::Cluster(_) = &state.authority {
         let s = state.clone();
         let rx = rx.clone();

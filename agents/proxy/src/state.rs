@@ -1,5 +1,6 @@
 //! What every request shares.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use soma_metering::{Amount, Price, Reservation, Usage};
@@ -13,6 +14,8 @@ use crate::upstream::{ProviderKey, UpstreamClient};
 /// Shared, read-mostly state behind an `Arc`.
 #[derive(Debug)]
 pub struct AppState {
+    /// Requests being served, bounded by `maxInFlight`.
+    pub in_flight: Arc<tokio::sync::Semaphore>,
     /// The configuration file.
     pub config: Config,
     /// The per-pod client token.
@@ -29,7 +32,32 @@ pub struct AppState {
     pub metrics: Metrics,
 }
 
+/// A request's place among those in flight: released (and the gauge lowered) when the request
+/// is done, for a stream when its last byte is metered.
+#[derive(Debug)]
+pub struct InFlight {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
 impl AppState {
+    /// Admits a request, unless `maxInFlight` are already being served.
+    pub fn admit(&self) -> Option<InFlight> {
+        let permit = self.in_flight.clone().try_acquire_owned().ok()?;
+        let gauge = self.metrics.in_flight().clone();
+        gauge.inc();
+        Some(InFlight {
+            _permit: permit,
+            gauge,
+        })
+    }
+
     /// Idle timeout between body chunks.
     pub fn idle(&self) -> Duration {
         Duration::from_millis(self.config.timeouts.idle_ms)
@@ -58,13 +86,16 @@ pub struct Charge {
     /// The call's GenAI span, held until the charge is settled so that it closes after the
     /// usage is known (for a stream, after the relay has metered it).
     pub span: tracing::Span,
+    /// Its place among the requests in flight, given up when it is settled.
+    pub in_flight: InFlight,
 }
 
 impl Charge {
-    /// Settles with `usage` (zero usage releases the reservation), records it durably and in
-    /// metrics. An outbox failure is logged and counted: the spend is already in the budget
-    /// authority and the row stays open, to be settled at worst case on the next start.
-    pub async fn settle(
+    /// Settles with `usage` (zero usage releases the reservation), records it durably (one
+    /// journal append) and in metrics. A journal failure is logged and counted: the spend is
+    /// already in the budget authority and the row stays open, to be settled at worst case on
+    /// the next start.
+    pub fn settle(
         self,
         state: &AppState,
         usage: Usage,
@@ -94,18 +125,13 @@ impl Charge {
             outcome,
             http_status,
         };
-        if let Err(e) = state.outbox.settle(&self.id, &settlement, now).await {
+        if let Err(e) = state.outbox.settle(&self.id, &settlement, now) {
             tracing::error!(error = %e, id = %self.id, "outbox settle failed; the row stays open");
             state.metrics.error("outbox");
         }
         state
             .metrics
             .usage(&self.model, &usage, amount.micros, estimated);
-        for (budget, left) in state.authority.remaining_micros(now) {
-            if let Some(left) = left {
-                state.metrics.budget_remaining(&budget, left);
-            }
-        }
         // Debug, not info: at a thousand requests a second the outbox is the record, and a
         // formatted log line per request is measurable on the request path.
         tracing::debug!(

@@ -755,7 +755,6 @@ async fn a_restart_settles_interrupted_requests_and_remembers_spend() {
                 micros: 1_025,
             },
         })
-        .await
         .unwrap();
     let before = p.state.outbox.totals().await.unwrap();
     p.stop().await;
@@ -821,6 +820,107 @@ async fn healthz_and_metrics() {
         "soma_proxy_upstream_latency_seconds_bucket",
         "soma_proxy_added_latency_seconds_bucket",
         "soma_proxy_in_flight_requests",
+    ] {
+        assert!(m.contains(needle), "missing {needle} in\n{m}");
+    }
+    // A refused request is counted once.
+    let refused: Vec<&str> = m
+        .lines()
+        .filter(|l| l.starts_with("soma_proxy_requests_total{") && l.contains("status=\"400\""))
+        .collect();
+    assert_eq!(
+        refused,
+        ["soma_proxy_requests_total{endpoint=\"chat_completions\",model=\"\",status=\"400\"} 1"]
+    );
+}
+
+#[tokio::test]
+async fn beyond_max_in_flight_a_request_gets_503_at_once_and_the_bound_recovers() {
+    let h = Harness::start(
+        "openai",
+        json!({"maxInFlight": 2, "timeouts": {"responseHeadersMs": 1500}}),
+    )
+    .await;
+    // Two calls whose provider holds its headers back occupy both places.
+    let stalled = chat("gpt-4o", "SCENARIO:headers-stall", json!({"max_tokens": 3}));
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let (client, url, body) = (
+                h.client.clone(),
+                h.proxy_url("/v1/chat/completions"),
+                stalled.to_string(),
+            );
+            tokio::spawn(async move {
+                send(
+                    &client,
+                    "POST",
+                    &url,
+                    &[
+                        ("authorization", &format!("Bearer {TOKEN}")),
+                        ("content-type", "application/json"),
+                    ],
+                    body,
+                )
+                .await
+            })
+        })
+        .collect();
+    for _ in 0..500 {
+        if h.upstream.received().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        h.upstream.received().len(),
+        2,
+        "both held calls reach the provider"
+    );
+
+    let ok = chat("gpt-4o", "hi", json!({"max_tokens": 3}));
+    let refused = h.post("/v1/chat/completions", &ok).await;
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.headers["retry-after"], "1");
+    assert_eq!(refused.json()["error"]["code"], "overloaded");
+    assert!(
+        refused.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limit of 2")
+    );
+    // The refused request never reached the provider and opened no outbox row.
+    assert_eq!(h.upstream.received().len(), 2);
+    assert_eq!(h.rows().await.len(), 2);
+
+    // Once the held calls end (504 after responseHeadersMs), the places are free again.
+    for t in held {
+        assert_eq!(t.await.unwrap().status, 504);
+    }
+    let again = h.post("/v1/chat/completions", &ok).await;
+    assert_eq!(again.status, 200);
+    // A bound of zero is a configuration error, not a sidecar that refuses everything.
+    let zero = json!({"maxInFlight": 0});
+    let err = soma_proxy::Config::parse(
+        &config_json(&h.upstream.url(), "openai", h.dir.path(), zero).to_string(),
+    )
+    .unwrap_err();
+    assert!(
+        format!("{:?}", std::error::Error::source(&err)).contains("nonzero"),
+        "{err:?}"
+    );
+    let m = send(
+        &h.client,
+        "GET",
+        &format!("http://{}/metrics", h.proxy.admin_addr),
+        &[],
+        String::new(),
+    )
+    .await
+    .text();
+    for needle in [
+        "soma_proxy_in_flight_requests 0",
+        "soma_proxy_errors_total{reason=\"overloaded\"} 1",
+        "soma_proxy_requests_total{endpoint=\"chat_completions\",model=\"\",status=\"503\"} 1",
     ] {
         assert!(m.contains(needle), "missing {needle} in\n{m}");
     }

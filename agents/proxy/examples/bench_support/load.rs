@@ -3,8 +3,8 @@
 //!
 //! Open loop: slot `i` is due at `start + i / rate` whatever happened before, and its latency
 //! is counted from that due time, so a stall cannot hide the requests queued behind it (no
-//! coordinated omission). Slot `i` goes to target `i % targets.len()` and carries prompt
-//! number `i / targets.len()`, so the same prompt reaches every target ("twins").
+//! coordinated omission). Slot `i` carries prompt number `i / targets.len()`, so the same
+//! prompt reaches every target ("twins"); the order of the twins rotates from round to round.
 
 use std::time::{Duration, Instant};
 
@@ -144,34 +144,57 @@ pub struct Schedule<'a> {
 }
 
 /// Runs `s` and returns every slot's sample, in slot order.
+///
+/// Slots are released by a dedicated thread that sleeps until each due time
+/// (`std::thread::sleep`, accurate to the kernel's timer slack, about 50 µs) and hands the call
+/// to the runtime; tokio's own timer rounds to whole milliseconds, which would add up to 1 ms
+/// of scheduling lag to every latency. Within a round of `n` twins the order rotates (round
+/// `r` starts with target `r % n`), so no target is always the first of its round.
 pub async fn open_loop(client: &Http, s: &Schedule<'_>) -> Vec<Sample> {
     let total = (s.rate as f64 * s.seconds).round() as u64;
     let n = s.targets.len().max(1) as u64;
     let interval = Duration::from_nanos(1_000_000_000 / s.rate.max(1));
     let start = Instant::now() + Duration::from_millis(50);
-    let mut tasks = Vec::with_capacity(total as usize);
-    for i in 0..total {
-        let due = start + interval * i as u32;
-        tokio::time::sleep_until(due.into()).await;
-        let target = (i % n) as usize;
-        let pair = i / n;
-        let body = chat_body(pair, s.stream, s.max_tokens);
-        let (client, t, timeout) = (client.clone(), s.targets[target].clone(), s.timeout);
-        tasks.push(tokio::spawn(async move {
-            let outcome = match tokio::time::timeout(timeout, call(&client, &t, body)).await {
-                Ok(r) => r,
-                Err(_) => Err("timeout".to_owned()),
-            };
+    let runtime = tokio::runtime::Handle::current();
+    let (client, targets, stream, max_tokens, timeout) = (
+        client.clone(),
+        s.targets.to_vec(),
+        s.stream,
+        s.max_tokens,
+        s.timeout,
+    );
+    let releaser = std::thread::spawn(move || {
+        let mut tasks = Vec::with_capacity(total as usize);
+        for i in 0..total {
+            let due = start + interval * i as u32;
             let now = Instant::now();
-            Sample {
-                target,
-                pair,
-                latency_us: now.saturating_duration_since(due).as_micros() as u64,
-                done_at: now.saturating_duration_since(start),
-                outcome,
+            if due > now {
+                std::thread::sleep(due - now);
             }
-        }));
-    }
+            let pair = i / n;
+            let target = ((i + pair) % n) as usize;
+            let body = chat_body(pair, stream, max_tokens);
+            let (client, t) = (client.clone(), targets[target].clone());
+            tasks.push(runtime.spawn(async move {
+                let outcome = match tokio::time::timeout(timeout, call(&client, &t, body)).await {
+                    Ok(r) => r,
+                    Err(_) => Err("timeout".to_owned()),
+                };
+                let now = Instant::now();
+                Sample {
+                    target,
+                    pair,
+                    latency_us: now.saturating_duration_since(due).as_micros() as u64,
+                    done_at: now.saturating_duration_since(start),
+                    outcome,
+                }
+            }));
+        }
+        tasks
+    });
+    let tasks = tokio::task::spawn_blocking(move || releaser.join().expect("slot releaser"))
+        .await
+        .expect("slot releaser");
     let mut out = Vec::with_capacity(tasks.len());
     for t in tasks {
         out.push(t.await.expect("load task"));

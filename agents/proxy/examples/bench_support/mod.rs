@@ -7,6 +7,7 @@
 //! Each benchmark is an example that declares `mod bench_support;` and uses part of it.
 #![allow(dead_code)] // each example uses a different part of the shared code
 
+pub mod cpu;
 pub mod load;
 pub mod procs;
 pub mod soma;

@@ -65,6 +65,25 @@ pub fn start(bin: &Path, args: &[&str], env: &[(&str, &str)], marker: &str) -> (
     (child, line)
 }
 
+/// Like [`start`], on core `cpu` only when given (`taskset -c`, which runs `bin` in its own
+/// process, so the PID is `bin`'s).
+pub fn start_on(
+    cpu: Option<usize>,
+    bin: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    marker: &str,
+) -> (Killed, String) {
+    let Some(cpu) = cpu else {
+        return start(bin, args, env, marker);
+    };
+    let cpu = cpu.to_string();
+    let bin_arg = bin.to_str().expect("utf-8 path");
+    let mut all = vec!["-c", &cpu, bin_arg];
+    all.extend_from_slice(args);
+    start(Path::new("taskset"), &all, env, marker)
+}
+
 /// A port that was free a moment ago on 127.0.0.1 (for servers that cannot report the port
 /// they bound, such as LiteLLM's).
 pub fn free_port() -> u16 {

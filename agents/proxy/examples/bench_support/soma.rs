@@ -7,7 +7,7 @@ use std::path::Path;
 use serde_json::{Value, json};
 
 use super::load::{Http, Target, get_text};
-use super::procs::{Killed, bin_dir, start};
+use super::procs::{Killed, bin_dir, start_on};
 
 /// The provider key the fake provider accepts.
 pub const KEY: &str = "sk-bench-key";
@@ -26,7 +26,13 @@ pub struct Upstream {
 impl Upstream {
     /// Starts `soma-fake-upstream` on a free port.
     pub fn start() -> Upstream {
-        let (proc, line) = start(
+        Upstream::start_on(None)
+    }
+
+    /// Starts `soma-fake-upstream` on a free port, on core `cpu` only when given.
+    pub fn start_on(cpu: Option<usize>) -> Upstream {
+        let (proc, line) = start_on(
+            cpu,
             &bin_dir().join("soma-fake-upstream"),
             &["--listen", "127.0.0.1:0", "--key", KEY],
             &[],
@@ -80,19 +86,31 @@ pub struct Sidecar {
 impl Sidecar {
     /// Writes `config` to `dir/config.json` and starts the sidecar with it.
     pub fn start(config: &Value, dir: &Path) -> Sidecar {
+        Sidecar::start_on(None, config, dir)
+    }
+
+    /// Like [`Sidecar::start`], on core `cpu` only when given.
+    pub fn start_on(cpu: Option<usize>, config: &Value, dir: &Path) -> Sidecar {
         let path = dir.join("config.json");
+        let mut config = config.clone();
+        // `SOMA_BENCH_SIDECAR_SET` (a JSON object) overrides fields of the sidecar's
+        // configuration, for experiments: `{"workerThreads": 2, "foldIntervalMs": 10}`.
+        if let Ok(set) = std::env::var("SOMA_BENCH_SIDECAR_SET") {
+            let set: Value = serde_json::from_str(&set).expect("SOMA_BENCH_SIDECAR_SET is JSON");
+            for (k, v) in set
+                .as_object()
+                .expect("SOMA_BENCH_SIDECAR_SET is an object")
+            {
+                config[k] = v.clone();
+            }
+        }
         std::fs::write(&path, config.to_string()).expect("write config");
-        // `SOMA_BENCH_SIDECAR_THREADS` sets the sidecar's tokio worker threads (and only the
-        // sidecar's), for experiments; unset, tokio's default (one per core).
-        let threads = std::env::var("SOMA_BENCH_SIDECAR_THREADS").ok();
-        let mut env = vec![
+        let env = vec![
             ("SOMA_POD_UID", TOKEN),
             ("RUST_LOG", "warn,soma_proxy=info"),
         ];
-        if let Some(t) = &threads {
-            env.push(("TOKIO_WORKER_THREADS", t));
-        }
-        let (proc, line) = start(
+        let (proc, line) = start_on(
+            cpu,
             &bin_dir().join("soma-proxy"),
             &["--config", path.to_str().expect("utf-8 path")],
             &env,
@@ -105,6 +123,11 @@ impl Sidecar {
             proxy_addr: field("proxy_addr"),
             admin_addr: field("admin_addr"),
         }
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self._proc.0.id()
     }
 
     /// Its chat endpoint, called with the pod token.

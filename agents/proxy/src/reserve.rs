@@ -1,0 +1,115 @@
+//! Reserve or brown out, then record: the call's worst case is reserved on every Budget of the
+//! chain (all or none); when a Budget refuses and its `onExhausted` is `BrownOut`, the call is
+//! rewritten to the cheaper model and reserved at that model's worst case instead. What was
+//! reserved is then recorded (the journal's begin record) before anything leaves.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use soma_metering::budget::{ExhaustedAction, LimitKind};
+use soma_metering::{Amount, Price};
+
+use crate::authority::Reserve;
+use crate::endpoint::Endpoint;
+use crate::error::ProxyError;
+use crate::outbox::OpenRecord;
+use crate::request::Call;
+use crate::state::{AppState, Charge, InFlight};
+
+/// The price of `model`, or an error when a price table is set and lacks it.
+pub fn price_of(state: &AppState, model: &str) -> Result<Option<Price>, ProxyError> {
+    match &state.config.prices {
+        None => Ok(None),
+        Some(table) => table
+            .get(model)
+            .copied()
+            .map(Some)
+            .ok_or_else(|| ProxyError::UnknownModel(model.to_owned())),
+    }
+}
+
+/// Reserves the call's worst case (or the brown-out model's) and records it.
+pub async fn reserve(
+    state: &Arc<AppState>,
+    endpoint: Endpoint,
+    call: &mut Call,
+    permit: InFlight,
+) -> Result<Charge, ProxyError> {
+    let mut price = price_of(state, &call.model)?;
+    let now = jiff::Timestamp::now();
+    let want = Amount::worst_case(call.prompt, call.max_out, price.as_ref());
+    let reservations = match state.authority.reserve(now, want).await {
+        Reserve::Taken(r) => r,
+        Reserve::Undefined(why) => return Err(ProxyError::BudgetUndefined(why)),
+        Reserve::Unavailable(why) => return Err(ProxyError::BudgetUnavailable(why)),
+        Reserve::Refused(refusal) => {
+            let cheaper = state
+                .authority
+                .def(&refusal.budget)
+                .filter(|d| d.on_exhausted.action == ExhaustedAction::BrownOut)
+                .and_then(|d| d.on_exhausted.brown_out_model)
+                .filter(|m| *m != call.model);
+            let browned = match cheaper {
+                Some(cheaper) => {
+                    let cheaper_price = price_of(state, &cheaper)?;
+                    let cheaper_want =
+                        Amount::worst_case(call.prompt, call.max_out, cheaper_price.as_ref());
+                    match state.authority.reserve(now, cheaper_want).await {
+                        Reserve::Taken(r) => {
+                            tracing::info!(from = %call.model, to = %cheaper, budget = %refusal.budget, "brown-out");
+                            state.authority.count_refusal(&refusal.budget, true);
+                            call.json["model"] = Value::String(cheaper.clone());
+                            call.model = cheaper;
+                            call.rewritten = true;
+                            price = cheaper_price;
+                            Some(r)
+                        }
+                        _ => None,
+                    }
+                }
+                None => None,
+            };
+            match browned {
+                Some(r) => r,
+                None => {
+                    // The Budget's refusal count means "its period cap is used up";
+                    // rate-limit refusals are the sidecar's own metric (`limit` label) only.
+                    if matches!(refusal.limit, LimitKind::Tokens | LimitKind::CostMicros) {
+                        state.authority.count_refusal(&refusal.budget, false);
+                    }
+                    state
+                        .metrics
+                        .refusal(&refusal.budget, refusal.limit.field());
+                    return Err(ProxyError::Budget(refusal));
+                }
+            }
+        }
+    };
+    let worst = Amount::worst_case(call.prompt, call.max_out, price.as_ref());
+    let charge = Charge {
+        id: uuid::Uuid::now_v7().to_string(),
+        reservations,
+        model: call.model.clone(),
+        price,
+        prompt_estimate: call.prompt,
+        span: tracing::Span::current(),
+        in_flight: permit,
+    };
+    let record = OpenRecord {
+        id: charge.id.clone(),
+        namespace: state.config.agent.namespace.clone(),
+        agent: state.config.agent.name.clone(),
+        budgets: state.authority.chain_label(),
+        endpoint: endpoint.label(),
+        model: call.model.clone(),
+        started_at: now,
+        prompt_estimate: call.prompt,
+        max_output_tokens: call.max_out,
+        reserved: worst,
+    };
+    if let Err(e) = state.outbox.begin(&record) {
+        state.authority.release(now, charge.reservations);
+        return Err(ProxyError::Outbox(e));
+    }
+    Ok(charge)
+}
