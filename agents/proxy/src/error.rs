@@ -77,6 +77,27 @@ pub enum ProxyError {
     },
 }
 
+/// Every [`ProxyError::label`], for metrics that start at 0.
+pub const REASONS: [&str; 17] = [
+    "unauthorized",
+    "not_found",
+    "wrong_provider",
+    "content_type",
+    "too_large",
+    "body_read",
+    "json",
+    "no_model",
+    "unknown_model",
+    "budget",
+    "budget_undefined",
+    "budget_unavailable",
+    "upstream",
+    "upstream_timeout",
+    "outbox",
+    "internal",
+    "overloaded",
+];
+
 impl ProxyError {
     /// A short label for metrics and logs.
     pub fn label(&self) -> &'static str {
@@ -272,6 +293,41 @@ mod tests {
             .await
             .unwrap();
         serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[test]
+    fn every_label_is_a_listed_reason() {
+        let errors = [
+            ProxyError::Unauthorized,
+            ProxyError::NotFound("/x".into()),
+            ProxyError::WrongProvider {
+                path: "/x".into(),
+                provider: "openai",
+            },
+            ProxyError::ContentType,
+            ProxyError::TooLarge { limit: 1 },
+            ProxyError::BodyRead(axum::Error::new(std::io::Error::other("x"))),
+            ProxyError::Json("x".into()),
+            ProxyError::NoModel,
+            ProxyError::UnknownModel("m".into()),
+            ProxyError::BudgetUndefined("x".into()),
+            ProxyError::BudgetUnavailable("x".into()),
+            ProxyError::UpstreamTimeout,
+            ProxyError::Internal("x".into()),
+            ProxyError::Overloaded { limit: 1 },
+        ];
+        for e in &errors {
+            assert!(
+                REASONS.contains(&e.label()),
+                "{} is not in REASONS",
+                e.label()
+            );
+        }
+        // The three variants not built above (they wrap library errors or a refusal).
+        for label in ["budget", "upstream", "outbox"] {
+            assert!(REASONS.contains(&label));
+        }
+        assert_eq!(REASONS.len(), errors.len() + 3);
     }
 
     #[tokio::test]

@@ -101,6 +101,7 @@ pub async fn run(
     url: String,
     interval: Duration,
     batch: u32,
+    meter: crate::metrics::DeliveryMeter,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let client = loop {
@@ -124,6 +125,7 @@ pub async fn run(
     let mut pacer = crate::ledger::Pacer::new(interval, batch);
     loop {
         let result = publish_once(&outbox, &js, &mut ready, batch).await;
+        meter.round(&result);
         let wait = pacer.after("usage event publish", result);
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,

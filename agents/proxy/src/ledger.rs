@@ -126,12 +126,14 @@ pub async fn run(
     pool: PgPool,
     interval: Duration,
     batch: u32,
+    meter: crate::metrics::DeliveryMeter,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut migrated = false;
     let mut pacer = Pacer::new(interval, batch);
     loop {
         let result = deliver_once(&outbox, &pool, &mut migrated, batch).await;
+        meter.round(&result);
         let wait = pacer.after("ledger delivery", result);
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,

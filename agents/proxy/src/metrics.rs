@@ -1,7 +1,7 @@
 //! Prometheus metrics: one registry, the `soma_proxy` sub-registry. Tokens and cost are
 //! labelled by namespace, agent and model (STYLE.md, convention 10).
 
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::sync::{Mutex, PoisonError};
 
 use prometheus_client::metrics::counter::Counter;
@@ -30,6 +30,10 @@ pub struct Metrics {
     in_flight: Gauge,
     estimated: Counter,
     live_updates: Family<Labels, Counter>,
+    deliveries: Family<Labels, Counter>,
+    delivered: Family<Labels, Counter>,
+    backlog: Family<Labels, Gauge>,
+    backlog_age: Family<Labels, Gauge<f64, AtomicU64>>,
     /// Series the request path touches, looked up once and kept.
     hot: Mutex<Hot>,
 }
@@ -105,6 +109,14 @@ impl Metrics {
         let in_flight = Gauge::default();
         let estimated = Counter::default();
         let live_updates = Family::<Labels, Counter>::default();
+        let deliveries = Family::<Labels, Counter>::default();
+        let delivered = Family::<Labels, Counter>::default();
+        let backlog = Family::<Labels, Gauge>::default();
+        let backlog_age = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        // Every failure reason exists from the start at 0, so that `increase()` sees the first.
+        for reason in crate::error::REASONS {
+            let _ = errors.get_or_create(&vec![("reason", reason.to_owned())]);
+        }
         let r = registry.sub_registry_with_prefix("soma_proxy");
         r.register(
             "requests",
@@ -161,6 +173,26 @@ impl Metrics {
             "Live Budget definition changes, by source (file, ledger) and outcome (applied, refused)",
             live_updates.clone(),
         );
+        r.register(
+            "deliveries",
+            "Delivery rounds from the outbox, by sink (ledger, nats) and outcome (ok, failed)",
+            deliveries.clone(),
+        );
+        r.register(
+            "delivered_records",
+            "Usage records delivered from the outbox, by sink (ledger, nats)",
+            delivered.clone(),
+        );
+        r.register(
+            "outbox_pending_records",
+            "Settled usage records in the outbox not yet delivered, by sink (read when scraped)",
+            backlog.clone(),
+        );
+        r.register(
+            "outbox_oldest_pending_age_seconds",
+            "Age of the oldest settled record not yet delivered, by sink (0 when none)",
+            backlog_age.clone(),
+        );
         Metrics {
             registry,
             namespace: namespace.to_owned(),
@@ -176,6 +208,10 @@ impl Metrics {
             in_flight,
             estimated,
             live_updates,
+            deliveries,
+            delivered,
+            backlog,
+            backlog_age,
             hot: Mutex::default(),
         }
     }
@@ -319,6 +355,35 @@ impl Metrics {
         .observe(secs);
     }
 
+    /// The counters of deliveries to `sink` (`ledger`, `nats`), created at 0.
+    pub fn delivery(&self, sink: &'static str) -> DeliveryMeter {
+        let round = |outcome: &str| {
+            self.deliveries
+                .get_or_create(&vec![
+                    ("sink", sink.to_owned()),
+                    ("outcome", outcome.to_owned()),
+                ])
+                .clone()
+        };
+        DeliveryMeter {
+            ok: round("ok"),
+            failed: round("failed"),
+            records: self
+                .delivered
+                .get_or_create(&vec![("sink", sink.to_owned())])
+                .clone(),
+        }
+    }
+
+    /// What waits in the outbox for `sink`: records and the age of the oldest.
+    pub fn backlog(&self, sink: &'static str, records: u64, oldest_age_secs: f64) {
+        let labels = vec![("sink", sink.to_owned())];
+        self.backlog
+            .get_or_create(&labels)
+            .set(i64::try_from(records).unwrap_or(i64::MAX));
+        self.backlog_age.get_or_create(&labels).set(oldest_age_secs);
+    }
+
     /// The in-flight gauge.
     pub fn in_flight(&self) -> &Gauge {
         &self.in_flight
@@ -364,5 +429,28 @@ impl LeaseTransactions {
                 ("outcome", outcome.to_owned()),
             ])
             .map_or(0, |c| c.get())
+    }
+}
+
+/// Counts one sink's delivery rounds and the records they delivered.
+#[derive(Clone, Debug)]
+pub struct DeliveryMeter {
+    ok: Counter,
+    failed: Counter,
+    records: Counter,
+}
+
+impl DeliveryMeter {
+    /// One round that delivered `result` records, or failed.
+    pub fn round<E>(&self, result: &Result<usize, E>) {
+        match result {
+            Ok(n) => {
+                self.ok.inc();
+                self.records.inc_by(*n as u64);
+            }
+            Err(_) => {
+                self.failed.inc();
+            }
+        }
     }
 }

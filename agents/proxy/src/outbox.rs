@@ -183,6 +183,15 @@ pub struct Totals {
     pub micros: u64,
 }
 
+/// What waits in the outbox for one sink.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backlog {
+    /// Settled records not yet delivered.
+    pub records: u64,
+    /// When the oldest of them finished.
+    pub oldest_finished_at: Option<Timestamp>,
+}
+
 /// The outbox: the journal the request path appends to, the SQLite connection the journal is
 /// folded into, and a sqlx pool for start-up, delivery and reads.
 #[derive(Clone, Debug)]
@@ -706,15 +715,24 @@ impl Outbox {
 
     /// Settled rows not yet delivered to `sink`.
     pub async fn pending_delivery(&self, sink: Sink) -> Result<u64, sqlx::Error> {
+        Ok(self.backlog(sink).await?.records)
+    }
+
+    /// Settled rows not yet delivered to `sink`, and when the oldest of them finished.
+    pub async fn backlog(&self, sink: Sink) -> Result<Backlog, sqlx::Error> {
         self.fold().await?;
         let sql = format!(
-            "SELECT COUNT(*) FROM usage_outbox WHERE state = 'settled' AND {} IS NULL",
+            "SELECT COUNT(*), MIN(finished_at_ms) FROM usage_outbox
+             WHERE state = 'settled' AND {} IS NULL",
             sink.column()
         );
-        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        let (n, oldest): (i64, Option<i64>) = sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .fetch_one(&self.pool)
             .await?;
-        Ok(u(n))
+        Ok(Backlog {
+            records: u(n),
+            oldest_finished_at: oldest.and_then(|ms| Timestamp::from_millisecond(ms).ok()),
+        })
     }
 
     /// Forgets deliveries to `sink` (tests: a sidecar that crashed after delivering).

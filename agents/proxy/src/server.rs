@@ -22,7 +22,7 @@ use crate::endpoint::Endpoint;
 use crate::error::ProxyError;
 use crate::handler;
 use crate::metrics::Metrics;
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, Sink};
 use crate::state::AppState;
 use crate::upstream::{self, ProviderKey};
 
@@ -202,10 +202,27 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
-    // What each Budget has left, read when scraped rather than written on every request.
-    for (budget, left) in s.authority.remaining_micros(jiff::Timestamp::now()) {
+    // What each Budget has left and what waits in the outbox, read when scraped rather than
+    // written on every request.
+    let now = jiff::Timestamp::now();
+    for (budget, left) in s.authority.remaining_micros(now) {
         if let Some(left) = left {
             s.metrics.budget_remaining(&budget, left);
+        }
+    }
+    let sinks = [
+        (s.config.database_url.is_some(), Sink::Ledger, "ledger"),
+        (s.config.nats_url.is_some(), Sink::Events, "nats"),
+    ];
+    for (_, sink, label) in sinks.into_iter().filter(|(on, ..)| *on) {
+        match s.outbox.backlog(sink).await {
+            Ok(b) => {
+                let age = b.oldest_finished_at.map_or(0.0, |t| {
+                    (now.as_millisecond() - t.as_millisecond()).max(0) as f64 / 1000.0
+                });
+                s.metrics.backlog(label, b.records, age);
+            }
+            Err(e) => tracing::warn!(error = %e, sink = label, "reading the outbox backlog failed"),
         }
     }
     match s.metrics.encode() {
@@ -341,6 +358,7 @@ pub async fn start(
             url.clone(),
             Duration::from_millis(state.config.delivery_interval_ms),
             500,
+            state.metrics.delivery("nats"),
             rx.clone(),
         )));
     }
@@ -367,6 +385,7 @@ pub async fn start(
             pool,
             interval,
             500,
+            state.metrics.delivery("ledger"),
             rx.clone(),
         )));
     }

@@ -41,6 +41,17 @@ async fn traffic(h: &Harness, n: usize) {
     }
 }
 
+/// The value of the series `series` (name and labels as exposed) on the sidecar's `/metrics`.
+async fn metric(h: &Harness, series: &str) -> f64 {
+    let url = format!("http://{}/metrics", h.proxy.admin_addr);
+    let text = send(&h.client, "GET", &url, &[], String::new())
+        .await
+        .text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
 #[tokio::test]
 async fn usage_reaches_the_ledger_once_through_an_outage_and_a_redelivery() {
     let mut pg = Pg::start();
@@ -71,6 +82,26 @@ async fn usage_reaches_the_ledger_once_through_an_outage_and_a_redelivery() {
             .unwrap()
             >= 15
     );
+    // The outage shows on /metrics: a backlog with an age, and failed rounds.
+    assert!(metric(&h, "soma_proxy_outbox_pending_records{sink=\"ledger\"}").await >= 15.0);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(
+        metric(
+            &h,
+            "soma_proxy_outbox_oldest_pending_age_seconds{sink=\"ledger\"}"
+        )
+        .await
+            >= 1.0
+    );
+    // A round fails once the pool gives up waiting for a connection (5 s).
+    let failed = "soma_proxy_deliveries_total{sink=\"ledger\",outcome=\"failed\"}";
+    for _ in 0..150 {
+        if metric(&h, failed).await >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(metric(&h, failed).await >= 1.0);
     pg.run();
     let pool = pg.pool().await;
     let outbox = h.proxy.state.outbox.totals().await.unwrap();
@@ -111,6 +142,23 @@ async fn usage_reaches_the_ledger_once_through_an_outage_and_a_redelivery() {
         0
     );
     assert_eq!(ledger_totals(&pool, 35).await.0, 35);
+    // Each record was delivered twice (the second time a duplicate the ledger ignored).
+    assert_eq!(
+        metric(&h, "soma_proxy_delivered_records_total{sink=\"ledger\"}").await,
+        70.0
+    );
+    assert_eq!(
+        metric(&h, "soma_proxy_outbox_pending_records{sink=\"ledger\"}").await,
+        0.0
+    );
+    assert_eq!(
+        metric(
+            &h,
+            "soma_proxy_outbox_oldest_pending_age_seconds{sink=\"ledger\"}"
+        )
+        .await,
+        0.0
+    );
     // The per-minute rollup was kept in step, redelivery included.
     let (rows, _, cost, tokens) = support::fleet::ledger(&pool).await;
     assert_eq!(support::fleet::rollup(&pool).await, (rows, cost, tokens));
