@@ -38,7 +38,8 @@ pub struct CostArgs {
     #[arg(long)]
     model: Option<String>,
     /// The price table the operator hands the sidecars (`--prices-file`: YAML or JSON, model →
-    /// inputPerMTok, outputPerMTok, cachedInputPerMTok, cacheWritePerMTok, micros per million).
+    /// inputPerMTok, outputPerMTok, cachedInputPerMTok, cacheWritePerMTok, cacheWrite1hPerMTok
+    /// in micros per million tokens, webSearchPerUse, webFetchPerUse in micros per use).
     #[arg(long)]
     prices: Option<PathBuf>,
     /// The endpoint the request is for.
@@ -116,12 +117,21 @@ pub fn run(args: &CostArgs) -> ExitCode {
     } else {
         tokens::max_output_tokens(&body).unwrap_or(args.default_max_tokens)
     };
-    let worst = Amount::worst_case(prompt, max_out, price.as_ref());
+    // As the sidecar reserves it, with its default allowance for server tools.
+    let bound = soma_metering::worst_usage(
+        &body,
+        prompt,
+        max_out,
+        &soma_metering::ToolAllowance::default(),
+    );
+    let worst = Amount::worst_case(&bound, price.as_ref());
     let out = json!({
         "model": model,
         "promptTokens": prompt,
         "maxOutputTokens": max_out,
         "worstCaseTokens": worst.tokens,
+        "worstCaseWebSearches": bound.web_search_requests,
+        "worstCaseWebFetches": bound.web_fetch_requests,
         "worstCaseCostMicros": price.map(|_| worst.micros),
         "priced": price.is_some(),
     });
@@ -132,6 +142,12 @@ pub fn run(args: &CostArgs) -> ExitCode {
             println!("prompt tokens       {prompt} (estimated with the model's BPE)");
             println!("max output tokens   {max_out}");
             println!("worst case tokens   {}", worst.tokens);
+            if bound.web_search_requests + bound.web_fetch_requests > 0 {
+                println!(
+                    "server tool uses    {} web searches, {} web fetches (their results counted as input)",
+                    bound.web_search_requests, bound.web_fetch_requests
+                );
+            }
             match price {
                 Some(_) => println!(
                     "worst case cost     {} micros ({}.{:06} in the price table's currency)",

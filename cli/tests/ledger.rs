@@ -244,12 +244,21 @@ async fn edited(f: &Filled) {
         &format!("UPDATE usage_records SET cost_micros = cost_micros - 1 WHERE holder = {FIRST} AND seq = 5"),
     )
     .await;
+    // A field added in version 2 of the record's form, set on a record hashed in version 1.
+    exec(
+        &url,
+        &format!(
+            "UPDATE usage_records SET web_search_requests = 3 WHERE holder = {FIRST} AND seq = 6"
+        ),
+    )
+    .await;
     let (code, out) = verify(&url, &f.public);
     assert_eq!(code, 1, "{out}");
     assert!(
         out.contains("TAMPERED  edited") && out.contains("(seq 5 of holder"),
         "{out}"
     );
+    assert!(out.contains("(seq 6 of holder"), "{out}");
     assert!(out.contains("TAMPERING FOUND"), "{out}");
 }
 
@@ -564,7 +573,12 @@ fn cost_dry_run_estimates_like_the_sidecar() {
     let prompt = soma_metering::tokens::estimate_prompt("gpt-4o", &body);
     let table: soma_metering::PriceTable =
         serde_yaml::from_str(&std::fs::read_to_string(&prices).unwrap()).unwrap();
-    let worst = soma_metering::Amount::worst_case(prompt, 300, table.get("gpt-4o"));
+    let bound = soma_metering::Usage {
+        input_tokens: prompt,
+        output_tokens: 300,
+        ..soma_metering::Usage::default()
+    };
+    let worst = soma_metering::Amount::worst_case(&bound, table.get("gpt-4o"));
     assert_eq!(v["promptTokens"], prompt);
     assert_eq!(v["maxOutputTokens"], 300);
     assert_eq!(v["worstCaseTokens"], worst.tokens);

@@ -111,6 +111,10 @@ pub struct SidecarConfig {
     /// format at once.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: std::num::NonZeroUsize,
+    /// What a request that declares server tools (web search, web fetch) may use per tool
+    /// where it does not say: reserved on its Budgets beside the prompt and output bound.
+    #[serde(default)]
+    pub server_tools: soma_metering::ToolAllowance,
     /// Largest request body accepted, in bytes.
     #[serde(default = "default_body_limit")]
     pub body_limit_bytes: usize,
@@ -352,6 +356,7 @@ impl SidecarConfig {
             fold_interval_ms: default_fold_interval(),
             worker_threads: default_worker_threads(),
             max_in_flight: default_max_in_flight(),
+            server_tools: soma_metering::ToolAllowance::default(),
             body_limit_bytes: default_body_limit(),
             default_max_tokens: default_max_tokens(),
             image_tokens: default_image_tokens(),

@@ -410,7 +410,9 @@ const RECORD_COLUMNS: &str = "id, namespace, agent, budgets, endpoint, model,
     (EXTRACT(EPOCH FROM finished_at) * 1000)::BIGINT AS finished_at_ms,
     input_tokens, cached_input_tokens, cache_write_input_tokens, output_tokens,
     reasoning_tokens, cost_micros, estimated, outcome, http_status::BIGINT AS http_status,
-    holder, seq, prev_hash, hash, (EXTRACT(EPOCH FROM delivered_at) * 1000)::BIGINT AS delivered_ms";
+    holder, seq, prev_hash, hash, cache_write_1h_input_tokens, web_search_requests,
+    web_fetch_requests, unmetered,
+    (EXTRACT(EPOCH FROM delivered_at) * 1000)::BIGINT AS delivered_ms";
 
 fn record_from_row(r: &sqlx::postgres::PgRow) -> (UsageRecord, i64) {
     (
@@ -436,6 +438,10 @@ fn record_from_row(r: &sqlx::postgres::PgRow) -> (UsageRecord, i64) {
             seq: r.get::<Option<i64>, _>("seq").unwrap_or_default(),
             prev_hash: r.get::<Option<String>, _>("prev_hash").unwrap_or_default(),
             hash: r.get::<Option<String>, _>("hash").unwrap_or_default(),
+            cache_write_1h_input_tokens: r.get("cache_write_1h_input_tokens"),
+            web_search_requests: r.get("web_search_requests"),
+            web_fetch_requests: r.get("web_fetch_requests"),
+            unmetered: r.get("unmetered"),
         },
         r.get::<Option<i64>, _>("delivered_ms").unwrap_or_default(),
     )

@@ -22,7 +22,8 @@ pub async fn insert(pool: &PgPool, rows: &[UsageRecord]) -> Result<u64, sqlx::Er
         "WITH ins AS (INSERT INTO usage_records (id, namespace, agent, budgets, endpoint, model,
             started_at, finished_at, input_tokens, cached_input_tokens, cache_write_input_tokens,
             output_tokens, reasoning_tokens, cost_micros, estimated, outcome, http_status,
-            holder, seq, prev_hash, hash) ",
+            holder, seq, prev_hash, hash, cache_write_1h_input_tokens, web_search_requests,
+            web_fetch_requests, unmetered) ",
     );
     q.push_values(rows, |mut b, r| {
         b.push_bind(&r.id)
@@ -47,7 +48,11 @@ pub async fn insert(pool: &PgPool, rows: &[UsageRecord]) -> Result<u64, sqlx::Er
             .push_bind((!r.holder.is_empty()).then_some(&r.holder))
             .push_bind((r.seq > 0).then_some(r.seq))
             .push_bind((!r.prev_hash.is_empty()).then_some(&r.prev_hash))
-            .push_bind((!r.hash.is_empty()).then_some(&r.hash));
+            .push_bind((!r.hash.is_empty()).then_some(&r.hash))
+            .push_bind(r.cache_write_1h_input_tokens)
+            .push_bind(r.web_search_requests)
+            .push_bind(r.web_fetch_requests)
+            .push_bind(&r.unmetered);
     });
     q.push(
         " ON CONFLICT (id) DO NOTHING RETURNING namespace, agent, model, budgets, started_at,

@@ -42,10 +42,19 @@ pub struct UsageRecord {
     pub cached_input_tokens: i64,
     /// Prompt tokens written to the provider's cache.
     pub cache_write_input_tokens: i64,
+    /// The part of the cache writes kept for an hour.
+    #[serde(default)]
+    pub cache_write_1h_input_tokens: i64,
     /// Generated tokens.
     pub output_tokens: i64,
     /// Generated tokens spent on reasoning.
     pub reasoning_tokens: i64,
+    /// Web searches the provider ran for the call.
+    #[serde(default)]
+    pub web_search_requests: i64,
+    /// Web pages the provider fetched for the call.
+    #[serde(default)]
+    pub web_fetch_requests: i64,
     /// Cost in micros.
     pub cost_micros: i64,
     /// The sidecar's estimate rather than the provider's numbers.
@@ -54,6 +63,9 @@ pub struct UsageRecord {
     pub outcome: Option<String>,
     /// Status the client saw.
     pub http_status: Option<i64>,
+    /// Usage fields the sidecar saw and did not meter, comma-separated (empty: none).
+    #[serde(default)]
+    pub unmetered: String,
     /// The sidecar that wrote it (its outbox's holder id).
     #[serde(default)]
     pub holder: String,
@@ -76,8 +88,20 @@ impl UsageRecord {
 
     /// The bytes the chain hashes: every field but the chain's own, each length-prefixed, so
     /// no two different records share them.
+    ///
+    /// Version 2 adds the one-hour cache writes, the server-tool uses and the unmetered
+    /// fields; a record with all of them zero or empty keeps the version 1 form, so records
+    /// hashed before version 2 existed still verify.
     pub fn canonical(&self) -> Vec<u8> {
-        let mut out = b"soma-usage-v1".to_vec();
+        let v2 = self.cache_write_1h_input_tokens != 0
+            || self.web_search_requests != 0
+            || self.web_fetch_requests != 0
+            || !self.unmetered.is_empty();
+        let mut out = if v2 {
+            b"soma-usage-v2".to_vec()
+        } else {
+            b"soma-usage-v1".to_vec()
+        };
         let mut field = |bytes: &[u8]| {
             out.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_be_bytes());
             out.extend_from_slice(bytes);
@@ -103,6 +127,12 @@ impl UsageRecord {
         field(opt(self.http_status).as_bytes());
         field(self.holder.as_bytes());
         field(num(self.seq).as_bytes());
+        if v2 {
+            field(num(self.cache_write_1h_input_tokens).as_bytes());
+            field(num(self.web_search_requests).as_bytes());
+            field(num(self.web_fetch_requests).as_bytes());
+            field(self.unmetered.as_bytes());
+        }
         out
     }
 
@@ -182,12 +212,22 @@ mod tests {
             Box::new(|r| r.http_status = Some(500)),
             Box::new(|r| r.holder.push('x')),
             Box::new(|r| r.seq += 1),
+            Box::new(|r| r.cache_write_1h_input_tokens += 1),
+            Box::new(|r| r.web_search_requests += 1),
+            Box::new(|r| r.web_fetch_requests += 1),
+            Box::new(|r| r.unmetered.push('x')),
         ];
         for (i, edit) in edits.iter().enumerate() {
             let mut b = a.clone();
             edit(&mut b);
             assert_ne!(b.link_hash(&genesis("h")), base, "edit {i} not covered");
         }
+        // Records without the version 2 fields keep the version 1 form, so hashes made before
+        // those fields existed still verify; setting one moves the record to version 2.
+        assert!(a.canonical().starts_with(b"soma-usage-v1"));
+        let mut v2 = a.clone();
+        v2.web_search_requests = 1;
+        assert!(v2.canonical().starts_with(b"soma-usage-v2"));
         // Field boundaries matter: moving a character between fields changes the hash.
         let mut c = a.clone();
         c.agent = "bo".into();

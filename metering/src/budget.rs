@@ -170,27 +170,25 @@ impl Amount {
         }
     }
 
-    /// The worst case for a request: `prompt_tokens` all billed at the dearest input price
-    /// (plain, cached or cache-write) plus `max_output_tokens` of output.
-    pub fn worst_case(prompt_tokens: u64, max_output_tokens: u64, price: Option<&Price>) -> Amount {
-        let dearest = price.map(|p| {
-            let input = p
-                .input_per_m_tok
-                .max(p.cached_input_per_m_tok.unwrap_or(0))
-                .max(p.cache_write_per_m_tok.unwrap_or(0));
-            Price {
-                input_per_m_tok: input,
-                output_per_m_tok: p.output_per_m_tok,
-                cached_input_per_m_tok: None,
-                cache_write_per_m_tok: None,
-            }
+    /// The worst case for a request whose most is `worst` ([`crate::bound::worst_usage`]):
+    /// every input token at the dearest input price (plain, cached or cache write), its output
+    /// and its server-tool uses at their prices.
+    pub fn worst_case(worst: &Usage, price: Option<&Price>) -> Amount {
+        let dearest = price.map(|p| Price {
+            input_per_m_tok: p.dearest_input_per_m_tok(),
+            output_per_m_tok: p.output_per_m_tok,
+            web_search_per_use: p.web_search_per_use,
+            web_fetch_per_use: p.web_fetch_per_use,
+            ..Price::default()
         });
-        let usage = Usage {
-            input_tokens: prompt_tokens,
-            output_tokens: max_output_tokens,
+        let tokens_only = Usage {
+            input_tokens: worst.input_tokens,
+            output_tokens: worst.output_tokens,
+            web_search_requests: worst.web_search_requests,
+            web_fetch_requests: worst.web_fetch_requests,
             ..Usage::default()
         };
-        Amount::of(&usage, dearest.as_ref())
+        Amount::of(&tokens_only, dearest.as_ref())
     }
 
     fn add(&mut self, o: Amount) {
@@ -784,12 +782,31 @@ mod tests {
             output_per_m_tok: 15_000_000,
             cached_input_per_m_tok: Some(300_000),
             cache_write_per_m_tok: Some(3_750_000),
+            ..Price::default()
+        };
+        let worst = Usage {
+            input_tokens: 1_000,
+            output_tokens: 100,
+            ..Usage::default()
         };
         assert_eq!(
-            Amount::worst_case(1_000, 100, Some(&p)),
+            Amount::worst_case(&worst, Some(&p)),
             amt(1_100, 3_750 + 1_500)
         );
-        assert_eq!(Amount::worst_case(1_000, 100, None), amt(1_100, 0));
+        assert_eq!(Amount::worst_case(&worst, None), amt(1_100, 0));
+        // Server-tool uses at their per-use price.
+        let searching = Usage {
+            web_search_requests: 2,
+            ..worst
+        };
+        let p = Price {
+            web_search_per_use: Some(10_000),
+            ..p
+        };
+        assert_eq!(
+            Amount::worst_case(&searching, Some(&p)),
+            amt(1_100, 3_750 + 1_500 + 20_000)
+        );
     }
 
     #[test]

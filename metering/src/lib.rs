@@ -13,6 +13,7 @@
 //! are micros per million tokens; no floating point touches money.
 #![forbid(unsafe_code)]
 
+pub mod bound;
 pub mod budget;
 pub mod chain;
 pub mod error;
@@ -23,6 +24,7 @@ pub mod tokens;
 pub mod usage;
 pub mod wire;
 
+pub use bound::{ToolAllowance, worst_usage};
 pub use budget::{
     Amount, BudgetDef, ExhaustedAction, Ledger, Limits, OnExhausted, Refusal, Reservation,
 };

@@ -1,8 +1,9 @@
 //! Prices per model, and the cost of a [`Usage`] in integer micro-units.
 //!
-//! A price is micros per million tokens (USD 2.50 per 1M input tokens is `2_500_000`). A call's
-//! cost is `ceil(Σ tokens_k × price_k / 1_000_000)` over the token kinds, computed in `u128`,
-//! so it never overflows and never rounds a paid call down to zero.
+//! A price is micros per million tokens (USD 2.50 per 1M input tokens is `2_500_000`), and for
+//! server-tool uses micros per use (USD 10 per 1,000 web searches is `10_000`). A call's cost is
+//! `ceil(Σ tokens_k × price_k / 1_000_000) + Σ uses_t × price_t` over the token kinds and
+//! tools, computed in `u128`, so it never overflows and never rounds a paid call down to zero.
 
 use std::collections::BTreeMap;
 
@@ -24,6 +25,22 @@ pub struct Price {
     /// Prompt tokens written to the cache; the input price when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_write_per_m_tok: Option<u64>,
+    /// Prompt tokens written to the cache with a one-hour lifetime; `cacheWritePerMTok` (then
+    /// the input price) when unset.
+    #[serde(
+        default,
+        rename = "cacheWrite1hPerMTok",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cache_write_1h_per_m_tok: Option<u64>,
+    /// Micros per web search the provider runs. Unset: searches are not priced, and a record
+    /// with searches says so (`unmetered`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_search_per_use: Option<u64>,
+    /// Micros per web page the provider fetches (Anthropic bills fetches as tokens only: set
+    /// 0 to say so). Unset: as for searches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_fetch_per_use: Option<u64>,
 }
 
 const PER: u128 = 1_000_000;
@@ -33,12 +50,43 @@ impl Price {
     pub fn cost_micros(&self, usage: &Usage) -> u64 {
         let cached = self.cached_input_per_m_tok.unwrap_or(self.input_per_m_tok);
         let write = self.cache_write_per_m_tok.unwrap_or(self.input_per_m_tok);
-        let term = |tokens: u64, price: u64| u128::from(tokens).saturating_mul(u128::from(price));
+        let write_1h = self.cache_write_1h_per_m_tok.unwrap_or(write);
+        let term = |n: u64, price: u64| u128::from(n).saturating_mul(u128::from(price));
         let scaled = term(usage.uncached_input_tokens(), self.input_per_m_tok)
             .saturating_add(term(usage.cached_input_tokens, cached))
-            .saturating_add(term(usage.cache_write_input_tokens, write))
+            .saturating_add(term(usage.cache_write_short_input_tokens(), write))
+            .saturating_add(term(usage.cache_write_1h_input_tokens, write_1h))
             .saturating_add(term(usage.output_tokens, self.output_per_m_tok));
-        u64::try_from(scaled.div_ceil(PER)).unwrap_or(u64::MAX)
+        let uses = term(
+            usage.web_search_requests,
+            self.web_search_per_use.unwrap_or(0),
+        )
+        .saturating_add(term(
+            usage.web_fetch_requests,
+            self.web_fetch_per_use.unwrap_or(0),
+        ));
+        u64::try_from(scaled.div_ceil(PER).saturating_add(uses)).unwrap_or(u64::MAX)
+    }
+
+    /// The dearest price of a prompt token (plain, cached or cache write).
+    pub fn dearest_input_per_m_tok(&self) -> u64 {
+        self.input_per_m_tok
+            .max(self.cached_input_per_m_tok.unwrap_or(0))
+            .max(self.cache_write_per_m_tok.unwrap_or(0))
+            .max(self.cache_write_1h_per_m_tok.unwrap_or(0))
+    }
+
+    /// What `usage` holds that this price does not price: server-tool uses without a per-use
+    /// price (`price.webSearchPerUse`, `price.webFetchPerUse`).
+    pub fn unpriced(&self, usage: &Usage) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if usage.web_search_requests > 0 && self.web_search_per_use.is_none() {
+            out.push("price.webSearchPerUse");
+        }
+        if usage.web_fetch_requests > 0 && self.web_fetch_per_use.is_none() {
+            out.push("price.webFetchPerUse");
+        }
+        out
     }
 }
 
@@ -72,7 +120,7 @@ mod tests {
             input_per_m_tok: i,
             output_per_m_tok: o,
             cached_input_per_m_tok: c,
-            cache_write_per_m_tok: None,
+            ..Price::default()
         }
     }
 
@@ -129,10 +177,47 @@ mod tests {
             cached_input_tokens: 1_000,
             cache_write_input_tokens: 1_000,
             output_tokens: 100,
-            reasoning_tokens: 0,
+            ..Usage::default()
         };
         // 1000*3 + 1000*0.3 + 1000*3.75 + 100*15 = 3000 + 300 + 3750 + 1500
         assert_eq!(p.cost_micros(&usage), 8_550);
+        // Of the writes, 400 kept for an hour at $6/M: 600*3.75 + 400*6 instead of 1000*3.75.
+        let p1h = Price {
+            cache_write_1h_per_m_tok: Some(6_000_000),
+            ..p
+        };
+        let u1h = Usage {
+            cache_write_1h_input_tokens: 400,
+            ..usage
+        };
+        assert_eq!(p1h.cost_micros(&u1h), 3_000 + 300 + 2_250 + 2_400 + 1_500);
+        // Without a 1h price, 1h writes cost what other writes do.
+        assert_eq!(p.cost_micros(&u1h), 8_550);
+    }
+
+    #[test]
+    fn server_tool_uses_are_priced_per_use_or_reported_unpriced() {
+        let usage = Usage {
+            input_tokens: 1_000,
+            output_tokens: 100,
+            web_search_requests: 3,
+            web_fetch_requests: 2,
+            ..Usage::default()
+        };
+        let p = Price {
+            web_search_per_use: Some(10_000),
+            web_fetch_per_use: Some(0),
+            ..price(3_000_000, 15_000_000, None)
+        };
+        // tokens 3000 + 1500, searches 3 × 10_000, fetches free
+        assert_eq!(p.cost_micros(&usage), 4_500 + 30_000);
+        assert!(p.unpriced(&usage).is_empty());
+        let bare = price(3_000_000, 15_000_000, None);
+        assert_eq!(bare.cost_micros(&usage), 4_500);
+        assert_eq!(
+            bare.unpriced(&usage),
+            vec!["price.webSearchPerUse", "price.webFetchPerUse"]
+        );
     }
 
     #[test]

@@ -100,8 +100,9 @@ impl Default for LedgerConfig {
     }
 }
 
-/// Reads a price table file (YAML or JSON: model → `inputPerMTok`, `outputPerMTok`,
-/// optional `cachedInputPerMTok` and `cacheWritePerMTok`, in micro-units per million tokens).
+/// Reads a price table file (YAML or JSON: model → `inputPerMTok`, `outputPerMTok`, optional
+/// `cachedInputPerMTok`, `cacheWritePerMTok` and `cacheWrite1hPerMTok` in micro-units per
+/// million tokens, and `webSearchPerUse`, `webFetchPerUse` in micro-units per use).
 pub fn read_price_table(text: &str) -> Result<PriceTable, serde_yaml::Error> {
     serde_yaml::from_str(text)
 }

@@ -53,7 +53,8 @@ struct SidecarArgs {
     #[arg(long, env = "SOMA_SIDECAR_ADMIN_PORT", default_value_t = 9090)]
     sidecar_admin_port: u16,
     /// Price table handed to every sidecar (YAML or JSON: model → inputPerMTok,
-    /// outputPerMTok, cachedInputPerMTok, cacheWritePerMTok, in micro-units per million tokens).
+    /// outputPerMTok, cachedInputPerMTok, cacheWritePerMTok, cacheWrite1hPerMTok in micro-units
+    /// per million tokens, webSearchPerUse and webFetchPerUse in micro-units per use).
     #[arg(long, env = "SOMA_PRICES_FILE")]
     prices_file: Option<PathBuf>,
     /// The usage ledger's PostgreSQL URL. Set: every sidecar gets it (a Secret `<agent>-ledger`

@@ -15,6 +15,8 @@ pub enum Endpoint {
     Embeddings,
     /// `POST /v1/responses`.
     Responses,
+    /// `POST /v1/responses/compact` (a billed summary of a conversation).
+    ResponsesCompact,
     /// `GET /v1/models`.
     Models,
     /// `POST /v1/messages` (Anthropic).
@@ -25,11 +27,12 @@ pub enum Endpoint {
 
 impl Endpoint {
     /// Every endpoint, for routing.
-    pub const ALL: [Endpoint; 7] = [
+    pub const ALL: [Endpoint; 8] = [
         Endpoint::ChatCompletions,
         Endpoint::Completions,
         Endpoint::Embeddings,
         Endpoint::Responses,
+        Endpoint::ResponsesCompact,
         Endpoint::Models,
         Endpoint::Messages,
         Endpoint::CountTokens,
@@ -42,6 +45,7 @@ impl Endpoint {
             Endpoint::Completions => "/v1/completions",
             Endpoint::Embeddings => "/v1/embeddings",
             Endpoint::Responses => "/v1/responses",
+            Endpoint::ResponsesCompact => "/v1/responses/compact",
             Endpoint::Models => "/v1/models",
             Endpoint::Messages => "/v1/messages",
             Endpoint::CountTokens => "/v1/messages/count_tokens",
@@ -55,6 +59,7 @@ impl Endpoint {
             Endpoint::Completions => "completions",
             Endpoint::Embeddings => "embeddings",
             Endpoint::Responses => "responses",
+            Endpoint::ResponsesCompact => "responses_compact",
             Endpoint::Models => "models",
             Endpoint::Messages => "messages",
             Endpoint::CountTokens => "count_tokens",

@@ -69,6 +69,9 @@ pub enum ProxyError {
     /// The request could not be built (should not happen with validated config).
     #[error("internal error building the upstream request")]
     Internal(String),
+    /// The provider's response broke off before its end.
+    #[error("the provider's response broke off")]
+    UpstreamCut,
     /// As many requests are in flight as the sidecar serves at once (`maxInFlight`).
     #[error("{limit} requests are in flight, the sidecar's limit")]
     Overloaded {
@@ -77,8 +80,10 @@ pub enum ProxyError {
     },
 }
 
-/// Every [`ProxyError::label`], for metrics that start at 0.
-pub const REASONS: [&str; 17] = [
+/// Every reason `soma_proxy_errors_total` counts, for series that start at 0: each
+/// [`ProxyError::label`], then the ways a stream that was already answered can fail
+/// ([`STREAM_FAILURES`]).
+pub const REASONS: [&str; 21] = [
     "unauthorized",
     "not_found",
     "wrong_provider",
@@ -96,7 +101,15 @@ pub const REASONS: [&str; 17] = [
     "outbox",
     "internal",
     "overloaded",
+    "upstream_cut",
+    "stream_cut",
+    "stream_idle_timeout",
+    "stream_error_event",
 ];
+
+/// Reasons for a stream the client was already answering (status 200 sent): the provider
+/// broke the connection, went silent past `timeouts.idleMs`, or sent an error event.
+pub const STREAM_FAILURES: [&str; 3] = ["stream_cut", "stream_idle_timeout", "stream_error_event"];
 
 impl ProxyError {
     /// A short label for metrics and logs.
@@ -116,6 +129,7 @@ impl ProxyError {
             ProxyError::BudgetUnavailable(_) => "budget_unavailable",
             ProxyError::Upstream(_) => "upstream",
             ProxyError::UpstreamTimeout => "upstream_timeout",
+            ProxyError::UpstreamCut => "upstream_cut",
             ProxyError::Outbox(_) => "outbox",
             ProxyError::Internal(_) => "internal",
             ProxyError::Overloaded { .. } => "overloaded",
@@ -138,7 +152,7 @@ impl ProxyError {
             | ProxyError::BudgetUnavailable(_)
             | ProxyError::Outbox(_)
             | ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::Upstream(_) | ProxyError::UpstreamCut => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -180,7 +194,7 @@ impl ProxyError {
                 }
                 _ => ("insufficient_quota", "rate_limit_error", "budget_exceeded"),
             },
-            ProxyError::Upstream(_) | ProxyError::UpstreamTimeout => {
+            ProxyError::Upstream(_) | ProxyError::UpstreamTimeout | ProxyError::UpstreamCut => {
                 ("api_error", "api_error", "upstream_unavailable")
             }
             ProxyError::BudgetUnavailable(_) => {
@@ -313,6 +327,7 @@ mod tests {
             ProxyError::BudgetUndefined("x".into()),
             ProxyError::BudgetUnavailable("x".into()),
             ProxyError::UpstreamTimeout,
+            ProxyError::UpstreamCut,
             ProxyError::Internal("x".into()),
             ProxyError::Overloaded { limit: 1 },
         ];
@@ -327,7 +342,10 @@ mod tests {
         for label in ["budget", "upstream", "outbox"] {
             assert!(REASONS.contains(&label));
         }
-        assert_eq!(REASONS.len(), errors.len() + 3);
+        for label in STREAM_FAILURES {
+            assert!(REASONS.contains(&label));
+        }
+        assert_eq!(REASONS.len(), errors.len() + 3 + STREAM_FAILURES.len());
     }
 
     #[tokio::test]

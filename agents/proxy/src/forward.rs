@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde_json::Value;
-use soma_metering::wire;
+use soma_metering::wire::{self, Metered};
 use soma_metering::{Usage, tokens};
 
 use crate::endpoint::Endpoint;
@@ -93,7 +93,7 @@ pub async fn metered(
     {
         Ok(r) => r,
         Err(e) => {
-            charge.settle(state, Usage::default(), false, "internal", 500);
+            charge.settle(state, Metered::default(), false, "internal", 500);
             return Err(e);
         }
     };
@@ -108,11 +108,17 @@ pub async fn metered(
     {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            charge.settle(state, Usage::default(), false, "upstream_unreachable", 502);
+            charge.settle(
+                state,
+                Metered::default(),
+                false,
+                "upstream_unreachable",
+                502,
+            );
             return Err(ProxyError::Upstream(e));
         }
         Err(_) => {
-            charge.settle(state, Usage::default(), false, "upstream_timeout", 504);
+            charge.settle(state, Metered::default(), false, "upstream_timeout", 504);
             return Err(ProxyError::UpstreamTimeout);
         }
     };
@@ -132,7 +138,7 @@ pub async fn metered(
         };
         charge.settle(
             state,
-            Usage::default(),
+            Metered::default(),
             false,
             "upstream_error",
             status.as_u16(),
@@ -169,13 +175,13 @@ pub async fn metered(
             }
             let parsed = value
                 .as_ref()
-                .and_then(|v| wire::usage_from_body(endpoint.dialect(), v));
-            let (usage, estimated) = match parsed {
-                Some(u) => (u, false),
-                None => (estimate_from_body(&charge, &body), true),
+                .and_then(|v| wire::metered_from_body(endpoint.dialect(), v));
+            let (metered, estimated) = match parsed {
+                Some(m) => (m, false),
+                None => (Metered::from(estimate_from_body(&charge, &body)), true),
             };
             let body_done = Instant::now();
-            charge.settle(state, usage, estimated, "ok", status.as_u16());
+            charge.settle(state, metered, estimated, "ok", status.as_u16());
             state
                 .metrics
                 .added_latency(label, (pre + body_done.elapsed()).as_secs_f64());
@@ -190,12 +196,9 @@ pub async fn metered(
             };
             let (outcome, err) = match kind {
                 upstream::ReadError::Idle => ("upstream_timeout", ProxyError::UpstreamTimeout),
-                upstream::ReadError::Broken => (
-                    "upstream_cut",
-                    ProxyError::Internal("the provider's response broke off".into()),
-                ),
+                upstream::ReadError::Broken => ("upstream_cut", ProxyError::UpstreamCut),
             };
-            charge.settle(state, usage, true, outcome, 502);
+            charge.settle(state, Metered::from(usage), true, outcome, 502);
             Err(err)
         }
     }

@@ -26,7 +26,10 @@ use crate::endpoint::Endpoint;
 /// endpoints that generate nothing get their own names.
 pub fn operation_name(endpoint: Endpoint) -> &'static str {
     match endpoint {
-        Endpoint::ChatCompletions | Endpoint::Responses | Endpoint::Messages => "chat",
+        Endpoint::ChatCompletions
+        | Endpoint::Responses
+        | Endpoint::ResponsesCompact
+        | Endpoint::Messages => "chat",
         Endpoint::Completions => "text_completion",
         Endpoint::Embeddings => "embeddings",
         Endpoint::Models => "list_models",

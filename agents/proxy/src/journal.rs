@@ -82,6 +82,9 @@ pub enum Entry {
         outcome: String,
         /// Status the client saw.
         status: u16,
+        /// Usage fields not metered, comma-separated.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        unmetered: String,
     },
 }
 
@@ -112,6 +115,7 @@ impl Entry {
             est: s.estimated,
             outcome: s.outcome.to_owned(),
             status: s.http_status,
+            unmetered: s.unmetered.clone(),
         }
     }
 }

@@ -34,6 +34,11 @@ pub struct Metrics {
     delivered: Family<Labels, Counter>,
     backlog: Family<Labels, Gauge>,
     backlog_age: Family<Labels, Gauge<f64, AtomicU64>>,
+    tool_uses: Family<Labels, Counter>,
+    unmetered: Family<Labels, Counter>,
+    stream_endings: Family<Labels, Counter>,
+    /// Distinct `field` series of `unmetered` made so far.
+    unmetered_fields: std::sync::atomic::AtomicUsize,
     /// Series the request path touches, looked up once and kept.
     hot: Mutex<Hot>,
 }
@@ -54,18 +59,28 @@ struct Hot {
 #[derive(Clone, Debug)]
 struct ModelSeries {
     /// Tokens by [`TOKEN_KINDS`].
-    tokens: [Counter; 5],
+    tokens: [Counter; 6],
+    /// Server-tool uses by [`TOOLS`].
+    tools: [Counter; 2],
     cost: Counter,
 }
 
 /// The `kind` label of `soma_proxy_tokens_total`, in [`ModelSeries::tokens`] order.
-const TOKEN_KINDS: [&str; 5] = [
+const TOKEN_KINDS: [&str; 6] = [
     "input",
     "cached_input",
     "cache_write_input",
+    "cache_write_1h_input",
     "output",
     "reasoning",
 ];
+
+/// The `tool` label of `soma_proxy_tool_uses_total`, in [`ModelSeries::tools`] order.
+const TOOLS: [&str; 2] = ["web_search", "web_fetch"];
+
+/// Distinct `field` values `soma_proxy_unmetered_usage_total` keeps; further fields count
+/// under `other` (the paths come from the provider's responses).
+const UNMETERED_FIELDS_LIMIT: usize = 64;
 
 /// Most entries kept per list of [`Hot`].
 const HOT_LIMIT: usize = 256;
@@ -113,6 +128,9 @@ impl Metrics {
         let delivered = Family::<Labels, Counter>::default();
         let backlog = Family::<Labels, Gauge>::default();
         let backlog_age = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        let tool_uses = Family::<Labels, Counter>::default();
+        let unmetered = Family::<Labels, Counter>::default();
+        let stream_endings = Family::<Labels, Counter>::default();
         // Every failure reason exists from the start at 0, so that `increase()` sees the first.
         for reason in crate::error::REASONS {
             let _ = errors.get_or_create(&vec![("reason", reason.to_owned())]);
@@ -193,6 +211,23 @@ impl Metrics {
             "Age of the oldest settled record not yet delivered, by sink (0 when none)",
             backlog_age.clone(),
         );
+        r.register(
+            "tool_uses",
+            "Server-tool uses the provider billed per use, by tool (web_search, web_fetch)",
+            tool_uses.clone(),
+        );
+        r.register(
+            "unmetered_usage",
+            "Usage records with a usage field the sidecar did not meter, by field (an unknown \
+             provider field, a known one without a price, or a tool use without a per-use price)",
+            unmetered.clone(),
+        );
+        r.register(
+            "stream_endings",
+            "Streamed responses by how they ended (ok, client_disconnected, upstream_cut, \
+             upstream_timeout, upstream_error_event)",
+            stream_endings.clone(),
+        );
         Metrics {
             registry,
             namespace: namespace.to_owned(),
@@ -212,6 +247,10 @@ impl Metrics {
             delivered,
             backlog,
             backlog_age,
+            tool_uses,
+            unmetered,
+            stream_endings,
+            unmetered_fields: std::sync::atomic::AtomicUsize::new(0),
             hot: Mutex::default(),
         }
     }
@@ -260,9 +299,15 @@ impl Metrics {
                     l.extend(kind.map(|k| ("kind", k.to_owned())));
                     l
                 };
+                let tool = |t: &str| {
+                    let mut l = labels(None);
+                    l.push(("tool", t.to_owned()));
+                    self.tool_uses.get_or_create(&l).clone()
+                };
                 ModelSeries {
                     tokens: TOKEN_KINDS
                         .map(|kind| self.tokens.get_or_create(&labels(Some(kind))).clone()),
+                    tools: TOOLS.map(tool),
                     cost: self.cost.get_or_create(&labels(None)).clone(),
                 }
             },
@@ -271,6 +316,7 @@ impl Metrics {
             usage.input_tokens,
             usage.cached_input_tokens,
             usage.cache_write_input_tokens,
+            usage.cache_write_1h_input_tokens,
             usage.output_tokens,
             usage.reasoning_tokens,
         ];
@@ -279,10 +325,42 @@ impl Metrics {
                 counter.inc_by(n);
             }
         }
+        let uses = [usage.web_search_requests, usage.web_fetch_requests];
+        for (counter, n) in series.tools.iter().zip(uses) {
+            if n > 0 {
+                counter.inc_by(n);
+            }
+        }
         series.cost.inc_by(cost_micros);
         if estimated {
             self.estimated.inc();
         }
+    }
+
+    /// A usage record with `field` not metered.
+    pub fn unmetered(&self, field: &str) {
+        let labels = vec![("field", field.to_owned())];
+        let known = self.unmetered.get(&labels).is_some();
+        if known {
+            self.unmetered.get_or_create(&labels).inc();
+            return;
+        }
+        let distinct = self
+            .unmetered_fields
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let labels = if distinct < UNMETERED_FIELDS_LIMIT {
+            labels
+        } else {
+            vec![("field", "other".to_owned())]
+        };
+        self.unmetered.get_or_create(&labels).inc();
+    }
+
+    /// A streamed response ended with `outcome`.
+    pub fn stream_ending(&self, outcome: &str) {
+        self.stream_endings
+            .get_or_create(&vec![("outcome", outcome.to_owned())])
+            .inc();
     }
 
     /// A Budget refusal.

@@ -60,7 +60,11 @@ CREATE TABLE IF NOT EXISTS usage_outbox (
     published_at_ms INTEGER,             -- set once JetStream acknowledged the event
     chain_seq INTEGER,                   -- its place in this outbox's audit chain, once linked
     prev_hash TEXT,
-    hash TEXT
+    hash TEXT,
+    cache_write_1h_input_tokens INTEGER NOT NULL DEFAULT 0,
+    web_search_requests INTEGER NOT NULL DEFAULT 0,
+    web_fetch_requests INTEGER NOT NULL DEFAULT 0,
+    unmetered TEXT NOT NULL DEFAULT ''   -- usage fields seen and not metered, comma-separated
 );
 CREATE INDEX IF NOT EXISTS ix_outbox_started ON usage_outbox (started_at_ms);
 CREATE TABLE IF NOT EXISTS outbox_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -89,6 +93,10 @@ const ADDED_COLUMNS: &[(&str, &str)] = &[
     ("chain_seq", "INTEGER"),
     ("prev_hash", "TEXT"),
     ("hash", "TEXT"),
+    ("cache_write_1h_input_tokens", "INTEGER NOT NULL DEFAULT 0"),
+    ("web_search_requests", "INTEGER NOT NULL DEFAULT 0"),
+    ("web_fetch_requests", "INTEGER NOT NULL DEFAULT 0"),
+    ("unmetered", "TEXT NOT NULL DEFAULT ''"),
 ];
 
 /// A request about to leave for the provider.
@@ -119,8 +127,10 @@ pub struct OpenRecord {
 /// How a request ended.
 #[derive(Clone, Debug)]
 pub struct Settlement {
-    /// Tokens.
+    /// Tokens and server-tool uses.
     pub usage: Usage,
+    /// Usage fields the provider sent and the sidecar did not meter, comma-separated.
+    pub unmetered: String,
     /// Cost in micros.
     pub cost_micros: u64,
     /// Whether `usage` is the sidecar's estimate rather than the provider's numbers.
@@ -234,16 +244,18 @@ const BEGIN_SQL: &str =
 const SETTLE_SQL: &str = "UPDATE usage_outbox SET state = 'settled', finished_at_ms = ?2,
         input_tokens = ?3, cached_input_tokens = ?4, cache_write_input_tokens = ?5,
         output_tokens = ?6, reasoning_tokens = ?7, cost_micros = ?8, estimated = ?9,
-        outcome = ?10, http_status = ?11
+        outcome = ?10, http_status = ?11, cache_write_1h_input_tokens = ?12,
+        web_search_requests = ?13, web_fetch_requests = ?14, unmetered = ?15
      WHERE id = ?1 AND state = 'open'";
 
 const BEGIN_SETTLED_SQL: &str =
     "INSERT OR IGNORE INTO usage_outbox (id, namespace, agent, budgets, endpoint, model,
         state, started_at_ms, prompt_estimate, max_output_tokens, reserved_tokens, reserved_micros,
         finished_at_ms, input_tokens, cached_input_tokens, cache_write_input_tokens,
-        output_tokens, reasoning_tokens, cost_micros, estimated, outcome, http_status)
+        output_tokens, reasoning_tokens, cost_micros, estimated, outcome, http_status,
+        cache_write_1h_input_tokens, web_search_requests, web_fetch_requests, unmetered)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'settled', ?7, ?8, ?9, ?10, ?11,
-        ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)";
+        ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)";
 
 /// Writes a batch of journal records. A begin whose settle is in the same batch (the common
 /// case) becomes one settled row; a settle whose begin was folded earlier updates the open row.
@@ -281,6 +293,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, entries: &[Entry]) -> Result<(), rusqli
             est,
             outcome,
             status,
+            unmetered,
             ..
         }) = settles.get(id.as_str()).copied()
         else {
@@ -321,6 +334,10 @@ fn apply(tx: &rusqlite::Transaction<'_>, entries: &[Entry]) -> Result<(), rusqli
             est,
             outcome,
             i64::from(*status),
+            i(usage.cache_write_1h_input_tokens),
+            i(usage.web_search_requests),
+            i(usage.web_fetch_requests),
+            unmetered,
         ];
         // Inserted settled, or (a replay) the row is there already and the settle below
         // applies to it if it is still open.
@@ -340,6 +357,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, entries: &[Entry]) -> Result<(), rusqli
             est,
             outcome,
             status,
+            unmetered,
         } = entry
         else {
             continue;
@@ -356,6 +374,10 @@ fn apply(tx: &rusqlite::Transaction<'_>, entries: &[Entry]) -> Result<(), rusqli
             est,
             outcome,
             i64::from(*status),
+            i(usage.cache_write_1h_input_tokens),
+            i(usage.web_search_requests),
+            i(usage.web_fetch_requests),
+            unmetered,
         ])?;
     }
     Ok(())
@@ -388,7 +410,8 @@ fn fold_now(
 /// The columns a [`UsageRecord`] is read from.
 const RECORD_COLUMNS: &str = "id, namespace, agent, budgets, endpoint, model, started_at_ms,
     finished_at_ms, input_tokens, cached_input_tokens, cache_write_input_tokens, output_tokens,
-    reasoning_tokens, cost_micros, estimated, outcome, http_status, chain_seq, prev_hash, hash";
+    reasoning_tokens, cost_micros, estimated, outcome, http_status, chain_seq, prev_hash, hash,
+    cache_write_1h_input_tokens, web_search_requests, web_fetch_requests, unmetered";
 
 fn record_of(r: &sqlx::sqlite::SqliteRow) -> UsageRecord {
     UsageRecord {
@@ -413,6 +436,10 @@ fn record_of(r: &sqlx::sqlite::SqliteRow) -> UsageRecord {
         seq: r.get::<Option<i64>, _>("chain_seq").unwrap_or_default(),
         prev_hash: r.get::<Option<String>, _>("prev_hash").unwrap_or_default(),
         hash: r.get::<Option<String>, _>("hash").unwrap_or_default(),
+        cache_write_1h_input_tokens: r.get("cache_write_1h_input_tokens"),
+        web_search_requests: r.get("web_search_requests"),
+        web_fetch_requests: r.get("web_fetch_requests"),
+        unmetered: r.get("unmetered"),
     }
 }
 
@@ -579,8 +606,9 @@ impl Outbox {
         self.fold().await?;
         let rows = sqlx::query(
             "SELECT id, endpoint, model, state, input_tokens, cached_input_tokens,
-                cache_write_input_tokens, output_tokens, reasoning_tokens, cost_micros,
-                estimated, outcome, http_status, reserved_micros
+                cache_write_input_tokens, cache_write_1h_input_tokens, output_tokens,
+                reasoning_tokens, web_search_requests, web_fetch_requests, cost_micros,
+                estimated, outcome, http_status, reserved_micros, unmetered
              FROM usage_outbox ORDER BY started_at_ms, id",
         )
         .fetch_all(&self.pool)
@@ -596,8 +624,12 @@ impl Outbox {
                     "input_tokens": r.get::<i64, _>("input_tokens"),
                     "cached_input_tokens": r.get::<i64, _>("cached_input_tokens"),
                     "cache_write_input_tokens": r.get::<i64, _>("cache_write_input_tokens"),
+                    "cache_write_1h_input_tokens": r.get::<i64, _>("cache_write_1h_input_tokens"),
                     "output_tokens": r.get::<i64, _>("output_tokens"),
                     "reasoning_tokens": r.get::<i64, _>("reasoning_tokens"),
+                    "web_search_requests": r.get::<i64, _>("web_search_requests"),
+                    "web_fetch_requests": r.get::<i64, _>("web_fetch_requests"),
+                    "unmetered": r.get::<String, _>("unmetered"),
                     "cost_micros": r.get::<i64, _>("cost_micros"),
                     "estimated": r.get::<bool, _>("estimated"),
                     "outcome": r.get::<Option<String>, _>("outcome"),

@@ -10,6 +10,12 @@
 //! the relay (and the upstream call); a provider that goes silent or breaks the connection ends
 //! the client's body with an error after settling. Either way what was delivered is metered.
 //!
+//! A stream the provider broke, left silent past `timeouts.idleMs`, or ended with an error
+//! event (the client already had its 200) is counted in `soma_proxy_errors_total` by cause
+//! (`stream_cut`, `stream_idle_timeout`, `stream_error_event`), logged once with the record's
+//! id and the provider's response id, and marked on the call's span. Every stream's end is
+//! counted in `soma_proxy_stream_endings_total` by outcome.
+//!
 //! The call's GenAI span travels in the [`Charge`], so it stays open until the stream has been
 //! metered and settled, and carries the stream's response id, model and finish reasons.
 
@@ -123,15 +129,36 @@ async fn pump(
             let _ = tx.send(Ok(Bytes::from(tail))).await;
         }
     }
-    let (usage, estimated) = meter.finish(&charge.model, charge.prompt_estimate);
+    // A stream the provider finished with an error event ended "ok" on the wire.
+    let outcome = match (outcome, meter.error()) {
+        ("ok", Some(_)) => "upstream_error_event",
+        (o, _) => o,
+    };
+    let (metered, estimated) = meter.finish(&charge.model, charge.prompt_estimate);
     let client_status = if outcome == "ok" { status.as_u16() } else { 0 };
     genai_span::record_response(&charge.span, meter.response());
-    let failed = matches!(outcome, "upstream_cut" | "upstream_timeout");
-    if failed {
-        genai_span::record_error(&charge.span, outcome);
+    state.metrics.stream_ending(outcome);
+    let failure = match outcome {
+        "upstream_cut" => Some("stream_cut"),
+        "upstream_timeout" => Some("stream_idle_timeout"),
+        "upstream_error_event" => Some("stream_error_event"),
+        _ => None,
+    };
+    if let Some(reason) = failure {
+        state.metrics.error(reason);
+        genai_span::record_error(&charge.span, meter.error().unwrap_or(reason));
+        tracing::warn!(
+            id = %charge.id,
+            provider_response_id = meter.response().id.as_deref().unwrap_or(""),
+            gen_ai.request.model = %charge.model,
+            reason,
+            provider_error = meter.error().unwrap_or(""),
+            estimated,
+            "a stream ended early; what was delivered is metered"
+        );
     }
-    charge.settle(&state, usage, estimated, outcome, client_status);
-    if failed {
+    charge.settle(&state, metered, estimated, outcome, client_status);
+    if matches!(outcome, "upstream_cut" | "upstream_timeout") {
         // Abort the client's body so it sees an incomplete stream, as it would without us.
         let _ = tx
             .send(Err(std::io::Error::other(

@@ -34,6 +34,9 @@ pub struct Call {
     pub prompt: u64,
     /// Output tokens assumed for the worst case.
     pub max_out: u64,
+    /// The most the call can use: prompt and output bound, widened by the server tools and
+    /// compaction it declares (`soma_metering::bound`).
+    pub worst: soma_metering::Usage,
     /// Whether `json` now differs from `bytes` (a brown-out model, injected stream options).
     pub rewritten: bool,
 }
@@ -127,6 +130,7 @@ pub async fn parse(
     } else {
         requested_max.unwrap_or(state.config.default_max_tokens)
     };
+    let worst = soma_metering::worst_usage(&json, prompt, max_out, &state.config.server_tools);
     Ok(Call {
         bytes,
         json,
@@ -134,6 +138,7 @@ pub async fn parse(
         stream,
         prompt,
         max_out,
+        worst,
         rewritten: false,
     })
 }

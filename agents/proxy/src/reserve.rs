@@ -37,7 +37,7 @@ pub async fn reserve(
 ) -> Result<Charge, ProxyError> {
     let mut price = price_of(state, &call.model)?;
     let now = jiff::Timestamp::now();
-    let want = Amount::worst_case(call.prompt, call.max_out, price.as_ref());
+    let want = Amount::worst_case(&call.worst, price.as_ref());
     let reservations = match state.authority.reserve(now, want).await {
         Reserve::Taken(r) => r,
         Reserve::Undefined(why) => return Err(ProxyError::BudgetUndefined(why)),
@@ -52,8 +52,7 @@ pub async fn reserve(
             let browned = match cheaper {
                 Some(cheaper) => {
                     let cheaper_price = price_of(state, &cheaper)?;
-                    let cheaper_want =
-                        Amount::worst_case(call.prompt, call.max_out, cheaper_price.as_ref());
+                    let cheaper_want = Amount::worst_case(&call.worst, cheaper_price.as_ref());
                     match state.authority.reserve(now, cheaper_want).await {
                         Reserve::Taken(r) => {
                             tracing::info!(from = %call.model, to = %cheaper, budget = %refusal.budget, "brown-out");
@@ -85,7 +84,7 @@ pub async fn reserve(
             }
         }
     };
-    let worst = Amount::worst_case(call.prompt, call.max_out, price.as_ref());
+    let worst = Amount::worst_case(&call.worst, price.as_ref());
     let charge = Charge {
         id: uuid::Uuid::now_v7().to_string(),
         reservations,

@@ -3,7 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use soma_metering::{Amount, Price, Reservation, Usage};
+use soma_metering::wire::Metered;
+use soma_metering::{Amount, Price, Reservation};
 
 use crate::budgets::Budgets;
 use crate::config::Config;
@@ -91,19 +92,30 @@ pub struct Charge {
 }
 
 impl Charge {
-    /// Settles with `usage` (zero usage releases the reservation), records it durably (one
-    /// journal append) and in metrics. A journal failure is logged and counted: the spend is
-    /// already in the budget authority and the row stays open, to be settled at worst case on
-    /// the next start.
+    /// Settles with what the call used (zero usage releases the reservation), records it
+    /// durably (one journal append) and in metrics. A journal failure is logged and counted:
+    /// the spend is already in the budget authority and the row stays open, to be settled at
+    /// worst case on the next start.
+    ///
+    /// The record lists what was not metered: the provider's usage fields the sidecar does not
+    /// know or price (`metered.unmetered`) and server-tool uses the model's price leaves
+    /// unpriced.
     pub fn settle(
         self,
         state: &AppState,
-        usage: Usage,
+        metered: Metered,
         estimated: bool,
         outcome: &'static str,
         http_status: u16,
     ) {
         let now = jiff::Timestamp::now();
+        let Metered {
+            usage,
+            mut unmetered,
+        } = metered;
+        if let Some(p) = &self.price {
+            unmetered.extend(p.unpriced(&usage).into_iter().map(str::to_owned));
+        }
         let amount = Amount::of(&usage, self.price.as_ref());
         if amount == Amount::default() {
             state.authority.release(now, self.reservations);
@@ -118,8 +130,12 @@ impl Charge {
             outcome,
             http_status,
         );
+        for field in &unmetered {
+            state.metrics.unmetered(field);
+        }
         let settlement = Settlement {
             usage,
+            unmetered: unmetered.join(","),
             cost_micros: amount.micros,
             estimated,
             outcome,

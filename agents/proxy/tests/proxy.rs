@@ -451,6 +451,15 @@ async fn a_stream_cut_midway_is_metered_from_what_was_delivered() {
         Some(words_tokens(delivered))
     );
     assert!(rows[0]["input_tokens"].as_u64().unwrap() > 0);
+    // Counted by cause, though the client had its 200.
+    let m = h.metrics().await;
+    for needle in [
+        "soma_proxy_errors_total{reason=\"stream_cut\"} 1",
+        "soma_proxy_stream_endings_total{outcome=\"upstream_cut\"} 1",
+        "soma_proxy_requests_total{endpoint=\"chat_completions\",model=\"gpt-4o\",status=\"200\"} 1",
+    ] {
+        assert!(m.contains(needle), "missing {needle} in\n{m}");
+    }
 
     // Anthropic: the input comes from message_start even when the stream dies.
     let a = Harness::start("anthropic", json!({})).await;
@@ -494,10 +503,22 @@ async fn errors_inside_a_stream_are_forwarded_and_metered_as_delivered() {
     assert_eq!(
         (
             rows[0]["estimated"].as_bool(),
-            rows[0]["output_tokens"].as_u64()
+            rows[0]["output_tokens"].as_u64(),
+            rows[0]["outcome"].as_str()
         ),
-        (Some(true), Some(words_tokens(4)))
+        (
+            Some(true),
+            Some(words_tokens(4)),
+            Some("upstream_error_event")
+        )
     );
+    let m = h.metrics().await;
+    for needle in [
+        "soma_proxy_errors_total{reason=\"stream_error_event\"} 1",
+        "soma_proxy_stream_endings_total{outcome=\"upstream_error_event\"} 1",
+    ] {
+        assert!(m.contains(needle), "missing {needle} in\n{m}");
+    }
 }
 
 #[tokio::test]

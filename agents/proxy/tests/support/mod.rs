@@ -145,6 +145,14 @@ impl Harness {
         .await
     }
 
+    /// The sidecar's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let url = format!("http://{}/metrics", self.proxy.admin_addr);
+        send(&self.client, "GET", &url, &[], String::new())
+            .await
+            .text()
+    }
+
     pub async fn rows(&self) -> Vec<Value> {
         self.proxy.state.outbox.rows().await.unwrap()
     }

@@ -1,127 +1,12 @@
-//! The providers' own usage numbers, read from response bodies and from SSE streams.
-//!
-//! | source | where usage is |
-//! | --- | --- |
-//! | OpenAI chat/completions, completions, embeddings | `usage.prompt_tokens`, `completion_tokens`, `prompt_tokens_details.cached_tokens`, `completion_tokens_details.reasoning_tokens` |
-//! | OpenAI responses | `usage.input_tokens`, `output_tokens`, `input_tokens_details.cached_tokens`, `output_tokens_details.reasoning_tokens` |
-//! | OpenAI streams | the final chunk's `usage` (needs `stream_options.include_usage`); responses: `response.completed` |
-//! | Anthropic messages | `usage.input_tokens` (uncached only), `cache_read_input_tokens`, `cache_creation_input_tokens`, `output_tokens` |
-//! | Anthropic streams | `message_start.message.usage`, then `message_delta.usage` (cumulative) |
-//!
-//! A stream that ends without its usage (client gone, upstream cut) is metered from what was
-//! delivered: the prompt estimate plus the tokenised text that reached the client, flagged
-//! `estimated`.
+//! Following one SSE stream: what the relay forwards, and the stream's usage once it ends.
 
 use serde_json::Value;
 
+use super::usage::{Metered, metered_from_body};
+use super::{Dialect, ResponseInfo};
 use crate::sse::Event;
 use crate::tokens;
 use crate::usage::Usage;
-
-/// Which provider's wire format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dialect {
-    /// OpenAI and OpenAI-compatible.
-    OpenAi,
-    /// Anthropic.
-    Anthropic,
-}
-
-fn n(v: &Value, path: &[&str]) -> u64 {
-    path.iter()
-        .try_fold(v, |v, k| v.get(*k))
-        .and_then(Value::as_u64)
-        .unwrap_or(0)
-}
-
-/// Usage from a `usage` object in `dialect`'s shape; None when `u` is not an object.
-pub fn usage_object(dialect: Dialect, u: &Value) -> Option<Usage> {
-    if !u.is_object() {
-        return None;
-    }
-    Some(match dialect {
-        Dialect::OpenAi if u.get("prompt_tokens").is_some() => Usage {
-            input_tokens: n(u, &["prompt_tokens"]),
-            cached_input_tokens: n(u, &["prompt_tokens_details", "cached_tokens"]),
-            cache_write_input_tokens: 0,
-            output_tokens: n(u, &["completion_tokens"]),
-            reasoning_tokens: n(u, &["completion_tokens_details", "reasoning_tokens"]),
-        },
-        Dialect::OpenAi => Usage {
-            input_tokens: n(u, &["input_tokens"]),
-            cached_input_tokens: n(u, &["input_tokens_details", "cached_tokens"]),
-            cache_write_input_tokens: 0,
-            output_tokens: n(u, &["output_tokens"]),
-            reasoning_tokens: n(u, &["output_tokens_details", "reasoning_tokens"]),
-        },
-        Dialect::Anthropic => {
-            let read = n(u, &["cache_read_input_tokens"]);
-            let write = n(u, &["cache_creation_input_tokens"]);
-            Usage {
-                input_tokens: n(u, &["input_tokens"]) + read + write,
-                cached_input_tokens: read,
-                cache_write_input_tokens: write,
-                output_tokens: n(u, &["output_tokens"]),
-                reasoning_tokens: 0,
-            }
-        }
-    })
-}
-
-/// Usage from a complete (non-streaming) response body.
-pub fn usage_from_body(dialect: Dialect, body: &Value) -> Option<Usage> {
-    usage_object(dialect, body.get("usage")?)
-}
-
-/// What a response says about itself, for traces: the provider's id for it, the model that
-/// answered, and why generation stopped (one reason per choice). Never any generated text.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ResponseInfo {
-    /// `id` (OpenAI `chatcmpl-…`/`resp_…`, Anthropic `msg_…`).
-    pub id: Option<String>,
-    /// `model`, as the provider reports it.
-    pub model: Option<String>,
-    /// OpenAI `choices[].finish_reason`, Anthropic `stop_reason`.
-    pub finish_reasons: Vec<String>,
-}
-
-impl ResponseInfo {
-    /// From a complete (non-streaming) response body.
-    pub fn from_body(body: &Value) -> ResponseInfo {
-        let mut info = ResponseInfo::default();
-        info.take_ids(body);
-        info.take_finish_reasons(body);
-        if let Some(r) = body.get("stop_reason").and_then(Value::as_str) {
-            info.finish_reasons.push(r.to_owned());
-        }
-        info
-    }
-
-    /// Keeps the first `id` and `model` seen in `v`.
-    fn take_ids(&mut self, v: &Value) {
-        let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
-        if self.id.is_none() {
-            self.id = s("id");
-        }
-        if self.model.is_none() {
-            self.model = s("model");
-        }
-    }
-
-    /// OpenAI's per-choice reasons (set on a stream's last chunk of each choice).
-    fn take_finish_reasons(&mut self, v: &Value) {
-        for choice in v
-            .get("choices")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            if let Some(r) = choice.get("finish_reason").and_then(Value::as_str) {
-                self.finish_reasons.push(r.to_owned());
-            }
-        }
-    }
-}
 
 /// What the relay should do with one stream event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,8 +22,11 @@ pub enum Disposition {
 #[derive(Clone, Debug)]
 pub struct StreamMeter {
     dialect: Dialect,
-    /// Usage the provider reported (final for OpenAI; running for Anthropic).
-    reported: Option<Usage>,
+    /// The usage so far, in the shape of a response body (`{"usage": …}`, plus OpenAI's
+    /// `output` and `tool_usage` for the responses API): OpenAI's chunk that carried usage or
+    /// the response of `response.completed`; Anthropic's `message_start` usage with each
+    /// `message_delta` usage laid over it.
+    carrier: Option<Value>,
     /// Whether the provider's closing usage arrived (OpenAI usage chunk, Anthropic
     /// `message_delta`, responses `response.completed`).
     complete: bool,
@@ -146,6 +34,8 @@ pub struct StreamMeter {
     delivered: String,
     /// Response id, model and finish reasons, for traces.
     info: ResponseInfo,
+    /// The type of the first error event the provider sent inside the stream.
+    error: Option<String>,
 }
 
 impl StreamMeter {
@@ -153,10 +43,11 @@ impl StreamMeter {
     pub fn new(dialect: Dialect) -> Self {
         StreamMeter {
             dialect,
-            reported: None,
+            carrier: None,
             complete: false,
             delivered: String::new(),
             info: ResponseInfo::default(),
+            error: None,
         }
     }
 
@@ -165,16 +56,19 @@ impl StreamMeter {
         let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
             return Disposition::Forward; // `[DONE]`, pings, or garbage: nothing to meter
         };
+        if self.error.is_none() {
+            self.error = error_type(ev.event.as_deref(), &v);
+        }
         match self.dialect {
-            Dialect::OpenAi => self.openai(&v),
+            Dialect::OpenAi => self.openai(v),
             Dialect::Anthropic => {
-                self.anthropic(ev.event.as_deref(), &v);
+                self.anthropic(ev.event.as_deref(), v);
                 Disposition::Forward
             }
         }
     }
 
-    fn openai(&mut self, v: &Value) -> Disposition {
+    fn openai(&mut self, v: Value) -> Disposition {
         // Responses API events carry a `type`.
         if let Some(kind) = v.get("type").and_then(Value::as_str) {
             if let Some(r) = v.get("response") {
@@ -182,9 +76,9 @@ impl StreamMeter {
             }
             match kind {
                 "response.completed" | "response.incomplete" | "response.failed" => {
-                    if let Some(u) = v.pointer("/response/usage") {
-                        self.reported = usage_object(Dialect::OpenAi, u);
-                        self.complete = self.reported.is_some();
+                    if let Some(r) = v.get("response").filter(|r| has_usage(r)) {
+                        self.carrier = Some(r.clone());
+                        self.complete = true;
                     }
                 }
                 k if k.ends_with(".delta") => {
@@ -196,14 +90,10 @@ impl StreamMeter {
             }
             return Disposition::Forward;
         }
-        self.info.take_ids(v);
-        self.info.take_finish_reasons(v);
-        for choice in v
-            .get("choices")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        self.info.take_ids(&v);
+        self.info.take_finish_reasons(&v);
+        let choices = v.get("choices").and_then(Value::as_array);
+        for choice in choices.into_iter().flatten() {
             for p in [
                 "/delta/content",
                 "/delta/reasoning_content",
@@ -225,54 +115,47 @@ impl StreamMeter {
                 }
             }
         }
-        match v
-            .get("usage")
-            .and_then(|u| usage_object(Dialect::OpenAi, u))
-        {
-            Some(u) => {
-                self.reported = Some(u);
-                self.complete = true;
-                let no_choices = v
-                    .get("choices")
-                    .and_then(Value::as_array)
-                    .is_some_and(Vec::is_empty);
-                if no_choices {
-                    Disposition::UsageOnly
-                } else {
-                    Disposition::Forward
-                }
-            }
-            None => Disposition::Forward,
+        if !has_usage(&v) {
+            return Disposition::Forward;
+        }
+        // The usage chunk of `include_usage`, or (some compatible providers) the finish chunk.
+        let usage_only = choices.is_some_and(Vec::is_empty);
+        self.carrier = Some(v);
+        self.complete = true;
+        if usage_only {
+            Disposition::UsageOnly
+        } else {
+            Disposition::Forward
         }
     }
 
-    fn anthropic(&mut self, event: Option<&str>, v: &Value) {
+    fn anthropic(&mut self, event: Option<&str>, v: Value) {
         let kind = event.or_else(|| v.get("type").and_then(Value::as_str));
         match kind {
             Some("message_start") => {
                 if let Some(m) = v.get("message") {
                     self.info.take_ids(m);
                 }
-                self.reported = v
-                    .pointer("/message/usage")
-                    .and_then(|u| usage_object(Dialect::Anthropic, u));
+                if let Some(u) = v.pointer("/message/usage").filter(|u| u.is_object()) {
+                    self.carrier = Some(serde_json::json!({ "usage": u }));
+                }
             }
             Some("message_delta") => {
                 if let Some(r) = v.pointer("/delta/stop_reason").and_then(Value::as_str) {
                     self.info.finish_reasons.push(r.to_owned());
                 }
-                if let Some(u) = v.get("usage") {
-                    let mut r = self.reported.unwrap_or_default();
-                    // Cumulative counts; input fields appear here only in newer API versions.
-                    r.output_tokens = n(u, &["output_tokens"]).max(r.output_tokens);
-                    if u.get("input_tokens").is_some() {
-                        let d = usage_object(Dialect::Anthropic, u).unwrap_or_default();
-                        r.input_tokens = d.input_tokens.max(r.input_tokens);
-                        r.cached_input_tokens = d.cached_input_tokens.max(r.cached_input_tokens);
-                        r.cache_write_input_tokens =
-                            d.cache_write_input_tokens.max(r.cache_write_input_tokens);
+                if let Some(Value::Object(delta)) = v.get("usage") {
+                    // Cumulative: each field the delta carries replaces the start's; the start
+                    // alone has some (the cache TTL split), newer deltas add others (the final
+                    // input after server tools, compaction iterations).
+                    let carrier = self
+                        .carrier
+                        .get_or_insert_with(|| serde_json::json!({ "usage": {} }));
+                    if let Some(Value::Object(usage)) = carrier.get_mut("usage") {
+                        for (k, x) in delta {
+                            usage.insert(k.clone(), x.clone());
+                        }
                     }
-                    self.reported = Some(r);
                     self.complete = true;
                 }
             }
@@ -292,6 +175,13 @@ impl StreamMeter {
         &self.info
     }
 
+    /// The type of the error event the provider sent inside the stream, if it sent one
+    /// (OpenAI `{"error": …}` chunks, Anthropic `error` events, responses `response.failed`
+    /// and `error`).
+    pub fn error(&self) -> Option<&str> {
+        self.error.as_deref()
+    }
+
     /// Whether the provider's closing usage arrived.
     pub fn complete(&self) -> bool {
         self.complete
@@ -299,26 +189,54 @@ impl StreamMeter {
 
     /// The stream's usage, and whether it is an estimate. `prompt_estimate` is the pre-call
     /// count, used when the provider never said how long the prompt was.
-    pub fn finish(&self, model: &str, prompt_estimate: u64) -> (Usage, bool) {
+    pub fn finish(&self, model: &str, prompt_estimate: u64) -> (Metered, bool) {
+        let reported = self
+            .carrier
+            .as_ref()
+            .and_then(|c| metered_from_body(self.dialect, c));
         if self.complete
-            && let Some(u) = self.reported
+            && let Some(m) = reported
         {
-            return (u, false);
+            return (m, false);
         }
         let delivered = tokens::count_text(model, &self.delivered);
-        let mut u = self.reported.unwrap_or(Usage {
-            input_tokens: prompt_estimate,
-            ..Usage::default()
+        let mut m = reported.unwrap_or(Metered {
+            usage: Usage {
+                input_tokens: prompt_estimate,
+                ..Usage::default()
+            },
+            unmetered: Vec::new(),
         });
-        u.output_tokens = u.output_tokens.max(delivered);
-        (u, true)
+        m.usage.output_tokens = m.usage.output_tokens.max(delivered);
+        (m, true)
     }
+}
+
+/// The error an event reports, by its type (or code), if it is an error event.
+fn error_type(event: Option<&str>, v: &Value) -> Option<String> {
+    let kind = event.or_else(|| v.get("type").and_then(Value::as_str));
+    let err = match kind {
+        Some("error") => v.get("error").unwrap_or(v),
+        Some("response.failed") => v.pointer("/response/error").unwrap_or(v),
+        _ => v.get("error").filter(|e| e.is_object())?,
+    };
+    let name = ["type", "code"]
+        .iter()
+        .find_map(|k| err.get(*k).and_then(Value::as_str))
+        .unwrap_or("error");
+    Some(name.to_owned())
+}
+
+/// Whether `v` carries a usage object (OpenAI sends `"usage": null` on every other chunk).
+fn has_usage(v: &Value) -> bool {
+    v.get("usage").is_some_and(Value::is_object)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::sse::{Framer, parse};
+    use crate::wire::ResponseInfo;
     use serde_json::json;
 
     fn run(dialect: Dialect, stream: &str) -> (StreamMeter, Vec<Disposition>) {
@@ -330,65 +248,6 @@ mod tests {
             .map(|raw| m.observe(&parse(raw)))
             .collect();
         (m, d)
-    }
-
-    #[test]
-    fn bodies() {
-        let cases = [
-            (
-                Dialect::OpenAi,
-                json!({"usage":{"prompt_tokens":100,"completion_tokens":20,"total_tokens":120,
-                    "prompt_tokens_details":{"cached_tokens":64},
-                    "completion_tokens_details":{"reasoning_tokens":8}}}),
-                Usage {
-                    input_tokens: 100,
-                    cached_input_tokens: 64,
-                    cache_write_input_tokens: 0,
-                    output_tokens: 20,
-                    reasoning_tokens: 8,
-                },
-            ),
-            (
-                Dialect::OpenAi,
-                json!({"object":"list","usage":{"prompt_tokens":9,"total_tokens":9}}),
-                Usage {
-                    input_tokens: 9,
-                    ..Usage::default()
-                },
-            ),
-            (
-                Dialect::OpenAi,
-                json!({"object":"response","usage":{"input_tokens":50,"input_tokens_details":{"cached_tokens":10},
-                    "output_tokens":30,"output_tokens_details":{"reasoning_tokens":12},"total_tokens":80}}),
-                Usage {
-                    input_tokens: 50,
-                    cached_input_tokens: 10,
-                    cache_write_input_tokens: 0,
-                    output_tokens: 30,
-                    reasoning_tokens: 12,
-                },
-            ),
-            (
-                Dialect::Anthropic,
-                json!({"type":"message","usage":{"input_tokens":20,"cache_read_input_tokens":100,
-                    "cache_creation_input_tokens":50,"output_tokens":7}}),
-                Usage {
-                    input_tokens: 170,
-                    cached_input_tokens: 100,
-                    cache_write_input_tokens: 50,
-                    output_tokens: 7,
-                    reasoning_tokens: 0,
-                },
-            ),
-        ];
-        for (d, body, want) in cases {
-            assert_eq!(usage_from_body(d, &body), Some(want), "{body}");
-        }
-        assert_eq!(
-            usage_from_body(Dialect::OpenAi, &json!({"usage": null})),
-            None
-        );
-        assert_eq!(usage_from_body(Dialect::OpenAi, &json!({})), None);
     }
 
     const OPENAI: &str = concat!(
@@ -409,6 +268,7 @@ mod tests {
                 .all(|(i, x)| i == 3 || *x == Disposition::Forward)
         );
         let (u, est) = m.finish("gpt-4o", 999);
+        let u = u.usage;
         assert!(!est);
         assert_eq!(
             (u.input_tokens, u.cached_input_tokens, u.output_tokens),
@@ -421,6 +281,7 @@ mod tests {
         let cut = &OPENAI[..OPENAI.find("\"choices\":[],").unwrap()];
         let (m, _) = run(Dialect::OpenAi, cut);
         let (u, est) = m.finish("gpt-4o", 12);
+        let u = u.usage;
         assert!(est);
         assert_eq!((u.input_tokens, u.output_tokens), (12, 2)); // "hello world" = 2 tokens
     }
@@ -440,6 +301,7 @@ mod tests {
         let (m, d) = run(Dialect::Anthropic, ANTHROPIC);
         assert!(d.iter().all(|x| *x == Disposition::Forward));
         let (u, est) = m.finish("claude-sonnet-4", 0);
+        let u = u.usage;
         assert!(!est);
         assert_eq!(
             (u.input_tokens, u.cached_input_tokens, u.output_tokens),
@@ -452,9 +314,48 @@ mod tests {
         let cut = &ANTHROPIC[..ANTHROPIC.find("event: content_block_stop").unwrap()];
         let (m, _) = run(Dialect::Anthropic, cut);
         let (u, est) = m.finish("claude-sonnet-4", 999);
+        let u = u.usage;
         assert!(est);
         assert_eq!((u.input_tokens, u.cached_input_tokens), (125, 100));
         assert_eq!(u.output_tokens, 2);
+    }
+
+    #[test]
+    fn anthropic_stream_deltas_replace_what_they_carry() {
+        // Web search: the final input is only in message_delta; the 1h split only in the start.
+        let s = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"usage\":{\"input_tokens\":2684,\"cache_creation_input_tokens\":3913,\"cache_read_input_tokens\":0,\"cache_creation\":{\"ephemeral_5m_input_tokens\":0,\"ephemeral_1h_input_tokens\":3913},\"output_tokens\":3}}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"input_tokens\":10387,\"cache_creation_input_tokens\":3913,\"cache_read_input_tokens\":0,\"output_tokens\":310,\"server_tool_use\":{\"web_search_requests\":1}}}\n\n",
+        );
+        let (m, _) = run(Dialect::Anthropic, s);
+        let (u, est) = m.finish("claude-sonnet-4", 0);
+        assert!(!est);
+        assert_eq!(
+            u.usage,
+            Usage {
+                input_tokens: 10387 + 3913,
+                cache_write_input_tokens: 3913,
+                cache_write_1h_input_tokens: 3913,
+                output_tokens: 310,
+                web_search_requests: 1,
+                ..Usage::default()
+            }
+        );
+        // Compaction: the iterations arrive in message_delta and are summed.
+        let s = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":100,\"cache_read_input_tokens\":55096,\"output_tokens\":7}}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{},\"usage\":{\"input_tokens\":181,\"cache_read_input_tokens\":0,\"output_tokens\":8,\"iterations\":[{\"type\":\"compaction\",\"input_tokens\":100,\"output_tokens\":83,\"cache_read_input_tokens\":55096},{\"type\":\"message\",\"input_tokens\":181,\"output_tokens\":8,\"cache_read_input_tokens\":0}]}}\n\n",
+        );
+        let (m, _) = run(Dialect::Anthropic, s);
+        let (u, _) = m.finish("claude-sonnet-4", 0);
+        assert_eq!(
+            (
+                u.usage.input_tokens,
+                u.usage.cached_input_tokens,
+                u.usage.output_tokens
+            ),
+            (100 + 55096 + 181, 55096, 91)
+        );
     }
 
     #[test]
@@ -463,9 +364,12 @@ mod tests {
         assert_eq!(
             m.finish("claude-sonnet-4", 40),
             (
-                Usage {
-                    input_tokens: 40,
-                    ..Usage::default()
+                Metered {
+                    usage: Usage {
+                        input_tokens: 40,
+                        ..Usage::default()
+                    },
+                    unmetered: Vec::new(),
                 },
                 true
             )
@@ -481,6 +385,7 @@ mod tests {
         let (m, d) = run(Dialect::OpenAi, s);
         assert!(d.iter().all(|x| *x == Disposition::Forward));
         let (u, est) = m.finish("gpt-4o", 0);
+        let u = u.usage;
         assert!(!est);
         assert_eq!(
             (u.input_tokens, u.output_tokens, u.reasoning_tokens),
@@ -525,6 +430,33 @@ mod tests {
         let created = "data: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"model\":\"gpt-4o\"}}\n\n";
         let (m, _) = run(Dialect::OpenAi, created);
         assert_eq!(m.response(), &info("resp_1", Some("gpt-4o"), &[]));
+    }
+
+    #[test]
+    fn error_events_are_noticed() {
+        let cases = [
+            (
+                Dialect::OpenAi,
+                "data: {\"error\":{\"message\":\"x\",\"type\":\"server_error\"}}\n\n",
+                Some("server_error"),
+            ),
+            (
+                Dialect::Anthropic,
+                "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n",
+                Some("overloaded_error"),
+            ),
+            (
+                Dialect::OpenAi,
+                "event: response.failed\ndata: {\"type\":\"response.failed\",\"response\":{\"error\":{\"code\":\"server_error\"}}}\n\n",
+                Some("server_error"),
+            ),
+            (Dialect::OpenAi, OPENAI, None),
+            (Dialect::Anthropic, ANTHROPIC, None),
+        ];
+        for (d, s, want) in cases {
+            let (m, _) = run(d, s);
+            assert_eq!(m.error(), want, "{s}");
+        }
     }
 
     #[test]

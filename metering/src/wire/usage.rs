@@ -1,0 +1,397 @@
+//! A provider's `usage` object normalised to [`Usage`], and the fields of it the sidecar does
+//! not meter.
+//!
+//! Every numeric field of a usage object is either *metered* (it feeds a [`Usage`] field),
+//! *known but unpriced* (audio tokens, image-generation tokens: listed in
+//! [`Metered::unmetered`] when not zero) or *unknown* (listed whatever its value, so a shape a
+//! provider starts sending is visible the day it appears). Text fields (`service_tier`,
+//! `inference_geo`, an iteration's `type`) carry no usage and are not checked.
+
+use serde_json::Value;
+
+use super::Dialect;
+use crate::usage::Usage;
+
+/// A call's usage, and the usage fields that were not metered.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Metered {
+    /// What the call used.
+    pub usage: Usage,
+    /// Dotted paths of fields not metered (`usage.prompt_tokens_details.audio_tokens`), sorted.
+    pub unmetered: Vec<String>,
+}
+
+impl From<Usage> for Metered {
+    fn from(usage: Usage) -> Metered {
+        Metered {
+            usage,
+            unmetered: Vec::new(),
+        }
+    }
+}
+
+/// Fields read into [`Usage`], by dialect (`[]` marks each element of an array).
+const OPENAI_METERED: &[&str] = &[
+    "usage.prompt_tokens",
+    "usage.completion_tokens",
+    "usage.total_tokens",
+    "usage.prompt_tokens_details.cached_tokens",
+    "usage.completion_tokens_details.reasoning_tokens",
+    // Billed inside completion_tokens (OpenAI's predicted outputs).
+    "usage.completion_tokens_details.accepted_prediction_tokens",
+    "usage.completion_tokens_details.rejected_prediction_tokens",
+    // OpenAI-compatible providers (DeepSeek) name cache hits and misses their own way.
+    "usage.prompt_cache_hit_tokens",
+    "usage.prompt_cache_miss_tokens",
+    "usage.input_tokens",
+    "usage.output_tokens",
+    "usage.input_tokens_details.cached_tokens",
+    "usage.input_tokens_details.cache_write_tokens",
+    "usage.output_tokens_details.reasoning_tokens",
+    "tool_usage.web_search.num_requests",
+];
+
+/// Fields known and billed by the provider that no price of the sidecar's covers: listed
+/// when not zero. A path ending in `.` covers everything under it.
+const OPENAI_UNPRICED: &[&str] = &[
+    "usage.prompt_tokens_details.audio_tokens",
+    "usage.completion_tokens_details.audio_tokens",
+    "tool_usage.image_gen.",
+];
+
+const ANTHROPIC_METERED: &[&str] = &[
+    "usage.input_tokens",
+    "usage.output_tokens",
+    "usage.cache_creation_input_tokens",
+    "usage.cache_read_input_tokens",
+    "usage.cache_creation.ephemeral_5m_input_tokens",
+    "usage.cache_creation.ephemeral_1h_input_tokens",
+    "usage.server_tool_use.web_search_requests",
+    "usage.server_tool_use.web_fetch_requests",
+    "usage.iterations[].input_tokens",
+    "usage.iterations[].output_tokens",
+    "usage.iterations[].cache_creation_input_tokens",
+    "usage.iterations[].cache_read_input_tokens",
+    "usage.iterations[].cache_creation.ephemeral_5m_input_tokens",
+    "usage.iterations[].cache_creation.ephemeral_1h_input_tokens",
+];
+
+fn n(v: &Value, path: &[&str]) -> u64 {
+    path.iter()
+        .try_fold(v, |v, k| v.get(*k))
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+}
+
+/// Usage from one `usage` object in `dialect`'s shape (Anthropic compaction iterations
+/// summed); None when `u` is not an object. Per-use counts that live outside the usage
+/// object (OpenAI's `tool_usage`, `web_search_call` items) come from [`metered_from_body`].
+pub fn usage_object(dialect: Dialect, u: &Value) -> Option<Usage> {
+    if !u.is_object() {
+        return None;
+    }
+    Some(match dialect {
+        Dialect::OpenAi if u.get("prompt_tokens").is_some() => Usage {
+            input_tokens: n(u, &["prompt_tokens"]),
+            cached_input_tokens: match u.pointer("/prompt_tokens_details/cached_tokens") {
+                Some(c) => c.as_u64().unwrap_or(0),
+                None => n(u, &["prompt_cache_hit_tokens"]),
+            },
+            output_tokens: n(u, &["completion_tokens"]),
+            reasoning_tokens: n(u, &["completion_tokens_details", "reasoning_tokens"]),
+            ..Usage::default()
+        },
+        Dialect::OpenAi => Usage {
+            input_tokens: n(u, &["input_tokens"]),
+            cached_input_tokens: n(u, &["input_tokens_details", "cached_tokens"]),
+            cache_write_input_tokens: n(u, &["input_tokens_details", "cache_write_tokens"]),
+            output_tokens: n(u, &["output_tokens"]),
+            reasoning_tokens: n(u, &["output_tokens_details", "reasoning_tokens"]),
+            ..Usage::default()
+        },
+        Dialect::Anthropic => {
+            // With compaction the top level is the last iteration only; the bill is the sum.
+            let iterations = u
+                .get("iterations")
+                .and_then(Value::as_array)
+                .filter(|i| !i.is_empty());
+            let tokens = match iterations {
+                Some(its) => its
+                    .iter()
+                    .map(anthropic_tokens)
+                    .fold(Usage::default(), |a, b| a.plus(&b)),
+                None => anthropic_tokens(u),
+            };
+            Usage {
+                web_search_requests: n(u, &["server_tool_use", "web_search_requests"]),
+                web_fetch_requests: n(u, &["server_tool_use", "web_fetch_requests"]),
+                ..tokens
+            }
+        }
+    })
+}
+
+/// The tokens of one Anthropic usage object (or one compaction iteration).
+fn anthropic_tokens(u: &Value) -> Usage {
+    let read = n(u, &["cache_read_input_tokens"]);
+    let write = n(u, &["cache_creation_input_tokens"]);
+    Usage {
+        input_tokens: n(u, &["input_tokens"]) + read + write,
+        cached_input_tokens: read,
+        cache_write_input_tokens: write,
+        cache_write_1h_input_tokens: n(u, &["cache_creation", "ephemeral_1h_input_tokens"])
+            .min(write),
+        output_tokens: n(u, &["output_tokens"]),
+        ..Usage::default()
+    }
+}
+
+/// Usage from a complete response body (or a stream's usage carrier in the same shape), with
+/// what was not metered; None when the body has no usage object.
+pub fn metered_from_body(dialect: Dialect, body: &Value) -> Option<Metered> {
+    let mut usage = usage_object(dialect, body.get("usage")?)?;
+    if dialect == Dialect::OpenAi {
+        let calls = body
+            .get("output")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|item| item.get("type").and_then(Value::as_str) == Some("web_search_call"))
+            .count() as u64;
+        usage.web_search_requests =
+            n(body, &["tool_usage", "web_search", "num_requests"]).max(calls);
+    }
+    Some(Metered {
+        usage,
+        unmetered: unmetered(dialect, body),
+    })
+}
+
+/// The paths of `body`'s usage fields (`usage`, and OpenAI's `tool_usage`) that are unknown,
+/// or known, unpriced and not zero.
+fn unmetered(dialect: Dialect, body: &Value) -> Vec<String> {
+    let (metered, unpriced): (&[&str], &[&str]) = match dialect {
+        Dialect::OpenAi => (OPENAI_METERED, OPENAI_UNPRICED),
+        Dialect::Anthropic => (ANTHROPIC_METERED, &[]),
+    };
+    let mut leaves = Vec::new();
+    for root in ["usage", "tool_usage"] {
+        if let Some(v) = body.get(root) {
+            numeric_leaves(root, v, &mut leaves);
+        }
+    }
+    let covers = |list: &[&str], path: &str| {
+        list.iter()
+            .any(|k| *k == path || (k.ends_with('.') && path.starts_with(k)))
+    };
+    let mut out: Vec<String> = leaves
+        .into_iter()
+        .filter(|(path, value)| {
+            if covers(metered, path) {
+                false
+            } else if covers(unpriced, path) {
+                *value > 0.0
+            } else {
+                true
+            }
+        })
+        .map(|(path, _)| path)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Every number under `v`, with its dotted path (array elements as `[]`).
+fn numeric_leaves(path: &str, v: &Value, out: &mut Vec<(String, f64)>) {
+    match v {
+        Value::Number(x) => out.push((path.to_owned(), x.as_f64().unwrap_or(0.0))),
+        Value::Object(m) => {
+            for (k, v) in m {
+                numeric_leaves(&format!("{path}.{k}"), v, out);
+            }
+        }
+        Value::Array(items) => {
+            for v in items {
+                numeric_leaves(&format!("{path}[]"), v, out);
+            }
+        }
+        Value::Null | Value::Bool(_) | Value::String(_) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn metered(d: Dialect, body: Value) -> Metered {
+        metered_from_body(d, &body).unwrap_or_else(|| panic!("no usage in {body}"))
+    }
+
+    #[test]
+    fn bodies() {
+        let cases = [
+            (
+                Dialect::OpenAi,
+                json!({"usage":{"prompt_tokens":100,"completion_tokens":20,"total_tokens":120,
+                    "prompt_tokens_details":{"cached_tokens":64},
+                    "completion_tokens_details":{"reasoning_tokens":8}}}),
+                Usage {
+                    input_tokens: 100,
+                    cached_input_tokens: 64,
+                    output_tokens: 20,
+                    reasoning_tokens: 8,
+                    ..Usage::default()
+                },
+            ),
+            (
+                Dialect::OpenAi,
+                json!({"object":"list","usage":{"prompt_tokens":9,"total_tokens":9}}),
+                Usage {
+                    input_tokens: 9,
+                    ..Usage::default()
+                },
+            ),
+            (
+                Dialect::OpenAi,
+                json!({"object":"response","usage":{"input_tokens":50,"input_tokens_details":{"cached_tokens":10,"cache_write_tokens":5},
+                    "output_tokens":30,"output_tokens_details":{"reasoning_tokens":12},"total_tokens":80}}),
+                Usage {
+                    input_tokens: 50,
+                    cached_input_tokens: 10,
+                    cache_write_input_tokens: 5,
+                    output_tokens: 30,
+                    reasoning_tokens: 12,
+                    ..Usage::default()
+                },
+            ),
+            (
+                Dialect::Anthropic,
+                json!({"type":"message","usage":{"input_tokens":20,"cache_read_input_tokens":100,
+                    "cache_creation_input_tokens":50,"output_tokens":7,
+                    "cache_creation":{"ephemeral_5m_input_tokens":30,"ephemeral_1h_input_tokens":20}}}),
+                Usage {
+                    input_tokens: 170,
+                    cached_input_tokens: 100,
+                    cache_write_input_tokens: 50,
+                    cache_write_1h_input_tokens: 20,
+                    output_tokens: 7,
+                    ..Usage::default()
+                },
+            ),
+        ];
+        for (d, body, want) in cases {
+            let m = metered(d, body.clone());
+            assert_eq!(m.usage, want, "{body}");
+            assert!(m.unmetered.is_empty(), "{body}: {:?}", m.unmetered);
+        }
+        assert_eq!(
+            metered_from_body(Dialect::OpenAi, &json!({"usage": null})),
+            None
+        );
+        assert_eq!(metered_from_body(Dialect::OpenAi, &json!({})), None);
+    }
+
+    #[test]
+    fn compaction_bills_the_sum_of_its_iterations() {
+        // The shape of a recorded compaction response: the top level is the last iteration.
+        let body = json!({"usage": {"input_tokens": 180, "output_tokens": 8,
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+            "server_tool_use": {"web_search_requests": 0, "web_fetch_requests": 0},
+            "iterations": [
+                {"type": "compaction", "input_tokens": 100, "output_tokens": 82,
+                 "cache_creation_input_tokens": 55096, "cache_read_input_tokens": 0,
+                 "cache_creation": {"ephemeral_5m_input_tokens": 55096, "ephemeral_1h_input_tokens": 0}},
+                {"type": "message", "input_tokens": 180, "output_tokens": 8,
+                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}]}});
+        let m = metered(Dialect::Anthropic, body);
+        assert_eq!(
+            m.usage,
+            Usage {
+                input_tokens: 100 + 55096 + 180,
+                cache_write_input_tokens: 55096,
+                output_tokens: 90,
+                ..Usage::default()
+            }
+        );
+        assert!(m.unmetered.is_empty(), "{:?}", m.unmetered);
+    }
+
+    #[test]
+    fn server_tool_uses_are_counted() {
+        let a = metered(
+            Dialect::Anthropic,
+            json!({"usage": {"input_tokens": 10387, "output_tokens": 300,
+                "server_tool_use": {"web_search_requests": 2, "web_fetch_requests": 1}}}),
+        );
+        assert_eq!(
+            (a.usage.web_search_requests, a.usage.web_fetch_requests),
+            (2, 1)
+        );
+        // OpenAI responses: the web_search_call items, or tool_usage when it says more.
+        let items = json!({"output": [{"type": "web_search_call"}, {"type": "message"},
+            {"type": "web_search_call"}], "usage": {"input_tokens": 1, "output_tokens": 1}});
+        assert_eq!(metered(Dialect::OpenAi, items).usage.web_search_requests, 2);
+        let counted = json!({"tool_usage": {"web_search": {"num_requests": 3}},
+            "usage": {"input_tokens": 1, "output_tokens": 1}});
+        assert_eq!(
+            metered(Dialect::OpenAi, counted).usage.web_search_requests,
+            3
+        );
+    }
+
+    #[test]
+    fn compatible_providers_name_cache_hits_their_own_way() {
+        let m = metered(
+            Dialect::OpenAi,
+            json!({"usage": {"prompt_tokens": 563, "completion_tokens": 70,
+                "prompt_cache_hit_tokens": 512, "prompt_cache_miss_tokens": 51,
+                "completion_tokens_details": {"reasoning_tokens": 60}}}),
+        );
+        assert_eq!(
+            (
+                m.usage.input_tokens,
+                m.usage.cached_input_tokens,
+                m.usage.reasoning_tokens
+            ),
+            (563, 512, 60)
+        );
+    }
+
+    #[test]
+    fn fields_not_metered_are_listed() {
+        let m = metered(
+            Dialect::OpenAi,
+            json!({"usage": {"prompt_tokens": 10, "completion_tokens": 5,
+                "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 7},
+                "completion_tokens_details": {"audio_tokens": 0, "reasoning_tokens": 0},
+                "surprise_tokens": 0, "service_tier": "default"},
+              "tool_usage": {"image_gen": {"input_tokens": 0, "output_tokens": 4},
+                "web_search": {"num_requests": 0}}}),
+        );
+        // Unknown: listed at 0 too. Known and unpriced: only when not zero. Text: never.
+        assert_eq!(
+            m.unmetered,
+            vec![
+                "tool_usage.image_gen.output_tokens",
+                "usage.prompt_tokens_details.audio_tokens",
+                "usage.surprise_tokens",
+            ]
+        );
+        let a = metered(
+            Dialect::Anthropic,
+            json!({"usage": {"input_tokens": 1, "output_tokens": 1, "inference_geo": "global",
+                "server_tool_use": {"code_execution_requests": 1},
+                "iterations": [{"type": "message", "input_tokens": 1, "output_tokens": 1,
+                    "thinking_tokens": 3}]}}),
+        );
+        assert_eq!(
+            a.unmetered,
+            vec![
+                "usage.iterations[].thinking_tokens",
+                "usage.server_tool_use.code_execution_requests",
+            ]
+        );
+    }
+}
