@@ -127,7 +127,7 @@ impl Outcome {
 
 /// Signature verification: how often each verifier answered what, how long it took, and
 /// which objects are held back by a rejection now.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct SignatureMetrics {
     verifications: Family<VerificationLabels, Counter>,
     duration: Family<VerificationKind, Histogram>,
@@ -171,10 +171,12 @@ impl Metrics {
         let child_writes = Family::<ControllerLabels, Counter>::default();
         let budgets = BudgetMetrics::default();
         let signatures = SignatureMetrics {
+            verifications: Family::default(),
             duration: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.001, 2.0, 14))
             }),
-            ..SignatureMetrics::default()
+            rejected: Family::default(),
+            current: Mutex::default(),
         };
         let ledger_errors = Family::<LedgerLabels, Counter>::default();
         let soma = registry.sub_registry_with_prefix("soma");
