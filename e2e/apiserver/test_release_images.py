@@ -17,6 +17,7 @@ SOMA_SKOPEO, the signing tools and helm; run as root (chroot).
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -114,7 +115,7 @@ def test_each_image_runs_its_binary_as_a_non_root_user_from_its_own_files(releas
         shutil.rmtree(bundle, ignore_errors=True)
         subprocess.run([umoci, "unpack", "--image", f"{out / name}:0.1.0", str(bundle)], check=True,
                        capture_output=True)
-        config = yaml.safe_load((bundle / "config.json").read_text())
+        config = json.loads((bundle / "config.json").read_text())
         assert config["process"]["user"]["uid"] == 65532 and config["process"]["user"]["gid"] == 65532, config["process"]
         assert config["process"]["args"][0] == f"/usr/bin/{name}", config["process"]["args"]
         rootfs = bundle / "rootfs"
