@@ -183,7 +183,7 @@ def scenarios(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         # A revoked Capsule.
         k.apply({"apiVersion": AGENTS, "kind": "Capsule", "metadata": {"name": "withdrawn", "namespace": NS},
                  "spec": {"version": "1", "policyHash": "sha256:" + "9b" * 32, "revoked": True,
-                          "source": {"inline": {"blocks": [{"text": "old advice"}]}},
+                          "source": {"inline": {"blocks": [{"id": "advice-1", "text": "old advice"}]}},
                           "signature": {"publicKeyRef": {"name": "signers", "key": "cosign.pub"}}}}, manager="kubectl")
         waits = [("agents", NS, "looped", ("False", "BudgetChainInvalid")),
                  ("budgets", NS, "loop-a", ("False", "BudgetChainInvalid")),

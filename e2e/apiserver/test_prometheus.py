@@ -148,10 +148,11 @@ def admission_review(obj: dict[str, Any]) -> bytes:
         "userInfo": {"username": "e2e"}, "object": obj, "dryRun": False}}).encode()
 
 
-def capsule_from_config_map(name: str, ns: str, config_map: str) -> dict[str, Any]:
+def capsule_from_config_map(name: str, ns: str, config_map: str, content: str) -> dict[str, Any]:
     return {"apiVersion": AGENTS, "kind": "Capsule", "metadata": {"name": name, "namespace": ns},
             "spec": {"version": "1", "policyHash": "sha256:" + "9b" * 32,
-                     "source": {"configMapRef": {"name": config_map, "key": "blocks.json"}},
+                     "source": {"configMapRef": {"name": config_map, "key": "blocks.json",
+                                                 "digest": signing.sha256(content)}},
                      "signature": {"publicKeyRef": {"name": "signers", "key": "cosign.pub"}}}}
 
 
@@ -178,7 +179,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
             k.ensure_namespace(ns)
         # obs-a: team (small cost cap) under tenant (large, warns at 1%): tenant passes a
         # threshold without being exhausted. obs-b: a Budget that browns out to a cheaper model.
-        k.apply(budget("tenant", "obs-a", limits={"costMicros": 10_000_000, "tokens": 50_000_000},
+        k.apply(budget("tenant", "obs-a", limits={"costMicros": 20_000, "tokens": 50_000_000},
                        thresholds=[1, 90], period={"calendar": "day", "timeZone": "UTC"}), manager="kubectl")
         k.apply(budget("team", "obs-a", parentRef={"name": "tenant"}, limits={"costMicros": 600, "tokens": 1_000_000},
                        thresholds=[50, 80], period={"calendar": "day", "timeZone": "UTC"}), manager="kubectl")
@@ -197,6 +198,10 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
                 f"SELECT count(*) FROM soma_budgets WHERE namespace = '{ns}'") != "0", seconds=30)
             side = work / name
             side.mkdir()
+            # A 3 s lease: heartbeats every second, so an outage of a few seconds shows.
+            config = json.loads(cm["data"]["config.yaml"])
+            config["authority"]["postgres"]["leaseTtlMs"] = 3000
+            cm = {"data": {"config.yaml": json.dumps(config)}}
             proc, url = start_sidecar(side, cm, upstream_url, pg.url)
             sidecars[name] = proc
             targets.append((name, ns, url, admin_address(side)))
@@ -273,16 +278,24 @@ def drive(env: dict[str, Any]) -> None:
     sig = w.sign_blob("signers", content, "kb.json")
     k.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "kb", "namespace": "obs-a"},
              "data": {"blocks.json": content, "blocks.json.sig": sig}}, manager="kubectl")
+    tampered = '[{"text": "refunds take 50 days"}]'
     k.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "kb-tampered", "namespace": "obs-a"},
-             "data": {"blocks.json": '[{"text": "refunds take 50 days"}]', "blocks.json.sig": sig}}, manager="kubectl")
-    k.apply(capsule_from_config_map("kb", "obs-a", "kb"), manager="kubectl")
-    k.apply(capsule_from_config_map("kb-tampered", "obs-a", "kb-tampered"), manager="kubectl")
-    unreachable = capsule_from_config_map("kb-unreachable", "obs-a", "unused")
+             "data": {"blocks.json": tampered, "blocks.json.sig": sig}}, manager="kubectl")
+    k.apply(capsule_from_config_map("kb", "obs-a", "kb", content), manager="kubectl")
+    k.apply(capsule_from_config_map("kb-tampered", "obs-a", "kb-tampered", tampered), manager="kubectl")
+    unreachable = capsule_from_config_map("kb-unreachable", "obs-a", "unused", content)
     unreachable["spec"]["source"] = {"oci": {"repository": f"{env['dead_registry']}/capsules/kb",
                                              "digest": "sha256:" + "ab" * 32}}
     k.apply(unreachable, manager="kubectl")
-    wait_for("the three signature outcomes", lambda: all(s in operator.metrics() for s in (
-        'outcome="verified"', 'outcome="rejected"', 'outcome="error"', "soma_signature_rejected{")), seconds=60)
+    outcomes = ('outcome="verified"', 'outcome="rejected"', 'outcome="error"', "soma_signature_rejected{")
+    deadline = time.monotonic() + 60
+    while not all(s in operator.metrics() for s in outcomes):
+        if time.monotonic() > deadline:
+            capsules = {c["metadata"]["name"]: (c.get("status") or {}).get("conditions")
+                        for c in k.list(AGENTS, "capsules", "obs-a")["items"]}
+            signatures = [line for line in operator.metrics().splitlines() if "signature" in line]
+            pytest.fail(f"signature outcomes missing: {signatures}\ncapsules: {capsules}\n{operator.log_tail(20)}")
+        time.sleep(0.2)
 
     # Admission: a denial (an image without a digest), a malformed review; a broken policy.
     denied = agent("no-digest", "obs-a", "team")
@@ -293,18 +306,24 @@ def drive(env: dict[str, Any]) -> None:
     k.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
         "name": "broken-policy", "namespace": OPERATOR_NS, "labels": {"soma.dev/policy": "true"}},
         "data": {"policy.yaml": "kind: [unclosed"}}, manager="kubectl")
-    wait_for("a policy load error", lambda: "soma_policy_load_errors_total{" in operator.metrics(), seconds=60)
+    wait_for("a policy load error", lambda: re.search(
+        r'soma_policy_load_errors_total\{reason="InvalidPolicyDocument"\} [1-9]', operator.metrics()), seconds=60)
     wait_for("the long-named Agent's reconcile failure", lambda: "soma_reconcile_failures_total{" in operator.metrics(),
              seconds=60)
 
     # The ledger goes away for a few seconds; a Budget edited meanwhile cannot be read.
     pg.interrupt()
     try:
-        k.apply(budget("tenant", "obs-a", limits={"costMicros": 10_000_000, "tokens": 60_000_000},
+        k.apply(budget("tenant", "obs-a", limits={"costMicros": 20_000, "tokens": 60_000_000},
                        thresholds=[1, 90], period={"calendar": "day", "timeZone": "UTC"}), manager="kubectl")
-        wait_for("the operator's ledger error", lambda: "soma_ledger_errors_total{" in operator.metrics(), seconds=60)
-        wait_for("a sidecar's failed ledger transaction", lambda: 'outcome="failed"' in requests.get(
-            f"http://{admin}/metrics", timeout=5).text, seconds=60)
+        # Twice (the Budget is retried with backoff): a counter's first sample is where its rate starts.
+        wait_for("two of the operator's ledger errors", lambda: re.search(
+            r'soma_ledger_errors_total\{operation="read"\} ([2-9]|\d\d)', operator.metrics()), seconds=60)
+        # Twice: a counter's first sample is where its rate starts.
+        wait_for("two failed ledger transactions of a sidecar", lambda: re.search(
+            r'soma_proxy_budget_lease_transactions_total\{kind="heartbeat",outcome="failed"\} ([2-9]|\d\d)',
+            requests.get(f"http://{admin}/metrics", timeout=5).text), seconds=60)
+        time.sleep(2)  # scraped
     finally:
         pg.start()
     # More traffic after the outage, so latency panels have recent observations.

@@ -179,6 +179,12 @@ impl Metrics {
             current: Mutex::default(),
         };
         let ledger_errors = Family::<LedgerLabels, Counter>::default();
+        // At zero from the start, so an alert on rate() or increase() sees the first error.
+        for operation in ["read", "seal"] {
+            let _ = ledger_errors.get_or_create(&LedgerLabels {
+                operation: operation.to_owned(),
+            });
+        }
         let soma = registry.sub_registry_with_prefix("soma");
         let b = &budgets;
         soma.register(
@@ -615,8 +621,15 @@ mod tests {
     }
 
     #[test]
-    fn ledger_errors_are_counted_by_operation() {
+    fn ledger_errors_are_counted_by_operation_from_zero() {
         let m = Metrics::default();
+        assert_eq!(
+            samples(&m, "soma_ledger_errors_total"),
+            [
+                r#"soma_ledger_errors_total{operation="read"} 0"#,
+                r#"soma_ledger_errors_total{operation="seal"} 0"#,
+            ]
+        );
         m.ledger_error("read");
         m.ledger_error("read");
         m.ledger_error("seal");
