@@ -61,7 +61,9 @@ UNIT_ONLY = [
     ("Agent", ("Agent", "RolloutPending", "FTF"), "PolicyError", "FTF"),  # a decision past its deadline
     ("Capsule", ("Capsule", "RegistryUnreachable", "FTF"), "PolicyError", "FTF"),
 ]
-HEALTH = {"TFF": "Healthy", "FTF": "Progressing", "FFT": "Degraded", "TFF Exhausted": "Suspended"}
+HEALTH = {"TFF": "Healthy", "FTF": "Progressing", "FFT": "Degraded", "TFF Exhausted": "Suspended",
+          # An exhausted Budget whose ledger cannot be read (or whose spec broke) is that first.
+          "FTF Exhausted": "Progressing", "FFT Exhausted": "Degraded"}
 KSTATUS = {"Healthy": kstatus.CURRENT, "Suspended": kstatus.CURRENT, "Progressing": kstatus.IN_PROGRESS,
            "Degraded": kstatus.FAILED}
 
