@@ -68,7 +68,7 @@ unpack() {
     rm -rf "$DEBS"
     mkdir -p "$DEBS" "$ROOT"
     log "downloading ${wanted[*]}"
-    (cd "$DEBS" && apt-get download -qq "${wanted[@]}" >&2)
+    (cd "$DEBS" && apt-get download -qq -o APT::Sandbox::User=root "${wanted[@]}" >&2)
     local deb
     for pkg in "${UNPACKED[@]}"; do
         name=${pkg%%=*}
