@@ -134,13 +134,17 @@ mod tests {
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
         for reason in ERROR_REASONS {
             assert!(
-                text.contains(&format!("soma_admission_errors_total{{reason=\"{reason}\"}} 0")),
+                text.contains(&format!(
+                    "soma_admission_errors_total{{reason=\"{reason}\"}} 0"
+                )),
                 "{reason}: {text}"
             );
         }
         for reason in soma_policy::PolicyError::LABELS {
             assert!(
-                text.contains(&format!("soma_policy_load_errors_total{{reason=\"{reason}\"}} 0")),
+                text.contains(&format!(
+                    "soma_policy_load_errors_total{{reason=\"{reason}\"}} 0"
+                )),
                 "{reason}: {text}"
             );
         }

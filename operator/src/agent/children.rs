@@ -574,10 +574,8 @@ fn volumes(agent: &Agent) -> Vec<Volume> {
 /// pods), and with `scrape_annotations` the `prometheus.io/*` annotations that point an
 /// annotation-driven Prometheus at the sidecar's metrics.
 fn pod_annotations(config_hash: &str, config: &OperatorConfig) -> BTreeMap<String, String> {
-    let mut annotations = BTreeMap::from([(
-        CONFIG_HASH_ANNOTATION.to_owned(),
-        config_hash.to_owned(),
-    )]);
+    let mut annotations =
+        BTreeMap::from([(CONFIG_HASH_ANNOTATION.to_owned(), config_hash.to_owned())]);
     if config.sidecar.scrape_annotations {
         annotations.extend([
             ("prometheus.io/scrape".to_owned(), "true".to_owned()),

@@ -938,9 +938,18 @@ fn scrape_annotations_point_at_the_sidecar_metrics_only_when_asked() {
     };
     let c = children(&agent(|_| {}), &resolved, &config).expect("children");
     let a = pod_template_annotations(&c);
-    assert_eq!(a.get("prometheus.io/scrape").map(String::as_str), Some("true"));
-    assert_eq!(a.get("prometheus.io/port").map(String::as_str), Some("9191"));
-    assert_eq!(a.get("prometheus.io/path").map(String::as_str), Some("/metrics"));
+    assert_eq!(
+        a.get("prometheus.io/scrape").map(String::as_str),
+        Some("true")
+    );
+    assert_eq!(
+        a.get("prometheus.io/port").map(String::as_str),
+        Some("9191")
+    );
+    assert_eq!(
+        a.get("prometheus.io/path").map(String::as_str),
+        Some("/metrics")
+    );
     assert!(a.contains_key(CONFIG_HASH_ANNOTATION), "the hash stays");
 }
 
