@@ -56,11 +56,11 @@ impl Default for Metrics {
     fn default() -> Self {
         let errors = Family::<ReasonLabels, Counter>::default();
         for reason in ERROR_REASONS {
-            let _ = errors.get_or_create(&ReasonLabels { reason });
+            drop(errors.get_or_create(&ReasonLabels { reason }));
         }
         let load_errors = Family::<ReasonLabels, Counter>::default();
         for reason in soma_policy::PolicyError::LABELS {
-            let _ = load_errors.get_or_create(&ReasonLabels { reason });
+            drop(load_errors.get_or_create(&ReasonLabels { reason }));
         }
         Self {
             requests: Family::default(),

@@ -181,9 +181,9 @@ impl Metrics {
         let ledger_errors = Family::<LedgerLabels, Counter>::default();
         // At zero from the start, so an alert on rate() or increase() sees the first error.
         for operation in ["read", "seal"] {
-            let _ = ledger_errors.get_or_create(&LedgerLabels {
+            drop(ledger_errors.get_or_create(&LedgerLabels {
                 operation: operation.to_owned(),
-            });
+            }));
         }
         let soma = registry.sub_registry_with_prefix("soma");
         let b = &budgets;
