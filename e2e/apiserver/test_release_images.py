@@ -44,7 +44,9 @@ def need(var: str) -> str:
 
 
 def release(work: Workdir, registry: Registry, out: pathlib.Path) -> dict[str, tuple[str, int]]:
+    cache = os.environ.get("SOMA_CACHE") or str(pathlib.Path.home() / ".cache" / "soma")  # the pinned base, kept
     env = dict(os.environ, HOME=str(work.path), DOCKER_CONFIG=str(work.path), COSIGN_PASSWORD=signing.PASSWORD,
+               SOMA_CACHE=cache,
                SOMA_UMOCI=need("SOMA_UMOCI"), SOMA_SKOPEO=need("SOMA_SKOPEO"), SOMA_COSIGN=need("SOMA_COSIGN"))
     done = subprocess.run([str(REPO / "scripts" / "release"), "--registry", f"{registry.addr}/soma",
                            "--key", str(work.path / "release.key"), "--binaries", str(BIN_DIR),
