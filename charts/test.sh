@@ -130,11 +130,20 @@ equals "default policy deadline" 1500 "$py" "$rendered" arg "$out/cluster.yaml" 
 equals "fail closed by default" 0 bash -c "grep -c -- '--policy-fail-open' '$out/cluster.yaml'"
 check "cluster-wide: operator pod hardened, probes, downward API, flags" \
     "$py" "$rendered" hardened "$out/cluster.yaml"
-equals "default image is ghcr.io/soma-dev/soma-operator:<appVersion>" \
-    "ghcr.io/soma-dev/soma-operator:0.1.0" "$py" "$rendered" image "$out/cluster.yaml"
+# The chart's defaults name Soma's images by the digests scripts/release --update-chart wrote.
+default_digest() { "$py" -c 'import sys, yaml; v = yaml.safe_load(open(sys.argv[1]))
+for k in sys.argv[2].split("."): v = v[k]
+print(v["digest"])' "$chart/values.yaml" "$1"; }
+equals "default image is ghcr.io/soma-dev/soma-operator by digest" \
+    "ghcr.io/soma-dev/soma-operator@$(default_digest image)" "$py" "$rendered" image "$out/cluster.yaml"
 equals "default replicas 2" 2 "$py" "$rendered" replicas "$out/cluster.yaml"
-equals "default sidecar image" "ghcr.io/soma-dev/soma-proxy:0.1.0" \
+equals "default sidecar image by digest" "ghcr.io/soma-dev/soma-proxy@$(default_digest sidecar.image)" \
     "$py" "$rendered" arg "$out/cluster.yaml" --sidecar-image
+check "default digests are set (sha256) for the operator, the sidecar and soma" "$py" -c 'import re, sys, yaml
+v = yaml.safe_load(open(sys.argv[1]))
+ds = [v["image"]["digest"], v["sidecar"]["image"]["digest"], v["cliImage"]["digest"]]
+print(ds)
+sys.exit(0 if all(re.fullmatch(r"sha256:[0-9a-f]{64}", d) for d in ds) else 1)' "$chart/values.yaml"
 equals "default sidecar port" 4000 "$py" "$rendered" arg "$out/cluster.yaml" --sidecar-port
 equals "default metrics address" 0.0.0.0:8080 "$py" "$rendered" arg "$out/cluster.yaml" --metrics-addr
 equals "lease in the release namespace" "$release_ns" "$py" "$rendered" arg "$out/cluster.yaml" --lease-namespace

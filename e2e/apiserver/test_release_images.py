@@ -46,7 +46,7 @@ def need(var: str) -> str:
 def release(work: Workdir, registry: Registry, out: pathlib.Path) -> dict[str, tuple[str, int]]:
     cache = os.environ.get("SOMA_CACHE") or str(pathlib.Path.home() / ".cache" / "soma")  # the pinned base, kept
     env = dict(os.environ, HOME=str(work.path), DOCKER_CONFIG=str(work.path), COSIGN_PASSWORD=signing.PASSWORD,
-               SOMA_CACHE=cache,
+               SOMA_CACHE=cache, **PINNED,
                SOMA_UMOCI=need("SOMA_UMOCI"), SOMA_SKOPEO=need("SOMA_SKOPEO"), SOMA_COSIGN=need("SOMA_COSIGN"))
     done = subprocess.run([str(REPO / "scripts" / "release"), "--registry", f"{registry.addr}/soma",
                            "--key", str(work.path / "release.key"), "--binaries", str(BIN_DIR),
@@ -64,6 +64,14 @@ def release(work: Workdir, registry: Registry, out: pathlib.Path) -> dict[str, t
 
 def verify(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([CLI, "image", "verify", *args], capture_output=True, text=True, timeout=120)
+
+
+# One source date and revision for both builds (a commit made while the tests run must not
+# change them).
+PINNED = {"SOURCE_DATE_EPOCH": subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%ct"], capture_output=True,
+                                              text=True).stdout.strip() or "0",
+          "SOMA_RELEASE_REVISION": subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                                                  text=True).stdout.strip() or "unknown"}
 
 
 @pytest.fixture(scope="module")
