@@ -196,7 +196,7 @@ equals "sidecar digest wins over tag" \
     "ghcr.io/soma-dev/soma-proxy@sha256:2222222222222222222222222222222222222222222222222222222222222222" \
     "$py" "$rendered" arg "$out/everything.yaml" --sidecar-image
 equals "sidecar tag override" "ghcr.io/soma-dev/soma-proxy:0.1.0-rc1" bash -c \
-    "helm template soma '$chart' -n $release_ns --set sidecar.image.tag=0.1.0-rc1 >'$out/tag.yaml' && '$py' '$rendered' arg '$out/tag.yaml' --sidecar-image"
+    "helm template soma '$chart' -n $release_ns --set sidecar.image.tag=0.1.0-rc1 --set sidecar.image.digest= >'$out/tag.yaml' && '$py' '$rendered' arg '$out/tag.yaml' --sidecar-image"
 equals "metrics port follows values.metrics.port" 0.0.0.0:9090 \
     "$py" "$rendered" arg "$out/everything.yaml" --metrics-addr
 equals "ServiceMonitor when enabled" 1 "$py" "$rendered" count "$out/everything.yaml" ServiceMonitor
