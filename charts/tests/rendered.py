@@ -532,10 +532,12 @@ def observability(docs, chart, namespaces):
     else:
         expect(ns == {"matchNames": namespaces.split(",")}, f"PodMonitor namespaceSelector {ns}")
     expect(pm["metadata"]["labels"].get("release") == "kube-prometheus-stack", "PodMonitor extra labels")
+    expect((endpoint["interval"], endpoint["scrapeTimeout"]) == ("15s", "5s"), "podMonitor.interval, scrapeTimeout")
     sm = one(docs, "ServiceMonitor")
     relabel = {r.get("targetLabel"): r for r in sm["spec"]["endpoints"][0].get("relabelings", [])}
     expect(relabel.get("job", {}).get("replacement") == "soma-operator", f"ServiceMonitor job relabel {relabel}")
     rule = one(docs, "PrometheusRule")
+    expect(rule["metadata"]["labels"].get("release") == "kube-prometheus-stack", "prometheusRule.labels")
     want = yaml.safe_load((chart / "rules" / "soma.rules.yaml").read_text())["groups"]
     expect(rule["spec"]["groups"] == want, "PrometheusRule groups differ from rules/soma.rules.yaml")
     boards = sorted((chart / "dashboards").glob("*.json"))
