@@ -34,7 +34,7 @@ enum Command {
     /// Reconcile Agents in the cluster the kubeconfig (or in-cluster config) points at.
     Run(Box<RunArgs>),
     /// Print, as YAML, every child object the operator would apply for the Agents in a manifest.
-    Render(RenderArgs),
+    Render(Box<RenderArgs>),
 }
 
 #[derive(Args)]
