@@ -10,7 +10,15 @@ failed=0
 for values in "" "--set watchNamespaces={a,b} --set leaderElection.enabled=false --set replicas=1" \
     "-f tests/values/everything.yaml"; do
     # shellcheck disable=SC2086
-    flags=$(helm template soma soma -n soma-system $values | grep -oE -- '^\s+- --[a-z-]+' | sed 's/.*- //' | sort -u)
+    # The operator container's flags (the verify-images init container runs `soma`, not the operator).
+    flags=$(helm template soma soma -n soma-system $values | "${SOMA_CACHE:-$HOME/.cache/soma}/venv/bin/python" -c '
+import re, sys, yaml
+for d in yaml.safe_load_all(sys.stdin):
+    if d and d.get("kind") == "Deployment" and d["metadata"]["name"].endswith("-operator"):
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            if c["name"] == "operator":
+                print("\n".join(sorted({m.group(0) for a in c["args"] if (m := re.match(r"--[a-z-]+", a))})))
+')
     [[ -n $flags ]] || { echo "no flags rendered (${values:-defaults})"; exit 1; }
     for flag in $flags; do
         if ! grep -qE -- "(^|\s)$flag(\s|$)" <<<"$help"; then
@@ -25,7 +33,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 helm template soma soma -n soma-system -f tests/values/everything.yaml --show-only templates/settings.yaml |
     "${SOMA_CACHE:-$HOME/.cache/soma}/venv/bin/python" -c \
-        'import sys, yaml; print(yaml.safe_load(sys.stdin)["data"]["prices.yaml"])' >"$tmp/prices.yaml"
+        'import sys, yaml; print(next(d for d in yaml.safe_load_all(sys.stdin) if d and "prices.yaml" in d.get("data", {}))["data"]["prices.yaml"])' >"$tmp/prices.yaml"
 if ! "$bin" render -f ../examples/agent.yaml --prices-file "$tmp/prices.yaml" | grep -q '"outputPerMTok": 10000000'; then
     echo "the chart's prices.yaml was not handed to the sidecar by soma-operator render"
     failed=1

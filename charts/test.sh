@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Tests for the Soma Helm chart, offline: helm lint, helm template in both RBAC modes,
 # assertions on the rendered objects (charts/tests/rendered.py), schema rejections of
-# bad values (charts/tests/values/bad-*.yaml), and kubernetes-validate on every
-# rendered manifest. Installs its tools with scripts/test-deps/k8s-tools.sh.
+# bad values (charts/tests/values/bad-*.yaml), kubernetes-validate on every
+# rendered manifest, the generated dashboards and Argo CD snippet, and the alert rules
+# (promtool check rules, promtool test rules). Installs its tools with
+# scripts/test-deps/k8s-tools.sh and platform-tools.sh.
 #
 # Usage: charts/test.sh            Prints one line per check and "N passed, M failed" last;
 #                                  exits non-zero when any check failed.
@@ -17,6 +19,12 @@ cache=${SOMA_CACHE:-$HOME/.cache/soma}
 k8s_version=${SOMA_K8S_VALIDATE_VERSION:-1.30.0}
 release_ns=soma-system
 
+platform=$(bash "$repo/scripts/test-deps/platform-tools.sh") || {
+    echo "cannot install promtool (scripts/test-deps/platform-tools.sh)" >&2
+    echo "0 passed, 1 failed"
+    exit 1
+}
+SOMA_PROMTOOL=$(sed -n 's/^SOMA_PROMTOOL=//p' <<<"$platform")
 bash "$repo/scripts/test-deps/k8s-tools.sh" >/dev/null || {
     echo "cannot install helm/kubectl/kubernetes-validate (scripts/test-deps/k8s-tools.sh)" >&2
     echo "0 passed, 1 failed"
@@ -122,11 +130,20 @@ equals "default policy deadline" 1500 "$py" "$rendered" arg "$out/cluster.yaml" 
 equals "fail closed by default" 0 bash -c "grep -c -- '--policy-fail-open' '$out/cluster.yaml'"
 check "cluster-wide: operator pod hardened, probes, downward API, flags" \
     "$py" "$rendered" hardened "$out/cluster.yaml"
-equals "default image is ghcr.io/soma-dev/soma-operator:<appVersion>" \
-    "ghcr.io/soma-dev/soma-operator:0.1.0" "$py" "$rendered" image "$out/cluster.yaml"
+# The chart's defaults name Soma's images by the digests scripts/release --update-chart wrote.
+default_digest() { "$py" -c 'import sys, yaml; v = yaml.safe_load(open(sys.argv[1]))
+for k in sys.argv[2].split("."): v = v[k]
+print(v["digest"])' "$chart/values.yaml" "$1"; }
+equals "default image is ghcr.io/soma-dev/soma-operator by digest" \
+    "ghcr.io/soma-dev/soma-operator@$(default_digest image)" "$py" "$rendered" image "$out/cluster.yaml"
 equals "default replicas 2" 2 "$py" "$rendered" replicas "$out/cluster.yaml"
-equals "default sidecar image" "ghcr.io/soma-dev/soma-proxy:0.1.0" \
+equals "default sidecar image by digest" "ghcr.io/soma-dev/soma-proxy@$(default_digest sidecar.image)" \
     "$py" "$rendered" arg "$out/cluster.yaml" --sidecar-image
+check "default digests are set (sha256) for the operator, the sidecar and soma" "$py" -c 'import re, sys, yaml
+v = yaml.safe_load(open(sys.argv[1]))
+ds = [v["image"]["digest"], v["sidecar"]["image"]["digest"], v["cliImage"]["digest"]]
+print(ds)
+sys.exit(0 if all(re.fullmatch(r"sha256:[0-9a-f]{64}", d) for d in ds) else 1)' "$chart/values.yaml"
 equals "default sidecar port" 4000 "$py" "$rendered" arg "$out/cluster.yaml" --sidecar-port
 equals "default metrics address" 0.0.0.0:8080 "$py" "$rendered" arg "$out/cluster.yaml" --metrics-addr
 equals "lease in the release namespace" "$release_ns" "$py" "$rendered" arg "$out/cluster.yaml" --lease-namespace
@@ -175,8 +192,11 @@ check "render everything on" render "$out/everything.yaml" -f "$values/everythin
 equals "digest wins over tag" \
     "ghcr.io/soma-dev/soma-operator@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef" \
     "$py" "$rendered" image "$out/everything.yaml"
-equals "sidecar tag override" "ghcr.io/soma-dev/soma-proxy:0.1.0-rc1" \
+equals "sidecar digest wins over tag" \
+    "ghcr.io/soma-dev/soma-proxy@sha256:2222222222222222222222222222222222222222222222222222222222222222" \
     "$py" "$rendered" arg "$out/everything.yaml" --sidecar-image
+equals "sidecar tag override" "ghcr.io/soma-dev/soma-proxy:0.1.0-rc1" bash -c \
+    "helm template soma '$chart' -n $release_ns --set sidecar.image.tag=0.1.0-rc1 --set sidecar.image.digest= >'$out/tag.yaml' && '$py' '$rendered' arg '$out/tag.yaml' --sidecar-image"
 equals "metrics port follows values.metrics.port" 0.0.0.0:9090 \
     "$py" "$rendered" arg "$out/everything.yaml" --metrics-addr
 equals "ServiceMonitor when enabled" 1 "$py" "$rendered" count "$out/everything.yaml" ServiceMonitor
@@ -235,6 +255,33 @@ equals "single: no Lease Role" 0 \
     bash -c "grep -c 'coordination.k8s.io' '$out/single.yaml'"
 equals "single: no PodDisruptionBudget" 0 "$py" "$rendered" count "$out/single.yaml" PodDisruptionBudget
 check "kubernetes-validate single" validate "$out/single.yaml"
+
+# --- the platform team's observability (docs/observability.md) ----------------------
+check "dashboards and the Argo CD snippet are what charts/generate.py writes" "$py" "$here/generate.py" --check
+check "render observability on" render "$out/observability.yaml" -f "$values/observability.yaml"
+check "observability: PodMonitor (job soma-proxy, agent label, every namespace), ServiceMonitor job soma-operator, PrometheusRule = rules file, 4 dashboards, NetworkPolicy" \
+    "$py" "$rendered" observability "$out/observability.yaml" "$chart" any
+equals "observability: sidecar metrics port opened to the scrape namespaces" monitoring \
+    "$py" "$rendered" arg "$out/observability.yaml" --sidecar-metrics-namespaces
+equals "observability: scrape annotations flag" --sidecar-scrape-annotations \
+    "$py" "$rendered" arg "$out/observability.yaml" --sidecar-scrape-annotations
+equals "default: no monitors, rules, dashboards or NetworkPolicy" 0 bash -c \
+    "grep -cE '^kind: (PodMonitor|PrometheusRule|NetworkPolicy)$|grafana_dashboard' '$out/cluster.yaml'"
+equals "default: sidecar metrics open to any pod, no scrape annotations" 0 bash -c \
+    "grep -cE -- '--sidecar-(metrics-namespaces|scrape-annotations)' '$out/cluster.yaml'"
+check "kubernetes-validate observability (monitoring.coreos.com kinds may only warn)" validate "$out/observability.yaml"
+check "observability, namespaced: the PodMonitor selects the watched namespaces" bash -c \
+    "helm template soma '$chart' -n $release_ns -f '$values/observability.yaml' -f '$values/namespaced.yaml' >'$out/obs-ns.yaml' \
+        && '$py' '$rendered' observability '$out/obs-ns.yaml' '$chart' team-a,team-b"
+check "promtool check rules: the chart's rules file" "$SOMA_PROMTOOL" check rules "$chart/rules/soma.rules.yaml"
+check "promtool test rules: a unit test per alert" bash -c "cd '$here/tests/rules' && '$SOMA_PROMTOOL' test rules soma.rules.test.yaml"
+check "every alert has a firing unit test and a runbook section" "$py" "$rendered" alerts "$chart/rules/soma.rules.yaml" \
+    "$here/tests/rules/soma.rules.test.yaml" "$repo/docs/observability.md"
+check "render a signed release (imageSignatures.required with the release key)" render "$out/signed.yaml" -f "$values/signed-release.yaml"
+check "signed release: verify-images init container checks the three images by digest with the release key" \
+    "$py" "$rendered" verify-images "$out/signed.yaml"
+check "kubernetes-validate signed release" validate "$out/signed.yaml"
+equals "default: no verify-images init container" 0 bash -c "grep -c 'verify-images' '$out/cluster.yaml'"
 
 # --- bad values are rejected with a clear error --------------------------------
 for bad in "$values"/bad-*.yaml; do

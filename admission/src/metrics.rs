@@ -37,13 +37,36 @@ pub struct Metrics {
     pub(crate) duration: Histogram,
 }
 
+/// Every reason `soma_admission_errors_total` counts: bad requests (`malformed`, `too_large`,
+/// `body`) and decisions that could not be made (`overloaded`, `deadline`, `internal`,
+/// `evaluation`).
+pub const ERROR_REASONS: [&str; 7] = [
+    "malformed",
+    "too_large",
+    "body",
+    "overloaded",
+    "deadline",
+    "internal",
+    "evaluation",
+];
+
 impl Default for Metrics {
+    /// Every error and load-error series starts at zero, so an alert on `increase()` sees the
+    /// first one (a counter born at 1 shows no increase).
     fn default() -> Self {
+        let errors = Family::<ReasonLabels, Counter>::default();
+        for reason in ERROR_REASONS {
+            drop(errors.get_or_create(&ReasonLabels { reason }));
+        }
+        let load_errors = Family::<ReasonLabels, Counter>::default();
+        for reason in soma_policy::PolicyError::LABELS {
+            drop(load_errors.get_or_create(&ReasonLabels { reason }));
+        }
         Self {
             requests: Family::default(),
             violations: Family::default(),
-            errors: Family::default(),
-            load_errors: Family::default(),
+            errors,
+            load_errors,
             constraints: Gauge::default(),
             duration: Histogram::new([
                 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.0,
@@ -96,5 +119,34 @@ impl Metrics {
         }
         self.constraints
             .set(i64::try_from(report.constraints.len()).unwrap_or(i64::MAX));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_and_load_error_series_starts_at_zero() {
+        let mut registry = Registry::default();
+        Metrics::default().register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
+        for reason in ERROR_REASONS {
+            assert!(
+                text.contains(&format!(
+                    "soma_admission_errors_total{{reason=\"{reason}\"}} 0"
+                )),
+                "{reason}: {text}"
+            );
+        }
+        for reason in soma_policy::PolicyError::LABELS {
+            assert!(
+                text.contains(&format!(
+                    "soma_policy_load_errors_total{{reason=\"{reason}\"}} 0"
+                )),
+                "{reason}: {text}"
+            );
+        }
     }
 }

@@ -507,10 +507,102 @@ def replicas(docs):
     print(operator_deployment(docs)["spec"]["replicas"])
 
 
+def observability(docs, chart, namespaces):
+    """PodMonitor for the sidecars (job soma-proxy, agent label; every namespace or the watched
+    ones), ServiceMonitor relabelled to job soma-operator, a PrometheusRule with exactly the
+    rules file's groups, one dashboard ConfigMap per dashboards/*.json with the sidecar's label,
+    and the operator's NetworkPolicy (webhook from anywhere, metrics from the scrape namespaces)."""
+    import json
+    import pathlib
+    chart = pathlib.Path(chart)
+    pm = one(docs, "PodMonitor")
+    endpoint = pm["spec"]["podMetricsEndpoints"][0]
+    expect(endpoint["port"] == "proxy-admin" and endpoint["path"] == "/metrics", f"PodMonitor endpoint {endpoint}")
+    expect(endpoint.get("honorLabels") is True, "PodMonitor honorLabels")
+    relabel = {r.get("targetLabel"): r for r in endpoint.get("relabelings", [])}
+    expect(relabel.get("job", {}).get("replacement") == "soma-proxy", f"PodMonitor job relabel: {relabel}")
+    expect(relabel.get("agent", {}).get("sourceLabels") == ["__meta_kubernetes_pod_label_soma_dev_agent"],
+           f"PodMonitor agent relabel: {relabel}")
+    expect(pm["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "soma-agent",
+                                                     "app.kubernetes.io/managed-by": "soma-operator"},
+           f"PodMonitor selector {pm['spec']['selector']}")
+    ns = pm["spec"]["namespaceSelector"]
+    if namespaces == "any":
+        expect(ns == {"any": True}, f"PodMonitor namespaceSelector {ns}")
+    else:
+        expect(ns == {"matchNames": namespaces.split(",")}, f"PodMonitor namespaceSelector {ns}")
+    expect(pm["metadata"]["labels"].get("release") == "kube-prometheus-stack", "PodMonitor extra labels")
+    expect((endpoint["interval"], endpoint["scrapeTimeout"]) == ("15s", "5s"), "podMonitor.interval, scrapeTimeout")
+    sm = one(docs, "ServiceMonitor")
+    relabel = {r.get("targetLabel"): r for r in sm["spec"]["endpoints"][0].get("relabelings", [])}
+    expect(relabel.get("job", {}).get("replacement") == "soma-operator", f"ServiceMonitor job relabel {relabel}")
+    rule = one(docs, "PrometheusRule")
+    expect(rule["metadata"]["labels"].get("release") == "kube-prometheus-stack", "prometheusRule.labels")
+    want = yaml.safe_load((chart / "rules" / "soma.rules.yaml").read_text())["groups"]
+    expect(rule["spec"]["groups"] == want, "PrometheusRule groups differ from rules/soma.rules.yaml")
+    boards = sorted((chart / "dashboards").glob("*.json"))
+    maps = [d for d in of_kind(docs, "ConfigMap") if d["metadata"]["labels"].get("grafana_dashboard") == "1"]
+    expect(len(maps) == len(boards) == 4, f"{len(maps)} dashboard ConfigMaps for {len(boards)} dashboards")
+    for cm in maps:
+        expect(cm["metadata"]["namespace"] == "monitoring", "dashboards in grafana.dashboards.namespace")
+        expect(cm["metadata"].get("annotations", {}).get("grafana_folder") == "Soma", "dashboard annotations")
+        (name, text), = cm["data"].items()
+        expect(json.loads(text) == json.loads((chart / "dashboards" / name).read_text()), f"{name} differs")
+    np = one(docs, "NetworkPolicy")
+    expect(np["spec"]["policyTypes"] == ["Ingress"], "operator NetworkPolicy is ingress only")
+    rules = np["spec"]["ingress"]
+    webhook = [r for r in rules if r["ports"][0]["port"] == 9443]
+    metrics = [r for r in rules if r["ports"][0]["port"] == 8080]
+    expect(len(webhook) == 1 and "from" not in webhook[0], f"webhook port open to any address: {rules}")
+    expect(len(metrics) == 1 and metrics[0]["from"][0]["namespaceSelector"]["matchExpressions"][0]["values"]
+           == ["monitoring"], f"metrics port from the scrape namespaces: {rules}")
+
+
+def alerts(docs, tests, runbooks):
+    """Every alert of the rules file has a unit test that expects it to fire, and a runbook
+    section (its anchor, the alert's name in lower case) in docs/observability.md."""
+    import pathlib
+    import re
+    names = [r["alert"] for g in docs[0]["groups"] for r in g["rules"] if "alert" in r]
+    cases = yaml.safe_load(pathlib.Path(tests).read_text())["tests"]
+    firing = {t["alertname"] for c in cases for t in c.get("alert_rule_test", []) if t.get("exp_alerts")}
+    expect(not set(names) - firing, f"alerts without a firing unit test: {sorted(set(names) - firing)}")
+    text = pathlib.Path(runbooks).read_text()
+    headings = {re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")
+                for h in re.findall(r"^#+ (.+)$", text, re.M)}
+    for r in (r for g in docs[0]["groups"] for r in g["rules"] if "alert" in r):
+        anchor = r["annotations"]["runbook_url"].split("#", 1)[1]
+        expect(anchor == r["alert"].lower(), f"{r['alert']}: runbook_url anchor {anchor}")
+        expect(anchor in headings, f"{r['alert']}: no section #{anchor} in {runbooks}")
+
+
+def verify_images(docs):
+    """With imageSignatures.required: an init container runs `soma image verify --require-digest`
+    from the cli image on the operator's, the sidecar's and its own image, all by digest, with the
+    release key's ConfigMap mounted; hardened like the operator."""
+    pod = operator_deployment(docs)["spec"]["template"]["spec"]
+    init = [c for c in pod.get("initContainers", []) if c["name"] == "verify-images"]
+    expect(len(init) == 1, "one verify-images init container")
+    c = init[0]
+    images = [operator_container(docs)["image"], next(a.split("=", 1)[1] for a in args_of(docs)
+                                                      if a.startswith("--sidecar-image=")), c["image"]]
+    expect(all("@sha256:" in i for i in images), f"images by digest: {images}")
+    expect(c["args"][:4] == ["image", "verify", "--require-digest", "--key=/etc/soma/release/cosign.pub"], c["args"])
+    expect(c["args"][-3:] == images, f"verifies {c['args'][-3:]}, want {images}")
+    expect("--insecure-registry=registry.soma-system:5000" in c["args"], "insecure registries passed on")
+    expect(c["securityContext"].get("readOnlyRootFilesystem") is True and
+           c["securityContext"].get("runAsNonRoot") is True, "init container hardened")
+    key = one(docs, "ConfigMap", "soma-operator-release-key")
+    expect("BEGIN PUBLIC KEY" in key["data"]["cosign.pub"], "release key ConfigMap")
+    vol = [v for v in pod["volumes"] if v["name"] == "release-key"]
+    expect(vol and vol[0]["configMap"]["name"] == "soma-operator-release-key", "release key volume")
+
+
 CHECKS = {"cluster-mode": cluster_mode, "namespaced-mode": namespaced_mode, "hardened": hardened,
           "webhook": webhook, "ledger": ledger, "ledger-roles": ledger_roles, "no-postgres": no_postgres,
           "ledger-url": ledger_url, "claim": claim, "postgres-image": postgres_image,
-          "arg": arg, "image": image, "count": count, "replicas": replicas}
+          "arg": arg, "image": image, "count": count, "replicas": replicas,
+          "observability": observability, "alerts": alerts, "verify-images": verify_images}
 
 if __name__ == "__main__":
     if len(sys.argv) < 3 or sys.argv[1] not in CHECKS:

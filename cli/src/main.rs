@@ -4,7 +4,9 @@
 //! - `soma budget report`: spend by Budget, Agent, model and day, from the ledger ([`budget`]);
 //! - `soma cost --dry-run`: a request's worst-case tokens and cost, as the sidecar reserves
 //!   them ([`cost`]);
-//! - `soma audit verify`: the ledger's hash chains and seals ([`audit`]).
+//! - `soma audit verify`: the ledger's hash chains and seals ([`audit`]);
+//! - `soma image verify`: container images' Cosign signatures, by Soma's own verifier
+//!   ([`image`]).
 //!
 //! Exit codes: 0 success, 1 the check failed (a test failed, tampering found), 2 bad input
 //! (with a message on stderr saying what to fix).
@@ -12,6 +14,7 @@
 mod audit;
 mod budget;
 mod cost;
+mod image;
 mod ledger;
 mod policy;
 
@@ -46,6 +49,17 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Check container images.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Verify images' Cosign signatures against public keys (offline: no transparency log).
+    Verify(image::VerifyArgs),
 }
 
 #[derive(Subcommand)]
@@ -97,5 +111,8 @@ fn main() -> ExitCode {
         Command::Audit {
             command: AuditCommand::Verify(args),
         } => ledger::block_on(audit::verify(args)),
+        Command::Image {
+            command: ImageCommand::Verify(args),
+        } => ledger::block_on(image::verify(args)),
     }
 }

@@ -30,3 +30,17 @@ def ns(standin: StandIn, request: pytest.FixtureRequest) -> str:
     name = "t-" + request.node.name.removeprefix("test_").replace("_", "-")[:50].strip("-")
     standin.kube.ensure_namespace(name)
     return name
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every stand-in of the session logs the statuses the operator writes into one folder, for
+    test_gitops_health.py (soma_apiserver.py reads SOMA_STATUS_LOG_DIR)."""
+    import os
+    import tempfile
+    if not os.environ.get("SOMA_STATUS_LOG_DIR"):
+        os.environ["SOMA_STATUS_LOG_DIR"] = tempfile.mkdtemp(prefix="soma-statuses-")
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """test_gitops_health.py runs last: it checks what every other module's operators wrote."""
+    items.sort(key=lambda item: item.path.name == "test_gitops_health.py")

@@ -43,11 +43,17 @@ class Postgres:
             self.user = (pw.pw_uid, pw.pw_gid)
             shutil.chown(self.dir, pw.pw_uid, pw.pw_gid)
         self._run([str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "soma", "--no-sync"])
+        self.workdir = workdir
+        self.url = f"postgres://soma@127.0.0.1:{self.port}/postgres"
+        self.start()
+
+    def start(self) -> None:
+        """Starts the server on its data and port (again, after `interrupt`)."""
+        workdir = self.workdir
         self.proc = subprocess.Popen(
             [str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port), "-k", str(self.dir),
              "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
-            stdout=subprocess.DEVNULL, stderr=open(workdir / "pg.log", "wb"), preexec_fn=self._demote())
-        self.url = f"postgres://soma@127.0.0.1:{self.port}/postgres"
+            stdout=subprocess.DEVNULL, stderr=open(workdir / "pg.log", "ab"), preexec_fn=self._demote())
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -81,6 +87,17 @@ class Postgres:
         out = subprocess.run([str(psql), self.url, "-At", "-c", query], capture_output=True)
         assert out.returncode == 0, out.stderr.decode()
         return out.stdout.decode().strip()
+
+    def interrupt(self) -> None:
+        """An outage: stops the server (fast shutdown), keeping its data for `start`."""
+        stop_process(self.proc)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # wait on the port, not the PID
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                time.sleep(0.1)
+            except OSError:
+                return
 
     def stop(self) -> None:
         stop_process(self.proc)

@@ -38,6 +38,7 @@ import datetime
 import json
 import logging
 import math
+import os
 import pathlib
 import random
 import re
@@ -180,6 +181,21 @@ def conflict(kind: Kind, name: str, why: str = "the object has been modified; pl
              "changes to the latest version and try again") -> ApiError:
     return ApiError(409, "Conflict", f'Operation cannot be fulfilled on {kind.resource} "{name}": {why}',
                     {"name": name, "group": kind.group, "kind": kind.plural})
+
+
+_LABEL_VALUE_RE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+
+
+def validate_labels(kind: Kind, obj: dict[str, Any]) -> None:
+    """Label values as the real API server checks them on create and apply: at most 63
+    characters, alphanumerics with '-', '_' and '.' inside (422 Invalid otherwise)."""
+    meta = obj.get("metadata") or {}
+    for key, value in (meta.get("labels") or {}).items():
+        if not isinstance(value, str) or len(value) > 63 or not _LABEL_VALUE_RE.fullmatch(value):
+            raise ApiError(422, "Invalid", f'{kind.kind} "{meta.get("name")}" is invalid: metadata.labels: '
+                           f'Invalid value: "{value}": must be no more than 63 characters and consist of '
+                           "alphanumeric characters, '-', '_' or '.', starting and ending with one (label "
+                           f"{key})")
 
 
 def now_rfc3339() -> str:
@@ -403,6 +419,10 @@ class SomaApiServer(kmock.KubernetesScaffold):
     _changed: asyncio.Condition | None = attrs.field(default=None, init=False)
     _tasks: set[asyncio.Task[Any]] = attrs.field(factory=set, init=False)
     _ip_counter: int = attrs.field(default=0, init=False)
+    # Test-only: every status a `soma.dev/*` field manager (the operator's controllers) writes
+    # on a soma.dev resource, one JSON object per line (--status-log, or $SOMA_STATUS_LOG_DIR).
+    status_log: Any = attrs.field(default=None, init=False)
+    _writer: str = attrs.field(default="", init=False)
 
     class _Serve(Exception):
         """Raised by the fallback reaction: the request is for the store (no user reaction took it)."""
@@ -530,6 +550,10 @@ class SomaApiServer(kmock.KubernetesScaffold):
             raise ApiError(404, "NotFound", f"the server could not find the requested resource ({kind.resource})")
         dry_run = params.get("dryRun") == "All"
         manager = params.get("fieldManager") or raw.headers.get("User-Agent", "unknown").split("/")[0]
+        # The status log is for what the operator writes: a test's own writes (python-requests,
+        # even under a soma.dev/* field manager) and dry runs are not logged.
+        test_client = raw.headers.get("User-Agent", "").startswith("python-requests")
+        self._writer = "" if dry_run or test_client else manager
         if verb == "get":
             assert name is not None
             return self._get(kind, namespace, name), 200
@@ -678,6 +702,7 @@ class SomaApiServer(kmock.KubernetesScaffold):
             raise ApiError(422, "Invalid", f'{kind.kind} "{name}" is invalid: metadata.name: Invalid value: '
                            f'"{name}": a lowercase RFC 1123 subdomain must consist of lower case alphanumeric '
                            "characters, '-' or '.'")
+        validate_labels(kind, obj)
         if kind.namespaced:
             namespace = namespace or meta.get("namespace")
             meta["namespace"] = namespace
@@ -841,6 +866,7 @@ class SomaApiServer(kmock.KubernetesScaffold):
             if not any(overlaps(p, q) for q in paths) and p not in others:
                 del_path(merged, p)
         new = self._merge_sections(kind, old, merged, sub)
+        validate_labels(kind, new)
         # Conflicts: another manager owns a field this apply sets to a different value.
         conflicts = []
         for k, m in mgrs.items():
@@ -950,6 +976,10 @@ class SomaApiServer(kmock.KubernetesScaffold):
         meta["resourceVersion"] = str(self.rv)
         self.objects[key] = new
         self.change_counts[key] += 1
+        if self.status_log is not None and kind.group == "soma.dev" and new.get("status") \
+                and new.get("status") != (old or {}).get("status") and self._writer.startswith("soma.dev/"):
+            self.status_log.write(json.dumps({"writer": self._writer, "object": new}) + "\n")
+            self.status_log.flush()
         self._record(kind, WatchEvent(self.rv, "ADDED" if old is None else "MODIFIED", new, old))
         if old is not None and meta.get("deletionTimestamp") and not meta.get("finalizers") \
                 and kind.key != NAMESPACE_KEY:
@@ -1154,6 +1184,12 @@ async def serve(args: argparse.Namespace) -> None:
     for directory in args.crds or []:
         n = server.load_crds(pathlib.Path(directory))
         log.info("registered %d CRDs from %s", n, directory)
+    status_log = args.status_log
+    if status_log is None and os.environ.get("SOMA_STATUS_LOG_DIR"):
+        status_log = str(pathlib.Path(os.environ["SOMA_STATUS_LOG_DIR"]) / f"statuses-{os.getpid()}.jsonl")
+    if status_log:
+        pathlib.Path(status_log).parent.mkdir(parents=True, exist_ok=True)
+        server.status_log = open(status_log, "a")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1181,6 +1217,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bookmark-interval", type=float, default=5.0, help="seconds between watch bookmarks")
     parser.add_argument("--history-limit", type=int, default=20000,
                         help="watch events kept per resource; older resourceVersions get 410 Gone")
+    parser.add_argument("--status-log", help="append every status the operator writes on a soma.dev "
+                        "resource to this file, one JSON line each (default: a file in $SOMA_STATUS_LOG_DIR)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,

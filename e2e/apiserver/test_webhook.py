@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import re
 import pathlib
 import socket
 import ssl
@@ -222,8 +223,8 @@ def test_broken_policy_is_reported_and_the_last_good_set_kept(env: Env) -> None:
     ev = wait_for("a Warning Event on ConfigMap team-policy", event)
     assert ev["type"] == "Warning" and ev["reason"] == "InvalidPolicyDocument", ev
     assert "last good version" in ev["note"]
-    wait_for("soma_policy_load_errors_total", lambda: 'soma_policy_load_errors_total{reason="InvalidPolicyDocument"}'
-             in env.operator.metrics())
+    wait_for("soma_policy_load_errors_total", lambda: re.search(
+        r'soma_policy_load_errors_total\{reason="InvalidPolicyDocument"\} [1-9]', env.operator.metrics()))
     # Still serving, and still with the last good version of the broken document.
     denied = env.review(agent("probe", f"registry.example.com/agents/echo@{DIGEST}"))
     assert denied["allowed"] is False and "[SomaImages/only-ghcr]" in denied["status"]["message"], denied

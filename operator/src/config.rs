@@ -32,6 +32,13 @@ pub struct SidecarConfig {
     /// NATS and the OpenTelemetry collector. NetworkPolicy cannot name a host, and these live
     /// in the cluster's private ranges, which the provider rule leaves closed.
     pub egress_namespaces: Vec<String>,
+    /// Namespaces allowed to reach the sidecar's metrics port (where Prometheus runs); empty:
+    /// any pod may, as before. Opened in every Agent's NetworkPolicy.
+    pub metrics_namespaces: Vec<String>,
+    /// Annotate every Agent pod with `prometheus.io/scrape`, `prometheus.io/port` and
+    /// `prometheus.io/path` for a Prometheus that discovers pods by annotation (instead of
+    /// the chart's PodMonitor).
+    pub scrape_annotations: bool,
 }
 
 impl Default for SidecarConfig {
@@ -45,6 +52,8 @@ impl Default for SidecarConfig {
             otlp_endpoint: None,
             otlp_protocol: None,
             egress_namespaces: Vec::new(),
+            metrics_namespaces: Vec::new(),
+            scrape_annotations: false,
         }
     }
 }

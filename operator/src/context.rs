@@ -161,17 +161,25 @@ impl Context {
         self
     }
 
-    /// The same context, verifying Capsules with `verifier`.
+    /// The same context, verifying Capsules with `verifier` (each answer counted in the
+    /// metrics).
     #[must_use]
     pub fn with_verifier(mut self, verifier: std::sync::Arc<dyn CapsuleVerifier>) -> Self {
-        self.verifier = verifier;
+        self.verifier = std::sync::Arc::new(crate::capsule::verify::Measured::new(
+            verifier,
+            self.metrics.clone(),
+        ));
         self
     }
 
-    /// The same context, verifying agent images with `images`.
+    /// The same context, verifying agent images with `images` (each answer counted in the
+    /// metrics).
     #[must_use]
     pub fn with_image_verifier(mut self, images: std::sync::Arc<dyn ImageVerifier>) -> Self {
-        self.images = images;
+        self.images = std::sync::Arc::new(crate::agent::image::Measured::new(
+            images,
+            self.metrics.clone(),
+        ));
         self
     }
 

@@ -34,7 +34,7 @@ enum Command {
     /// Reconcile Agents in the cluster the kubeconfig (or in-cluster config) points at.
     Run(Box<RunArgs>),
     /// Print, as YAML, every child object the operator would apply for the Agents in a manifest.
-    Render(RenderArgs),
+    Render(Box<RenderArgs>),
 }
 
 #[derive(Args)]
@@ -77,6 +77,14 @@ struct SidecarArgs {
     /// and the OpenTelemetry collector run), opened in every Agent's NetworkPolicy.
     #[arg(long, env = "SOMA_SIDECAR_EGRESS_NAMESPACES", value_delimiter = ',')]
     sidecar_egress_namespaces: Vec<String>,
+    /// Namespaces whose pods may scrape the sidecars' metrics port (where Prometheus runs);
+    /// unset: any pod may. Opened in every Agent's NetworkPolicy.
+    #[arg(long, env = "SOMA_SIDECAR_METRICS_NAMESPACES", value_delimiter = ',')]
+    sidecar_metrics_namespaces: Vec<String>,
+    /// Annotate Agent pods with prometheus.io/scrape, /port and /path (the sidecar's metrics),
+    /// for a Prometheus that discovers pods by annotation.
+    #[arg(long, env = "SOMA_SIDECAR_SCRAPE_ANNOTATIONS")]
+    sidecar_scrape_annotations: bool,
 }
 
 impl SidecarArgs {
@@ -103,6 +111,8 @@ impl SidecarArgs {
                 otlp_endpoint: nonempty(&self.sidecar_otlp_endpoint),
                 otlp_protocol: nonempty(&self.sidecar_otlp_protocol),
                 egress_namespaces: listed(&self.sidecar_egress_namespaces),
+                metrics_namespaces: listed(&self.sidecar_metrics_namespaces),
+                scrape_annotations: self.sidecar_scrape_annotations,
             },
             namespaces,
             ledger: LedgerConfig {

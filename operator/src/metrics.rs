@@ -1,5 +1,8 @@
 //! Prometheus metrics: one registry, a sub-registry per subsystem (`soma_` prefix). The
 //! reconcile metrics are labelled by controller, and failures by the error's label.
+//!
+//! What each series means, and the dashboards and alerts built on them:
+//! `docs/observability.md`.
 
 use std::time::Instant;
 
@@ -44,6 +47,7 @@ pub struct BudgetLabels {
 #[derive(Debug, Default)]
 struct BudgetMetrics {
     used_ratio: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
+    threshold_reached: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
     spent_micros: Family<BudgetLabels, Gauge>,
     spent_tokens: Family<BudgetLabels, Gauge>,
     remaining_micros: Family<BudgetLabels, Gauge>,
@@ -61,11 +65,84 @@ struct BudgetMetrics {
 /// A Budget's period and its refusal and brown-out totals last seen in it.
 type Seen = (Option<String>, i64, i64);
 
+/// Labels of the signature verification counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerificationLabels {
+    /// `capsule` or `image`.
+    pub kind: String,
+    /// `verified`, `rejected` (the signature or content does not pass) or `error` (the
+    /// registry did not answer: retried).
+    pub outcome: String,
+    /// `Verified`, or the rejection's reason (`Unsigned`, `WrongKey`, `RegistryUnreachable`, ...).
+    pub reason: String,
+}
+
+/// Labels of the verification duration histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerificationKind {
+    /// `capsule` or `image`.
+    pub kind: String,
+}
+
+/// Labels of the per-object rejection gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct RejectedLabels {
+    /// `capsule` (the Capsule) or `image` (the Agent whose image it is).
+    pub kind: String,
+    /// The object's namespace.
+    pub namespace: String,
+    /// The Capsule's or the Agent's name.
+    pub name: String,
+    /// Why it is rejected.
+    pub reason: String,
+}
+
+/// Labels of the ledger error counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LedgerLabels {
+    /// `read` (spend, leases, the live definition) or `seal`.
+    pub operation: String,
+}
+
+/// What a verifier answered, for [`Metrics::signature_verified`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The signature verified.
+    Verified,
+    /// The signature (or the content it covers) does not pass.
+    Rejected,
+    /// The check could not be made (a registry that did not answer); retried.
+    Error,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Verified => "verified",
+            Outcome::Rejected => "rejected",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// Signature verification: how often each verifier answered what, how long it took, and
+/// which objects are held back by a rejection now.
+#[derive(Debug)]
+struct SignatureMetrics {
+    verifications: Family<VerificationLabels, Counter>,
+    duration: Family<VerificationKind, Histogram>,
+    rejected: Family<RejectedLabels, Gauge>,
+    /// The reason each object is rejected for now, so a new reason replaces the old series.
+    current: Mutex<BTreeMap<(String, String, String), String>>,
+}
+
 /// The operator's metrics.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     budgets: BudgetMetrics,
+    signatures: SignatureMetrics,
+    ledger_errors: Family<LedgerLabels, Counter>,
     reconciles: Family<ControllerLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
     duration: Family<ControllerLabels, Histogram>,
@@ -93,12 +170,32 @@ impl Metrics {
         let status_writes = Family::<ControllerLabels, Counter>::default();
         let child_writes = Family::<ControllerLabels, Counter>::default();
         let budgets = BudgetMetrics::default();
+        let signatures = SignatureMetrics {
+            verifications: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 14))
+            }),
+            rejected: Family::default(),
+            current: Mutex::default(),
+        };
+        let ledger_errors = Family::<LedgerLabels, Counter>::default();
+        // At zero from the start, so an alert on rate() or increase() sees the first error.
+        for operation in ["read", "seal"] {
+            drop(ledger_errors.get_or_create(&LedgerLabels {
+                operation: operation.to_owned(),
+            }));
+        }
         let soma = registry.sub_registry_with_prefix("soma");
         let b = &budgets;
         soma.register(
             "budget_used_ratio",
             "Share of the Budget's tightest period cap spent or reserved (1 = used up)",
             b.used_ratio.clone(),
+        );
+        soma.register(
+            "budget_threshold_reached_ratio",
+            "The highest of the Budget's spec.thresholds reached this period, as a ratio (0: none)",
+            b.threshold_reached.clone(),
         );
         soma.register(
             "budget_spent_micros",
@@ -145,6 +242,26 @@ impl Metrics {
             "Requests the sidecars sent to the Budget's brown-out model",
             b.brownouts.clone(),
         );
+        soma.register(
+            "signature_verifications",
+            "Signature checks answered by the verifier (cached answers not counted), by kind, outcome and reason",
+            signatures.verifications.clone(),
+        );
+        soma.register(
+            "signature_verification_duration_seconds",
+            "Time one signature check took (registry round trips included), by kind",
+            signatures.duration.clone(),
+        );
+        soma.register(
+            "signature_rejected",
+            "1 while a Capsule, or an Agent's image, is held back because its signature or content was rejected",
+            signatures.rejected.clone(),
+        );
+        soma.register(
+            "ledger_errors",
+            "Operator requests to the usage ledger that failed, by operation (read, seal)",
+            ledger_errors.clone(),
+        );
         soma.register("reconcile", "Reconciles started", reconciles.clone());
         soma.register(
             "reconcile_failures",
@@ -169,6 +286,8 @@ impl Metrics {
         Self {
             registry,
             budgets,
+            signatures,
+            ledger_errors,
             reconciles,
             failures,
             duration,
@@ -257,6 +376,13 @@ impl Metrics {
         b.used_ratio
             .get_or_create(&l)
             .set(status.percent_used.map_or(0.0, |p| p as f64 / 100.0));
+        b.threshold_reached.get_or_create(&l).set(
+            status
+                .thresholds_reached
+                .iter()
+                .max()
+                .map_or(0.0, |t| f64::from(*t) / 100.0),
+        );
         set(&b.spent_micros, Some(status.spent_micros));
         set(&b.spent_tokens, Some(status.spent_tokens));
         set(&b.remaining_micros, status.remaining_micros);
@@ -292,6 +418,7 @@ impl Metrics {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&l);
         b.used_ratio.remove(&l);
+        b.threshold_reached.remove(&l);
         for f in [
             &b.spent_micros,
             &b.spent_tokens,
@@ -305,6 +432,61 @@ impl Metrics {
         }
         b.refusals.remove(&l);
         b.brownouts.remove(&l);
+    }
+
+    /// Counts one answer of a signature verifier (`kind`: `capsule` or `image`) and how long
+    /// it took.
+    pub fn signature_verified(&self, kind: &str, outcome: Outcome, reason: &str, seconds: f64) {
+        let s = &self.signatures;
+        s.verifications
+            .get_or_create(&VerificationLabels {
+                kind: kind.to_owned(),
+                outcome: outcome.label().to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+        s.duration
+            .get_or_create(&VerificationKind {
+                kind: kind.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    /// Records whether the Capsule (or the Agent's image) `namespace/name` is held back by a
+    /// signature rejection now: `Some(reason)` sets `soma_signature_rejected` to 1 with that
+    /// reason, `None` removes it.
+    pub fn signature_state(&self, kind: &str, namespace: &str, name: &str, rejected: Option<&str>) {
+        let s = &self.signatures;
+        let key = (kind.to_owned(), namespace.to_owned(), name.to_owned());
+        let mut current = s
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let labels = |reason: &str| RejectedLabels {
+            kind: kind.to_owned(),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if let Some(old) = current.get(&key)
+            && rejected != Some(old.as_str())
+        {
+            s.rejected.remove(&labels(old));
+            current.remove(&key);
+        }
+        if let Some(reason) = rejected {
+            s.rejected.get_or_create(&labels(reason)).set(1);
+            current.insert(key, reason.to_owned());
+        }
+    }
+
+    /// Counts a failed request of the operator to the usage ledger (`read` or `seal`).
+    pub fn ledger_error(&self, operation: &str) {
+        self.ledger_errors
+            .get_or_create(&LedgerLabels {
+                operation: operation.to_owned(),
+            })
+            .inc();
     }
 
     /// The registry in the Prometheus text format.
@@ -328,5 +510,135 @@ impl Drop for ReconcileTimer<'_> {
             .duration
             .get_or_create(&self.labels)
             .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The exposition's sample lines that start with `name`, sorted.
+    fn samples(m: &Metrics, name: &str) -> Vec<String> {
+        let text = m.encode().expect("encodes");
+        let mut out: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .map(str::to_owned)
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn verifier_answers_are_counted_by_kind_outcome_and_reason_with_their_duration() {
+        let m = Metrics::default();
+        m.signature_verified("capsule", Outcome::Verified, "Verified", 0.003);
+        m.signature_verified("capsule", Outcome::Rejected, "WrongKey", 0.002);
+        m.signature_verified("capsule", Outcome::Rejected, "WrongKey", 0.002);
+        m.signature_verified("image", Outcome::Error, "RegistryUnreachable", 5.0);
+        assert_eq!(
+            samples(&m, "soma_signature_verifications_total"),
+            [
+                r#"soma_signature_verifications_total{kind="capsule",outcome="rejected",reason="WrongKey"} 2"#,
+                r#"soma_signature_verifications_total{kind="capsule",outcome="verified",reason="Verified"} 1"#,
+                r#"soma_signature_verifications_total{kind="image",outcome="error",reason="RegistryUnreachable"} 1"#,
+            ]
+        );
+        assert_eq!(
+            samples(&m, "soma_signature_verification_duration_seconds_count"),
+            [
+                r#"soma_signature_verification_duration_seconds_count{kind="capsule"} 3"#,
+                r#"soma_signature_verification_duration_seconds_count{kind="image"} 1"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn a_rejected_object_has_one_series_with_its_current_reason_until_it_recovers() {
+        let m = Metrics::default();
+        let rejected = |m: &Metrics| samples(m, "soma_signature_rejected");
+        m.signature_state("capsule", "team", "kb", Some("Unsigned"));
+        m.signature_state("capsule", "team", "kb", Some("Unsigned"));
+        m.signature_state("image", "team", "bot", Some("WrongKey"));
+        assert_eq!(
+            rejected(&m),
+            [
+                r#"soma_signature_rejected{kind="capsule",namespace="team",name="kb",reason="Unsigned"} 1"#,
+                r#"soma_signature_rejected{kind="image",namespace="team",name="bot",reason="WrongKey"} 1"#,
+            ]
+        );
+        // A new reason replaces the old series instead of adding one.
+        m.signature_state("capsule", "team", "kb", Some("WrongKey"));
+        assert_eq!(
+            rejected(&m),
+            [
+                r#"soma_signature_rejected{kind="capsule",namespace="team",name="kb",reason="WrongKey"} 1"#,
+                r#"soma_signature_rejected{kind="image",namespace="team",name="bot",reason="WrongKey"} 1"#,
+            ]
+        );
+        // Verified again, or deleted: gone.
+        m.signature_state("capsule", "team", "kb", None);
+        m.signature_state("image", "team", "bot", None);
+        m.signature_state("image", "other", "never-rejected", None);
+        assert!(rejected(&m).is_empty(), "{:?}", rejected(&m));
+    }
+
+    fn def(thresholds: Vec<u8>) -> soma_metering::BudgetDef {
+        serde_json::from_value(serde_json::json!({
+            "namespace": "team", "name": "b", "uid": "u",
+            "limits": {"costMicros": 1000},
+            "period": {"calendar": "month", "timeZone": "UTC"},
+            "thresholds": thresholds,
+        }))
+        .expect("a BudgetDef")
+    }
+
+    fn ledgered(percent: i64, reached: Vec<i32>) -> soma_crds::BudgetStatus {
+        soma_crds::BudgetStatus {
+            spend_source: Some("Ledger".into()),
+            period_start: Some("2026-12-01T00:00:00+00:00".into()),
+            percent_used: Some(percent),
+            thresholds_reached: reached,
+            ..soma_crds::BudgetStatus::default()
+        }
+    }
+
+    #[test]
+    fn the_highest_threshold_reached_is_exported_as_a_ratio_and_forgotten_with_the_budget() {
+        let m = Metrics::default();
+        m.budget("team", "b", &def(vec![50, 80]), &ledgered(10, vec![]));
+        assert_eq!(
+            samples(&m, "soma_budget_threshold_reached_ratio"),
+            [r#"soma_budget_threshold_reached_ratio{namespace="team",budget="b"} 0.0"#]
+        );
+        m.budget("team", "b", &def(vec![50, 80]), &ledgered(85, vec![50, 80]));
+        assert_eq!(
+            samples(&m, "soma_budget_threshold_reached_ratio"),
+            [r#"soma_budget_threshold_reached_ratio{namespace="team",budget="b"} 0.8"#]
+        );
+        m.forget_budget("team", "b");
+        assert!(samples(&m, "soma_budget_threshold_reached_ratio").is_empty());
+    }
+
+    #[test]
+    fn ledger_errors_are_counted_by_operation_from_zero() {
+        let m = Metrics::default();
+        assert_eq!(
+            samples(&m, "soma_ledger_errors_total"),
+            [
+                r#"soma_ledger_errors_total{operation="read"} 0"#,
+                r#"soma_ledger_errors_total{operation="seal"} 0"#,
+            ]
+        );
+        m.ledger_error("read");
+        m.ledger_error("read");
+        m.ledger_error("seal");
+        assert_eq!(
+            samples(&m, "soma_ledger_errors_total"),
+            [
+                r#"soma_ledger_errors_total{operation="read"} 2"#,
+                r#"soma_ledger_errors_total{operation="seal"} 1"#,
+            ]
+        );
     }
 }

@@ -570,6 +570,25 @@ fn volumes(agent: &Agent) -> Vec<Volume> {
     volumes
 }
 
+/// The pod template's annotations: the sidecar configuration's hash (a change rolls the
+/// pods), and with `scrape_annotations` the `prometheus.io/*` annotations that point an
+/// annotation-driven Prometheus at the sidecar's metrics.
+fn pod_annotations(config_hash: &str, config: &OperatorConfig) -> BTreeMap<String, String> {
+    let mut annotations =
+        BTreeMap::from([(CONFIG_HASH_ANNOTATION.to_owned(), config_hash.to_owned())]);
+    if config.sidecar.scrape_annotations {
+        annotations.extend([
+            ("prometheus.io/scrape".to_owned(), "true".to_owned()),
+            (
+                "prometheus.io/port".to_owned(),
+                config.sidecar.admin_port.to_string(),
+            ),
+            ("prometheus.io/path".to_owned(), "/metrics".to_owned()),
+        ]);
+    }
+    annotations
+}
+
 /// The Deployment running the agent and its sidecar under the sandbox defaults.
 pub fn deployment(
     agent: &Agent,
@@ -596,10 +615,7 @@ pub fn deployment(
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels(agent)),
-                    annotations: Some(BTreeMap::from([(
-                        CONFIG_HASH_ANNOTATION.to_owned(),
-                        config_hash.to_owned(),
-                    )])),
+                    annotations: Some(pod_annotations(config_hash, config)),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
@@ -713,7 +729,8 @@ fn egress_allow_rule(rule: &EgressRule) -> NetworkPolicyEgressRule {
 
 /// Default-deny egress for the Agent's pods except DNS, the model provider, the Agent's
 /// allow-list and the operator's `egress_namespaces` (the ledger, NATS and collector the
-/// sidecar reports to); ingress only to the agent's port and the sidecar's metrics port.
+/// sidecar reports to); ingress only to the agent's port and the sidecar's metrics port (from
+/// the operator's `metrics_namespaces` when it names them).
 ///
 /// NetworkPolicy is L3/L4, so a destination known only by host name (the public provider API,
 /// a `host` rule) is opened on its ports to public addresses, never to the cluster's private
@@ -766,10 +783,43 @@ pub fn network_policy(agent: &Agent, config: &OperatorConfig) -> NetworkPolicy {
         });
     }
 
-    let mut ingress_ports = vec![tcp(i32::from(config.sidecar.admin_port))];
-    if let Some(port) = agent.spec.port {
-        ingress_ports.insert(0, tcp(port));
-    }
+    // The agent's port is open to any pod (it is the agent's service); the sidecar's metrics
+    // port only to the metrics namespaces when the operator names them.
+    let metrics_from = (!config.sidecar.metrics_namespaces.is_empty()).then(|| {
+        vec![NetworkPolicyPeer {
+            namespace_selector: Some(LabelSelector {
+                match_labels: None,
+                match_expressions: Some(vec![LabelSelectorRequirement {
+                    key: "kubernetes.io/metadata.name".to_owned(),
+                    operator: "In".to_owned(),
+                    values: Some(config.sidecar.metrics_namespaces.clone()),
+                }]),
+            }),
+            ..NetworkPolicyPeer::default()
+        }]
+    });
+    let metrics_port = tcp(i32::from(config.sidecar.admin_port));
+    let ingress = match (agent.spec.port, metrics_from) {
+        (Some(port), None) => vec![NetworkPolicyIngressRule {
+            from: None,
+            ports: Some(vec![tcp(port), metrics_port]),
+        }],
+        (None, None) => vec![NetworkPolicyIngressRule {
+            from: None,
+            ports: Some(vec![metrics_port]),
+        }],
+        (port, Some(from)) => port
+            .map(|p| NetworkPolicyIngressRule {
+                from: None,
+                ports: Some(vec![tcp(p)]),
+            })
+            .into_iter()
+            .chain([NetworkPolicyIngressRule {
+                from: Some(from),
+                ports: Some(vec![metrics_port]),
+            }])
+            .collect(),
+    };
     NetworkPolicy {
         metadata: child_meta(agent, agent.name_any()),
         spec: Some(NetworkPolicySpec {
@@ -779,10 +829,7 @@ pub fn network_policy(agent: &Agent, config: &OperatorConfig) -> NetworkPolicy {
             }),
             policy_types: Some(vec!["Ingress".to_owned(), "Egress".to_owned()]),
             egress: Some(egress),
-            ingress: Some(vec![NetworkPolicyIngressRule {
-                from: None,
-                ports: Some(ingress_ports),
-            }]),
+            ingress: Some(ingress),
         }),
     }
 }

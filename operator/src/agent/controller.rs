@@ -74,14 +74,15 @@ pub async fn run(
     )
     .default_backoff()
     .inspect({
-        // A deleted Agent charges nothing any more (no reconcile runs for it).
+        // A deleted Agent charges nothing any more and its image holds nothing back (no
+        // reconcile runs for it).
         let index = ctx.index.clone();
+        let metrics = ctx.metrics.clone();
         move |event| {
             if let Ok(watcher::Event::Delete(a)) = event {
-                index.record_agent(
-                    &format!("{}/{}", a.namespace().unwrap_or_default(), a.name_any()),
-                    None,
-                );
+                let namespace = a.namespace().unwrap_or_default();
+                index.record_agent(&format!("{namespace}/{}", a.name_any()), None);
+                metrics.signature_state("image", &namespace, &a.name_any(), None);
             }
         }
     })

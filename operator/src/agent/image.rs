@@ -159,6 +159,48 @@ impl ImageVerifier for CosignImages {
     }
 }
 
+/// An image verifier whose every answer is counted in the operator's metrics
+/// (`soma_signature_verifications_total{kind="image"}` and its duration); answers from the
+/// [`ImageCache`] never reach it.
+pub struct Measured {
+    inner: std::sync::Arc<dyn ImageVerifier>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+impl Measured {
+    /// `inner`, measured into `metrics`.
+    pub fn new(
+        inner: std::sync::Arc<dyn ImageVerifier>,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> Self {
+        Self { inner, metrics }
+    }
+}
+
+impl ImageVerifier for Measured {
+    fn verify<'a>(
+        &'a self,
+        image: &'a str,
+    ) -> BoxFuture<'a, Result<VerifiedImage, ImageRejection>> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let result = self.inner.verify(image).await;
+            let (outcome, reason) = match &result {
+                Ok(_) => (crate::metrics::Outcome::Verified, "Verified"),
+                Err(r) if r.transient => (crate::metrics::Outcome::Error, r.reason.as_str()),
+                Err(r) => (crate::metrics::Outcome::Rejected, r.reason.as_str()),
+            };
+            self.metrics.signature_verified(
+                "image",
+                outcome,
+                reason,
+                started.elapsed().as_secs_f64(),
+            );
+            result
+        })
+    }
+}
+
 /// Verified images by reference, with when they were verified; rejections are not cached
 /// (a rejected image is retried on the next change, or with backoff when transient).
 #[derive(Debug, Default)]

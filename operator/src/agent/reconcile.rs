@@ -200,6 +200,15 @@ pub async fn reconcile(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Action> {
         || observed.stall.is_some()
         || observed.policy.as_ref().is_some_and(|p| p.blocks);
     write_status(&agent, &ctx, &observed).await?;
+    // Held back by its image's signature (a registry that did not answer is retried, not
+    // rejected): `soma_signature_rejected`, which the signature alert watches.
+    let rejected = observed
+        .image
+        .rejection()
+        .filter(|r| !r.transient)
+        .map(|r| r.reason.as_str());
+    ctx.metrics
+        .signature_state("image", &namespace, &agent.name_any(), rejected);
     if policy_error || image_retry {
         // An evaluation that did not finish (deadline, overload) or a registry that did not
         // answer is worth another try.

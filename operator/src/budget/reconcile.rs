@@ -70,6 +70,7 @@ async fn observe_ledger(
                 .await
     {
         // A seal is written again at the next refresh; the status does not depend on it.
+        ctx.metrics.ledger_error("seal");
         tracing::warn!(error = %e, budget = %def.key(), "sealing the Budget window failed");
     }
     Ok(Ledgered { spend, leases })
@@ -107,7 +108,10 @@ pub async fn reconcile(budget: Arc<Budget>, ctx: Arc<Context>) -> Result<Action>
         None => (None, None),
         Some(_) => match observe_ledger(ctx, &def, invalid.is_none(), now).await {
             Ok(l) => (Some(l), None),
-            Err(e) => (Some(Ledgered::default()), Some(e)),
+            Err(e) => {
+                ctx.metrics.ledger_error("read");
+                (Some(Ledgered::default()), Some(e))
+            }
         },
     };
     let obs = BudgetObserved {

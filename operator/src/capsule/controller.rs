@@ -63,6 +63,20 @@ pub async fn run(
         ),
     )
     .default_backoff()
+    .inspect({
+        // A deleted Capsule is held back by nothing (no reconcile runs for it).
+        let metrics = ctx.metrics.clone();
+        move |event| {
+            if let Ok(watcher::Event::Delete(c)) = event {
+                metrics.signature_state(
+                    super::reconcile::CONTROLLER,
+                    &c.namespace().unwrap_or_default(),
+                    &c.name_any(),
+                    None,
+                );
+            }
+        }
+    })
     .applied_objects()
     .predicate_filter(predicates::generation, PredicateConfig::default());
     let by_config_map = capsules.clone();

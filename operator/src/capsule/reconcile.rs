@@ -156,8 +156,13 @@ async fn content(
     )))
 }
 
-/// Everything up to the verifier's answer.
-async fn observe(capsule: &Capsule, ctx: &Context, namespace: &str) -> Result<CapsuleObserved> {
+/// Everything up to the verifier's answer, and whether the outcome is the signature check's
+/// (not a revocation or a policy's).
+async fn observe(
+    capsule: &Capsule,
+    ctx: &Context,
+    namespace: &str,
+) -> Result<(CapsuleObserved, bool)> {
     let policy = ctx
         .policy
         .check(capsule)
@@ -166,6 +171,7 @@ async fn observe(capsule: &Capsule, ctx: &Context, namespace: &str) -> Result<Ca
             what: "the Capsule for policy evaluation",
             source,
         })?;
+    let mut checked = false;
     let outcome = if capsule.spec.revoked {
         Err(rejection(
             "Revoked",
@@ -183,13 +189,17 @@ async fn observe(capsule: &Capsule, ctx: &Context, namespace: &str) -> Result<Ca
             policy.is_error(),
         ))
     } else {
+        checked = true;
         verify(capsule, ctx, namespace).await?
     };
-    Ok(CapsuleObserved {
-        generation: capsule.metadata.generation,
-        outcome,
-        policy: Some(policy),
-    })
+    Ok((
+        CapsuleObserved {
+            generation: capsule.metadata.generation,
+            outcome,
+            policy: Some(policy),
+        },
+        checked,
+    ))
 }
 
 async fn verify(
@@ -253,8 +263,16 @@ pub async fn reconcile(capsule: Arc<Capsule>, ctx: Arc<Context>) -> Result<Actio
         return Ok(Action::await_change());
     }
     let key = reconciler::key(&*capsule);
-    let observed = observe(&capsule, &ctx, &namespace).await?;
+    let (observed, checked) = observe(&capsule, &ctx, &namespace).await?;
     write_status(&capsule, &ctx, &observed).await?;
+    // Held back by its signature or content (not a revocation, a policy or a registry that
+    // did not answer): `soma_signature_rejected`, which the signature alert watches.
+    let rejected = match &observed.outcome {
+        Err(r) if checked && !r.transient => Some(r.reason.as_str()),
+        _ => None,
+    };
+    ctx.metrics
+        .signature_state(CONTROLLER, &namespace, &capsule.name_any(), rejected);
     Ok(match &observed.outcome {
         Ok(_) => {
             ctx.succeeded(&key);

@@ -86,6 +86,45 @@ impl CapsuleVerifier for Unavailable {
     }
 }
 
+/// A verifier whose every answer is counted in the operator's metrics
+/// (`soma_signature_verifications_total{kind="capsule"}` and its duration): cached answers
+/// never reach it, so the counts are real registry and signature checks.
+pub struct Measured {
+    inner: std::sync::Arc<dyn CapsuleVerifier>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+impl Measured {
+    /// `inner`, measured into `metrics`.
+    pub fn new(
+        inner: std::sync::Arc<dyn CapsuleVerifier>,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> Self {
+        Self { inner, metrics }
+    }
+}
+
+impl CapsuleVerifier for Measured {
+    fn verify<'a>(&'a self, request: Request<'a>) -> BoxFuture<'a, Result<Verified, Rejection>> {
+        Box::pin(async move {
+            let started = std::time::Instant::now();
+            let result = self.inner.verify(request).await;
+            let (outcome, reason) = match &result {
+                Ok(_) => (crate::metrics::Outcome::Verified, "Verified"),
+                Err(r) if r.transient => (crate::metrics::Outcome::Error, r.reason.as_str()),
+                Err(r) => (crate::metrics::Outcome::Rejected, r.reason.as_str()),
+            };
+            self.metrics.signature_verified(
+                "capsule",
+                outcome,
+                reason,
+                started.elapsed().as_secs_f64(),
+            );
+            result
+        })
+    }
+}
+
 /// Cache key: what a verification result depends on.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CacheKey {

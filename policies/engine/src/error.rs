@@ -39,6 +39,15 @@ pub enum PolicyError {
 }
 
 impl PolicyError {
+    /// Every label [`PolicyError::label`] returns, so a metric can start each at zero (an
+    /// `increase()` alert then sees the first error).
+    pub const LABELS: [&'static str; 4] = [
+        "InvalidPolicyDocument",
+        "PolicyCompileError",
+        "UnknownConstraintKind",
+        "PolicyReadError",
+    ];
+
     /// A short label for metrics and Event reasons.
     pub fn label(&self) -> &'static str {
         match self {

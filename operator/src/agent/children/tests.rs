@@ -919,3 +919,91 @@ fn a_verified_image_is_pinned_in_the_agent_container_only() {
         "the sidecar keeps the operator's image"
     );
 }
+
+#[test]
+fn scrape_annotations_point_at_the_sidecar_metrics_only_when_asked() {
+    let plain = built(&agent(|_| {}));
+    assert!(
+        pod_template_annotations(&plain)
+            .keys()
+            .all(|k| !k.starts_with("prometheus.io/")),
+        "no scrape annotations by default"
+    );
+    let mut config = OperatorConfig::default();
+    config.sidecar.scrape_annotations = true;
+    config.sidecar.admin_port = 9191;
+    let resolved = Resolved {
+        replicas: 1,
+        budgets: Vec::new(),
+    };
+    let c = children(&agent(|_| {}), &resolved, &config).expect("children");
+    let a = pod_template_annotations(&c);
+    assert_eq!(
+        a.get("prometheus.io/scrape").map(String::as_str),
+        Some("true")
+    );
+    assert_eq!(
+        a.get("prometheus.io/port").map(String::as_str),
+        Some("9191")
+    );
+    assert_eq!(
+        a.get("prometheus.io/path").map(String::as_str),
+        Some("/metrics")
+    );
+    assert!(a.contains_key(CONFIG_HASH_ANNOTATION), "the hash stays");
+}
+
+#[test]
+fn the_metrics_port_is_opened_to_the_metrics_namespaces_only_when_named() {
+    let ingress = |c: &Children| {
+        c.network_policy
+            .spec
+            .as_ref()
+            .and_then(|s| s.ingress.clone())
+            .expect("ingress")
+    };
+    let ports = |r: &NetworkPolicyIngressRule| -> Vec<IntOrString> {
+        r.ports
+            .iter()
+            .flatten()
+            .filter_map(|p| p.port.clone())
+            .collect()
+    };
+    // Default: one rule, from anywhere, to the agent's port and the metrics port.
+    let plain = ingress(&built(&agent(|s| s.port = Some(8000))));
+    assert_eq!(plain.len(), 1);
+    assert!(plain[0].from.is_none());
+    assert_eq!(
+        ports(&plain[0]),
+        [IntOrString::Int(8000), IntOrString::Int(9090)]
+    );
+
+    let mut config = OperatorConfig::default();
+    config.sidecar.metrics_namespaces = vec!["monitoring".into()];
+    let resolved = Resolved {
+        replicas: 1,
+        budgets: Vec::new(),
+    };
+    for (port, rules) in [(Some(8000), 2), (None, 1)] {
+        let c = children(&agent(|s| s.port = port), &resolved, &config).expect("children");
+        let rules_got = ingress(&c);
+        assert_eq!(rules_got.len(), rules, "port {port:?}");
+        if let Some(p) = port {
+            assert!(rules_got[0].from.is_none(), "the agent's port stays open");
+            assert_eq!(ports(&rules_got[0]), [IntOrString::Int(p)]);
+        }
+        let metrics = rules_got.last().expect("the metrics rule");
+        assert_eq!(ports(metrics), [IntOrString::Int(9090)]);
+        let from = metrics.from.as_ref().expect("restricted");
+        let req = &from[0]
+            .namespace_selector
+            .as_ref()
+            .and_then(|n| n.match_expressions.clone())
+            .expect("expressions")[0];
+        assert_eq!(
+            (req.key.as_str(), req.operator.as_str()),
+            ("kubernetes.io/metadata.name", "In")
+        );
+        assert_eq!(req.values.as_deref(), Some(&["monitoring".to_owned()][..]));
+    }
+}
