@@ -8,12 +8,13 @@
 
 pub mod compare;
 pub mod engine;
+pub mod frontier;
 pub mod report;
 pub mod rng;
 pub mod service;
 pub mod trace;
 
-pub use compare::Comparison;
+pub use compare::{Comparison, Sweep};
 pub use engine::{Observation, RunResult, Scaler, SimConfig, simulate};
 pub use service::ServiceModel;
 pub use trace::{Request, Trace};

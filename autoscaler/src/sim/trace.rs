@@ -132,6 +132,85 @@ impl Trace {
 
     /// The names [`Trace::synthetic`] accepts.
     pub const SYNTHETIC: [&'static str; 3] = ["diurnal", "burst", "mmpp"];
+
+    /// The names [`Trace::variant`] accepts.
+    pub const VARIANTS: [&'static str; 3] = ["fast", "heavy", "bursty"];
+
+    /// A robustness variant of this trace, derived deterministically from it and `seed`
+    /// (named `<trace>+<kind>`):
+    ///
+    /// - `fast`: every gap between arrivals × 2/3 — the same requests at 1.5× the rate;
+    /// - `heavy`: each request's generated tokens × a Pareto(α = 1.5) factor with mean 1
+    ///   (capped at 20×): the same arrivals with heavier-tailed service times;
+    /// - `bursty`: arrival times warped piecewise-linearly — stretches of 60–600 s in which
+    ///   time runs 3× faster (a quarter of the trace's time) alternate with stretches in which
+    ///   it runs 1.22× slower, so the same requests come in bursts of 3× the local rate.
+    pub fn variant(&self, kind: &str, seed: u64) -> Option<Self> {
+        let mut rng = Rng::seeded(seed ^ fnv1a(kind) ^ fnv1a(&self.name));
+        let mut requests = self.requests.clone();
+        match kind {
+            "fast" => {
+                for r in &mut requests {
+                    r.arrival_s *= 2.0 / 3.0;
+                }
+            }
+            "heavy" => {
+                // Pareto(α, x_m) has mean α·x_m/(α − 1): x_m = 1/3 gives mean 1 for α = 1.5.
+                for r in &mut requests {
+                    let factor = ((1.0 / 3.0) / rng.uniform().powf(1.0 / 1.5)).min(20.0);
+                    r.output_tokens = (f64::from(r.output_tokens) * factor).round().max(1.0) as u32;
+                }
+            }
+            "bursty" => {
+                let warp = BurstWarp::new(&mut rng, self.duration_s());
+                for r in &mut requests {
+                    r.arrival_s = warp.apply(r.arrival_s);
+                }
+            }
+            _ => return None,
+        }
+        Some(Self {
+            name: format!("{}+{kind}", self.name),
+            requests,
+        })
+    }
+}
+
+/// A monotone piecewise-linear time warp for [`Trace::variant`]`("bursty")`.
+struct BurstWarp {
+    /// `(original start, warped start, slope)` of each segment.
+    segments: Vec<(f64, f64, f64)>,
+}
+
+impl BurstWarp {
+    /// Slope in burst segments (time runs 3× faster: 3× the arrival rate).
+    const BURST: f64 = 1.0 / 3.0;
+    /// Slope elsewhere, so that with bursts a quarter of the time the length is kept:
+    /// `0.25 · (1/3) + 0.75 · s = 1`.
+    const CALM: f64 = (1.0 - 0.25 / 3.0) / 0.75;
+
+    fn new(rng: &mut Rng, end: f64) -> Self {
+        let mut segments = Vec::new();
+        let (mut t, mut w) = (0.0, 0.0);
+        while t <= end {
+            let burst = rng.uniform() < 0.25;
+            let slope = if burst { Self::BURST } else { Self::CALM };
+            let len = rng.range(60.0, 600.0);
+            segments.push((t, w, slope));
+            t += len;
+            w += len * slope;
+        }
+        Self { segments }
+    }
+
+    fn apply(&self, t: f64) -> f64 {
+        let i = self
+            .segments
+            .partition_point(|s| s.0 <= t)
+            .saturating_sub(1);
+        let (t0, w0, slope) = self.segments[i];
+        w0 + (t - t0) * slope
+    }
 }
 
 fn fnv1a(s: &str) -> u64 {
@@ -286,5 +365,48 @@ mod tests {
             );
         }
         assert!(Trace::synthetic("nope", 1).is_none());
+    }
+
+    #[test]
+    fn variants_keep_the_requests_and_change_what_they_say() {
+        let base = Trace::synthetic("mmpp", 3).expect("kind");
+        let mean_out = |t: &Trace| {
+            t.requests
+                .iter()
+                .map(|r| f64::from(r.output_tokens))
+                .sum::<f64>()
+                / t.requests.len() as f64
+        };
+        for kind in Trace::VARIANTS {
+            let v = base.variant(kind, 1).expect("known kind");
+            assert_eq!(v, base.variant(kind, 1).expect("known kind"), "{kind}");
+            assert_eq!(v.requests.len(), base.requests.len(), "{kind}");
+            assert_eq!(v.name, format!("synthetic-mmpp+{kind}"));
+            assert!(
+                v.requests
+                    .windows(2)
+                    .all(|w| w[0].arrival_s <= w[1].arrival_s),
+                "{kind}: the warp must keep arrival order"
+            );
+            match kind {
+                "fast" => {
+                    let ratio = v.duration_s() / base.duration_s();
+                    assert!((ratio - 2.0 / 3.0).abs() < 1e-9, "{ratio}");
+                }
+                "heavy" => {
+                    // Mean about kept (Pareto mean 1, capped), tail heavier.
+                    let r = mean_out(&v) / mean_out(&base);
+                    assert!((0.8..1.2).contains(&r), "{r}");
+                    let max = |t: &Trace| t.requests.iter().map(|r| r.output_tokens).max();
+                    assert!(max(&v) > max(&base));
+                }
+                _ => {
+                    // Same order of length, but some minutes far busier than any before.
+                    let ratio = v.duration_s() / base.duration_s();
+                    assert!((0.6..1.5).contains(&ratio), "{ratio}");
+                }
+            }
+        }
+        assert!(base.variant("nope", 1).is_none());
     }
 }
