@@ -45,13 +45,16 @@ pub struct AutoscalerConfig {
     pub conductance: ConductanceParams,
     /// Arrival-rate and service-time estimation.
     pub estimator: EstimatorParams,
-    /// Waiting requests are added to the arrival rate as `waiting / backlog_drain_s`, so a
-    /// backlog is drained within this time rather than merely kept from growing.
+    /// Waiting requests are added to the arrival rate as `waiting / backlog_drain_s` for the
+    /// step that sees them, so a backlog is drained within this time rather than merely kept
+    /// from growing. Default 15 s: one step of the operator's loop.
     pub backlog_drain_s: f64,
-    /// The Erlang-C floor may fall only after it has stayed lower for this long: the highest
-    /// floor of the last `floor_hold_s` is kept. Bursty agents come back within minutes, and
-    /// a pod that is still there costs far less than a 30 s cold start under a burst.
-    /// Default 900 s; `docs/autoscaler.md` shows the simulated trade-off of other values.
+    /// How long a peak of offered load (`λ·S`) is remembered: the held floor is the smallest
+    /// count on which the highest load of the last `floor_hold_s` would still meet the wait
+    /// target (no `rho_max` ceiling: that margin is restored by the floor, within one pod
+    /// start, if the peak returns). Bursty agents come back within minutes, and a pod that is
+    /// still there costs far less than a 30 s cold start under a burst. Default 900 s;
+    /// `docs/autoscaler.md` shows the simulated trade-off of other values. 0 disables it.
     pub floor_hold_s: f64,
     /// Scale to zero after this long without any traffic (only when `min_replicas` is 0).
     pub idle_to_zero_s: Option<f64>,
@@ -77,7 +80,7 @@ impl Default for AutoscalerConfig {
             wait_headroom: 0.5,
             conductance: ConductanceParams::DEFAULT,
             estimator: EstimatorParams::default(),
-            backlog_drain_s: 30.0,
+            backlog_drain_s: 15.0,
             floor_hold_s: 900.0,
             idle_to_zero_s: Some(300.0),
             cold_start_hold_s: 60.0,
