@@ -58,7 +58,7 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     max_replicas: u32,
     /// The cap of the "uncapped" sweeps: high enough that no run reaches it (checked).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 10_000)]
     uncapped_replicas: u32,
     /// Soma settings as JSON over the defaults, e.g. '{"reversalHoldS": 60}' (for
     /// exploring; the benchmark uses the defaults).

@@ -119,7 +119,7 @@ impl Comparison {
                     SomaScaler::new(cfg, self.soma_interval_s, self.sim.initial_replicas)?;
                 push(
                     "soma",
-                    format!("rhoMax={rho_max},waitTargetS={wait_target_s}"),
+                    format!("rhoMax={rho_max} waitTargetS={wait_target_s}"),
                     default,
                     simulate(trace, &mut soma, &self.sim),
                 );

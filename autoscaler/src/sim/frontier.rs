@@ -36,7 +36,7 @@ pub const ON_TOLERANCE: f64 = 1e-6;
 pub struct Point {
     /// `soma`, `hpa` or `keda`.
     pub scaler: String,
-    /// The setting, e.g. `target=0.7` or `rhoMax=0.7,waitTargetS=2`.
+    /// The setting, e.g. `target=0.7` or `rhoMax=0.7 waitTargetS=2`.
     pub setting: String,
     /// Whether this is the scaler's default setting.
     pub default: bool,
