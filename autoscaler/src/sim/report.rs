@@ -318,7 +318,9 @@ pub fn frontier_summary(reports: &[FrontierReport]) -> String {
 }
 
 /// `frontier_<label>[_uncapped]=on|below|above` for each report: where Soma's default sits
-/// against HPA's frontier.
+/// against HPA's frontier; then `frontier_rh_ratio_<label>[_uncapped]=`: Soma's replica-hours
+/// over what HPA's frontier needs for Soma's violation minutes (`none` when no HPA setting
+/// gets that low).
 pub fn frontier_keys(reports: &[FrontierReport]) -> String {
     let mut out = String::new();
     for rep in reports {
@@ -331,6 +333,18 @@ pub fn frontier_keys(reports: &[FrontierReport]) -> String {
                 p.position.label()
             );
         }
+    }
+    for rep in reports {
+        let (Some(soma), Some(p)) = (rep.default_point("soma"), rep.soma_default_against("hpa"))
+        else {
+            continue;
+        };
+        let suffix = if rep.uncapped { "_uncapped" } else { "" };
+        let ratio = p.frontier_replica_hours.map_or_else(
+            || "none".to_owned(),
+            |x| format!("{:.3}", soma.replica_hours / x),
+        );
+        let _ = write!(out, " frontier_rh_ratio_{}{suffix}={ratio}", rep.label);
     }
     out
 }
@@ -431,7 +445,8 @@ mod tests {
         uncapped.points[3].violation_minutes = 5;
         assert_eq!(
             frontier_keys(&[capped.clone(), uncapped]),
-            " frontier_code=below frontier_code_uncapped=above"
+            " frontier_code=below frontier_code_uncapped=above \
+             frontier_rh_ratio_code=0.909 frontier_rh_ratio_code_uncapped=1.111"
         );
         let table = frontier_table(&capped);
         assert!(table.contains("rhoMax=0.7 (default)"), "{table}");
