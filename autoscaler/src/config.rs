@@ -226,6 +226,69 @@ mod tests {
     }
 
     #[test]
+    fn every_out_of_range_setting_is_rejected_by_name() {
+        // The table the CRD's CEL rules mirror (docs/autoscaler.md, "Settings").
+        let cases = [
+            (r#"{"minReplicas": 65}"#, "minReplicas"),
+            (r#"{"maxReplicas": 0, "minReplicas": 0}"#, "maxReplicas"),
+            (r#"{"slotsPerReplica": 0}"#, "slotsPerReplica"),
+            (r#"{"rhoMax": 0}"#, "rhoMax"),
+            (r#"{"rhoMax": 1}"#, "rhoMax"),
+            (r#"{"waitTargetS": 0}"#, "waitTargetS"),
+            (r#"{"waitQuantile": 1}"#, "waitQuantile"),
+            (r#"{"waitHeadroom": 0}"#, "waitHeadroom"),
+            (r#"{"waitHeadroom": 1.5}"#, "waitHeadroom"),
+            (r#"{"conductance": {"alpha": -1}}"#, "conductance.alpha"),
+            (r#"{"conductance": {"beta": 0}}"#, "conductance.beta"),
+            (r#"{"conductance": {"tauS": 0}}"#, "conductance.tauS"),
+            (
+                r#"{"estimator": {"arrivalTauS": 0}}"#,
+                "estimator.arrivalTauS",
+            ),
+            (
+                r#"{"estimator": {"serviceRequests": 0}}"#,
+                "estimator.serviceRequests",
+            ),
+            (
+                r#"{"estimator": {"priorServiceTimeS": -1}}"#,
+                "estimator.priorServiceTimeS",
+            ),
+            (
+                r#"{"estimator": {"throughput": {"prefillTps": 0, "decodeTps": 1, "overheadS": 0}}}"#,
+                "estimator.throughput",
+            ),
+            (r#"{"backlogDrainS": 0}"#, "backlogDrainS"),
+            (r#"{"floorHoldS": -1}"#, "floorHoldS"),
+            (r#"{"idleToZeroS": -1}"#, "idleToZeroS"),
+            (r#"{"coldStartHoldS": -1}"#, "coldStartHoldS"),
+            (r#"{"reversalHoldS": -1}"#, "reversalHoldS"),
+        ];
+        for (json, field) in cases {
+            let cfg: AutoscalerConfig = serde_json::from_str(json).expect(json);
+            let err = cfg.validate().expect_err(json);
+            assert!(
+                matches!(&err, Error::InvalidConfig { field: f, .. } if *f == field),
+                "{json}: {err}"
+            );
+        }
+        // The edges that are allowed.
+        for json in [
+            r#"{"floorHoldS": 0, "idleToZeroS": null, "waitHeadroom": 1}"#,
+            r#"{"minReplicas": 64, "conductance": {"alpha": 0}, "brownOutAction": "downgrade"}"#,
+        ] {
+            let cfg: AutoscalerConfig = serde_json::from_str(json).expect(json);
+            cfg.validate().expect(json);
+        }
+        assert!(serde_json::from_str::<AutoscalerConfig>(r#"{"brownOutAction": "drop"}"#).is_err());
+        // Non-finite numbers (reachable from Rust, not from JSON) are rejected too.
+        let nan = AutoscalerConfig {
+            rho_max: f64::NAN,
+            ..AutoscalerConfig::default()
+        };
+        assert!(nan.validate().is_err());
+    }
+
+    #[test]
     fn partial_settings_deserialize_over_defaults() {
         let cfg: AutoscalerConfig = serde_json::from_str(
             r#"{"maxReplicas": 8, "conductance": {"alpha": 0.1, "beta": 0.01, "tauS": 10}}"#,

@@ -1,9 +1,11 @@
 //! A discrete-event simulator that replays request traces against autoscalers.
 //!
 //! ```text
-//!   trace (CSV or synthetic) ─► engine ◄─► Scaler (peers::soma / hpa / keda)
-//!                                 │
-//!                                 └─► RunResult ─► report (table, ratios, RESULT line)
+//!   trace (CSV, synthetic, or a variant) ─► engine ◄─► Scaler (peers::soma / hpa / keda)
+//!                                             │
+//!        compare: defaults, or each scaler ◄──┴─► RunResult / frontier::Point
+//!        swept over its main knob                  └─► report (tables, ratios, frontier
+//!                                                      placements, RESULT line)
 //! ```
 
 pub mod compare;
