@@ -31,8 +31,9 @@ const SHIPPED: [(&str, &str); 2] = [
 #[derive(Debug, Parser)]
 #[command(about = "Compare Soma's autoscaler with HPA and KEDA emulations on request traces")]
 struct Args {
-    /// CSV trace (timestamp, prompt tokens, generated tokens), as `FILE` or `LABEL=FILE`;
-    /// repeatable. Default: both Azure LLM inference 2023 traces (code, conv) at
+    /// CSV trace (a timestamp, prompt tokens and generated tokens, found by header name —
+    /// Azure's and BurstGPT's layouts work — or else the first three columns), as `FILE` or
+    /// `LABEL=FILE`; repeatable. Default: both Azure LLM inference 2023 traces (code, conv) at
     /// ../shared/data/ relative to the repository root.
     #[arg(long)]
     trace: Vec<String>,

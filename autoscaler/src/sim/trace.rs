@@ -1,9 +1,11 @@
 //! Request traces: a CSV reader for real traces and seeded synthetic generators.
 //!
 //! A trace is a list of requests, each an arrival time (seconds from the trace's start) with
-//! its prompt and generated token counts. The CSV reader takes three columns — a timestamp
-//! (`YYYY-MM-DD HH:MM:SS[.fraction]` or plain seconds), prompt tokens, generated tokens —
-//! after a header line, which is the layout of the Azure LLM inference trace.
+//! its prompt and generated token counts. The CSV reader takes a timestamp
+//! (`YYYY-MM-DD HH:MM:SS[.fraction]` or plain seconds), prompt tokens and generated tokens,
+//! found by the header's names (Azure's `TIMESTAMP,ContextTokens,GeneratedTokens`,
+//! BurstGPT's `Timestamp,Model,Request tokens,Response tokens,...`, `arrival_time`,
+//! `input_tokens`, `output_tokens`, ...) or else as the first three columns.
 //!
 //! Synthetic traces (all non-homogeneous Poisson, token sizes log-normal):
 //!
@@ -61,6 +63,7 @@ impl Trace {
     pub fn parse_csv(name: &str, origin: &str, text: &str) -> Result<Self, Error> {
         let mut requests = Vec::new();
         let mut first: Option<f64> = None;
+        let mut columns = Columns::POSITIONAL;
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() {
@@ -75,18 +78,31 @@ impl Trace {
             if cols.len() < 3 {
                 return Err(err(format!("expected 3 columns, found {}", cols.len())));
             }
-            let Some(t) = parse_time(cols[0]) else {
-                if i == 0 {
-                    continue; // header
-                }
-                return Err(err(format!("bad timestamp {:?}", cols[0])));
+            if i == 0 && parse_time(cols[0]).is_none() {
+                columns = Columns::from_header(&cols);
+                continue;
+            }
+            let col = |k: usize| {
+                cols.get(k)
+                    .copied()
+                    .ok_or_else(|| err(format!("no column {}", k + 1)))
             };
-            let tokens = |s: &str| {
-                s.parse::<u32>()
-                    .map_err(|e| err(format!("bad token count {s:?}: {e}")))
+            let raw_t = col(columns.time)?;
+            let Some(t) = parse_time(raw_t) else {
+                return Err(err(format!("bad timestamp {raw_t:?}")));
             };
-            let input_tokens = tokens(cols[1])?;
-            let output_tokens = tokens(cols[2])?;
+            let tokens = |s: &str| match s.parse::<u32>() {
+                Ok(n) => Ok(n),
+                // Some traces write counts as floats ("12.0").
+                Err(e) => s
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|x| x.is_finite() && *x >= 0.0)
+                    .map(|x| x.round().min(f64::from(u32::MAX)) as u32)
+                    .ok_or_else(|| err(format!("bad token count {s:?}: {e}"))),
+            };
+            let input_tokens = tokens(col(columns.input)?)?;
+            let output_tokens = tokens(col(columns.output)?)?;
             let t0 = *first.get_or_insert(t);
             requests.push(Request {
                 arrival_s: t - t0,
@@ -210,6 +226,49 @@ impl BurstWarp {
             .saturating_sub(1);
         let (t0, w0, slope) = self.segments[i];
         w0 + (t - t0) * slope
+    }
+}
+
+/// Which CSV columns hold the arrival time, the prompt tokens and the generated tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Columns {
+    time: usize,
+    input: usize,
+    output: usize,
+}
+
+impl Columns {
+    /// The Azure layout: time, prompt tokens, generated tokens.
+    const POSITIONAL: Self = Self {
+        time: 0,
+        input: 1,
+        output: 2,
+    };
+
+    /// Finds the columns by name (case-insensitive): a time column (`TIMESTAMP`,
+    /// `Timestamp`, `arrival_time`), prompt tokens (`ContextTokens`, `Request tokens`,
+    /// `input_tokens`, `prompt_tokens`) and generated tokens (`GeneratedTokens`,
+    /// `Response tokens`, `output_tokens`, `completion_tokens`); positional when any is
+    /// missing.
+    fn from_header(cols: &[&str]) -> Self {
+        let find = |keys: &[&str]| {
+            cols.iter().position(|c| {
+                let c = c.to_ascii_lowercase();
+                keys.iter().any(|k| c.contains(k))
+            })
+        };
+        match (
+            find(&["time"]),
+            find(&["context", "request", "input", "prompt"]),
+            find(&["generated", "response", "output", "completion"]),
+        ) {
+            (Some(time), Some(input), Some(output)) => Self {
+                time,
+                input,
+                output,
+            },
+            _ => Self::POSITIONAL,
+        }
     }
 }
 
@@ -339,6 +398,37 @@ mod tests {
         assert!((t.requests[2].arrival_s - 60.0).abs() < 1e-6);
         assert_eq!(t.requests[2].input_tokens, 110);
         assert_eq!(t.requests[2].output_tokens, 27);
+    }
+
+    #[test]
+    fn finds_columns_by_header_name() {
+        // BurstGPT's layout: seconds, a model column first, float-free counts.
+        let text = "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n\
+                    5,ChatGPT,472,18,490,Conversation log\n\
+                    45,GPT-4,1087,0,1087,API log\n";
+        let t = Trace::parse_csv("b", "b.csv", text).expect("parses");
+        assert_eq!(
+            t.requests,
+            vec![
+                Request {
+                    arrival_s: 0.0,
+                    input_tokens: 472,
+                    output_tokens: 18
+                },
+                Request {
+                    arrival_s: 40.0,
+                    input_tokens: 1087,
+                    output_tokens: 0
+                },
+            ]
+        );
+        // Reordered named columns and float counts.
+        let text = "prompt_tokens,arrival_time,output_tokens\n10.0,1.5,3\n";
+        let t = Trace::parse_csv("c", "c.csv", text).expect("parses");
+        assert_eq!(t.requests[0].input_tokens, 10);
+        assert_eq!(t.requests[0].output_tokens, 3);
+        // Unknown names: positional, as before.
+        assert_eq!(Columns::from_header(&["a", "b", "c"]), Columns::POSITIONAL);
     }
 
     #[test]
