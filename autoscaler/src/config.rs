@@ -45,13 +45,16 @@ pub struct AutoscalerConfig {
     pub conductance: ConductanceParams,
     /// Arrival-rate and service-time estimation.
     pub estimator: EstimatorParams,
-    /// Waiting requests are added to the arrival rate as `waiting / backlog_drain_s`, so a
-    /// backlog is drained within this time rather than merely kept from growing.
+    /// Waiting requests are added to the arrival rate as `waiting / backlog_drain_s` for the
+    /// step that sees them, so a backlog is drained within this time rather than merely kept
+    /// from growing. Default 15 s: one step of the operator's loop.
     pub backlog_drain_s: f64,
-    /// The Erlang-C floor may fall only after it has stayed lower for this long: the highest
-    /// floor of the last `floor_hold_s` is kept. Bursty agents come back within minutes, and
-    /// a pod that is still there costs far less than a 30 s cold start under a burst.
-    /// Default 900 s; `docs/autoscaler.md` shows the simulated trade-off of other values.
+    /// How long a peak of offered load (`λ·S`) is remembered: the held floor is the smallest
+    /// count on which the highest load of the last `floor_hold_s` would still meet the wait
+    /// target (no `rho_max` ceiling: that margin is restored by the floor, within one pod
+    /// start, if the peak returns). Bursty agents come back within minutes, and a pod that is
+    /// still there costs far less than a 30 s cold start under a burst. Default 900 s;
+    /// `docs/autoscaler.md` shows the simulated trade-off of other values. 0 disables it.
     pub floor_hold_s: f64,
     /// Scale to zero after this long without any traffic (only when `min_replicas` is 0).
     pub idle_to_zero_s: Option<f64>,
@@ -77,7 +80,7 @@ impl Default for AutoscalerConfig {
             wait_headroom: 0.5,
             conductance: ConductanceParams::DEFAULT,
             estimator: EstimatorParams::default(),
-            backlog_drain_s: 30.0,
+            backlog_drain_s: 15.0,
             floor_hold_s: 900.0,
             idle_to_zero_s: Some(300.0),
             cold_start_hold_s: 60.0,
@@ -220,6 +223,69 @@ mod tests {
             ..AutoscalerConfig::default()
         };
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn every_out_of_range_setting_is_rejected_by_name() {
+        // The table the CRD's CEL rules mirror (docs/autoscaler.md, "Settings").
+        let cases = [
+            (r#"{"minReplicas": 65}"#, "minReplicas"),
+            (r#"{"maxReplicas": 0, "minReplicas": 0}"#, "maxReplicas"),
+            (r#"{"slotsPerReplica": 0}"#, "slotsPerReplica"),
+            (r#"{"rhoMax": 0}"#, "rhoMax"),
+            (r#"{"rhoMax": 1}"#, "rhoMax"),
+            (r#"{"waitTargetS": 0}"#, "waitTargetS"),
+            (r#"{"waitQuantile": 1}"#, "waitQuantile"),
+            (r#"{"waitHeadroom": 0}"#, "waitHeadroom"),
+            (r#"{"waitHeadroom": 1.5}"#, "waitHeadroom"),
+            (r#"{"conductance": {"alpha": -1}}"#, "conductance.alpha"),
+            (r#"{"conductance": {"beta": 0}}"#, "conductance.beta"),
+            (r#"{"conductance": {"tauS": 0}}"#, "conductance.tauS"),
+            (
+                r#"{"estimator": {"arrivalTauS": 0}}"#,
+                "estimator.arrivalTauS",
+            ),
+            (
+                r#"{"estimator": {"serviceRequests": 0}}"#,
+                "estimator.serviceRequests",
+            ),
+            (
+                r#"{"estimator": {"priorServiceTimeS": -1}}"#,
+                "estimator.priorServiceTimeS",
+            ),
+            (
+                r#"{"estimator": {"throughput": {"prefillTps": 0, "decodeTps": 1, "overheadS": 0}}}"#,
+                "estimator.throughput",
+            ),
+            (r#"{"backlogDrainS": 0}"#, "backlogDrainS"),
+            (r#"{"floorHoldS": -1}"#, "floorHoldS"),
+            (r#"{"idleToZeroS": -1}"#, "idleToZeroS"),
+            (r#"{"coldStartHoldS": -1}"#, "coldStartHoldS"),
+            (r#"{"reversalHoldS": -1}"#, "reversalHoldS"),
+        ];
+        for (json, field) in cases {
+            let cfg: AutoscalerConfig = serde_json::from_str(json).expect(json);
+            let err = cfg.validate().expect_err(json);
+            assert!(
+                matches!(&err, Error::InvalidConfig { field: f, .. } if *f == field),
+                "{json}: {err}"
+            );
+        }
+        // The edges that are allowed.
+        for json in [
+            r#"{"floorHoldS": 0, "idleToZeroS": null, "waitHeadroom": 1}"#,
+            r#"{"minReplicas": 64, "conductance": {"alpha": 0}, "brownOutAction": "downgrade"}"#,
+        ] {
+            let cfg: AutoscalerConfig = serde_json::from_str(json).expect(json);
+            cfg.validate().expect(json);
+        }
+        assert!(serde_json::from_str::<AutoscalerConfig>(r#"{"brownOutAction": "drop"}"#).is_err());
+        // Non-finite numbers (reachable from Rust, not from JSON) are rejected too.
+        let nan = AutoscalerConfig {
+            rho_max: f64::NAN,
+            ..AutoscalerConfig::default()
+        };
+        assert!(nan.validate().is_err());
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub enum Reason {
     Conductance,
     /// The Erlang-C floor asked for at least as much as conductance.
     ErlangFloor,
-    /// A higher Erlang-C floor from the last `floorHoldS` is still held.
+    /// A peak of offered load from the last `floorHoldS` is still held.
     FloorHold,
     /// Clamped up to `minReplicas`.
     MinReplicas,
@@ -76,15 +76,18 @@ pub struct Decision {
     pub conductance: f64,
     /// `⌈C⌉`.
     pub conductance_replicas: u32,
-    /// Smallest replica count meeting `ρ ≤ ρmax` and the wait target (capped at the allowed
-    /// maximum).
+    /// Smallest replica count meeting `ρ ≤ ρmax` and the wait target (with headroom) at
+    /// `sizing_arrival_rate` (capped at the allowed maximum).
     pub erlang_floor: u32,
-    /// The highest Erlang-C floor of the last `floorHoldS`.
+    /// Smallest replica count on which the highest offered load (λ·S) of the last
+    /// `floorHoldS` would meet the wait target (with headroom) at `ρ < 1`; never below
+    /// `erlang_floor`.
     pub held_floor: u32,
     /// Arrival rate and service time the floor was computed from.
     pub estimate: Estimate,
-    /// Arrival rate used for the floor: the larger of the EMA and the last window, plus the
-    /// backlog to drain, requests per second.
+    /// Arrival rate used for the floor, requests per second: the larger of the EMA and the
+    /// last window less two Poisson standard deviations, plus the backlog to drain
+    /// (`waiting / backlogDrainS`).
     pub sizing_arrival_rate: f64,
     /// Predicted utilisation at `desired_replicas`; `None` when it has no finite value.
     pub utilisation: Option<f64>,

@@ -4,11 +4,16 @@
 //! replica ceiling and SLO; Soma's settings are its defaults except for what the Agent would
 //! state anyway (wait target, slots per replica, max replicas). HPA and KEDA target the
 //! same utilisation Soma keeps (`ρmax × slots` concurrent requests per pod).
+//!
+//! [`Comparison::sweep`] runs each scaler over its main knob instead — HPA's and KEDA's
+//! target concurrency per pod, Soma's `rhoMax` × `waitTargetS` — for the cost–SLO frontiers
+//! of [`crate::sim::frontier`].
 
 use crate::config::AutoscalerConfig;
 use crate::error::Error;
 use crate::peers::{Hpa, HpaParams, Keda, KedaParams, SomaScaler};
-use crate::sim::engine::{SimConfig, simulate};
+use crate::sim::engine::{RunResult, SimConfig, simulate};
+use crate::sim::frontier::Point;
 use crate::sim::report::TraceReport;
 use crate::sim::trace::Trace;
 
@@ -65,6 +70,87 @@ impl Comparison {
             runs,
         })
     }
+
+    /// Runs every setting of `sweep` on `trace`: one [`Point`] per scaler and setting.
+    pub fn sweep(&self, trace: &Trace, sweep: &Sweep) -> Result<Vec<Point>, Error> {
+        let base = self.soma_config();
+        let slots = f64::from(self.sim.service.slots);
+        let default_target = base.rho_max * slots;
+        let mut points = Vec::new();
+        let mut push = |scaler: &str, setting: String, default: bool, r: RunResult| {
+            points.push(Point {
+                scaler: scaler.to_owned(),
+                setting,
+                default,
+                replica_hours: r.replica_hours,
+                violation_minutes: r.violation_minutes,
+                peak_pods: r.peak_pods,
+            });
+        };
+        for &target in &sweep.peer_targets {
+            let default = (target - default_target).abs() < 1e-9;
+            let mut hpa = Hpa::new(HpaParams::kubernetes_defaults(target, 1, self.max_replicas));
+            push(
+                "hpa",
+                format!("target={target}"),
+                default,
+                simulate(trace, &mut hpa, &self.sim),
+            );
+            let mut keda = Keda::new(KedaParams::keda_defaults(target, self.max_replicas));
+            push(
+                "keda",
+                format!("target={target}"),
+                default,
+                simulate(trace, &mut keda, &self.sim),
+            );
+        }
+        for &rho_max in &sweep.soma_rho_max {
+            for &wait_target_s in &sweep.soma_wait_target_s {
+                let mut cfg = AutoscalerConfig {
+                    rho_max,
+                    wait_target_s,
+                    ..base
+                };
+                // Keep conductance's steady state at the replicas that hold ρmax, as the
+                // defaults do (α/β = 1/ρmax).
+                cfg.conductance.alpha = cfg.conductance.beta / rho_max;
+                let default = rho_max == base.rho_max && wait_target_s == base.wait_target_s;
+                let mut soma =
+                    SomaScaler::new(cfg, self.soma_interval_s, self.sim.initial_replicas)?;
+                push(
+                    "soma",
+                    format!("rhoMax={rho_max} waitTargetS={wait_target_s}"),
+                    default,
+                    simulate(trace, &mut soma, &self.sim),
+                );
+            }
+        }
+        Ok(points)
+    }
+}
+
+/// The settings [`Comparison::sweep`] runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sweep {
+    /// HPA's and KEDA's target concurrency per pod (with one slot per pod, the target
+    /// utilisation).
+    pub peer_targets: Vec<f64>,
+    /// Soma's `rhoMax` values.
+    pub soma_rho_max: Vec<f64>,
+    /// Soma's `waitTargetS` values (the SLO the runs are judged by stays fixed).
+    pub soma_wait_target_s: Vec<f64>,
+}
+
+impl Default for Sweep {
+    /// Targets 0.3–1.0 for the peers; `rhoMax` 0.5–0.9 × `waitTargetS` 1, 2, 4 s for Soma.
+    /// Each list holds the default setting.
+    fn default() -> Self {
+        Self {
+            peer_targets: vec![0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+            soma_rho_max: vec![0.5, 0.6, 0.7, 0.8, 0.9],
+            soma_wait_target_s: vec![1.0, 2.0, 4.0],
+        }
+    }
 }
 
 #[cfg(test)]
@@ -103,5 +189,37 @@ mod tests {
         // Only Soma and KEDA scale to zero; HPA keeps at least one pod.
         let hpa = rep.run("hpa").expect("hpa ran");
         assert!(hpa.timeline.iter().all(|&(_, n)| n >= 1));
+    }
+
+    #[test]
+    fn sweep_runs_every_setting_and_flags_each_default_once() {
+        let cmp = Comparison::default();
+        let sweep = Sweep::default();
+        let trace = Trace::synthetic("burst", 2).expect("kind");
+        let points = cmp.sweep(&trace, &sweep).expect("runs");
+        let n = sweep.peer_targets.len() * 2
+            + sweep.soma_rho_max.len() * sweep.soma_wait_target_s.len();
+        assert_eq!(points.len(), n);
+        for scaler in ["soma", "hpa", "keda"] {
+            let defaults: Vec<_> = points
+                .iter()
+                .filter(|p| p.scaler == scaler && p.default)
+                .collect();
+            assert_eq!(defaults.len(), 1, "{scaler}");
+        }
+        // The default points are the runs the plain comparison makes.
+        let rep = cmp.run(&trace).expect("runs");
+        for p in points.iter().filter(|p| p.default) {
+            let r = rep.run(&p.scaler).expect("ran");
+            assert_eq!(p.violation_minutes, r.violation_minutes, "{}", p.scaler);
+            assert_eq!(p.replica_hours, r.replica_hours, "{}", p.scaler);
+        }
+        // A lower HPA target (more pods per unit of load) never costs fewer replica-hours.
+        let hpa: Vec<f64> = points
+            .iter()
+            .filter(|p| p.scaler == "hpa")
+            .map(|p| p.replica_hours)
+            .collect();
+        assert!(hpa.first() > hpa.last(), "{hpa:?}");
     }
 }

@@ -1,9 +1,11 @@
 //! Request traces: a CSV reader for real traces and seeded synthetic generators.
 //!
 //! A trace is a list of requests, each an arrival time (seconds from the trace's start) with
-//! its prompt and generated token counts. The CSV reader takes three columns — a timestamp
-//! (`YYYY-MM-DD HH:MM:SS[.fraction]` or plain seconds), prompt tokens, generated tokens —
-//! after a header line, which is the layout of the Azure LLM inference trace.
+//! its prompt and generated token counts. The CSV reader takes a timestamp
+//! (`YYYY-MM-DD HH:MM:SS[.fraction]` or plain seconds), prompt tokens and generated tokens,
+//! found by the header's names (Azure's `TIMESTAMP,ContextTokens,GeneratedTokens`,
+//! BurstGPT's `Timestamp,Model,Request tokens,Response tokens,...`, `arrival_time`,
+//! `input_tokens`, `output_tokens`, ...) or else as the first three columns.
 //!
 //! Synthetic traces (all non-homogeneous Poisson, token sizes log-normal):
 //!
@@ -61,6 +63,7 @@ impl Trace {
     pub fn parse_csv(name: &str, origin: &str, text: &str) -> Result<Self, Error> {
         let mut requests = Vec::new();
         let mut first: Option<f64> = None;
+        let mut columns = Columns::POSITIONAL;
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() {
@@ -75,18 +78,31 @@ impl Trace {
             if cols.len() < 3 {
                 return Err(err(format!("expected 3 columns, found {}", cols.len())));
             }
-            let Some(t) = parse_time(cols[0]) else {
-                if i == 0 {
-                    continue; // header
-                }
-                return Err(err(format!("bad timestamp {:?}", cols[0])));
+            if i == 0 && parse_time(cols[0]).is_none() {
+                columns = Columns::from_header(&cols);
+                continue;
+            }
+            let col = |k: usize| {
+                cols.get(k)
+                    .copied()
+                    .ok_or_else(|| err(format!("no column {}", k + 1)))
             };
-            let tokens = |s: &str| {
-                s.parse::<u32>()
-                    .map_err(|e| err(format!("bad token count {s:?}: {e}")))
+            let raw_t = col(columns.time)?;
+            let Some(t) = parse_time(raw_t) else {
+                return Err(err(format!("bad timestamp {raw_t:?}")));
             };
-            let input_tokens = tokens(cols[1])?;
-            let output_tokens = tokens(cols[2])?;
+            let tokens = |s: &str| match s.parse::<u32>() {
+                Ok(n) => Ok(n),
+                // Some traces write counts as floats ("12.0").
+                Err(e) => s
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|x| x.is_finite() && *x >= 0.0)
+                    .map(|x| x.round().min(f64::from(u32::MAX)) as u32)
+                    .ok_or_else(|| err(format!("bad token count {s:?}: {e}"))),
+            };
+            let input_tokens = tokens(col(columns.input)?)?;
+            let output_tokens = tokens(col(columns.output)?)?;
             let t0 = *first.get_or_insert(t);
             requests.push(Request {
                 arrival_s: t - t0,
@@ -132,6 +148,128 @@ impl Trace {
 
     /// The names [`Trace::synthetic`] accepts.
     pub const SYNTHETIC: [&'static str; 3] = ["diurnal", "burst", "mmpp"];
+
+    /// The names [`Trace::variant`] accepts.
+    pub const VARIANTS: [&'static str; 3] = ["fast", "heavy", "bursty"];
+
+    /// A robustness variant of this trace, derived deterministically from it and `seed`
+    /// (named `<trace>+<kind>`):
+    ///
+    /// - `fast`: every gap between arrivals × 2/3 — the same requests at 1.5× the rate;
+    /// - `heavy`: each request's generated tokens × a Pareto(α = 1.5) factor with mean 1
+    ///   (capped at 20×): the same arrivals with heavier-tailed service times;
+    /// - `bursty`: arrival times warped piecewise-linearly — stretches of 60–600 s in which
+    ///   time runs 3× faster (a quarter of the trace's time) alternate with stretches in which
+    ///   it runs 1.22× slower, so the same requests come in bursts of 3× the local rate.
+    pub fn variant(&self, kind: &str, seed: u64) -> Option<Self> {
+        let mut rng = Rng::seeded(seed ^ fnv1a(kind) ^ fnv1a(&self.name));
+        let mut requests = self.requests.clone();
+        match kind {
+            "fast" => {
+                for r in &mut requests {
+                    r.arrival_s *= 2.0 / 3.0;
+                }
+            }
+            "heavy" => {
+                // Pareto(α, x_m) has mean α·x_m/(α − 1): x_m = 1/3 gives mean 1 for α = 1.5.
+                for r in &mut requests {
+                    let factor = ((1.0 / 3.0) / rng.uniform().powf(1.0 / 1.5)).min(20.0);
+                    r.output_tokens = (f64::from(r.output_tokens) * factor).round().max(1.0) as u32;
+                }
+            }
+            "bursty" => {
+                let warp = BurstWarp::new(&mut rng, self.duration_s());
+                for r in &mut requests {
+                    r.arrival_s = warp.apply(r.arrival_s);
+                }
+            }
+            _ => return None,
+        }
+        Some(Self {
+            name: format!("{}+{kind}", self.name),
+            requests,
+        })
+    }
+}
+
+/// A monotone piecewise-linear time warp for [`Trace::variant`]`("bursty")`.
+struct BurstWarp {
+    /// `(original start, warped start, slope)` of each segment.
+    segments: Vec<(f64, f64, f64)>,
+}
+
+impl BurstWarp {
+    /// Slope in burst segments (time runs 3× faster: 3× the arrival rate).
+    const BURST: f64 = 1.0 / 3.0;
+    /// Slope elsewhere, so that with bursts a quarter of the time the length is kept:
+    /// `0.25 · (1/3) + 0.75 · s = 1`.
+    const CALM: f64 = (1.0 - 0.25 / 3.0) / 0.75;
+
+    fn new(rng: &mut Rng, end: f64) -> Self {
+        let mut segments = Vec::new();
+        let (mut t, mut w) = (0.0, 0.0);
+        while t <= end {
+            let burst = rng.uniform() < 0.25;
+            let slope = if burst { Self::BURST } else { Self::CALM };
+            let len = rng.range(60.0, 600.0);
+            segments.push((t, w, slope));
+            t += len;
+            w += len * slope;
+        }
+        Self { segments }
+    }
+
+    fn apply(&self, t: f64) -> f64 {
+        let i = self
+            .segments
+            .partition_point(|s| s.0 <= t)
+            .saturating_sub(1);
+        let (t0, w0, slope) = self.segments[i];
+        w0 + (t - t0) * slope
+    }
+}
+
+/// Which CSV columns hold the arrival time, the prompt tokens and the generated tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Columns {
+    time: usize,
+    input: usize,
+    output: usize,
+}
+
+impl Columns {
+    /// The Azure layout: time, prompt tokens, generated tokens.
+    const POSITIONAL: Self = Self {
+        time: 0,
+        input: 1,
+        output: 2,
+    };
+
+    /// Finds the columns by name (case-insensitive): a time column (`TIMESTAMP`,
+    /// `Timestamp`, `arrival_time`), prompt tokens (`ContextTokens`, `Request tokens`,
+    /// `input_tokens`, `prompt_tokens`) and generated tokens (`GeneratedTokens`,
+    /// `Response tokens`, `output_tokens`, `completion_tokens`); positional when any is
+    /// missing.
+    fn from_header(cols: &[&str]) -> Self {
+        let find = |keys: &[&str]| {
+            cols.iter().position(|c| {
+                let c = c.to_ascii_lowercase();
+                keys.iter().any(|k| c.contains(k))
+            })
+        };
+        match (
+            find(&["time"]),
+            find(&["context", "request", "input", "prompt"]),
+            find(&["generated", "response", "output", "completion"]),
+        ) {
+            (Some(time), Some(input), Some(output)) => Self {
+                time,
+                input,
+                output,
+            },
+            _ => Self::POSITIONAL,
+        }
+    }
 }
 
 fn fnv1a(s: &str) -> u64 {
@@ -263,6 +401,37 @@ mod tests {
     }
 
     #[test]
+    fn finds_columns_by_header_name() {
+        // BurstGPT's layout: seconds, a model column first, float-free counts.
+        let text = "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n\
+                    5,ChatGPT,472,18,490,Conversation log\n\
+                    45,GPT-4,1087,0,1087,API log\n";
+        let t = Trace::parse_csv("b", "b.csv", text).expect("parses");
+        assert_eq!(
+            t.requests,
+            vec![
+                Request {
+                    arrival_s: 0.0,
+                    input_tokens: 472,
+                    output_tokens: 18
+                },
+                Request {
+                    arrival_s: 40.0,
+                    input_tokens: 1087,
+                    output_tokens: 0
+                },
+            ]
+        );
+        // Reordered named columns and float counts.
+        let text = "prompt_tokens,arrival_time,output_tokens\n10.0,1.5,3\n";
+        let t = Trace::parse_csv("c", "c.csv", text).expect("parses");
+        assert_eq!(t.requests[0].input_tokens, 10);
+        assert_eq!(t.requests[0].output_tokens, 3);
+        // Unknown names: positional, as before.
+        assert_eq!(Columns::from_header(&["a", "b", "c"]), Columns::POSITIONAL);
+    }
+
+    #[test]
     fn civil_days_and_errors() {
         assert_eq!(days_from_civil(1970, 1, 1), 0);
         assert_eq!(days_from_civil(2000, 3, 1), 11_017);
@@ -286,5 +455,48 @@ mod tests {
             );
         }
         assert!(Trace::synthetic("nope", 1).is_none());
+    }
+
+    #[test]
+    fn variants_keep_the_requests_and_change_what_they_say() {
+        let base = Trace::synthetic("mmpp", 3).expect("kind");
+        let mean_out = |t: &Trace| {
+            t.requests
+                .iter()
+                .map(|r| f64::from(r.output_tokens))
+                .sum::<f64>()
+                / t.requests.len() as f64
+        };
+        for kind in Trace::VARIANTS {
+            let v = base.variant(kind, 1).expect("known kind");
+            assert_eq!(v, base.variant(kind, 1).expect("known kind"), "{kind}");
+            assert_eq!(v.requests.len(), base.requests.len(), "{kind}");
+            assert_eq!(v.name, format!("synthetic-mmpp+{kind}"));
+            assert!(
+                v.requests
+                    .windows(2)
+                    .all(|w| w[0].arrival_s <= w[1].arrival_s),
+                "{kind}: the warp must keep arrival order"
+            );
+            match kind {
+                "fast" => {
+                    let ratio = v.duration_s() / base.duration_s();
+                    assert!((ratio - 2.0 / 3.0).abs() < 1e-9, "{ratio}");
+                }
+                "heavy" => {
+                    // Mean about kept (Pareto mean 1, capped), tail heavier.
+                    let r = mean_out(&v) / mean_out(&base);
+                    assert!((0.8..1.2).contains(&r), "{r}");
+                    let max = |t: &Trace| t.requests.iter().map(|r| r.output_tokens).max();
+                    assert!(max(&v) > max(&base));
+                }
+                _ => {
+                    // Same order of length, but some minutes far busier than any before.
+                    let ratio = v.duration_s() / base.duration_s();
+                    assert!((0.6..1.5).contains(&ratio), "{ratio}");
+                }
+            }
+        }
+        assert!(base.variant("nope", 1).is_none());
     }
 }
