@@ -9,6 +9,7 @@
 //! `render` reuses the pure builders without a cluster.
 
 pub mod agent;
+pub mod apply;
 pub mod budget;
 pub mod capsule;
 pub mod config;
@@ -24,3 +25,4 @@ pub mod render;
 pub mod runtime;
 pub mod telemetry;
 pub mod webhook;
+pub mod workload;
