@@ -14,6 +14,8 @@
 //! change to it rolls the pods. Serde only: no kube, no HTTP, no database.
 #![forbid(unsafe_code)]
 
+pub mod drill;
+
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -95,6 +97,15 @@ pub struct SidecarConfig {
     /// Pause between delivery rounds (ledger and events) when the outbox is drained, in ms.
     #[serde(default = "default_delivery_interval")]
     pub delivery_interval_ms: u64,
+    /// When the sidecar is told to stop (SIGTERM), how long it keeps delivering its outbox to
+    /// the ledger and the stream before it exits, in ms (0: it exits at once). The outbox is
+    /// an emptyDir: a Job's pod is removed after it finishes, and what was not delivered by
+    /// then is lost. Stays below the pod's termination grace period (30 s by default).
+    #[serde(
+        default = "default_flush_on_stop",
+        skip_serializing_if = "is_default_flush_on_stop"
+    )]
+    pub flush_on_stop_ms: u64,
     /// How the live parts of the configuration are followed.
     #[serde(default)]
     pub live: LiveSettings,
@@ -271,6 +282,12 @@ fn default_outbox_path() -> PathBuf {
 fn default_delivery_interval() -> u64 {
     1_000
 }
+fn default_flush_on_stop() -> u64 {
+    10_000
+}
+fn is_default_flush_on_stop(ms: &u64) -> bool {
+    *ms == default_flush_on_stop()
+}
 fn default_prune_interval() -> u64 {
     60_000
 }
@@ -326,6 +343,7 @@ impl SidecarConfig {
             nats_url: None,
             prune_interval_ms: default_prune_interval(),
             delivery_interval_ms: default_delivery_interval(),
+            flush_on_stop_ms: default_flush_on_stop(),
             live: LiveSettings::default(),
             body_limit_bytes: default_body_limit(),
             default_max_tokens: default_max_tokens(),

@@ -95,12 +95,14 @@ pub async fn publish_once(
     }
 }
 
-/// Publishes until `stop` turns true, paced like ledger delivery ([`crate::ledger::Pacer`]).
+/// Publishes until `stop` turns true, paced like ledger delivery ([`crate::ledger::Pacer`]);
+/// then publishes what is left for at most `flush` ([`crate::ledger::Drain`]).
 pub async fn run(
     outbox: Outbox,
     url: String,
     interval: Duration,
     batch: u32,
+    flush: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let client = loop {
@@ -119,17 +121,31 @@ pub async fn run(
             }
         }
     };
-    let js = jetstream::new(client);
+    let js = jetstream::new(client.clone());
     let mut ready = false;
     let mut pacer = crate::ledger::Pacer::new(interval, batch);
     loop {
         let result = publish_once(&outbox, &js, &mut ready, batch).await;
         let wait = pacer.after("usage event publish", result);
         tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
+            _ = stop.wait_for(|s| *s) => break,
             _ = tokio::time::sleep(wait) => {}
         }
     }
+    if let Some(mut drain) = crate::ledger::Drain::start("usage event publish", flush) {
+        loop {
+            let round = tokio::time::timeout_at(
+                drain.deadline,
+                publish_once(&outbox, &js, &mut ready, batch),
+            )
+            .await
+            .ok();
+            if !drain.go_on(round) {
+                break;
+            }
+        }
+    }
+    let _ = client.flush().await;
 }
 
 #[cfg(test)]

@@ -315,6 +315,7 @@ pub async fn start(
             url.clone(),
             Duration::from_millis(state.config.delivery_interval_ms),
             500,
+            Duration::from_millis(state.config.flush_on_stop_ms),
             rx.clone(),
         )));
     }
@@ -341,6 +342,7 @@ pub async fn start(
             pool,
             interval,
             500,
+            Duration::from_millis(state.config.flush_on_stop_ms),
             rx.clone(),
         )));
     }
