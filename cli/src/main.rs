@@ -4,7 +4,9 @@
 //! - `soma budget report`: spend by Budget, Agent, model and day, from the ledger ([`budget`]);
 //! - `soma cost --dry-run`: a request's worst-case tokens and cost, as the sidecar reserves
 //!   them ([`cost`]);
-//! - `soma audit verify`: the ledger's hash chains and seals ([`audit`]).
+//! - `soma audit verify`: the ledger's hash chains and seals ([`audit`]);
+//! - `soma dr drill|backup|restore`: DR drills of the ledger: a consistent backup, a restore
+//!   into scratch, verified against the audit chain and the NATS stream, RPO and RTO ([`dr`]).
 //!
 //! Exit codes: 0 success, 1 the check failed (a test failed, tampering found), 2 bad input
 //! (with a message on stderr saying what to fix).
@@ -12,6 +14,7 @@
 mod audit;
 mod budget;
 mod cost;
+mod dr;
 mod ledger;
 mod policy;
 
@@ -46,6 +49,22 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Disaster recovery: back up the ledger, restore it into scratch, verify it.
+    Dr {
+        #[command(subcommand)]
+        command: DrCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DrCommand {
+    /// A drill: back up the ledger, restore it into a scratch database, verify the restore
+    /// (totals, audit chain, every record against the NATS stream) and report RPO and RTO.
+    Drill(dr::DrillArgs),
+    /// A consistent backup of the ledger and its manifest.
+    Backup(dr::BackupArgs),
+    /// Restore a backup into a scratch database and verify it, as a drill does.
+    Restore(dr::RestoreArgs),
 }
 
 #[derive(Subcommand)]
@@ -97,5 +116,10 @@ fn main() -> ExitCode {
         Command::Audit {
             command: AuditCommand::Verify(args),
         } => ledger::block_on(audit::verify(args)),
+        Command::Dr { command } => match command {
+            DrCommand::Drill(args) => ledger::block_on(dr::drill(args)),
+            DrCommand::Backup(args) => ledger::block_on(dr::backup(args)),
+            DrCommand::Restore(args) => ledger::block_on(dr::restore(args)),
+        },
     }
 }
