@@ -16,6 +16,7 @@ pub mod config;
 pub mod context;
 pub mod error;
 pub mod http;
+pub mod job;
 pub mod kstatus;
 pub mod ledger;
 pub mod metrics;

@@ -10,7 +10,8 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use soma_operator::agent::image::accepted_keys;
 use soma_operator::config::{
-    ImageSignatures, LedgerConfig, OperatorConfig, Redacted, SidecarConfig, read_price_table,
+    ImageSignatures, JobConfig, LedgerConfig, OperatorConfig, Redacted, SidecarConfig,
+    read_price_table,
 };
 use soma_operator::context::Clock;
 use soma_operator::policy::{DEFAULT_SELECTOR, PolicyOptions};
@@ -76,6 +77,17 @@ struct SidecarArgs {
     /// and the OpenTelemetry collector run), opened in every Agent's NetworkPolicy.
     #[arg(long, env = "SOMA_SIDECAR_EGRESS_NAMESPACES", value_delimiter = ',')]
     sidecar_egress_namespaces: Vec<String>,
+    /// Image with the `soma` CLI, pg_dump and psql, which DR drill Jobs run (`soma dr drill`).
+    #[arg(
+        long,
+        env = "SOMA_CLI_IMAGE",
+        default_value = "ghcr.io/soma-dev/soma:0.1.0"
+    )]
+    cli_image: String,
+    /// Task Jobs that may run at once per namespace when they name no Kueue queue
+    /// (`spec.queueName`); the others wait in `spec.priority` order. 0: no limit.
+    #[arg(long, env = "SOMA_JOB_CONCURRENCY", default_value_t = 10)]
+    job_concurrency: u32,
 }
 
 impl SidecarArgs {
@@ -108,6 +120,11 @@ impl SidecarArgs {
                 url: nonempty(&self.ledger_url).map(Redacted::new),
                 ..LedgerConfig::default()
             },
+            jobs: JobConfig {
+                cli_image: self.cli_image.clone(),
+                concurrency: self.job_concurrency,
+                ..JobConfig::default()
+            },
             ..OperatorConfig::default()
         })
     }
@@ -129,7 +146,7 @@ struct LedgerArgs {
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     budget_refresh_seconds: u64,
     /// Tests only: a file holding milliseconds added to the operator's clock (read at every
-    /// use), to cross Budget period boundaries without waiting for them.
+    /// use), to cross Budget period boundaries (and Job TTLs) without waiting for them.
     #[arg(long, hide = true)]
     clock_offset_file: Option<PathBuf>,
 }
