@@ -511,8 +511,8 @@ fn block(reason: &str, message: String) -> Block {
 }
 
 /// What a task Job would run and under which rules: the Agent it names (or its template),
-/// the Budget chain (the one resolver), the Capsules, the policies (the Agent's re-check, as
-/// for the Agent itself, and the Job's own), and the image signature when required.
+/// the Budget chain (the one resolver), the Capsules, the policies (re-checked on what would
+/// run, as for an Agent), and the image signature when required.
 async fn resolve_task(job: &Job, ctx: &Context, namespace: &str) -> Result<Resolution> {
     let client = &ctx.client;
     let name = job.name_any();
@@ -641,17 +641,20 @@ async fn resolve_task(job: &Job, ctx: &Context, namespace: &str) -> Result<Resol
             }
         }
     }
-    let serialize = |source| Error::Serialize {
-        what: "the Job for policy evaluation",
-        source,
-    };
-    let mut policy = ctx.policy.check(&subject).await.map_err(serialize)?;
-    if !policy.blocks {
-        let own = ctx.policy.check(job).await.map_err(serialize)?;
-        if own.blocks {
-            policy = own;
-        }
-    }
+    // What would run is re-checked against the current policies, as the Agent controller
+    // re-checks an Agent: the Agent (or the template as the Agent it would be), charged to the
+    // Budget the run is charged to. The Job object itself was checked at admission; a policy
+    // reading the inventory (an Agent's Budget) would race the inventory's refresh here.
+    let mut subject = subject;
+    subject.spec.budget_ref.clone_from(&budget_ref);
+    let policy = ctx
+        .policy
+        .check(&subject)
+        .await
+        .map_err(|source| Error::Serialize {
+            what: "the Job's agent for policy evaluation",
+            source,
+        })?;
     if policy.blocks {
         let message = format!(
             "{}. The Job does not start until the policies allow it.",
