@@ -419,7 +419,17 @@ def test_a_drill_runs_with_the_pod_it_is_given_and_its_figures_reach_status(ledg
     standin, pg, operator, work = ledgered["standin"], ledgered["pg"], ledgered["operator"], ledgered["work"]
     k = standin.kube
     ns = "dr"
-    k.ensure_namespace(ns)
+    # Usage of its own in the ledger and the stream: an Agent's sidecar, from its ConfigMap.
+    namespace(standin, ns)
+    cm = wait_for("the Agent's sidecar ConfigMap", lambda: k.get_opt("v1", "configmaps", ns, "bot-sidecar"),
+                  seconds=30)
+    (work / "dr-bot").mkdir()
+    proc, url = start_sidecar(work / "dr-bot", cm, ledgered["upstream"], pg.url)
+    try:
+        for _ in range(4):
+            assert chat(url).status_code == 200
+    finally:
+        stop_process(proc)
     pg.sql("CREATE DATABASE scratch")
     scratch_url = pg.url.rsplit("/", 1)[0] + "/scratch"
     k.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "scratch", "namespace": ns},
@@ -442,6 +452,23 @@ def test_a_drill_runs_with_the_pod_it_is_given_and_its_figures_reach_status(ledg
     assert condition(done, "DrillPassed")["status"] == "True"
     wait_for("the DrillPassed Event", lambda: ("Normal", "DrillPassed") in reasons(standin, ns, "nightly"), seconds=30)
     assert re.search(r'soma_drill_passed\{namespace="dr",job="nightly"\} 1', operator.metrics())
+
+    # The same drill on a schedule: a CronJob; each run it fires reports into the Job's status.
+    k.apply({"apiVersion": AGENTS, "kind": "Job", "metadata": {"name": "periodic", "namespace": ns},
+             "spec": {"drDrill": {"scratchSecretRef": {"name": "scratch", "key": "url"}}, "deadlineSeconds": 600,
+                      "schedule": "0 3 * * *"}}, manager="kubectl")
+    cron = wait_for("the CronJob", lambda: k.get_opt("batch/v1", "cronjobs", ns, "periodic"), seconds=30)
+    assert (cron["spec"]["schedule"], cron["spec"]["concurrencyPolicy"]) == ("0 3 * * *", "Forbid")
+    scheduled = phase(standin, ns, "periodic", "Scheduled")
+    assert "no run has reported yet" in condition(scheduled, "Ready")["message"]
+    fired = requests.post(f"{standin.url}/_cronjobs/{ns}/periodic/run", timeout=10).json()["job"]
+    code, message = run_drill_pod(k, ns, batch_job(standin, ns, fired), work)
+    assert code == 0, message
+    plan(standin, ns, fired, [{"exit": code, "message": message}])
+    reported = wait_for("the run's report", lambda: (j := sjob(standin, ns, "periodic"))
+                        and (j["status"].get("drill") or {}).get("outcome") == "Passed" and j, seconds=30)
+    assert reported["status"]["phase"] == "Scheduled" and reported["status"]["lastScheduleTime"]
+    assert condition(reported, "DrillPassed")["status"] == "True"
 
     # A ledger with a record deleted, drilled through a Secret of its own: the drill fails with
     # the discrepancy, a Warning Event and soma_drill_passed 0.
