@@ -1,5 +1,6 @@
 //! The contract between the operator and the metering sidecar: the sidecar's configuration
-//! file, typed once. The operator builds a [`SidecarConfig`] and writes it into the Agent's
+//! file, typed once (and, in [`drill`], the DR drill's report between the CLI and the
+//! operator). The operator builds a [`SidecarConfig`] and writes it into the Agent's
 //! ConfigMap (`soma-operator render` shows it); the sidecar (`soma-proxy`) reads the same type
 //! back. A field added here is seen by both sides or by neither.
 //!

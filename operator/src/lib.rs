@@ -1,10 +1,15 @@
-//! The Soma operator: reconciles Agents into sandboxed, metered pods.
+//! The Soma operator: reconciles Agents into sandboxed, metered pods, Budgets into their spend,
+//! Capsules into verified signatures, and Jobs into runs of those pods (or DR drills).
 //!
 //! ```text
 //!  main ──▶ runtime (HTTP, leader election) ──▶ agent::controller ──▶ agent::reconcile
-//!                                                                    ├▶ agent::children (pure)
-//!                                                                    ├▶ agent::apply    (writes)
-//!                                                                    └▶ agent::status   (pure)
+//!                                         │                          ├▶ agent::children (pure)
+//!                                         │                          ├▶ agent::apply    (writes)
+//!                                         │                          └▶ agent::status   (pure)
+//!                                         ├─▶ budget::, capsule:: (the same shape)
+//!                                         └─▶ job::controller ──▶ job::reconcile ─▶ job::children,
+//!                                                                 job::queue, job::status (pure)
+//!  workload (pure): the pod, sidecar configuration and NetworkPolicy of an Agent or a Job
 //! ```
 //! `render` reuses the pure builders without a cluster.
 

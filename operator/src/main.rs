@@ -1,5 +1,5 @@
-//! `soma-operator`: `run` reconciles Agents in a cluster; `render` prints the children an
-//! Agent manifest would get, without a cluster.
+//! `soma-operator`: `run` reconciles Agents, Budgets, Capsules and Jobs in a cluster; `render`
+//! prints the children an Agent or Job manifest would get, without a cluster.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -32,9 +32,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Reconcile Agents in the cluster the kubeconfig (or in-cluster config) points at.
+    /// Reconcile Agents, Budgets, Capsules and Jobs in the cluster the kubeconfig (or
+    /// in-cluster config) points at.
     Run(Box<RunArgs>),
-    /// Print, as YAML, every child object the operator would apply for the Agents in a manifest.
+    /// Print, as YAML, every child object the operator would apply for the Agents and Jobs in a
+    /// manifest.
     Render(RenderArgs),
 }
 
@@ -322,7 +324,7 @@ struct WebhookArgs {
 
 #[derive(Args)]
 struct RenderArgs {
-    /// Manifest holding one or more Agents (`-` for standard input).
+    /// Manifest holding Agents and Jobs, with the Budgets they charge (`-` for standard input).
     #[arg(short = 'f', long = "filename")]
     file: PathBuf,
     #[command(flatten)]
