@@ -462,7 +462,7 @@ mod tests {
         // Delivered just before the snapshot, not published yet; published just now, not
         // delivered yet; older than the stream's retention.
         let restored = vec![(rec("a", 1, 7), SNAP - 10_000), (rec("old", 2, 7), 10)];
-        let stream = vec![(rec("b", 3, 7), NOW - 5_000)];
+        let stream = [(rec("b", 3, 7), NOW - 5_000)];
         let s: HashMap<String, (UsageRecord, i64)> = stream
             .iter()
             .map(|(r, t)| (r.id.clone(), (r.clone(), *t)))

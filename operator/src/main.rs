@@ -37,7 +37,7 @@ enum Command {
     Run(Box<RunArgs>),
     /// Print, as YAML, every child object the operator would apply for the Agents and Jobs in a
     /// manifest.
-    Render(RenderArgs),
+    Render(Box<RenderArgs>),
 }
 
 #[derive(Args)]

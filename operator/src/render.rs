@@ -212,8 +212,8 @@ fn render_job(
             &c.network_policy,
         ))?;
         match &c.run {
-            DrillRun::Once(b) => push(yaml("batch/v1", "Job", b))?,
-            DrillRun::Scheduled(cron) => push(yaml("batch/v1", "CronJob", cron))?,
+            DrillRun::Once(b) => push(yaml("batch/v1", "Job", b.as_ref()))?,
+            DrillRun::Scheduled(cron) => push(yaml("batch/v1", "CronJob", cron.as_ref()))?,
         }
     } else {
         let (spec, source) = match (&job.spec.agent_ref, &job.spec.template) {

@@ -224,9 +224,9 @@ pub struct DrillSettings {
 #[derive(Clone, Debug, PartialEq)]
 pub enum DrillRun {
     /// Once.
-    Once(BatchJob),
+    Once(Box<BatchJob>),
     /// On a schedule.
-    Scheduled(CronJob),
+    Scheduled(Box<CronJob>),
 }
 
 /// Every child of a drill Job.
@@ -330,8 +330,8 @@ pub fn drill_children(
         }),
     };
     let run = match &job.spec.schedule {
-        None => DrillRun::Once(batch_job(job, &labels, template)),
-        Some(schedule) => DrillRun::Scheduled(CronJob {
+        None => DrillRun::Once(Box::new(batch_job(job, &labels, template))),
+        Some(schedule) => DrillRun::Scheduled(Box::new(CronJob {
             metadata: meta(name.clone()),
             spec: Some(CronJobSpec {
                 schedule: schedule.clone(),
@@ -348,7 +348,7 @@ pub fn drill_children(
                 ..CronJobSpec::default()
             }),
             status: None,
-        }),
+        })),
     };
     DrillChildren {
         ledger_secret,

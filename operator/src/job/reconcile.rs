@@ -863,11 +863,11 @@ async fn converge_drill(
     writes += usize::from(ensure(client, &network_policy, FIELD_MANAGER).await?.1);
     match run {
         DrillRun::Once(batch) => {
-            let created = apply(client, &batch, FIELD_MANAGER).await?;
+            let created = apply(client, batch.as_ref(), FIELD_MANAGER).await?;
             obs.run = Some(run_of(&created));
         }
         DrillRun::Scheduled(cron) => {
-            let (created, _) = ensure(client, &cron, FIELD_MANAGER).await?;
+            let (created, _) = ensure(client, cron.as_ref(), FIELD_MANAGER).await?;
             obs.schedule = Some(Schedule {
                 schedule: created.spec.map(|s| s.schedule).unwrap_or_default(),
                 ..Schedule::default()
