@@ -64,7 +64,7 @@ pub struct TargetArgs {
     /// Leave the restore in the scratch database.
     #[arg(long)]
     keep_scratch: bool,
-    /// The folder holding pg_dump and psql (default: PATH).
+    /// The folder holding pg_dump and psql (when they are not there: PATH).
     #[arg(long, env = "SOMA_PG_BIN")]
     pg_bin: Option<PathBuf>,
     /// Also write the report as compact JSON (at most 4096 bytes) to this file: a drill pod's
@@ -96,7 +96,7 @@ pub struct BackupArgs {
     /// The folder to write `ledger.sql` and `manifest.json` into (created; must be empty).
     #[arg(long)]
     out: PathBuf,
-    /// The folder holding pg_dump (default: PATH).
+    /// The folder holding pg_dump (when it is not there: PATH).
     #[arg(long, env = "SOMA_PG_BIN")]
     pg_bin: Option<PathBuf>,
 }
@@ -124,8 +124,12 @@ struct Target {
     trusted: Option<ed25519_dalek::VerifyingKey>,
 }
 
+/// `name` in `pg_bin` when it is there, else as found on PATH.
 fn program(pg_bin: Option<&Path>, name: &str) -> PathBuf {
-    pg_bin.map_or_else(|| PathBuf::from(name), |d| d.join(name))
+    pg_bin
+        .map(|d| d.join(name))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(name))
 }
 
 /// Host, port and database of a PostgreSQL URL, to tell two databases apart.
