@@ -164,6 +164,9 @@ equals "default PostgreSQL claim: default StorageClass, 10Gi" "- 10Gi" "$py" "$r
 equals "default seal key Secret" soma-ledger-seal-key \
     "$py" "$rendered" arg "$out/cluster.yaml" --ledger-seal-key-secret
 equals "default Budget refresh" 5 "$py" "$rendered" arg "$out/cluster.yaml" --budget-refresh-seconds
+equals "default CLI image for DR drills" "ghcr.io/soma-dev/soma:0.1.0" \
+    "$py" "$rendered" arg "$out/cluster.yaml" --cli-image
+equals "default task Jobs per namespace" 10 "$py" "$rendered" arg "$out/cluster.yaml" --job-concurrency
 check "kubernetes-validate cluster-wide" validate "$out/cluster.yaml"
 
 # --- namespaced mode ---------------------------------------------------------
@@ -223,6 +226,10 @@ equals "PostgreSQL claim: storageClassName and storage" "fast-ssd 50Gi" \
     "$py" "$rendered" claim "$out/everything.yaml"
 equals "seal key Secret override" soma-seals "$py" "$rendered" arg "$out/everything.yaml" --ledger-seal-key-secret
 equals "Budget refresh override" 30 "$py" "$rendered" arg "$out/everything.yaml" --budget-refresh-seconds
+equals "CLI image digest wins over tag" \
+    "registry.example.com/mirror/soma@sha256:fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210" \
+    "$py" "$rendered" arg "$out/everything.yaml" --cli-image
+equals "task Jobs per namespace override" 4 "$py" "$rendered" arg "$out/everything.yaml" --job-concurrency
 check "everything on: RBAC with the ledger (seal key Role names soma-seals)" \
     "$py" "$rendered" cluster-mode "$out/everything.yaml" "$release_ns"
 
@@ -241,7 +248,7 @@ check "no ledger: no PostgreSQL rendered" "$py" "$rendered" no-postgres "$out/le
 equals "no ledger: no SOMA_LEDGER_URL" none "$py" "$rendered" ledger-url "$out/ledger-off.yaml"
 equals "no ledger: no ledger flags, no egress flag" 0 \
     bash -c "grep -cE -- '--(ledger-seal-key-secret|budget-refresh-seconds|sidecar-egress-namespaces)' '$out/ledger-off.yaml'"
-check "no ledger: Secrets only deleted (never read), no seal key Role" \
+check "no ledger: Secrets only read (a drill's) and deleted, never written; no seal key Role" \
     "$py" "$rendered" cluster-mode "$out/ledger-off.yaml" "$release_ns"
 check "no ledger, namespaced: the same in each Role" bash -c \
     "helm template soma '$chart' -n $release_ns -f '$values/ledger-off.yaml' -f '$values/namespaced.yaml' >'$out/ledger-off-ns.yaml' \

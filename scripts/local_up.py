@@ -57,10 +57,17 @@ def report(standin: StandIn) -> None:
               f"{a.get('status', {}).get('replicaSummary', '-'):<9} {', '.join(kids) or '(none)'}")
         if ready.get("status") != "True":
             print(f"{'':<30} {ready.get('message', '')}")
-    for plural in ("budgets", "capsules", "jobs"):
+    for plural in ("budgets", "capsules"):
         items = standin.kube.list(AGENTS, plural)["items"]
         names = ", ".join(f"{i['metadata']['namespace']}/{i['metadata']['name']}" for i in items)
         print(f"{plural:<12} {names or '(none)'}")
+    jobs = standin.kube.list(AGENTS, "jobs")["items"]
+    if jobs:
+        print(f"\n{'JOB':<38} {'PHASE':<10} REASON")
+    for j in jobs:
+        ready = condition(j, "Ready")
+        print(f"{j['metadata']['namespace'] + '/' + j['metadata']['name']:<38} "
+              f"{(j.get('status') or {}).get('phase', '?'):<10} {ready.get('reason', '?')}")
 
 
 def main() -> int:

@@ -26,13 +26,17 @@ EXPECTED_RULES = [
     (("networking.k8s.io",), ("networkpolicies",), tuple(ALL_WRITE)),
     (("events.k8s.io",), ("events",), ("create", "patch")),
     (("",), ("events",), ("create", "patch")),
+    (("soma.dev",), ("jobs",), ("delete",)),
+    (("batch",), ("cronjobs", "jobs"), ("create", "get", "list", "patch", "watch")),
+    (("",), ("pods",), ("get", "list")),
 ]
-# The per-Agent ledger Secret `<agent>-ledger`: with a ledger, read, applied (server-side apply:
-# create, patch) and deleted; without one, never read, only deleted once (the ledger was turned
-# off and the Deployment it replaces still referenced it). Never list or watch: the operator
-# cannot enumerate Secrets.
+# The ledger Secrets (`<agent>-ledger`, `sjob-<job>-ledger`): with a ledger, read, applied
+# (server-side apply: create, patch) and deleted; without one, only the Secrets a DR drill Job
+# names are read (get), and `<agent>-ledger` deleted once (the ledger was turned off and the
+# Deployment it replaces still referenced it). Never list or watch: the operator cannot
+# enumerate Secrets.
 LEDGER_SECRET_RULE = (("",), ("secrets",), ("get", "create", "patch", "delete"))
-NO_LEDGER_SECRET_RULE = (("",), ("secrets",), ("delete",))
+NO_LEDGER_SECRET_RULE = (("",), ("secrets",), ("get", "delete"))
 # The key of the Secrets holding the ledger's URL (the chart's, ledger.existingSecret, and the
 # per-Agent copies).
 LEDGER_URL_KEY = "database-url"
@@ -82,7 +86,8 @@ def check_rules(rules, where, ledger):
             expect("*" not in r.get(field, []), f"{where}: wildcard in {field}")
         if "secrets" in r.get("resources", []):
             expect(not {"list", "watch"} & set(r["verbs"]), f"{where}: may list or watch Secrets: {r}")
-            expect(ledger or "get" not in r["verbs"], f"{where}: reads Secrets without a ledger: {r}")
+            expect(ledger or not {"create", "patch"} & set(r["verbs"]),
+                   f"{where}: writes Secrets without a ledger: {r}")
 
 
 def operator_deployment(docs):

@@ -7,6 +7,8 @@
 //! - `soma audit verify`: the ledger's hash chains and seals ([`audit`]);
 //! - `soma image verify`: container images' Cosign signatures, by Soma's own verifier
 //!   ([`image`]).
+//! - `soma dr drill|backup|restore`: DR drills of the ledger: a consistent backup, a restore
+//!   into scratch, verified against the audit chain and the NATS stream, RPO and RTO ([`dr`]).
 //!
 //! Exit codes: 0 success, 1 the check failed (a test failed, tampering found), 2 bad input
 //! (with a message on stderr saying what to fix).
@@ -14,6 +16,7 @@
 mod audit;
 mod budget;
 mod cost;
+mod dr;
 mod image;
 mod ledger;
 mod policy;
@@ -54,12 +57,28 @@ enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+    /// Disaster recovery: back up the ledger, restore it into scratch, verify it.
+    Dr {
+        #[command(subcommand)]
+        command: DrCommand,
+    },
 }
 
 #[derive(Subcommand)]
 enum ImageCommand {
     /// Verify images' Cosign signatures against public keys (offline: no transparency log).
     Verify(image::VerifyArgs),
+}
+
+#[derive(Subcommand)]
+enum DrCommand {
+    /// A drill: back up the ledger, restore it into a scratch database, verify the restore
+    /// (totals, audit chain, every record against the NATS stream) and report RPO and RTO.
+    Drill(dr::DrillArgs),
+    /// A consistent backup of the ledger and its manifest.
+    Backup(dr::BackupArgs),
+    /// Restore a backup into a scratch database and verify it, as a drill does.
+    Restore(dr::RestoreArgs),
 }
 
 #[derive(Subcommand)]
@@ -114,5 +133,10 @@ fn main() -> ExitCode {
         Command::Image {
             command: ImageCommand::Verify(args),
         } => ledger::block_on(image::verify(args)),
+        Command::Dr { command } => match command {
+            DrCommand::Drill(args) => ledger::block_on(dr::drill(args)),
+            DrCommand::Backup(args) => ledger::block_on(dr::backup(args)),
+            DrCommand::Restore(args) => ledger::block_on(dr::restore(args)),
+        },
     }
 }

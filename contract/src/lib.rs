@@ -1,5 +1,6 @@
 //! The contract between the operator and the metering sidecar: the sidecar's configuration
-//! file, typed once. The operator builds a [`SidecarConfig`] and writes it into the Agent's
+//! file, typed once (and, in [`drill`], the DR drill's report between the CLI and the
+//! operator). The operator builds a [`SidecarConfig`] and writes it into the Agent's
 //! ConfigMap (`soma-operator render` shows it); the sidecar (`soma-proxy`) reads the same type
 //! back. A field added here is seen by both sides or by neither.
 //!
@@ -13,6 +14,8 @@
 //! ([`SidecarConfig::live_part`]). Everything else is part of the pod template's hash, so a
 //! change to it rolls the pods. Serde only: no kube, no HTTP, no database.
 #![forbid(unsafe_code)]
+
+pub mod drill;
 
 use std::path::PathBuf;
 
@@ -95,6 +98,15 @@ pub struct SidecarConfig {
     /// Pause between delivery rounds (ledger and events) when the outbox is drained, in ms.
     #[serde(default = "default_delivery_interval")]
     pub delivery_interval_ms: u64,
+    /// When the sidecar is told to stop (SIGTERM), how long it keeps delivering its outbox to
+    /// the ledger and the stream before it exits, in ms (0: it exits at once). The outbox is
+    /// an emptyDir: a Job's pod is removed after it finishes, and what was not delivered by
+    /// then is lost. Stays below the pod's termination grace period (30 s by default).
+    #[serde(
+        default = "default_flush_on_stop",
+        skip_serializing_if = "is_default_flush_on_stop"
+    )]
+    pub flush_on_stop_ms: u64,
     /// How the live parts of the configuration are followed.
     #[serde(default)]
     pub live: LiveSettings,
@@ -288,6 +300,12 @@ fn default_outbox_path() -> PathBuf {
 fn default_delivery_interval() -> u64 {
     1_000
 }
+fn default_flush_on_stop() -> u64 {
+    10_000
+}
+fn is_default_flush_on_stop(ms: &u64) -> bool {
+    *ms == default_flush_on_stop()
+}
 fn default_prune_interval() -> u64 {
     60_000
 }
@@ -352,6 +370,7 @@ impl SidecarConfig {
             nats_url: None,
             prune_interval_ms: default_prune_interval(),
             delivery_interval_ms: default_delivery_interval(),
+            flush_on_stop_ms: default_flush_on_stop(),
             live: LiveSettings::default(),
             fold_interval_ms: default_fold_interval(),
             worker_threads: default_worker_threads(),

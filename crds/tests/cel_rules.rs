@@ -374,7 +374,92 @@ fn cases() -> Vec<Case> {
             Some("spec is immutable"),
         ),
         c("job unchanged", "Job", vec![], Some(vec![]), None),
+        c(
+            "job with a Kueue queue",
+            "Job",
+            vec![("/spec/queueName", Some(json!("team-a")))],
+            None,
+            None,
+        ),
+        c(
+            "job queue that is not a name",
+            "Job",
+            vec![("/spec/queueName", Some(json!("Team A")))],
+            None,
+            Some("queueName must be the name of a Kueue LocalQueue"),
+        ),
+        c(
+            "job task with a schedule",
+            "Job",
+            vec![("/spec/schedule", Some(json!("0 3 * * *")))],
+            None,
+            Some("schedule is for DR drills only"),
+        ),
+        c(
+            "scheduled drill",
+            "Job",
+            drill(vec![("/spec/schedule", Some(json!("0 3 * * *")))]),
+            None,
+            None,
+        ),
+        c(
+            "drill on a macro schedule",
+            "Job",
+            drill(vec![("/spec/schedule", Some(json!("@daily")))]),
+            None,
+            None,
+        ),
+        c(
+            "drill on a schedule of four fields",
+            "Job",
+            drill(vec![("/spec/schedule", Some(json!("0 3 * *")))]),
+            None,
+            Some("schedule must be a cron schedule"),
+        ),
+        c(
+            "drill with an input",
+            "Job",
+            drill(vec![("/spec/input", Some(json!("restore it")))]),
+            None,
+            Some("a DR drill calls no model"),
+        ),
+        c(
+            "drill with a Budget",
+            "Job",
+            drill(vec![("/spec/budgetRef", Some(json!({"name": "team"})))]),
+            None,
+            Some("a DR drill calls no model"),
+        ),
+        c(
+            "job name too long for its batch Job",
+            "Job",
+            vec![("/metadata/name", Some(json!("x".repeat(53))))],
+            None,
+            Some("at most 52 characters"),
+        ),
+        c(
+            "job name of 52 characters",
+            "Job",
+            vec![("/metadata/name", Some(json!("x".repeat(52))))],
+            None,
+            None,
+        ),
     ]
+}
+
+/// Edits turning the example task Job into a drill, then `more`.
+fn drill(more: Vec<Edit>) -> Vec<Edit> {
+    let mut edits = vec![
+        ("/spec/agentRef", None),
+        ("/spec/input", None),
+        ("/spec/budgetRef", None),
+        (
+            "/spec/drDrill",
+            Some(json!({"scratchSecretRef": {"name": "scratch", "key": "url"}})),
+        ),
+    ];
+    edits.extend(more);
+    edits
 }
 
 #[test]

@@ -102,3 +102,37 @@ class Postgres:
     def stop(self) -> None:
         stop_process(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _nats_bin() -> str:
+    for candidate in (os.environ.get("SOMA_NATS_SERVER"), shutil.which("nats-server"), "/usr/sbin/nats-server"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    pytest.fail("nats-server is not installed: run scripts/test-deps/servers.sh")
+
+
+class Nats:
+    """One nats-server with JetStream on a free 127.0.0.1 port, its store in a temporary folder."""
+
+    def __init__(self, workdir: pathlib.Path):
+        self.dir = pathlib.Path(tempfile.mkdtemp(prefix="soma-nats-"))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc = subprocess.Popen([_nats_bin(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.dir)],
+                                     stdout=subprocess.DEVNULL, stderr=open(workdir / "nats.log", "wb"))
+        self.url = f"nats://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    pytest.fail(f"nats-server did not start: {(workdir / 'nats.log').read_text()}")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        shutil.rmtree(self.dir, ignore_errors=True)

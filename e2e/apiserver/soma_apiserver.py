@@ -120,6 +120,7 @@ BUILTIN_KINDS = [
     Kind("coordination.k8s.io", "v1", "leases", "Lease", generation=False),
     Kind("events.k8s.io", "v1", "events", "Event", generation=False, short_names=("ev",)),
     Kind("batch", "v1", "jobs", "Job", status=True),
+    Kind("batch", "v1", "cronjobs", "CronJob", status=True),
     Kind("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", status=True, short_names=("pdb",)),
     Kind("rbac.authorization.k8s.io", "v1", "roles", "Role", generation=False),
     Kind("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", generation=False),
@@ -133,6 +134,9 @@ CRD_KEY = "apiextensions.k8s.io/v1/customresourcedefinitions"
 NAMESPACE_KEY = "/v1/namespaces"
 DEPLOYMENT_KEY = "apps/v1/deployments"
 SERVICE_KEY = "/v1/services"
+JOB_KEY = "batch/v1/jobs"
+CRONJOB_KEY = "batch/v1/cronjobs"
+POD_KEY = "/v1/pods"
 
 
 def kinds_from_crd(crd: dict[str, Any]) -> list[Kind]:
@@ -403,6 +407,8 @@ class SomaApiServer(kmock.KubernetesScaffold):
 
     deployment_controller: bool = True
     deployment_delay: float = 0.2  # seconds between a Deployment write and its status update
+    job_controller: bool = True
+    job_delay: float = 0.2  # seconds between two steps of the batch/v1 Job emulation
     bookmark_interval: float = 5.0
     history_limit: int = 20000  # watch events kept per resource before a watch gets 410 Gone
     request_log_limit: int = 2000  # requests kmock keeps for DSL assertions (counters are separate)
@@ -423,6 +429,9 @@ class SomaApiServer(kmock.KubernetesScaffold):
     # on a soma.dev resource, one JSON object per line (--status-log, or $SOMA_STATUS_LOG_DIR).
     status_log: Any = attrs.field(default=None, init=False)
     _writer: str = attrs.field(default="", init=False)
+    # The batch/v1 Job emulation: each Job's planned attempts (set by tests), which Jobs tick.
+    job_plans: dict[tuple[str, str], list[dict[str, Any]]] = attrs.field(factory=dict, init=False)
+    _job_ticking: set[ObjKey] = attrs.field(factory=set, init=False)
 
     class _Serve(Exception):
         """Raised by the fallback reaction: the request is for the store (no user reaction took it)."""
@@ -432,6 +441,9 @@ class SomaApiServer(kmock.KubernetesScaffold):
         self.fallback["get /_stats"] << (lambda: self.stats())
         for probe in ("/healthz", "/readyz", "/livez"):
             self.fallback[f"get {probe}"] << b"ok"
+        self.fallback[lambda request: request.url.path.startswith("/_jobs/")] << self._plan_endpoint
+        self.fallback[lambda request: request.url.path.startswith("/_kueue/")] << self._kueue_endpoint
+        self.fallback[lambda request: request.url.path.startswith("/_cronjobs/")] << self._cronjob_endpoint
         self.fallback[lambda request: self._route(request) is not None] << self._delegate
         for kind in BUILTIN_KINDS:
             self.register(kind)
@@ -991,6 +1003,9 @@ class SomaApiServer(kmock.KubernetesScaffold):
         if kind.key == DEPLOYMENT_KEY and self.deployment_controller and \
                 (old is None or meta.get("generation") != old["metadata"].get("generation")):
             self._later(self.deployment_delay, self._deployment_status, key)
+        if kind.key == JOB_KEY and self.job_controller and key not in self._job_ticking:
+            self._job_ticking.add(key)
+            self._later(self.job_delay, self._job_tick, key)
 
     def _record(self, kind: Kind, event: WatchEvent) -> None:
         events = self.history[kind.key]
@@ -1047,6 +1062,188 @@ class SomaApiServer(kmock.KubernetesScaffold):
         new = copy.deepcopy(old)
         new["status"] = status
         self._update(kind, key, old, new, "kube-controller-manager", "status", False)
+
+    # ---- batch/v1 Jobs: what kube-controller-manager's Job controller and a kubelet would do -----
+
+    def _plan_endpoint(self, request: kmock.Request) -> dict[str, Any]:
+        """`POST /_jobs/NS/NAME {"attempts": [...]}`: how the attempts of batch/v1 Job NS/NAME end.
+
+        Each attempt is `{"exit": 0, "message": "..."}` (the agent container's exit code and
+        termination message) or `{"hang": true}` (it runs until the deadline or a later plan).
+        An attempt with no plan yet keeps running. Plans may come before the Job exists.
+        """
+        parts = request.url.path.strip("/").split("/")
+        if len(parts) != 3 or request.method != "POST":
+            return {"error": "POST /_jobs/NAMESPACE/NAME"}
+        body = json.loads(request.body or b"{}")
+        self.job_plans[(parts[1], parts[2])] = list(body.get("attempts") or [])
+        key = (JOB_KEY, parts[1], parts[2])
+        if key in self.objects and key not in self._job_ticking:
+            self._job_ticking.add(key)
+            self._later(0, self._job_tick, key)
+        return {"planned": len(self.job_plans[(parts[1], parts[2])])}
+
+    def _kueue_endpoint(self, request: kmock.Request) -> dict[str, Any]:
+        """`POST /_kueue/NS/QUEUE/admit`: what Kueue does once its ClusterQueue has quota: every
+        suspended Job of NS labelled `kueue.x-k8s.io/queue-name: QUEUE` is unsuspended."""
+        parts = request.url.path.strip("/").split("/")
+        if len(parts) != 4 or parts[3] != "admit" or request.method != "POST":
+            return {"error": "POST /_kueue/NAMESPACE/QUEUE/admit"}
+        kind = self.kinds[JOB_KEY]
+        admitted = []
+        for key, job in list(self.objects.items()):
+            if key[0] != JOB_KEY or key[1] != parts[1]:
+                continue
+            labels = job["metadata"].get("labels") or {}
+            if labels.get("kueue.x-k8s.io/queue-name") == parts[2] and (job.get("spec") or {}).get("suspend"):
+                new = copy.deepcopy(job)
+                new["spec"]["suspend"] = False
+                self._update(kind, key, job, new, "kueue", None, False)
+                admitted.append(key[2])
+        return {"admitted": admitted}
+
+    def _cronjob_endpoint(self, request: kmock.Request) -> dict[str, Any]:
+        """`POST /_cronjobs/NS/NAME/run`: the CronJob controller's schedule fires: a batch/v1
+        Job `NAME-<n>` from its jobTemplate, owned by the CronJob, and `lastScheduleTime`."""
+        parts = request.url.path.strip("/").split("/")
+        if len(parts) != 4 or parts[3] != "run" or request.method != "POST":
+            return {"error": "POST /_cronjobs/NAMESPACE/NAME/run"}
+        key = (CRONJOB_KEY, parts[1], parts[2])
+        cron = self.objects.get(key)
+        if cron is None:
+            return {"error": f"no CronJob {parts[1]}/{parts[2]}"}
+        template = (cron.get("spec") or {}).get("jobTemplate") or {}
+        runs = sum(1 for k in self.objects if k[0] == JOB_KEY and k[1] == parts[1] and k[2].startswith(parts[2] + "-"))
+        name = f"{parts[2]}-{runs + 1}"
+        meta = copy.deepcopy(template.get("metadata") or {})
+        meta.update(name=name, namespace=parts[1], ownerReferences=[{
+            "apiVersion": "batch/v1", "kind": "CronJob", "name": parts[2], "uid": cron["metadata"]["uid"],
+            "controller": True, "blockOwnerDeletion": True}])
+        self._create_internal(self.kinds[JOB_KEY], {"metadata": meta, "spec": copy.deepcopy(template.get("spec") or {})},
+                              parts[1], "kube-controller-manager")
+        new = copy.deepcopy(cron)
+        new["status"] = {**(cron.get("status") or {}), "lastScheduleTime": now_rfc3339()}
+        self._update(self.kinds[CRONJOB_KEY], key, cron, new, "kube-controller-manager", "status", False)
+        return {"job": name}
+
+    def _job_pods(self, job: dict[str, Any]) -> list[tuple[ObjKey, dict[str, Any]]]:
+        uid = job["metadata"]["uid"]
+        pods = [(k, o) for k, o in self.objects.items() if k[0] == POD_KEY and any(
+            r.get("uid") == uid for r in o["metadata"].get("ownerReferences") or [])]
+        return sorted(pods, key=lambda p: int(p[1]["metadata"].get("annotations", {}).get("soma-e2e/attempt", "0")))
+
+    def _job_tick(self, key: ObjKey) -> None:
+        """One step of a batch/v1 Job: start an attempt (a pod), end it as planned, count, and
+        finish the Job (Complete, or Failed by BackoffLimitExceeded or DeadlineExceeded)."""
+        job = self.objects.get(key)
+        if job is None:
+            self._job_ticking.discard(key)
+            return
+        kind, pod_kind = self.kinds[JOB_KEY], self.kinds[POD_KEY]
+        spec, status = job.get("spec") or {}, copy.deepcopy(job.get("status") or {})
+        conditions = status.get("conditions") or []
+        if any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions):
+            self._job_ticking.discard(key)
+            return
+        now = datetime.datetime.now(datetime.UTC)
+        stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+        pods = self._job_pods(job)
+        active = [(k, p) for k, p in pods if (p.get("status") or {}).get("phase") in ("Pending", "Running")]
+        if spec.get("suspend"):
+            for k, _ in active:  # suspending a Job deletes its running pods
+                self._delete_internal(pod_kind, k)
+            status = {k: v for k, v in status.items() if k not in ("startTime", "active")}
+            status["conditions"] = [c for c in conditions if c.get("type") != "Suspended"] + [{
+                "type": "Suspended", "status": "True", "reason": "JobSuspended", "message": "Job suspended",
+                "lastProbeTime": stamp, "lastTransitionTime": stamp}]
+            self._job_status(key, job, status)
+            self._job_ticking.discard(key)  # unsuspending it is a write, which ticks it again
+            return
+        status["conditions"] = [c for c in conditions if c.get("type") != "Suspended"]
+        status.setdefault("startTime", stamp)
+        plan = self.job_plans.get((key[1], key[2]), [])
+        # End the running attempt as planned.
+        for k, p in active:
+            attempt = int(p["metadata"]["annotations"]["soma-e2e/attempt"])
+            step = plan[attempt - 1] if attempt - 1 < len(plan) else {"hang": True}
+            if step.get("hang"):
+                continue
+            code = int(step.get("exit", 0))
+            new = copy.deepcopy(p)
+            terminated = {"exitCode": code, "reason": step.get("reason") or ("Completed" if code == 0 else "Error"),
+                          "startedAt": p["metadata"]["creationTimestamp"], "finishedAt": stamp}
+            if step.get("message") is not None:
+                terminated["message"] = step["message"]
+            new["status"] = {"phase": "Succeeded" if code == 0 else "Failed", "containerStatuses": [
+                {"name": c["name"], "ready": False, "restartCount": 0, "image": c.get("image", ""), "imageID": "",
+                 "state": {"terminated": terminated}} for c in new["spec"].get("containers") or []]}
+            self._update(pod_kind, k, p, new, "kubelet", "status", False)
+        pods = self._job_pods(job)
+        phases = [(p.get("status") or {}).get("phase") for _, p in pods]
+        succeeded, failed = phases.count("Succeeded"), phases.count("Failed")
+        running = phases.count("Running") + phases.count("Pending")
+        deadline = spec.get("activeDeadlineSeconds")
+        started = datetime.datetime.strptime(status["startTime"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+        backoff = spec.get("backoffLimit", 6)
+        done = None
+        if succeeded:
+            done = ("Complete", "", "")
+            status["completionTime"] = stamp
+        elif deadline is not None and (now - started).total_seconds() >= deadline:
+            for k, p in self._job_pods(job):
+                if (p.get("status") or {}).get("phase") in ("Pending", "Running"):
+                    self._delete_internal(pod_kind, k)
+                    failed += 1
+            running = 0
+            done = ("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")
+        elif failed > backoff:
+            done = ("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
+        elif running == 0:
+            # The next attempt: a pod from the template, labelled as Kubernetes labels them.
+            template = copy.deepcopy(spec.get("template") or {})
+            meta = template.get("metadata") or {}
+            labels = {**(meta.get("labels") or {}), "batch.kubernetes.io/job-name": key[2], "job-name": key[2],
+                      "batch.kubernetes.io/controller-uid": job["metadata"]["uid"]}
+            attempt = len(pods) + 1
+            pod = {"metadata": {"name": f"{key[2]}-{attempt}-{random.choice(string.ascii_lowercase)}"
+                                        f"{''.join(random.choices(string.ascii_lowercase + string.digits, k=4))}",
+                                "namespace": key[1], "labels": labels,
+                                "annotations": {**(meta.get("annotations") or {}), "soma-e2e/attempt": str(attempt)},
+                                "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": key[2],
+                                                     "uid": job["metadata"]["uid"], "controller": True,
+                                                     "blockOwnerDeletion": True}]},
+                   "spec": template.get("spec") or {}}
+            created = self._create_internal(pod_kind, pod, key[1], "kube-controller-manager")
+            pod_key = self._key(pod_kind, key[1], created["metadata"]["name"])
+            running_pod = copy.deepcopy(created)
+            running_pod["status"] = {"phase": "Running", "containerStatuses": [
+                {"name": c["name"], "ready": True, "restartCount": 0, "image": c.get("image", ""), "imageID": "",
+                 "state": {"running": {"startedAt": stamp}}} for c in created["spec"].get("containers") or []]}
+            self._update(pod_kind, pod_key, created, running_pod, "kubelet", "status", False)
+            running = 1
+        status.update(active=running, succeeded=succeeded, failed=failed)
+        status = {k: v for k, v in status.items() if v != 0 or k in ("succeeded", "failed")}
+        if done is not None:
+            kind_, reason, message = done
+            cond = {"type": kind_, "status": "True", "lastProbeTime": stamp, "lastTransitionTime": stamp}
+            if reason:
+                cond.update(reason=reason, message=message)
+            status["conditions"] = status.get("conditions", []) + [cond]
+            status.pop("active", None)
+        self._job_status(key, job, status)
+        if done is not None:
+            self._job_ticking.discard(key)
+            return
+        self._later(self.job_delay, self._job_tick, key)
+
+    def _job_status(self, key: ObjKey, job: dict[str, Any], status: dict[str, Any]) -> None:
+        if not status.get("conditions"):
+            status.pop("conditions", None)
+        if (job.get("status") or {}) == status:
+            return
+        new = copy.deepcopy(job)
+        new["status"] = status
+        self._update(self.kinds[JOB_KEY], key, job, new, "kube-controller-manager", "status", False)
 
     def _schedule_gc(self) -> None:
         self._later(0.05, self._collect_garbage)
@@ -1180,7 +1377,8 @@ def _drop_nulls(obj: Any) -> Any:
 async def serve(args: argparse.Namespace) -> None:
     server = SomaApiServer(deployment_controller=not args.no_deployment_controller,
                            deployment_delay=args.deployment_delay, bookmark_interval=args.bookmark_interval,
-                           history_limit=args.history_limit)
+                           history_limit=args.history_limit, job_controller=not args.no_job_controller,
+                           job_delay=args.job_delay)
     for directory in args.crds or []:
         n = server.load_crds(pathlib.Path(directory))
         log.info("registered %d CRDs from %s", n, directory)
@@ -1214,6 +1412,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-deployment-controller", action="store_true",
                         help="do not emulate Deployment status (ready replicas) after writes")
     parser.add_argument("--deployment-delay", type=float, default=0.2)
+    parser.add_argument("--no-job-controller", action="store_true",
+                        help="do not emulate batch/v1 Jobs (pods, attempts, status)")
+    parser.add_argument("--job-delay", type=float, default=0.2, help="seconds between two steps of a batch/v1 Job")
     parser.add_argument("--bookmark-interval", type=float, default=5.0, help="seconds between watch bookmarks")
     parser.add_argument("--history-limit", type=int, default=20000,
                         help="watch events kept per resource; older resourceVersions get 410 Gone")

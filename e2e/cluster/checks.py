@@ -21,8 +21,9 @@ def one(doc, what):
 
 
 def sandboxed(doc):
-    """Invariant 6 (PRODUCT.md) on a Deployment's pod template."""
-    dep, problems = one(doc, "Deployment")
+    """Invariant 6 (PRODUCT.md) on the pod template of an Agent's Deployment or a Job's
+    batch/v1 Job (the same builder makes both)."""
+    dep, problems = one(doc, "Deployment or batch/v1 Job")
     if dep is None:
         return problems
     pod = dep["spec"]["template"]["spec"]
@@ -72,13 +73,13 @@ def egress_restricted(doc):
     return problems
 
 
-def controlled_by(doc, uid):
-    """Every listed object's controller ownerReference is the Agent with this uid."""
+def controlled_by(doc, uid, kind="Agent"):
+    """Every listed object's controller ownerReference is the `kind` (Agent, Job) with this uid."""
     problems = []
     for o in items(doc):
         refs = [r for r in o["metadata"].get("ownerReferences") or [] if r.get("controller")]
-        if not (refs and refs[0].get("uid") == uid and refs[0].get("kind") == "Agent"):
-            problems.append(f"{o.get('kind', '?')}/{o['metadata']['name']} is not controlled by the Agent")
+        if not (refs and refs[0].get("uid") == uid and refs[0].get("kind") == kind):
+            problems.append(f"{o.get('kind', '?')}/{o['metadata']['name']} is not controlled by the {kind}")
     if not items(doc):
         problems.append("no children found")
     return problems
@@ -94,8 +95,57 @@ def without_budget(doc, name, budget="e2e-missing-budget"):
     return []
 
 
+def job_waits(doc, reason):
+    """A Job that has not started (Pending or Waiting) for `reason`, with a message."""
+    status = doc.get("status") or {}
+    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    problems = []
+    if status.get("phase") not in ("Pending", "Waiting"):
+        problems.append(f"phase is {status.get('phase')!r}, not Pending or Waiting")
+    if ready.get("reason") != reason or ready.get("status") != "False":
+        problems.append(f"Ready is {ready.get('status')!r}/{ready.get('reason')!r}, want False/{reason}")
+    if not ready.get("message"):
+        problems.append("Ready has no message saying what to do")
+    if status.get("observedGeneration") != doc["metadata"].get("generation"):
+        problems.append("status.observedGeneration is not metadata.generation")
+    return problems
+
+
+def drill_state(doc):
+    """A drill that cannot start here says why (the operator's NATS, ledger, or the scratch
+    Secret); one that ran reports its figures."""
+    status = doc.get("status") or {}
+    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    phase = status.get("phase")
+    if phase == "Pending":
+        if ready.get("reason") not in ("NoStream", "NoLedger", "SecretNotFound", "SecretKeyNotFound"):
+            return [f"Pending for {ready.get('reason')!r}: {ready.get('message')}"]
+        return [] if ready.get("message") else ["Pending without a message"]
+    if phase in ("Succeeded", "Failed"):
+        drill = status.get("drill") or {}
+        problems = [] if {"outcome", "rpoSeconds", "rtoSeconds"} <= drill.keys() else [f"no drill figures: {drill}"]
+        if phase == "Succeeded" and drill.get("outcome") != "Passed":
+            problems.append(f"Succeeded, but the drill says {drill.get('outcome')!r}")
+        return problems
+    return [] if phase == "Running" else [f"unexpected phase {phase!r}"]
+
+
+def job_failed(doc, reason):
+    """A Job that finished Failed for `reason` (Failed=True, Ready=False)."""
+    status = doc.get("status") or {}
+    conds = {c.get("type"): c for c in status.get("conditions") or []}
+    problems = []
+    if status.get("phase") != "Failed":
+        problems.append(f"phase is {status.get('phase')!r}, not Failed")
+    failed = conds.get("Failed") or {}
+    if failed.get("status") != "True" or failed.get("reason") != reason:
+        problems.append(f"Failed is {failed.get('status')!r}/{failed.get('reason')!r}, want True/{reason}")
+    return problems
+
+
 CHECKS = {"sandboxed": sandboxed, "egress-restricted": egress_restricted,
-          "controlled-by": controlled_by, "without-budget": without_budget}
+          "controlled-by": controlled_by, "without-budget": without_budget, "job-waits": job_waits,
+          "drill-state": drill_state, "job-failed": job_failed}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in CHECKS:

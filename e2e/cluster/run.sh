@@ -18,9 +18,15 @@
 #      instead report Ready=False, reason CapsuleNotReady, until Cosign verification lands);
 #      The suite also applies its own minimal Agent e2e-agent + Budget e2e-budget
 #      (fixtures/e2e-agent.yaml), so the baseline does not depend on what examples/ holds;
-#   4. an Agent whose Budget does not exist, and e2e-agent once its Budget is deleted,
+#   4. the example Jobs do what their comments say here: summarise-incident-4711 waits for its
+#      Agent's Capsule (Pending, CapsuleNotReady, no batch/v1 Job); ledger-dr-drill either says
+#      why it cannot start (no NATS, ledger or scratch Secret) or runs and reports its figures;
+#      the suite's own Job e2e-job (fixtures/e2e-job.yaml) on e2e-agent becomes a batch/v1 Job
+#      controlled by it, with a sandboxed pod and a default-deny NetworkPolicy, and fails at its
+#      deadline (DeadlineExceeded); `kubectl get sjob` shows their phases;
+#   5. an Agent whose Budget does not exist, and e2e-agent once its Budget is deleted,
 #      must report Ready=False with reason BudgetNotFound;
-#   5. deletes the namespace and stops the operator it started.
+#   6. deletes the namespace and stops the operator it started.
 #
 # Usage: e2e/cluster/run.sh [--installed] [--namespace NAME] [--keep]
 #   --installed       use the operator already installed with helm (cluster-wide mode, or a
@@ -121,6 +127,7 @@ cleanup() {
                 kubectl delete -n "$ns" -f - --ignore-not-found --wait=false >/dev/null 2>&1
         done
         kubectl delete -n "$ns" agents.soma.dev e2e-no-budget --ignore-not-found --wait=false >/dev/null 2>&1
+        kubectl delete -n "$ns" jobs.soma.dev e2e-job --ignore-not-found --wait=false >/dev/null 2>&1
     fi
     [[ $failed -gt 0 ]] || rm -rf "$work"
     exit "$rc"
@@ -183,6 +190,33 @@ ready_false_because() { # AGENT REASON
     kubectl get -n "$ns" "agents.soma.dev/$1" -o jsonpath='{.status.conditions}'
     echo
     return 1
+}
+
+# sjob_check NAME CHECK [ARG...]: the Job NAME satisfies checks.py CHECK within the timeout.
+sjob_check() {
+    local name=$1 deadline=$((SECONDS + timeout))
+    shift
+    while ((SECONDS < deadline)); do
+        kubectl get -n "$ns" "jobs.soma.dev/$name" -o json 2>/dev/null | "$checks" "$@" >/dev/null 2>&1 && return 0
+        sleep 2
+    done
+    kubectl get -n "$ns" "jobs.soma.dev/$name" -o json | "$checks" "$@"
+}
+
+# no_batch_job NAME: the Job NAME has not been started (no batch/v1 Job of that name).
+no_batch_job() {
+    [[ -z $(kubectl get -n "$ns" "jobs.batch/$1" -o name --ignore-not-found) ]] || {
+        echo "batch/v1 Job $1 exists"
+        return 1
+    }
+}
+
+# job_children NAME: the batch/v1 Job, NetworkPolicy and ConfigMap of Job NAME are controlled by it.
+job_children() {
+    local uid
+    uid=$(kubectl get -n "$ns" "jobs.soma.dev/$1" -o jsonpath='{.metadata.uid}') || return 1
+    kubectl get -n "$ns" "jobs.batch/$1" "networkpolicies/sjob-$1" "configmaps/sjob-$1-sidecar" -o json |
+        "$checks" controlled-by "$uid" Job
 }
 
 # agent_without_budget SOURCE_AGENT NAME: apply a copy of SOURCE_AGENT pointing at a Budget
@@ -300,6 +334,27 @@ for a in "${agents[@]}"; do
     check "agent $a: NetworkPolicy restricts egress" egress_restricted "$a"
     check "agent $a: status.observedGeneration == metadata.generation" observed_generation_current "$a"
 done
+
+# The example Jobs, and the suite's own on e2e-agent.
+if [[ -n $(kubectl get -n "$ns" jobs.soma.dev summarise-incident-4711 -o name 2>/dev/null) ]]; then
+    check "job summarise-incident-4711 (its Agent's Capsule is not verified): Pending, CapsuleNotReady" \
+        sjob_check summarise-incident-4711 job-waits CapsuleNotReady
+    check "job summarise-incident-4711: not started (no batch/v1 Job)" no_batch_job summarise-incident-4711
+fi
+if [[ -n $(kubectl get -n "$ns" jobs.soma.dev ledger-dr-drill -o name 2>/dev/null) ]]; then
+    check "job ledger-dr-drill: says why it cannot start here, or runs and reports its figures" \
+        sjob_check ledger-dr-drill drill-state
+fi
+check "apply the suite's own Job e2e-job on e2e-agent" kubectl apply -n "$ns" -f "$here/fixtures/e2e-job.yaml"
+check "job e2e-job: batch/v1 Job created" exists_by_name jobs.batch e2e-job
+check "job e2e-job: batch/v1 Job, NetworkPolicy and ConfigMap controlled by the Job" job_children e2e-job
+check "job e2e-job: pod sandboxed like an Agent's (non-root, ro rootfs, RuntimeDefault, drop ALL, no token)" \
+    bash -c "kubectl get -n '$ns' jobs.batch/e2e-job -o json | '$checks' sandboxed"
+check "job e2e-job: NetworkPolicy sjob-e2e-job restricts egress" \
+    bash -c "kubectl get -n '$ns' networkpolicies/sjob-e2e-job -o json | '$checks' egress-restricted"
+check "job e2e-job: stopped at its deadline by Kubernetes (Failed, DeadlineExceeded)" \
+    sjob_check e2e-job job-failed DeadlineExceeded
+check "kubectl get sjob prints phases" bash -c "kubectl get sjob -n '$ns' | grep -E '^e2e-job +Failed'"
 
 check "apply Agent e2e-no-budget (Budget e2e-missing-budget does not exist)" \
     agent_without_budget e2e-agent e2e-no-budget

@@ -24,6 +24,16 @@ expect fail "egress-restricted rejects an ingress-only, select-all policy" netwo
 expect pass "controlled-by accepts children owned by the Agent" children.json controlled-by u-1
 expect fail "controlled-by rejects another owner" children.json controlled-by u-2
 expect pass "without-budget copies an Agent" agent.json without-budget e2e-no-budget
+expect pass "sandboxed accepts a Job's hardened pod" job-sandboxed.json sandboxed
+expect pass "controlled-by accepts a batch/v1 Job owned by its Job" job-sandboxed.json controlled-by j-1 Job
+expect fail "controlled-by rejects a Job's child checked against an Agent" job-sandboxed.json controlled-by j-1
+expect pass "job-waits accepts a Pending Job that says why" sjob-pending.json job-waits CapsuleNotReady
+expect fail "job-waits rejects another reason" sjob-pending.json job-waits BudgetExhausted
+expect fail "job-waits rejects a finished Job" sjob-deadline.json job-waits DeadlineExceeded
+expect pass "job-failed accepts a Job stopped at its deadline" sjob-deadline.json job-failed DeadlineExceeded
+expect fail "job-failed rejects a waiting Job" sjob-pending.json job-failed DeadlineExceeded
+expect fail "drill-state rejects a Pending drill for another reason" sjob-pending.json drill-state
+expect fail "drill-state rejects a Succeeded drill whose report failed" sjob-drill-lying.json drill-state
 out=$("$checks" without-budget e2e-no-budget <"$fx/agent.json")
 if python3 -c '
 import json, sys

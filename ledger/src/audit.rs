@@ -405,7 +405,8 @@ fn finding(kind: &'static str, message: String) -> Finding {
     }
 }
 
-const RECORD_COLUMNS: &str = "id, namespace, agent, budgets, endpoint, model,
+/// The columns [`record_from_row`] reads.
+pub const RECORD_COLUMNS: &str = "id, namespace, agent, budgets, endpoint, model,
     (EXTRACT(EPOCH FROM started_at) * 1000)::BIGINT AS started_at_ms,
     (EXTRACT(EPOCH FROM finished_at) * 1000)::BIGINT AS finished_at_ms,
     input_tokens, cached_input_tokens, cache_write_input_tokens, output_tokens,
@@ -414,7 +415,8 @@ const RECORD_COLUMNS: &str = "id, namespace, agent, budgets, endpoint, model,
     web_fetch_requests, unmetered,
     (EXTRACT(EPOCH FROM delivered_at) * 1000)::BIGINT AS delivered_ms";
 
-fn record_from_row(r: &sqlx::postgres::PgRow) -> (UsageRecord, i64) {
+/// A usage record and when it was delivered (Unix ms), from a row of [`RECORD_COLUMNS`].
+pub fn record_from_row(r: &sqlx::postgres::PgRow) -> (UsageRecord, i64) {
     (
         UsageRecord {
             id: r.get("id"),

@@ -9,11 +9,13 @@
 //!  operator ─► soma_budgets (live definitions, NOTIFY soma_live) ─► sidecars (LISTEN)
 //!           ─► spend per Budget window ─► Budget status, metrics
 //!           ─► ledger_seals (signed) ◄── soma audit verify
+//!  soma dr drill ─► snapshot, manifest, the restore reconciled with the NATS stream (drill)
 //! ```
 #![forbid(unsafe_code)]
 
 pub mod audit;
 pub mod deliver;
+pub mod drill;
 pub mod live;
 pub mod record;
 pub mod spend;

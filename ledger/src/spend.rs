@@ -96,6 +96,63 @@ pub async fn leases(
     })
 }
 
+/// What one run of a Job used: its records (agent `job/<name>`), and how many of its calls the
+/// sidecar refused because a Budget was used up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunSpend {
+    /// Records (model calls).
+    pub requests: i64,
+    /// Prompt tokens.
+    pub input_tokens: i64,
+    /// Generated tokens.
+    pub output_tokens: i64,
+    /// Cost in micros.
+    pub cost_micros: i64,
+    /// Calls refused for a used-up Budget, as the sidecars last reported them.
+    pub refusals: i64,
+}
+
+/// The records of agent `agent` in `namespace` that started at or after `since_ms`, and the
+/// refusals its sidecars reported in leases alive since then (per sidecar and window, the
+/// largest count of any Budget of its chain, so a refusal is counted once).
+pub async fn run_spend(
+    pool: &PgPool,
+    namespace: &str,
+    agent: &str,
+    since_ms: i64,
+) -> Result<RunSpend, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT COUNT(*)::BIGINT, COALESCE(SUM(input_tokens), 0)::BIGINT,
+                COALESCE(SUM(output_tokens), 0)::BIGINT, COALESCE(SUM(cost_micros), 0)::BIGINT
+           FROM usage_records
+          WHERE namespace = $1 AND agent = $2 AND started_at >= to_timestamp($3 / 1000.0)",
+    )
+    .bind(namespace)
+    .bind(agent)
+    .bind(since_ms)
+    .fetch_one(pool)
+    .await?;
+    let refusals: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(SUM(most), 0)::BIGINT FROM (
+             SELECT MAX(refusals) AS most FROM budget_leases
+              WHERE namespace = $1 AND agent = $2 AND expires_at >= to_timestamp($3 / 1000.0)
+              GROUP BY holder, window_start_ms) per_sidecar",
+    )
+    .bind(namespace)
+    .bind(agent)
+    .bind(since_ms)
+    .fetch_one(pool)
+    .await?;
+    Ok(RunSpend {
+        requests: row.get(0),
+        input_tokens: row.get(1),
+        output_tokens: row.get(2),
+        cost_micros: row.get(3),
+        refusals,
+    })
+}
+
 /// Which records a report covers.
 #[derive(Clone, Debug, Default)]
 pub struct ReportFilter {

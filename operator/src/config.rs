@@ -135,6 +135,30 @@ pub struct OperatorConfig {
     /// (unsigned, wrong key, replayed, not found) is looked up again: a signature pushed
     /// after the Capsule was applied is not an event the operator can watch.
     pub capsule_recheck: std::time::Duration,
+    /// The Job controller.
+    pub jobs: JobConfig,
+}
+
+/// How Jobs run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobConfig {
+    /// The image with the `soma` CLI (and `pg_dump`/`psql`) that DR drills run.
+    pub cli_image: String,
+    /// Task Jobs that may run at once per namespace when they name no Kueue queue (0: no
+    /// limit).
+    pub concurrency: u32,
+    /// Requests and limits of a drill pod.
+    pub drill_resources: ResourceRequirements,
+}
+
+impl Default for JobConfig {
+    fn default() -> Self {
+        Self {
+            cli_image: "ghcr.io/soma-dev/soma:0.1.0".to_owned(),
+            concurrency: 10,
+            drill_resources: resources("100m", "128Mi", "1", "1Gi"),
+        }
+    }
 }
 
 /// The operator's policy for agent images: off by default; when `required`, every Agent's
@@ -174,6 +198,7 @@ impl Default for OperatorConfig {
             images: ImageSignatures::default(),
             capsule_recheck: std::time::Duration::from_secs(300),
             ledger: LedgerConfig::default(),
+            jobs: JobConfig::default(),
         }
     }
 }

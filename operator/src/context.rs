@@ -112,6 +112,8 @@ pub struct Context {
     pub clock: Clock,
     /// Which Budgets each chain passed through, and the Budget refresh bus.
     pub index: std::sync::Arc<crate::budget::index::ChainIndex>,
+    /// What the Job reconciles share (caches, slot locks, chains).
+    pub jobs: std::sync::Arc<crate::job::JobState>,
     /// Consecutive failures per object (`namespace/name`), for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -136,6 +138,7 @@ impl Context {
             ledger: None,
             clock: Clock::default(),
             index: std::sync::Arc::default(),
+            jobs: std::sync::Arc::default(),
             failures: Mutex::default(),
         }
     }

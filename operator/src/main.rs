@@ -1,5 +1,5 @@
-//! `soma-operator`: `run` reconciles Agents in a cluster; `render` prints the children an
-//! Agent manifest would get, without a cluster.
+//! `soma-operator`: `run` reconciles Agents, Budgets, Capsules and Jobs in a cluster; `render`
+//! prints the children an Agent or Job manifest would get, without a cluster.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -10,7 +10,8 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use soma_operator::agent::image::accepted_keys;
 use soma_operator::config::{
-    ImageSignatures, LedgerConfig, OperatorConfig, Redacted, SidecarConfig, read_price_table,
+    ImageSignatures, JobConfig, LedgerConfig, OperatorConfig, Redacted, SidecarConfig,
+    read_price_table,
 };
 use soma_operator::context::Clock;
 use soma_operator::policy::{DEFAULT_SELECTOR, PolicyOptions};
@@ -31,9 +32,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Reconcile Agents in the cluster the kubeconfig (or in-cluster config) points at.
+    /// Reconcile Agents, Budgets, Capsules and Jobs in the cluster the kubeconfig (or
+    /// in-cluster config) points at.
     Run(Box<RunArgs>),
-    /// Print, as YAML, every child object the operator would apply for the Agents in a manifest.
+    /// Print, as YAML, every child object the operator would apply for the Agents and Jobs in a
+    /// manifest.
     Render(Box<RenderArgs>),
 }
 
@@ -85,6 +88,17 @@ struct SidecarArgs {
     /// for a Prometheus that discovers pods by annotation.
     #[arg(long, env = "SOMA_SIDECAR_SCRAPE_ANNOTATIONS")]
     sidecar_scrape_annotations: bool,
+    /// Image with the `soma` CLI, pg_dump and psql, which DR drill Jobs run (`soma dr drill`).
+    #[arg(
+        long,
+        env = "SOMA_CLI_IMAGE",
+        default_value = "ghcr.io/soma-dev/soma:0.1.0"
+    )]
+    cli_image: String,
+    /// Task Jobs that may run at once per namespace when they name no Kueue queue
+    /// (`spec.queueName`); the others wait in `spec.priority` order. 0: no limit.
+    #[arg(long, env = "SOMA_JOB_CONCURRENCY", default_value_t = 10)]
+    job_concurrency: u32,
 }
 
 impl SidecarArgs {
@@ -119,6 +133,11 @@ impl SidecarArgs {
                 url: nonempty(&self.ledger_url).map(Redacted::new),
                 ..LedgerConfig::default()
             },
+            jobs: JobConfig {
+                cli_image: self.cli_image.clone(),
+                concurrency: self.job_concurrency,
+                ..JobConfig::default()
+            },
             ..OperatorConfig::default()
         })
     }
@@ -140,7 +159,7 @@ struct LedgerArgs {
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     budget_refresh_seconds: u64,
     /// Tests only: a file holding milliseconds added to the operator's clock (read at every
-    /// use), to cross Budget period boundaries without waiting for them.
+    /// use), to cross Budget period boundaries (and Job TTLs) without waiting for them.
     #[arg(long, hide = true)]
     clock_offset_file: Option<PathBuf>,
 }
@@ -316,7 +335,7 @@ struct WebhookArgs {
 
 #[derive(Args)]
 struct RenderArgs {
-    /// Manifest holding one or more Agents (`-` for standard input).
+    /// Manifest holding Agents and Jobs, with the Budgets they charge (`-` for standard input).
     #[arg(short = 'f', long = "filename")]
     file: PathBuf,
     #[command(flatten)]

@@ -62,6 +62,34 @@ struct BudgetMetrics {
     seen: Mutex<BTreeMap<BudgetLabels, Seen>>,
 }
 
+/// Labels of the per-Job metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct JobLabels {
+    /// The Job's namespace.
+    pub namespace: String,
+    /// The Job's name.
+    pub job: String,
+}
+
+/// Labels of the finished-Jobs counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobOutcomeLabels {
+    /// The Job's namespace.
+    pub namespace: String,
+    /// `Succeeded` or `Failed`.
+    pub phase: String,
+}
+
+/// Per-Job figures: the DR drills' results, for alerts (`soma_drill_passed == 0`).
+#[derive(Debug, Default)]
+struct JobMetrics {
+    finished: Family<JobOutcomeLabels, Counter>,
+    drill_passed: Family<JobLabels, Gauge>,
+    drill_rpo: Family<JobLabels, Gauge<f64, AtomicU64>>,
+    drill_rto: Family<JobLabels, Gauge<f64, AtomicU64>>,
+    drill_records: Family<JobLabels, Gauge>,
+}
+
 /// A Budget's period and its refusal and brown-out totals last seen in it.
 type Seen = (Option<String>, i64, i64);
 
@@ -143,6 +171,7 @@ pub struct Metrics {
     budgets: BudgetMetrics,
     signatures: SignatureMetrics,
     ledger_errors: Family<LedgerLabels, Counter>,
+    jobs: JobMetrics,
     reconciles: Family<ControllerLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
     duration: Family<ControllerLabels, Histogram>,
@@ -185,7 +214,33 @@ impl Metrics {
                 operation: operation.to_owned(),
             }));
         }
+        let jobs = JobMetrics::default();
         let soma = registry.sub_registry_with_prefix("soma");
+        soma.register(
+            "jobs_finished",
+            "Jobs that finished, by namespace and phase (Succeeded, Failed)",
+            jobs.finished.clone(),
+        );
+        soma.register(
+            "drill_passed",
+            "1 when the DR drill's last run verified the restore, 0 when it failed",
+            jobs.drill_passed.clone(),
+        );
+        soma.register(
+            "drill_rpo_seconds",
+            "The DR drill's last measured recovery point: seconds of committed usage its backup missed",
+            jobs.drill_rpo.clone(),
+        );
+        soma.register(
+            "drill_rto_seconds",
+            "The DR drill's last measured recovery time: seconds from the start of the restore to a verified restore",
+            jobs.drill_rto.clone(),
+        );
+        soma.register(
+            "drill_records_restored",
+            "Usage records the DR drill's last run restored and verified",
+            jobs.drill_records.clone(),
+        );
         let b = &budgets;
         soma.register(
             "budget_used_ratio",
@@ -288,6 +343,7 @@ impl Metrics {
             budgets,
             signatures,
             ledger_errors,
+            jobs,
             reconciles,
             failures,
             duration,
@@ -487,6 +543,49 @@ impl Metrics {
                 operation: operation.to_owned(),
             })
             .inc();
+    }
+
+    /// Records a Job's drill figures from its status (nothing for a task, or a drill that has
+    /// not reported).
+    pub fn job(&self, namespace: &str, name: &str, status: Option<&soma_crds::JobStatus>) {
+        let Some(d) = status.and_then(|s| s.drill.as_ref()) else {
+            return;
+        };
+        let l = JobLabels {
+            namespace: namespace.to_owned(),
+            job: name.to_owned(),
+        };
+        let j = &self.jobs;
+        j.drill_passed
+            .get_or_create(&l)
+            .set(i64::from(d.outcome == "Passed"));
+        j.drill_rpo.get_or_create(&l).set(d.rpo_seconds);
+        j.drill_rto.get_or_create(&l).set(d.rto_seconds);
+        j.drill_records.get_or_create(&l).set(d.records_restored);
+    }
+
+    /// Counts a Job that just finished.
+    pub fn job_finished(&self, namespace: &str, phase: Option<&str>) {
+        self.jobs
+            .finished
+            .get_or_create(&JobOutcomeLabels {
+                namespace: namespace.to_owned(),
+                phase: phase.unwrap_or_default().to_owned(),
+            })
+            .inc();
+    }
+
+    /// Forgets the series of a deleted Job.
+    pub fn forget_job(&self, namespace: &str, name: &str) {
+        let l = JobLabels {
+            namespace: namespace.to_owned(),
+            job: name.to_owned(),
+        };
+        let j = &self.jobs;
+        j.drill_passed.remove(&l);
+        j.drill_rpo.remove(&l);
+        j.drill_rto.remove(&l);
+        j.drill_records.remove(&l);
     }
 
     /// The registry in the Prometheus text format.

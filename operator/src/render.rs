@@ -1,9 +1,9 @@
-//! `soma-operator render`: the children the operator would apply for the Agents in a
-//! manifest, as YAML, built by the same pure builders the controller uses (no cluster).
+//! `soma-operator render`: the children the operator would apply for the Agents and Jobs in a
+//! manifest, as YAML, built by the same pure builders the controllers use (no cluster).
 //! Users review the output in GitOps pull requests and diff it between versions.
 
 use serde::Deserialize;
-use soma_crds::{Agent, Budget};
+use soma_crds::{Agent, Budget, Job};
 
 use soma_metering::BudgetKey;
 use soma_metering::chain::ChainProblem;
@@ -12,6 +12,7 @@ use crate::agent::children::{Resolved, children};
 use crate::agent::reconcile::desired_replicas;
 use crate::budget::def::resolve_in;
 use crate::config::OperatorConfig;
+use crate::job::children::{DrillRun, DrillSettings, Task, drill_children, task_children};
 
 /// Why a manifest could not be rendered.
 #[derive(Debug, thiserror::Error)]
@@ -38,20 +39,22 @@ pub enum RenderError {
         #[source]
         source: serde_json::Error,
     },
-    /// The input holds no Agent.
-    #[error("no Agent (apiVersion soma.dev/v1alpha1, kind Agent) found in the input")]
+    /// The input holds no Agent and no Job.
+    #[error("no Agent or Job (apiVersion soma.dev/v1alpha1) found in the input")]
     NoAgent,
     /// Serialising a child failed.
     #[error("serialising the output failed: {0}")]
     Output(String),
 }
 
-/// Renders every Agent in `manifest` (multi-document YAML) into the YAML stream of its
-/// children. Budgets in the same manifest fill in the sidecar's Budget definitions, as the
-/// operator does from the cluster; other kinds are skipped.
+/// Renders every Agent and Job in `manifest` (multi-document YAML) into the YAML stream of
+/// their children. Budgets in the same manifest fill in the sidecar's Budget definitions, and
+/// Agents the Agent a task Job names, as the operator does from the cluster; other kinds are
+/// skipped.
 pub fn render(manifest: &str, config: &OperatorConfig) -> Result<String, RenderError> {
     let mut agents: Vec<Agent> = Vec::new();
     let mut budgets: Vec<Budget> = Vec::new();
+    let mut jobs: Vec<Job> = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(manifest).enumerate() {
         let index = i + 1;
         let value = serde_json::Value::deserialize(doc)
@@ -73,10 +76,11 @@ pub fn render(manifest: &str, config: &OperatorConfig) -> Result<String, RenderE
         match kind.as_str() {
             "Agent" => agents.push(serde_json::from_value(value).map_err(invalid)?),
             "Budget" => budgets.push(serde_json::from_value(value).map_err(invalid)?),
+            "Job" => jobs.push(serde_json::from_value(value).map_err(invalid)?),
             _ => {}
         }
     }
-    if agents.is_empty() {
+    if agents.is_empty() && jobs.is_empty() {
         return Err(RenderError::NoAgent);
     }
     let namespace_of = |meta: &kube::api::ObjectMeta| {
@@ -88,9 +92,11 @@ pub fn render(manifest: &str, config: &OperatorConfig) -> Result<String, RenderE
     for b in &mut budgets {
         b.metadata.namespace = Some(namespace_of(&b.metadata));
     }
-    for mut agent in agents {
+    for agent in &mut agents {
+        agent.metadata.namespace = Some(namespace_of(&agent.metadata));
+    }
+    for agent in agents.clone() {
         let namespace = namespace_of(&agent.metadata);
-        agent.metadata.namespace = Some(namespace.clone());
         let name = agent.metadata.name.clone().unwrap_or_default();
         // The Budget chain from the manifest, walked with the controller's rules.
         let resolution = agent.spec.budget_ref.as_ref().map(|b| {
@@ -153,7 +159,128 @@ pub fn render(manifest: &str, config: &OperatorConfig) -> Result<String, RenderE
             out.push_str(&d);
         }
     }
+    for mut job in jobs {
+        let namespace = namespace_of(&job.metadata);
+        job.metadata.namespace = Some(namespace.clone());
+        render_job(&job, &namespace, &agents, &budgets, config, &mut out)?;
+    }
     Ok(out)
+}
+
+/// Appends the children of one Job to `out`.
+fn render_job(
+    job: &Job,
+    namespace: &str,
+    agents: &[Agent],
+    budgets: &[Budget],
+    config: &OperatorConfig,
+    out: &mut String,
+) -> Result<(), RenderError> {
+    let name = job.metadata.name.clone().unwrap_or_default();
+    let mut docs: Vec<String> = Vec::new();
+    let mut push = |v: Result<String, serde_yaml::Error>| -> Result<(), RenderError> {
+        docs.push(v.map_err(|e| RenderError::Output(e.to_string()))?);
+        Ok(())
+    };
+    if let Some(drill) = &job.spec.dr_drill {
+        out.push_str(&format!(
+            "# Children of Job {namespace}/{name} (a DR drill: `soma dr drill` in {})\n",
+            config.jobs.cli_image
+        ));
+        let nats_url = config.sidecar.nats_url.clone().unwrap_or_else(|| {
+            out.push_str("# NoStream: without --nats-url the operator does not start a drill (it reconciles the restore against the NATS stream); shown with nats://NATS:4222.\n");
+            "nats://NATS:4222".to_owned()
+        });
+        if drill.ledger_secret_ref.is_none() && config.ledger.url.is_none() {
+            out.push_str("# NoLedger: without --ledger-url (or spec.drDrill.ledgerSecretRef) the operator does not start this drill.\n");
+        }
+        let settings = DrillSettings {
+            operator_ledger_url: config.ledger.url.as_ref().map(|u| u.expose().to_owned()),
+            nats_url,
+            seal_public_key: None,
+        };
+        let c = drill_children(job, drill, &settings, config);
+        if let Some(secret) = &c.ledger_secret {
+            out.push_str(&format!(
+                "# Secret {} (the operator's ledger URL for the drill) is not shown: it holds a password.\n",
+                secret.metadata.name.as_deref().unwrap_or_default()
+            ));
+        }
+        push(yaml(
+            "networking.k8s.io/v1",
+            "NetworkPolicy",
+            &c.network_policy,
+        ))?;
+        match &c.run {
+            DrillRun::Once(b) => push(yaml("batch/v1", "Job", b.as_ref()))?,
+            DrillRun::Scheduled(cron) => push(yaml("batch/v1", "CronJob", cron.as_ref()))?,
+        }
+    } else {
+        let (spec, source) = match (&job.spec.agent_ref, &job.spec.template) {
+            (Some(r), _) => {
+                let found = agents.iter().find(|a| {
+                    a.metadata.name.as_deref() == Some(r.name.as_str())
+                        && a.metadata.namespace.as_deref() == Some(namespace)
+                });
+                match found {
+                    Some(a) => (&a.spec, format!("a task on Agent {:?}", r.name)),
+                    None => {
+                        out.push_str(&format!(
+                            "# Job {namespace}/{name}: Agent {:?} is not in the input, so its children cannot be shown; in the cluster the Job waits (AgentNotFound) while it does not exist.\n",
+                            r.name
+                        ));
+                        return Ok(());
+                    }
+                }
+            }
+            (None, Some(t)) => (t, "a task on its template".to_owned()),
+            (None, None) => return Ok(()),
+        };
+        out.push_str(&format!(
+            "# Children of Job {namespace}/{name} ({source}; ownerReferences are added in the cluster)\n"
+        ));
+        let budget_ref = job.spec.budget_ref.as_ref().or(spec.budget_ref.as_ref());
+        let resolution = budget_ref.map(|b| {
+            resolve_in(
+                &BudgetKey::new(namespace, b.name.clone()),
+                "spec.budgetRef",
+                budgets.iter(),
+            )
+        });
+        if let Some(problem) = resolution.as_ref().and_then(|r| r.problem.as_ref()) {
+            out.push_str(&format!(
+                "# {}: {problem}; in the cluster the Job does not start until it is fixed.\n",
+                problem.reason()
+            ));
+        }
+        let task = Task {
+            spec,
+            budget_ref,
+            budgets: resolution.map(|r| r.budgets).unwrap_or_default(),
+            pinned_image: None,
+        };
+        let c =
+            task_children(job, &task, config).map_err(|e| RenderError::Output(e.to_string()))?;
+        if let Some(secret) = &c.ledger_secret {
+            out.push_str(&format!(
+                "# Secret {} (the ledger's URL for the sidecar) is not shown: it holds a password.\n",
+                secret.metadata.name.as_deref().unwrap_or_default()
+            ));
+        }
+        push(yaml("v1", "ServiceAccount", &c.service_account))?;
+        push(yaml("v1", "ConfigMap", &c.sidecar_config))?;
+        push(yaml(
+            "networking.k8s.io/v1",
+            "NetworkPolicy",
+            &c.network_policy,
+        ))?;
+        push(yaml("batch/v1", "Job", &c.batch_job))?;
+    }
+    for d in docs {
+        out.push_str("---\n");
+        out.push_str(&d);
+    }
+    Ok(())
 }
 
 /// One object as YAML with its `apiVersion` and `kind` first.

@@ -238,6 +238,12 @@ pub async fn run(
             )),
             tokio::spawn(crate::capsule::controller::run(
                 ctx.clone(),
+                ns.clone(),
+                until(controllers_stopped.clone(), true),
+                reloads.clone(),
+            )),
+            tokio::spawn(crate::job::controller::run(
+                ctx.clone(),
                 ns,
                 until(controllers_stopped.clone(), true),
                 reloads.clone(),

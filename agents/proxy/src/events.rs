@@ -95,13 +95,15 @@ pub async fn publish_once(
     }
 }
 
-/// Publishes until `stop` turns true, paced like ledger delivery ([`crate::ledger::Pacer`]).
+/// Publishes until `stop` turns true, paced like ledger delivery ([`crate::ledger::Pacer`]);
+/// then publishes what is left for at most `flush` ([`crate::ledger::Drain`]).
 pub async fn run(
     outbox: Outbox,
     url: String,
     interval: Duration,
     batch: u32,
     meter: crate::metrics::DeliveryMeter,
+    flush: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let client = loop {
@@ -120,7 +122,7 @@ pub async fn run(
             }
         }
     };
-    let js = jetstream::new(client);
+    let js = jetstream::new(client.clone());
     let mut ready = false;
     let mut pacer = crate::ledger::Pacer::new(interval, batch);
     loop {
@@ -128,10 +130,27 @@ pub async fn run(
         meter.round(&result);
         let wait = pacer.after("usage event publish", result);
         tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
+            _ = stop.wait_for(|s| *s) => break,
             _ = tokio::time::sleep(wait) => {}
         }
     }
+    if let Some(mut drain) = crate::ledger::Drain::start("usage event publish", flush) {
+        loop {
+            let round = tokio::time::timeout_at(
+                drain.deadline,
+                publish_once(&outbox, &js, &mut ready, batch),
+            )
+            .await
+            .ok();
+            if let Some(result) = &round {
+                meter.round(result);
+            }
+            if !drain.go_on(round) {
+                break;
+            }
+        }
+    }
+    let _ = client.flush().await;
 }
 
 #[cfg(test)]

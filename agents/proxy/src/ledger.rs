@@ -120,13 +120,15 @@ impl Pacer {
     }
 }
 
-/// Delivers until `stop` turns true, paced by [`Pacer`].
+/// Delivers until `stop` turns true, paced by [`Pacer`]; then delivers what is left for at
+/// most `flush` ([`Drain`]).
 pub async fn run(
     outbox: Outbox,
     pool: PgPool,
     interval: Duration,
     batch: u32,
     meter: crate::metrics::DeliveryMeter,
+    flush: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut migrated = false;
@@ -136,9 +138,82 @@ pub async fn run(
         meter.round(&result);
         let wait = pacer.after("ledger delivery", result);
         tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
+            _ = stop.wait_for(|s| *s) => break,
             _ = tokio::time::sleep(wait) => {}
         }
+    }
+    if let Some(mut drain) = Drain::start("ledger delivery", flush) {
+        loop {
+            let round = tokio::time::timeout_at(
+                drain.deadline,
+                deliver_once(&outbox, &pool, &mut migrated, batch),
+            )
+            .await
+            .ok();
+            if let Some(result) = &round {
+                meter.round(result);
+            }
+            if !drain.go_on(round) {
+                break;
+            }
+        }
+    }
+}
+
+/// What a sidecar that is stopping does with its outbox: rounds of delivery, one after
+/// another, until one finds nothing left, one fails (the database is down: no retries, the
+/// pod is going), or the flush time has passed. A Job's pod is removed once it finishes, and
+/// its outbox (an emptyDir) with it: this is the last chance to deliver.
+#[derive(Debug)]
+pub struct Drain {
+    what: &'static str,
+    flush: Duration,
+    /// When the last round must have finished.
+    pub deadline: tokio::time::Instant,
+    delivered: usize,
+}
+
+impl Drain {
+    /// A drain of at most `flush`; `None` when `flush` is zero (exit at once).
+    pub fn start(what: &'static str, flush: Duration) -> Option<Drain> {
+        (!flush.is_zero()).then(|| Drain {
+            what,
+            flush,
+            deadline: tokio::time::Instant::now() + flush,
+            delivered: 0,
+        })
+    }
+
+    /// Whether to run another round after `round` (`None`: it ran out of time).
+    pub fn go_on<E: std::error::Error>(&mut self, round: Option<Result<usize, E>>) -> bool {
+        let more = match round {
+            Some(Ok(0)) => false,
+            Some(Ok(n)) => {
+                self.delivered += n;
+                true
+            }
+            Some(Err(e)) => {
+                let cause = std::error::Error::source(&e).map(|s| s.to_string());
+                tracing::warn!(error = %e, cause, "{} on stop failed; undelivered usage stays in the outbox", self.what);
+                false
+            }
+            None => {
+                tracing::warn!(
+                    flush_ms = self.flush.as_millis() as u64,
+                    "{} on stop did not finish in time; undelivered usage stays in the outbox",
+                    self.what
+                );
+                false
+            }
+        };
+        if !more && self.delivered > 0 {
+            tracing::info!(
+                delivered = self.delivered,
+                "{}: delivered the outbox before stopping",
+                self.what
+            );
+        }
+        more
     }
 }
 

@@ -359,6 +359,7 @@ pub async fn start(
             Duration::from_millis(state.config.delivery_interval_ms),
             500,
             state.metrics.delivery("nats"),
+            Duration::from_millis(state.config.flush_on_stop_ms),
             rx.clone(),
         )));
     }
@@ -386,6 +387,7 @@ pub async fn start(
             interval,
             500,
             state.metrics.delivery("ledger"),
+            Duration::from_millis(state.config.flush_on_stop_ms),
             rx.clone(),
         )));
     }

@@ -83,21 +83,35 @@ two modes cannot drift apart. docs/rbac.md explains each rule.
 - apiGroups: ["soma.dev"]
   resources: ["agents/status", "budgets/status", "capsules/status", "jobs/status"]
   verbs: ["get", "patch", "update"]
+# A finished Job is deleted once its ttlSecondsAfterFinished has passed.
+- apiGroups: ["soma.dev"]
+  resources: ["jobs"]
+  verbs: ["delete"]
 - apiGroups: [""]
   resources: ["serviceaccounts", "services", "configmaps"]
   verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
-# The per-Agent Secret `<agent>-ledger` carrying the ledger's URL to the sidecar. With a
-# ledger: read before it is applied (get), applied by server-side apply (create, patch), and
-# deleted (delete). Without one the operator never reads a Secret: it only deletes
-# `<agent>-ledger` once, when the Deployment it replaces still referenced it (the ledger was
-# turned off). Never list or watch. docs/rbac.md explains each verb.
+# The Secrets carrying the ledger's URL to a sidecar (`<agent>-ledger`, `sjob-<job>-ledger`)
+# or a drill (`sjob-<job>-ledger`). With a ledger: read before they are applied (get), applied
+# by server-side apply (create, patch), and deleted (delete). Without one the operator reads
+# only the Secrets a DR drill Job names, to say which is missing before it starts the drill
+# (get), and deletes `<agent>-ledger` once, when the Deployment it replaces still referenced it
+# (the ledger was turned off). Never list or watch. docs/rbac.md explains each verb.
 - apiGroups: [""]
   resources: ["secrets"]
   {{- if .Values.ledger.enabled }}
   verbs: ["get", "create", "patch", "delete"]
   {{- else }}
-  verbs: ["delete"]
+  verbs: ["get", "delete"]
   {{- end }}
+# A Job runs as a batch/v1 Job it owns, a scheduled drill as a CronJob; both are written by
+# server-side apply and deleted by the garbage collector with their Job.
+- apiGroups: ["batch"]
+  resources: ["jobs", "cronjobs"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# The result of a run is its pod's termination message.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]

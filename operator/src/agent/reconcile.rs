@@ -15,7 +15,7 @@ use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Client, Resource, ResourceExt};
-use soma_crds::{Agent, Capsule};
+use soma_crds::Agent;
 use soma_metering::chain::ChainProblem;
 use soma_metering::{BudgetDef, BudgetKey};
 use tracing::{Span, field, info, instrument, warn};
@@ -28,6 +28,7 @@ use super::status::{
 };
 use crate::budget::def::resolve_chain;
 use crate::budget::index::Walked;
+use crate::capsule::refs::{CapsuleRef, capsule_refs};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::reconciler;
@@ -106,34 +107,23 @@ async fn resolve_refs(ctx: &Context, agent: &Agent, namespace: &str) -> Result<R
             refs.budgets = chain.resolution.budgets;
         }
     }
-    let capsules: Api<Capsule> = Api::namespaced(client.clone(), namespace);
-    for capsule in &agent.spec.capsules {
-        let found = capsules
-            .get_opt(&capsule.name)
-            .await
-            .map_err(|source| Error::Read {
-                what: format!("Capsule {namespace}/{}", capsule.name),
-                source,
-            })?;
-        match found {
-            None => refs.missing.push(MissingRef {
+    for (name, state) in capsule_refs(client, namespace, &agent.spec.capsules).await? {
+        match state {
+            CapsuleRef::Ready => {}
+            CapsuleRef::Missing => refs.missing.push(MissingRef {
                 kind: "Capsule",
                 namespace: namespace.to_owned(),
-                name: capsule.name.clone(),
+                name,
                 field: "spec.capsules".to_owned(),
             }),
-            Some(found) => {
-                if let (Err((reason, message)), None) = (
-                    crate::capsule::status::readiness(found.status.as_ref()),
-                    &refs.stall,
-                ) {
+            CapsuleRef::NotReady(reason, message) => {
+                if refs.stall.is_none() {
                     // A Capsule that is not verified (or revoked, or denied) must not reach
                     // an agent: the Agent waits, like for a missing reference.
                     refs.stall = Some(Stall {
                         reason: "CapsuleNotReady".to_owned(),
                         message: format!(
-                            "Capsule {:?} is not Ready ({reason}: {message}); the agent's pods are not started or changed until it is",
-                            capsule.name
+                            "Capsule {name:?} is not Ready ({reason}: {message}); the agent's pods are not started or changed until it is"
                         ),
                     });
                 }

@@ -16,11 +16,13 @@
 //!   cannot verify (never a pass);
 //! - [`cosign`]: the verifier the operator runs (Cosign, through `soma-signatures`);
 //! - [`status`]: pure: the status from what the reconcile found;
+//! - [`refs`]: the Capsules an Agent or a Job names, looked up;
 //! - [`reconcile`], [`controller`]: the reconcile and its watches.
 
 pub mod content;
 pub mod controller;
 pub mod cosign;
 pub mod reconcile;
+pub mod refs;
 pub mod status;
 pub mod verify;

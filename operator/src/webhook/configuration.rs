@@ -12,7 +12,7 @@ use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 use std::collections::BTreeMap;
 
 use super::WebhookOptions;
-use crate::agent::apply::contains;
+use crate::apply::contains;
 use crate::error::{Error, Result};
 
 /// Field manager of the configuration.

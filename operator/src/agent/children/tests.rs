@@ -2,6 +2,7 @@
 //! sidecar present and wired, and no provider key anywhere in the agent container.
 
 use super::*;
+use k8s_openapi::api::networking::v1::NetworkPolicyIngressRule;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use soma_crds::agent::{AgentSpec, Credentials, ModelSpec, Sandbox, Scaling, VaultRef};
 use soma_crds::common::{LocalRef, SecretKeyRef};

@@ -1,0 +1,41 @@
+//! The Capsules an Agent or a Job names, looked up: each must exist and be Ready (verified,
+//! not revoked, allowed) before anything that uses it starts.
+
+/// What became of one Capsule an Agent or a Job names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CapsuleRef {
+    /// It exists and is Ready.
+    Ready,
+    /// It does not exist.
+    Missing,
+    /// It exists and is not Ready (not verified, revoked, denied): reason and message.
+    NotReady(String, String),
+}
+
+/// Looks up each of `capsules` in `namespace`: one read each, in order.
+pub async fn capsule_refs(
+    client: &kube::Client,
+    namespace: &str,
+    capsules: &[soma_crds::LocalRef],
+) -> crate::error::Result<Vec<(String, CapsuleRef)>> {
+    let api: kube::Api<soma_crds::Capsule> = kube::Api::namespaced(client.clone(), namespace);
+    let mut out = Vec::with_capacity(capsules.len());
+    for capsule in capsules {
+        let found =
+            api.get_opt(&capsule.name)
+                .await
+                .map_err(|source| crate::error::Error::Read {
+                    what: format!("Capsule {namespace}/{}", capsule.name),
+                    source,
+                })?;
+        let state = match found {
+            None => CapsuleRef::Missing,
+            Some(c) => match super::status::readiness(c.status.as_ref()) {
+                Ok(()) => CapsuleRef::Ready,
+                Err((reason, message)) => CapsuleRef::NotReady(reason, message),
+            },
+        };
+        out.push((capsule.name.clone(), state));
+    }
+    Ok(out)
+}
