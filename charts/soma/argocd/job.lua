@@ -1,7 +1,7 @@
 -- Argo CD health of a soma.dev Job (gopher-lua, Lua 5.1), from the conditions the CRD documents:
--- Complete=True is Healthy and Failed=True is Degraded (both final); a Job held by its queue
--- (spec.suspend, as Kueue sets it) is Suspended; then kstatus: a status for an older generation
--- is Progressing, Stalled=True is Degraded, Reconciling=True or a Job not finished yet is
+-- a status for an older generation is Progressing (kstatus); then Complete=True is Healthy and
+-- Failed=True is Degraded (both final); a Job held by its queue (spec.suspend, as Kueue sets it)
+-- is Suspended; Stalled=True is Degraded, Reconciling=True or a Job not finished yet is
 -- Progressing.
 local function condition(type_)
   if obj.status == nil or obj.status.conditions == nil then
@@ -28,6 +28,24 @@ local function is_true(c)
 end
 
 local hs = {}
+local suspended = obj.spec ~= nil and obj.spec.suspend == true
+if obj.status == nil then
+  if suspended then
+    hs.status = "Suspended"
+    hs.message = "Suspended (spec.suspend): waiting for its queue to admit it"
+  else
+    hs.status = "Progressing"
+    hs.message = "Waiting for the Soma operator to report a status"
+  end
+  return hs
+end
+-- A status written for an older generation says nothing about this one, finished or not.
+local generation = obj.metadata.generation
+if generation ~= nil and obj.status.observedGeneration ~= generation then
+  hs.status = "Progressing"
+  hs.message = "Waiting for the Soma operator to observe generation " .. tostring(generation)
+  return hs
+end
 local complete = condition("Complete")
 local failed = condition("Failed")
 if is_true(failed) then
@@ -40,20 +58,9 @@ if is_true(complete) then
   hs.message = describe(complete)
   return hs
 end
-if obj.spec ~= nil and obj.spec.suspend == true then
+if suspended then
   hs.status = "Suspended"
   hs.message = "Suspended (spec.suspend): waiting for its queue to admit it"
-  return hs
-end
-if obj.status == nil then
-  hs.status = "Progressing"
-  hs.message = "Waiting for the Soma operator to report a status"
-  return hs
-end
-local generation = obj.metadata.generation
-if generation ~= nil and obj.status.observedGeneration ~= generation then
-  hs.status = "Progressing"
-  hs.message = "Waiting for the Soma operator to observe generation " .. tostring(generation)
   return hs
 end
 local stalled = condition("Stalled")
