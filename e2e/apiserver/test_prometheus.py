@@ -51,7 +51,7 @@ GRAFANA = {"$__rate_interval": "1m", "$__range": "10m", "$__interval": "15s"}
 # charts/tests/rules/soma.rules.test.yaml).
 HOLDS = {"SomaBudgetThresholdReached", "SomaBudgetExhausted", "SomaSidecarLedgerUnreachable",
          "SomaOperatorLedgerErrors", "SomaSignatureRejected", "SomaSignatureVerificationErrors",
-         "SomaReconcileErrors", "SomaPolicyLoadErrors"}
+         "SomaReconcileErrors", "SomaPolicyLoadErrors", "SomaSidecarStreamsFailing"}
 # Panels that show only what this scenario cannot cause, by title, with the reason. Their queries
 # must run, and every metric they read must be one the sidecars declare on /metrics (so that a
 # misspelt name cannot hide here), but they may be empty.
