@@ -10,9 +10,10 @@ Usage: charts/generate.py            write them
                                      would be written (scripts/test runs this)
 
 Every panel query is PromQL over metrics Soma exports today (operator/src/metrics.rs, the
-admission crate's, agents/proxy/src/metrics.rs); e2e/platform/test_prometheus.py runs every one
+admission crate's, agents/proxy/src/metrics.rs); e2e/apiserver/test_prometheus.py runs every one
 against a real Prometheus scraping a real operator and real sidecars and requires data from
-each. Grafana variables ($namespace, ...) are `=~` matchers, so the test can substitute `.*`.
+each (the few that show only what its traffic cannot cause are listed there, with the reason).
+Grafana variables ($namespace, ...) are `=~` matchers, so the test can substitute `.*`.
 Panels for metrics that do not exist yet are text panels naming the metric they wait for.
 """
 
@@ -129,6 +130,16 @@ def quantiles(metric: str, by: str, sel: str, legend_prefix: str = "") -> list[t
 
 TS = "timeseries"
 PER_HOUR = f"* 3600 / {MICROS}"
+# soma_proxy_errors_total reasons for a stream the provider failed after the client had its 200.
+STREAM_FAILURES = "stream_cut|stream_idle_timeout|stream_error_event"
+
+
+def unmetered_in(sel: str, window: str) -> str:
+    """Usage records with a field the sidecars did not meter, in `window`, by series. A field's
+    series appears at 1 with its first record, which `increase()` alone does not see: a series
+    that is new in the window counts with its whole value."""
+    m = f"soma_proxy_unmetered_usage_total{{{sel}}}"
+    return f"({m} unless {m} offset {window}) or increase({m}[{window}])"
 
 
 # --- the dashboards ----------------------------------------------------------------------------
@@ -164,7 +175,8 @@ def spend() -> Board:
             [(f"sum by (model) (rate(soma_proxy_cost_micros_total{{{sel}}}[$__rate_interval])) {PER_HOUR}",
               "{{model}}")], w=8, defaults={"decimals": 4})
     b.row("Tokens")
-    b.panel(TS, "Tokens per second by kind", "input, cached_input, cache_write_input, output, reasoning.",
+    b.panel(TS, "Tokens per second by kind", "input, cached_input, cache_write_input (cache_write_1h_input is the "
+            "part written for an hour), output, reasoning (part of output).",
             [(f"sum by (kind) (rate(soma_proxy_tokens_total{{{sel}}}[$__rate_interval]))", "{{kind}}")])
     b.panel(TS, "Tokens per second by Agent and model", "All kinds together.",
             [(f"sum by (namespace, agent, model) (rate(soma_proxy_tokens_total{{{sel}}}[$__rate_interval]))",
@@ -176,6 +188,26 @@ def spend() -> Board:
             transformations=[{"id": "merge", "options": {}},
                              {"id": "organize", "options": {"excludeByName": {"Time": True},
                                                             "renameByName": {"Value #A": "spend", "Value #B": "tokens"}}}])
+    b.row("Server tools and unmetered usage")
+    b.panel(TS, "Server-tool uses per minute by Agent, model and tool", "Web searches and web fetches the provider "
+            "ran and bills per use (priced by webSearchPerUse and webFetchPerUse).",
+            [(f"sum by (namespace, agent, model, tool) (rate(soma_proxy_tool_uses_total{{{sel}}}[$__rate_interval])) * 60",
+              "{{namespace}}/{{agent}} {{model}} {{tool}}")], w=12)
+    agent_sel = 'namespace=~"$namespace", agent=~"$agent"'
+    b.panel("stat", "Unmetered usage fields", "How often a usage record in the range carried a field the sidecars "
+            "did not meter (a record with two such fields counts twice): spend may be under-metered (alert "
+            "SomaUsageUnmetered). Should be 0. Not filtered by model.",
+            [(f"sum({unmetered_in(agent_sel, '$__range')}) or vector(0)", "fields")], w=4, instant=True,
+            options={"colorMode": "background", "graphMode": "none"},
+            defaults={"decimals": 0, "thresholds": {"mode": "absolute", "steps": [
+                {"color": "green", "value": None}, {"color": "red", "value": 1}]}})
+    b.panel("table", "Unmetered usage fields (range)", "Each field not metered, and in how many records: unknown to "
+            "the sidecar, known but unpriced, or a server-tool use without a per-use price "
+            "(docs/observability.md, SomaUsageUnmetered). Empty when everything was metered.",
+            [(f"sum by (namespace, agent, field) ({unmetered_in(agent_sel, '$__range')}) > 0", "records")],
+            w=8, instant=True,
+            transformations=[{"id": "organize", "options": {"excludeByName": {"Time": True},
+                                                            "renameByName": {"Value": "records"}}}])
     return b
 
 
@@ -255,7 +287,7 @@ def sidecars() -> Board:
             [(f"sum by (endpoint, status) (rate(soma_proxy_requests_total{{{sel}}}[$__rate_interval]))",
               "{{endpoint}} {{status}}")], unit="reqps", w=8)
     b.panel(TS, "Errors per second by reason", "budget (429), budget_unavailable (503: the ledger is out of reach), "
-            "upstream, upstream_timeout, outbox, ...",
+            "overloaded (503: maxInFlight reached), upstream, upstream_timeout, outbox, stream_* (below), ...",
             [(f"sum by (reason) (rate(soma_proxy_errors_total{{{sel}}}[$__rate_interval]))", "{{reason}}")], w=8)
     b.panel(TS, "In-flight requests by Agent", "",
             [(f"sum by (namespace, agent) (soma_proxy_in_flight_requests{{{sel}}})", "{{namespace}}/{{agent}}")], w=8)
@@ -266,20 +298,41 @@ def sidecars() -> Board:
     b.panel(TS, "Live Budget updates", "Budget edits the sidecars took without a restart, by source and outcome.",
             [(f"sum by (source, outcome) (increase(soma_proxy_live_updates_total{{{sel}}}[$__rate_interval]))",
               "{{source}} {{outcome}}")], w=12)
-    b.row("Ledger delivery")
+    b.row("Streams")
+    b.panel(TS, "Stream endings per minute by outcome", "How streamed answers ended: ok, client_disconnected, or the "
+            "provider's failures after the 200: upstream_cut, upstream_timeout, upstream_error_event.",
+            [(f"sum by (outcome) (rate(soma_proxy_stream_endings_total{{{sel}}}[$__rate_interval])) * 60",
+              "{{outcome}}")], w=12)
+    b.panel(TS, "Stream failures per minute by Agent", "Streams the provider failed after the client had its 200: "
+            "stream_cut (connection broken), stream_idle_timeout (silent past timeouts.idleMs), stream_error_event. "
+            "Metered from what was delivered (alert SomaSidecarStreamsFailing).",
+            [(f'sum by (namespace, agent, reason) (rate(soma_proxy_errors_total{{{sel}, reason=~"{STREAM_FAILURES}"}}'
+              f'[$__rate_interval])) * 60', "{{namespace}}/{{agent}} {{reason}}")], w=12)
+    b.row("Outbox and delivery")
+    b.panel(TS, "Records waiting in the outbox by sink", "Settled usage records not yet delivered to the ledger "
+            "(PostgreSQL) or published to NATS, read from each sidecar's outbox when scraped.",
+            [(f"sum by (namespace, agent, sink) (soma_proxy_outbox_pending_records{{{sel}}})",
+              "{{namespace}}/{{agent}} {{sink}}")], w=12)
+    b.panel(TS, "Oldest undelivered record by sink", "Age of the oldest record waiting for each sink, 0 when none "
+            "(alert SomaOutboxBacklog past 5 minutes).",
+            [(f"max by (namespace, agent, sink) (soma_proxy_outbox_oldest_pending_age_seconds{{{sel}}})",
+              "{{namespace}}/{{agent}} {{sink}}")], unit="s", w=12)
+    b.panel(TS, "Delivery rounds per minute by sink and outcome", "A round sends a batch of up to 500 records; "
+            "an idle outbox still makes ok rounds every deliveryIntervalMs. `failed`: retried with a backoff up to "
+            "30 s (alerts SomaSidecarLedgerUnreachable, SomaNatsDeliveryFailing).",
+            [(f"sum by (sink, outcome) (rate(soma_proxy_deliveries_total{{{sel}}}[$__rate_interval])) * 60",
+              "{{sink}} {{outcome}}")], w=12)
+    b.panel(TS, "Records delivered per second by sink", "A record delivered again (its acknowledgement was lost) "
+            "counts again.",
+            [(f"sum by (sink) (rate(soma_proxy_delivered_records_total{{{sel}}}[$__rate_interval]))", "{{sink}}")],
+            w=12)
     b.panel(TS, "Ledger transactions by kind and outcome", "The cluster budget authority's PostgreSQL transactions: "
-            "top-ups (a request waited) and heartbeats. `failed`: the sidecar cannot reach the ledger, so usage "
-            "waits in its outbox.",
+            "top-ups (a request waited) and heartbeats. `failed`: the sidecar cannot reach the ledger.",
             [(f"sum by (kind, outcome) (rate(soma_proxy_budget_lease_transactions_total{{{sel}}}[$__rate_interval]))",
               "{{kind}} {{outcome}}")], w=12)
     b.panel(TS, "Operator's ledger errors", "The operator's reads of spend and its seals that failed "
             "(Budget status is stale meanwhile).",
             [("sum by (operation) (rate(soma_ledger_errors_total[$__rate_interval]))", "{{operation}}")], w=12)
-    b.text("Outbox backlog (needs a sidecar metric)",
-           "The number and age of usage records waiting in each sidecar's outbox for the ledger and for NATS "
-           "needs `soma_proxy_outbox_pending_records{sink}` and `soma_proxy_outbox_oldest_pending_age_seconds{sink}` "
-           "from the sidecar, which it does not export yet (docs/observability.md, \"Planned panels\"). Until then "
-           "`failed` ledger transactions above mean the backlog grows.", h=4)
     return b
 
 
