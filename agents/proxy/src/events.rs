@@ -114,6 +114,7 @@ pub async fn run(
         match connect.await {
             Ok(c) => break c,
             Err(e) => {
+                meter.failed();
                 tracing::warn!(error = %e, "NATS unreachable; usage events stay in the outbox");
                 tokio::select! {
                     _ = stop.wait_for(|s| *s) => return,

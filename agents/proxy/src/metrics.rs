@@ -75,6 +75,16 @@ const TOKEN_KINDS: [&str; 6] = [
     "reasoning",
 ];
 
+/// The `outcome` label of `soma_proxy_stream_endings_total` (the relay's outcomes), exposed
+/// from the start at 0.
+const STREAM_OUTCOMES: [&str; 5] = [
+    "ok",
+    "client_disconnected",
+    "upstream_cut",
+    "upstream_timeout",
+    "upstream_error_event",
+];
+
 /// The `tool` label of `soma_proxy_tool_uses_total`, in [`ModelSeries::tools`] order.
 const TOOLS: [&str; 2] = ["web_search", "web_fetch"];
 
@@ -131,6 +141,9 @@ impl Metrics {
         let tool_uses = Family::<Labels, Counter>::default();
         let unmetered = Family::<Labels, Counter>::default();
         let stream_endings = Family::<Labels, Counter>::default();
+        for outcome in STREAM_OUTCOMES {
+            let _ = stream_endings.get_or_create(&vec![("outcome", outcome.to_owned())]);
+        }
         // Every failure reason exists from the start at 0, so that `increase()` sees the first.
         for reason in crate::error::REASONS {
             let _ = errors.get_or_create(&vec![("reason", reason.to_owned())]);
@@ -519,6 +532,11 @@ pub struct DeliveryMeter {
 }
 
 impl DeliveryMeter {
+    /// A round that could not start (the sink unreachable).
+    pub fn failed(&self) {
+        self.failed.inc();
+    }
+
     /// One round that delivered `result` records, or failed.
     pub fn round<E>(&self, result: &Result<usize, E>) {
         match result {
