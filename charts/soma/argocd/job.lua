@@ -2,7 +2,7 @@
 -- a status for an older generation is Progressing (kstatus); then Complete=True is Healthy and
 -- Failed=True is Degraded (both final); a Job held by its queue (spec.suspend, as Kueue sets it)
 -- is Suspended; Stalled=True is Degraded, Reconciling=True or a Job not finished yet is
--- Progressing.
+-- Progressing, and Ready=True without either (a scheduled Job waiting for its next run) is Healthy.
 local function condition(type_)
   if obj.status == nil or obj.status.conditions == nil then
     return nil
@@ -72,6 +72,10 @@ if is_true(stalled) then
 elseif is_true(reconciling) then
   hs.status = "Progressing"
   hs.message = describe(reconciling)
+elseif is_true(ready) then
+  -- A scheduled Job between runs (reason Scheduled) is settled: Healthy until a run reports.
+  hs.status = "Healthy"
+  hs.message = describe(ready)
 elseif ready ~= nil then
   hs.status = "Progressing"
   hs.message = describe(ready)
