@@ -380,11 +380,24 @@ def operator() -> Board:
     b.panel("table", "Held back by a rejected signature", "Capsules, and Agents whose image, are not trusted now.",
             [("max by (kind, namespace, name, reason) (soma_signature_rejected) == 1", "")], w=8, instant=True,
             transformations=[{"id": "organize", "options": {"excludeByName": {"Time": True, "Value": True}}}])
+    b.row("Jobs and DR drills")
+    b.panel(TS, "Jobs finished per hour", "Soma Jobs (one-shot tasks and drills) that finished, by namespace and "
+            "phase; a failed one has a Warning Event naming why.",
+            [("sum by (namespace, phase) (increase(soma_jobs_finished_total[1h]))", "{{namespace}} {{phase}}")], w=8)
+    b.panel(TS, "DR drills passing", "1 when a drill's last run restored the ledger and verified it, 0 when it "
+            "failed (kubectl describe sjob names the first discrepancy).",
+            [("max by (namespace, name) (soma_drill_passed)", "{{namespace}}/{{name}}")], w=8)
+    b.panel(TS, "DR drill recovery point and time", "The last run's RPO (seconds of committed usage the backup "
+            "missed) and RTO (start of the restore to a verified restore).",
+            [("max by (namespace, name) (soma_drill_rpo_seconds)", "RPO {{namespace}}/{{name}}"),
+             ("max by (namespace, name) (soma_drill_rto_seconds)", "RTO {{namespace}}/{{name}}")], unit="s", w=8)
+    b.panel(TS, "Records restored by the last drill", "Usage records the last run restored and verified.",
+            [("max by (namespace, name) (soma_drill_records_restored)", "{{namespace}}/{{name}}")], w=8)
     b.row("Planned")
-    b.text("Autoscaler decisions and Jobs (come with their controllers)",
-           "Autoscaler panels (conductance, desired replicas, decisions and brown-outs per Agent) and Job panels "
-           "(runs by outcome, duration, DR drill RPO/RTO) are added with the metrics of the controllers that "
-           "produce them; the names they will use are in docs/observability.md, \"Planned panels\".", h=4)
+    b.text("Autoscaler decisions (come with the scaling loop)",
+           "Autoscaler panels (conductance, desired replicas, decisions and brown-outs per Agent) are added with "
+           "the metrics of the operator's scaling loop, which is not built yet; see docs/observability.md, "
+           "\"Planned panels\".", h=4)
     return b
 
 

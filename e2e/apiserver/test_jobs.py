@@ -451,7 +451,7 @@ def test_a_drill_runs_with_the_pod_it_is_given_and_its_figures_reach_status(ledg
     assert d["rtoSeconds"] > 0 and "rpoSeconds" in d, d
     assert condition(done, "DrillPassed")["status"] == "True"
     wait_for("the DrillPassed Event", lambda: ("Normal", "DrillPassed") in reasons(standin, ns, "nightly"), seconds=30)
-    assert re.search(r'soma_drill_passed\{namespace="dr",job="nightly"\} 1', operator.metrics())
+    assert re.search(r'soma_drill_passed\{namespace="dr",name="nightly"\} 1', operator.metrics())
 
     # The same drill on a schedule: a CronJob; each run it fires reports into the Job's status.
     k.apply({"apiVersion": AGENTS, "kind": "Job", "metadata": {"name": "periodic", "namespace": ns},
@@ -498,7 +498,7 @@ def test_a_drill_runs_with_the_pod_it_is_given_and_its_figures_reach_status(ledg
     found = " ".join(failed["status"]["drill"]["discrepancies"])
     assert f"record {gone} (" in found and "it was deleted from the ledger" in found, found
     wait_for("the DrillFailed Event", lambda: ("Warning", "DrillFailed") in reasons(standin, ns, "broken"), seconds=30)
-    assert re.search(r'soma_drill_passed\{namespace="dr",job="broken"\} 0', operator.metrics())
+    assert re.search(r'soma_drill_passed\{namespace="dr",name="broken"\} 0', operator.metrics())
 
 
 def test_a_job_whose_budget_is_exhausted_waits_and_starts_when_the_period_resets(ledgered: dict[str, Any]) -> None:

@@ -39,6 +39,7 @@ import signing
 from harness import REPO, StandIn, free_port, stop_process, wait_for
 from servers import Postgres
 from test_budgets import UPSTREAM, agent, budget, chat, start_sidecar, start_upstream
+from test_jobs import job
 from test_convergence import AGENTS, Operator
 
 PROMETHEUS = os.environ.get("SOMA_PROMETHEUS", "")
@@ -51,13 +52,19 @@ GRAFANA = {"$__rate_interval": "1m", "$__range": "10m", "$__interval": "15s"}
 # charts/tests/rules/soma.rules.test.yaml).
 HOLDS = {"SomaBudgetThresholdReached", "SomaBudgetExhausted", "SomaSidecarLedgerUnreachable",
          "SomaOperatorLedgerErrors", "SomaSignatureRejected", "SomaSignatureVerificationErrors",
-         "SomaReconcileErrors", "SomaPolicyLoadErrors", "SomaSidecarStreamsFailing"}
+         "SomaReconcileErrors", "SomaPolicyLoadErrors", "SomaSidecarStreamsFailing", "SomaJobsFailing"}
 # Panels that show only what this scenario cannot cause, by title, with the reason. Their queries
-# must run, and every metric they read must be in the sidecar's metrics table (docs/sidecar.md),
-# so that a misspelt name cannot hide here; but they may be empty. (The sidecar's /metrics cannot
-# vouch for them: prometheus-client leaves out a family that has no series yet.)
+# must run, and every metric they read must be in the sidecar's or the operator's metrics table
+# (docs/sidecar.md, docs/observability.md), so that a misspelt name cannot hide here; but they may
+# be empty. (/metrics cannot vouch for them: prometheus-client leaves out a family that has no
+# series yet.)
 EMPTY_HERE = {
     "Unmetered usage fields (range)": "soma-fake-upstream reports no usage field the sidecar does not meter",
+    # A drill needs pg_dump, psql and a scratch database: test_jobs.py runs real drills and reads
+    # these series from the operator's /metrics.
+    "DR drills passing": "no DR drill runs in this scenario",
+    "DR drill recovery point and time": "no DR drill runs in this scenario",
+    "Records restored by the last drill": "no DR drill runs in this scenario",
 }
 HOLDS_WHEN_DOWN = {"SomaOperatorDown", "SomaSidecarDown"}
 # 64 characters: a valid Agent name, too long for the label values its children carry.
@@ -140,6 +147,15 @@ def documented_sidecar_metrics() -> set[str]:
     text = (REPO / "docs" / "sidecar.md").read_text()
     names = set(re.findall(r"^\| `(soma_proxy_\w+)`", text, re.M))
     assert "soma_proxy_requests_total" in names, "docs/sidecar.md has no metrics table"
+    return names
+
+
+def documented_operator_metrics() -> set[str]:
+    """The metrics in the operator's metrics table (docs/observability.md, "Metrics")."""
+    text = (REPO / "docs" / "observability.md").read_text()
+    names = {n for row in re.findall(r"^\| (`soma_\w+`(?:, `soma_\w+`)*) \|", text, re.M)
+             for n in re.findall(r"soma_\w+", row)}
+    assert "soma_reconcile_total" in names, "docs/observability.md has no metrics table"
     return names
 
 
@@ -337,6 +353,22 @@ def drive(env: dict[str, Any]) -> None:
     wait_for("the long-named Agent's reconcile failure", lambda: "soma_reconcile_failures_total{" in operator.metrics(),
              seconds=60)
 
+    # Jobs: one that fails in obs-c, after its namespace's counters were scraped at 0.
+    k.ensure_namespace("obs-c")
+    k.apply(budget("batch", "obs-c", limits={"costMicros": 1_000_000}, period={"calendar": "day", "timeZone": "UTC"}),
+            manager="kubectl")
+    k.apply(agent("bot", "obs-c", "batch"), manager="kubectl")
+    k.apply(job("broken", "obs-c"), manager="kubectl")
+    prom = env["prom"]
+    wait_for("obs-c's finished-Jobs counters scraped at 0", lambda: len(prom.query(
+        'soma_jobs_finished_total{namespace="obs-c"} == 0')["data"]["result"]) == 2, seconds=60)
+    wait_for("the Job's batch/v1 Job", lambda: k.get_opt("batch/v1", "jobs", "obs-c", "broken"), seconds=60)
+    r = requests.post(f"{env['standin'].url}/_jobs/obs-c/broken", json={"attempts": [{"exit": 1, "message": "boom"}]},
+                      timeout=10)
+    assert r.status_code == 200, r.text
+    wait_for("the failed Job counted", lambda: 'soma_jobs_finished_total{namespace="obs-c",phase="Failed"} 1'
+             in operator.metrics(), seconds=60)
+
     # The ledger goes away for a few seconds; a Budget edited meanwhile cannot be read.
     pg.interrupt()
     try:
@@ -391,10 +423,11 @@ def test_every_panel_and_alert_runs_against_real_metrics(observed: dict[str, Any
     assert not empty, "panel queries that returned no data:\n" + "\n".join(empty)
     titles = {p.get("title") for path in DASHBOARDS for p in panels(json.loads(path.read_text()))}
     assert set(EMPTY_HERE) <= titles, f"EMPTY_HERE names panels no dashboard has: {set(EMPTY_HERE) - titles}"
-    documented = documented_sidecar_metrics()
+    documented = documented_sidecar_metrics() | documented_operator_metrics()
     for where, expr in allowed:
-        read = {re.sub(r"_(bucket|sum|count)$", "", m) for m in re.findall(r"\bsoma_proxy_\w+", expr)}
-        assert not read - documented, f"{where} reads metrics docs/sidecar.md does not list: {sorted(read - documented)}"
+        read = {re.sub(r"_(bucket|sum|count)$", "", m) for m in re.findall(r"\bsoma_\w+", expr)}
+        assert not read - documented, (f"{where} reads metrics neither docs/sidecar.md nor docs/observability.md "
+                                       f"lists: {sorted(read - documented)}")
     print(f"{ran} dashboard queries ran, each with data but {len(allowed)} (EMPTY_HERE)")
 
     rules = yaml.safe_load(RULES.read_text())

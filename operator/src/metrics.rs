@@ -67,8 +67,9 @@ struct BudgetMetrics {
 pub struct JobLabels {
     /// The Job's namespace.
     pub namespace: String,
-    /// The Job's name.
-    pub job: String,
+    /// The Job's name (not `job`: Prometheus sets `job` to the scrape job and renames a
+    /// target's own `job` label to `exported_job`).
+    pub name: String,
 }
 
 /// Labels of the finished-Jobs counter.
@@ -546,14 +547,21 @@ impl Metrics {
     }
 
     /// Records a Job's drill figures from its status (nothing for a task, or a drill that has
-    /// not reported).
+    /// not reported). The namespace's finished-Jobs counters exist at 0 from its first Job on,
+    /// so an alert on `increase()` sees the first finished Job of each phase.
     pub fn job(&self, namespace: &str, name: &str, status: Option<&soma_crds::JobStatus>) {
+        for phase in ["Succeeded", "Failed"] {
+            drop(self.jobs.finished.get_or_create(&JobOutcomeLabels {
+                namespace: namespace.to_owned(),
+                phase: phase.to_owned(),
+            }));
+        }
         let Some(d) = status.and_then(|s| s.drill.as_ref()) else {
             return;
         };
         let l = JobLabels {
             namespace: namespace.to_owned(),
-            job: name.to_owned(),
+            name: name.to_owned(),
         };
         let j = &self.jobs;
         j.drill_passed
@@ -579,7 +587,7 @@ impl Metrics {
     pub fn forget_job(&self, namespace: &str, name: &str) {
         let l = JobLabels {
             namespace: namespace.to_owned(),
-            job: name.to_owned(),
+            name: name.to_owned(),
         };
         let j = &self.jobs;
         j.drill_passed.remove(&l);
@@ -649,6 +657,25 @@ mod tests {
                 r#"soma_signature_verification_duration_seconds_count{kind="capsule"} 3"#,
                 r#"soma_signature_verification_duration_seconds_count{kind="image"} 1"#,
             ]
+        );
+    }
+
+    #[test]
+    fn finished_jobs_are_counted_from_zero_for_each_phase_of_a_namespace_with_jobs() {
+        let m = Metrics::default();
+        assert!(samples(&m, "soma_jobs_finished_total").is_empty());
+        m.job("batch", "nightly", None);
+        assert_eq!(
+            samples(&m, "soma_jobs_finished_total"),
+            [
+                r#"soma_jobs_finished_total{namespace="batch",phase="Failed"} 0"#,
+                r#"soma_jobs_finished_total{namespace="batch",phase="Succeeded"} 0"#,
+            ]
+        );
+        m.job_finished("batch", Some("Failed"));
+        assert_eq!(
+            samples(&m, "soma_jobs_finished_total")[0],
+            r#"soma_jobs_finished_total{namespace="batch",phase="Failed"} 1"#
         );
     }
 
