@@ -17,7 +17,11 @@ use soma_policy::{PolicyStore, Sources, gatekeeper, inventory};
 const SERVER_NAME: &str = "soma-webhook.soma-system.svc";
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    Path::new(
+        &std::env::var("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned()),
+    )
+    .join("..")
 }
 
 struct Webhook {

@@ -9,7 +9,11 @@ use sqlx::PgPool;
 
 /// A migrator of the first release's migrations (0001 to 0003), read from a copy of them.
 async fn first_release(dir: &std::path::Path) -> sqlx::migrate::Migrator {
-    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    let src = std::path::Path::new(
+        &std::env::var("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned()),
+    )
+    .join("migrations");
     for name in [
         "0001_usage_records.sql",
         "0002_budget_leases.sql",

@@ -820,7 +820,7 @@ async fn a_failed_drill_reports_the_discrepancy_an_event_and_a_metric() {
     );
     let text = metrics.encode().expect("metrics");
     assert!(
-        text.contains("soma_drill_passed{namespace=\"team\",job=\"drill\"} 0"),
+        text.contains("soma_drill_passed{namespace=\"team\",name=\"drill\"} 0"),
         "{text}"
     );
     assert!(

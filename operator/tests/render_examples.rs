@@ -7,7 +7,11 @@ use serde_json::Value;
 use soma_operator::config::{LedgerConfig, OperatorConfig, Redacted};
 
 fn examples() -> String {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let dir = std::path::Path::new(
+        &std::env::var("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned()),
+    )
+    .join("../examples");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .expect("examples/")
         .map(|e| e.expect("entry").path())

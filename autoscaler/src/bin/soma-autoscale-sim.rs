@@ -83,7 +83,12 @@ fn repo_relative(path: &str) -> PathBuf {
         return from_cwd;
     }
     // Also work when run from elsewhere: the crate sits one level below the repo root.
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+    Path::new(
+        &std::env::var("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned()),
+    )
+    .join("..")
+    .join(path)
 }
 
 /// `(label, path)` of each real trace.

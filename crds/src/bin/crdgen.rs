@@ -8,10 +8,13 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let check = std::env::args().any(|a| a == "--check");
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(PathBuf::from)
-        .unwrap_or_default();
+    let root = PathBuf::from(
+        std::env::var("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned()),
+    )
+    .parent()
+    .map(PathBuf::from)
+    .unwrap_or_default();
     let dirs = [root.join("crds"), root.join("charts/soma/crds")];
     let mut stale = Vec::new();
     for (file, crd) in soma_crds::all_crds() {

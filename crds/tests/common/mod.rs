@@ -8,10 +8,13 @@ use serde_json::Value;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("crds/ has a parent")
-        .to_path_buf()
+    PathBuf::from(
+        std::env::var("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned()),
+    )
+    .parent()
+    .expect("crds/ has a parent")
+    .to_path_buf()
 }
 
 /// The `openAPIV3Schema` of the CRD for `kind`, as the API server would see it.

@@ -91,7 +91,11 @@ fn the_examples_pass_the_default_policies() {
     let (store, report) = soma_policy::PolicyStore::loaded(&soma_policy::Sources::builtins());
     assert!(report.is_clean(), "{:?}", report.errors);
     assert_eq!(report.constraints.len(), BUILTINS.len());
-    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let examples = std::path::Path::new(
+        &std::env::var("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned()),
+    )
+    .join("../../examples");
     let mut objects = Vec::new();
     for f in ["budget.yaml", "agent.yaml", "capsule.yaml", "job.yaml"] {
         let text = std::fs::read_to_string(examples.join(f)).unwrap();

@@ -152,14 +152,16 @@ fn a_constraint_replaces_the_builtin_default() {
 
 #[test]
 fn rego_v1_template_through_code_field() {
-    let t = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../suites/agent-max-replicas/template.yaml"
+    let t = std::fs::read_to_string(format!(
+        "{}/../suites/agent-max-replicas/template.yaml",
+        std::env::var("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned())
     ))
     .unwrap();
-    let c = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../suites/agent-max-replicas/constraint.yaml"
+    let c = std::fs::read_to_string(format!(
+        "{}/../suites/agent-max-replicas/constraint.yaml",
+        std::env::var("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned())
     ))
     .unwrap();
     let (store, report) = PolicyStore::loaded(&config_map(&[&t, &c]));

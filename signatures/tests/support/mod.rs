@@ -41,8 +41,11 @@ fn find_or_install_tools() -> Option<Tools> {
     if let Some(t) = from_env() {
         return Some(t);
     }
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/test-deps/signing-tools.sh");
+    let script = Path::new(
+        &std::env::var("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned()),
+    )
+    .join("../scripts/test-deps/signing-tools.sh");
     let out = match Command::new("bash")
         .arg(&script)
         .stderr(Stdio::inherit())

@@ -7,7 +7,11 @@ use serde_json::Value;
 use soma_policy::{PolicyStore, Sources, gatekeeper, inventory};
 
 pub fn builtin_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../builtin")
+    Path::new(
+        &std::env::var("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned()),
+    )
+    .join("../builtin")
 }
 
 /// The built-ins configured by `fixture-constraints.yaml`, over `fixture-inventory.yaml`.
