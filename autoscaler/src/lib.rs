@@ -1,8 +1,11 @@
 //! Conductance autoscaling with Erlang-C floors for Soma agents, and a simulator that
 //! compares it with Kubernetes' HPA and a KEDA-style scaler on request traces.
 //!
-//! This crate has no `kube` dependency: the operator feeds [`LoadSignal`]s in and writes
-//! [`Decision`]s into Agent status; everything in between is pure and testable.
+//! This crate has no `kube` dependency; everything in it is pure and testable. The sidecars
+//! already measure what a [`LoadSignal`] needs (`soma_contract::load::LoadReport`, served at
+//! `GET /load`) and enforce a brown-out they are given; the operator loop that feeds the
+//! signals in and writes [`Decision`]s into Agent status and Deployment replicas is planned
+//! (`docs/autoscaler.md`), so today only the simulator runs this crate.
 //!
 //! ```text
 //!  signal ─► estimate ─► conductance ─┐

@@ -1,9 +1,9 @@
 //! The load signal: what one observation window of an agent's traffic looked like.
 //!
-//! The operator builds one [`LoadSignal`] per autoscaling step from the metering sidecar's
-//! usage events (one event per finished LLM call, plus gauges of what is in flight). The
-//! simulator builds the same struct from its event log, so the autoscaler cannot tell them
-//! apart.
+//! The sidecars' load reports (`soma_contract::load::LoadReport::since`, merged over an
+//! Agent's replicas) give one [`LoadSignal`] per step; the operator loop that will do so is
+//! planned. The simulator builds the same struct from its event log, so the autoscaler cannot
+//! tell them apart.
 
 use serde::{Deserialize, Serialize};
 

@@ -1,6 +1,7 @@
 //! The contract between the operator and the metering sidecar: the sidecar's configuration
 //! file, typed once (and, in [`drill`], the DR drill's report between the CLI and the
-//! operator). The operator builds a [`SidecarConfig`] and writes it into the Agent's
+//! operator; in [`load`], the load a sidecar reports to the operator's autoscaler and the
+//! brown-out asked of it). The operator builds a [`SidecarConfig`] and writes it into the Agent's
 //! ConfigMap (`soma-operator render` shows it); the sidecar (`soma-proxy`) reads the same type
 //! back. A field added here is seen by both sides or by neither.
 //!
@@ -16,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod drill;
+pub mod load;
 
 use std::path::PathBuf;
 
@@ -34,6 +36,9 @@ pub enum ConfigError {
     /// A Budget reference does not read as `namespace/name` or a bare name.
     #[error("invalid configuration")]
     Budget(#[source] soma_metering::chain::KeyError),
+    /// `brownOut` asks for something the sidecar cannot do.
+    #[error("invalid configuration: {0}")]
+    BrownOut(String),
 }
 
 /// The whole file. Every field is documented in `docs/sidecar.md`.
@@ -72,6 +77,10 @@ pub struct SidecarConfig {
     /// with a ledger, in its `soma_budgets` table, the newer generation winning.
     #[serde(default)]
     pub budgets: Vec<BudgetDef>,
+    /// The brown-out the operator's autoscaler asks of this Agent's sidecars (live): shed or
+    /// downgrade this share of arriving traffic, lowest `x-soma-priority` first. Absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brown_out: Option<load::BrownOut>,
     /// The SQLite outbox (WAL): usage records and the embedded budget authority's state.
     #[serde(default = "default_outbox_path")]
     pub outbox_path: PathBuf,
@@ -335,12 +344,14 @@ fn default_anthropic_version() -> String {
 }
 
 /// The parts of a [`SidecarConfig`] a running sidecar takes without a restart: the Budget
-/// definitions (caps, thresholds, action, period, parents). Which Budget the Agent charges
-/// (`budget`) is part of the Agent's spec; a change to it rolls the pods.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+/// definitions (caps, thresholds, action, period, parents) and the brown-out. Which Budget
+/// the Agent charges (`budget`) is part of the Agent's spec; a change to it rolls the pods.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct LivePart {
     /// `budgets`.
     pub budgets: Vec<BudgetDef>,
+    /// `brownOut`.
+    pub brown_out: Option<load::BrownOut>,
 }
 
 impl SidecarConfig {
@@ -363,6 +374,7 @@ impl SidecarConfig {
             capsules: Vec::new(),
             prices: None,
             budgets: Vec::new(),
+            brown_out: None,
             outbox_path: default_outbox_path(),
             authority: AuthorityConfig::default(),
             database_url: None,
@@ -411,6 +423,9 @@ impl SidecarConfig {
                     .to_string(),
             );
         }
+        if let Some(b) = &self.brown_out {
+            b.validate().map_err(ConfigError::BrownOut)?;
+        }
         Ok(())
     }
 
@@ -425,6 +440,7 @@ impl SidecarConfig {
     pub fn live_part(&self) -> LivePart {
         LivePart {
             budgets: self.budgets.clone(),
+            brown_out: self.brown_out.clone(),
         }
     }
 
@@ -432,6 +448,7 @@ impl SidecarConfig {
     pub fn without_live_part(&self) -> SidecarConfig {
         SidecarConfig {
             budgets: Vec::new(),
+            brown_out: None,
             ..self.clone()
         }
     }
@@ -553,5 +570,25 @@ mod tests {
         let c = SidecarConfig::parse(FIRST_WAVE_DOCUMENT).unwrap();
         assert!(c.without_live_part().budgets.is_empty());
         assert_eq!(c.live_part().budgets.len(), 1);
+        let browned = FIRST_WAVE_DOCUMENT.replacen(
+            "\"tools\"",
+            r#""brownOut": {"fraction": 0.3, "action": "shed", "message": "m"}, "tools""#,
+            1,
+        );
+        let c = SidecarConfig::parse(&browned).unwrap();
+        assert_eq!(c.live_part().brown_out.map(|b| b.fraction), Some(0.3));
+        assert_eq!(c.without_live_part().brown_out, None);
+    }
+
+    #[test]
+    fn a_brown_out_the_sidecar_cannot_enforce_does_not_read() {
+        for bad in [
+            r#""brownOut": {"fraction": 2, "action": "shed"}"#,
+            r#""brownOut": {"fraction": 0.5, "action": "downgrade"}"#,
+            r#""brownOut": {"fraction": 0.5, "action": "drop"}"#,
+        ] {
+            let doc = FIRST_WAVE_DOCUMENT.replacen("\"tools\"", &format!("{bad}, \"tools\""), 1);
+            assert!(SidecarConfig::parse(&doc).is_err(), "{bad}");
+        }
     }
 }

@@ -78,12 +78,24 @@ pub enum ProxyError {
         /// The limit.
         limit: usize,
     },
+    /// The `x-soma-priority` header is not `low`, `normal` or `high`.
+    #[error("header x-soma-priority must be low, normal or high")]
+    Priority,
+    /// Shed by the Agent's brown-out (the autoscaler's reason in the message).
+    #[error("shed by brown-out")]
+    Shed {
+        /// Why, in the autoscaler's words.
+        message: String,
+    },
 }
+
+/// `Retry-After` of a request shed by brown-out: about one step of the operator's scaling loop.
+pub const SHED_RETRY_AFTER_S: u64 = 15;
 
 /// Every reason `soma_proxy_errors_total` counts, for series that start at 0: each
 /// [`ProxyError::label`], then the ways a stream that was already answered can fail
 /// ([`STREAM_FAILURES`]).
-pub const REASONS: [&str; 21] = [
+pub const REASONS: [&str; 23] = [
     "unauthorized",
     "not_found",
     "wrong_provider",
@@ -101,6 +113,8 @@ pub const REASONS: [&str; 21] = [
     "outbox",
     "internal",
     "overloaded",
+    "priority",
+    "brown_out",
     "upstream_cut",
     "stream_cut",
     "stream_idle_timeout",
@@ -133,6 +147,8 @@ impl ProxyError {
             ProxyError::Outbox(_) => "outbox",
             ProxyError::Internal(_) => "internal",
             ProxyError::Overloaded { .. } => "overloaded",
+            ProxyError::Priority => "priority",
+            ProxyError::Shed { .. } => "brown_out",
         }
     }
 
@@ -146,11 +162,13 @@ impl ProxyError {
             ProxyError::BodyRead(_)
             | ProxyError::Json(_)
             | ProxyError::NoModel
+            | ProxyError::Priority
             | ProxyError::UnknownModel(_) => StatusCode::BAD_REQUEST,
             ProxyError::Budget(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::BudgetUndefined(_)
             | ProxyError::BudgetUnavailable(_)
             | ProxyError::Outbox(_)
+            | ProxyError::Shed { .. }
             | ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(_) | ProxyError::UpstreamCut => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -182,6 +200,7 @@ impl ProxyError {
             ProxyError::ContentType
             | ProxyError::BodyRead(_)
             | ProxyError::Json(_)
+            | ProxyError::Priority
             | ProxyError::NoModel => (
                 "invalid_request_error",
                 "invalid_request_error",
@@ -201,6 +220,7 @@ impl ProxyError {
                 ("api_error", "overloaded_error", "budget_unavailable")
             }
             ProxyError::Overloaded { .. } => ("api_error", "overloaded_error", "overloaded"),
+            ProxyError::Shed { .. } => ("api_error", "overloaded_error", "brown_out"),
             ProxyError::BudgetUndefined(_) | ProxyError::Outbox(_) | ProxyError::Internal(_) => {
                 ("api_error", "api_error", "sidecar_unavailable")
             }
@@ -222,6 +242,10 @@ impl ProxyError {
             ProxyError::Overloaded { limit } => format!(
                 "The sidecar is serving its limit of {limit} requests at once; this one was not \
                  sent to the provider. Retry shortly."
+            ),
+            ProxyError::Shed { message } => format!(
+                "This Agent is browning out: {message}. This request (priority low or normal, \
+                 from the x-soma-priority header) was not sent to the provider. Retry later."
             ),
             other => {
                 let mut s = other.to_string();
@@ -250,6 +274,9 @@ impl ProxyError {
         let mut headers = Vec::new();
         if let ProxyError::Overloaded { .. } = &self {
             headers.push((header::RETRY_AFTER, "1".to_owned()));
+        }
+        if let ProxyError::Shed { .. } = &self {
+            headers.push((header::RETRY_AFTER, SHED_RETRY_AFTER_S.to_string()));
         }
         if let ProxyError::Budget(r) = &self {
             body["soma_budget"] = json!({
@@ -330,6 +357,10 @@ mod tests {
             ProxyError::UpstreamCut,
             ProxyError::Internal("x".into()),
             ProxyError::Overloaded { limit: 1 },
+            ProxyError::Priority,
+            ProxyError::Shed {
+                message: "x".into(),
+            },
         ];
         for e in &errors {
             assert!(
@@ -373,5 +404,27 @@ mod tests {
                 .unwrap()
                 .contains("limit of 7 requests")
         );
+    }
+
+    #[tokio::test]
+    async fn a_shed_request_is_a_503_with_retry_after_and_the_reason_in_both_wire_formats() {
+        let shed = || ProxyError::Shed {
+            message: "maxReplicas is 2".into(),
+        };
+        let openai = shed().into_wire(Dialect::OpenAi);
+        assert_eq!(openai.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(openai.headers()[header::RETRY_AFTER], "15");
+        let b = body(openai).await;
+        assert_eq!(b["error"]["code"].as_str(), Some("brown_out"));
+        assert!(
+            b["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("maxReplicas is 2")
+        );
+        let anthropic = shed().into_wire(Dialect::Anthropic);
+        assert_eq!(anthropic.headers()[header::RETRY_AFTER], "15");
+        let b = body(anthropic).await;
+        assert_eq!(b["error"]["type"].as_str(), Some("overloaded_error"));
     }
 }

@@ -1,9 +1,9 @@
 //! The request path, one step per function, in the order a request meets them:
 //!
 //! ```text
-//!  admit ─► authenticate ─► parse and estimate ─► reserve or brown out ─► record (journal)
-//!    │  (in-flight bound)      (request.rs)          (reserve.rs)             │
-//!    └─ 503                                                                   ▼
+//!  admit ─► authenticate ─► parse and estimate ─► shed or downgrade ─► reserve or brown out ─► record (journal)
+//!    │  (in-flight bound)      (request.rs)        (brownout.rs: the      (reserve.rs: a      │
+//!    └─ 503                                        Agent's load)           Budget's)          ▼
 //!        forward (forward.rs) ─► meter: body (forward.rs) or stream (relay.rs) ─► settle and record
 //! ```
 //!
@@ -23,7 +23,7 @@ use tracing::Instrument;
 use crate::endpoint::Endpoint;
 use crate::error::ProxyError;
 use crate::state::AppState;
-use crate::{forward, genai_span, request, reserve};
+use crate::{brownout, forward, genai_span, request, reserve};
 
 /// What a served request tells the metrics: its model, when the request named one.
 pub struct Served {
@@ -52,9 +52,20 @@ pub async fn handle(state: Arc<AppState>, endpoint: Endpoint, req: Request) -> R
     let t0 = Instant::now();
     let outcome = match state.admit() {
         // Beyond the bound: refused at once, before anything is read.
-        None => Err(Failed::from(ProxyError::Overloaded {
-            limit: state.config.max_in_flight.get(),
-        })),
+        None => {
+            // Demand all the same: the autoscaler must see what this replica turned away.
+            let priority = req
+                .headers()
+                .get(soma_contract::load::PRIORITY_HEADER)
+                .and_then(|v| soma_contract::load::Priority::parse(v.as_bytes()))
+                .unwrap_or_default();
+            if endpoint.metered() {
+                state.load.refused(priority, false);
+            }
+            Err(Failed::from(ProxyError::Overloaded {
+                limit: state.config.max_in_flight.get(),
+            }))
+        }
         Some(permit) => {
             let span = genai_span::open(
                 endpoint,
@@ -135,6 +146,10 @@ async fn serve(
         });
     }
     let mut call = request::parse(state, endpoint, &parts, body).await?;
+    brownout::apply(state, &mut call).map_err(|error| Failed {
+        error,
+        model: Some(call.model.clone()),
+    })?;
     let model = Some(call.model.clone());
     // A model the price table lacks is the client's text, not a label value.
     let with_model = |error: ProxyError| Failed {

@@ -10,7 +10,7 @@
 //!                               │                                     ▲
 //!                               └──► upstream (key injected) ──► relay/settle
 //!  outbox ──(background)──► ledger (PostgreSQL) and events (NATS JetStream), idempotent
-//!  Prometheus ──:9090──► admin (/healthz, /metrics)
+//!  Prometheus, operator ──:9090──► admin (/healthz, /metrics, /load: the autoscaler's signal)
 //!  each call ──► one GenAI span (genai_span), exported over OTLP when configured
 //! ```
 //!
@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod authority;
+pub mod brownout;
 pub mod budgets;
 pub mod cluster;
 pub mod config;
@@ -32,6 +33,7 @@ pub mod journal;
 pub mod lease;
 pub mod ledger;
 pub mod live;
+pub mod load;
 pub mod metrics;
 pub mod outbox;
 pub mod relay;

@@ -1,6 +1,7 @@
-//! The sidecar's live configuration: the Budget definitions it enforces, followed while it
-//! runs, so that an edited Budget (caps, thresholds, action, period, parent) takes effect
-//! without restarting any pod.
+//! The sidecar's live configuration: the Budget definitions it enforces and the brown-out
+//! the operator's autoscaler asks for, followed while it runs, so that an edited Budget
+//! (caps, thresholds, action, period, parent) or a brown-out takes effect without restarting
+//! any pod. The brown-out comes from the file only (the ledger carries Budgets alone).
 //!
 //! Two sources feed one [`Book`] of definitions, which resolves the chain with the same rules
 //! as the operator ([`crate::authority::plan`]) and hands the plan to the budget authority:
@@ -236,6 +237,10 @@ pub async fn run(
                 last_text = Some(text.clone());
                 match Config::parse(&text) {
                     Ok(c) => {
+                        if state.brown_out.set(c.brown_out.clone(), &state.load) {
+                            tracing::info!(brown_out = ?c.brown_out, "brown-out updated");
+                            state.metrics.live_update("file", "applied");
+                        }
                         if !book.take(c.budgets, Source::File) {
                             continue;
                         }

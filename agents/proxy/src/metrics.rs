@@ -480,6 +480,13 @@ impl Metrics {
         &self.in_flight
     }
 
+    /// Exposes the load reported to the autoscaler as `soma_proxy_load_*` (read when scraped).
+    pub fn register_load(&mut self, meter: std::sync::Arc<crate::load::LoadMeter>) {
+        self.registry
+            .sub_registry_with_prefix("soma_proxy")
+            .register_collector(Box::new(crate::load::LoadCollector(meter)));
+    }
+
     /// Exposes the cluster budget authority's transaction counts (called once, at start-up,
     /// when that authority is configured).
     pub fn register_lease_transactions(&mut self, t: &LeaseTransactions) {

@@ -8,6 +8,7 @@ use axum::http::header;
 use axum::http::request::Parts;
 use bytes::Bytes;
 use serde_json::Value;
+use soma_contract::load::{PRIORITY_HEADER, Priority};
 use soma_metering::tokens;
 use tracing::Instrument;
 
@@ -39,6 +40,16 @@ pub struct Call {
     pub worst: soma_metering::Usage,
     /// Whether `json` now differs from `bytes` (a brown-out model, injected stream options).
     pub rewritten: bool,
+    /// Its priority under brown-out (`x-soma-priority`, `normal` when absent).
+    pub priority: Priority,
+}
+
+/// The request's `x-soma-priority`: `normal` when absent, refused when not a priority.
+pub fn priority(parts: &Parts) -> Result<Priority, ProxyError> {
+    match parts.headers.get(PRIORITY_HEADER) {
+        None => Ok(Priority::Normal),
+        Some(v) => Priority::parse(v.as_bytes()).ok_or(ProxyError::Priority),
+    }
 }
 
 fn is_json(parts: &Parts) -> bool {
@@ -88,6 +99,7 @@ pub async fn parse(
     if !is_json(parts) {
         return Err(ProxyError::ContentType);
     }
+    let priority = priority(parts)?;
     let bytes = read_body(body, state.config.body_limit_bytes).await?;
     let json: Value =
         serde_json::from_slice(&bytes).map_err(|e| ProxyError::Json(e.to_string()))?;
@@ -140,5 +152,6 @@ pub async fn parse(
         max_out,
         worst,
         rewritten: false,
+        priority,
     })
 }

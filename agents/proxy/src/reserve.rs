@@ -92,6 +92,7 @@ pub async fn reserve(
         price,
         prompt_estimate: call.prompt,
         span: tracing::Span::current(),
+        arrival: state.load.arrive(permit.admitted, call.priority),
         in_flight: permit,
     };
     let record = OpenRecord {

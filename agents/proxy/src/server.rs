@@ -1,5 +1,5 @@
 //! Start-up and the two routers: the proxy (loopback) and the admin listener
-//! (`/healthz`, `/metrics`).
+//! (`/healthz`, `/metrics`, `/load`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,12 +15,14 @@ use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::authority::{Authority, ChainError, plan};
+use crate::brownout::BrownOutGate;
 use crate::budgets::Budgets;
 use crate::cluster::ClusterAuthority;
 use crate::config::{AuthorityConfig, Config, Credentials};
 use crate::endpoint::Endpoint;
 use crate::error::ProxyError;
 use crate::handler;
+use crate::load::LoadMeter;
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Sink};
 use crate::state::AppState;
@@ -160,7 +162,13 @@ pub async fn state(config: Config, client_token: String) -> Result<Arc<AppState>
     if let Budgets::Cluster(c) = &authority {
         metrics.register_lease_transactions(c.transactions());
     }
+    let load = LoadMeter::new();
+    metrics.register_load(load.clone());
+    let brown_out = BrownOutGate::default();
+    brown_out.set(config.brown_out.clone(), &load);
     Ok(Arc::new(AppState {
+        load,
+        brown_out,
         in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight.get())),
         client_token: client_token.trim().to_owned(),
         key,
@@ -193,11 +201,16 @@ pub fn router(state: Arc<AppState>) -> Router {
     .with_state(state)
 }
 
-/// `/healthz` and `/metrics`.
+/// `/healthz`, `/metrics` and `/load` (the contract's `LoadReport`, read by the operator's
+/// autoscaler).
 pub fn admin_router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
+        .route(
+            soma_contract::load::LOAD_PATH,
+            get(|State(s): State<Arc<AppState>>| async move { axum::Json(s.load.report()) }),
+        )
         .with_state(state)
 }
 
@@ -370,7 +383,9 @@ pub async fn start(
         ),
         None => None,
     };
-    if state.authority.is_budgeted() && (config_path.is_some() || live_pool.is_some()) {
+    // The file carries the brown-out as well as Budgets; the ledger, Budgets only.
+    let live_pool = live_pool.filter(|_| state.authority.is_budgeted());
+    if config_path.is_some() || live_pool.is_some() {
         tasks.push(tokio::spawn(crate::live::run(
             state.clone(),
             config_path,

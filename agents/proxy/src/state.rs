@@ -1,13 +1,14 @@
 //! What every request shares.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use soma_metering::wire::Metered;
 use soma_metering::{Amount, Price, Reservation};
 
 use crate::budgets::Budgets;
 use crate::config::Config;
+use crate::load::{Arrival, LoadMeter};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Settlement};
 use crate::upstream::{ProviderKey, UpstreamClient};
@@ -31,6 +32,10 @@ pub struct AppState {
     pub outbox: Outbox,
     /// Prometheus.
     pub metrics: Metrics,
+    /// The load reported to the autoscaler (`GET /load`).
+    pub load: Arc<LoadMeter>,
+    /// The brown-out in force (live configuration), if any.
+    pub brown_out: crate::brownout::BrownOutGate,
 }
 
 /// A request's place among those in flight: released (and the gauge lowered) when the request
@@ -39,6 +44,8 @@ pub struct AppState {
 pub struct InFlight {
     _permit: tokio::sync::OwnedSemaphorePermit,
     gauge: prometheus_client::metrics::gauge::Gauge,
+    /// When it was admitted: a request's service time runs from here.
+    pub admitted: Instant,
 }
 
 impl Drop for InFlight {
@@ -56,6 +63,7 @@ impl AppState {
         Some(InFlight {
             _permit: permit,
             gauge,
+            admitted: Instant::now(),
         })
     }
 
@@ -89,6 +97,8 @@ pub struct Charge {
     pub span: tracing::Span,
     /// Its place among the requests in flight, given up when it is settled.
     pub in_flight: InFlight,
+    /// Its arrival in the load report, completed when it is settled.
+    pub arrival: Arrival,
 }
 
 impl Charge {
@@ -148,6 +158,7 @@ impl Charge {
         state
             .metrics
             .usage(&self.model, &usage, amount.micros, estimated);
+        state.load.complete(self.arrival, &usage);
         // Debug, not info: at a thousand requests a second the outbox is the record, and a
         // formatted log line per request is measurable on the request path.
         tracing::debug!(
