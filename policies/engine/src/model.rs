@@ -245,7 +245,9 @@ pub(crate) fn to_regorus(v: &Value) -> regorus::Value {
             }
         }
         Value::String(s) => regorus::Value::from(s.as_str()),
-        Value::Array(items) => regorus::Value::from(items.iter().map(to_regorus).collect::<Vec<_>>()),
+        Value::Array(items) => {
+            regorus::Value::from(items.iter().map(to_regorus).collect::<Vec<_>>())
+        }
         Value::Object(map) => regorus::Value::from(
             map.iter()
                 .map(|(k, v)| (regorus::Value::from(k.as_str()), to_regorus(v)))
@@ -267,9 +269,15 @@ mod tests {
                      "s": "", "b": true, "z": null, "o": {}, "a": []}
         });
         let mut review = Review::of_object(object.clone());
-        assert_eq!(review.input_value(), regorus::Value::from(review.to_input()));
+        assert_eq!(
+            review.input_value(),
+            regorus::Value::from(review.to_input())
+        );
         review.old_object = Some(object);
         review.dry_run = true;
-        assert_eq!(review.input_value(), regorus::Value::from(review.to_input()));
+        assert_eq!(
+            review.input_value(),
+            regorus::Value::from(review.to_input())
+        );
     }
 }

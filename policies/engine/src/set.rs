@@ -136,6 +136,8 @@ pub enum EvalMode {
 const VM_ENTRY: &str = "vm_violation";
 /// Rule of a built-in that holds when a constraint's parameters have the expected types.
 const PARAMS_TYPED: &str = "params_typed";
+/// Instructions the VM may execute for one decision before the interpreter takes over.
+const VM_MAX_INSTRUCTIONS: usize = 25_000;
 
 /// A built-in template compiled for regorus' register VM.
 struct VmProgram {
@@ -158,12 +160,16 @@ impl VmProgram {
         }
         let entry = format!("{package}.{VM_ENTRY}");
         let mut engine = engine.clone();
-        let policy = engine.compile_with_entrypoint(&entry.as_str().into()).ok()?;
+        let policy = engine
+            .compile_with_entrypoint(&entry.as_str().into())
+            .ok()?;
         let program = regorus::languages::rego::compiler::Compiler::compile_from_policy(
             &policy,
             &[entry.as_str()],
         )
-        .map_err(|e| tracing::warn!(template = %template.kind, error = %e, "not compiled for the VM"))
+        .map_err(
+            |e| tracing::warn!(template = %template.kind, error = %e, "not compiled for the VM"),
+        )
         .ok()?;
         Some(Self {
             policy,
@@ -182,8 +188,10 @@ impl VmProgram {
         vm.set_data(self.data.clone()).map_err(|e| e.to_string())?;
         // As the interpreter: a built-in given a value of the wrong type is an error.
         vm.set_strict_builtin_errors(true);
-        // The deadline bounds an evaluation, not a count of instructions.
-        vm.set_max_instructions(usize::MAX);
+        // A built-in's decision takes at most ~1,200 instructions on the fixtures and their
+        // mutations; beyond the limit (a very large object, or regorus 0.14's loop after a
+        // comprehension whose body was undefined, docs/policies.md) the interpreter decides.
+        vm.set_max_instructions(VM_MAX_INSTRUCTIONS);
         Ok(vm)
     }
 
@@ -194,10 +202,14 @@ impl VmProgram {
         vm.set_execution_timer_config(Some(timer(limit)));
         vm.set_input(input);
         let result = vm.execute();
-        // Drop the input (it may be large) before parking the machine.
-        vm.set_input(regorus::Value::Undefined);
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.push(vm);
+        // Only a machine that finished is parked for reuse: regorus 0.14 may leave its stacks
+        // as they were when an error stopped it.
+        if result.is_ok() {
+            // Drop the input (it may be large) before parking the machine.
+            vm.set_input(regorus::Value::Undefined);
+            if let Ok(mut idle) = self.idle.lock() {
+                idle.push(vm);
+            }
         }
         match result {
             Ok(v @ (regorus::Value::Set(_) | regorus::Value::Array(_))) => Some(v),
@@ -299,7 +311,9 @@ impl Compiled {
         input.insert(regorus::Value::from("parameters"), parameters.clone());
         engine.set_input(regorus::Value::from(input));
         engine.set_execution_timer_config(timer(Duration::from_millis(250)));
-        let rule = self.entry.replace(".violation", &format!(".{PARAMS_TYPED}"));
+        let rule = self
+            .entry
+            .replace(".violation", &format!(".{PARAMS_TYPED}"));
         matches!(engine.eval_rule(rule), Ok(regorus::Value::Bool(true)))
     }
 
@@ -498,13 +512,13 @@ impl PolicySet {
                 Ok((found, by_vm)) => {
                     decision.vm_decided += usize::from(by_vm);
                     decision
-                    .violations
-                    .extend(found.into_iter().map(|(msg, details)| Violation {
-                        policy: constraint.id(),
-                        action: constraint.action,
-                        msg,
-                        details,
-                    }));
+                        .violations
+                        .extend(found.into_iter().map(|(msg, details)| Violation {
+                            policy: constraint.id(),
+                            action: constraint.action,
+                            msg,
+                            details,
+                        }));
                 }
                 Err(error) => decision.failures.push(EvalFailure {
                     policy: constraint.id(),
@@ -527,6 +541,60 @@ impl PolicySet {
             .get(ns)?
             .pointer("/metadata/labels")?
             .as_object()
+    }
+}
+
+/// A rule's value as JSON, or the evaluation's error.
+pub type RuleValue = Result<Value, String>;
+
+/// Evaluates `violation` of `template` for one `input` document twice: with the interpreter,
+/// and with regorus' VM compiled straight from the template (no fast path, no type guard, no
+/// fallback). The cross-check for templates Soma does not let the VM decide (Gatekeeper
+/// templates a platform team brings): the tests run it over every Suite case, so a
+/// divergence shows before anyone would switch such templates to the VM. `Err` when the
+/// template does not compile for the interpreter; the VM's own compile or runtime error is
+/// the second value's `Err`.
+#[doc(hidden)]
+pub fn interpreter_and_vm(
+    template: &Template,
+    inventory: &Value,
+    input: &Value,
+) -> Result<(RuleValue, RuleValue), PolicyError> {
+    let compiled = Compiled::compile(template, inventory)?;
+    let input = crate::model::to_regorus(input);
+    let mut engine = compiled.engine.clone();
+    engine.set_input(input.clone());
+    let by_interpreter = engine
+        .eval_rule(compiled.entry.clone())
+        .map(|v| to_json(&v))
+        .map_err(|e| e.to_string());
+    let by_vm = (|| {
+        let mut engine = compiled.engine.clone();
+        let policy = engine
+            .compile_with_entrypoint(&compiled.entry.as_str().into())
+            .map_err(|e| e.to_string())?;
+        let program = regorus::languages::rego::compiler::Compiler::compile_from_policy(
+            &policy,
+            &[compiled.entry.as_str()],
+        )
+        .map_err(|e| e.to_string())?;
+        let mut vm = RegoVM::new_with_policy(policy);
+        vm.load_program(program);
+        vm.set_data(engine.get_data()).map_err(|e| e.to_string())?;
+        vm.set_strict_builtin_errors(true);
+        vm.set_max_instructions(VM_MAX_INSTRUCTIONS);
+        vm.set_input(input);
+        vm.execute().map(|v| to_json(&v)).map_err(|e| e.to_string())
+    })();
+    Ok((by_interpreter, by_vm))
+}
+
+/// A rule's value as JSON (a set as a sorted array; undefined as an empty array: a
+/// `violation` rule with no element).
+fn to_json(v: &regorus::Value) -> Value {
+    match v {
+        regorus::Value::Undefined => Value::Array(Vec::new()),
+        other => serde_json::to_value(other).unwrap_or(Value::Null),
     }
 }
 

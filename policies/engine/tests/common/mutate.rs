@@ -161,17 +161,17 @@ fn replaced(root: &Value, pointer: &str, with: Option<Value>) -> Value {
             m.insert(key, v);
         }
         (Value::Array(a), None) => {
-            if let Ok(i) = key.parse::<usize>() {
-                if i < a.len() {
-                    a.remove(i);
-                }
+            if let Ok(i) = key.parse::<usize>()
+                && i < a.len()
+            {
+                a.remove(i);
             }
         }
         (Value::Array(a), Some(v)) => {
-            if let Ok(i) = key.parse::<usize>() {
-                if i < a.len() {
-                    a[i] = v;
-                }
+            if let Ok(i) = key.parse::<usize>()
+                && i < a.len()
+            {
+                a[i] = v;
             }
         }
         _ => {}
