@@ -12,16 +12,17 @@
 //!  constraint ──▶ built-in, and params_typed held at load? ──no──▶ interpreter
 //!                     │ yes
 //!                     ▼
-//!                VM: vm_violation ──undefined (a field of an unexpected type) or error──▶ interpreter
+//!                VM: vm_violation ──undefined, an error, or over 25,000 instructions──▶ interpreter
 //!                     │ a set
 //!                     ▼
 //!                the violations (the same set the interpreter returns: tests/vm.rs)
 //! ```
 //!
 //! regorus 0.14's VM differs from the interpreter in ways the built-ins are written around
-//! (docs/policies.md, "Performance"): it skips a rule body where the interpreter reports an
-//! error (a built-in given a value of the wrong type), and `x := <undefined>` does not stop
-//! a body. So each built-in declares `params_typed` (checked once per constraint, here) and a
+//! (docs/policies.md, "regorus' VM"): it skips a rule body where the interpreter reports an
+//! error (a built-in given a value of the wrong type), `x := <undefined>` does not stop a
+//! body, and it loops after a comprehension whose body was undefined (hence the instruction
+//! limit). So each built-in declares `params_typed` (checked once per constraint, here) and a
 //! `vm_violation` that is undefined unless its fast path holds or every field it reads has
 //! the type it expects; anything else is decided by the interpreter.
 
