@@ -2,7 +2,11 @@
 //! HTTPS at a fixed rate against the webhook running in this process (127.0.0.1).
 //!
 //! Inputs are the built-in policies' fixtures (`policies/builtin/*/fixtures`), evaluated
-//! against the built-ins as configured by `fixture-constraints.yaml`. Ends with one line
+//! against the built-ins as configured by `fixture-constraints.yaml`. Every in-process
+//! decision is about a distinct object (the fixture with its own `metadata.uid`), so nothing
+//! one decision computed can serve another; each is made twice, interleaved: as Soma decides
+//! (regorus' VM where it answers as the interpreter does) and by the interpreter alone (the
+//! same-run peer), and the two decisions must be equal. Ends with one line
 //! `RESULT policy key=value ...`.
 
 use std::path::{Path, PathBuf};
@@ -15,7 +19,7 @@ use serde_json::{Value, json};
 use soma_admission::client::Client;
 use soma_admission::tls::{self, CertBundle, SwappableCert};
 use soma_admission::{Config, State, router};
-use soma_policy::{PolicyStore, Review, Sources, gatekeeper, inventory};
+use soma_policy::{EvalMode, PolicyStore, Review, Sources, gatekeeper, inventory};
 
 #[derive(Parser)]
 #[command(about = "Soma policy decision and admission latency")]
@@ -113,44 +117,72 @@ fn main() -> Result<()> {
     let set = store.current();
     let deadline = Duration::from_secs(1);
 
-    // In process.
-    let reviews: Vec<(String, Review)> = objects
-        .iter()
-        .map(|(name, o)| (name.clone(), Review::of_object(o.clone())))
-        .collect();
-    for (_, r) in &reviews {
-        for _ in 0..50 {
-            std::hint::black_box(set.evaluate(r, deadline));
+    // In process: each decision about a distinct object, Soma's way and the interpreter's,
+    // interleaved so that both see the same machine.
+    let distinct = |o: &Value, round: usize, i: usize| {
+        let mut o = o.clone();
+        if let Some(meta) = o.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.insert("uid".to_owned(), json!(format!("bench-{round}-{i}")));
+        }
+        Review::of_object(o)
+    };
+    for round in 0..50 {
+        for (i, (_, o)) in objects.iter().enumerate() {
+            for mode in [EvalMode::Auto, EvalMode::InterpreterOnly] {
+                std::hint::black_box(set.evaluate_with(&distinct(o, round, i), deadline, mode));
+            }
         }
     }
-    let mut all = Vec::with_capacity(reviews.len() * args.iterations);
-    let mut by_kind: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
-    for _ in 0..args.iterations {
-        for (_, r) in &reviews {
+    let mut all = Vec::with_capacity(objects.len() * args.iterations);
+    let mut peer = Vec::with_capacity(objects.len() * args.iterations);
+    let mut by_kind: std::collections::BTreeMap<String, (Vec<f64>, Vec<f64>)> = Default::default();
+    let (mut vm_decided, mut constraint_evaluations) = (0usize, 0usize);
+    for round in 0..args.iterations {
+        for (i, (name, o)) in objects.iter().enumerate() {
+            let r = distinct(o, 2 * round + 100, i);
             let t = Instant::now();
-            let d = set.evaluate(r, deadline);
+            let d = set.evaluate_with(&r, deadline, EvalMode::Auto);
             let us = t.elapsed().as_secs_f64() * 1e6;
-            std::hint::black_box(d);
+            let r2 = distinct(o, 2 * round + 101, i);
+            let t = Instant::now();
+            let d2 = set.evaluate_with(&r2, deadline, EvalMode::InterpreterOnly);
+            let us2 = t.elapsed().as_secs_f64() * 1e6;
+            if (&d.violations, &d.failures) != (&d2.violations, &d2.failures) {
+                bail!("{name}: the decision differs from the interpreter's:\n{d:?}\n{d2:?}");
+            }
+            vm_decided += d.vm_decided;
+            constraint_evaluations += d.evaluated;
             all.push(us);
-            by_kind.entry(r.kind.clone()).or_default().push(us);
+            peer.push(us2);
+            let k = by_kind.entry(r.kind.clone()).or_default();
+            k.0.push(us);
+            k.1.push(us2);
         }
     }
     all.sort_by(f64::total_cmp);
+    peer.sort_by(f64::total_cmp);
     println!(
-        "in-process decision ({} fixtures x {} iterations, {} constraints): p50 {:.1} us, p99 {:.1} us, max {:.1} us",
-        reviews.len(),
+        "in-process decision ({} fixtures x {} iterations, {} constraints, each decision a distinct object): p50 {:.1} us, p99 {:.1} us, max {:.1} us; interpreter alone (same run): p50 {:.1} us, p99 {:.1} us; regorus VM decided {} of {} constraint evaluations, the interpreter the rest; every decision equal to the interpreter's",
+        objects.len(),
         args.iterations,
         set.constraints().len(),
         percentile(&all, 50.0),
         percentile(&all, 99.0),
-        all.last().copied().unwrap_or(f64::NAN)
+        all.last().copied().unwrap_or(f64::NAN),
+        percentile(&peer, 50.0),
+        percentile(&peer, 99.0),
+        vm_decided,
+        constraint_evaluations,
     );
-    for (kind, v) in &mut by_kind {
+    for (kind, (v, p)) in &mut by_kind {
         v.sort_by(f64::total_cmp);
+        p.sort_by(f64::total_cmp);
         println!(
-            "  {kind:<8} p50 {:.1} us  p99 {:.1} us",
+            "  {kind:<8} p50 {:.1} us  p99 {:.1} us   (interpreter p50 {:.1} us  p99 {:.1} us)",
             percentile(v, 50.0),
-            percentile(v, 99.0)
+            percentile(v, 99.0),
+            percentile(p, 50.0),
+            percentile(p, 99.0)
         );
     }
 
@@ -255,7 +287,7 @@ fn main() -> Result<()> {
         lat.last().copied().unwrap_or(f64::NAN)
     );
     println!(
-        "RESULT policy decision_p50_us={:.1} decision_p99_us={:.1} admission_p50_ms={:.3} admission_p99_ms={:.3} rate_rps={} requests={} errors={} constraints={} fixtures={} aim_decision_p99_us=50 aim_admission_p99_ms=2",
+        "RESULT policy decision_p50_us={:.1} decision_p99_us={:.1} admission_p50_ms={:.3} admission_p99_ms={:.3} rate_rps={} requests={} errors={} constraints={} fixtures={} aim_decision_p99_us=50 aim_admission_p99_ms=2 interpreter_decision_p50_us={:.1} interpreter_decision_p99_us={:.1} vm_share={:.3}",
         percentile(&all, 50.0),
         percentile(&all, 99.0),
         p50,
@@ -264,7 +296,10 @@ fn main() -> Result<()> {
         sent,
         errors,
         set.constraints().len(),
-        reviews.len()
+        objects.len(),
+        percentile(&peer, 50.0),
+        percentile(&peer, 99.0),
+        vm_decided as f64 / constraint_evaluations.max(1) as f64,
     );
     Ok(())
 }

@@ -7,7 +7,17 @@
 # requestsPerMinute) are compared always; period caps (tokens, costMicros) when the child's
 # period is no longer than the parent's (a daily child cap above a monthly parent cap can
 # never be reached). Caps in different currencies are refused outright.
+#
+# Layout: see sandbox.rego (`problems`, `fine`, `vm_violation`, `params_typed`, `object_typed`).
 package soma.budgetparent
+
+violation contains v if {
+	not fine
+	some v in problems
+}
+
+vm_violation := violation if fine
+else := violation if object_typed
 
 obj := input.review.object
 
@@ -24,13 +34,13 @@ itself if {
 	parent_ns == ns
 }
 
-violation contains {"msg": msg} if {
+problems contains {"msg": msg} if {
 	obj.kind == "Budget"
 	itself
 	msg := sprintf("Budget %q names itself as its parent; set spec.parentRef to the tenant's Budget or remove it", [obj.metadata.name])
 }
 
-violation contains {"msg": msg} if {
+problems contains {"msg": msg} if {
 	obj.kind == "Budget"
 	parent_name
 	not itself
@@ -38,7 +48,7 @@ violation contains {"msg": msg} if {
 	msg := sprintf("Budget %q has parent %q, which does not exist in namespace %q; create the parent first (or correct spec.parentRef)", [obj.metadata.name, parent_name, parent_ns])
 }
 
-violation contains {"msg": msg} if {
+problems contains {"msg": msg} if {
 	obj.kind == "Budget"
 	parent_ns != ns
 	not granted
@@ -46,20 +56,29 @@ violation contains {"msg": msg} if {
 	msg := sprintf("Budget %q names parent %s/%s, which does not allow children from namespace %q: its owner must add %q to its spec.allowedChildNamespaces (or correct spec.parentRef)", [obj.metadata.name, parent_ns, parent_name, ns, ns])
 }
 
+# `^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`, spelled with string built-ins (a regex match costs more
+# than the rest of this policy, see docs/policies.md, "Performance").
+namespace_name(n) if {
+	n != ""
+	trim(n, "abcdefghijklmnopqrstuvwxyz0123456789-") == ""
+	not startswith(n, "-")
+	not endswith(n, "-")
+}
+
 granted if {
 	some n in object.get(parent.spec, "allowedChildNamespaces", [])
 	n in {ns, "*"}
 }
 
-violation contains {"msg": msg} if {
+problems contains {"msg": msg} if {
 	obj.kind == "Budget"
 	some n in object.get(obj.spec, "allowedChildNamespaces", [])
 	n != "*"
-	not regex.match(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`, n)
+	not namespace_name(n)
 	msg := sprintf("Budget %q lists %q in spec.allowedChildNamespaces, which is neither a namespace name nor \"*\"", [obj.metadata.name, n])
 }
 
-violation contains {"msg": msg} if {
+problems contains {"msg": msg} if {
 	obj.kind == "Budget"
 	some cap in ["tokensPerMinute", "requestsPerMinute"]
 	mine := obj.spec.limits[cap]
@@ -68,7 +87,7 @@ violation contains {"msg": msg} if {
 	msg := sprintf("Budget %q sets limits.%s to %d, above its parent %q's %d; lower it to at most %d", [obj.metadata.name, cap, mine, parent_name, theirs, theirs])
 }
 
-violation contains {"msg": msg} if {
+problems contains {"msg": msg} if {
 	obj.kind == "Budget"
 	some cap in ["tokens", "costMicros"]
 	mine := obj.spec.limits[cap]
@@ -85,7 +104,7 @@ same_currency(cap) if cap == "tokens"
 
 same_currency("costMicros") if currency(obj) == currency(parent)
 
-violation contains {"msg": msg} if {
+problems contains {"msg": msg} if {
 	obj.kind == "Budget"
 	obj.spec.limits.costMicros
 	parent.spec.limits.costMicros
@@ -111,3 +130,79 @@ unit_minutes := {"m": 1, "h": 60, "d": 1440}
 period_label(p) := p.calendar if p.calendar
 
 period_label(p) := sprintf("rolling %s", [p.rolling]) if p.rolling
+
+# Fast path: not a Budget, or a Budget without a parent whose grants name namespaces.
+fine if input.review.object.kind != "Budget"
+
+fine if {
+	input.review.object.kind == "Budget"
+	is_object(obj.spec)
+	not "parentRef" in object.keys(obj.spec)
+	children := object.get(obj.spec, "allowedChildNamespaces", [])
+	is_array(children)
+	every n in children {
+		child_fine(n)
+	}
+}
+
+child_fine(n) if n == "*"
+
+child_fine(n) if {
+	is_string(n)
+	namespace_name(n)
+}
+
+params_typed if is_object(input.parameters)
+
+object_typed if input.review.object.kind != "Budget"
+
+object_typed if {
+	is_string(obj.metadata.name)
+	is_string(ns)
+	budget_typed(obj)
+	parent_ref_typed
+	parent_typed
+}
+
+parent_ref_typed if not "parentRef" in object.keys(obj.spec)
+
+parent_ref_typed if {
+	is_object(obj.spec.parentRef)
+	is_string(obj.spec.parentRef.name)
+	is_string(object.get(obj.spec.parentRef, "namespace", ""))
+}
+
+parent_typed if not parent
+
+parent_typed if budget_typed(parent)
+
+# `object.get(x, key, <a value of the type>)`: absent, or of that type.
+budget_typed(b) if {
+	is_object(b.spec)
+	children := object.get(b.spec, "allowedChildNamespaces", [])
+	is_array(children)
+	every n in children {
+		is_string(n)
+	}
+	limits := object.get(b.spec, "limits", {})
+	is_object(limits)
+	every cap in ["tokens", "costMicros", "tokensPerMinute", "requestsPerMinute"] {
+		integer(object.get(limits, cap, 0))
+	}
+	period := object.get(b.spec, "period", {})
+	is_object(period)
+	rolling_typed(object.get(period, "rolling", "1m"))
+}
+
+# `<digits><unit>`, as period_minutes reads it.
+rolling_typed(r) if {
+	is_string(r)
+	count(r) >= 2
+	trim(substring(r, 0, count(r) - 1), "0123456789") == ""
+}
+
+# What `%d` accepts.
+integer(n) if {
+	is_number(n)
+	floor(n) == n
+}

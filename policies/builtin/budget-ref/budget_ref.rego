@@ -5,7 +5,17 @@
 # the synced inventory. DR-drill Jobs call no model and are exempt.
 # Parameters:
 #   requireExisting: false   # the Budget must already exist (in the synced inventory)
+#
+# Layout: see sandbox.rego (`problems`, `fine`, `vm_violation`, `params_typed`, `object_typed`).
 package soma.budgetref
+
+violation contains v if {
+	not fine
+	some v in problems
+}
+
+vm_violation := violation if fine
+else := violation if object_typed
 
 obj := input.review.object
 
@@ -20,7 +30,7 @@ named(ref) if {
 	ref.name != ""
 }
 
-violation contains {"msg": msg} if {
+problems contains {"msg": msg} if {
 	obj.kind == "Agent"
 	not named(object.get(obj.spec, "budgetRef", {}))
 	msg := sprintf("Agent %q has no spec.budgetRef; every agent's model calls are charged to a Budget: add spec.budgetRef.name (kubectl get budgets -n %s lists them)", [obj.metadata.name, ns])
@@ -37,7 +47,7 @@ job_budget := obj.spec.budgetRef.name if {
 	named(agents[obj.spec.agentRef.name].spec.budgetRef)
 }
 
-violation contains {"msg": msg} if {
+problems contains {"msg": msg} if {
 	obj.kind == "Job"
 	not obj.spec.drDrill
 	not job_budget
@@ -48,9 +58,9 @@ job_message := sprintf("Job %q has no Budget: set spec.budgetRef.name, or give A
 	obj.spec.agentRef
 } else := sprintf("Job %q has no Budget: set spec.budgetRef.name (or spec.template.budgetRef.name)", [obj.metadata.name])
 
-violation contains {"msg": msg} if {
+problems contains {"msg": msg} if {
 	input.parameters.requireExisting == true
-	name := referenced
+	name = referenced
 	not budgets[name]
 	msg := sprintf("%s %q references Budget %q, which does not exist in namespace %q; create it first or correct the reference", [obj.kind, obj.metadata.name, name, ns])
 }
@@ -58,3 +68,35 @@ violation contains {"msg": msg} if {
 referenced := obj.spec.budgetRef.name if obj.kind == "Agent"
 
 referenced := job_budget if obj.kind == "Job"
+
+# Fast path: an Agent with a named Budget that need not exist yet, or exists.
+fine if {
+	input.review.object.kind == "Agent"
+	name := input.review.object.spec.budgetRef.name
+	is_string(name)
+	name != ""
+	not input.parameters.requireExisting == true
+}
+
+fine if {
+	input.review.object.kind == "Agent"
+	name := input.review.object.spec.budgetRef.name
+	is_string(name)
+	name != ""
+	budgets[name]
+}
+
+params_typed if is_object(input.parameters)
+
+object_typed if {
+	is_string(input.review.object.metadata.name)
+	is_string(ns)
+	is_object(object.get(obj, "spec", {}))
+	is_string(object.get(obj, ["spec", "budgetRef", "name"], ""))
+	agent_ref_typed
+}
+
+# `job_message` names the Agent when spec.agentRef is set: it needs its name.
+agent_ref_typed if not "agentRef" in object.keys(object.get(obj, "spec", {}))
+
+agent_ref_typed if is_string(obj.spec.agentRef.name)

@@ -9,7 +9,18 @@
 #   deniedCidrs: ["169.254.0.0/16"]                  # a cidr must not overlap any
 #   minPrefixLength: 8                                # no range wider than /8 (IPv4)
 #   allowWildcardHosts: false                         # allow "*.example.com" entries
+#
+# Layout: see sandbox.rego (`problems`, `fine`, `vm_violation`, `params_typed`, `object_typed`).
+# `allowed = …` rather than `:=`: an absent parameter must stop the body in the VM too.
 package soma.egress
+
+violation contains v if {
+	not fine
+	some v in problems
+}
+
+vm_violation := violation if fine
+else := violation if object_typed
 
 rules := object.get(input.review.object, ["spec", "sandbox", "egress"], []) if input.review.object.kind == "Agent"
 
@@ -23,22 +34,25 @@ has_cidr(rule) if object.get(rule, "cidr", "") != ""
 
 has_host(rule) if object.get(rule, "host", "") != ""
 
-violation contains {"msg": msg} if {
-	some i, rule in rules
+problems contains {"msg": msg} if {
+	some i in unclear
+	rule := rules[i]
 	has_cidr(rule)
 	has_host(rule)
 	msg := sprintf("%s[%d] sets both cidr and host; split it into two rules", [field, i])
 }
 
-violation contains {"msg": msg} if {
-	some i, rule in rules
+problems contains {"msg": msg} if {
+	some i in unclear
+	rule := rules[i]
 	not has_cidr(rule)
 	not has_host(rule)
 	msg := sprintf("%s[%d] needs a cidr (such as 10.20.0.0/16) or a host (such as api.github.com)", [field, i])
 }
 
-violation contains {"msg": msg} if {
-	some i, rule in rules
+problems contains {"msg": msg} if {
+	some i in unclear
+	rule := rules[i]
 	some port in object.get(rule, "ports", [])
 	not valid_port(port)
 	msg := sprintf("%s[%d] has port %v; ports are whole numbers from 1 to 65535", [field, i, port])
@@ -53,8 +67,9 @@ valid_port(p) if {
 
 # Host names.
 
-violation contains {"msg": msg} if {
-	some i, rule in rules
+problems contains {"msg": msg} if {
+	some i in unclear
+	rule := rules[i]
 	host := rule.host
 	is_string(host)
 	not well_formed_host(host)
@@ -84,16 +99,18 @@ well_formed_label(label) if {
 	not endswith(label, "-")
 }
 
-violation contains {"msg": msg} if {
+problems contains {"msg": msg} if {
 	not object.get(input.parameters, "allowWildcardHosts", false)
-	some i, rule in rules
+	some i in unclear
+	rule := rules[i]
 	startswith(rule.host, "*.")
 	msg := sprintf("%s[%d].host %q is a wildcard; name each host the agent needs", [field, i, rule.host])
 }
 
-violation contains {"msg": msg} if {
-	allowed := input.parameters.allowedDomains
-	some i, rule in rules
+problems contains {"msg": msg} if {
+	allowed = input.parameters.allowedDomains
+	some i in unclear
+	rule := rules[i]
 	host := rule.host
 	is_string(host)
 	well_formed_host(host)
@@ -123,16 +140,18 @@ host_allowed(host, allowed) if {
 
 # CIDR ranges.
 
-violation contains {"msg": msg} if {
-	some i, rule in rules
+problems contains {"msg": msg} if {
+	some i in unclear
+	rule := rules[i]
 	cidr := rule.cidr
 	is_string(cidr)
 	not net.cidr_is_valid(cidr)
 	msg := sprintf("%s[%d].cidr %q is not a valid CIDR such as 10.20.0.0/16", [field, i, cidr])
 }
 
-violation contains {"msg": msg} if {
-	some i, rule in rules
+problems contains {"msg": msg} if {
+	some i in unclear
+	rule := rules[i]
 	cidr := rule.cidr
 	is_string(cidr)
 	net.cidr_is_valid(cidr)
@@ -143,8 +162,9 @@ violation contains {"msg": msg} if {
 	msg := sprintf("%s[%d].cidr %q opens more than a /%d; narrow it to the addresses the agent needs", [field, i, cidr, shortest])
 }
 
-violation contains {"msg": msg} if {
-	some i, rule in rules
+problems contains {"msg": msg} if {
+	some i in unclear
+	rule := rules[i]
 	cidr := rule.cidr
 	is_string(cidr)
 	net.cidr_is_valid(cidr)
@@ -157,9 +177,10 @@ overlaps(a, b) if net.cidr_contains(a, b)
 
 overlaps(a, b) if net.cidr_contains(b, a)
 
-violation contains {"msg": msg} if {
-	allowed := input.parameters.allowedCidrs
-	some i, rule in rules
+problems contains {"msg": msg} if {
+	allowed = input.parameters.allowedCidrs
+	some i in unclear
+	rule := rules[i]
 	cidr := rule.cidr
 	is_string(cidr)
 	net.cidr_is_valid(cidr)
@@ -171,3 +192,122 @@ cidr_allowed(cidr, allowed) if {
 	some range in allowed
 	net.cidr_contains(range, cidr)
 }
+
+# Fast path, rule by rule: a well-formed host inside the allowed domains, or an IPv4 range
+# inside the allowed ranges, clear of the denied ones and no wider than allowed; valid ports.
+# Each line holds only when the corresponding problem cannot fire for that rule, so the
+# checks above look at the other rules (`unclear`) only.
+fine if {
+	is_array(rules)
+	count(unclear) == 0
+}
+
+fine if not input.review.object.kind in {"Agent", "Job"}
+
+unclear contains i if {
+	some i, rule in rules
+	not rule_fine(rule)
+}
+
+rule_fine(rule) if {
+	host := rule.host
+	is_string(host)
+	not "cidr" in object.keys(rule)
+	# well_formed_host, for names of at most 63 characters and no wildcard: lower-case
+	# letters, digits, dots and dashes; no empty label; no label that starts or ends with a
+	# dash; a top-level domain of two or more letters. (String built-ins: a regex match
+	# costs more than all of them, see docs/policies.md, "Performance".)
+	count(host) <= 63
+	trim(host, "abcdefghijklmnopqrstuvwxyz0123456789-.") == ""
+	not strings.any_prefix_match(host, [".", "-"])
+	not endswith(host, "-")
+	not contains(host, "..")
+	not contains(host, ".-")
+	not contains(host, "-.")
+	labels := split(host, ".")
+	count(labels) >= 2
+	tld := labels[count(labels) - 1]
+	count(tld) >= 2
+	trim(tld, "abcdefghijklmnopqrstuvwxyz") == ""
+	domain_fine(host)
+	ports_fine(rule)
+}
+
+rule_fine(rule) if {
+	cidr := rule.cidr
+	is_string(cidr)
+	not "host" in object.keys(rule)
+	net.cidr_is_valid(cidr)
+	not contains(cidr, ":")
+	to_number(split(cidr, "/")[1]) >= object.get(input.parameters, "minPrefixLength", 8)
+	denied := object.get(input.parameters, "deniedCidrs", [])
+	count([d | some d in denied; net.cidr_contains(cidr, d)]) == 0
+	count([d | some d in denied; net.cidr_contains(d, cidr)]) == 0
+	cidr_fine(cidr)
+	ports_fine(rule)
+}
+
+domain_fine(_) if domains_unrestricted
+
+domain_fine(host) if strings.any_suffix_match(concat("", [".", host]), plain_domain_suffixes)
+
+domain_fine(host) if strings.any_suffix_match(host, wildcard_domain_suffixes)
+
+domains_unrestricted if not "allowedDomains" in object.keys(input.parameters)
+
+# "github.com" allows it and its subdomains: "." + host ends with ".github.com".
+plain_domain_suffixes contains concat("", [".", d]) if {
+	some d in input.parameters.allowedDomains
+	not startswith(d, "*.")
+}
+
+# "*.example.com" allows subdomains only: host ends with ".example.com".
+wildcard_domain_suffixes contains substring(d, 1, -1) if {
+	some d in input.parameters.allowedDomains
+	startswith(d, "*.")
+}
+
+cidr_fine(_) if not "allowedCidrs" in object.keys(input.parameters)
+
+cidr_fine(cidr) if cidr_allowed(cidr, input.parameters.allowedCidrs)
+
+ports_fine(rule) if {
+	ports := object.get(rule, "ports", [])
+	is_array(ports)
+	count([p | some p in ports; valid_port(p)]) == count(ports)
+}
+
+params_typed if {
+	is_object(input.parameters)
+	strings(object.get(input.parameters, "allowedDomains", []))
+	ranges(object.get(input.parameters, "allowedCidrs", []))
+	ranges(object.get(input.parameters, "deniedCidrs", []))
+	n := object.get(input.parameters, "minPrefixLength", 8)
+	is_number(n)
+	floor(n) == n
+}
+
+strings(a) if {
+	is_array(a)
+	every s in a {
+		is_string(s)
+	}
+}
+
+ranges(a) if {
+	strings(a)
+	every s in a {
+		net.cidr_is_valid(s)
+	}
+}
+
+object_typed if {
+	is_array(rules)
+	every rule in rules {
+		is_object(rule)
+		is_string(object.get(rule, "host", ""))
+		is_array(object.get(rule, "ports", []))
+	}
+}
+
+object_typed if not input.review.object.kind in {"Agent", "Job"}

@@ -15,6 +15,8 @@ pub struct Builtin {
     pub name: &'static str,
     /// The constraint kind.
     pub kind: &'static str,
+    /// File stem of its Rego (`<file>.rego`, `<file>_test.rego`).
+    pub file: &'static str,
     /// The policy's Rego.
     pub rego: &'static str,
     /// Its Rego unit tests.
@@ -28,6 +30,7 @@ macro_rules! builtin {
         Builtin {
             name: $name,
             kind: $kind,
+            file: $file,
             rego: include_str!(concat!("../../builtin/", $name, "/", $file, ".rego")),
             tests: include_str!(concat!("../../builtin/", $name, "/", $file, "_test.rego")),
             constraint: include_str!(concat!("../../builtin/", $name, "/constraint.yaml")),

@@ -33,5 +33,5 @@ pub mod suite;
 
 pub use error::PolicyError;
 pub use model::{Action, Constraint, KindMatch, Match, Review, Template};
-pub use set::{Decision, EvalFailure, PolicySet, Violation};
+pub use set::{Decision, EvalFailure, EvalMode, PolicySet, Violation, interpreter_and_vm};
 pub use store::{LoadReport, PolicyStore, Sources};

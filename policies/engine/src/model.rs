@@ -1,6 +1,8 @@
 //! The nouns: templates, constraints, their match, enforcement actions, and the review a
 //! decision is about.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -196,10 +198,86 @@ impl Review {
         review
     }
 
+    /// The `input.review` document as regorus evaluates it, built once per review (and
+    /// converted straight from the JSON: the object is not copied first).
+    pub fn input_value(&self) -> regorus::Value {
+        let s = |v: &str| regorus::Value::from(v);
+        let mut kind = BTreeMap::new();
+        kind.insert(s("group"), s(&self.group));
+        kind.insert(s("version"), s(&self.version));
+        kind.insert(s("kind"), s(&self.kind));
+        let mut review = BTreeMap::new();
+        review.insert(s("kind"), regorus::Value::from(kind));
+        review.insert(s("operation"), s(&self.operation));
+        review.insert(s("namespace"), s(&self.namespace));
+        review.insert(s("name"), s(&self.name));
+        review.insert(s("object"), to_regorus(&self.object));
+        review.insert(s("userInfo"), to_regorus(&self.user_info));
+        review.insert(s("dryRun"), regorus::Value::from(self.dry_run));
+        if let Some(old) = &self.old_object {
+            review.insert(s("oldObject"), to_regorus(old));
+        }
+        regorus::Value::from(review)
+    }
+
     /// The object's labels.
     pub(crate) fn labels(&self) -> Option<&serde_json::Map<String, Value>> {
         self.object
             .pointer("/metadata/labels")
             .and_then(Value::as_object)
+    }
+}
+
+/// `regorus::Value::from(v.clone())` without the clone (and without serde in between): the
+/// same numbers (unsigned, signed, float, as regorus' deserializer reads them), strings,
+/// arrays and objects.
+pub(crate) fn to_regorus(v: &Value) -> regorus::Value {
+    match v {
+        Value::Null => regorus::Value::Null,
+        Value::Bool(b) => regorus::Value::from(*b),
+        Value::Number(n) => {
+            if let Some(u) = n.as_u64() {
+                regorus::Value::from(u)
+            } else if let Some(i) = n.as_i64() {
+                regorus::Value::from(i)
+            } else {
+                regorus::Value::from(n.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        Value::String(s) => regorus::Value::from(s.as_str()),
+        Value::Array(items) => {
+            regorus::Value::from(items.iter().map(to_regorus).collect::<Vec<_>>())
+        }
+        Value::Object(map) => regorus::Value::from(
+            map.iter()
+                .map(|(k, v)| (regorus::Value::from(k.as_str()), to_regorus(v)))
+                .collect::<BTreeMap<_, _>>(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_value_is_the_converted_input_document() {
+        let object = json!({
+            "apiVersion": "soma.dev/v1alpha1", "kind": "Agent",
+            "metadata": {"name": "a", "namespace": "n", "labels": {"x": "y"}},
+            "spec": {"n": [0, 1, -1, 1.5, 18446744073709551615_u64, -9223372036854775808_i64, 1e300],
+                     "s": "", "b": true, "z": null, "o": {}, "a": []}
+        });
+        let mut review = Review::of_object(object.clone());
+        assert_eq!(
+            review.input_value(),
+            regorus::Value::from(review.to_input())
+        );
+        review.old_object = Some(object);
+        review.dry_run = true;
+        assert_eq!(
+            review.input_value(),
+            regorus::Value::from(review.to_input())
+        );
     }
 }

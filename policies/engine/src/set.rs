@@ -4,12 +4,34 @@
 //! `data.inventory` when its Rego reads it); an evaluation clones that prepared engine, which
 //! shares the compiled modules, sets `input` and evaluates `data.<package>.violation`. Engines
 //! carry a cooperative execution timer, so a runaway policy stops at the deadline.
+//!
+//! Soma's built-in templates are also compiled for regorus' register VM, which evaluates them
+//! several times faster, but only where the VM is known to answer as the interpreter does:
+//!
+//! ```text
+//!  constraint ──▶ built-in, and params_typed held at load? ──no──▶ interpreter
+//!                     │ yes
+//!                     ▼
+//!                VM: vm_violation ──undefined, an error, or over 25,000 instructions──▶ interpreter
+//!                     │ a set
+//!                     ▼
+//!                the violations (the same set the interpreter returns: tests/vm.rs)
+//! ```
+//!
+//! regorus 0.14's VM differs from the interpreter in ways the built-ins are written around
+//! (docs/policies.md, "regorus' VM"): it skips a rule body where the interpreter reports an
+//! error (a built-in given a value of the wrong type), `x := <undefined>` does not stop a
+//! body, and it loops after a comprehension whose body was undefined (hence the instruction
+//! limit). So each built-in declares `params_typed` (checked once per constraint, here) and a
+//! `vm_violation` that is undefined unless its fast path holds or every field it reads has
+//! the type it expects; anything else is decided by the interpreter.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use regorus::rvm::RegoVM;
 use regorus::utils::limits::ExecutionTimerConfig;
 use serde::Serialize;
 use serde_json::Value;
@@ -52,6 +74,9 @@ pub struct Decision {
     pub failures: Vec<EvalFailure>,
     /// How many constraints matched the review.
     pub evaluated: usize,
+    /// How many of them regorus' VM decided (the rest: the interpreter).
+    #[serde(skip)]
+    pub vm_decided: usize,
 }
 
 impl Decision {
@@ -97,18 +122,118 @@ impl Decision {
     }
 }
 
-/// A template compiled into a prepared engine.
-///
-/// Only the interpreter is used: regorus 0.14's register VM evaluates these policies 4-5x
-/// faster but answered 6 of the 40 built-in fixtures differently from the interpreter (an
-/// assignment from an absent field not failing, a comparison not taken), so it is not trusted
-/// with admission decisions yet (docs/policies.md, "Performance").
+/// Which engine decides.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EvalMode {
+    /// regorus' VM for the built-ins where it answers as the interpreter does (module docs),
+    /// the interpreter for everything else.
+    #[default]
+    Auto,
+    /// The interpreter alone (the reference; what the benchmark compares against).
+    InterpreterOnly,
+}
+
+/// Entry rule of a built-in for the VM: the violations, or undefined when the VM may not decide.
+const VM_ENTRY: &str = "vm_violation";
+/// Rule of a built-in that holds when a constraint's parameters have the expected types.
+const PARAMS_TYPED: &str = "params_typed";
+/// Instructions the VM may execute for one decision before the interpreter takes over.
+const VM_MAX_INSTRUCTIONS: usize = 25_000;
+
+/// A built-in template compiled for regorus' register VM.
+struct VmProgram {
+    policy: regorus::CompiledPolicy,
+    program: Arc<regorus::rvm::Program>,
+    data: regorus::Value,
+    /// Machines ready for reuse (each execution starts from a clean state: regorus resets
+    /// every rule and built-in cache when it starts).
+    idle: Mutex<Vec<RegoVM>>,
+}
+
+impl VmProgram {
+    /// Soma's built-ins that declare a `vm_violation` entry; `None` for anything else.
+    fn compile(template: &Template, engine: &regorus::Engine, package: &str) -> Option<Self> {
+        let is_builtin = crate::builtin::BUILTINS
+            .iter()
+            .any(|b| b.template() == *template);
+        if !is_builtin || !template.rego.contains(&format!("\n{VM_ENTRY} :=")) {
+            return None;
+        }
+        let entry = format!("{package}.{VM_ENTRY}");
+        let mut engine = engine.clone();
+        let policy = engine
+            .compile_with_entrypoint(&entry.as_str().into())
+            .ok()?;
+        let program = regorus::languages::rego::compiler::Compiler::compile_from_policy(
+            &policy,
+            &[entry.as_str()],
+        )
+        .map_err(
+            |e| tracing::warn!(template = %template.kind, error = %e, "not compiled for the VM"),
+        )
+        .ok()?;
+        Some(Self {
+            policy,
+            program,
+            data: engine.get_data(),
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn machine(&self) -> Result<RegoVM, String> {
+        if let Some(vm) = self.idle.lock().ok().and_then(|mut idle| idle.pop()) {
+            return Ok(vm);
+        }
+        let mut vm = RegoVM::new_with_policy(self.policy.clone());
+        vm.load_program(self.program.clone());
+        vm.set_data(self.data.clone()).map_err(|e| e.to_string())?;
+        // As the interpreter: a built-in given a value of the wrong type is an error.
+        vm.set_strict_builtin_errors(true);
+        // A built-in's decision takes at most ~1,200 instructions on the fixtures and their
+        // mutations; beyond the limit (a very large object, or regorus 0.14's loop after a
+        // comprehension whose body was undefined, docs/policies.md) the interpreter decides.
+        vm.set_max_instructions(VM_MAX_INSTRUCTIONS);
+        Ok(vm)
+    }
+
+    /// The violations, or `None` when the VM may not decide (or failed: the interpreter then
+    /// decides, and reports any error itself).
+    fn violations(&self, input: regorus::Value, limit: Duration) -> Option<regorus::Value> {
+        let mut vm = self.machine().ok()?;
+        vm.set_execution_timer_config(Some(timer(limit)));
+        vm.set_input(input);
+        let result = vm.execute();
+        // Only a machine that finished is parked for reuse: regorus 0.14 may leave its stacks
+        // as they were when an error stopped it.
+        if result.is_ok() {
+            // Drop the input (it may be large) before parking the machine.
+            vm.set_input(regorus::Value::Undefined);
+            if let Ok(mut idle) = self.idle.lock() {
+                idle.push(vm);
+            }
+        }
+        match result {
+            Ok(v @ (regorus::Value::Set(_) | regorus::Value::Array(_))) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+fn timer(limit: Duration) -> ExecutionTimerConfig {
+    ExecutionTimerConfig {
+        limit,
+        check_interval: NonZeroU32::MIN.saturating_add(63),
+    }
+}
+
+/// A template compiled into a prepared engine (and, for built-ins, a VM program).
 #[derive(Clone)]
 pub(crate) struct Compiled {
     pub(crate) template: Template,
     engine: regorus::Engine,
     entry: String,
     uses_inventory: bool,
+    vm: Option<Arc<VmProgram>>,
 }
 
 impl Compiled {
@@ -137,11 +262,13 @@ impl Compiled {
                 .map_err(|e| fail(e.to_string()))?;
         }
         let entry = format!("{package}.violation");
+        let vm = VmProgram::compile(template, &engine, &package).map(Arc::new);
         let mut compiled = Self {
             template: template.clone(),
             engine,
             entry,
             uses_inventory,
+            vm,
         };
         // Prepares the engine (analysis, scheduling) once, so clones start ready; also proves
         // the package has a `violation` rule.
@@ -174,43 +301,63 @@ impl Compiled {
         Self::compile(&self.template, inventory)
     }
 
-    /// Evaluates `violation` for one input; returns `(msg, details)` pairs.
+    /// Whether the VM may decide for a constraint with these parameters (`params_typed`,
+    /// evaluated by the interpreter, once per constraint).
+    fn vm_accepts(&self, parameters: &regorus::Value) -> bool {
+        if self.vm.is_none() {
+            return false;
+        }
+        let mut engine = self.engine.clone();
+        let mut input = BTreeMap::new();
+        input.insert(regorus::Value::from("parameters"), parameters.clone());
+        engine.set_input(regorus::Value::from(input));
+        engine.set_execution_timer_config(timer(Duration::from_millis(250)));
+        let rule = self
+            .entry
+            .replace(".violation", &format!(".{PARAMS_TYPED}"));
+        matches!(engine.eval_rule(rule), Ok(regorus::Value::Bool(true)))
+    }
+
+    /// Evaluates `violation` for one input with the interpreter, or with the VM when `vm`
+    /// and the VM may decide; returns `(msg, details)` pairs and whether the VM decided.
     fn violations(
         &self,
         input: regorus::Value,
         limit: Duration,
-    ) -> Result<Vec<(String, Value)>, String> {
+        vm: bool,
+    ) -> Result<(Vec<(String, Value)>, bool), String> {
+        let started = Instant::now();
+        if vm
+            && let Some(program) = &self.vm
+            && let Some(result) = program.violations(input.clone(), limit)
+        {
+            return Ok((collect_violations(result)?, true));
+        }
         let mut engine = self.engine.clone();
-        engine.set_execution_timer_config(ExecutionTimerConfig {
-            limit,
-            check_interval: NonZeroU32::MIN.saturating_add(63),
-        });
+        engine.set_execution_timer_config(timer(limit.saturating_sub(started.elapsed())));
         engine.set_input(input);
         let result = engine
             .eval_rule(self.entry.clone())
             .map_err(|e| e.to_string())?;
-        let mut out = Vec::new();
-        match result {
-            regorus::Value::Undefined => {}
-            regorus::Value::Set(set) => {
-                for v in set.iter() {
-                    out.push(message_of(v));
-                }
-            }
-            regorus::Value::Array(items) => {
-                for v in items.iter() {
-                    out.push(message_of(v));
-                }
-            }
-            other => {
-                return Err(format!(
-                    "`violation` must be a set of objects with a msg, got {}",
-                    other.to_json_str().unwrap_or_default()
-                ));
-            }
-        }
-        Ok(out)
+        Ok((collect_violations(result)?, false))
     }
+}
+
+/// `(msg, details)` of each violation in `violation`'s value.
+fn collect_violations(result: regorus::Value) -> Result<Vec<(String, Value)>, String> {
+    let mut out = Vec::new();
+    match result {
+        regorus::Value::Undefined => {}
+        regorus::Value::Set(set) => out.extend(set.iter().map(message_of)),
+        regorus::Value::Array(items) => out.extend(items.iter().map(message_of)),
+        other => {
+            return Err(format!(
+                "`violation` must be a set of objects with a msg, got {}",
+                other.to_json_str().unwrap_or_default()
+            ));
+        }
+    }
+    Ok(out)
 }
 
 fn message_of(v: &regorus::Value) -> (String, Value) {
@@ -240,6 +387,9 @@ pub struct PolicySet {
     pub(crate) constraints: Vec<Constraint>,
     /// Each constraint's parameters, converted once.
     params: Vec<regorus::Value>,
+    /// Whether the VM may decide for each constraint (its template has a VM program and its
+    /// parameters have the types the template expects).
+    vm: Vec<bool>,
     pub(crate) inventory: Value,
 }
 
@@ -281,14 +431,16 @@ impl PolicySet {
         constraints: Vec<Constraint>,
         inventory: Value,
     ) -> Self {
-        let params = constraints
+        let params: Vec<regorus::Value> = constraints
             .iter()
             .map(|c| regorus::Value::from(c.parameters.clone()))
             .collect();
+        let vm = vm_flags(&templates, &constraints, &params);
         Self {
             templates,
             constraints,
             params,
+            vm,
             inventory,
         }
     }
@@ -301,6 +453,7 @@ impl PolicySet {
             templates.insert(kind.clone(), Arc::new(c.with_inventory(&inventory)?));
         }
         Ok(Self {
+            vm: vm_flags(&templates, &self.constraints, &self.params),
             templates,
             constraints: self.constraints.clone(),
             params: self.params.clone(),
@@ -327,11 +480,18 @@ impl PolicySet {
     /// decision: constraints not finished by then are reported as failures (which deny when
     /// their action is `deny`).
     pub fn evaluate(&self, review: &Review, deadline: Duration) -> Decision {
+        self.evaluate_with(review, deadline, EvalMode::Auto)
+    }
+
+    /// [`Self::evaluate`] with a choice of engine (the decision is the same; tests and the
+    /// benchmark compare them).
+    pub fn evaluate_with(&self, review: &Review, deadline: Duration, mode: EvalMode) -> Decision {
         let started = Instant::now();
         let ns_labels = self.namespace_labels(&review.namespace);
-        let review_value = regorus::Value::from(review.to_input());
+        let review_value = review.input_value();
         let mut decision = Decision::default();
-        for (constraint, params) in self.constraints.iter().zip(&self.params) {
+        for ((constraint, params), vm_ok) in self.constraints.iter().zip(&self.params).zip(&self.vm)
+        {
             if !matching::selects(&constraint.matches, review, ns_labels) {
                 continue;
             }
@@ -343,17 +503,24 @@ impl PolicySet {
             let outcome = if remaining.is_zero() {
                 Err("deadline exceeded before evaluation".to_owned())
             } else {
-                compiled.violations(input_of(&review_value, params), remaining)
+                compiled.violations(
+                    input_of(&review_value, params),
+                    remaining,
+                    *vm_ok && mode == EvalMode::Auto,
+                )
             };
             match outcome {
-                Ok(found) => decision
-                    .violations
-                    .extend(found.into_iter().map(|(msg, details)| Violation {
-                        policy: constraint.id(),
-                        action: constraint.action,
-                        msg,
-                        details,
-                    })),
+                Ok((found, by_vm)) => {
+                    decision.vm_decided += usize::from(by_vm);
+                    decision
+                        .violations
+                        .extend(found.into_iter().map(|(msg, details)| Violation {
+                            policy: constraint.id(),
+                            action: constraint.action,
+                            msg,
+                            details,
+                        }));
+                }
                 Err(error) => decision.failures.push(EvalFailure {
                     policy: constraint.id(),
                     action: constraint.action,
@@ -376,6 +543,73 @@ impl PolicySet {
             .pointer("/metadata/labels")?
             .as_object()
     }
+}
+
+/// A rule's value as JSON, or the evaluation's error.
+pub type RuleValue = Result<Value, String>;
+
+/// Evaluates `violation` of `template` for one `input` document twice: with the interpreter,
+/// and with regorus' VM compiled straight from the template (no fast path, no type guard, no
+/// fallback). The cross-check for templates Soma does not let the VM decide (Gatekeeper
+/// templates a platform team brings): the tests run it over every Suite case, so a
+/// divergence shows before anyone would switch such templates to the VM. `Err` when the
+/// template does not compile for the interpreter; the VM's own compile or runtime error is
+/// the second value's `Err`.
+#[doc(hidden)]
+pub fn interpreter_and_vm(
+    template: &Template,
+    inventory: &Value,
+    input: &Value,
+) -> Result<(RuleValue, RuleValue), PolicyError> {
+    let compiled = Compiled::compile(template, inventory)?;
+    let input = crate::model::to_regorus(input);
+    let mut engine = compiled.engine.clone();
+    engine.set_input(input.clone());
+    let by_interpreter = engine
+        .eval_rule(compiled.entry.clone())
+        .map(|v| to_json(&v))
+        .map_err(|e| e.to_string());
+    let by_vm = (|| {
+        let mut engine = compiled.engine.clone();
+        let policy = engine
+            .compile_with_entrypoint(&compiled.entry.as_str().into())
+            .map_err(|e| e.to_string())?;
+        let program = regorus::languages::rego::compiler::Compiler::compile_from_policy(
+            &policy,
+            &[compiled.entry.as_str()],
+        )
+        .map_err(|e| e.to_string())?;
+        let mut vm = RegoVM::new_with_policy(policy);
+        vm.load_program(program);
+        vm.set_data(engine.get_data()).map_err(|e| e.to_string())?;
+        vm.set_strict_builtin_errors(true);
+        vm.set_max_instructions(VM_MAX_INSTRUCTIONS);
+        vm.set_input(input);
+        vm.execute().map(|v| to_json(&v)).map_err(|e| e.to_string())
+    })();
+    Ok((by_interpreter, by_vm))
+}
+
+/// A rule's value as JSON (a set as a sorted array; undefined as an empty array: a
+/// `violation` rule with no element).
+fn to_json(v: &regorus::Value) -> Value {
+    match v {
+        regorus::Value::Undefined => Value::Array(Vec::new()),
+        other => serde_json::to_value(other).unwrap_or(Value::Null),
+    }
+}
+
+/// For each constraint: may the VM decide?
+fn vm_flags(
+    templates: &BTreeMap<String, Arc<Compiled>>,
+    constraints: &[Constraint],
+    params: &[regorus::Value],
+) -> Vec<bool> {
+    constraints
+        .iter()
+        .zip(params)
+        .map(|(c, p)| templates.get(&c.kind).is_some_and(|t| t.vm_accepts(p)))
+        .collect()
 }
 
 fn input_of(review: &regorus::Value, parameters: &regorus::Value) -> regorus::Value {

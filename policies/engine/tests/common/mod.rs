@@ -1,6 +1,8 @@
 //! Helpers shared by this crate's integration tests.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod mutate;
+
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;

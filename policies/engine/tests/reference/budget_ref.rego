@@ -1,0 +1,60 @@
+# Every Agent and Job is charged to a Budget.
+#
+# An Agent needs spec.budgetRef. A Job needs spec.budgetRef, or its inline template's
+# budgetRef, or (for a Job on an existing Agent) an Agent that has one; the Agent is read from
+# the synced inventory. DR-drill Jobs call no model and are exempt.
+# Parameters:
+#   requireExisting: false   # the Budget must already exist (in the synced inventory)
+package soma.budgetref
+
+obj := input.review.object
+
+ns := object.get(obj, ["metadata", "namespace"], object.get(input.review, "namespace", ""))
+
+budgets := object.get(data.inventory, ["namespace", ns, "soma.dev/v1alpha1", "Budget"], {})
+
+agents := object.get(data.inventory, ["namespace", ns, "soma.dev/v1alpha1", "Agent"], {})
+
+named(ref) if {
+	is_string(ref.name)
+	ref.name != ""
+}
+
+violation contains {"msg": msg} if {
+	obj.kind == "Agent"
+	not named(object.get(obj.spec, "budgetRef", {}))
+	msg := sprintf("Agent %q has no spec.budgetRef; every agent's model calls are charged to a Budget: add spec.budgetRef.name (kubectl get budgets -n %s lists them)", [obj.metadata.name, ns])
+}
+
+job_budget := obj.spec.budgetRef.name if {
+	obj.kind == "Job"
+	named(obj.spec.budgetRef)
+} else := obj.spec.template.budgetRef.name if {
+	obj.kind == "Job"
+	named(obj.spec.template.budgetRef)
+} else := agents[obj.spec.agentRef.name].spec.budgetRef.name if {
+	obj.kind == "Job"
+	named(agents[obj.spec.agentRef.name].spec.budgetRef)
+}
+
+violation contains {"msg": msg} if {
+	obj.kind == "Job"
+	not obj.spec.drDrill
+	not job_budget
+	msg := job_message
+}
+
+job_message := sprintf("Job %q has no Budget: set spec.budgetRef.name, or give Agent %q a spec.budgetRef", [obj.metadata.name, obj.spec.agentRef.name]) if {
+	obj.spec.agentRef
+} else := sprintf("Job %q has no Budget: set spec.budgetRef.name (or spec.template.budgetRef.name)", [obj.metadata.name])
+
+violation contains {"msg": msg} if {
+	input.parameters.requireExisting == true
+	name := referenced
+	not budgets[name]
+	msg := sprintf("%s %q references Budget %q, which does not exist in namespace %q; create it first or correct the reference", [obj.kind, obj.metadata.name, name, ns])
+}
+
+referenced := obj.spec.budgetRef.name if obj.kind == "Agent"
+
+referenced := job_budget if obj.kind == "Job"

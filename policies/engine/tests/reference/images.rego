@@ -1,0 +1,91 @@
+# Agent images come from allowed registries and are pinned by digest.
+#
+# Applies to an Agent's spec.image and an inline Job template's spec.template.image.
+# Parameters:
+#   allowedRegistries: ["registry.example.com", "ghcr.io/acme/"]  (absent: any registry)
+#   requireDigest: true                                           (default true)
+package soma.images
+
+# Every image the object would run.
+images contains img if {
+	input.review.object.kind == "Agent"
+	img := input.review.object.spec.image
+}
+
+images contains img if {
+	input.review.object.kind == "Job"
+	img := input.review.object.spec.template.image
+}
+
+violation contains {"msg": msg, "details": {"image": img}} if {
+	object.get(input.parameters, "requireDigest", true) == true
+	some img in images
+	not pinned(img)
+	msg := sprintf("image %q is not pinned by digest: use %s@sha256:<digest> (for example from `crane digest` or `docker buildx imagetools inspect`) so the image that runs is the one that was reviewed", [img, repository(img)])
+}
+
+violation contains {"msg": msg, "details": {"image": img, "allowedRegistries": allowed}} if {
+	allowed := input.parameters.allowedRegistries
+	some img in images
+	not allowed_registry(normalize(img), allowed)
+	msg := sprintf("image %q is not from an allowed registry; push it to one of [%s] or ask your platform team to allow %q", [img, concat(", ", allowed), registry(normalize(img))])
+}
+
+# `…@sha256:<64 lower-case hex>`. String built-ins rather than a regex: a regex match costs
+# more than the rest of this policy (see docs/policies.md, "Performance").
+pinned(img) if {
+	parts := split(img, "@")
+	count(parts) == 2
+	startswith(parts[1], "sha256:")
+	hex_digits := substring(parts[1], 7, -1)
+	count(hex_digits) == 64
+	trim(hex_digits, "0123456789abcdef") == ""
+}
+
+# The image reference without its digest or tag.
+repository(img) := repo if {
+	no_digest := split(img, "@")[0]
+	parts := split(no_digest, "/")
+	last := parts[count(parts) - 1]
+	name := split(last, ":")[0]
+	repo := concat("/", array.concat(array.slice(parts, 0, count(parts) - 1), [name]))
+}
+
+# Docker Hub short names (`nginx`, `library/nginx`) are spelled out, so that an allow-list of
+# `docker.io` means what it says and `registry.example.com.evil.io` never matches
+# `registry.example.com`.
+normalize(img) := img if has_registry(img)
+
+normalize(img) := concat("", ["docker.io/", img]) if {
+	not has_registry(img)
+	contains(img, "/")
+}
+
+normalize(img) := concat("", ["docker.io/library/", img]) if {
+	not has_registry(img)
+	not contains(img, "/")
+}
+
+has_registry(img) if {
+	parts := split(img, "/")
+	count(parts) > 1
+	first := parts[0]
+	registry_like(first)
+}
+
+registry_like(s) if contains(s, ".")
+
+registry_like(s) if contains(s, ":")
+
+registry_like(s) if s == "localhost"
+
+registry(img) := split(img, "/")[0]
+
+allowed_registry(img, allowed) if {
+	some prefix in allowed
+	startswith(img, with_slash(prefix))
+}
+
+with_slash(prefix) := prefix if endswith(prefix, "/")
+
+with_slash(prefix) := concat("", [prefix, "/"]) if not endswith(prefix, "/")
