@@ -28,7 +28,11 @@ fn main() {
     } else {
         EvalMode::Auto
     };
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../builtin");
+    let dir = Path::new(
+        &std::env::var("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned()),
+    )
+    .join("../builtin");
     let mut sources = Sources::builtins();
     sources.add_text(
         "fixture-constraints.yaml",
