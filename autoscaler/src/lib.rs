@@ -25,7 +25,7 @@ pub mod peers;
 pub mod signal;
 pub mod sim;
 
-pub use autoscaler::Autoscaler;
+pub use autoscaler::{Autoscaler, Snapshot};
 pub use conductance::{Conductance, ConductanceParams};
 pub use config::{AutoscalerConfig, BrownOutAction};
 pub use decision::{BrownOut, BrownOutCause, Decision, Reason};

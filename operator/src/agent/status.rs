@@ -9,6 +9,7 @@ use soma_crds::common::condition_types::{READY, RECONCILING, STALLED};
 use soma_policy::condition::POLICY_ALLOWED;
 
 use super::image::{IMAGE_NOT_VERIFIED, ImageRejection, VerifiedImage, image_status};
+use super::scaling::SCALING;
 use crate::kstatus::{Verdict, conditions, verdict};
 use crate::policy::check::PolicyCheck;
 
@@ -116,6 +117,9 @@ pub struct Observed {
     /// With a Budget: whether it is enforced across all replicas through the ledger
     /// (`BudgetScope`); `None` without a Budget.
     pub budget_cluster_wide: Option<bool>,
+    /// Whether the Agent autoscales: `status.scaling` and the `Scaling` condition (written
+    /// by the scaling loop) are kept, else dropped.
+    pub autoscaled: bool,
 }
 
 /// Condition type: whether the Agent's Budget is enforced across replicas.
@@ -277,9 +281,22 @@ fn kstatus_verdicts(obs: &Observed) -> [Verdict; 3] {
 pub fn agent_status(old: Option<&AgentStatus>, obs: &Observed, now: &Time) -> AgentStatus {
     let old_conditions = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
     let (replicas, ready) = obs.deployment.map_or((0, 0), |d| (d.replicas, d.ready));
+    let mut conditions = conditions(old_conditions, &verdicts(obs), obs.generation, now);
+    if obs.autoscaled {
+        // The scaling loop's condition, kept as it wrote it.
+        conditions.extend(
+            old_conditions
+                .iter()
+                .filter(|c| c.type_ == SCALING)
+                .cloned(),
+        );
+    }
     AgentStatus {
         observed_generation: obs.generation,
-        conditions: conditions(old_conditions, &verdicts(obs), obs.generation, now),
+        conditions,
+        scaling: old
+            .and_then(|s| s.scaling.clone())
+            .filter(|_| obs.autoscaled),
         replicas,
         ready_replicas: ready,
         desired_replicas: obs.desired_replicas,
