@@ -650,4 +650,35 @@ mod tests {
         );
         assert_eq!(get(&missing, READY).reason, "BudgetNotFound");
     }
+
+    #[test]
+    fn the_scaling_loops_status_is_kept_while_the_agent_autoscales() {
+        let scaling = Condition {
+            type_: SCALING.into(),
+            status: "True".into(),
+            reason: "ErlangFloor".into(),
+            message: "3 replicas".into(),
+            observed_generation: Some(3),
+            last_transition_time: at(5),
+        };
+        let old = AgentStatus {
+            conditions: vec![scaling.clone()],
+            scaling: Some(soma_crds::agent::ScalingStatus {
+                desired_replicas: 3,
+                ..Default::default()
+            }),
+            ..AgentStatus::default()
+        };
+        let autoscaled = Observed {
+            autoscaled: true,
+            ..observed(ready_deployment(3), 3)
+        };
+        let kept = agent_status(Some(&old), &autoscaled, &at(60));
+        assert_eq!(kept.scaling, old.scaling);
+        assert_eq!(get(&kept, SCALING), &scaling);
+        // Autoscaling turned off: both go.
+        let dropped = agent_status(Some(&old), &observed(ready_deployment(3), 3), &at(60));
+        assert_eq!(dropped.scaling, None);
+        assert!(dropped.conditions.iter().all(|c| c.type_ != SCALING));
+    }
 }
