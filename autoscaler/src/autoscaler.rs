@@ -25,6 +25,8 @@
 
 use std::collections::VecDeque;
 
+use serde::{Deserialize, Serialize};
+
 use crate::conductance::Conductance;
 use crate::config::{AutoscalerConfig, BrownOutAction};
 use crate::decision::{BrownOut, BrownOutCause, Decision, Reason};
@@ -35,6 +37,31 @@ use crate::signal::LoadSignal;
 
 /// Largest replica count the brown-out message searches when reporting what would be needed.
 const NEEDED_SEARCH_LIMIT: u32 = 100_000;
+
+/// What an [`Autoscaler`] remembers between steps ([`Autoscaler::snapshot`],
+/// [`Autoscaler::resume`]): serde, camelCase, finite numbers only (JSON has no infinity).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Snapshot {
+    /// Replicas decided by the last step.
+    pub replicas: u32,
+    /// Arrival-rate and service-time estimates.
+    pub estimator: Estimator,
+    /// The conductance of the Agent's route.
+    pub conductance: Conductance,
+    /// When traffic was last seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_active_s: Option<f64>,
+    /// When the last scale-up was decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_up_s: Option<f64>,
+    /// Until when a scale-down is held after a start from zero.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cold_start_until_s: Option<f64>,
+    /// `(time, offered load)` of the last `floorHoldS`.
+    #[serde(default)]
+    pub loads: Vec<(f64, f64)>,
+}
 
 /// One Agent's autoscaler. Feed it one [`LoadSignal`] per step.
 #[derive(Debug, Clone)]
@@ -76,6 +103,42 @@ impl Autoscaler {
     /// Replicas decided by the last step.
     pub fn replicas(&self) -> u32 {
         self.replicas
+    }
+
+    /// What the autoscaler remembers between steps, to be kept where it survives a restart
+    /// (the operator keeps it in the Agent's status), so that a new leader continues where the
+    /// old one stopped instead of starting from the priors with a jump in replicas.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            replicas: self.replicas,
+            estimator: self.estimator.clone(),
+            conductance: self.conductance,
+            last_active_s: self.last_active_s,
+            last_scale_up_s: self.last_scale_up_s,
+            cold_start_until_s: self
+                .cold_start_until_s
+                .is_finite()
+                .then_some(self.cold_start_until_s),
+            loads: self.loads.iter().copied().collect(),
+        }
+    }
+
+    /// An autoscaler with `config` that continues from `snapshot` (taken with the same clock).
+    /// The estimator's settings come from `config`, not from the snapshot, so an edited
+    /// setting applies at once.
+    pub fn resume(config: AutoscalerConfig, snapshot: Snapshot) -> Result<Self, Error> {
+        let mut scaler = Self::new(config, snapshot.replicas)?;
+        scaler.estimator = snapshot.estimator.with_params(config.estimator);
+        scaler.conductance = snapshot.conductance;
+        scaler.last_active_s = snapshot.last_active_s;
+        scaler.last_scale_up_s = snapshot.last_scale_up_s;
+        scaler.cold_start_until_s = snapshot.cold_start_until_s.unwrap_or(f64::NEG_INFINITY);
+        scaler.loads = snapshot
+            .loads
+            .into_iter()
+            .filter(|(t, a)| t.is_finite() && a.is_finite())
+            .collect();
+        Ok(scaler)
     }
 
     /// Sets (or clears) the most replicas the agent's Budget currently allows.
@@ -322,6 +385,27 @@ mod tests {
             latency_sum_s: requests as f64 * service_s,
             ..LoadSignal::default()
         }
+    }
+
+    #[test]
+    fn a_resumed_autoscaler_decides_as_the_one_it_was_taken_from() {
+        let mut a = scaler();
+        for (i, n) in [30, 90, 150, 150, 60].into_iter().enumerate() {
+            a.step(15.0 * (i as f64 + 1.0), &window(n, 1.0));
+        }
+        let json = serde_json::to_string(&a.snapshot()).expect("serializes");
+        let snapshot: Snapshot = serde_json::from_str(&json).expect("deserializes");
+        let mut b = Autoscaler::resume(AutoscalerConfig::default(), snapshot).expect("valid");
+        for (i, n) in [10, 0, 0, 200].into_iter().enumerate() {
+            let now = 90.0 + 15.0 * i as f64;
+            assert_eq!(a.step(now, &window(n, 1.0)), b.step(now, &window(n, 1.0)));
+        }
+        // A fresh one (a leader that forgot) would not: it starts from the priors.
+        let mut fresh = Autoscaler::new(AutoscalerConfig::default(), a.replicas()).expect("valid");
+        assert_ne!(
+            a.step(150.0, &window(20, 1.0)).desired_replicas,
+            fresh.step(150.0, &window(20, 1.0)).desired_replicas
+        );
     }
 
     fn scaler() -> Autoscaler {

@@ -124,6 +124,7 @@ impl RunningMean {
 
 /// Keeps the running means of arrival rate and service time.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Estimator {
     params: EstimatorParams,
     arrival_rate: RunningMean,
@@ -144,6 +145,13 @@ impl Estimator {
             service_source: None,
             service_second_moment: RunningMean::default(),
         }
+    }
+
+    /// The same estimates under other settings (a resumed autoscaler's current ones).
+    #[must_use]
+    pub fn with_params(mut self, params: EstimatorParams) -> Self {
+        self.params = params;
+        self
     }
 
     /// Folds one window into the estimates and returns them.

@@ -2,10 +2,11 @@
 //! compares it with Kubernetes' HPA and a KEDA-style scaler on request traces.
 //!
 //! This crate has no `kube` dependency; everything in it is pure and testable. The sidecars
-//! already measure what a [`LoadSignal`] needs (`soma_contract::load::LoadReport`, served at
-//! `GET /load`) and enforce a brown-out they are given; the operator loop that feeds the
-//! signals in and writes [`Decision`]s into Agent status and Deployment replicas is planned
-//! (`docs/autoscaler.md`), so today only the simulator runs this crate.
+//! measure what a [`LoadSignal`] needs (`soma_contract::load::LoadReport`, served at
+//! `GET /load`); the operator's scaling loop (`soma_operator::autoscale`) merges them, steps
+//! one [`Autoscaler`] per Agent, sets the Deployment's replicas and writes the [`Decision`] and
+//! a [`Snapshot`] into the Agent's status. Brown-out from the operator, scale to zero and the
+//! Budget's cap are planned there (`docs/autoscaler.md`); the simulator runs all of it.
 //!
 //! ```text
 //!  signal ─► estimate ─► conductance ─┐
@@ -25,7 +26,7 @@ pub mod peers;
 pub mod signal;
 pub mod sim;
 
-pub use autoscaler::Autoscaler;
+pub use autoscaler::{Autoscaler, Snapshot};
 pub use conductance::{Conductance, ConductanceParams};
 pub use config::{AutoscalerConfig, BrownOutAction};
 pub use decision::{BrownOut, BrownOutCause, Decision, Reason};

@@ -1,8 +1,7 @@
 //! The load signal: what one observation window of an agent's traffic looked like.
 //!
 //! The sidecars' load reports (`soma_contract::load::LoadReport::since`, merged over an
-//! Agent's replicas) give one [`LoadSignal`] per step; the operator loop that will do so is
-//! planned. The simulator builds the same struct from its event log, so the autoscaler cannot
+//! Agent's ready replicas by the operator's scaling loop) give one [`LoadSignal`] per step. The simulator builds the same struct from its event log, so the autoscaler cannot
 //! tell them apart.
 
 use serde::{Deserialize, Serialize};

@@ -38,6 +38,8 @@ pub const PROVIDER_KEY_ENV_NAMES: &[&str] = &[
     category = "soma",
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Replicas","type":"string","jsonPath":".status.replicaSummary","description":"ready/desired replicas"}"#,
+    printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".status.scaling.desiredReplicas","description":"replicas the autoscaler wants"}"#,
+    printcolumn = r#"{"name":"Scaling","type":"string","jsonPath":".status.scaling.reason","description":"which rule set the replica count"}"#,
     printcolumn = r#"{"name":"Model","type":"string","jsonPath":".spec.model.name"}"#,
     printcolumn = r#"{"name":"Budget","type":"string","jsonPath":".spec.budgetRef.name"}"#,
     printcolumn = r#"{"name":"Budget Used","type":"string","jsonPath":".status.budgetUsed"}"#,
@@ -230,23 +232,42 @@ pub struct EgressRule {
 }
 
 /// Replica bounds and autoscaling parameters.
+///
+/// Autoscaling runs when `maxReplicas` is greater than `minReplicas` (and greater than 1):
+/// every interval the operator reads the sidecars' load (`GET /load`), steps the Agent's
+/// conductance / Erlang-C autoscaler and sets the Deployment's replicas under the field
+/// manager `soma-autoscaler` (docs/autoscaler.md). Otherwise the Deployment has
+/// `max(minReplicas, 1)` replicas.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas")
     .message("scaling.minReplicas must not exceed scaling.maxReplicas"))]
 pub struct Scaling {
-    /// Fewest replicas; 0 allows scale to zero when idle.
+    /// Fewest replicas. 0 is treated as 1 for now: scale to zero needs a wake path, which is
+    /// planned.
     #[serde(default = "default_min_replicas")]
     #[schemars(range(min = 0, max = 1000))]
     pub min_replicas: i32,
-    /// Most replicas.
+    /// Most replicas. Above `minReplicas`, the autoscaler chooses the count in between.
     #[serde(default = "default_max_replicas")]
     #[schemars(range(min = 1, max = 1000))]
     pub max_replicas: i32,
-    /// Target 95th-percentile queue wait, in milliseconds, for Erlang-C sizing.
+    /// Target 95th-percentile queue wait, in milliseconds, for Erlang-C sizing (the
+    /// autoscaler's `waitTargetS`); default 2000. Lower buys replicas sooner.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 3_600_000))]
     pub target_p95_wait_ms: Option<i64>,
+    /// How long a peak of offered load keeps replicas for its return, seconds (the
+    /// autoscaler's `floorHoldS`); default 900, 0 disables. docs/autoscaler.md shows the
+    /// simulated trade-off: shorter saves replica-hours and costs SLO minutes on bursty traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 86_400))]
+    pub floor_hold_seconds: Option<i64>,
+    /// After a scale-up, no scale-down for this long, seconds (`reversalHoldS`): at most two
+    /// direction changes per this period; default 120.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 86_400))]
+    pub reversal_hold_seconds: Option<i64>,
 }
 
 impl Default for Scaling {
@@ -255,6 +276,8 @@ impl Default for Scaling {
             min_replicas: default_min_replicas(),
             max_replicas: default_max_replicas(),
             target_p95_wait_ms: None,
+            floor_hold_seconds: None,
+            reversal_hold_seconds: None,
         }
     }
 }
@@ -295,6 +318,51 @@ pub struct AgentStatus {
     /// The verified signature of `spec.image`, when the operator requires signed images.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<AgentImageStatus>,
+    /// Why the autoscaler chose this many replicas (only while autoscaling runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaling: Option<ScalingStatus>,
+}
+
+/// The autoscaler's last decision: every number that led to the replica count.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScalingStatus {
+    /// Replicas the autoscaler wants.
+    pub desired_replicas: i32,
+    /// Replicas the Deployment had when it decided (`spec.replicas`).
+    pub current_replicas: i32,
+    /// Which rule set the count: `conductance`, `erlangFloor`, `floorHold`, `minReplicas`,
+    /// `cap`, `idle`, `coldStartHold` or `reversalHold`.
+    pub reason: String,
+    /// Conductance `C` of the Agent's route, in replicas.
+    pub conductance: f64,
+    /// Smallest replica count meeting the utilisation cap and the wait target now.
+    pub erlang_floor: i32,
+    /// The floor for the highest load of the last `floorHoldSeconds`.
+    pub held_floor: i32,
+    /// Estimated arrival rate the floor was sized for, requests per second.
+    pub arrival_rate: f64,
+    /// Estimated mean service time, seconds.
+    pub service_time_s: f64,
+    /// Predicted utilisation at `desiredReplicas` (absent when the queue is unstable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utilisation: Option<f64>,
+    /// Predicted P95 queue wait at `desiredReplicas`, seconds (absent when unstable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p95_wait_s: Option<f64>,
+    /// Ready pods whose sidecar answered `GET /load` in the last step.
+    pub reporting_pods: i32,
+    /// When the autoscaler last stepped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_step_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// When it last changed the Deployment's replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// The autoscaler's memory (estimates, conductance, held loads, hold timers), from which
+    /// a new operator leader continues without a jump in replicas. Internal; may change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::common::preserved_object_schema")]
+    pub state: Option<serde_json::Value>,
 }
 
 /// The verification of an Agent's image: what `spec.image` resolved to and who signed it.

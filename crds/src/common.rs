@@ -59,3 +59,11 @@ pub(crate) fn conditions_schema(generator: &mut schemars::SchemaGenerator) -> sc
     );
     schema
 }
+
+/// An object whose fields the API server keeps as given (`x-kubernetes-preserve-unknown-fields`).
+pub(crate) fn preserved_object_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true
+    })
+}

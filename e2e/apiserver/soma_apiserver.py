@@ -22,7 +22,7 @@ and replaces the object store with one that behaves like the real API server in 
 
 What it emulates, what it does not: see README.md beside this file.
 
-Run:  python soma_apiserver.py --port 0 --crds crds/ [--port-file F] [--no-deployment-controller]
+Run:  python soma_apiserver.py --port 0 --crds crds/ [--port-file F] [--no-deployment-controller] [--deployment-pods]
 """
 
 from __future__ import annotations
@@ -407,6 +407,9 @@ class SomaApiServer(kmock.KubernetesScaffold):
 
     deployment_controller: bool = True
     deployment_delay: float = 0.2  # seconds between a Deployment write and its status update
+    # Test-only: a Deployment's replicas become Running, Ready pods with distinct loopback IPs
+    # (127.0.0.2 …), so tests can serve each pod's ports with a real process on that address.
+    deployment_pods: bool = False
     job_controller: bool = True
     job_delay: float = 0.2  # seconds between two steps of the batch/v1 Job emulation
     bookmark_interval: float = 5.0
@@ -1062,6 +1065,44 @@ class SomaApiServer(kmock.KubernetesScaffold):
         new = copy.deepcopy(old)
         new["status"] = status
         self._update(kind, key, old, new, "kube-controller-manager", "status", False)
+        if self.deployment_pods:
+            self._deployment_pods(key, old, replicas)
+
+    def _deployment_pods(self, key: ObjKey, deployment: dict[str, Any], replicas: int) -> None:
+        """What a ReplicaSet plus kubelets would do, minus the ReplicaSet: as many Running, Ready
+        pods as `replicas`, from the template, each with the lowest free 127.0.0.x as its IP;
+        a scale-down deletes the newest first."""
+        pod_kind = self.kinds[POD_KEY]
+        uid = deployment["metadata"]["uid"]
+        pods = sorted(((k, o) for k, o in self.objects.items() if k[0] == POD_KEY and any(
+            r.get("uid") == uid for r in o["metadata"].get("ownerReferences") or [])),
+            key=lambda p: p[1]["metadata"]["creationTimestamp"] + p[1]["metadata"]["name"])
+        for k, _ in pods[replicas:][::-1]:
+            self._delete_internal(pod_kind, k)
+        used = {(o.get("status") or {}).get("podIP") for k, o in self.objects.items() if k[0] == POD_KEY}
+        template = (deployment.get("spec") or {}).get("template") or {}
+        meta = template.get("metadata") or {}
+        for _ in range(replicas - len(pods)):
+            ip = next((f"127.0.0.{n}" for n in range(2, 255) if f"127.0.0.{n}" not in used), None)
+            if ip is None:
+                log.warning("no free 127.0.0.x address for a pod of %s", key[2])
+                return
+            used.add(ip)
+            suffix = "".join(random.choices(string.ascii_lowercase + string.digits, k=5))
+            pod = {"metadata": {"name": f"{key[2]}-{suffix}", "namespace": key[1],
+                                "labels": dict(meta.get("labels") or {}),
+                                "annotations": dict(meta.get("annotations") or {}),
+                                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": key[2],
+                                                     "uid": uid, "controller": True, "blockOwnerDeletion": True}]},
+                   "spec": copy.deepcopy(template.get("spec") or {})}
+            created = self._create_internal(pod_kind, pod, key[1], "kube-controller-manager")
+            pod_key = self._key(pod_kind, key[1], created["metadata"]["name"])
+            running = copy.deepcopy(created)
+            stamp = now_rfc3339()
+            running["status"] = {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "startTime": stamp,
+                                 "conditions": [{"type": t, "status": "True", "lastTransitionTime": stamp}
+                                                for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")]}
+            self._update(pod_kind, pod_key, created, running, "kubelet", "status", False)
 
     # ---- batch/v1 Jobs: what kube-controller-manager's Job controller and a kubelet would do -----
 
@@ -1376,6 +1417,7 @@ def _drop_nulls(obj: Any) -> Any:
 
 async def serve(args: argparse.Namespace) -> None:
     server = SomaApiServer(deployment_controller=not args.no_deployment_controller,
+                           deployment_pods=args.deployment_pods,
                            deployment_delay=args.deployment_delay, bookmark_interval=args.bookmark_interval,
                            history_limit=args.history_limit, job_controller=not args.no_job_controller,
                            job_delay=args.job_delay)
@@ -1412,6 +1454,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-deployment-controller", action="store_true",
                         help="do not emulate Deployment status (ready replicas) after writes")
     parser.add_argument("--deployment-delay", type=float, default=0.2)
+    parser.add_argument("--deployment-pods", action="store_true",
+                        help="turn a Deployment's replicas into Running, Ready pods with IPs 127.0.0.2, 127.0.0.3, …")
     parser.add_argument("--no-job-controller", action="store_true",
                         help="do not emulate batch/v1 Jobs (pods, attempts, status)")
     parser.add_argument("--job-delay", type=float, default=0.2, help="seconds between two steps of a batch/v1 Job")

@@ -15,6 +15,7 @@
 
 pub mod agent;
 pub mod apply;
+pub mod autoscale;
 pub mod budget;
 pub mod capsule;
 pub mod config;

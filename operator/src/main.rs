@@ -269,6 +269,16 @@ struct RunArgs {
     /// Lease duration in seconds.
     #[arg(long, env = "SOMA_LEASE_SECONDS", default_value_t = 15)]
     lease_seconds: u64,
+    /// Seconds between two autoscaling steps of an Agent (each jittered by up to ±10 %): the
+    /// leader reads the sidecars' load and sets the replicas of every Agent whose
+    /// maxReplicas exceeds its minReplicas.
+    #[arg(long, env = "SOMA_SCALING_INTERVAL_SECONDS", default_value_t = 15,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    scaling_interval_seconds: u64,
+    /// Agents the scaling loop steps at once.
+    #[arg(long, env = "SOMA_SCALING_CONCURRENCY", default_value_t = 8,
+          value_parser = clap::value_parser!(u64).range(1..=256))]
+    scaling_concurrency: u64,
     #[command(flatten)]
     sidecar: SidecarArgs,
     #[command(flatten)]
@@ -482,6 +492,11 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         policy,
         webhook,
         trust,
+        autoscale: soma_operator::autoscale::Options {
+            interval: Duration::from_secs(args.scaling_interval_seconds),
+            concurrency: usize::try_from(args.scaling_concurrency).unwrap_or(8),
+            ..soma_operator::autoscale::Options::default()
+        },
     };
     run(client, options, shutdown).await
 }

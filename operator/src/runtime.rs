@@ -3,7 +3,7 @@
 //! leadership is lost.
 //!
 //! Every replica loads the policies and serves the admission webhook; only the Lease holder
-//! reconciles.
+//! reconciles and runs the scaling loop ([`crate::autoscale`]).
 //!
 //! ```text
 //!  start ─▶ serve /healthz /readyz /metrics ─▶ policies (load, watch ConfigMaps, inventory)
@@ -61,6 +61,8 @@ pub struct RunOptions {
     pub trust: soma_signatures::TrustConfig,
     /// The clock Budget periods are computed with.
     pub clock: crate::context::Clock,
+    /// The scaling loop (run by the leader only).
+    pub autoscale: crate::autoscale::Options,
 }
 
 /// How long a replica waits for the first load of the policy ConfigMaps and the inventory
@@ -250,6 +252,11 @@ pub async fn run(
             )),
         ]
     }));
+    // One scaling loop per leader, over every watched namespace; it stops with the controllers.
+    let autoscale = tokio::spawn(
+        crate::autoscale::Loop::new(ctx.clone(), options.autoscale.clone())
+            .run(until(controllers_stopped.clone(), true)),
+    );
     tokio::pin!(controllers);
 
     let lost = tokio::select! {
@@ -264,6 +271,7 @@ pub async fn run(
     let _ = stop_controllers.send(true);
     // In-flight reconciles finish; a stuck one does not hold the shutdown forever.
     let _ = tokio::time::timeout(Duration::from_secs(20), controllers).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), autoscale).await;
     for task in ledger_tasks {
         task.abort();
     }

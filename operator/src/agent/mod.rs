@@ -13,6 +13,8 @@
 //! - [`status`]: pure computation of conditions;
 //! - [`apply`]: the only place that writes children;
 //! - [`reconcile`]: the reconcile and error policy;
+//! - [`scaling`]: pure autoscaling settings, `spec.replicas` ownership and `status.scaling`
+//!   (the loop itself is [`crate::autoscale`]);
 //! - [`controller`]: the kube-runtime `Controller` and its watches.
 
 pub mod apply;
@@ -20,4 +22,5 @@ pub mod children;
 pub mod controller;
 pub mod image;
 pub mod reconcile;
+pub mod scaling;
 pub mod status;

@@ -23,6 +23,7 @@ use tracing::{Span, field, info, instrument, warn};
 use super::apply::apply_children;
 use super::children::{Resolved, children, pin_agent_image};
 use super::image::{pin, verify_cached};
+use super::scaling::{autoscaler_config, autoscaler_owns_replicas, foreign_replicas_managers};
 use super::status::{
     DeploymentState, ImageCheck, MissingRef, Observed, Stall, agent_status, ready_condition,
 };
@@ -40,7 +41,9 @@ pub const CONTROLLER: &str = "agent";
 const RESYNC: Duration = Duration::from_secs(3600);
 
 /// Replicas Soma wants until the autoscaler drives them: the Agent's minimum, at least one
-/// (scale to zero needs the autoscaler's traffic signal), at most its maximum.
+/// (scale to zero needs a wake path, which is planned), at most its maximum. Once the
+/// autoscaler co-owns the Deployment's `spec.replicas` ([`super::scaling`]), the reconcile
+/// stops applying the field and reports the Deployment's count instead.
 pub fn desired_replicas(agent: &Agent) -> i32 {
     let s = &agent.spec.scaling;
     s.min_replicas.max(1).min(s.max_replicas.max(1))
@@ -175,6 +178,7 @@ pub async fn reconcile(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Action> {
                 }),
                 deployment,
                 desired_replicas: desired_replicas(&agent),
+                autoscaled: autoscaler_config(&agent.spec.scaling).is_some(),
                 ..Observed::default()
             }
         }
@@ -229,7 +233,26 @@ async fn converge(agent: &Agent, ctx: &Context, namespace: &str) -> Result<Obser
             what: "the Agent for policy evaluation",
             source,
         })?;
-    let replicas = desired_replicas(agent);
+    let autoscaled = autoscaler_config(&agent.spec.scaling).is_some();
+    // The autoscaler's count, once it co-owns spec.replicas (applying the field then would
+    // fight it; dropping it earlier would let the apply remove it: back to one replica). When
+    // another manager (kubectl scale, an HPA) owns it, its count stays too: the scaling loop
+    // reports the conflict instead of either side fighting over it.
+    let scaled_replicas = if autoscaled {
+        let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
+        let name = agent.name_any();
+        api.get_opt(&name)
+            .await
+            .map_err(|source| Error::Read {
+                what: format!("Deployment {namespace}/{name}"),
+                source,
+            })?
+            .filter(|d| autoscaler_owns_replicas(d) || !foreign_replicas_managers(d).is_empty())
+            .and_then(|d| d.spec.and_then(|s| s.replicas))
+    } else {
+        None
+    };
+    let replicas = scaled_replicas.unwrap_or_else(|| desired_replicas(agent));
     let runnable = refs.missing.is_empty() && refs.stall.is_none() && !policy.blocks;
     // The registry is asked only about an Agent that could otherwise run.
     let image = if runnable && ctx.config.images.required {
@@ -253,6 +276,11 @@ async fn converge(agent: &Agent, ctx: &Context, namespace: &str) -> Result<Obser
             })?;
         if let Some(image) = &pinned_image {
             pin_agent_image(&mut desired.deployment, image);
+        }
+        if scaled_replicas.is_some()
+            && let Some(spec) = desired.deployment.spec.as_mut()
+        {
+            spec.replicas = None;
         }
         let uid = agent.uid().ok_or(Error::MissingField("metadata.uid"))?;
         let applied = apply_children(&ctx.client, &desired, &uid).await?;
@@ -283,6 +311,7 @@ async fn converge(agent: &Agent, ctx: &Context, namespace: &str) -> Result<Obser
             .budget_ref
             .as_ref()
             .map(|_| ctx.config.ledger.url.is_some()),
+        autoscaled,
     })
 }
 

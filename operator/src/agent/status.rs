@@ -9,6 +9,7 @@ use soma_crds::common::condition_types::{READY, RECONCILING, STALLED};
 use soma_policy::condition::POLICY_ALLOWED;
 
 use super::image::{IMAGE_NOT_VERIFIED, ImageRejection, VerifiedImage, image_status};
+use super::scaling::SCALING;
 use crate::kstatus::{Verdict, conditions, verdict};
 use crate::policy::check::PolicyCheck;
 
@@ -116,6 +117,9 @@ pub struct Observed {
     /// With a Budget: whether it is enforced across all replicas through the ledger
     /// (`BudgetScope`); `None` without a Budget.
     pub budget_cluster_wide: Option<bool>,
+    /// Whether the Agent autoscales: `status.scaling` and the `Scaling` condition (written
+    /// by the scaling loop) are kept, else dropped.
+    pub autoscaled: bool,
 }
 
 /// Condition type: whether the Agent's Budget is enforced across replicas.
@@ -277,9 +281,22 @@ fn kstatus_verdicts(obs: &Observed) -> [Verdict; 3] {
 pub fn agent_status(old: Option<&AgentStatus>, obs: &Observed, now: &Time) -> AgentStatus {
     let old_conditions = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
     let (replicas, ready) = obs.deployment.map_or((0, 0), |d| (d.replicas, d.ready));
+    let mut conditions = conditions(old_conditions, &verdicts(obs), obs.generation, now);
+    if obs.autoscaled {
+        // The scaling loop's condition, kept as it wrote it.
+        conditions.extend(
+            old_conditions
+                .iter()
+                .filter(|c| c.type_ == SCALING)
+                .cloned(),
+        );
+    }
     AgentStatus {
         observed_generation: obs.generation,
-        conditions: conditions(old_conditions, &verdicts(obs), obs.generation, now),
+        conditions,
+        scaling: old
+            .and_then(|s| s.scaling.clone())
+            .filter(|_| obs.autoscaled),
         replicas,
         ready_replicas: ready,
         desired_replicas: obs.desired_replicas,
@@ -632,5 +649,36 @@ mod tests {
             &at(4),
         );
         assert_eq!(get(&missing, READY).reason, "BudgetNotFound");
+    }
+
+    #[test]
+    fn the_scaling_loops_status_is_kept_while_the_agent_autoscales() {
+        let scaling = Condition {
+            type_: SCALING.into(),
+            status: "True".into(),
+            reason: "ErlangFloor".into(),
+            message: "3 replicas".into(),
+            observed_generation: Some(3),
+            last_transition_time: at(5),
+        };
+        let old = AgentStatus {
+            conditions: vec![scaling.clone()],
+            scaling: Some(soma_crds::agent::ScalingStatus {
+                desired_replicas: 3,
+                ..Default::default()
+            }),
+            ..AgentStatus::default()
+        };
+        let autoscaled = Observed {
+            autoscaled: true,
+            ..observed(ready_deployment(3), 3)
+        };
+        let kept = agent_status(Some(&old), &autoscaled, &at(60));
+        assert_eq!(kept.scaling, old.scaling);
+        assert_eq!(get(&kept, SCALING), &scaling);
+        // Autoscaling turned off: both go.
+        let dropped = agent_status(Some(&old), &observed(ready_deployment(3), 3), &at(60));
+        assert_eq!(dropped.scaling, None);
+        assert!(dropped.conditions.iter().all(|c| c.type_ != SCALING));
     }
 }

@@ -1,0 +1,505 @@
+//! The scaling loop: on the leader only, every interval (jittered), for each Agent that
+//! autoscales, read its ready pods' load from their sidecars, step its autoscaler, set the
+//! Deployment's replicas under the field manager `soma-autoscaler`, and say why in status.
+//!
+//! ```text
+//!  every interval ± 10 % ─► list Agents ─► (at most `concurrency` at once) per Agent:
+//!     ready pods ─► GET http://<podIP>:<admin port>/load ─► LoadReport::since(previous) ─► merge
+//!     ─► Autoscaler::step (resumed from status.scaling.state after a restart or failover)
+//!     ─► SSA spec.replicas as soma-autoscaler (never forced: another owner is a conflict)
+//!     ─► status.scaling + `Scaling` condition (+ an Event when its reason changes)
+//! ```
+//!
+//! The pure parts (settings, ownership, status) are in [`crate::agent::scaling`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
+use soma_autoscaler::{Autoscaler, AutoscalerConfig, Snapshot};
+use soma_contract::load::{LOAD_PATH, LoadReport, merge};
+use soma_crds::Agent;
+use tracing::{debug, info, warn};
+
+use crate::agent::children::AGENT_LABEL;
+use crate::agent::scaling::{
+    AUTOSCALER_MANAGER, Step, autoscaler_config, autoscaler_owns_replicas,
+    foreign_replicas_managers, scaling_reason, scaling_status, scaling_verdict,
+};
+use crate::context::{Context, api, scopes};
+use crate::error::{Error, Result};
+use crate::reconciler;
+
+/// How the loop runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Time between steps (each one jittered by up to ±10 %).
+    pub interval: Duration,
+    /// Agents stepped at once.
+    pub concurrency: usize,
+    /// How long one sidecar may take to answer `GET /load`.
+    pub timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(15),
+            concurrency: 8,
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What the loop remembers of one Agent between steps.
+struct Memory {
+    config: AutoscalerConfig,
+    scaler: Autoscaler,
+    /// The last report of each pod (by UID).
+    reports: HashMap<String, LoadReport>,
+}
+
+/// The loop's state: an HTTP client for the sidecars and each Agent's memory.
+pub struct Loop {
+    ctx: Arc<Context>,
+    options: Options,
+    http: HttpClient<HttpConnector, Empty<Bytes>>,
+    memory: Mutex<HashMap<String, Memory>>,
+}
+
+impl Loop {
+    /// A loop with nothing remembered (a new leader): each Agent resumes from its status.
+    pub fn new(ctx: Arc<Context>, options: Options) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(options.timeout));
+        Self {
+            ctx,
+            options,
+            http: HttpClient::builder(TokioExecutor::new()).build(connector),
+            memory: Mutex::default(),
+        }
+    }
+
+    /// Steps every autoscaled Agent every interval until `stop` resolves.
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        info!(interval = ?self.options.interval, "autoscaling loop started");
+        let mut tick: u64 = 0;
+        loop {
+            tick = tick.wrapping_add(1);
+            tokio::select! {
+                () = tokio::time::sleep(jittered(self.options.interval, tick)) => {}
+                () = &mut stop => break,
+            }
+            if let Err(e) = self.step_all().await {
+                warn!(error = %e, "autoscaling: listing Agents failed; next interval retries");
+            }
+        }
+        info!("autoscaling loop stopped");
+    }
+
+    /// One round over every Agent the operator watches.
+    pub async fn step_all(&self) -> Result<()> {
+        let mut agents = Vec::new();
+        for scope in scopes(&self.ctx.config.namespaces) {
+            let list = api::<Agent>(&self.ctx.client, scope.as_deref())
+                .list(&ListParams::default())
+                .await
+                .map_err(|source| Error::Read {
+                    what: "Agents".to_owned(),
+                    source,
+                })?;
+            agents.extend(list.items);
+        }
+        let scaled: Vec<Agent> = agents
+            .into_iter()
+            .filter(|a| {
+                a.meta().deletion_timestamp.is_none()
+                    && autoscaler_config(&a.spec.scaling).is_some()
+            })
+            .collect();
+        let keys: Vec<String> = scaled.iter().map(key).collect();
+        self.memory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|k, _| keys.contains(k));
+        futures::stream::iter(scaled)
+            .for_each_concurrent(self.options.concurrency.max(1), |agent| async move {
+                if let Err(e) = self.step_agent(&agent).await {
+                    warn!(agent = %key(&agent), error = %e, "autoscaling step failed");
+                }
+            })
+            .await;
+        Ok(())
+    }
+
+    /// One step of one Agent.
+    async fn step_agent(&self, agent: &Agent) -> Result<()> {
+        let Some(config) = autoscaler_config(&agent.spec.scaling) else {
+            return Ok(());
+        };
+        let namespace = agent
+            .namespace()
+            .ok_or(Error::MissingField("metadata.namespace"))?;
+        let name = agent.name_any();
+        let deployments: Api<Deployment> = Api::namespaced(self.ctx.client.clone(), &namespace);
+        let Some(deployment) = deployments
+            .get_opt(&name)
+            .await
+            .map_err(|source| Error::Read {
+                what: format!("Deployment {namespace}/{name}"),
+                source,
+            })?
+        else {
+            return Ok(()); // the Agent reconcile has not created it (or is held back)
+        };
+        let current = deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.replicas)
+            .unwrap_or(1);
+        let pods = self.ready_pods(&namespace, &name).await?;
+        let ready = i32::try_from(pods.len()).unwrap_or(i32::MAX);
+        let reports = self.reports(&pods).await;
+        let reporting = i32::try_from(reports.len()).unwrap_or(i32::MAX);
+        let now = Time(self.ctx.clock.now());
+        let now_s = now.0.as_millisecond() as f64 / 1000.0;
+
+        let mut memory = self.take_memory(agent, config, current);
+        let step = if reports.is_empty() {
+            Step::NoSignal { ready, current }
+        } else if memory.reports.is_empty() {
+            // The first reading since this leader started: reports are cumulative, so the next
+            // step measures the traffic in between.
+            Step::Baseline { reporting }
+        } else {
+            let signals: Vec<_> = reports
+                .iter()
+                .map(|(uid, r)| r.since(memory.reports.get(uid)))
+                .collect();
+            let signal = merge(&signals);
+            if memory.scaler.replicas() != u32::try_from(current).unwrap_or(0) {
+                memory
+                    .scaler
+                    .observe_replicas(u32::try_from(current).unwrap_or(0));
+            }
+            let decision = memory.scaler.step(now_s, &signal);
+            let desired = i32::try_from(decision.desired_replicas).unwrap_or(i32::MAX);
+            let foreign = foreign_replicas_managers(&deployment);
+            if !foreign.is_empty() {
+                memory
+                    .scaler
+                    .observe_replicas(u32::try_from(current).unwrap_or(0));
+                Step::Conflict {
+                    managers: foreign,
+                    current,
+                }
+            } else {
+                // Until the autoscaler co-owns spec.replicas, it applies the current count
+                // (no conflict with soma.dev/agent, which applies the same value).
+                let target = if autoscaler_owns_replicas(&deployment) {
+                    desired
+                } else {
+                    current
+                };
+                let needs_apply = target != current || !autoscaler_owns_replicas(&deployment);
+                let applied = if needs_apply {
+                    self.apply_replicas(&namespace, &name, target).await?
+                } else {
+                    Ok(current)
+                };
+                match applied {
+                    Ok(applied) => {
+                        memory
+                            .scaler
+                            .observe_replicas(u32::try_from(applied).unwrap_or(0));
+                        Step::Decided {
+                            state: serde_json::to_value(memory.scaler.snapshot()).map_err(
+                                |source| Error::Serialize {
+                                    what: "the autoscaler's state",
+                                    source,
+                                },
+                            )?,
+                            decision: Box::new(decision),
+                            current,
+                            applied,
+                            reporting,
+                            scaled: applied != current,
+                        }
+                    }
+                    Err(managers) => {
+                        memory
+                            .scaler
+                            .observe_replicas(u32::try_from(current).unwrap_or(0));
+                        Step::Conflict { managers, current }
+                    }
+                }
+            }
+        };
+        memory.reports = reports.into_iter().collect();
+        self.memory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key(agent), memory);
+        if let Step::Decided {
+            decision,
+            current,
+            applied,
+            ..
+        } = &step
+            && applied != current
+        {
+            info!(agent = %key(agent), from = current, to = applied, reason = ?decision.reason, "scaled");
+        }
+        self.write_status(agent, &step, &now).await
+    }
+
+    /// The Agent's memory: kept from the last step, else resumed from its status (a new
+    /// leader), else new; settings edited since are applied.
+    fn take_memory(&self, agent: &Agent, config: AutoscalerConfig, current: i32) -> Memory {
+        let kept = self
+            .memory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&key(agent));
+        let current = u32::try_from(current).unwrap_or(0);
+        match kept {
+            Some(m) if m.config == config => m,
+            Some(m) => Memory {
+                config,
+                scaler: Autoscaler::resume(config, m.scaler.snapshot())
+                    .unwrap_or_else(|_| fresh(config, current)),
+                reports: m.reports,
+            },
+            None => {
+                let saved = agent
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.scaling.as_ref())
+                    .and_then(|s| s.state.clone())
+                    .and_then(|v| serde_json::from_value::<Snapshot>(v).ok());
+                let scaler = saved
+                    .and_then(|s| Autoscaler::resume(config, s).ok())
+                    .unwrap_or_else(|| fresh(config, current));
+                Memory {
+                    config,
+                    scaler,
+                    reports: HashMap::new(),
+                }
+            }
+        }
+    }
+
+    /// The Agent's pods that are Ready, have an IP and are not being deleted.
+    async fn ready_pods(&self, namespace: &str, agent: &str) -> Result<Vec<(String, String)>> {
+        let pods: Api<Pod> = Api::namespaced(self.ctx.client.clone(), namespace);
+        let selector = format!("app.kubernetes.io/name=soma-agent,{AGENT_LABEL}={agent}");
+        let list = pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|source| Error::Read {
+                what: format!("pods of Agent {namespace}/{agent}"),
+                source,
+            })?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter_map(|p| {
+                let status = p.status.as_ref()?;
+                let ready = status
+                    .conditions
+                    .iter()
+                    .flatten()
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                let ip = status.pod_ip.clone().filter(|ip| !ip.is_empty())?;
+                ready.then(|| (p.metadata.uid.clone().unwrap_or_else(|| p.name_any()), ip))
+            })
+            .collect())
+    }
+
+    /// The reports of the pods whose sidecar answered, by pod UID.
+    async fn reports(&self, pods: &[(String, String)]) -> Vec<(String, LoadReport)> {
+        let port = self.ctx.config.sidecar.admin_port;
+        futures::stream::iter(pods.iter().cloned())
+            .map(|(uid, ip)| async move {
+                let host = if ip.contains(':') {
+                    format!("[{ip}]")
+                } else {
+                    ip.clone()
+                };
+                let url = format!("http://{host}:{port}{LOAD_PATH}");
+                match self.fetch(&url).await {
+                    Ok(r) => Some((uid, r)),
+                    Err(e) => {
+                        debug!(%url, error = %e, "no load report");
+                        None
+                    }
+                }
+            })
+            .buffer_unordered(16)
+            .filter_map(|r| async move { r })
+            .collect()
+            .await
+    }
+
+    async fn fetch(&self, url: &str) -> std::result::Result<LoadReport, String> {
+        let uri: hyper::Uri = url.parse().map_err(|e| format!("{e}"))?;
+        let call = async {
+            let response = self.http.get(uri).await.map_err(|e| e.to_string())?;
+            if !response.status().is_success() {
+                return Err(format!("HTTP {}", response.status()));
+            }
+            let body = Limited::new(response.into_body(), 64 * 1024)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            serde_json::from_slice::<LoadReport>(&body).map_err(|e| e.to_string())
+        };
+        tokio::time::timeout(self.options.timeout, call)
+            .await
+            .map_err(|_| "timed out".to_owned())?
+    }
+
+    /// Applies `spec.replicas` as `soma-autoscaler`, without force: `Err(managers)` when
+    /// another manager owns the field with another value.
+    async fn apply_replicas(
+        &self,
+        namespace: &str,
+        name: &str,
+        replicas: i32,
+    ) -> Result<std::result::Result<i32, Vec<String>>> {
+        let api: Api<Deployment> = Api::namespaced(self.ctx.client.clone(), namespace);
+        let patch = serde_json::json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"replicas": replicas},
+        });
+        match api
+            .patch(
+                name,
+                &PatchParams::apply(AUTOSCALER_MANAGER),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            Ok(d) => Ok(Ok(d.spec.and_then(|s| s.replicas).unwrap_or(replicas))),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(Err(conflicting_managers(&e.message))),
+            Err(source) => Err(Error::Apply {
+                kind: "Deployment",
+                name: name.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// Writes `status.scaling` and the `Scaling` condition (only when they changed), and an
+    /// Event when the condition's reason changes.
+    async fn write_status(&self, agent: &Agent, step: &Step, now: &Time) -> Result<()> {
+        let generation = agent.metadata.generation;
+        let Some(written) = reconciler::write_status(&self.ctx, agent, |old| {
+            scaling_status(old, step, generation, now)
+        })
+        .await?
+        else {
+            return Ok(());
+        };
+        let before = scaling_reason(written.old.as_ref());
+        let after = scaling_reason(Some(&written.new));
+        if before != after
+            && let Some(v) = scaling_verdict(step)
+        {
+            let type_ = if v.status {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            };
+            reconciler::publish(&self.ctx, agent, type_, &v.reason, &v.message, "Scale").await;
+        }
+        Ok(())
+    }
+}
+
+fn fresh(config: AutoscalerConfig, current: u32) -> Autoscaler {
+    // Settings came through autoscaler_config, whose output validates; a failure would be a bug
+    // there, and the defaults are the safe answer.
+    Autoscaler::new(config, current).unwrap_or_else(|_| {
+        Autoscaler::new(AutoscalerConfig::default(), current)
+            .unwrap_or_else(|_| unreachable!("the default settings are valid"))
+    })
+}
+
+fn key(agent: &Agent) -> String {
+    format!(
+        "{}/{}",
+        agent.namespace().unwrap_or_default(),
+        agent.name_any()
+    )
+}
+
+/// The interval moved by up to ±10 %, differently each tick (no two operators, and no two
+/// ticks, line up with a periodic load).
+fn jittered(interval: Duration, tick: u64) -> Duration {
+    let seed = tick
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(u64::from(std::process::id()));
+    let unit = (seed >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+    interval.mul_f64(0.9 + 0.2 * unit)
+}
+
+/// The managers a 409 apply conflict names (`conflict with "kubectl": .spec.replicas`).
+fn conflicting_managers(message: &str) -> Vec<String> {
+    let mut out: Vec<String> = message
+        .split("conflict with \"")
+        .skip(1)
+        .filter_map(|s| s.split('"').next())
+        .map(str::to_owned)
+        .collect();
+    out.dedup();
+    if out.is_empty() {
+        out.push("another field manager".to_owned());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_ten_percent() {
+        let i = Duration::from_secs(15);
+        for tick in 0..1000 {
+            let j = jittered(i, tick);
+            assert!(j >= i.mul_f64(0.9) && j <= i.mul_f64(1.1), "{j:?}");
+        }
+    }
+
+    #[test]
+    fn conflicts_name_their_managers() {
+        assert_eq!(
+            conflicting_managers(
+                "Apply failed with 1 conflict: conflict with \"kubectl\" using apps/v1: .spec.replicas"
+            ),
+            vec!["kubectl".to_owned()]
+        );
+        assert_eq!(
+            conflicting_managers("nope"),
+            vec!["another field manager".to_owned()]
+        );
+    }
+}
