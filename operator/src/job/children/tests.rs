@@ -93,6 +93,7 @@ fn built(j: &Job, a: &AgentSpec, config: &OperatorConfig) -> TaskChildren {
         budget_ref: j.spec.budget_ref.as_ref().or(a.budget_ref.as_ref()),
         budgets: Vec::new(),
         pinned_image: None,
+        capsules: Vec::new(),
     };
     task_children(j, &task, config).expect("children build")
 }
@@ -165,6 +166,7 @@ fn a_task_runs_once_in_the_agent_pod_with_its_input() {
         &Resolved {
             replicas: 1,
             budgets: Vec::new(),
+            capsules: Vec::new(),
         },
         &OperatorConfig::default(),
     )
@@ -347,6 +349,7 @@ fn a_verified_image_is_pinned() {
         budget_ref: None,
         budgets: Vec::new(),
         pinned_image: Some("registry.example.com/a@sha256:feed".into()),
+        capsules: Vec::new(),
     };
     let c = task_children(&j, &task, &OperatorConfig::default()).expect("build");
     assert_eq!(
