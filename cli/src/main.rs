@@ -7,6 +7,8 @@
 //! - `soma audit verify`: the ledger's hash chains and seals ([`audit`]);
 //! - `soma image verify`: container images' Cosign signatures, by Soma's own verifier
 //!   ([`image`]).
+//! - `soma capsule pack|push|fetch`: Capsule bundles: pack a folder reproducibly, push it to
+//!   a registry, deliver exactly a verified digest into a folder ([`capsule`]).
 //! - `soma dr drill|backup|restore`: DR drills of the ledger: a consistent backup, a restore
 //!   into scratch, verified against the audit chain and the NATS stream, RPO and RTO ([`dr`]).
 //!
@@ -15,6 +17,7 @@
 
 mod audit;
 mod budget;
+mod capsule;
 mod cost;
 mod dr;
 mod image;
@@ -57,6 +60,11 @@ enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+    /// Capsule bundles: pack, push, fetch by digest.
+    Capsule {
+        #[command(subcommand)]
+        command: CapsuleCommand,
+    },
     /// Disaster recovery: back up the ledger, restore it into scratch, verify it.
     Dr {
         #[command(subcommand)]
@@ -68,6 +76,17 @@ enum Command {
 enum ImageCommand {
     /// Verify images' Cosign signatures against public keys (offline: no transparency log).
     Verify(image::VerifyArgs),
+}
+
+#[derive(Subcommand)]
+enum CapsuleCommand {
+    /// Pack a folder of text documents into a bundle (an OCI image layout), reproducibly;
+    /// prints the digest.
+    Pack(capsule::PackArgs),
+    /// Push a packed bundle to a registry; prints `registry/repository@digest` to sign.
+    Push(capsule::PushArgs),
+    /// Deliver exactly the content of a digest into a folder (an agent pod's init container).
+    Fetch(capsule::FetchArgs),
 }
 
 #[derive(Subcommand)]
@@ -133,6 +152,17 @@ fn main() -> ExitCode {
         Command::Image {
             command: ImageCommand::Verify(args),
         } => ledger::block_on(image::verify(args)),
+        Command::Capsule { command } => match command {
+            CapsuleCommand::Pack(args) => match capsule::pack(&args) {
+                Ok(code) => code,
+                Err(f) => {
+                    eprintln!("soma: {}", f.message);
+                    ExitCode::from(f.code)
+                }
+            },
+            CapsuleCommand::Push(args) => ledger::block_on(capsule::push(args)),
+            CapsuleCommand::Fetch(args) => ledger::block_on(capsule::fetch(args)),
+        },
         Command::Dr { command } => match command {
             DrCommand::Drill(args) => ledger::block_on(dr::drill(args)),
             DrCommand::Backup(args) => ledger::block_on(dr::backup(args)),

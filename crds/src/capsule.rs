@@ -25,7 +25,8 @@ use crate::common::conditions_schema;
 )]
 #[serde(rename_all = "camelCase")]
 pub struct CapsuleSpec {
-    /// The Capsule's version. Immutable: publish a new Capsule for a new version.
+    /// The Capsule's version. Immutable: publish a new Capsule for a new version. An OCI
+    /// bundle's signed version (`dev.soma.capsule.version`) must equal it.
     #[schemars(length(min = 1, max = 128))]
     #[x_kube(validation = Rule::new("self == oldSelf")
         .message("spec.version is immutable; publish a new Capsule for a new version"))]
@@ -34,12 +35,16 @@ pub struct CapsuleSpec {
     #[x_kube(validation = Rule::new("self == oldSelf")
         .message("spec.source is immutable; publish a new Capsule to change its content"))]
     pub source: CapsuleSource,
-    /// Hash (`sha256:…`) of the policy set this Capsule was reviewed against.
+    /// Hash (`sha256:…`) of the policy set this Capsule was reviewed against. For an OCI
+    /// bundle it is signed with the content (`dev.soma.capsule.policy-hash` in the manifest)
+    /// and must equal it, or the Capsule is not Ready (`PolicyHashMismatch`).
     #[schemars(regex(pattern = r"^sha256:[a-f0-9]{64}$"))]
     pub policy_hash: String,
     /// Who must have signed it.
     pub signature: SignaturePolicy,
-    /// Revoke the Capsule: agents stop using it and it never becomes Ready again.
+    /// Revoke the Capsule: it is not Ready again, and no Agent or Job starts or changes its
+    /// pods with it. Pods already running keep their mounted copy until replaced (withdrawing
+    /// it from running pods is planned; docs/capsules.md).
     #[serde(default)]
     pub revoked: bool,
 }
@@ -50,13 +55,16 @@ pub struct CapsuleSpec {
 #[x_kube(validation = Rule::new("[has(self.oci), has(self.inline), has(self.configMapRef)].filter(x, x).size() == 1")
     .message("source needs exactly one of oci, inline or configMapRef"))]
 pub struct CapsuleSource {
-    /// An OCI artifact, by digest.
+    /// An OCI artifact, by digest: a Capsule bundle made by `soma capsule pack`
+    /// (docs/capsules.md), delivered read-only into agent pods at `/capsules/<name>/`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oci: Option<OciSource>,
-    /// Small capsules can be written inline.
+    /// Small capsules can be written inline. Inline blocks cannot carry a Cosign signature,
+    /// so an inline Capsule is never Ready and never delivered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inline: Option<InlineSource>,
-    /// A ConfigMap holding the bundle.
+    /// A ConfigMap holding the content (one key, signed with `cosign sign-blob`, signature
+    /// under `<key>.sig`), delivered as `/capsules/<name>/<key>` once its bytes match the digest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_map_ref: Option<ConfigMapSource>,
 }
@@ -68,7 +76,7 @@ pub struct OciSource {
     /// Repository, for example `registry.example.com/capsules/support-kb`.
     #[schemars(length(min = 1, max = 512))]
     pub repository: String,
-    /// Content digest.
+    /// The manifest digest: what is signed, verified and fetched into pods (nothing else).
     #[schemars(regex(pattern = r"^sha256:[a-f0-9]{64}$"))]
     pub digest: String,
 }

@@ -7,6 +7,7 @@ any is missing, so a test module can skip plainly.
     Workdir (own HOME, DOCKER_CONFIG, COSIGN_PASSWORD; no user config or credentials read)
       ├─ key_pair("soma")          cosign generate-key-pair   → soma.key, soma.pub (PEM)
       ├─ push(reg, repo, tag, ..)  oras push --plain-http      → manifest digest
+      ├─ push_capsule(reg, ..)     oras push of a Capsule bundle (docs/capsules.md) → digest
       ├─ sign(key, reg, repo, d)   cosign sign --key --tlog-upload=false (plain HTTP registry)
       ├─ sign_blob(key, file)      cosign sign-blob --key      → base64 signature
       └─ copy_signature(..)        oras tag <A's .sig> <B's .sig tag>  (a replayed signature)
@@ -16,10 +17,13 @@ any is missing, so a test module can skip plainly.
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import os
 import pathlib
 import socket
 import subprocess
+import tarfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -116,6 +120,37 @@ class Workdir:
         (self.path / name).write_bytes(data)
         target = f"{registry}/{repo}:{tag}"
         self.oras("push", "--plain-http", target, f"{name}:{ARTIFACT_TYPE}")
+        return self.oras("resolve", "--plain-http", target).strip()
+
+    def push_capsule(self, registry: str, repo: str, tag: str, content: str, policy_hash: str,
+                     version: str = "1") -> str:
+        """Pushes `content` as a Capsule bundle (one document, one chunk; the format of
+        docs/capsules.md, made here with oras alone) to `registry/repo:tag`; returns its digest.
+        `content` must be one paragraph of at most 1500 bytes without surrounding whitespace, so
+        it is its own single chunk."""
+        text = content.encode()
+        assert text == text.strip() and b"\n\n" not in text and len(text) <= 1500, content
+        folder = self.path / f"capsule-{repo.replace('/', '_')}-{tag}"
+        folder.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as t:
+            info = tarfile.TarInfo("content.json")
+            info.size, info.mtime, info.mode = len(text), 0, 0o644
+            t.addfile(info, io.BytesIO(text))
+        (folder / "documents.tar").write_bytes(buf.getvalue())
+        chunk = {"id": "content.json#0", "document": "content.json", "start": 0, "end": len(text),
+                 "text": content}
+        (folder / "chunks.jsonl").write_bytes(json.dumps(chunk, separators=(",", ":")).encode() + b"\n")
+        (folder / "capsule.json").write_text(json.dumps({
+            "schemaVersion": 1, "version": version, "policyHash": policy_hash,
+            "chunking": {"maxBytes": 1500}, "documents": 1, "chunks": 1}))
+        target = f"{registry}/{repo}:{tag}"
+        self.run(self.tools.oras, "push", "--plain-http", target,
+                 "--config", f"{folder.name}/capsule.json:application/vnd.soma.capsule.config.v1+json",
+                 "--annotation", f"dev.soma.capsule.version={version}",
+                 "--annotation", f"dev.soma.capsule.policy-hash={policy_hash}",
+                 f"{folder.name}/documents.tar:application/vnd.soma.capsule.documents.v1.tar",
+                 f"{folder.name}/chunks.jsonl:application/vnd.soma.capsule.chunks.v1+jsonl")
         return self.oras("resolve", "--plain-http", target).strip()
 
     def sign(self, key: str, registry: str, repo: str, digest: str) -> None:

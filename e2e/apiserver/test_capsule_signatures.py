@@ -69,6 +69,10 @@ class Env:
             "spec": {"version": "1", "policyHash": POLICY_HASH, "source": source,
                      "signature": {"publicKeyRef": {"name": keys, "key": "cosign.pub"}}}}, manager="kubectl")
 
+    def push(self, tag: str, content: str, policy_hash: str = POLICY_HASH) -> str:
+        """Pushes `content` as a Capsule bundle under `tag`; returns its digest."""
+        return self.work.push_capsule(self.registry.addr, REPO_KB, tag, content, policy_hash)
+
     def oci(self, digest: str) -> dict[str, Any]:
         return {"oci": {"repository": f"{self.registry.addr}/{REPO_KB}", "digest": digest}}
 
@@ -158,7 +162,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 
 def test_signed_oci_capsule_is_ready_with_digest_signer_and_time(env: Env) -> None:
-    digest = env.work.push(env.registry.addr, REPO_KB, "v1", '{"blocks":[{"id":"a","text":"refunds: 30 days"}]}')
+    digest = env.push("v1", '{"blocks":[{"id":"a","text":"refunds: 30 days"}]}')
     env.work.sign("soma", env.registry.addr, REPO_KB, digest)
     assert env.work.verify("soma", env.registry.addr, REPO_KB, digest), "the cosign CLI accepts it"
     env.capsule("kb", env.oci(digest))
@@ -177,11 +181,40 @@ def test_signed_oci_capsule_is_ready_with_digest_signer_and_time(env: Env) -> No
     assert (condition(capsule, "PolicyAllowed") or {}).get("status") == "True"
 
     wait_for("Agent uses-kb Ready", lambda: (env.agent_ready("uses-kb") or {}).get("status") == "True")
-    assert env.kube.get_opt("apps/v1", "deployments", NS, "uses-kb") is not None
+    deployment = env.kube.get_opt("apps/v1", "deployments", NS, "uses-kb")
+    assert deployment is not None
+    # The pod fetches exactly the verified digest before anything starts, and the agent reads
+    # it read-only at /capsules/kb.
+    pod = deployment["spec"]["template"]["spec"]
+    fetch = pod["initContainers"][0]
+    assert fetch["name"] == "capsule-0", pod["initContainers"]
+    args = fetch["args"]
+    assert args[args.index("--digest") + 1] == digest, args
+    assert args[args.index("--repository") + 1] == f"{env.registry.addr}/{REPO_KB}", args
+    assert args[args.index("--policy-hash") + 1] == POLICY_HASH, args
+    agent = next(c for c in pod["containers"] if c["name"] == "agent")
+    mount = next(m for m in agent["volumeMounts"] if m["mountPath"] == "/capsules/kb")
+    assert mount["readOnly"] is True, mount
+
+
+def test_signed_bundle_for_another_policy_or_not_a_bundle_is_rejected(env: Env) -> None:
+    """The signature covers the manifest, and with it the bundle's policyHash: a Capsule
+    claiming another review than its signed content is refused, as is a signed artifact that is
+    not a Capsule bundle."""
+    digest = env.push("other-review", '{"blocks":[{"id":"p","text":"p"}]}', policy_hash="sha256:" + "aa" * 32)
+    env.work.sign("soma", env.registry.addr, REPO_KB, digest)
+    env.capsule("other-review", env.oci(digest))
+    ready = env.rejected("other-review", "PolicyHashMismatch")
+    assert "sha256:" + "aa" * 32 in ready["message"] and POLICY_HASH in ready["message"], ready
+    plain = env.work.push(env.registry.addr, REPO_KB, "plain", '{"blocks":[{"id":"x","text":"x"}]}')
+    env.work.sign("soma", env.registry.addr, REPO_KB, plain)
+    env.capsule("plain", env.oci(plain))
+    ready = env.rejected("plain", "NotACapsuleBundle")
+    assert "soma capsule pack" in ready["message"], ready
 
 
 def test_wrong_key_is_rejected(env: Env) -> None:
-    digest = env.work.push(env.registry.addr, REPO_KB, "wrong-key", '{"blocks":[{"id":"w","text":"w"}]}')
+    digest = env.push("wrong-key", '{"blocks":[{"id":"w","text":"w"}]}')
     env.work.sign("soma", env.registry.addr, REPO_KB, digest)
     env.capsule("by-other-key", env.oci(digest), keys="wrong-signers")
     ready = env.rejected("by-other-key", "WrongKey")
@@ -190,7 +223,7 @@ def test_wrong_key_is_rejected(env: Env) -> None:
 
 
 def test_unsigned_digest_is_rejected_until_it_is_signed(env: Env) -> None:
-    digest = env.work.push(env.registry.addr, REPO_KB, "later", '{"blocks":[{"id":"l","text":"later"}]}')
+    digest = env.push("later", '{"blocks":[{"id":"l","text":"later"}]}')
     env.capsule("signed-later", env.oci(digest))
     ready = env.rejected("signed-later", "Unsigned")
     assert signing.signature_tag(digest) in ready["message"], ready
@@ -201,8 +234,8 @@ def test_unsigned_digest_is_rejected_until_it_is_signed(env: Env) -> None:
 
 
 def test_signature_replayed_from_another_artifact_is_rejected(env: Env) -> None:
-    a = env.work.push(env.registry.addr, REPO_KB, "genuine", '{"blocks":[{"id":"g","text":"genuine"}]}')
-    b = env.work.push(env.registry.addr, REPO_KB, "forged", '{"blocks":[{"id":"g","text":"forged"}]}')
+    a = env.push("genuine", '{"blocks":[{"id":"g","text":"genuine"}]}')
+    b = env.push("forged", '{"blocks":[{"id":"g","text":"forged"}]}')
     env.work.sign("soma", env.registry.addr, REPO_KB, a)
     env.work.copy_signature(env.registry.addr, REPO_KB, a, b)
     assert not env.work.verify("soma", env.registry.addr, REPO_KB, b), "the cosign CLI rejects it too"
@@ -212,10 +245,10 @@ def test_signature_replayed_from_another_artifact_is_rejected(env: Env) -> None:
 
 
 def test_tampered_tag_and_missing_artifact_are_rejected(env: Env) -> None:
-    signed = env.work.push(env.registry.addr, REPO_KB, "moving", '{"blocks":[{"id":"t","text":"refunds: 30 days"}]}')
+    signed = env.push("moving", '{"blocks":[{"id":"t","text":"refunds: 30 days"}]}')
     env.work.sign("soma", env.registry.addr, REPO_KB, signed)
     # Someone re-pushes the tag with other bytes: another digest, which nobody signed.
-    tampered = env.work.push(env.registry.addr, REPO_KB, "moving", '{"blocks":[{"id":"t","text":"refunds: never"}]}')
+    tampered = env.push("moving", '{"blocks":[{"id":"t","text":"refunds: never"}]}')
     assert tampered != signed
     env.capsule("tampered", env.oci(tampered))
     env.rejected("tampered", "Unsigned")
@@ -270,7 +303,7 @@ def test_config_map_capsule_follows_its_signature(env: Env) -> None:
 
 
 def test_agent_using_a_rejected_capsule_does_not_start(env: Env) -> None:
-    digest = env.work.push(env.registry.addr, REPO_KB, "never-signed", '{"blocks":[{"id":"n","text":"n"}]}')
+    digest = env.push("never-signed", '{"blocks":[{"id":"n","text":"n"}]}')
     env.capsule("never-signed", env.oci(digest))
     env.agent("uses-unsigned", "never-signed")
     env.rejected("never-signed", "Unsigned")

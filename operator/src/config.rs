@@ -135,6 +135,10 @@ pub struct OperatorConfig {
     /// (unsigned, wrong key, replayed, not found) is looked up again: a signature pushed
     /// after the Capsule was applied is not an event the operator can watch.
     pub capsule_recheck: std::time::Duration,
+    /// Registries (`host:port`) reached over plain HTTP: Capsule verification uses them, and
+    /// so does the init container that fetches a Capsule into an agent pod
+    /// (`--insecure-registries`).
+    pub insecure_registries: Vec<String>,
     /// The Job controller.
     pub jobs: JobConfig,
 }
@@ -197,6 +201,7 @@ impl Default for OperatorConfig {
             namespaces: Vec::new(),
             images: ImageSignatures::default(),
             capsule_recheck: std::time::Duration::from_secs(300),
+            insecure_registries: Vec::new(),
             ledger: LedgerConfig::default(),
             jobs: JobConfig::default(),
         }

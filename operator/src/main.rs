@@ -472,6 +472,7 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         config: OperatorConfig {
             images,
             capsule_recheck,
+            insecure_registries: trust.insecure_registries.clone(),
             ledger: LedgerConfig {
                 seal_key_secret: args.ledger.ledger_seal_key_secret,
                 refresh: Duration::from_secs(args.ledger.budget_refresh_seconds),

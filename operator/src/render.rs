@@ -112,6 +112,8 @@ pub fn render(manifest: &str, config: &OperatorConfig) -> Result<String, RenderE
                 .as_ref()
                 .map(|r| r.budgets.clone())
                 .unwrap_or_default(),
+            // Capsules are verified in the cluster; offline, none is delivered.
+            capsules: Vec::new(),
         };
         let c =
             children(&agent, &resolved, config).map_err(|e| RenderError::Output(e.to_string()))?;
@@ -258,6 +260,8 @@ fn render_job(
             budget_ref,
             budgets: resolution.map(|r| r.budgets).unwrap_or_default(),
             pinned_image: None,
+            // Capsules are verified in the cluster; offline, none is delivered.
+            capsules: Vec::new(),
         };
         let c =
             task_children(job, &task, config).map_err(|e| RenderError::Output(e.to_string()))?;

@@ -34,6 +34,7 @@ use soma_crds::agent::Agent;
 #[cfg(test)]
 use soma_crds::agent::{EgressRule, PROVIDER_KEY_ENV_NAMES, Provider};
 
+use crate::capsule::delivery;
 use crate::config::OperatorConfig;
 use crate::workload::{self, Workload, child_meta, hash_config};
 pub use crate::workload::{
@@ -71,6 +72,8 @@ pub struct Resolved {
     pub replicas: i32,
     /// The Agent's Budget followed by its `parentRef` chain, as the sidecar enforces them.
     pub budgets: Vec<soma_metering::BudgetDef>,
+    /// The verified Capsules to deliver into the pods (`crate::capsule::delivery`).
+    pub capsules: Vec<crate::capsule::delivery::Delivery>,
 }
 
 /// The Agent as a workload: its children are named after it and owned by it, and its sidecar
@@ -97,12 +100,18 @@ pub fn children(
     let w = workload(agent);
     let settings = workload::sidecar_config(&w, &resolved.budgets, config);
     let config_hash = hash_config(&settings)?;
+    let mut deployment = deployment(agent, resolved.replicas, &config_hash, config);
+    if let Some(spec) = deployment.spec.as_mut() {
+        delivery::deliver(&mut spec.template, &resolved.capsules, config);
+    }
+    let mut network_policy = workload::network_policy(&w, config);
+    delivery::registry_egress(&mut network_policy, &resolved.capsules);
     Ok(Children {
         service_account: workload::service_account(&w),
         ledger_secret: workload::ledger_secret(&w, config),
-        deployment: deployment(agent, resolved.replicas, &config_hash, config),
+        deployment,
         service: service(agent, config),
-        network_policy: workload::network_policy(&w, config),
+        network_policy,
         sidecar_config: workload::sidecar_config_map(&w, &settings)?,
     })
 }

@@ -29,6 +29,7 @@ use super::status::{
 };
 use crate::budget::def::resolve_chain;
 use crate::budget::index::Walked;
+use crate::capsule::delivery::Delivery;
 use crate::capsule::refs::{CapsuleRef, capsule_refs};
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -61,6 +62,8 @@ struct Refs {
     stall: Option<Stall>,
     /// The share of its Budget used, from the Budget's status.
     budget_used: Option<String>,
+    /// The verified Capsules to deliver into the pods.
+    capsules: Vec<Delivery>,
 }
 
 /// Resolves the Agent's Budget chain (the one resolver, over Budgets read from the API) and
@@ -112,7 +115,7 @@ async fn resolve_refs(ctx: &Context, agent: &Agent, namespace: &str) -> Result<R
     }
     for (name, state) in capsule_refs(client, namespace, &agent.spec.capsules).await? {
         match state {
-            CapsuleRef::Ready => {}
+            CapsuleRef::Ready(delivery) => refs.capsules.extend(delivery),
             CapsuleRef::Missing => refs.missing.push(MissingRef {
                 kind: "Capsule",
                 namespace: namespace.to_owned(),
@@ -268,6 +271,7 @@ async fn converge(agent: &Agent, ctx: &Context, namespace: &str) -> Result<Obser
         let resolved = Resolved {
             replicas,
             budgets: refs.budgets,
+            capsules: refs.capsules,
         };
         let mut desired =
             children(agent, &resolved, &ctx.config).map_err(|source| Error::Serialize {

@@ -2,7 +2,11 @@
 //!
 //! - `spec.source.oci`: the artifact's `sha256-<hex>.sig` signatures in its registry must
 //!   name its digest and verify with the `publicKeyRef` key, or (keyless) carry a certificate
-//!   from a configured root for the `keyless` identity.
+//!   from a configured root for the `keyless` identity. The signature covers the manifest, so
+//!   the bundle's `dev.soma.capsule.policy-hash` and `dev.soma.capsule.version` annotations are
+//!   signed with the content: they must equal the Capsule's `policyHash` and `version`
+//!   (`PolicyHashMismatch`, `VersionMismatch`), and the artifact must be a Capsule bundle
+//!   (`NotACapsuleBundle`; docs/capsules.md).
 //! - `spec.source.configMapRef`: the content's bytes (already checked against the declared
 //!   digest) must carry `cosign sign-blob`'s signature for the key, stored in the same
 //!   ConfigMap under `<key>.sig`.
@@ -17,14 +21,17 @@ use super::verify::{CapsuleVerifier, Rejection, Request, Verified};
 /// Cosign verification through one shared [`Verifier`] (its cache spans every Capsule).
 pub struct Cosign {
     verifier: Verifier,
+    bundles: soma_capsule::Registry,
 }
 
 impl Cosign {
     /// A verifier reaching `insecure_registries` (`host:port`) over plain HTTP and trusting
     /// `keyless_roots` (PEM CA certificates) for keyless signatures.
     pub fn new(trust: TrustConfig) -> Result<Self, soma_signatures::Rejection> {
+        let bundles = soma_capsule::Registry::new(trust.insecure_registries.clone());
         Ok(Self {
             verifier: Verifier::new(trust)?,
+            bundles,
         })
     }
 }
@@ -59,6 +66,63 @@ fn rejected_by_registry(e: &soma_signatures::Rejection) -> Rejection {
         recheck,
         ..rejected(e)
     }
+}
+
+/// A verified artifact whose manifest cannot be read as a Capsule bundle.
+fn bundle_rejected(e: &soma_capsule::Error) -> Rejection {
+    match e {
+        soma_capsule::Error::Registry { transient, .. } => Rejection {
+            reason: "RegistryUnreachable".to_owned(),
+            message: e.to_string(),
+            transient: *transient,
+            recheck: !*transient,
+        },
+        _ => Rejection {
+            reason: "NotACapsuleBundle".to_owned(),
+            message: format!(
+                "{e}; a Capsule's artifact must be a bundle made by `soma capsule pack` (docs/capsules.md)"
+            ),
+            transient: false,
+            recheck: false,
+        },
+    }
+}
+
+/// The bundle's signed `policyHash` and version must be the Capsule's: otherwise the
+/// Capsule claims a review its signed content does not.
+pub fn signed_labels(
+    manifest: &soma_capsule::format::OciManifest,
+    spec: &soma_crds::capsule::CapsuleSpec,
+) -> Result<(), Rejection> {
+    use soma_capsule::format::{POLICY_HASH_ANNOTATION, VERSION_ANNOTATION};
+    for (annotation, expected, field, reason) in [
+        (
+            POLICY_HASH_ANNOTATION,
+            &spec.policy_hash,
+            "policyHash",
+            "PolicyHashMismatch",
+        ),
+        (
+            VERSION_ANNOTATION,
+            &spec.version,
+            "version",
+            "VersionMismatch",
+        ),
+    ] {
+        let signed = manifest.annotations.get(annotation);
+        if signed != Some(expected) {
+            return Err(Rejection {
+                reason: reason.to_owned(),
+                message: format!(
+                    "the signed bundle's {field} is {} but the Capsule says {expected:?}; publish a Capsule whose {field} is the one its content was signed with",
+                    signed.map_or_else(|| "absent".to_owned(), |s| format!("{s:?}"))
+                ),
+                transient: false,
+                recheck: false,
+            });
+        }
+    }
+    Ok(())
 }
 
 fn verified(v: soma_signatures::Verified) -> Verified {
@@ -96,12 +160,19 @@ impl CapsuleVerifier for Cosign {
             if let Some(oci) = &source.oci {
                 let reference = OciRef::from_repository(&oci.repository, &oci.digest)
                     .map_err(|e| rejected(&e))?;
-                return self
+                let v = self
                     .verifier
                     .verify_oci(&reference, &policy)
                     .await
                     .map(verified)
-                    .map_err(|e| rejected_by_registry(&e));
+                    .map_err(|e| rejected_by_registry(&e))?;
+                let manifest = self
+                    .bundles
+                    .manifest(&oci.repository, &oci.digest)
+                    .await
+                    .map_err(|e| bundle_rejected(&e))?;
+                signed_labels(&manifest, &request.capsule.spec)?;
+                return Ok(v);
             }
             let Some(blob) = request.blob else {
                 return Err(Rejection {
@@ -167,5 +238,47 @@ mod tests {
         );
         // A blob's signature lives in a watched ConfigMap: never rechecked on a timer.
         assert!(!rejected(&replayed).recheck);
+    }
+
+    #[test]
+    fn the_signed_policy_hash_and_version_must_be_the_capsules() {
+        let dir = std::env::temp_dir().join(format!("soma-signed-labels-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("a.md"), "refunds: 30 days").expect("doc");
+        let ph = format!("sha256:{}", "9b".repeat(32));
+        let bundle = soma_capsule::pack(
+            &dir,
+            &soma_capsule::PackOptions {
+                version: "1".into(),
+                policy_hash: ph.clone(),
+                max_bytes: 1500,
+                embeddings: None,
+            },
+        )
+        .expect("pack");
+        let _ = std::fs::remove_dir_all(&dir);
+        let manifest: soma_capsule::format::OciManifest =
+            serde_json::from_slice(&bundle.manifest).expect("manifest");
+        let spec = |version: &str, policy_hash: &str| -> soma_crds::capsule::CapsuleSpec {
+            serde_json::from_value(serde_json::json!({
+                "version": version, "policyHash": policy_hash,
+                "source": {"oci": {"repository": "r/kb", "digest": bundle.digest}},
+                "signature": {"publicKeyRef": {"name": "s", "key": "k"}}
+            }))
+            .expect("spec")
+        };
+        assert_eq!(signed_labels(&manifest, &spec("1", &ph)), Ok(()));
+        let other = format!("sha256:{}", "aa".repeat(32));
+        let r = signed_labels(&manifest, &spec("1", &other)).expect_err("policy");
+        assert_eq!(r.reason, "PolicyHashMismatch");
+        assert!(
+            r.message.contains(&ph) && r.message.contains(&other),
+            "{}",
+            r.message
+        );
+        assert!(!r.transient && !r.recheck);
+        let r = signed_labels(&manifest, &spec("2", &ph)).expect_err("version");
+        assert_eq!(r.reason, "VersionMismatch");
     }
 }

@@ -17,11 +17,13 @@
 //! - [`cosign`]: the verifier the operator runs (Cosign, through `soma-signatures`);
 //! - [`status`]: pure: the status from what the reconcile found;
 //! - [`refs`]: the Capsules an Agent or a Job names, looked up;
+//! - [`delivery`]: pure: a verified Capsule's content into the pod, read-only, by digest;
 //! - [`reconcile`], [`controller`]: the reconcile and its watches.
 
 pub mod content;
 pub mod controller;
 pub mod cosign;
+pub mod delivery;
 pub mod reconcile;
 pub mod refs;
 pub mod status;

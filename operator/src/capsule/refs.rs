@@ -4,8 +4,9 @@
 /// What became of one Capsule an Agent or a Job names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CapsuleRef {
-    /// It exists and is Ready.
-    Ready,
+    /// It exists and is Ready: what to deliver into the pod (`None` for content no pod can
+    /// receive, which a verified Capsule never has).
+    Ready(Option<super::delivery::Delivery>),
     /// It does not exist.
     Missing,
     /// It exists and is not Ready (not verified, revoked, denied): reason and message.
@@ -31,7 +32,7 @@ pub async fn capsule_refs(
         let state = match found {
             None => CapsuleRef::Missing,
             Some(c) => match super::status::readiness(c.status.as_ref()) {
-                Ok(()) => CapsuleRef::Ready,
+                Ok(()) => CapsuleRef::Ready(super::delivery::delivery(&c)),
                 Err((reason, message)) => CapsuleRef::NotReady(reason, message),
             },
         };

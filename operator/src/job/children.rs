@@ -74,6 +74,8 @@ pub struct Task<'a> {
     pub budgets: Vec<BudgetDef>,
     /// The verified `repo@digest` to run, when images must be signed.
     pub pinned_image: Option<String>,
+    /// The verified Capsules to deliver into the pod (`crate::capsule::delivery`).
+    pub capsules: Vec<crate::capsule::delivery::Delivery>,
 }
 
 /// Every child of a task Job, in the order they are applied.
@@ -141,11 +143,14 @@ pub fn task_children(
         workload::pin_image(&mut template, image);
     }
     run_once(&mut template, job.spec.input.as_deref());
+    crate::capsule::delivery::deliver(&mut template, &task.capsules, config);
+    let mut network_policy = workload::network_policy(&w, config);
+    crate::capsule::delivery::registry_egress(&mut network_policy, &task.capsules);
     Ok(TaskChildren {
         service_account: workload::service_account(&w),
         ledger_secret: workload::ledger_secret(&w, config),
         sidecar_config: workload::sidecar_config_map(&w, &settings)?,
-        network_policy: workload::network_policy(&w, config),
+        network_policy,
         batch_job: batch_job(job, &w.labels, template),
     })
 }

@@ -429,6 +429,7 @@ async fn converge_task(
         budget_ref: resolved.budget_ref.as_ref(),
         budgets: resolved.chain.resolution.budgets.clone(),
         pinned_image: resolved.pinned_image.clone(),
+        capsules: resolved.capsules.clone(),
     };
     let children = task_children(job, &task, &ctx.config).map_err(|source| Error::Serialize {
         what: "the Job's children",
@@ -493,6 +494,7 @@ struct Runnable {
     chain: Chain,
     policy: PolicyCheck,
     pinned_image: Option<String>,
+    capsules: Vec<crate::capsule::delivery::Delivery>,
 }
 
 enum Resolution {
@@ -609,6 +611,7 @@ async fn resolve_task(job: &Job, ctx: &Context, namespace: &str) -> Result<Resol
             chain
         }
     };
+    let mut capsules = Vec::new();
     for (capsule, state) in capsule_refs(client, namespace, &spec.capsules).await? {
         let field = if job.spec.agent_ref.is_some() {
             "the Agent's spec.capsules"
@@ -616,7 +619,7 @@ async fn resolve_task(job: &Job, ctx: &Context, namespace: &str) -> Result<Resol
             "spec.template.capsules"
         };
         match state {
-            CapsuleRef::Ready => {}
+            CapsuleRef::Ready(delivery) => capsules.extend(delivery),
             CapsuleRef::Missing => {
                 return Ok(Resolution::Blocked(
                     block(
@@ -693,6 +696,7 @@ async fn resolve_task(job: &Job, ctx: &Context, namespace: &str) -> Result<Resol
         chain,
         policy,
         pinned_image,
+        capsules,
     })))
 }
 

@@ -123,6 +123,11 @@ impl Registry {
         bail!("docker-registry did not listen on {}", registry.addr)
     }
 
+    /// The registry's storage folder (tests that tamper with stored blobs write here).
+    pub fn data_dir(&self) -> PathBuf {
+        self._dir.path().join("data")
+    }
+
     /// Stops the registry by its PID and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -45,6 +45,7 @@ fn built(a: &Agent) -> Children {
     let resolved = Resolved {
         replicas: 2,
         budgets: Vec::new(),
+        capsules: Vec::new(),
     };
     children(a, &resolved, &OperatorConfig::default()).expect("children build")
 }
@@ -530,6 +531,7 @@ fn network_policy_opens_the_platform_namespaces_only_when_configured() {
     let resolved = Resolved {
         replicas: 1,
         budgets: Vec::new(),
+        capsules: Vec::new(),
     };
     let c = children(&agent(|_| {}), &resolved, &config).expect("children");
     let rules = egress(&c);
@@ -676,6 +678,7 @@ fn sidecar_gets_budget_definitions_and_a_writable_outbox() {
     let resolved = Resolved {
         replicas: 1,
         budgets: vec![budget],
+        capsules: Vec::new(),
     };
     let c = children(&agent(|_| {}), &resolved, &OperatorConfig::default()).expect("children");
     let config = c
@@ -750,6 +753,7 @@ fn sidecar_gets_prices_ledger_and_events_only_when_configured() {
     let resolved = Resolved {
         replicas: 3,
         budgets: Vec::new(),
+        capsules: Vec::new(),
     };
     let sidecar_config = |c: &Children| -> serde_json::Value {
         let text = c
@@ -844,6 +848,7 @@ fn sidecar_exports_traces_only_when_the_operator_has_an_otlp_endpoint() {
     let resolved = Resolved {
         replicas: 1,
         budgets: Vec::new(),
+        capsules: Vec::new(),
     };
     let pair = |k: &str, v: &str| (k.to_owned(), v.to_owned());
     let cases = [
@@ -936,6 +941,7 @@ fn scrape_annotations_point_at_the_sidecar_metrics_only_when_asked() {
     let resolved = Resolved {
         replicas: 1,
         budgets: Vec::new(),
+        capsules: Vec::new(),
     };
     let c = children(&agent(|_| {}), &resolved, &config).expect("children");
     let a = pod_template_annotations(&c);
@@ -984,6 +990,7 @@ fn the_metrics_port_is_opened_to_the_metrics_namespaces_only_when_named() {
     let resolved = Resolved {
         replicas: 1,
         budgets: Vec::new(),
+        capsules: Vec::new(),
     };
     for (port, rules) in [(Some(8000), 2), (None, 1)] {
         let c = children(&agent(|s| s.port = port), &resolved, &config).expect("children");

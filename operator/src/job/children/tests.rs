@@ -93,6 +93,7 @@ fn built(j: &Job, a: &AgentSpec, config: &OperatorConfig) -> TaskChildren {
         budget_ref: j.spec.budget_ref.as_ref().or(a.budget_ref.as_ref()),
         budgets: Vec::new(),
         pinned_image: None,
+        capsules: Vec::new(),
     };
     task_children(j, &task, config).expect("children build")
 }
@@ -165,6 +166,7 @@ fn a_task_runs_once_in_the_agent_pod_with_its_input() {
         &Resolved {
             replicas: 1,
             budgets: Vec::new(),
+            capsules: Vec::new(),
         },
         &OperatorConfig::default(),
     )
@@ -347,6 +349,7 @@ fn a_verified_image_is_pinned() {
         budget_ref: None,
         budgets: Vec::new(),
         pinned_image: Some("registry.example.com/a@sha256:feed".into()),
+        capsules: Vec::new(),
     };
     let c = task_children(&j, &task, &OperatorConfig::default()).expect("build");
     assert_eq!(
@@ -533,4 +536,50 @@ fn a_scheduled_drill_is_a_cronjob_that_never_overlaps() {
             .map(|o| o[0].uid.as_str()),
         Some("job-uid")
     );
+}
+
+#[test]
+fn a_task_pod_gets_its_capsules_by_digest_read_only_like_an_agent_pod() {
+    use crate::capsule::delivery::{Delivery, Source};
+    let a = spec();
+    let j = job(|_| {});
+    let digest = format!("sha256:{}", "1".repeat(64));
+    let task = Task {
+        spec: &a,
+        budget_ref: None,
+        budgets: Vec::new(),
+        pinned_image: None,
+        capsules: vec![Delivery {
+            name: "kb".into(),
+            digest: digest.clone(),
+            policy_hash: format!("sha256:{}", "9".repeat(64)),
+            source: Source::Oci {
+                repository: "registry.example.com/capsules/kb".into(),
+            },
+        }],
+    };
+    let c = task_children(&j, &task, &OperatorConfig::default()).expect("build");
+    let p = pod(&c);
+    let init: Vec<&str> = p
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(init, ["capsule-0", crate::workload::SIDECAR_NAME]);
+    let fetch = container(p, "capsule-0");
+    let args = fetch.args.clone().unwrap_or_default();
+    assert!(
+        args.windows(2)
+            .any(|w| w[0] == "--digest" && w[1] == digest),
+        "{args:?}"
+    );
+    let agent = container(p, crate::workload::AGENT_CONTAINER);
+    let kb = agent
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == "/capsules/kb")
+        .expect("mounted");
+    assert_eq!(kb.read_only, Some(true));
 }

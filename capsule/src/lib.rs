@@ -1,0 +1,26 @@
+//! The Capsule bundle: the format (an OCI artifact), packing a folder of documents into it
+//! reproducibly, its digest, an OCI image layout on disk, pushing it to a registry and
+//! fetching it back by digest with every byte checked. No Kubernetes dependency: the `soma`
+//! CLI packs, pushes and fetches (the fetch runs in an agent pod's init container), and the
+//! operator checks a verified bundle's signed `policyHash`. See `docs/capsules.md`.
+//!
+//! ```text
+//!  folder ──pack──► Bundle {manifest bytes, digest, blobs} ──write_layout──► OCI layout
+//!                        │                                        │
+//!                        └──────────────── Registry::push ◄── read_layout
+//!  registry ──Registry::fetch(repo, digest)──► Bundle ──open──► Contents ──write_into──► /capsules/<name>/
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod bundle;
+pub mod chunk;
+mod error;
+pub mod format;
+pub mod layout;
+pub mod pack;
+pub mod registry;
+
+pub use bundle::{Bundle, Contents, sha256_digest};
+pub use error::{Error, Result};
+pub use pack::{PackOptions, pack};
+pub use registry::Registry;

@@ -1,0 +1,261 @@
+//! Pure: how a verified Capsule reaches an agent pod. Each Capsule the workload lists gets an
+//! emptyDir, filled before anything else starts by an init container running
+//! `soma capsule fetch` with the verified digest (the only content it accepts: every byte is
+//! checked against the digest after download), and mounted read-only into the agent container
+//! at `/capsules/<name>/`. The agent can read the content, never change it, and never sees
+//! content other than the digest the Capsule controller verified.
+//!
+//! ```text
+//!  Capsule status.verifiedDigest ─► Delivery ─► init container capsule-<i>
+//!                                                 soma capsule fetch --repository R --digest D
+//!                                                 (or --file <ConfigMap key> --digest D)
+//!                                                 └─► emptyDir capsule-<i> ─► agent: /capsules/<name> (readOnly)
+//! ```
+//!
+//! A ConfigMap's content is mounted into the init container only; the agent gets the copy
+//! checked against the digest, so an edit to the ConfigMap after verification never reaches
+//! a running pod (a pod started after the edit fails its init container until the Capsule is
+//! fixed). Inline Capsules are never verified (no signature can cover them), hence never
+//! delivered.
+
+use k8s_openapi::api::core::v1::{
+    ConfigMapVolumeSource, Container, EmptyDirVolumeSource, KeyToPath, PodTemplateSpec, Volume,
+};
+use k8s_openapi::api::networking::v1::{
+    IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyPeer,
+};
+use soma_crds::Capsule;
+
+use crate::config::{OperatorConfig, resources};
+use crate::workload::{AGENT_CONTAINER, container_security, env, mount, tcp, upstream_port};
+
+/// Where Capsules are mounted in the agent container: `/capsules/<name>/`.
+pub const CAPSULES_DIR: &str = "/capsules";
+/// The agent's variable naming [`CAPSULES_DIR`].
+pub const CAPSULES_DIR_ENV: &str = "SOMA_CAPSULES_DIR";
+/// Where a ConfigMap Capsule's key is mounted in its init container.
+const SOURCE_DIR: &str = "/var/run/soma/capsule-source";
+
+/// Where one Capsule's content comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// An OCI bundle in `registry/repository`.
+    Oci {
+        /// `registry/repository`.
+        repository: String,
+    },
+    /// Key `key` of ConfigMap `name` in the workload's namespace.
+    ConfigMap {
+        /// The ConfigMap.
+        name: String,
+        /// The key.
+        key: String,
+    },
+}
+
+/// A verified Capsule to deliver into a pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// The Capsule's name (its folder under [`CAPSULES_DIR`]).
+    pub name: String,
+    /// The verified digest: the only content delivered.
+    pub digest: String,
+    /// The Capsule's `policyHash` (an OCI bundle's signed one must equal it).
+    pub policy_hash: String,
+    /// Where the content comes from.
+    pub source: Source,
+}
+
+/// The delivery of `capsule`, when it is verified and has content a pod can receive: its
+/// `status.verifiedDigest` must be the digest its spec pins (a status written for an older
+/// spec is not trusted).
+pub fn delivery(capsule: &Capsule) -> Option<Delivery> {
+    let verified = capsule.status.as_ref()?.verified_digest.clone()?;
+    let name = capsule.metadata.name.clone()?;
+    let spec = &capsule.spec;
+    let (pinned, source) = if let Some(oci) = &spec.source.oci {
+        (
+            oci.digest.clone(),
+            Source::Oci {
+                repository: oci.repository.clone(),
+            },
+        )
+    } else if let Some(cm) = &spec.source.config_map_ref {
+        (
+            cm.digest.clone(),
+            Source::ConfigMap {
+                name: cm.name.clone(),
+                key: cm.key.clone(),
+            },
+        )
+    } else {
+        return None;
+    };
+    (pinned == verified).then(|| Delivery {
+        name,
+        digest: verified,
+        policy_hash: spec.policy_hash.clone(),
+        source,
+    })
+}
+
+/// The folder Capsule `name` is mounted at.
+pub fn mount_path(name: &str) -> String {
+    format!("{CAPSULES_DIR}/{name}")
+}
+
+fn volume_name(index: usize) -> String {
+    format!("capsule-{index}")
+}
+
+/// The registry host of `registry/repository`.
+fn registry_of(repository: &str) -> &str {
+    repository.split_once('/').map_or(repository, |(r, _)| r)
+}
+
+/// The init container filling delivery `index`'s volume.
+fn fetch_container(index: usize, d: &Delivery, config: &OperatorConfig) -> Container {
+    let into = mount_path(&d.name);
+    let mut args = vec!["capsule".to_owned(), "fetch".to_owned()];
+    let mut mounts = vec![mount(&volume_name(index), &into, false)];
+    match &d.source {
+        Source::Oci { repository } => {
+            args.extend(["--repository".to_owned(), repository.clone()]);
+            args.extend(["--policy-hash".to_owned(), d.policy_hash.clone()]);
+            let registry = registry_of(repository);
+            if config.insecure_registries.iter().any(|r| r == registry) {
+                args.extend(["--insecure-registry".to_owned(), registry.to_owned()]);
+            }
+        }
+        Source::ConfigMap { key, .. } => {
+            args.extend([
+                "--file".to_owned(),
+                format!("{SOURCE_DIR}/{key}"),
+                "--name".to_owned(),
+                key.clone(),
+            ]);
+            mounts.push(mount(
+                &format!("{}-source", volume_name(index)),
+                SOURCE_DIR,
+                true,
+            ));
+        }
+    }
+    args.extend([
+        "--digest".to_owned(),
+        d.digest.clone(),
+        "--into".to_owned(),
+        into,
+    ]);
+    Container {
+        name: volume_name(index),
+        image: Some(config.jobs.cli_image.clone()),
+        args: Some(args),
+        security_context: Some(container_security()),
+        // Fetch holds a bundle in memory while checking it (up to the format's limit).
+        resources: Some(resources("10m", "32Mi", "500m", "512Mi")),
+        volume_mounts: Some(mounts),
+        ..Container::default()
+    }
+}
+
+fn volumes(index: usize, d: &Delivery) -> Vec<Volume> {
+    let mut out = vec![Volume {
+        name: volume_name(index),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    }];
+    if let Source::ConfigMap { name, key } = &d.source {
+        out.push(Volume {
+            name: format!("{}-source", volume_name(index)),
+            config_map: Some(ConfigMapVolumeSource {
+                name: name.clone(),
+                items: Some(vec![KeyToPath {
+                    key: key.clone(),
+                    path: key.clone(),
+                    mode: None,
+                }]),
+                optional: Some(false),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
+    out
+}
+
+/// Adds `deliveries` to the pod: volumes, the fetching init containers (before the sidecar,
+/// so nothing in the pod starts before its Capsules are in place), read-only mounts in the
+/// agent container and `SOMA_CAPSULES_DIR`.
+pub fn deliver(template: &mut PodTemplateSpec, deliveries: &[Delivery], config: &OperatorConfig) {
+    if deliveries.is_empty() {
+        return;
+    }
+    let Some(pod) = template.spec.as_mut() else {
+        return;
+    };
+    let fetches: Vec<Container> = deliveries
+        .iter()
+        .enumerate()
+        .map(|(i, d)| fetch_container(i, d, config))
+        .collect();
+    let mut init = fetches;
+    init.extend(pod.init_containers.take().unwrap_or_default());
+    pod.init_containers = Some(init);
+    let volumes = pod.volumes.get_or_insert_with(Vec::new);
+    for (i, d) in deliveries.iter().enumerate() {
+        volumes.extend(self::volumes(i, d));
+    }
+    for c in pod
+        .containers
+        .iter_mut()
+        .filter(|c| c.name == AGENT_CONTAINER)
+    {
+        let mounts = c.volume_mounts.get_or_insert_with(Vec::new);
+        for (i, d) in deliveries.iter().enumerate() {
+            mounts.push(mount(&volume_name(i), &mount_path(&d.name), true));
+        }
+        let vars = c.env.get_or_insert_with(Vec::new);
+        vars.retain(|v| v.name != CAPSULES_DIR_ENV);
+        vars.push(env(CAPSULES_DIR_ENV, CAPSULES_DIR));
+    }
+}
+
+/// Opens egress to the registries the deliveries fetch from (their port, any address: a
+/// registry may live inside the cluster). NetworkPolicy applies to the whole pod, so the
+/// agent container may reach the registry's port too; it holds no credentials for it (the
+/// fetch is anonymous).
+pub fn registry_egress(policy: &mut NetworkPolicy, deliveries: &[Delivery]) {
+    let mut ports: Vec<i32> = deliveries
+        .iter()
+        .filter_map(|d| match &d.source {
+            Source::Oci { repository } => Some(upstream_port(&format!(
+                "https://{}",
+                registry_of(repository)
+            ))),
+            Source::ConfigMap { .. } => None,
+        })
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    if ports.is_empty() {
+        return;
+    }
+    if let Some(spec) = policy.spec.as_mut() {
+        spec.egress
+            .get_or_insert_with(Vec::new)
+            .push(NetworkPolicyEgressRule {
+                to: Some(vec![NetworkPolicyPeer {
+                    ip_block: Some(IPBlock {
+                        cidr: "0.0.0.0/0".to_owned(),
+                        except: None,
+                    }),
+                    ..NetworkPolicyPeer::default()
+                }]),
+                ports: Some(ports.into_iter().map(tcp).collect()),
+            });
+    }
+}
+
+#[cfg(test)]
+mod tests;
