@@ -240,7 +240,15 @@ fn sandbox_and_key_invariants_hold_for_every_variant() {
                     vault: Some(VaultRef {
                         path: "secret/data/x".into(),
                         key: "k".into(),
-                        role: None,
+                        role: Some("agents".into()),
+                        address: Some("https://vault.vault:8200".into()),
+                        namespace: None,
+                        mount: None,
+                        version: None,
+                        auth: Default::default(),
+                        auth_mount: None,
+                        audience: None,
+                        refresh_seconds: None,
                     }),
                 })
             }),
