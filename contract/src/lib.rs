@@ -255,7 +255,7 @@ pub enum Credentials {
     /// A file mounted from a Secret.
     File(PathBuf),
     /// A key in a Vault (or OpenBao) KV v2 secret, fetched, renewed and re-read by the sidecar.
-    Vault(VaultCredentials),
+    Vault(Box<VaultCredentials>),
 }
 
 /// `credentials.vault`: where the sidecar logs in and which KV v2 field holds the provider key.

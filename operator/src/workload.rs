@@ -180,7 +180,7 @@ pub fn sidecar_config(
     let credentials = match &spec.credentials {
         Some(c) => match (&c.secret_ref, &c.vault) {
             (Some(s), _) => Credentials::File(format!("{PROVIDER_KEY_DIR}/{}", s.key).into()),
-            (None, Some(v)) => Credentials::Vault(vault_credentials(v)),
+            (None, Some(v)) => Credentials::Vault(Box::new(vault_credentials(v))),
             (None, None) => Credentials::None,
         },
         None => Credentials::None,

@@ -409,7 +409,7 @@ pub async fn start(
     if let Credentials::Vault(v) = &state.config.credentials {
         // The first read before serving is reported as "ready", so that a sidecar that can
         // read its key is ready at once; one that cannot keeps retrying in the background.
-        let mut source = VaultSource::new(v.clone());
+        let mut source = VaultSource::new(v.as_ref().clone());
         let before = state.keys.readiness().problem;
         let result = source.fetch(&state.keys).await;
         vault::record(&state.keys, &state.metrics, &before, &result);
