@@ -263,16 +263,151 @@ pub enum Credentials {
     None,
     /// A file mounted from a Secret.
     File(PathBuf),
-    /// A Vault KV path.
-    Vault {
-        /// KV path.
-        path: String,
-        /// Field.
-        key: String,
-        /// Kubernetes-auth role.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        role: Option<String>,
-    },
+    /// A key in a Vault (or OpenBao) KV v2 secret, fetched, renewed and re-read by the sidecar.
+    Vault(Box<VaultCredentials>),
+}
+
+/// `credentials.vault`: where the sidecar logs in and which KV v2 field holds the provider key.
+/// Nothing here is secret: the sidecar reads its login material (a projected token, a JWT, an
+/// AppRole secret id) from files named here.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VaultCredentials {
+    /// Vault's address, such as `https://vault.vault.svc:8200`. Absent: the sidecar's
+    /// `VAULT_ADDR` environment variable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Vault Enterprise / OpenBao namespace (`X-Vault-Namespace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// A PEM CA bundle for Vault's TLS certificate; absent: the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert_path: Option<PathBuf>,
+    /// How the sidecar logs in.
+    #[serde(default)]
+    pub auth: VaultAuth,
+    /// The role the sidecar logs in as (Kubernetes and JWT auth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// The KV v2 mount.
+    #[serde(default = "default_kv_mount")]
+    pub mount: String,
+    /// The secret's path within the mount, such as `teams/search/openai`. The API form
+    /// `<mount>/data/<path>` is accepted too ([`VaultCredentials::kv_path`]).
+    pub path: String,
+    /// The field of the secret holding the key.
+    pub key: String,
+    /// A fixed version of the secret; absent: the latest, re-read every `refreshMs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// How often the secret is re-read (a rotated key is in use within this), in ms; also the
+    /// pause between retries after a failure (at most 5 s).
+    #[serde(default = "default_vault_refresh")]
+    pub refresh_ms: u64,
+}
+
+impl VaultCredentials {
+    /// The path within [`Self::mount`]: `path` with a leading `<mount>/data/` (the API form,
+    /// as in Vault's UI and CLI error messages) removed.
+    pub fn kv_path(&self) -> &str {
+        let path = self.path.trim_matches('/');
+        path.strip_prefix(self.mount.trim_matches('/'))
+            .and_then(|rest| rest.strip_prefix("/data/"))
+            .unwrap_or(path)
+    }
+}
+
+/// `credentials.vault.auth`: `{"kubernetes": {...}}`, `{"jwt": {...}}` or `{"appRole": {...}}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum VaultAuth {
+    /// Vault's Kubernetes auth method with the sidecar's own projected service-account token.
+    Kubernetes(KubernetesAuth),
+    /// Vault's JWT auth method with a token read from a file.
+    Jwt(JwtAuth),
+    /// AppRole: a role id and a secret id read from files.
+    AppRole(AppRoleAuth),
+}
+
+impl Default for VaultAuth {
+    fn default() -> Self {
+        VaultAuth::Kubernetes(KubernetesAuth::default())
+    }
+}
+
+impl VaultAuth {
+    /// The method's name, for logs and `render`.
+    pub fn method(&self) -> &'static str {
+        match self {
+            VaultAuth::Kubernetes(_) => "kubernetes",
+            VaultAuth::Jwt(_) => "jwt",
+            VaultAuth::AppRole(_) => "appRole",
+        }
+    }
+}
+
+/// `auth.kubernetes`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct KubernetesAuth {
+    /// The auth mount.
+    pub mount: String,
+    /// The projected service-account token (mounted into the sidecar container only).
+    pub token_path: PathBuf,
+}
+
+impl Default for KubernetesAuth {
+    fn default() -> Self {
+        KubernetesAuth {
+            mount: "kubernetes".into(),
+            token_path: PathBuf::from(VAULT_TOKEN_PATH),
+        }
+    }
+}
+
+/// Where the operator mounts the sidecar's projected service-account token for Vault.
+pub const VAULT_TOKEN_PATH: &str = "/var/run/secrets/soma.dev/vault/token";
+
+/// `auth.jwt`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct JwtAuth {
+    /// The auth mount.
+    pub mount: String,
+    /// A file holding the JWT (re-read at every login, so a rotated token is picked up).
+    pub token_path: PathBuf,
+}
+
+impl Default for JwtAuth {
+    fn default() -> Self {
+        JwtAuth {
+            mount: "jwt".into(),
+            token_path: PathBuf::from(VAULT_TOKEN_PATH),
+        }
+    }
+}
+
+/// `auth.appRole`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AppRoleAuth {
+    /// The auth mount.
+    #[serde(default = "default_approle_mount")]
+    pub mount: String,
+    /// A file holding the role id.
+    pub role_id_path: PathBuf,
+    /// A file holding the secret id.
+    pub secret_id_path: PathBuf,
+}
+
+fn default_kv_mount() -> String {
+    "secret".into()
+}
+fn default_approle_mount() -> String {
+    "approle".into()
+}
+fn default_vault_refresh() -> u64 {
+    60_000
 }
 
 /// `timeouts`, in milliseconds.
@@ -501,11 +636,9 @@ mod tests {
                 upstream: "http://x".into(),
                 model: "m".into(),
             },
-            Credentials::Vault {
-                path: "secret/data/k".into(),
-                key: "api-key".into(),
-                role: None,
-            },
+            Credentials::Vault(
+                serde_json::from_str(r#"{"path": "secret/data/k", "key": "api-key"}"#).unwrap(),
+            ),
             "T",
         );
         c.budget = Some("a/team".into());
@@ -558,10 +691,54 @@ mod tests {
             (r#""none""#, true),
             (r#"{"file": "/k"}"#, true),
             (r#"{"vault": {"path": "secret/x", "key": "k"}}"#, true),
+            (
+                r#"{"vault": {"path": "x", "key": "k", "auth": {"appRole": {"roleIdPath": "/r", "secretIdPath": "/s"}}}}"#,
+                true,
+            ),
+            (
+                r#"{"vault": {"path": "x", "key": "k", "auth": {"jwt": {"tokenPath": "/t"}}}}"#,
+                true,
+            ),
+            (
+                r#"{"vault": {"path": "x", "key": "k", "auth": {"appRole": {}}}}"#,
+                false,
+            ),
+            (
+                r#"{"vault": {"path": "x", "key": "k", "auth": {"ldap": {}}}}"#,
+                false,
+            ),
+            (
+                r#"{"vault": {"path": "x", "key": "k", "rol": "typo"}}"#,
+                false,
+            ),
+            (r#"{"vault": {"path": "x"}}"#, false),
             (r#"{"env": "X"}"#, false),
         ] {
             let r: Result<Credentials, _> = serde_json::from_str(json);
             assert_eq!(r.is_ok(), ok, "{json}");
+        }
+    }
+
+    #[test]
+    fn vault_defaults_and_the_kv_path() {
+        let v: VaultCredentials =
+            serde_json::from_str(r#"{"path": "secret/data/teams/a", "key": "k", "role": "r"}"#)
+                .unwrap();
+        assert_eq!(v.auth, VaultAuth::Kubernetes(KubernetesAuth::default()));
+        assert_eq!((v.mount.as_str(), v.refresh_ms), ("secret", 60_000));
+        for (mount, path, want) in [
+            ("secret", "secret/data/teams/a", "teams/a"),
+            ("secret", "/teams/a/", "teams/a"),
+            ("secret", "secret/teams/a", "secret/teams/a"),
+            ("kv", "kv/data/x", "x"),
+            ("kv", "secret/data/x", "secret/data/x"),
+        ] {
+            let v = VaultCredentials {
+                mount: mount.into(),
+                path: path.into(),
+                ..v.clone()
+            };
+            assert_eq!(v.kv_path(), want, "{mount} {path}");
         }
     }
 

@@ -166,19 +166,68 @@ pub struct Credentials {
     pub vault: Option<VaultRef>,
 }
 
-/// A Vault KV secret.
+/// A Vault (or OpenBao) KV v2 secret holding the provider key. The sidecar logs in with its
+/// own projected service-account token (mounted into the sidecar container only), reads the
+/// field, renews its token, re-reads the secret every `refreshSeconds` and revokes the token
+/// when the pod stops. See docs/vault.md.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VaultRef {
-    /// KV path, for example `secret/data/teams/search/openai`.
+    /// Vault's address, such as `https://vault.vault.svc:8200`. Unset: the sidecar's
+    /// `VAULT_ADDR`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1), regex(pattern = r"^https?://"))]
+    pub address: Option<String>,
+    /// Vault Enterprise / OpenBao namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub namespace: Option<String>,
+    /// KV v2 mount. Default `secret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub mount: Option<String>,
+    /// Path of the secret within the mount, for example `teams/search/openai` (the API form
+    /// `secret/data/teams/search/openai` is read the same).
     #[schemars(length(min = 1))]
     pub path: String,
     /// Field within the secret.
     #[schemars(length(min = 1))]
     pub key: String,
-    /// Vault Kubernetes-auth role the sidecar logs in with.
+    /// A fixed version of the secret. Unset: the latest, followed as it rotates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub version: Option<u64>,
+    /// How the sidecar logs in: `kubernetes` (Vault's Kubernetes auth) or `jwt` (Vault's
+    /// JWT auth, validating the same token against the cluster's OIDC keys).
+    #[serde(default)]
+    pub auth: VaultAuthMethod,
+    /// The auth method's mount. Default: `kubernetes` or `jwt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub auth_mount: Option<String>,
+    /// The Vault role the sidecar logs in as.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
+    /// Audience of the sidecar's projected service-account token. Default `vault`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub audience: Option<String>,
+    /// How often the secret is re-read, in seconds: a rotated key is in use within this.
+    /// Default 60.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub refresh_seconds: Option<u32>,
+}
+
+/// `credentials.vault.auth`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum VaultAuthMethod {
+    /// Vault's Kubernetes auth method (Vault calls the TokenReview API).
+    #[default]
+    Kubernetes,
+    /// Vault's JWT auth method (Vault checks the token's signature itself).
+    Jwt,
 }
 
 /// Sandbox settings. The defaults are the strict ones; only `runtimeClassName`, resources,

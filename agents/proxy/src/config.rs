@@ -24,8 +24,9 @@ pub enum ConfigError {
     },
 }
 
-/// Fills the fields that the file names an environment variable for (`databaseUrlEnv`),
-/// reading variables through `var`. A named variable that is unset or empty is an error:
+/// Fills the fields that the file names an environment variable for (`databaseUrlEnv`), and
+/// a Vault address the file leaves out from `VAULT_ADDR` (Vault's own convention), reading
+/// variables through `var`. A named variable that is unset or empty is an error:
 /// starting without the ledger the operator asked for would look healthy and meter nothing.
 pub fn apply_env(
     config: &mut Config,
@@ -43,6 +44,11 @@ pub fn apply_env(
                 });
             }
         }
+    }
+    if let Credentials::Vault(v) = &mut config.credentials
+        && v.address.is_none()
+    {
+        v.address = var("VAULT_ADDR").filter(|a| !a.trim().is_empty());
     }
     Ok(())
 }

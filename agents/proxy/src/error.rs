@@ -72,6 +72,9 @@ pub enum ProxyError {
     /// The provider's response broke off before its end.
     #[error("the provider's response broke off")]
     UpstreamCut,
+    /// No provider key: Vault could not be read, or the provider refused the key.
+    #[error("no provider key ({}): {}", .0.reason.as_str(), .0.message)]
+    CredentialsUnavailable(crate::keys::Problem),
     /// As many requests are in flight as the sidecar serves at once (`maxInFlight`).
     #[error("{limit} requests are in flight, the sidecar's limit")]
     Overloaded {
@@ -95,7 +98,7 @@ pub const SHED_RETRY_AFTER_S: u64 = 15;
 /// Every reason `soma_proxy_errors_total` counts, for series that start at 0: each
 /// [`ProxyError::label`], then the ways a stream that was already answered can fail
 /// ([`STREAM_FAILURES`]).
-pub const REASONS: [&str; 23] = [
+pub const REASONS: [&str; 24] = [
     "unauthorized",
     "not_found",
     "wrong_provider",
@@ -115,6 +118,7 @@ pub const REASONS: [&str; 23] = [
     "overloaded",
     "priority",
     "brown_out",
+    "credentials_unavailable",
     "upstream_cut",
     "stream_cut",
     "stream_idle_timeout",
@@ -149,6 +153,7 @@ impl ProxyError {
             ProxyError::Overloaded { .. } => "overloaded",
             ProxyError::Priority => "priority",
             ProxyError::Shed { .. } => "brown_out",
+            ProxyError::CredentialsUnavailable(_) => "credentials_unavailable",
         }
     }
 
@@ -169,7 +174,8 @@ impl ProxyError {
             | ProxyError::BudgetUnavailable(_)
             | ProxyError::Outbox(_)
             | ProxyError::Shed { .. }
-            | ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | ProxyError::Overloaded { .. }
+            | ProxyError::CredentialsUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(_) | ProxyError::UpstreamCut => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -221,6 +227,9 @@ impl ProxyError {
             }
             ProxyError::Overloaded { .. } => ("api_error", "overloaded_error", "overloaded"),
             ProxyError::Shed { .. } => ("api_error", "overloaded_error", "brown_out"),
+            ProxyError::CredentialsUnavailable(_) => {
+                ("api_error", "api_error", "credentials_unavailable")
+            }
             ProxyError::BudgetUndefined(_) | ProxyError::Outbox(_) | ProxyError::Internal(_) => {
                 ("api_error", "api_error", "sidecar_unavailable")
             }
@@ -239,6 +248,12 @@ impl ProxyError {
             ProxyError::Outbox(_) => "The sidecar could not record usage, so the request was \
                 not sent to the provider. Try again."
                 .into(),
+            ProxyError::CredentialsUnavailable(p) => format!(
+                "The sidecar has no usable provider key ({}): {}. The request was not sent to \
+                 the provider; the sidecar retries and reports it on /readyz.",
+                p.reason.as_str(),
+                p.message
+            ),
             ProxyError::Overloaded { limit } => format!(
                 "The sidecar is serving its limit of {limit} requests at once; this one was not \
                  sent to the provider. Retry shortly."
@@ -272,7 +287,7 @@ impl ProxyError {
             }}),
         };
         let mut headers = Vec::new();
-        if let ProxyError::Overloaded { .. } = &self {
+        if let ProxyError::Overloaded { .. } | ProxyError::CredentialsUnavailable(_) = &self {
             headers.push((header::RETRY_AFTER, "1".to_owned()));
         }
         if let ProxyError::Shed { .. } = &self {
@@ -361,6 +376,10 @@ mod tests {
             ProxyError::Shed {
                 message: "x".into(),
             },
+            ProxyError::CredentialsUnavailable(crate::keys::Problem::new(
+                crate::keys::Reason::VaultUnreachable,
+                "x",
+            )),
         ];
         for e in &errors {
             assert!(

@@ -47,7 +47,8 @@ pub struct Received {
 
 #[derive(Debug)]
 struct Fake {
-    key: String,
+    /// Keys it accepts (a provider accepts the old and the new key during a rotation).
+    keys: Mutex<Vec<String>>,
     received: Mutex<Vec<Received>>,
 }
 
@@ -70,7 +71,7 @@ impl FakeUpstream {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(Fake {
-            key: key.to_owned(),
+            keys: Mutex::new(vec![key.to_owned()]),
             received: Mutex::new(Vec::new()),
         });
         let app = router(state.clone());
@@ -86,6 +87,24 @@ impl FakeUpstream {
     /// Base URL.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Accepts `key` too from now on.
+    pub fn accept_key(&self, key: &str) {
+        self.state
+            .keys
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(key.to_owned());
+    }
+
+    /// Stops accepting `key` (the provider revoked it).
+    pub fn revoke_key(&self, key: &str) {
+        self.state
+            .keys
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|k| k != key);
     }
 
     /// Everything received so far.
@@ -163,7 +182,11 @@ async fn take(fake: &Fake, req: Request, anthropic: bool) -> Call {
     Call {
         path: parts.uri.path().to_owned(),
         body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        key_ok: presented == fake.key,
+        key_ok: fake
+            .keys
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&presented),
         presented,
         scenario,
     }

@@ -19,14 +19,16 @@ use crate::error::ProxyError;
 use crate::genai_span;
 use crate::request::Call;
 use crate::state::{AppState, Charge};
+use crate::upstream::ProviderKey;
 use crate::{relay, upstream};
 
-/// The request to the provider, key injected.
+/// The request to the provider, with `key` (the request's own snapshot) injected.
 fn build(
     state: &AppState,
     endpoint: Endpoint,
     parts: &Parts,
     body: Bytes,
+    key: &ProviderKey,
 ) -> Result<axum::http::Request<http_body_util::Full<Bytes>>, ProxyError> {
     let uri = upstream::upstream_uri(
         &state.config.provider.upstream,
@@ -39,7 +41,7 @@ fn build(
         &parts.headers,
         body,
         state.config.provider.kind,
-        &state.key,
+        key,
         &state.config.anthropic_version,
     )
 }
@@ -88,8 +90,22 @@ pub async fn metered(
     t0: Instant,
 ) -> Result<Response, ProxyError> {
     let label = endpoint.label();
+    // The key this request uses to its end, even if a rotation swaps another in meanwhile.
+    let key = match state.keys.current() {
+        Ok(k) => k,
+        Err(p) => {
+            charge.settle(
+                state,
+                Metered::default(),
+                false,
+                "credentials_unavailable",
+                503,
+            );
+            return Err(ProxyError::CredentialsUnavailable(p));
+        }
+    };
     let request = match outgoing(endpoint, &mut call)
-        .and_then(|(body, inject)| Ok((build(state, endpoint, parts, body)?, inject)))
+        .and_then(|(body, inject)| Ok((build(state, endpoint, parts, body, &key)?, inject)))
     {
         Ok(r) => r,
         Err(e) => {
@@ -129,6 +145,7 @@ pub async fn metered(
     let (rparts, rbody) = upstream.into_parts();
     let status = rparts.status;
     let headers = upstream::response_headers(&rparts.headers);
+    key_verdict(state, &key, status);
 
     if !status.is_success() {
         // Nothing was generated: release, and pass the provider's error on, key scrubbed.
@@ -143,7 +160,7 @@ pub async fn metered(
             "upstream_error",
             status.as_u16(),
         );
-        return Ok(respond(status, headers, state.key.scrub(body)));
+        return Ok(respond(status, headers, key.scrub(body)));
     }
 
     let event_stream = headers
@@ -204,6 +221,25 @@ pub async fn metered(
     }
 }
 
+/// What the provider's status says about the key: 401 refuses it (the sidecar goes not-ready
+/// and re-reads the key from Vault), a success accepts it.
+fn key_verdict(state: &AppState, key: &Arc<ProviderKey>, status: StatusCode) {
+    if status == StatusCode::UNAUTHORIZED && !key.is_none() {
+        if matches!(
+            state.config.credentials,
+            crate::config::Credentials::Vault(_)
+        ) {
+            state.keys.rejected(key);
+        }
+        tracing::warn!(
+            status = status.as_u16(),
+            "the provider refused the provider key"
+        );
+    } else if status.is_success() {
+        state.keys.accepted(key);
+    }
+}
+
 /// A 2xx body without usage (some OpenAI-compatible servers): the prompt estimate plus every
 /// token of the body's text, which over-counts rather than under-counts.
 fn estimate_from_body(charge: &Charge, body: &[u8]) -> Usage {
@@ -222,7 +258,11 @@ pub async fn unmetered(
     parts: &Parts,
     body: Bytes,
 ) -> Result<Response, ProxyError> {
-    let request = build(state, endpoint, parts, body)?;
+    let key = state
+        .keys
+        .current()
+        .map_err(ProxyError::CredentialsUnavailable)?;
+    let request = build(state, endpoint, parts, body, &key)?;
     let upstream = tokio::time::timeout(
         state.response_headers_timeout(),
         state.client.request(request),
@@ -235,10 +275,11 @@ pub async fn unmetered(
         .await
         .map_err(|_| ProxyError::UpstreamTimeout)?;
     genai_span::record_status(&tracing::Span::current(), rparts.status.as_u16());
+    key_verdict(state, &key, rparts.status);
     let body = if rparts.status.is_success() {
         body
     } else {
-        state.key.scrub(body)
+        key.scrub(body)
     };
     Ok(respond(
         rparts.status,

@@ -136,6 +136,10 @@ async fn serve(
 ) -> Result<Served, Failed> {
     authenticate(state, req.headers())?;
     served_here(state, endpoint)?;
+    // No key: refused before the body is read or a Budget reserved.
+    if let Err(p) = state.keys.current() {
+        return Err(ProxyError::CredentialsUnavailable(p).into());
+    }
     let (parts, body) = req.into_parts();
     if !endpoint.metered() {
         let body = request::read_unmetered(state, &parts, body).await?;

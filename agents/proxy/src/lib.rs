@@ -10,7 +10,8 @@
 //!                               │                                     ▲
 //!                               └──► upstream (key injected) ──► relay/settle
 //!  outbox ──(background)──► ledger (PostgreSQL) and events (NATS JetStream), idempotent
-//!  Prometheus, operator ──:9090──► admin (/healthz, /metrics, /load: the autoscaler's signal)
+//!  vault (optional) ──► keys (the provider key, swapped atomically on rotation)
+//!  Prometheus, operator ──:9090──► admin (/healthz, /readyz, /metrics, /load: the autoscaler's signal)
 //!  each call ──► one GenAI span (genai_span), exported over OTLP when configured
 //! ```
 //!
@@ -30,6 +31,7 @@ pub mod forward;
 pub mod genai_span;
 pub mod handler;
 pub mod journal;
+pub mod keys;
 pub mod lease;
 pub mod ledger;
 pub mod live;
@@ -42,6 +44,7 @@ pub mod reserve;
 pub mod server;
 pub mod state;
 pub mod upstream;
+pub mod vault;
 
 pub use config::Config;
 pub use server::{Running, StartError, start};

@@ -37,6 +37,8 @@ pub struct Metrics {
     tool_uses: Family<Labels, Counter>,
     unmetered: Family<Labels, Counter>,
     stream_endings: Family<Labels, Counter>,
+    credential_refreshes: Family<Labels, Counter>,
+    credentials_ready: Gauge,
     /// Distinct `field` series of `unmetered` made so far.
     unmetered_fields: std::sync::atomic::AtomicUsize,
     /// Series the request path touches, looked up once and kept.
@@ -141,6 +143,16 @@ impl Metrics {
         let tool_uses = Family::<Labels, Counter>::default();
         let unmetered = Family::<Labels, Counter>::default();
         let stream_endings = Family::<Labels, Counter>::default();
+        let credential_refreshes = Family::<Labels, Counter>::default();
+        for outcome in ["ok", "rotated"]
+            .into_iter()
+            .chain(crate::keys::Reason::ALL.map(crate::keys::Reason::as_str))
+            .filter(|o| *o != "VaultPending" && *o != "ProviderRejectedKey")
+        {
+            let _ = credential_refreshes.get_or_create(&vec![("outcome", outcome.to_owned())]);
+        }
+        let credentials_ready = Gauge::default();
+        credentials_ready.set(1);
         for outcome in STREAM_OUTCOMES {
             let _ = stream_endings.get_or_create(&vec![("outcome", outcome.to_owned())]);
         }
@@ -241,6 +253,16 @@ impl Metrics {
              upstream_timeout, upstream_error_event)",
             stream_endings.clone(),
         );
+        r.register(
+            "credential_refreshes",
+            "Provider-key reads from Vault, by outcome (ok, rotated, or the failure's reason)",
+            credential_refreshes.clone(),
+        );
+        r.register(
+            "credentials_ready",
+            "1 when the sidecar holds a provider key the provider has not refused, else 0",
+            credentials_ready.clone(),
+        );
         Metrics {
             registry,
             namespace: namespace.to_owned(),
@@ -263,6 +285,8 @@ impl Metrics {
             tool_uses,
             unmetered,
             stream_endings,
+            credential_refreshes,
+            credentials_ready,
             unmetered_fields: std::sync::atomic::AtomicUsize::new(0),
             hot: Mutex::default(),
         }
@@ -395,6 +419,18 @@ impl Metrics {
                 ("outcome", outcome.to_owned()),
             ])
             .inc();
+    }
+
+    /// One read of the provider key from Vault, by outcome.
+    pub fn credential_refresh(&self, outcome: &str) {
+        self.credential_refreshes
+            .get_or_create(&vec![("outcome", outcome.to_owned())])
+            .inc();
+    }
+
+    /// Whether a usable provider key is held.
+    pub fn credentials_ready(&self, ready: bool) {
+        self.credentials_ready.set(i64::from(ready));
     }
 
     /// A failure, by the error's label.

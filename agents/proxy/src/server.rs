@@ -23,10 +23,12 @@ use crate::endpoint::Endpoint;
 use crate::error::ProxyError;
 use crate::handler;
 use crate::load::LoadMeter;
+use crate::keys::{KeyHolder, Problem, Reason};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Sink};
 use crate::state::AppState;
 use crate::upstream::{self, ProviderKey};
+use crate::vault::{self, VaultSource};
 
 /// Why the sidecar could not start.
 #[derive(Debug, thiserror::Error)]
@@ -45,11 +47,6 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    /// Vault credentials are configured.
-    #[error(
-        "credentials.vault is not supported by this build of soma-proxy; mount the key from a Secret (credentials.file)"
-    )]
-    VaultUnsupported,
     /// The Budget chain is invalid.
     #[error("invalid budget definitions")]
     Budgets(#[from] ChainError),
@@ -82,17 +79,22 @@ pub enum StartError {
     },
 }
 
-/// Reads the provider key the configuration points at.
-pub fn read_key(credentials: &Credentials) -> Result<ProviderKey, StartError> {
+/// The provider key the configuration points at: read from its file now, or (Vault) pending
+/// until [`start`]'s first fetch. A Vault that cannot be read is not a start failure: the
+/// sidecar serves 503s and `/readyz` says why (crate::keys).
+pub fn read_key(credentials: &Credentials) -> Result<KeyHolder, StartError> {
     match credentials {
-        Credentials::None => Ok(ProviderKey::new(None)),
+        Credentials::None => Ok(KeyHolder::with_key(ProviderKey::new(None))),
         Credentials::File(path) => std::fs::read_to_string(path)
-            .map(|k| ProviderKey::new(Some(k)))
+            .map(|k| KeyHolder::with_key(ProviderKey::new(Some(k))))
             .map_err(|source| StartError::KeyFile {
                 path: path.clone(),
                 source,
             }),
-        Credentials::Vault { .. } => Err(StartError::VaultUnsupported),
+        Credentials::Vault(_) => Ok(KeyHolder::pending(Problem::new(
+            Reason::VaultPending,
+            "the first read of the provider key from Vault has not finished",
+        ))),
     }
 }
 
@@ -102,7 +104,7 @@ pub async fn state(config: Config, client_token: String) -> Result<Arc<AppState>
     if client_token.trim().is_empty() {
         return Err(StartError::ClientToken(config.client_token_env.clone()));
     }
-    let key = read_key(&config.credentials)?;
+    let keys = read_key(&config.credentials)?;
     let client = upstream::client(Duration::from_millis(config.timeouts.connect_ms))?;
     let outbox_err = |source| StartError::Outbox {
         path: config.outbox_path.clone(),
@@ -159,6 +161,7 @@ pub async fn state(config: Config, client_token: String) -> Result<Arc<AppState>
         .await
         .unwrap_or_default();
     let mut metrics = Metrics::new(&config.agent.namespace, &config.agent.name);
+    metrics.credentials_ready(keys.readiness().ready);
     if let Budgets::Cluster(c) = &authority {
         metrics.register_lease_transactions(c.transactions());
     }
@@ -171,7 +174,7 @@ pub async fn state(config: Config, client_token: String) -> Result<Arc<AppState>
         brown_out,
         in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight.get())),
         client_token: client_token.trim().to_owned(),
-        key,
+        keys,
         client,
         authority,
         outbox,
@@ -201,17 +204,29 @@ pub fn router(state: Arc<AppState>) -> Router {
     .with_state(state)
 }
 
-/// `/healthz`, `/metrics` and `/load` (the contract's `LoadReport`, read by the operator's
-/// autoscaler).
+/// `/healthz` (the process serves), `/readyz` (it holds a provider key the provider has not
+/// refused: 503 with the reason otherwise), `/metrics` and `/load` (the contract's
+/// `LoadReport`, read by the operator's autoscaler).
 pub fn admin_router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route(
             soma_contract::load::LOAD_PATH,
             get(|State(s): State<Arc<AppState>>| async move { axum::Json(s.load.report()) }),
         )
         .with_state(state)
+}
+
+async fn readyz(State(s): State<Arc<AppState>>) -> Response {
+    let r = s.keys.readiness();
+    let status = if r.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(r)).into_response()
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
@@ -405,6 +420,15 @@ pub async fn start(
             Duration::from_millis(state.config.flush_on_stop_ms),
             rx.clone(),
         )));
+    }
+    if let Credentials::Vault(v) = &state.config.credentials {
+        // The first read before serving is reported as "ready", so that a sidecar that can
+        // read its key is ready at once; one that cannot keeps retrying in the background.
+        let mut source = VaultSource::new(v.as_ref().clone());
+        let before = state.keys.readiness().problem;
+        let result = source.fetch(&state.keys).await;
+        vault::record(&state.keys, &state.metrics, &before, &result);
+        tasks.push(tokio::spawn(vault::run(source, state.clone(), rx.clone())));
     }
     if state.config.prune_interval_ms > 0 {
         tasks.push(tokio::spawn(prune_loop(state.clone(), rx.clone())));

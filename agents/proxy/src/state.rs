@@ -9,9 +9,10 @@ use soma_metering::{Amount, Price, Reservation};
 use crate::budgets::Budgets;
 use crate::config::Config;
 use crate::load::{Arrival, LoadMeter};
+use crate::keys::KeyHolder;
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Settlement};
-use crate::upstream::{ProviderKey, UpstreamClient};
+use crate::upstream::UpstreamClient;
 
 /// Shared, read-mostly state behind an `Arc`.
 #[derive(Debug)]
@@ -22,8 +23,8 @@ pub struct AppState {
     pub config: Config,
     /// The per-pod client token.
     pub client_token: String,
-    /// The provider key.
-    pub key: ProviderKey,
+    /// The provider key (from a file, or kept current from Vault), or why there is none.
+    pub keys: KeyHolder,
     /// Upstream HTTP client.
     pub client: UpstreamClient,
     /// Budgets.

@@ -20,13 +20,18 @@ use crate::error::ProxyError;
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// The provider key. Its `Debug` never shows it, so it cannot leak through a log line.
-#[derive(Clone, Default)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct ProviderKey(Option<String>);
 
 impl ProviderKey {
     /// Wraps a key read from the sidecar's own file or Vault; empty means none.
     pub fn new(key: Option<String>) -> Self {
         ProviderKey(key.map(|k| k.trim().to_owned()).filter(|k| !k.is_empty()))
+    }
+
+    /// No key.
+    pub fn is_none(&self) -> bool {
+        self.0.is_none()
     }
 
     /// Replaces every occurrence of the key in `body` (an upstream error may echo it).

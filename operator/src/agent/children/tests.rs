@@ -241,7 +241,15 @@ fn sandbox_and_key_invariants_hold_for_every_variant() {
                     vault: Some(VaultRef {
                         path: "secret/data/x".into(),
                         key: "k".into(),
-                        role: None,
+                        role: Some("agents".into()),
+                        address: Some("https://vault.vault:8200".into()),
+                        namespace: None,
+                        mount: None,
+                        version: None,
+                        auth: Default::default(),
+                        auth_mount: None,
+                        audience: None,
+                        refresh_seconds: None,
                     }),
                 })
             }),
@@ -359,6 +367,70 @@ fn sidecar_is_a_native_sidecar_holding_the_key() {
     );
     assert_eq!(config["budget"], "team/team", "namespace/name");
     assert_eq!(config["provider"]["upstream"], "https://api.openai.com");
+}
+
+#[test]
+fn vault_gets_the_sidecar_alone_a_projected_token_and_the_config_names_no_secret() {
+    let c = built(&agent(|s| {
+        s.credentials = Some(Credentials {
+            secret_ref: None,
+            vault: Some(
+                serde_json::from_value(serde_json::json!({
+                    "address": "https://vault.vault:8200", "path": "secret/data/teams/a",
+                    "key": "api-key", "role": "helper", "auth": "jwt", "audience": "bao",
+                    "namespace": "team-a", "refreshSeconds": 30
+                }))
+                .expect("VaultRef"),
+            ),
+        })
+    }));
+    let volume = pod(&c)
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "vault-token")
+        .expect("vault token volume");
+    let projection = volume
+        .projected
+        .as_ref()
+        .and_then(|p| p.sources.as_ref())
+        .and_then(|s| s.first())
+        .and_then(|s| s.service_account_token.as_ref())
+        .expect("service-account token projection");
+    assert_eq!(projection.audience.as_deref(), Some("bao"));
+    assert_eq!(projection.path, "token");
+    let mounted = |container: &Container| {
+        container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.name == "vault-token")
+    };
+    assert!(mounted(sidecar(&c)));
+    assert!(!mounted(agent_container(&c)), "the agent gets no token");
+    assert_eq!(pod(&c).automount_service_account_token, Some(false));
+    let probe = sidecar(&c)
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref())
+        .and_then(|g| g.path.as_deref());
+    assert_eq!(probe, Some("/readyz"), "not ready without a key");
+    let config = c
+        .sidecar_config
+        .data
+        .as_ref()
+        .and_then(|d| d.get("config.yaml"))
+        .expect("config");
+    let config: serde_json::Value = serde_json::from_str(config).expect("config is JSON");
+    assert_eq!(
+        config["credentials"]["vault"],
+        serde_json::json!({
+            "address": "https://vault.vault:8200", "namespace": "team-a",
+            "auth": {"jwt": {"mount": "jwt", "tokenPath": "/var/run/secrets/soma.dev/vault/token"}},
+            "role": "helper", "mount": "secret", "path": "secret/data/teams/a", "key": "api-key",
+            "refreshMs": 30000
+        })
+    );
 }
 
 #[test]
