@@ -8,8 +8,8 @@ use soma_metering::{Amount, Price, Reservation};
 
 use crate::budgets::Budgets;
 use crate::config::Config;
-use crate::load::{Arrival, LoadMeter};
 use crate::keys::KeyHolder;
+use crate::load::{Arrival, LoadMeter};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Settlement};
 use crate::upstream::UpstreamClient;
