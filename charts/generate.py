@@ -394,9 +394,10 @@ def operator() -> Board:
     b.panel(TS, "Records restored by the last drill", "Usage records the last run restored and verified.",
             [("max by (namespace, name) (soma_drill_records_restored)", "{{namespace}}/{{name}}")], w=8)
     b.row("Planned")
-    b.text("Autoscaler decisions (come with the scaling loop)",
+    b.text("Autoscaler decisions (come with the scaling loop's metrics)",
            "Autoscaler panels (conductance, desired replicas, decisions and brown-outs per Agent) are added with "
-           "the metrics of the operator's scaling loop, which is not built yet; see docs/observability.md, "
+           "the metrics of the operator's scaling loop, which exports none yet (its decisions are in each Agent's "
+           "status.scaling); see docs/observability.md, "
            "\"Planned panels\".", h=4)
     return b
 
