@@ -18,6 +18,7 @@
 //!        └── crash ──► next start: fold, then recover_interrupted() settles at worst case
 //! ```
 
+use rusqlite::ToSql;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -271,7 +272,42 @@ fn apply(tx: &rusqlite::Transaction<'_>, entries: &[Entry]) -> Result<(), rusqli
         .collect();
     let mut folded_with_begin = std::collections::HashSet::new();
     for entry in entries {
-        let Entry::Begin {
+        let Entry::Begin { id, .. } = entry else {
+            continue;
+        };
+        let Some(settle) = settles.get(id.as_str()) else {
+            columns(entry, |begin| tx.prepare_cached(BEGIN_SQL)?.execute(begin))?;
+            continue;
+        };
+        // Inserted settled, or (a replay) the row is there already and the settle below
+        // applies to it if it is still open.
+        let inserted = columns(entry, |begin| {
+            columns(settle, |settled| {
+                let row: Vec<&dyn ToSql> = begin.iter().chain(&settled[1..]).copied().collect();
+                tx.prepare_cached(BEGIN_SETTLED_SQL)?
+                    .execute(row.as_slice())
+            })
+        })?;
+        if inserted == 1 {
+            folded_with_begin.insert(id.as_str());
+        }
+    }
+    for (id, entry) in settles {
+        if !folded_with_begin.contains(id) {
+            columns(entry, |settled| {
+                tx.prepare_cached(SETTLE_SQL)?.execute(settled)
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Calls `f` with a journal record's columns: a begin's in `BEGIN_SQL`'s order; a settle's id
+/// and then what `SETTLE_SQL` sets, in its order. `BEGIN_SETTLED_SQL` takes a begin's columns
+/// followed by its settle's without the id, so each column list is written once.
+fn columns<R>(entry: &Entry, f: impl FnOnce(&[&dyn ToSql]) -> R) -> R {
+    match entry {
+        Entry::Begin {
             id,
             ns,
             agent,
@@ -282,74 +318,18 @@ fn apply(tx: &rusqlite::Transaction<'_>, entries: &[Entry]) -> Result<(), rusqli
             prompt,
             max_out,
             reserved,
-        } = entry
-        else {
-            continue;
-        };
-        let Some(Entry::Settle {
-            at: end,
-            usage,
-            cost,
-            est,
-            outcome,
-            status,
-            unmetered,
-            ..
-        }) = settles.get(id.as_str()).copied()
-        else {
-            tx.prepare_cached(BEGIN_SQL)?.execute(rusqlite::params![
-                id,
-                ns,
-                agent,
-                budgets,
-                endpoint,
-                model,
-                at,
+        } => {
+            let n = [
                 i(*prompt),
                 i(*max_out),
                 i(reserved.tokens),
                 i(reserved.micros),
-            ])?;
-            continue;
-        };
-        let row = rusqlite::params![
-            id,
-            ns,
-            agent,
-            budgets,
-            endpoint,
-            model,
-            at,
-            i(*prompt),
-            i(*max_out),
-            i(reserved.tokens),
-            i(reserved.micros),
-            end,
-            i(usage.input_tokens),
-            i(usage.cached_input_tokens),
-            i(usage.cache_write_input_tokens),
-            i(usage.output_tokens),
-            i(usage.reasoning_tokens),
-            i(*cost),
-            est,
-            outcome,
-            i64::from(*status),
-            i(usage.cache_write_1h_input_tokens),
-            i(usage.web_search_requests),
-            i(usage.web_fetch_requests),
-            unmetered,
-        ];
-        // Inserted settled, or (a replay) the row is there already and the settle below
-        // applies to it if it is still open.
-        if tx.prepare_cached(BEGIN_SETTLED_SQL)?.execute(row)? == 1 {
-            folded_with_begin.insert(id.as_str());
+            ];
+            f(&[
+                id, ns, agent, budgets, endpoint, model, at, &n[0], &n[1], &n[2], &n[3],
+            ])
         }
-    }
-    for (id, entry) in settles {
-        if folded_with_begin.contains(id) {
-            continue;
-        }
-        let Entry::Settle {
+        Entry::Settle {
             id,
             at,
             usage,
@@ -358,29 +338,25 @@ fn apply(tx: &rusqlite::Transaction<'_>, entries: &[Entry]) -> Result<(), rusqli
             outcome,
             status,
             unmetered,
-        } = entry
-        else {
-            continue;
-        };
-        tx.prepare_cached(SETTLE_SQL)?.execute(rusqlite::params![
-            id,
-            at,
-            i(usage.input_tokens),
-            i(usage.cached_input_tokens),
-            i(usage.cache_write_input_tokens),
-            i(usage.output_tokens),
-            i(usage.reasoning_tokens),
-            i(*cost),
-            est,
-            outcome,
-            i64::from(*status),
-            i(usage.cache_write_1h_input_tokens),
-            i(usage.web_search_requests),
-            i(usage.web_fetch_requests),
-            unmetered,
-        ])?;
+        } => {
+            let n = [
+                i(usage.input_tokens),
+                i(usage.cached_input_tokens),
+                i(usage.cache_write_input_tokens),
+                i(usage.output_tokens),
+                i(usage.reasoning_tokens),
+                i(*cost),
+                i64::from(*status),
+                i(usage.cache_write_1h_input_tokens),
+                i(usage.web_search_requests),
+                i(usage.web_fetch_requests),
+            ];
+            f(&[
+                id, at, &n[0], &n[1], &n[2], &n[3], &n[4], &n[5], est, outcome, &n[6], &n[7],
+                &n[8], &n[9], unmetered,
+            ])
+        }
     }
-    Ok(())
 }
 
 /// Folds what was appended since the last fold into SQLite, in one transaction, then deletes
