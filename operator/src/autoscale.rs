@@ -130,7 +130,7 @@ impl Loop {
                     && autoscaler_config(&a.spec.scaling).is_some()
             })
             .collect();
-        let keys: Vec<String> = scaled.iter().map(key).collect();
+        let keys: Vec<String> = scaled.iter().map(reconciler::key).collect();
         self.memory
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -138,7 +138,7 @@ impl Loop {
         futures::stream::iter(scaled)
             .for_each_concurrent(self.options.concurrency.max(1), |agent| async move {
                 if let Err(e) = self.step_agent(&agent).await {
-                    warn!(agent = %key(&agent), error = %e, "autoscaling step failed");
+                    warn!(agent = %reconciler::key(&agent), error = %e, "autoscaling step failed");
                 }
             })
             .await;
@@ -252,7 +252,7 @@ impl Loop {
         self.memory
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(key(agent), memory);
+            .insert(reconciler::key(agent), memory);
         if let Step::Decided {
             decision,
             current,
@@ -261,7 +261,7 @@ impl Loop {
         } = &step
             && applied != current
         {
-            info!(agent = %key(agent), from = current, to = applied, reason = ?decision.reason, "scaled");
+            info!(agent = %reconciler::key(agent), from = current, to = applied, reason = ?decision.reason, "scaled");
         }
         self.write_status(agent, &step, &now).await
     }
@@ -273,7 +273,7 @@ impl Loop {
             .memory
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .remove(&key(agent));
+            .remove(&reconciler::key(agent));
         let current = u32::try_from(current).unwrap_or(0);
         match kept {
             Some(m) if m.config == config => m,
@@ -441,14 +441,6 @@ fn fresh(config: AutoscalerConfig, current: u32) -> Autoscaler {
         Autoscaler::new(AutoscalerConfig::default(), current)
             .unwrap_or_else(|_| unreachable!("the default settings are valid"))
     })
-}
-
-fn key(agent: &Agent) -> String {
-    format!(
-        "{}/{}",
-        agent.namespace().unwrap_or_default(),
-        agent.name_any()
-    )
 }
 
 /// The interval moved by up to ±10 %, differently each tick (no two operators, and no two
