@@ -15,6 +15,7 @@
 //! | `stall` | the first chunk, then silence for a minute |
 //! | `headers-stall` | no response headers for a minute |
 //! | `slow` | 20 ms between stream chunks |
+//! | `hold-<ms>` | the answer (headers and body) after `<ms>` milliseconds: a provider that takes that long to serve the request, chosen per request by a load generator |
 //!
 //! Usage is a function of the request, as a provider's would be: [`prompt_tokens`] counts the
 //! prompt text with the model's BPE tokenizer plus 3 tokens per message; the answer has
@@ -331,11 +332,21 @@ fn openai_error(status: StatusCode, message: &str, kind: &str, code: &str) -> Re
         .into_response()
 }
 
-/// `headers-stall`: hold the response headers back for a minute.
+/// `headers-stall`: hold the response headers back for a minute; `hold-<ms>`: for `<ms>`
+/// milliseconds.
 async fn stall_headers(call: &Call) {
-    if call.scenario == "headers-stall" {
-        tokio::time::sleep(Duration::from_secs(60)).await;
+    if let Some(d) = hold(&call.scenario) {
+        tokio::time::sleep(d).await;
     }
+}
+
+/// How long the scenario holds the response back, if at all.
+fn hold(scenario: &str) -> Option<Duration> {
+    if scenario == "headers-stall" {
+        return Some(Duration::from_secs(60));
+    }
+    let ms = scenario.strip_prefix("hold-")?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ms))
 }
 
 async fn models(State(fake): State<Arc<Fake>>, req: Request) -> Response {
@@ -595,4 +606,26 @@ async fn anthropic(State(fake): State<Arc<Fake>>, req: Request) -> Response {
     }
     tail.push(ev("message_stop", json!({"type": "message_stop"})));
     stream_response("text/event-stream", scenario_steps(&call, events, tail))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hold_scenarios_name_their_delay_and_nothing_else_holds() {
+        let cases = [
+            ("hold-250", Some(Duration::from_millis(250))),
+            ("hold-0", Some(Duration::ZERO)),
+            ("headers-stall", Some(Duration::from_secs(60))),
+            ("hold-", None),
+            ("hold-x", None),
+            ("hold--5", None),
+            ("slow", None),
+            ("", None),
+        ];
+        for (scenario, want) in cases {
+            assert_eq!(hold(scenario), want, "{scenario}");
+        }
+    }
 }

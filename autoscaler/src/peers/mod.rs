@@ -12,4 +12,4 @@ pub mod soma;
 
 pub use hpa::{Hpa, HpaParams};
 pub use keda::{Keda, KedaParams};
-pub use soma::SomaScaler;
+pub use soma::{SignalView, SomaScaler};

@@ -10,11 +10,25 @@ use crate::error::Error;
 use crate::signal::LoadSignal;
 use crate::sim::engine::{Observation, Scaler};
 
+/// Where the autoscaler's signal comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SignalView {
+    /// The queue in front of the pods is visible: arrivals as they join it, and its length
+    /// as `waiting` (the simulator's comparison with HPA and KEDA).
+    #[default]
+    Queue,
+    /// Only what a sidecar inside each pod sees when the queue is in front of the pods: a
+    /// request "arrives" when it starts service and nothing is ever waiting
+    /// (`LoadReport::waiting` is 0). This is what the operator reads today.
+    Sidecar,
+}
+
 /// [`Autoscaler`] driven by simulator observations.
 #[derive(Debug, Clone)]
 pub struct SomaScaler {
     autoscaler: Autoscaler,
     interval_s: f64,
+    view: SignalView,
     /// Ticks during which the decision carried a brown-out.
     pub brown_out_ticks: u32,
 }
@@ -25,12 +39,32 @@ impl SomaScaler {
         Ok(Self {
             autoscaler: Autoscaler::new(config, replicas)?,
             interval_s,
+            view: SignalView::Queue,
             brown_out_ticks: 0,
         })
     }
+
+    /// The same scaler fed the signal of `view`.
+    pub fn with_view(self, view: SignalView) -> Self {
+        Self { view, ..self }
+    }
 }
 
-/// The load signal the operator would build for the same window.
+/// The load signal of `obs` as `view` sees it.
+pub fn signal_as(view: SignalView, obs: &Observation) -> LoadSignal {
+    match view {
+        SignalView::Queue => signal(obs),
+        SignalView::Sidecar => LoadSignal {
+            requests: obs.started,
+            in_flight: obs.in_service,
+            waiting: 0,
+            ..signal(obs)
+        },
+    }
+}
+
+/// The load signal the operator would build for the same window, were the queue in front
+/// of the pods visible to it ([`SignalView::Queue`]).
 pub fn signal(obs: &Observation) -> LoadSignal {
     LoadSignal {
         window_s: obs.window_s,
@@ -56,7 +90,7 @@ impl Scaler for SomaScaler {
     }
 
     fn decide(&mut self, obs: &Observation) -> u32 {
-        let d = self.autoscaler.step(obs.now_s, &signal(obs));
+        let d = self.autoscaler.step(obs.now_s, &signal_as(self.view, obs));
         if d.brown_out.is_some() {
             self.brown_out_ticks += 1;
         }

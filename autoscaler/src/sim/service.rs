@@ -39,6 +39,19 @@ impl Default for ServiceModel {
 }
 
 impl ServiceModel {
+    /// The same model `factor` times faster: token rates × `factor`, overhead ÷ `factor`
+    /// (every service time divided by `factor`), for a trace replayed that much faster.
+    pub fn compressed(&self, factor: f64) -> Self {
+        Self {
+            throughput: TokenThroughput {
+                prefill_tps: self.throughput.prefill_tps * factor,
+                decode_tps: self.throughput.decode_tps * factor,
+                overhead_s: self.throughput.overhead_s / factor,
+            },
+            slots: self.slots,
+        }
+    }
+
     /// Seconds `request` holds a slot.
     pub fn service_time(&self, request: &Request) -> f64 {
         self.throughput.service_time(

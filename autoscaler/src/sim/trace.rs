@@ -146,6 +146,76 @@ impl Trace {
         })
     }
 
+    /// A ramp up and back down, for checking that a closed loop follows load both ways:
+    /// Poisson arrivals whose rate rises linearly from `base_rps` to `peak_rps` over
+    /// `ramp_s`, stays at the peak for `hold_s`, falls back over `ramp_s`, and stays at
+    /// `base_rps` for `tail_s` (so the scale-down can be seen). Token sizes as in
+    /// [`Trace::synthetic`]. Named `ramp`.
+    pub fn ramp(seed: u64, base_rps: f64, peak_rps: f64, ramp_s: f64, hold_s: f64, tail_s: f64) -> Self {
+        let mut rng = Rng::seeded(seed ^ fnv1a("ramp"));
+        let end = 2.0 * ramp_s + hold_s + tail_s;
+        let rate = |t: f64| {
+            let up = if ramp_s > 0.0 { (t / ramp_s).min(1.0) } else { 1.0 };
+            let down = if ramp_s > 0.0 {
+                ((t - ramp_s - hold_s) / ramp_s).clamp(0.0, 1.0)
+            } else if t >= hold_s {
+                1.0
+            } else {
+                0.0
+            };
+            base_rps + (peak_rps - base_rps) * (up - down).max(0.0)
+        };
+        let arrivals = thinning(&mut rng, end, base_rps.max(peak_rps), rate);
+        let requests = arrivals
+            .into_iter()
+            .map(|arrival_s| Request {
+                arrival_s,
+                input_tokens: rng.lognormal(1500.0, 1.0).clamp(16.0, 8000.0) as u32,
+                output_tokens: rng.lognormal(14.0, 1.1).clamp(1.0, 2000.0) as u32,
+            })
+            .collect();
+        Self {
+            name: "ramp".to_owned(),
+            requests,
+        }
+    }
+
+    /// The requests arriving in `[from_s, to_s)`, re-based to start at `from_s` (so a
+    /// window's first minute is minute 0 of its own). Named `<trace>@<from>-<to>s`.
+    pub fn window(&self, from_s: f64, to_s: f64) -> Self {
+        let requests = self
+            .requests
+            .iter()
+            .filter(|r| r.arrival_s >= from_s && r.arrival_s < to_s)
+            .map(|r| Request {
+                arrival_s: r.arrival_s - from_s,
+                ..*r
+            })
+            .collect();
+        Self {
+            name: format!("{}@{from_s}-{to_s}s", self.name),
+            requests,
+        }
+    }
+
+    /// The same requests `factor` times faster (every arrival time divided by `factor`).
+    /// Pair it with [`crate::sim::ServiceModel::compressed`] and a `SimConfig` whose times
+    /// are divided by the same factor. Named `<trace>/<factor>`.
+    pub fn compressed(&self, factor: f64) -> Self {
+        let requests = self
+            .requests
+            .iter()
+            .map(|r| Request {
+                arrival_s: r.arrival_s / factor,
+                ..*r
+            })
+            .collect();
+        Self {
+            name: format!("{}/{factor}", self.name),
+            requests,
+        }
+    }
+
     /// The names [`Trace::synthetic`] accepts.
     pub const SYNTHETIC: [&'static str; 3] = ["diurnal", "burst", "mmpp"];
 
@@ -498,5 +568,36 @@ mod tests {
             }
         }
         assert!(base.variant("nope", 1).is_none());
+    }
+
+    #[test]
+    fn a_window_is_rebased_and_compression_divides_arrivals_only() {
+        let text = "t,in,out\n0,10,1\n30,20,2\n60,30,3\n90,40,4\n";
+        let t = Trace::parse_csv("w", "w.csv", text).expect("parses");
+        let w = t.window(30.0, 90.0);
+        let got: Vec<(f64, u32)> = w.requests.iter().map(|r| (r.arrival_s, r.input_tokens)).collect();
+        assert_eq!(got, vec![(0.0, 20), (30.0, 30)]);
+        assert_eq!(w.name, "w@30-90s");
+        let c = w.compressed(5.0);
+        assert_eq!(c.requests[1].arrival_s, 6.0);
+        assert_eq!(c.requests[1].output_tokens, 3);
+        let s = crate::sim::ServiceModel::default();
+        let fast = s.compressed(5.0);
+        assert!((fast.service_time(&c.requests[1]) * 5.0 - s.service_time(&w.requests[1])).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_ramp_rises_holds_and_falls_back() {
+        let t = Trace::ramp(7, 0.5, 8.0, 300.0, 120.0, 300.0);
+        let count = |a: f64, b: f64| t.requests.iter().filter(|r| r.arrival_s >= a && r.arrival_s < b).count();
+        // Expected: 60 s at the start ≈ 30 + a little; the held peak ≈ 8/s.
+        let start = count(0.0, 60.0);
+        let peak = count(300.0, 420.0) as f64 / 120.0;
+        let tail = count(720.0, 1020.0) as f64 / 300.0;
+        assert!(start < 120, "{start}");
+        assert!((6.0..10.0).contains(&peak), "{peak}");
+        assert!((0.2..1.0).contains(&tail), "{tail}");
+        assert!(t.duration_s() < 1020.0);
+        assert_eq!(t, Trace::ramp(7, 0.5, 8.0, 300.0, 120.0, 300.0), "seeded");
     }
 }
