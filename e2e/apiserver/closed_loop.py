@@ -456,7 +456,7 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
         out.append(Scenario("ramp", None, compress=c, interval_s=args.interval, to_min=args.ramp_minutes,
                             floor_hold_s=args.ramp_floor_hold,
                             ramp={"base_rps": 0.3, "peak_rps": args.ramp_peak, "min": 4.0, "hold_min": 2.0,
-                                  "tail_min": args.ramp_minutes - 10.0, "seed": 42}))
+                                  "tail_min": args.ramp_minutes - 10.0}))
     for label in ("code", "conv"):
         if label in args.scenario:
             out.append(Scenario(label, SHARED / f"azure-llm-inference-2023-{label}.csv", from_min=args.from_min,

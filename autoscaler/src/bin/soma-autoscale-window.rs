@@ -42,18 +42,22 @@ struct Args {
     /// Replay this many times faster than the trace.
     #[arg(long, default_value_t = 5.0)]
     compress: f64,
-    /// The ramp (without --trace): base and peak arrival rate (req/s of trace time), minutes
-    /// rising (and falling), minutes at the peak, minutes at the base after it; seed.
+    /// The ramp (without --trace): arrival rate before and after it, req/s of trace time.
     #[arg(long, default_value_t = 0.3)]
     ramp_base_rps: f64,
+    /// The ramp's peak arrival rate, req/s of trace time.
     #[arg(long, default_value_t = 6.0)]
     ramp_peak_rps: f64,
-    #[arg(long, default_value_t = 5.0)]
+    /// Minutes the ramp rises (and, after the peak, falls).
+    #[arg(long, default_value_t = 4.0)]
     ramp_min: f64,
-    #[arg(long, default_value_t = 3.0)]
+    /// Minutes at the peak.
+    #[arg(long, default_value_t = 2.0)]
     ramp_hold_min: f64,
+    /// Minutes at the base rate after the ramp (where the scale-down shows).
     #[arg(long, default_value_t = 6.0)]
     ramp_tail_min: f64,
+    /// Seed of the ramp's arrivals and token sizes.
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Pod start, seconds of trace time (divided by --compress).
