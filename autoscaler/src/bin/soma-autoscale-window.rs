@@ -28,7 +28,9 @@ use soma_autoscaler::sim::{RunResult, ServiceModel, SimConfig, Trace, simulate};
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 #[derive(Debug, Parser)]
-#[command(about = "A compressed window of a trace: the closed loop's schedule and the simulator's prediction")]
+#[command(
+    about = "A compressed window of a trace: the closed loop's schedule and the simulator's prediction"
+)]
 struct Args {
     /// CSV trace (as `soma-autoscale-sim --trace`); without it, the synthetic ramp.
     #[arg(long)]
@@ -146,11 +148,21 @@ fn main() -> Result<()> {
     }
 
     let mut runs = serde_json::Map::new();
-    for (name, view) in [("queue", SignalView::Queue), ("sidecar", SignalView::Sidecar)] {
+    for (name, view) in [
+        ("queue", SignalView::Queue),
+        ("sidecar", SignalView::Sidecar),
+    ] {
         let mut scaler = SomaScaler::new(soma, a.interval_s, sim.initial_replicas)?.with_view(view);
-        runs.insert(name.to_owned(), run_json(&simulate(&trace, &mut scaler, &sim), c, &sim));
+        runs.insert(
+            name.to_owned(),
+            run_json(&simulate(&trace, &mut scaler, &sim), c, &sim),
+        );
     }
-    let service: Vec<f64> = trace.requests.iter().map(|r| sim.service.service_time(r)).collect();
+    let service: Vec<f64> = trace
+        .requests
+        .iter()
+        .map(|r| sim.service.service_time(r))
+        .collect();
     let mean_service = service.iter().sum::<f64>() / service.len() as f64;
     println!(
         "{}",

@@ -151,11 +151,22 @@ impl Trace {
     /// `ramp_s`, stays at the peak for `hold_s`, falls back over `ramp_s`, and stays at
     /// `base_rps` for `tail_s` (so the scale-down can be seen). Token sizes as in
     /// [`Trace::synthetic`]. Named `ramp`.
-    pub fn ramp(seed: u64, base_rps: f64, peak_rps: f64, ramp_s: f64, hold_s: f64, tail_s: f64) -> Self {
+    pub fn ramp(
+        seed: u64,
+        base_rps: f64,
+        peak_rps: f64,
+        ramp_s: f64,
+        hold_s: f64,
+        tail_s: f64,
+    ) -> Self {
         let mut rng = Rng::seeded(seed ^ fnv1a("ramp"));
         let end = 2.0 * ramp_s + hold_s + tail_s;
         let rate = |t: f64| {
-            let up = if ramp_s > 0.0 { (t / ramp_s).min(1.0) } else { 1.0 };
+            let up = if ramp_s > 0.0 {
+                (t / ramp_s).min(1.0)
+            } else {
+                1.0
+            };
             let down = if ramp_s > 0.0 {
                 ((t - ramp_s - hold_s) / ramp_s).clamp(0.0, 1.0)
             } else if t >= hold_s {
@@ -575,7 +586,11 @@ mod tests {
         let text = "t,in,out\n0,10,1\n30,20,2\n60,30,3\n90,40,4\n";
         let t = Trace::parse_csv("w", "w.csv", text).expect("parses");
         let w = t.window(30.0, 90.0);
-        let got: Vec<(f64, u32)> = w.requests.iter().map(|r| (r.arrival_s, r.input_tokens)).collect();
+        let got: Vec<(f64, u32)> = w
+            .requests
+            .iter()
+            .map(|r| (r.arrival_s, r.input_tokens))
+            .collect();
         assert_eq!(got, vec![(0.0, 20), (30.0, 30)]);
         assert_eq!(w.name, "w@30-90s");
         let c = w.compressed(5.0);
@@ -583,13 +598,21 @@ mod tests {
         assert_eq!(c.requests[1].output_tokens, 3);
         let s = crate::sim::ServiceModel::default();
         let fast = s.compressed(5.0);
-        assert!((fast.service_time(&c.requests[1]) * 5.0 - s.service_time(&w.requests[1])).abs() < 1e-12);
+        assert!(
+            (fast.service_time(&c.requests[1]) * 5.0 - s.service_time(&w.requests[1])).abs()
+                < 1e-12
+        );
     }
 
     #[test]
     fn the_ramp_rises_holds_and_falls_back() {
         let t = Trace::ramp(7, 0.5, 8.0, 300.0, 120.0, 300.0);
-        let count = |a: f64, b: f64| t.requests.iter().filter(|r| r.arrival_s >= a && r.arrival_s < b).count();
+        let count = |a: f64, b: f64| {
+            t.requests
+                .iter()
+                .filter(|r| r.arrival_s >= a && r.arrival_s < b)
+                .count()
+        };
         // Expected: 60 s at the start ≈ 30 + a little; the held peak ≈ 8/s.
         let start = count(0.0, 60.0);
         let peak = count(300.0, 420.0) as f64 / 120.0;
