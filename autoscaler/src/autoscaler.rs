@@ -9,7 +9,8 @@
 //!                                      │          ρ < 1, P95 ≤ headroom·target ─► held floor ─┤
 //!                                      ▼                                                      ▼
 //!             desired = clamp(max(⌈C⌉, floor, held floor), min, min(max, budget cap))
-//!             → idle for idle_to_zero_s? 0
+//!             → idle (no traffic, no queued work) for idle_to_zero_s? 0
+//!             → queued work (set_queued_work) and 0? 1
 //!             → scale-down held during cold start and for reversal_hold_s after a scale-up
 //!             → brown-out when the floor could not be met within the cap
 //! ```
@@ -71,6 +72,7 @@ pub struct Autoscaler {
     conductance: Conductance,
     replicas: u32,
     budget_cap: Option<u32>,
+    queued_work: u64,
     last_active_s: Option<f64>,
     last_scale_up_s: Option<f64>,
     cold_start_until_s: f64,
@@ -88,6 +90,7 @@ impl Autoscaler {
             conductance: Conductance::default(),
             replicas,
             budget_cap: None,
+            queued_work: 0,
             last_active_s: None,
             last_scale_up_s: None,
             cold_start_until_s: f64::NEG_INFINITY,
@@ -144,6 +147,15 @@ impl Autoscaler {
     /// Sets (or clears) the most replicas the agent's Budget currently allows.
     pub fn set_budget_cap(&mut self, cap: Option<u32>) {
         self.budget_cap = cap;
+    }
+
+    /// Sets the work queued for the agent outside its load signal, such as tasks waiting for
+    /// it or running on it (the operator counts the Soma Jobs that reference the Agent). While
+    /// it is above zero the agent counts as active (the idle timer restarts) and has at least
+    /// one replica ([`Reason::QueuedWork`]): this is what wakes an agent scaled to zero, whose
+    /// load signal is empty because it has no pods to measure.
+    pub fn set_queued_work(&mut self, items: u64) {
+        self.queued_work = items;
     }
 
     /// Tells the autoscaler that something else changed the replica count (a user edit).
@@ -231,13 +243,24 @@ impl Autoscaler {
             reason = Reason::Cap;
         }
 
-        if signal.is_active() || self.last_active_s.is_none() {
+        let queued = self.queued_work > 0;
+        if signal.is_active() || queued || self.last_active_s.is_none() {
             self.last_active_s = Some(now_s);
         }
         let idle_for = self.last_active_s.map_or(0.0, |t| now_s - t);
-        if cfg.min_replicas == 0 && cfg.idle_to_zero_s.is_some_and(|t| idle_for >= t) {
+        let idle = cfg.min_replicas == 0 && cfg.idle_to_zero_s.is_some_and(|t| idle_for >= t);
+        if idle {
             desired = 0;
             reason = Reason::Idle;
+        }
+        if desired == 0 && queued {
+            desired = 1;
+            reason = Reason::QueuedWork;
+        } else if desired == 0 && !idle {
+            // Only the idle rule takes an agent to zero: an estimate that has reached zero
+            // (no traffic yet) does not skip the idle period.
+            desired = 1;
+            reason = Reason::IdleHold;
         }
 
         if desired < self.replicas {
@@ -613,6 +636,92 @@ mod tests {
         );
         assert_eq!(held.desired_replicas, up.desired_replicas);
         assert_eq!(held.reason, Reason::ColdStartHold);
+    }
+
+    #[test]
+    fn queued_work_wakes_from_zero_keeps_a_replica_and_then_idles_out() {
+        // A worker agent: no traffic of its own; tasks queued for it are what wakes it.
+        let cfg = AutoscalerConfig {
+            idle_to_zero_s: Some(60.0),
+            cold_start_hold_s: 30.0,
+            ..AutoscalerConfig::default()
+        };
+        let quiet = LoadSignal {
+            window_s: 15.0,
+            ..LoadSignal::default()
+        };
+        let mut a = Autoscaler::new(cfg, 1).expect("valid");
+        // Nothing asks for a replica, but the idle period is not over: one stays.
+        let d = a.step(0.0, &quiet);
+        assert_eq!((d.desired_replicas, d.reason), (1, Reason::IdleHold));
+        let mut t = 0.0;
+        while a.replicas() > 0 {
+            t += 15.0;
+            assert!(t <= 60.0, "idle for idle_to_zero_s means zero");
+            let d = a.step(t, &quiet);
+            if d.desired_replicas == 0 {
+                assert_eq!(d.reason, Reason::Idle);
+            }
+        }
+        assert_eq!(t, 60.0);
+        // At zero the signal stays empty (no pods): only queued work wakes the agent.
+        t += 15.0;
+        assert_eq!(a.step(t, &quiet).desired_replicas, 0);
+        a.set_queued_work(2);
+        t += 15.0;
+        let woken = a.step(t, &quiet);
+        assert_eq!(
+            (woken.desired_replicas, woken.reason),
+            (1, Reason::QueuedWork)
+        );
+        // Kept up while the work lasts, far beyond the idle period.
+        for _ in 0..20 {
+            t += 15.0;
+            assert_eq!(a.step(t, &quiet).desired_replicas, 1);
+        }
+        // The work is done: the idle period counts from then, and the agent goes back to zero.
+        a.set_queued_work(0);
+        let done = t;
+        let mut zero_at = None;
+        for _ in 0..10 {
+            t += 15.0;
+            let d = a.step(t, &quiet);
+            if d.desired_replicas == 0 {
+                zero_at = Some(t);
+                break;
+            }
+            assert_eq!(d.reason, Reason::IdleHold, "at +{}", t - done);
+        }
+        assert_eq!(zero_at, Some(done + 60.0));
+    }
+
+    #[test]
+    fn a_start_from_zero_is_held_through_the_cold_start() {
+        // Woken by work; the work ends at once, before the new pod could report anything:
+        // the cold-start hold keeps the replica for cold_start_hold_s (the reversal hold off,
+        // so that it is the one holding).
+        let cfg = AutoscalerConfig {
+            idle_to_zero_s: Some(0.0),
+            cold_start_hold_s: 45.0,
+            reversal_hold_s: 0.0,
+            ..AutoscalerConfig::default()
+        };
+        let quiet = LoadSignal {
+            window_s: 15.0,
+            ..LoadSignal::default()
+        };
+        let mut a = Autoscaler::new(cfg, 0).expect("valid");
+        assert_eq!(a.step(0.0, &quiet).desired_replicas, 0);
+        a.set_queued_work(1);
+        assert_eq!(a.step(15.0, &quiet).desired_replicas, 1);
+        a.set_queued_work(0);
+        let held = a.step(30.0, &quiet);
+        assert_eq!(
+            (held.desired_replicas, held.reason),
+            (1, Reason::ColdStartHold)
+        );
+        assert_eq!(a.step(45.0, &quiet).reason, Reason::ColdStartHold);
+        assert_eq!(a.step(60.0, &quiet).desired_replicas, 0);
     }
 
     #[test]

@@ -56,7 +56,9 @@ pub struct AutoscalerConfig {
     /// still there costs far less than a 30 s cold start under a burst. Default 900 s;
     /// `docs/autoscaler.md` shows the simulated trade-off of other values. 0 disables it.
     pub floor_hold_s: f64,
-    /// Scale to zero after this long without any traffic (only when `min_replicas` is 0).
+    /// Scale to zero after this long without traffic or queued work (only when `min_replicas`
+    /// is 0). Until then, and always when `None`, an agent with nothing to do keeps one
+    /// replica ([`crate::Reason::IdleHold`]).
     pub idle_to_zero_s: Option<f64>,
     /// After scaling up from zero, do not scale down for this long: pods are still starting
     /// and the signal does not yet reflect their capacity.

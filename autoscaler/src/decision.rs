@@ -23,8 +23,14 @@ pub enum Reason {
     MinReplicas,
     /// Clamped down to `maxReplicas` or the Budget's cap.
     Cap,
-    /// No traffic for the idle period: scaled to zero.
+    /// No traffic and no queued work for the idle period: scaled to zero.
     Idle,
+    /// Nothing asks for a replica, but the agent (`min_replicas` 0) has not been idle for
+    /// `idle_to_zero_s` yet: one replica is kept until it has.
+    IdleHold,
+    /// Queued work that the load signal cannot show (the operator counts the Soma Jobs that
+    /// reference the Agent) keeps at least one replica: woken from zero, or kept up.
+    QueuedWork,
     /// A scale-down was held because pods started from zero are still warming up.
     ColdStartHold,
     /// A scale-down was held because the last scale-up was too recent (anti-flapping).

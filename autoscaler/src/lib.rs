@@ -5,8 +5,10 @@
 //! measure what a [`LoadSignal`] needs (`soma_contract::load::LoadReport`, served at
 //! `GET /load`); the operator's scaling loop (`soma_operator::autoscale`) merges them, steps
 //! one [`Autoscaler`] per Agent, sets the Deployment's replicas and writes the [`Decision`] and
-//! a [`Snapshot`] into the Agent's status. Brown-out from the operator, scale to zero and the
-//! Budget's cap are planned there (`docs/autoscaler.md`); the simulator runs all of it.
+//! a [`Snapshot`] into the Agent's status; an Agent that serves no port scales to zero and is
+//! woken by the Soma Jobs that reference it ([`Autoscaler::set_queued_work`]). Brown-out from
+//! the operator and the Budget's cap are planned there (`docs/autoscaler.md`); the simulator
+//! runs all of it.
 //!
 //! ```text
 //!  signal ─► estimate ─► conductance ─┐

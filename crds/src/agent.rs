@@ -46,6 +46,8 @@ pub const PROVIDER_KEY_ENV_NAMES: &[&str] = &[
     printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
+#[x_kube(validation = Rule::new("!has(self.port) || !has(self.scaling) || self.scaling.minReplicas > 0")
+    .message("scaling.minReplicas 0 is only for an Agent without a port: nothing wakes a scaled-to-zero Agent when traffic arrives at its Service yet (planned). A worker Agent (no port) is woken by the Soma Jobs whose spec.agentRef names it. Set scaling.minReplicas to 1 or more, or remove port"))]
 #[serde(rename_all = "camelCase")]
 pub struct AgentSpec {
     /// The agent's container image. Pin it by digest (`repo@sha256:…`); policy may require it.
@@ -282,18 +284,25 @@ pub struct EgressRule {
 
 /// Replica bounds and autoscaling parameters.
 ///
-/// Autoscaling runs when `maxReplicas` is greater than `minReplicas` (and greater than 1):
-/// every interval the operator reads the sidecars' load (`GET /load`), steps the Agent's
-/// conductance / Erlang-C autoscaler and sets the Deployment's replicas under the field
-/// manager `soma-autoscaler` (docs/autoscaler.md). Otherwise the Deployment has
-/// `max(minReplicas, 1)` replicas.
+/// Autoscaling runs when `maxReplicas` is greater than `minReplicas` (and greater than 1, or
+/// than 0 for an Agent without a `port`): every interval the operator reads the sidecars' load
+/// (`GET /load`), steps the Agent's conductance / Erlang-C autoscaler and sets the
+/// Deployment's replicas under the field manager `soma-autoscaler` (docs/autoscaler.md).
+/// Otherwise the Deployment has `max(minReplicas, 1)` replicas. Every other field tunes the
+/// autoscaler; unset, it keeps the default that docs/autoscaler.md gives and measures.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas")
     .message("scaling.minReplicas must not exceed scaling.maxReplicas"))]
+#[x_kube(validation = Rule::new("!has(self.idleToZeroSeconds) || self.minReplicas == 0")
+    .message("scaling.idleToZeroSeconds applies only to an Agent that may scale to zero: set scaling.minReplicas to 0, or remove idleToZeroSeconds"))]
+#[x_kube(validation = Rule::new("!has(self.coldStartHoldSeconds) || self.minReplicas == 0")
+    .message("scaling.coldStartHoldSeconds applies only to an Agent that may scale to zero: set scaling.minReplicas to 0, or remove coldStartHoldSeconds"))]
 pub struct Scaling {
-    /// Fewest replicas. 0 is treated as 1 for now: scale to zero needs a wake path, which is
-    /// planned.
+    /// Fewest replicas. 0 (scale to zero) only for an Agent without a `port`: such an Agent
+    /// is woken by the Soma Jobs whose `spec.agentRef` names it (docs/autoscaler.md, "Scale
+    /// to zero"); nothing wakes a scaled-to-zero Agent on inbound traffic yet, so an Agent
+    /// with a `port` is refused `minReplicas: 0`.
     #[serde(default = "default_min_replicas")]
     #[schemars(range(min = 0, max = 1000))]
     pub min_replicas: i32,
@@ -306,6 +315,37 @@ pub struct Scaling {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 3_600_000))]
     pub target_p95_wait_ms: Option<i64>,
+    /// Highest utilisation ρ the Erlang-C sizing plans for (`rhoMax`), strictly between 0
+    /// and 1; default 0.7. Lower buys headroom with replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self < 1.0")
+        .message("scaling.maxUtilisation must be greater than 0 and less than 1 (the highest planned utilisation; default 0.7)"))]
+    pub max_utilisation: Option<f64>,
+    /// Plan the queue for a P95 wait of `waitHeadroom × targetP95WaitMs` (`waitHeadroom`),
+    /// in (0, 1]; default 0.5. Erlang-C predicts a long-run P95 while an SLO is judged minute
+    /// by minute: planning at the target itself misses it about half the time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 1.0")
+        .message("scaling.waitHeadroom must be greater than 0 and at most 1 (a share of targetP95WaitMs; default 0.5)"))]
+    pub wait_headroom: Option<f64>,
+    /// Requests one replica serves at once (M/M/k servers per replica, `slotsPerReplica`);
+    /// default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 1024")
+        .message("scaling.slotsPerReplica must be between 1 and 1024 (concurrent requests one replica serves; default 1)"))]
+    pub slots_per_replica: Option<i32>,
+    /// Conductance `C ← (1 − βΔt)·C + αΔt·EMA_τ(|f|)`: how replicas follow sustained flow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conductance: Option<ConductanceSettings>,
+    /// How arrival rate and service time are estimated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimator: Option<EstimatorSettings>,
+    /// A backlog of waiting requests is planned away within this many seconds
+    /// (`backlogDrainS`); default 15.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 3600")
+        .message("scaling.backlogDrainSeconds must be between 1 and 3600 (default 15)"))]
+    pub backlog_drain_seconds: Option<i64>,
     /// How long a peak of offered load keeps replicas for its return, seconds (the
     /// autoscaler's `floorHoldS`); default 900, 0 disables. docs/autoscaler.md shows the
     /// simulated trade-off: shorter saves replica-hours and costs SLO minutes on bursty traffic.
@@ -317,6 +357,83 @@ pub struct Scaling {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 86_400))]
     pub reversal_hold_seconds: Option<i64>,
+    /// With `minReplicas: 0`: scale to zero after this many seconds without traffic and
+    /// without a pending or running Soma Job that references the Agent (`idleToZeroS`);
+    /// default 300. Until then one replica stays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 86400")
+        .message("scaling.idleToZeroSeconds must be between 0 and 86400 (default 300)"))]
+    pub idle_to_zero_seconds: Option<i64>,
+    /// With `minReplicas: 0`: after a start from zero, no scale-down for this many seconds,
+    /// while the new pod starts and its load signal is still empty (`coldStartHoldS`);
+    /// default 60.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 86400")
+        .message("scaling.coldStartHoldSeconds must be between 0 and 86400 (default 60)"))]
+    pub cold_start_hold_seconds: Option<i64>,
+    /// What a brown-out does with the traffic the allowed replicas cannot serve within the
+    /// target: `shed` (refuse the lowest-priority share) or `downgrade` (send it to a cheaper
+    /// model); default `shed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brown_out_action: Option<BrownOutAction>,
+}
+
+/// `scaling.conductance`: each field optional, defaulting one by one.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConductanceSettings {
+    /// Growth rate α, per second: how fast sustained flow builds conductance; default
+    /// β/0.7 ≈ 0.005952 (the steady state is then the replica count at 70 % utilisation).
+    /// 0 turns conductance off (the Erlang-C floors alone size the Agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0.0 && self <= 10.0")
+        .message("scaling.conductance.alpha must be between 0 and 10 per second (default ≈ 0.005952)"))]
+    pub alpha: Option<f64>,
+    /// Decay rate β, per second: `1/β` is how long conductance outlives its flow; default
+    /// 1/240 ≈ 0.004167.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 10.0")
+        .message("scaling.conductance.beta must be greater than 0 and at most 10 per second (default ≈ 0.004167)"))]
+    pub beta: Option<f64>,
+    /// Time constant τ of the flow's moving average that feeds growth, seconds; default 30.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 86400")
+        .message("scaling.conductance.tauSeconds must be between 1 and 86400 (default 30)"))]
+    pub tau_seconds: Option<i64>,
+}
+
+/// `scaling.estimator`: each field optional, defaulting one by one.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EstimatorSettings {
+    /// Time constant of the arrival-rate moving average, seconds (`arrivalTauS`); default 60.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 86400")
+        .message("scaling.estimator.arrivalTauSeconds must be between 1 and 86400 (default 60)"))]
+    pub arrival_tau_seconds: Option<i64>,
+    /// The service-time estimate is, in effect, the mean of about this many recent requests
+    /// (`serviceRequests`); default 500.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 1000000")
+        .message("scaling.estimator.serviceRequests must be between 1 and 1000000 (default 500)"))]
+    pub service_requests: Option<i64>,
+    /// Service time assumed before any request completes, milliseconds
+    /// (`priorServiceTimeS`); default 1000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 3600000")
+        .message("scaling.estimator.priorServiceTimeMs must be between 1 and 3600000 (default 1000)"))]
+    pub prior_service_time_ms: Option<i64>,
+}
+
+/// `scaling.brownOutAction`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum BrownOutAction {
+    /// Refuse the lowest-priority share of requests.
+    #[default]
+    Shed,
+    /// Send the lowest-priority share to a cheaper, faster model.
+    Downgrade,
 }
 
 impl Default for Scaling {
@@ -325,8 +442,17 @@ impl Default for Scaling {
             min_replicas: default_min_replicas(),
             max_replicas: default_max_replicas(),
             target_p95_wait_ms: None,
+            max_utilisation: None,
+            wait_headroom: None,
+            slots_per_replica: None,
+            conductance: None,
+            estimator: None,
+            backlog_drain_seconds: None,
             floor_hold_seconds: None,
             reversal_hold_seconds: None,
+            idle_to_zero_seconds: None,
+            cold_start_hold_seconds: None,
+            brown_out_action: None,
         }
     }
 }
@@ -381,7 +507,8 @@ pub struct ScalingStatus {
     /// Replicas the Deployment had when it decided (`spec.replicas`).
     pub current_replicas: i32,
     /// Which rule set the count: `conductance`, `erlangFloor`, `floorHold`, `minReplicas`,
-    /// `cap`, `idle`, `coldStartHold` or `reversalHold`.
+    /// `cap`, `idle` (scaled to zero), `idleHold` (one replica until the idle period ends),
+    /// `queuedWork` (woken or kept up by Soma Jobs), `coldStartHold` or `reversalHold`.
     pub reason: String,
     /// Conductance `C` of the Agent's route, in replicas.
     pub conductance: f64,
@@ -401,6 +528,10 @@ pub struct ScalingStatus {
     pub p95_wait_s: Option<f64>,
     /// Ready pods whose sidecar answered `GET /load` in the last step.
     pub reporting_pods: i32,
+    /// Soma Jobs referencing this Agent that are waiting, queued or running: the work that
+    /// wakes an Agent with `minReplicas: 0` and keeps it up.
+    #[serde(default)]
+    pub pending_jobs: i32,
     /// When the autoscaler last stepped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_step_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,

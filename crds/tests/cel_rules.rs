@@ -63,6 +63,187 @@ fn cases() -> Vec<Case> {
             None,
             Some("minReplicas must not exceed"),
         ),
+        // Scale to zero: only an Agent without a port (a worker woken by Jobs).
+        c(
+            "scale to zero with a port",
+            "Agent",
+            vec![
+                ("/spec/scaling/minReplicas", Some(json!(0))),
+                ("/spec/scaling/maxReplicas", Some(json!(3))),
+            ],
+            None,
+            Some("minReplicas 0 is only for an Agent without a port"),
+        ),
+        c(
+            "scale to zero for a worker",
+            "Agent",
+            vec![
+                ("/spec/port", None),
+                (
+                    "/spec/scaling",
+                    Some(json!({"minReplicas": 0, "maxReplicas": 1,
+                                "idleToZeroSeconds": 120, "coldStartHoldSeconds": 30})),
+                ),
+            ],
+            None,
+            None,
+        ),
+        c(
+            "idle period without scale to zero",
+            "Agent",
+            vec![(
+                "/spec/scaling",
+                Some(json!({"minReplicas": 1, "maxReplicas": 3, "idleToZeroSeconds": 120})),
+            )],
+            None,
+            Some("idleToZeroSeconds applies only to an Agent that may scale to zero"),
+        ),
+        c(
+            "cold-start hold without scale to zero",
+            "Agent",
+            vec![(
+                "/spec/scaling",
+                Some(json!({"minReplicas": 2, "maxReplicas": 3, "coldStartHoldSeconds": 10})),
+            )],
+            None,
+            Some("coldStartHoldSeconds applies only to an Agent that may scale to zero"),
+        ),
+        c(
+            "negative idle period",
+            "Agent",
+            vec![
+                ("/spec/port", None),
+                (
+                    "/spec/scaling",
+                    Some(json!({"minReplicas": 0, "maxReplicas": 3, "idleToZeroSeconds": -1})),
+                ),
+            ],
+            None,
+            Some("idleToZeroSeconds must be between 0 and 86400"),
+        ),
+        // Every autoscaler knob: the edges that are allowed, and one value past each.
+        c(
+            "every knob at a valid value",
+            "Agent",
+            vec![(
+                "/spec/scaling",
+                Some(json!({
+                    "minReplicas": 1, "maxReplicas": 8, "targetP95WaitMs": 800,
+                    "maxUtilisation": 0.85, "waitHeadroom": 1.0, "slotsPerReplica": 4,
+                    "conductance": {"alpha": 0.0, "beta": 0.01, "tauSeconds": 30},
+                    "estimator": {"arrivalTauSeconds": 60, "serviceRequests": 1, "priorServiceTimeMs": 1500},
+                    "backlogDrainSeconds": 15, "floorHoldSeconds": 0, "reversalHoldSeconds": 0,
+                    "brownOutAction": "downgrade"})),
+            )],
+            None,
+            None,
+        ),
+        c(
+            "utilisation of 1",
+            "Agent",
+            vec![("/spec/scaling/maxUtilisation", Some(json!(1.0)))],
+            None,
+            Some("maxUtilisation must be greater than 0 and less than 1"),
+        ),
+        c(
+            "utilisation of 0",
+            "Agent",
+            vec![("/spec/scaling/maxUtilisation", Some(json!(0.0)))],
+            None,
+            Some("maxUtilisation must be greater than 0 and less than 1"),
+        ),
+        c(
+            "headroom above 1",
+            "Agent",
+            vec![("/spec/scaling/waitHeadroom", Some(json!(1.5)))],
+            None,
+            Some("waitHeadroom must be greater than 0 and at most 1"),
+        ),
+        c(
+            "headroom of 0",
+            "Agent",
+            vec![("/spec/scaling/waitHeadroom", Some(json!(0.0)))],
+            None,
+            Some("waitHeadroom must be greater than 0 and at most 1"),
+        ),
+        c(
+            "no slots",
+            "Agent",
+            vec![("/spec/scaling/slotsPerReplica", Some(json!(0)))],
+            None,
+            Some("slotsPerReplica must be between 1 and 1024"),
+        ),
+        c(
+            "negative alpha",
+            "Agent",
+            vec![("/spec/scaling/conductance", Some(json!({"alpha": -0.1})))],
+            None,
+            Some("conductance.alpha must be between 0 and 10"),
+        ),
+        c(
+            "zero beta",
+            "Agent",
+            vec![("/spec/scaling/conductance", Some(json!({"beta": 0.0})))],
+            None,
+            Some("conductance.beta must be greater than 0"),
+        ),
+        c(
+            "zero tau",
+            "Agent",
+            vec![("/spec/scaling/conductance", Some(json!({"tauSeconds": 0})))],
+            None,
+            Some("conductance.tauSeconds must be between 1 and 86400"),
+        ),
+        c(
+            "zero arrival memory",
+            "Agent",
+            vec![(
+                "/spec/scaling/estimator",
+                Some(json!({"arrivalTauSeconds": 0})),
+            )],
+            None,
+            Some("estimator.arrivalTauSeconds must be between 1 and 86400"),
+        ),
+        c(
+            "zero service memory",
+            "Agent",
+            vec![(
+                "/spec/scaling/estimator",
+                Some(json!({"serviceRequests": 0})),
+            )],
+            None,
+            Some("estimator.serviceRequests must be between 1 and 1000000"),
+        ),
+        c(
+            "zero prior service time",
+            "Agent",
+            vec![(
+                "/spec/scaling/estimator",
+                Some(json!({"priorServiceTimeMs": 0})),
+            )],
+            None,
+            Some("estimator.priorServiceTimeMs must be between 1 and 3600000"),
+        ),
+        c(
+            "zero backlog drain",
+            "Agent",
+            vec![("/spec/scaling/backlogDrainSeconds", Some(json!(0)))],
+            None,
+            Some("backlogDrainSeconds must be between 1 and 3600"),
+        ),
+        c(
+            "negative cold-start hold",
+            "Agent",
+            vec![
+                ("/spec/port", None),
+                (
+                    "/spec/scaling",
+                    Some(json!({"minReplicas": 0, "maxReplicas": 2, "coldStartHoldSeconds": -5})),
+                ),
+            ],
+            None,
+            Some("coldStartHoldSeconds must be between 0 and 86400"),
+        ),
         c(
             "provider key in env",
             "Agent",

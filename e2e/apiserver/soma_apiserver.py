@@ -425,6 +425,10 @@ class SomaApiServer(kmock.KubernetesScaffold):
     request_counts: collections.Counter[tuple[str, str, str, str, str]] = attrs.field(
         factory=collections.Counter, init=False)
     change_counts: collections.Counter[tuple[str, str, str]] = attrs.field(factory=collections.Counter, init=False)
+    # Writes by client: (verb, resource, namespace, name, subresource, the client's bearer token).
+    # A test that gives each process its own token (its kubeconfig's user.token) sees who wrote.
+    write_counts: collections.Counter[tuple[str, str, str, str, str, str]] = attrs.field(
+        factory=collections.Counter, init=False)
     _changed: asyncio.Condition | None = attrs.field(default=None, init=False)
     _tasks: set[asyncio.Task[Any]] = attrs.field(factory=set, init=False)
     _ip_counter: int = attrs.field(default=0, init=False)
@@ -537,6 +541,9 @@ class SomaApiServer(kmock.KubernetesScaffold):
         method = raw.method.upper()
         verb = self._verb(method, name, params, raw.headers.get("Content-Type", ""))
         self.request_counts[(verb, kind.key, namespace or "", name or "", sub or "")] += 1
+        if verb not in ("get", "list", "watch"):
+            token = raw.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            self.write_counts[(verb, kind.key, namespace or "", name or "", sub or "", token)] += 1
         try:
             if verb == "watch":
                 return await self._watch(raw, kind, namespace, name, params)
@@ -1394,11 +1401,15 @@ class SomaApiServer(kmock.KubernetesScaffold):
     # ---- test-only endpoint -------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """Request counts by (verb, resource, namespace, name, subresource) and changes per object."""
+        """Request counts by (verb, resource, namespace, name, subresource), writes by client (the
+        bearer token it sent) and changes per object."""
         return {
             "resourceVersion": self.rv,
             "requests": [{"verb": v, "resource": r.lstrip("/"), "namespace": ns, "name": n, "subresource": s, "count": c}
                          for (v, r, ns, n, s), c in sorted(self.request_counts.items())],
+            "writes": [{"verb": v, "resource": r.lstrip("/"), "namespace": ns, "name": n, "subresource": s,
+                        "client": t, "count": c}
+                       for (v, r, ns, n, s, t), c in sorted(self.write_counts.items())],
             "changes": [{"resource": r.lstrip("/"), "namespace": ns, "name": n, "count": c}
                         for (r, ns, n), c in sorted(self.change_counts.items())],
         }

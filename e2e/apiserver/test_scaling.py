@@ -55,8 +55,10 @@ def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
 class Pods:
     """A real `soma-proxy` for each pod of the Agent, on the pod's IP; stopped when the pod goes."""
 
-    def __init__(self, work: pathlib.Path, standin: StandIn, upstream: str, admin_port: int):
+    def __init__(self, work: pathlib.Path, standin: StandIn, upstream: str, admin_port: int,
+                 ns: str = NS, name: str = NAME):
         self.work, self.kube, self.upstream, self.admin_port = work, Kube(standin.url), upstream, admin_port
+        self.ns, self.name = ns, name
         self.proxy_port = free_port()
         self.sidecars: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
         self.lock = threading.Lock()
@@ -64,7 +66,7 @@ class Pods:
     def sync(self) -> list[str]:
         """Starts sidecars for new pods, stops those of deleted pods; returns the proxy URLs."""
         with self.lock:
-            pods = self.kube.list("v1", "pods", NS, labelSelector=f"soma.dev/agent={NAME}")["items"]
+            pods = self.kube.list("v1", "pods", self.ns, labelSelector=f"soma.dev/agent={self.name}")["items"]
             live = {p["metadata"]["uid"]: p["status"]["podIP"] for p in pods if (p.get("status") or {}).get("podIP")}
             for uid in [u for u in self.sidecars if u not in live]:
                 stop_process(self.sidecars.pop(uid)[0])
@@ -74,7 +76,7 @@ class Pods:
             return [url for _, url in self.sidecars.values()]
 
     def _start(self, uid: str, ip: str) -> subprocess.Popen[bytes]:
-        cm = self.kube.get("v1", "configmaps", NS, f"{NAME}-sidecar")
+        cm = self.kube.get("v1", "configmaps", self.ns, f"{self.name}-sidecar")
         config = json.loads(cm["data"]["config.yaml"])
         d = self.work / uid
         d.mkdir(exist_ok=True)

@@ -5,7 +5,9 @@
 //! ```text
 //!  every interval ± 10 % ─► list Agents ─► (at most `concurrency` at once) per Agent:
 //!     ready pods ─► GET http://<podIP>:<admin port>/load ─► LoadReport::since(previous) ─► merge
-//!     ─► Autoscaler::step (resumed from status.scaling.state after a restart or failover)
+//!     ─► Autoscaler::step (resumed from status.scaling.state after a restart or failover;
+//!        with minReplicas 0, the Soma Jobs that reference the Agent as queued work, and a
+//!        quiet window when it has no ready pod: that is how it idles to zero and wakes)
 //!     ─► SSA spec.replicas as soma-autoscaler (never forced: another owner is a conflict)
 //!     ─► status.scaling + `Scaling` condition (+ an Event when its reason changes)
 //! ```
@@ -28,15 +30,15 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
-use soma_autoscaler::{Autoscaler, AutoscalerConfig, Snapshot};
+use soma_autoscaler::{Autoscaler, AutoscalerConfig, LoadSignal, Snapshot};
 use soma_contract::load::{LOAD_PATH, LoadReport, merge};
-use soma_crds::Agent;
+use soma_crds::{Agent, Job};
 use tracing::{debug, info, warn};
 
 use crate::agent::children::AGENT_LABEL;
 use crate::agent::scaling::{
     AUTOSCALER_MANAGER, Step, autoscaler_config, autoscaler_owns_replicas,
-    foreign_replicas_managers, scaling_reason, scaling_status, scaling_verdict,
+    foreign_replicas_managers, scaling_reason, scaling_status, scaling_verdict, wakes,
 };
 use crate::context::{Context, api, scopes};
 use crate::error::{Error, Result};
@@ -69,6 +71,8 @@ struct Memory {
     scaler: Autoscaler,
     /// The last report of each pod (by UID).
     reports: HashMap<String, LoadReport>,
+    /// When this loop last stepped the autoscaler (`None`: not since this leader started).
+    last_step_s: Option<f64>,
 }
 
 /// The loop's state: an HTTP client for the sidecars and each Agent's memory.
@@ -126,10 +130,19 @@ impl Loop {
         let scaled: Vec<Agent> = agents
             .into_iter()
             .filter(|a| {
-                a.meta().deletion_timestamp.is_none()
-                    && autoscaler_config(&a.spec.scaling).is_some()
+                a.meta().deletion_timestamp.is_none() && autoscaler_config(&a.spec).is_some()
             })
             .collect();
+        // Jobs are read only when some Agent may scale to zero: they are what wakes it.
+        let to_zero = scaled
+            .iter()
+            .any(|a| matches!(autoscaler_config(&a.spec), Some(Ok(c)) if c.min_replicas == 0));
+        let jobs = if to_zero {
+            self.waking_jobs().await?
+        } else {
+            HashMap::new()
+        };
+        let jobs = &jobs;
         let keys: Vec<String> = scaled.iter().map(reconciler::key).collect();
         self.memory
             .lock()
@@ -137,7 +150,7 @@ impl Loop {
             .retain(|k, _| keys.contains(k));
         futures::stream::iter(scaled)
             .for_each_concurrent(self.options.concurrency.max(1), |agent| async move {
-                if let Err(e) = self.step_agent(&agent).await {
+                if let Err(e) = self.step_agent(&agent, jobs).await {
                     warn!(agent = %reconciler::key(&agent), error = %e, "autoscaling step failed");
                 }
             })
@@ -145,10 +158,44 @@ impl Loop {
         Ok(())
     }
 
+    /// The Soma Jobs that wake an Agent ([`wakes`]), by the Agent's `namespace/name`,
+    /// names sorted. A failure fails the round: without it the loop could idle out an Agent
+    /// that has work waiting.
+    async fn waking_jobs(&self) -> Result<HashMap<String, Vec<String>>> {
+        let mut out: HashMap<String, Vec<String>> = HashMap::new();
+        for scope in scopes(&self.ctx.config.namespaces) {
+            let list = api::<Job>(&self.ctx.client, scope.as_deref())
+                .list(&ListParams::default())
+                .await
+                .map_err(|source| Error::Read {
+                    what: "Jobs".to_owned(),
+                    source,
+                })?;
+            for job in list.items.iter().filter(|j| wakes(j)) {
+                if let (Some(ns), Some(agent)) = (job.namespace(), job.spec.agent_ref.as_ref()) {
+                    out.entry(format!("{ns}/{}", agent.name))
+                        .or_default()
+                        .push(job.name_any());
+                }
+            }
+        }
+        out.values_mut().for_each(|names| names.sort());
+        Ok(out)
+    }
+
     /// One step of one Agent.
-    async fn step_agent(&self, agent: &Agent) -> Result<()> {
-        let Some(config) = autoscaler_config(&agent.spec.scaling) else {
-            return Ok(());
+    async fn step_agent(&self, agent: &Agent, jobs: &HashMap<String, Vec<String>>) -> Result<()> {
+        let config = match autoscaler_config(&agent.spec) {
+            None => return Ok(()),
+            Some(Ok(config)) => config,
+            Some(Err(e)) => {
+                self.forget(agent);
+                let step = Step::Invalid {
+                    message: e.to_string(),
+                };
+                let now = Time(self.ctx.clock.now());
+                return self.write_status(agent, &step, &now).await;
+            }
         };
         let namespace = agent
             .namespace()
@@ -176,11 +223,32 @@ impl Loop {
         let reporting = i32::try_from(reports.len()).unwrap_or(i32::MAX);
         let now = Time(self.ctx.clock.now());
         let now_s = now.0.as_millisecond() as f64 / 1000.0;
+        let may_idle = config.min_replicas == 0;
+        let jobs = if may_idle {
+            jobs.get(&format!("{namespace}/{name}"))
+                .cloned()
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
 
         let mut memory = self.take_memory(agent, config, current);
-        let step = if reports.is_empty() {
+        let step = if reports.is_empty() && may_idle && ready == 0 {
+            // No pod to measure (scaled to zero, or starting from it): a quiet window. What
+            // wakes the Agent is the Jobs that reference it.
+            let signal = LoadSignal {
+                window_s: memory
+                    .last_step_s
+                    .map_or(self.options.interval.as_secs_f64(), |t| {
+                        (now_s - t).max(0.0)
+                    }),
+                ..LoadSignal::default()
+            };
+            self.decide(&mut memory, &signal, &deployment, current, now_s, 0, jobs)
+                .await?
+        } else if reports.is_empty() {
             Step::NoSignal { ready, current }
-        } else if memory.reports.is_empty() {
+        } else if memory.reports.is_empty() && memory.last_step_s.is_none() {
             // The first reading since this leader started: reports are cumulative, so the next
             // step measures the traffic in between.
             Step::Baseline { reporting }
@@ -190,63 +258,16 @@ impl Loop {
                 .map(|(uid, r)| r.since(memory.reports.get(uid)))
                 .collect();
             let signal = merge(&signals);
-            if memory.scaler.replicas() != u32::try_from(current).unwrap_or(0) {
-                memory
-                    .scaler
-                    .observe_replicas(u32::try_from(current).unwrap_or(0));
-            }
-            let decision = memory.scaler.step(now_s, &signal);
-            let desired = i32::try_from(decision.desired_replicas).unwrap_or(i32::MAX);
-            let foreign = foreign_replicas_managers(&deployment);
-            if !foreign.is_empty() {
-                memory
-                    .scaler
-                    .observe_replicas(u32::try_from(current).unwrap_or(0));
-                Step::Conflict {
-                    managers: foreign,
-                    current,
-                }
-            } else {
-                // Until the autoscaler co-owns spec.replicas, it applies the current count
-                // (no conflict with soma.dev/agent, which applies the same value).
-                let target = if autoscaler_owns_replicas(&deployment) {
-                    desired
-                } else {
-                    current
-                };
-                let needs_apply = target != current || !autoscaler_owns_replicas(&deployment);
-                let applied = if needs_apply {
-                    self.apply_replicas(&namespace, &name, target).await?
-                } else {
-                    Ok(current)
-                };
-                match applied {
-                    Ok(applied) => {
-                        memory
-                            .scaler
-                            .observe_replicas(u32::try_from(applied).unwrap_or(0));
-                        Step::Decided {
-                            state: serde_json::to_value(memory.scaler.snapshot()).map_err(
-                                |source| Error::Serialize {
-                                    what: "the autoscaler's state",
-                                    source,
-                                },
-                            )?,
-                            decision: Box::new(decision),
-                            current,
-                            applied,
-                            reporting,
-                            scaled: applied != current,
-                        }
-                    }
-                    Err(managers) => {
-                        memory
-                            .scaler
-                            .observe_replicas(u32::try_from(current).unwrap_or(0));
-                        Step::Conflict { managers, current }
-                    }
-                }
-            }
+            self.decide(
+                &mut memory,
+                &signal,
+                &deployment,
+                current,
+                now_s,
+                reporting,
+                jobs,
+            )
+            .await?
         };
         memory.reports = reports.into_iter().collect();
         self.memory
@@ -266,6 +287,83 @@ impl Loop {
         self.write_status(agent, &step, &now).await
     }
 
+    /// Steps the autoscaler with `signal` and applies its count (unless another manager owns
+    /// `spec.replicas`).
+    #[allow(clippy::too_many_arguments)]
+    async fn decide(
+        &self,
+        memory: &mut Memory,
+        signal: &LoadSignal,
+        deployment: &Deployment,
+        current: i32,
+        now_s: f64,
+        reporting: i32,
+        jobs: Vec<String>,
+    ) -> Result<Step> {
+        let namespace = deployment.namespace().unwrap_or_default();
+        let name = deployment.name_any();
+        let current_u = u32::try_from(current).unwrap_or(0);
+        if memory.scaler.replicas() != current_u {
+            memory.scaler.observe_replicas(current_u);
+        }
+        memory
+            .scaler
+            .set_queued_work(u64::try_from(jobs.len()).unwrap_or(u64::MAX));
+        let decision = memory.scaler.step(now_s, signal);
+        memory.last_step_s = Some(now_s);
+        let desired = i32::try_from(decision.desired_replicas).unwrap_or(i32::MAX);
+        let foreign = foreign_replicas_managers(deployment);
+        if !foreign.is_empty() {
+            memory.scaler.observe_replicas(current_u);
+            return Ok(Step::Conflict {
+                managers: foreign,
+                current,
+            });
+        }
+        // Until the autoscaler co-owns spec.replicas, it applies the current count (no
+        // conflict with soma.dev/agent, which applies the same value).
+        let owned = autoscaler_owns_replicas(deployment);
+        let target = if owned { desired } else { current };
+        let applied = if target != current || !owned {
+            self.apply_replicas(&namespace, &name, target).await?
+        } else {
+            Ok(current)
+        };
+        match applied {
+            Ok(applied) => {
+                memory
+                    .scaler
+                    .observe_replicas(u32::try_from(applied).unwrap_or(0));
+                Ok(Step::Decided {
+                    state: serde_json::to_value(memory.scaler.snapshot()).map_err(|source| {
+                        Error::Serialize {
+                            what: "the autoscaler's state",
+                            source,
+                        }
+                    })?,
+                    decision: Box::new(decision),
+                    current,
+                    applied,
+                    reporting,
+                    scaled: applied != current,
+                    jobs,
+                })
+            }
+            Err(managers) => {
+                memory.scaler.observe_replicas(current_u);
+                Ok(Step::Conflict { managers, current })
+            }
+        }
+    }
+
+    /// Drops what the loop remembers of an Agent.
+    fn forget(&self, agent: &Agent) {
+        self.memory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&reconciler::key(agent));
+    }
+
     /// The Agent's memory: kept from the last step, else resumed from its status (a new
     /// leader), else new; settings edited since are applied.
     fn take_memory(&self, agent: &Agent, config: AutoscalerConfig, current: i32) -> Memory {
@@ -282,6 +380,7 @@ impl Loop {
                 scaler: Autoscaler::resume(config, m.scaler.snapshot())
                     .unwrap_or_else(|_| fresh(config, current)),
                 reports: m.reports,
+                last_step_s: m.last_step_s,
             },
             None => {
                 let saved = agent
@@ -297,6 +396,7 @@ impl Loop {
                     config,
                     scaler,
                     reports: HashMap::new(),
+                    last_step_s: None,
                 }
             }
         }

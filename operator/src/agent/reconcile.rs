@@ -42,7 +42,8 @@ pub const CONTROLLER: &str = "agent";
 const RESYNC: Duration = Duration::from_secs(3600);
 
 /// Replicas Soma wants until the autoscaler drives them: the Agent's minimum, at least one
-/// (scale to zero needs a wake path, which is planned), at most its maximum. Once the
+/// (an Agent that may scale to zero starts with one; the autoscaler takes it to zero once it
+/// has been idle), at most its maximum. Once the
 /// autoscaler co-owns the Deployment's `spec.replicas` ([`super::scaling`]), the reconcile
 /// stops applying the field and reports the Deployment's count instead.
 pub fn desired_replicas(agent: &Agent) -> i32 {
@@ -181,7 +182,7 @@ pub async fn reconcile(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Action> {
                 }),
                 deployment,
                 desired_replicas: desired_replicas(&agent),
-                autoscaled: autoscaler_config(&agent.spec.scaling).is_some(),
+                autoscaled: autoscaler_config(&agent.spec).is_some(),
                 ..Observed::default()
             }
         }
@@ -236,7 +237,7 @@ async fn converge(agent: &Agent, ctx: &Context, namespace: &str) -> Result<Obser
             what: "the Agent for policy evaluation",
             source,
         })?;
-    let autoscaled = autoscaler_config(&agent.spec.scaling).is_some();
+    let autoscaled = autoscaler_config(&agent.spec).is_some();
     // The autoscaler's count, once it co-owns spec.replicas (applying the field then would
     // fight it; dropping it earlier would let the apply remove it: back to one replica). When
     // another manager (kubectl scale, an HPA) owns it, its count stays too: the scaling loop

@@ -15,10 +15,17 @@
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use soma_autoscaler::{AutoscalerConfig, Decision, Reason};
-use soma_crds::agent::{AgentStatus, Scaling, ScalingStatus};
+use soma_autoscaler::estimate::EstimatorParams;
+use soma_autoscaler::{
+    AutoscalerConfig, BrownOutAction, ConductanceParams, Decision, Error as AutoscalerError, Reason,
+};
+use soma_crds::Job;
+use soma_crds::agent::{
+    AgentSpec, AgentStatus, BrownOutAction as CrdBrownOutAction, ScalingStatus,
+};
 
 use super::children::FIELD_MANAGER;
+use crate::job::status::phase;
 use crate::kstatus::{Verdict, conditions, verdict};
 
 /// The field manager the autoscaler sets `spec.replicas` with (never forced).
@@ -27,28 +34,83 @@ pub const AUTOSCALER_MANAGER: &str = "soma-autoscaler";
 /// Condition type: what the autoscaler decided, or why it could not act.
 pub const SCALING: &str = "Scaling";
 
-/// The autoscaler's settings for an Agent, or `None` when it does not autoscale
-/// (`maxReplicas` not above `max(minReplicas, 1)`). Scale to zero is not built: a
-/// `minReplicas` of 0 counts as 1.
-pub fn autoscaler_config(s: &Scaling) -> Option<AutoscalerConfig> {
-    let min = u32::try_from(s.min_replicas.max(1)).ok()?;
+/// The autoscaler's settings for an Agent (`spec.scaling`, every unset knob at the crate's
+/// default), `None` when it does not autoscale (`maxReplicas` not above the effective
+/// minimum), or the crate's refusal of a setting the CRD's rules should have stopped (an
+/// object stored before they were installed).
+///
+/// `minReplicas: 0` is honoured only for an Agent without a `port`: Soma Jobs wake such an
+/// Agent ([`wakes`]); nothing wakes one that serves a port on inbound traffic yet, so there 0
+/// counts as 1 (the CRD refuses it; this covers objects stored before that rule).
+pub fn autoscaler_config(spec: &AgentSpec) -> Option<Result<AutoscalerConfig, AutoscalerError>> {
+    let s = &spec.scaling;
+    let lowest = if spec.port.is_none() { 0 } else { 1 };
+    let min = u32::try_from(s.min_replicas.max(lowest)).ok()?;
     let max = u32::try_from(s.max_replicas).ok()?;
     if max <= min {
         return None;
     }
-    let defaults = AutoscalerConfig::default();
+    let d = AutoscalerConfig::default();
     let seconds = |v: Option<i64>, default: f64| v.map_or(default, |s| s as f64);
-    Some(AutoscalerConfig {
+    let c = s.conductance.clone().unwrap_or_default();
+    let e = s.estimator.clone().unwrap_or_default();
+    let config = AutoscalerConfig {
         min_replicas: min,
         max_replicas: max,
+        // A negative count cannot come through the CRD; 0 is refused by validate() by name.
+        slots_per_replica: s
+            .slots_per_replica
+            .map_or(d.slots_per_replica, |n| u32::try_from(n).unwrap_or(0)),
+        rho_max: s.max_utilisation.unwrap_or(d.rho_max),
         wait_target_s: s
             .target_p95_wait_ms
-            .map_or(defaults.wait_target_s, |ms| ms as f64 / 1000.0),
-        floor_hold_s: seconds(s.floor_hold_seconds, defaults.floor_hold_s),
-        reversal_hold_s: seconds(s.reversal_hold_seconds, defaults.reversal_hold_s),
-        idle_to_zero_s: None,
-        ..defaults
-    })
+            .map_or(d.wait_target_s, |ms| ms as f64 / 1000.0),
+        wait_headroom: s.wait_headroom.unwrap_or(d.wait_headroom),
+        conductance: ConductanceParams {
+            alpha: c.alpha.unwrap_or(d.conductance.alpha),
+            beta: c.beta.unwrap_or(d.conductance.beta),
+            tau_s: seconds(c.tau_seconds, d.conductance.tau_s),
+        },
+        estimator: EstimatorParams {
+            arrival_tau_s: seconds(e.arrival_tau_seconds, d.estimator.arrival_tau_s),
+            service_requests: e
+                .service_requests
+                .map_or(d.estimator.service_requests, |n| n as f64),
+            prior_service_time_s: e
+                .prior_service_time_ms
+                .map_or(d.estimator.prior_service_time_s, |ms| ms as f64 / 1000.0),
+            ..d.estimator
+        },
+        backlog_drain_s: seconds(s.backlog_drain_seconds, d.backlog_drain_s),
+        floor_hold_s: seconds(s.floor_hold_seconds, d.floor_hold_s),
+        idle_to_zero_s: s
+            .idle_to_zero_seconds
+            .map(|v| v as f64)
+            .or(d.idle_to_zero_s),
+        cold_start_hold_s: seconds(s.cold_start_hold_seconds, d.cold_start_hold_s),
+        reversal_hold_s: seconds(s.reversal_hold_seconds, d.reversal_hold_s),
+        brown_out_action: match s.brown_out_action.unwrap_or_default() {
+            CrdBrownOutAction::Shed => BrownOutAction::Shed,
+            CrdBrownOutAction::Downgrade => BrownOutAction::Downgrade,
+        },
+        ..d
+    };
+    Some(config.validate().map(|()| config))
+}
+
+/// Whether a Soma Job is work that wakes the Agent it references (and keeps it up): it names
+/// an Agent, is not being deleted, and has not finished. A Job that is `Pending` (it will not
+/// start without a change: a missing reference, a policy that denies it) does not wake it;
+/// one not yet reconciled, `Waiting` (for its Budget or a slot), `Queued` (for Kueue) or
+/// `Running` does.
+pub fn wakes(job: &Job) -> bool {
+    job.metadata.deletion_timestamp.is_none()
+        && job.spec.agent_ref.is_some()
+        && job
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.as_deref())
+            .is_none_or(|p| matches!(p, phase::WAITING | phase::QUEUED | phase::RUNNING))
 }
 
 /// The field managers that own the Deployment's `spec.replicas`.
@@ -102,6 +164,14 @@ pub enum Step {
         state: serde_json::Value,
         /// Whether this step changed the Deployment's replicas.
         scaled: bool,
+        /// The Soma Jobs referencing the Agent that wake it ([`wakes`]), by name (counted only
+        /// for an Agent that may scale to zero).
+        jobs: Vec<String>,
+    },
+    /// `spec.scaling` holds a setting the autoscaler refuses: nothing decided or applied.
+    Invalid {
+        /// The autoscaler's message, naming the setting.
+        message: String,
     },
     /// Someone else owns `spec.replicas`: nothing applied.
     Conflict {
@@ -132,7 +202,9 @@ pub fn reason_name(reason: Reason) -> &'static str {
         Reason::FloorHold => "FloorHold",
         Reason::MinReplicas => "MinReplicas",
         Reason::Cap => "Cap",
-        Reason::Idle => "Idle",
+        Reason::Idle => "ScaledToZero",
+        Reason::IdleHold => "IdleHold",
+        Reason::QueuedWork => "WokenByJob",
         Reason::ColdStartHold => "ColdStartHold",
         Reason::ReversalHold => "ReversalHold",
     }
@@ -154,10 +226,21 @@ pub fn scaling_verdict(step: &Step) -> Option<Verdict> {
             applied,
             current,
             reporting,
+            jobs,
             ..
         } => {
             let e = &d.estimate;
-            let mut message = format!(
+            let mut message = match d.reason {
+                Reason::Idle => "scaled to zero: no traffic, and no waiting, queued or running Soma Job that references this Agent, for scaling.idleToZeroSeconds; a Job whose spec.agentRef names the Agent wakes it. ".to_owned(),
+                Reason::IdleHold => "nothing to do: one replica stays until the Agent has had no traffic and no Soma Job for scaling.idleToZeroSeconds, then it scales to zero. ".to_owned(),
+                Reason::QueuedWork => format!(
+                    "woken by {} Soma Job(s) that reference this Agent ({}): at least one replica while they wait or run. ",
+                    jobs.len(),
+                    job_list(jobs)
+                ),
+                _ => String::new(),
+            };
+            message.push_str(&format!(
                 "{} replicas ({}): {:.2} req/s × {:.2} s from {reporting} pod(s); conductance {:.2}, Erlang-C floor {}, held floor {}",
                 d.desired_replicas,
                 reason_field(d.reason),
@@ -166,7 +249,14 @@ pub fn scaling_verdict(step: &Step) -> Option<Verdict> {
                 d.conductance,
                 d.erlang_floor,
                 d.held_floor,
-            );
+            ));
+            if !jobs.is_empty() && d.reason != Reason::QueuedWork {
+                message.push_str(&format!(
+                    "; {} Soma Job(s) reference it ({})",
+                    jobs.len(),
+                    job_list(jobs)
+                ));
+            }
             if let Some(u) = d.utilisation {
                 message.push_str(&format!(", predicted utilisation {:.0}%", u * 100.0));
             }
@@ -203,8 +293,25 @@ pub fn scaling_verdict(step: &Step) -> Option<Verdict> {
                 "none of the {ready} ready pod(s) answered GET /load on the sidecar's admin port; replicas stay at {current}"
             ),
         )),
+        Step::Invalid { message } => Some(verdict(
+            SCALING,
+            false,
+            "InvalidSettings",
+            format!(
+                "spec.scaling cannot drive the autoscaler: {message} (docs/autoscaler.md maps the autoscaler's setting names to spec.scaling fields); nothing is scaled until it is corrected. The installed CRD's rules refuse such values: is it current?"
+            ),
+        )),
         Step::Baseline { .. } => None,
     }
+}
+
+/// At most five Job names, then how many more.
+fn job_list(jobs: &[String]) -> String {
+    let mut list = jobs.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    if jobs.len() > 5 {
+        list.push_str(&format!(" and {} more", jobs.len() - 5));
+    }
+    list
 }
 
 /// The status after a step: `old` with `status.scaling` and the `Scaling` condition replaced
@@ -226,6 +333,7 @@ pub fn scaling_status(
         reporting,
         state,
         scaled,
+        jobs,
         ..
     } = step
     {
@@ -241,6 +349,7 @@ pub fn scaling_status(
             utilisation: d.utilisation.map(round),
             p95_wait_s: d.p95_wait_s.map(round),
             reporting_pods: *reporting,
+            pending_jobs: i32::try_from(jobs.len()).unwrap_or(i32::MAX),
             last_step_time: Some(now.clone()),
             last_scale_time: if *scaled {
                 Some(now.clone())
@@ -276,35 +385,160 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
     use soma_autoscaler::{Autoscaler, LoadSignal};
 
-    fn scaling(min: i32, max: i32) -> Scaling {
-        Scaling {
-            min_replicas: min,
-            max_replicas: max,
-            ..Scaling::default()
+    /// An Agent's spec with `scaling` (and a `port` when given).
+    fn spec(scaling: serde_json::Value, port: Option<i32>) -> AgentSpec {
+        let mut v = serde_json::json!({
+            "image": "registry.example.com/a@sha256:00",
+            "model": {"provider": "openai", "name": "gpt-4o-mini"},
+            "scaling": scaling,
+        });
+        if let Some(port) = port {
+            v["port"] = port.into();
         }
+        serde_json::from_value(v).expect("a valid AgentSpec")
+    }
+
+    fn config(scaling: serde_json::Value, port: Option<i32>) -> Option<AutoscalerConfig> {
+        autoscaler_config(&spec(scaling, port)).map(|r| r.expect("valid settings"))
     }
 
     #[test]
     fn only_a_range_autoscales_and_the_knobs_reach_the_autoscaler() {
-        assert_eq!(autoscaler_config(&scaling(1, 1)), None);
-        assert_eq!(autoscaler_config(&scaling(0, 1)), None, "0 counts as 1");
-        assert_eq!(autoscaler_config(&scaling(3, 3)), None);
-        let c = autoscaler_config(&Scaling {
-            target_p95_wait_ms: Some(500),
-            floor_hold_seconds: Some(30),
-            reversal_hold_seconds: Some(10),
-            ..scaling(0, 5)
-        })
-        .expect("autoscales");
-        assert_eq!((c.min_replicas, c.max_replicas), (1, 5));
+        use serde_json::json;
         assert_eq!(
-            (c.wait_target_s, c.floor_hold_s, c.reversal_hold_s),
-            (0.5, 30.0, 10.0)
+            config(json!({"minReplicas": 1, "maxReplicas": 1}), None),
+            None
         );
-        assert_eq!(c.idle_to_zero_s, None, "scale to zero is not built");
-        assert!(c.validate().is_ok());
-        let d = autoscaler_config(&scaling(2, 4)).expect("autoscales");
-        assert_eq!(d.floor_hold_s, AutoscalerConfig::default().floor_hold_s);
+        assert_eq!(
+            config(json!({"minReplicas": 3, "maxReplicas": 3}), None),
+            None
+        );
+        // An Agent that serves a port: 0 counts as 1 (no wake path for inbound traffic).
+        assert_eq!(
+            config(json!({"minReplicas": 0, "maxReplicas": 1}), Some(8080)),
+            None
+        );
+        let c =
+            config(json!({"minReplicas": 0, "maxReplicas": 5}), Some(8080)).expect("autoscales");
+        assert_eq!(c.min_replicas, 1);
+        // A worker (no port): 0 is honoured, 0..1 autoscales, the idle rule has its default.
+        let w = config(json!({"minReplicas": 0, "maxReplicas": 1}), None).expect("autoscales");
+        assert_eq!((w.min_replicas, w.max_replicas), (0, 1));
+        assert_eq!(w.idle_to_zero_s, AutoscalerConfig::default().idle_to_zero_s);
+        // Unset knobs are the crate's defaults.
+        let d = config(json!({"minReplicas": 2, "maxReplicas": 4}), None).expect("autoscales");
+        assert_eq!(
+            d,
+            AutoscalerConfig {
+                min_replicas: 2,
+                max_replicas: 4,
+                ..AutoscalerConfig::default()
+            }
+        );
+        // Every knob reaches its setting, in the crate's units.
+        let c = config(
+            json!({
+                "minReplicas": 0, "maxReplicas": 9, "targetP95WaitMs": 500,
+                "maxUtilisation": 0.6, "waitHeadroom": 0.8, "slotsPerReplica": 4,
+                "conductance": {"alpha": 0.01, "beta": 0.005, "tauSeconds": 45},
+                "estimator": {"arrivalTauSeconds": 90, "serviceRequests": 200, "priorServiceTimeMs": 2500},
+                "backlogDrainSeconds": 30, "floorHoldSeconds": 30, "reversalHoldSeconds": 10,
+                "idleToZeroSeconds": 600, "coldStartHoldSeconds": 20, "brownOutAction": "downgrade",
+            }),
+            None,
+        )
+        .expect("autoscales");
+        let want = AutoscalerConfig {
+            min_replicas: 0,
+            max_replicas: 9,
+            slots_per_replica: 4,
+            rho_max: 0.6,
+            wait_target_s: 0.5,
+            wait_headroom: 0.8,
+            conductance: ConductanceParams {
+                alpha: 0.01,
+                beta: 0.005,
+                tau_s: 45.0,
+            },
+            estimator: EstimatorParams {
+                arrival_tau_s: 90.0,
+                service_requests: 200.0,
+                prior_service_time_s: 2.5,
+                ..EstimatorParams::default()
+            },
+            backlog_drain_s: 30.0,
+            floor_hold_s: 30.0,
+            idle_to_zero_s: Some(600.0),
+            cold_start_hold_s: 20.0,
+            reversal_hold_s: 10.0,
+            brown_out_action: BrownOutAction::Downgrade,
+            ..AutoscalerConfig::default()
+        };
+        assert_eq!(c, want);
+        // One conductance field set: the others keep their defaults.
+        let one = config(
+            json!({"maxReplicas": 3, "conductance": {"beta": 0.01}}),
+            None,
+        )
+        .expect("autoscales");
+        assert_eq!(one.conductance.alpha, ConductanceParams::DEFAULT.alpha);
+        assert_eq!(one.conductance.beta, 0.01);
+    }
+
+    #[test]
+    fn a_setting_the_crd_should_have_refused_is_named_not_used() {
+        let bad = autoscaler_config(&spec(
+            serde_json::json!({"maxReplicas": 3, "maxUtilisation": 1.5}),
+            None,
+        ))
+        .expect("a range");
+        let err = bad.expect_err("rhoMax 1.5 refused");
+        assert!(err.to_string().contains("rhoMax"), "{err}");
+        let v = scaling_verdict(&Step::Invalid {
+            message: err.to_string(),
+        })
+        .expect("a condition");
+        assert_eq!((v.status, v.reason.as_str()), (false, "InvalidSettings"));
+        assert!(v.message.contains("rhoMax") && v.message.contains("nothing is scaled"));
+    }
+
+    fn job(phase: Option<&str>, agent: Option<&str>, deleting: bool) -> Job {
+        let mut j: Job = serde_json::from_value(serde_json::json!({
+            "apiVersion": "soma.dev/v1alpha1", "kind": "Job",
+            "metadata": {"name": "j", "namespace": "ns"},
+            "spec": {"deadlineSeconds": 60},
+        }))
+        .expect("a Job");
+        j.spec.agent_ref = agent.map(|a| soma_crds::LocalRef { name: a.to_owned() });
+        j.status = phase.map(|p| soma_crds::JobStatus {
+            phase: Some(p.to_owned()),
+            ..Default::default()
+        });
+        if deleting {
+            j.metadata.deletion_timestamp = Some(at(5));
+        }
+        j
+    }
+
+    #[test]
+    fn unfinished_jobs_that_can_run_wake_their_agent() {
+        for (phase, wake) in [
+            (None, true),
+            (Some("Waiting"), true),
+            (Some("Queued"), true),
+            (Some("Running"), true),
+            (Some("Pending"), false),
+            (Some("Succeeded"), false),
+            (Some("Failed"), false),
+            (Some("Scheduled"), false),
+        ] {
+            assert_eq!(wakes(&job(phase, Some("a"), false)), wake, "{phase:?}");
+        }
+        assert!(
+            !wakes(&job(Some("Running"), Some("a"), true)),
+            "being deleted"
+        );
+        assert!(!wakes(&job(None, None, false)), "a template or a drill");
     }
 
     fn managed(
@@ -351,7 +585,11 @@ mod tests {
     }
 
     fn decided(replicas: u32) -> Step {
-        let config = autoscaler_config(&scaling(1, 4)).expect("autoscales");
+        let config = config(
+            serde_json::json!({"minReplicas": 1, "maxReplicas": 4}),
+            None,
+        )
+        .expect("autoscales");
         let mut scaler = Autoscaler::new(config, 1).expect("valid");
         let decision = scaler.step(
             15.0,
@@ -371,7 +609,85 @@ mod tests {
             reporting: 1,
             state: serde_json::to_value(scaler.snapshot()).expect("serializes"),
             scaled: desired != 1,
+            jobs: Vec::new(),
         }
+    }
+
+    /// A worker (minReplicas 0) stepped with `jobs` waking it and no traffic, from `replicas`.
+    fn worker(replicas: u32, jobs: &[&str], idle_for: f64) -> Step {
+        let config = config(
+            serde_json::json!({"minReplicas": 0, "maxReplicas": 2, "idleToZeroSeconds": 60}),
+            None,
+        )
+        .expect("autoscales");
+        let mut scaler = Autoscaler::new(config, replicas).expect("valid");
+        let quiet = LoadSignal {
+            window_s: 15.0,
+            ..LoadSignal::default()
+        };
+        scaler.step(0.0, &quiet);
+        scaler.set_queued_work(jobs.len() as u64);
+        let decision = scaler.step(idle_for, &quiet);
+        let desired = decision.desired_replicas as i32;
+        Step::Decided {
+            decision: Box::new(decision),
+            current: replicas as i32,
+            applied: desired,
+            reporting: 0,
+            state: serde_json::to_value(scaler.snapshot()).expect("serializes"),
+            scaled: desired != replicas as i32,
+            jobs: jobs.iter().map(|j| (*j).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn status_says_why_a_worker_is_at_zero_or_awake() {
+        let condition = |s: &AgentStatus| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == SCALING)
+                .cloned()
+                .expect("Scaling")
+        };
+        let zero = scaling_status(None, &worker(1, &[], 60.0), Some(1), &at(60));
+        let z = zero.scaling.as_ref().expect("scaling");
+        assert_eq!(
+            (z.desired_replicas, z.reason.as_str(), z.pending_jobs),
+            (0, "idle", 0)
+        );
+        let c = condition(&zero);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "ScaledToZero")
+        );
+        assert!(
+            c.message.contains("scaled to zero") && c.message.contains("spec.agentRef"),
+            "{}",
+            c.message
+        );
+        let held = scaling_status(None, &worker(1, &[], 30.0), Some(1), &at(30));
+        assert_eq!(condition(&held).reason, "IdleHold");
+        assert_eq!(held.scaling.as_ref().expect("scaling").desired_replicas, 1);
+        let woken = scaling_status(
+            Some(&zero),
+            &worker(0, &["digest-1", "digest-2"], 75.0),
+            Some(1),
+            &at(75),
+        );
+        let w = woken.scaling.as_ref().expect("scaling");
+        assert_eq!(
+            (w.desired_replicas, w.reason.as_str(), w.pending_jobs),
+            (1, "queuedWork", 2)
+        );
+        let c = condition(&woken);
+        assert_eq!(c.reason, "WokenByJob");
+        assert!(
+            c.message.contains("woken by 2 Soma Job(s)")
+                && c.message.contains("digest-1, digest-2"),
+            "{}",
+            c.message
+        );
+        assert_eq!(w.last_scale_time, Some(at(75)));
     }
 
     fn at(secs: i64) -> Time {
@@ -416,6 +732,7 @@ mod tests {
             reporting: 1,
             state,
             scaled: false,
+            jobs: Vec::new(),
         };
         let again = scaling_status(Some(&s), &steady, Some(2), &at(115));
         let a = again.scaling.as_ref().expect("scaling");

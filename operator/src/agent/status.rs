@@ -258,7 +258,7 @@ fn kstatus_verdicts(obs: &Observed) -> [Verdict; 3] {
             let (reason, message) = if want == 0 {
                 (
                     "ScaledToZero",
-                    "no replicas are wanted; the agent scales up when traffic arrives".to_owned(),
+                    "scaled to zero (scaling.minReplicas is 0): a Soma Job whose spec.agentRef names this Agent wakes it".to_owned(),
                 )
             } else {
                 ("Available", format!("{want} of {want} replicas ready"))
