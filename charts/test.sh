@@ -232,6 +232,8 @@ equals "CLI image digest wins over tag" \
 equals "task Jobs per namespace override" 4 "$py" "$rendered" arg "$out/everything.yaml" --job-concurrency
 check "everything on: RBAC with the ledger (seal key Role names soma-seals)" \
     "$py" "$rendered" cluster-mode "$out/everything.yaml" "$release_ns"
+check "everything on: Vault defaults passed, CA bundle in settings, system:auth-delegator bound to vault/vault" \
+    "$py" "$rendered" vault-tokenreview "$out/everything.yaml" vault vault
 
 check "render ledger.existingSecret" render "$out/ledger-existing.yaml" -f "$values/ledger-existing.yaml"
 check "existingSecret: no PostgreSQL rendered" "$py" "$rendered" no-postgres "$out/ledger-existing.yaml"

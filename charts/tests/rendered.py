@@ -179,6 +179,28 @@ def is_webhook(obj):
     return obj["metadata"]["name"].endswith("-webhook")
 
 
+def is_vault_reviewer(obj):
+    """The optional system:auth-delegator binding for Vault's TokenReview (not the operator's)."""
+    return obj["kind"] == "ClusterRoleBinding" and obj["metadata"]["name"].endswith("-vault-tokenreview")
+
+
+def vault_tokenreview(docs, sa_name, sa_namespace):
+    """`vault.tokenReviewer`: system:auth-delegator bound to Vault's service account, and the
+    Vault defaults passed to the operator."""
+    bindings = [b for b in of_kind(docs, "ClusterRoleBinding") if is_vault_reviewer(b)]
+    expect(len(bindings) == 1, f"expected one Vault TokenReview binding, found {len(bindings)}")
+    b = bindings[0]
+    expect(b["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                            "name": "system:auth-delegator"}, f"roleRef {b['roleRef']}")
+    expect(b["subjects"] == [{"kind": "ServiceAccount", "name": sa_name, "namespace": sa_namespace}],
+           f"subjects {b['subjects']}")
+    args = args_of(docs)
+    for flag in ("--vault-address", "--vault-ca-file", "--vault-auth-mount", "--vault-role", "--vault-audience"):
+        expect(any(a.startswith(flag + "=") for a in args), f"{flag} not passed")
+    settings = [c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-settings")]
+    expect(settings and "vault-ca.pem" in settings[0]["data"], "the Vault CA bundle is not in the settings ConfigMap")
+
+
 def cluster_mode(docs, release_ns):
     """ClusterRole + ClusterRoleBinding; no per-namespace operator Role; all namespaces watched."""
     crs = [r for r in of_kind(docs, "ClusterRole") if not is_webhook(r)]
@@ -186,7 +208,7 @@ def cluster_mode(docs, release_ns):
     cr = crs[0]
     expect(NAMESPACES_RULE in cr["rules"], "cluster mode: Namespaces are readable for the policy inventory")
     check_rules([r for r in cr["rules"] if r != NAMESPACES_RULE], "ClusterRole", ledger_url_ref(docs) is not None)
-    crbs = [b for b in of_kind(docs, "ClusterRoleBinding") if not is_webhook(b)]
+    crbs = [b for b in of_kind(docs, "ClusterRoleBinding") if not is_webhook(b) and not is_vault_reviewer(b)]
     expect(len(crbs) == 1, f"expected one operator ClusterRoleBinding, found {len(crbs)}")
     crb = crbs[0]
     sa = one(docs, "ServiceAccount")
@@ -208,7 +230,7 @@ def namespaced_mode(docs, release_ns, namespaces):
     ClusterRole for its one ValidatingWebhookConfiguration (none with webhook.enabled=false)."""
     namespaces = namespaces.split(",")
     cluster = [f"{d['kind']}/{d['metadata']['name']}" for d in docs
-               if d["kind"] in CLUSTER_SCOPED and not is_webhook(d)]
+               if d["kind"] in CLUSTER_SCOPED and not is_webhook(d) and not is_vault_reviewer(d)]
     expect(not cluster, f"namespaced mode renders cluster-scoped objects: {cluster}")
     for d in docs:
         if d["kind"] not in CLUSTER_SCOPED:
@@ -607,7 +629,8 @@ CHECKS = {"cluster-mode": cluster_mode, "namespaced-mode": namespaced_mode, "har
           "webhook": webhook, "ledger": ledger, "ledger-roles": ledger_roles, "no-postgres": no_postgres,
           "ledger-url": ledger_url, "claim": claim, "postgres-image": postgres_image,
           "arg": arg, "image": image, "count": count, "replicas": replicas,
-          "observability": observability, "alerts": alerts, "verify-images": verify_images}
+          "observability": observability, "alerts": alerts, "verify-images": verify_images,
+          "vault-tokenreview": vault_tokenreview}
 
 if __name__ == "__main__":
     if len(sys.argv) < 3 or sys.argv[1] not in CHECKS:

@@ -1,7 +1,8 @@
 //! The contract between the operator and the metering sidecar: the sidecar's configuration
 //! file, typed once (and, in [`drill`], the DR drill's report between the CLI and the
 //! operator; in [`load`], the load a sidecar reports to the operator's autoscaler and the
-//! brown-out asked of it). The operator builds a [`SidecarConfig`] and writes it into the Agent's
+//! brown-out asked of it; in [`readiness`], what a sidecar's `/readyz` says about its
+//! credentials). The operator builds a [`SidecarConfig`] and writes it into the Agent's
 //! ConfigMap (`soma-operator render` shows it); the sidecar (`soma-proxy`) reads the same type
 //! back. A field added here is seen by both sides or by neither.
 //!
@@ -18,6 +19,7 @@
 
 pub mod drill;
 pub mod load;
+pub mod readiness;
 
 use std::path::PathBuf;
 
@@ -36,6 +38,9 @@ pub enum ConfigError {
     /// A Budget reference does not read as `namespace/name` or a bare name.
     #[error("invalid configuration")]
     Budget(#[source] soma_metering::chain::KeyError),
+    /// `ledgerCredentials` cannot work with the rest of the file.
+    #[error("invalid configuration: {0}")]
+    LedgerCredentials(String),
     /// `brownOut` asks for something the sidecar cannot do.
     #[error("invalid configuration: {0}")]
     BrownOut(String),
@@ -97,6 +102,13 @@ pub struct SidecarConfig {
     /// the password is never in the ConfigMap). Ignored when `databaseUrl` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub database_url_env: Option<String>,
+    /// Where the ledger's PostgreSQL user and password come from instead of `databaseUrl`:
+    /// `{"vault": {"mount": "database", "role": "soma-ledger"}}` asks Vault's database secrets
+    /// engine for a short-lived user (logging in as `credentials.vault` does, which it
+    /// requires), renews its lease, replaces it when refused, and revokes it at stop.
+    /// `databaseUrl` then names only the host, port, database and options.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger_credentials: Option<LedgerCredentials>,
     /// NATS URL; when set, settled usage is published to JetStream in the background.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nats_url: Option<String>,
@@ -265,6 +277,30 @@ pub enum Credentials {
     File(PathBuf),
     /// A key in a Vault (or OpenBao) KV v2 secret, fetched, renewed and re-read by the sidecar.
     Vault(Box<VaultCredentials>),
+}
+
+/// `ledgerCredentials`: `{"vault": {...}}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LedgerCredentials {
+    /// Dynamic credentials from Vault's (or OpenBao's) database secrets engine.
+    Vault(VaultDatabase),
+}
+
+/// `ledgerCredentials.vault`: `GET <mount>/creds/<role>`, with the Vault session of
+/// `credentials.vault`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VaultDatabase {
+    /// The database secrets engine's mount.
+    #[serde(default = "default_database_mount")]
+    pub mount: String,
+    /// The engine's role whose creation statements make the ledger's user.
+    pub role: String,
+}
+
+fn default_database_mount() -> String {
+    "database".into()
 }
 
 /// `credentials.vault`: where the sidecar logs in and which KV v2 field holds the provider key.
@@ -514,6 +550,7 @@ impl SidecarConfig {
             authority: AuthorityConfig::default(),
             database_url: None,
             database_url_env: None,
+            ledger_credentials: None,
             nats_url: None,
             prune_interval_ms: default_prune_interval(),
             delivery_interval_ms: default_delivery_interval(),
@@ -557,6 +594,11 @@ impl SidecarConfig {
                     .map_err(ConfigError::Budget)?
                     .to_string(),
             );
+        }
+        if self.ledger_credentials.is_some() && !matches!(self.credentials, Credentials::Vault(_)) {
+            return Err(ConfigError::LedgerCredentials(
+                "ledgerCredentials.vault logs in to Vault as credentials.vault does: set credentials.vault".into(),
+            ));
         }
         if let Some(b) = &self.brown_out {
             b.validate().map_err(ConfigError::BrownOut)?;
@@ -716,6 +758,42 @@ mod tests {
         ] {
             let r: Result<Credentials, _> = serde_json::from_str(json);
             assert_eq!(r.is_ok(), ok, "{json}");
+        }
+    }
+
+    #[test]
+    fn ledger_credentials_need_a_vault_login() {
+        let base = r#""agent": {"namespace": "a", "name": "b"}, "provider": {"kind": "openai", "upstream": "http://x", "model": "m"}, "clientTokenEnv": "T", "databaseUrl": "postgres://db/soma""#;
+        let vault = r#""credentials": {"vault": {"path": "x", "key": "k", "role": "r"}}"#;
+        let c = SidecarConfig::parse(&format!(
+            r#"{{{base}, {vault}, "ledgerCredentials": {{"vault": {{"role": "soma-ledger"}}}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(
+            c.ledger_credentials,
+            Some(LedgerCredentials::Vault(VaultDatabase {
+                mount: "database".into(),
+                role: "soma-ledger".into()
+            }))
+        );
+        assert!(matches!(
+            SidecarConfig::parse(&format!(
+                r#"{{{base}, "credentials": "none", "ledgerCredentials": {{"vault": {{"role": "r"}}}}}}"#
+            )),
+            Err(ConfigError::LedgerCredentials(_))
+        ));
+        for bad in [
+            r#"{"vault": {}}"#,
+            r#"{"vault": {"role": "r", "path": "x"}}"#,
+            r#"{"secret": {"role": "r"}}"#,
+        ] {
+            assert!(
+                SidecarConfig::parse(&format!(
+                    r#"{{{base}, {vault}, "ledgerCredentials": {bad}}}"#
+                ))
+                .is_err(),
+                "{bad}"
+            );
         }
     }
 

@@ -175,8 +175,8 @@ pub struct Credentials {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VaultRef {
-    /// Vault's address, such as `https://vault.vault.svc:8200`. Unset: the sidecar's
-    /// `VAULT_ADDR`.
+    /// Vault's address, such as `https://vault.vault.svc:8200`. Unset: the operator's default
+    /// (`--vault-address`, chart `vault.address`), else the sidecar's `VAULT_ADDR`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1), regex(pattern = r"^https?://"))]
     pub address: Option<String>,
@@ -203,14 +203,16 @@ pub struct VaultRef {
     /// JWT auth, validating the same token against the cluster's OIDC keys).
     #[serde(default)]
     pub auth: VaultAuthMethod,
-    /// The auth method's mount. Default: `kubernetes` or `jwt`.
+    /// The auth method's mount. Default: the operator's `--vault-auth-mount` (Kubernetes auth
+    /// only), else `kubernetes` or `jwt`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
     pub auth_mount: Option<String>,
-    /// The Vault role the sidecar logs in as.
+    /// The Vault role the sidecar logs in as. Unset: the operator's `--vault-role`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
-    /// Audience of the sidecar's projected service-account token. Default `vault`.
+    /// Audience of the sidecar's projected service-account token. Default: the operator's
+    /// `--vault-audience`, else `vault`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
     pub audience: Option<String>,

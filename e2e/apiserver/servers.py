@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from harness import stop_process
+from harness import free_port as _free_port, stop_process
 
 
 def _pg_bin() -> pathlib.Path:
@@ -136,3 +136,54 @@ class Nats:
     def stop(self) -> None:
         stop_process(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _bao_bin() -> str:
+    for candidate in (os.environ.get("SOMA_BAO"), shutil.which("bao")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    pytest.fail("OpenBao is not installed: run scripts/test-deps/servers.sh and export its SOMA_BAO")
+
+
+class Bao:
+    """One OpenBao dev server (`bao server -dev`, the Vault API) on a free 127.0.0.1 port, root
+    token `root`, stopped by PID; `api` calls its HTTP API as root."""
+
+    ROOT = "root"
+
+    def __init__(self, workdir: pathlib.Path):
+        import requests
+        self.dir = workdir / "bao"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = _free_port()
+        self.addr = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.dir / "bao.log"
+        self.proc = subprocess.Popen(
+            [_bao_bin(), "server", "-dev", f"-dev-listen-address=127.0.0.1:{self.port}",
+             f"-dev-root-token-id={self.ROOT}", "-dev-no-store-token"],
+            stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=self.dir, env=dict(os.environ, HOME=str(self.dir)))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if requests.get(f"{self.addr}/v1/sys/health", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"bao server did not start:\n{self.log_path.read_text(errors='replace')}")
+            time.sleep(0.1)
+
+    def api(self, method: str, path: str, body: dict | None = None, expect: tuple[int, ...] = (200, 204)) -> dict:
+        import requests
+        r = requests.request(method, f"{self.addr}/v1/{path}", json=body, timeout=10,
+                             headers={"X-Vault-Token": self.ROOT})
+        assert r.status_code in expect, f"{method} {path}: {r.status_code} {r.text}"
+        return r.json() if r.content else {}
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        stop_process(self.proc)

@@ -439,6 +439,9 @@ class SomaApiServer(kmock.KubernetesScaffold):
     # The batch/v1 Job emulation: each Job's planned attempts (set by tests), which Jobs tick.
     job_plans: dict[tuple[str, str], list[dict[str, Any]]] = attrs.field(factory=dict, init=False)
     _job_ticking: set[ObjKey] = attrs.field(factory=set, init=False)
+    # Service-account tokens this process issued (TokenRequest), by token, and its signing key.
+    _tokens: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)
+    _token_key: pathlib.Path | None = attrs.field(default=None, init=False)
 
     class _Serve(Exception):
         """Raised by the fallback reaction: the request is for the store (no user reaction took it)."""
@@ -521,6 +524,11 @@ class SomaApiServer(kmock.KubernetesScaffold):
         return kind, namespace, name, sub
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        raw_request = request._raw_request
+        if raw_request is not None and raw_request.method.upper() == "POST":
+            authn = self._authentication(request.url.path, request.body or b"")
+            if authn is not None:
+                return aiohttp.web.json_response(authn[0], status=authn[1])
         # kmock 0.8 matches a request against a reaction by scanning every request recorded so
         # far (`request in view`), so each request costs O(requests served): after a few thousand
         # requests a controller's calls take 100 ms each. Keep its log bounded, and when no test
@@ -1397,6 +1405,95 @@ class SomaApiServer(kmock.KubernetesScaffold):
         except ConnectionError:
             pass
         return response
+
+    # ---- service-account tokens: TokenRequest and TokenReview --------------------------------
+
+    def _authentication(self, path: str, body: bytes) -> tuple[dict[str, Any], int] | None:
+        """`POST .../serviceaccounts/NAME/token` (TokenRequest) and `POST /apis/authentication.k8s.io/
+        v1/tokenreviews` (TokenReview, as Vault's and OpenBao's Kubernetes auth method call it), else
+        None. Tokens are RS256 JWTs signed with a key this process makes (with the `openssl` CLI),
+        carrying the claims a kubelet-projected token carries; a review accepts only a token this
+        process issued, unexpired, whose ServiceAccount still exists with the same uid, for one of
+        the audiences asked about (none asked: the API server's own)."""
+        parts = [p for p in path.split("/") if p]
+        try:
+            if parts[:4] == ["apis", "authentication.k8s.io", "v1", "tokenreviews"] and len(parts) == 4:
+                return self._token_review(self._json(body) if body else {}), 201
+            if (len(parts) == 7 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "serviceaccounts"
+                    and parts[6] == "token"):
+                return self._token_request(parts[3], parts[5], self._json(body) if body else {}), 201
+        except ApiError as e:
+            return e.body(), e.code
+        return None
+
+    API_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
+
+    def _sign(self, claims: dict[str, Any]) -> str:
+        import subprocess
+        import tempfile
+        if self._token_key is None:
+            key = pathlib.Path(tempfile.mkdtemp(prefix="soma-standin-sa-")) / "sa.key"
+            subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048",
+                            "-out", str(key)], check=True, capture_output=True)
+            self._token_key = key
+
+        def b64(data: bytes) -> str:
+            return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+        header = {"alg": "RS256", "typ": "JWT", "kid": "soma-standin"}
+        signing_input = b64(json.dumps(header).encode()) + "." + b64(json.dumps(claims).encode())
+        signature = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(self._token_key)],
+                                   input=signing_input.encode(), check=True, capture_output=True).stdout
+        return signing_input + "." + b64(signature)
+
+    def _token_request(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        sa = self._get(self.kinds["/v1/serviceaccounts"], namespace, name)
+        spec = body.get("spec") or {}
+        audiences = list(spec.get("audiences") or [self.API_AUDIENCE])
+        ttl = int(spec.get("expirationSeconds") or 3600)
+        if ttl < 1:
+            raise ApiError(422, "Invalid", "spec.expirationSeconds: Invalid value: must be positive")
+        now = datetime.datetime.now(datetime.timezone.utc)
+        exp = int(now.timestamp()) + ttl
+        uid = sa["metadata"]["uid"]
+        claims = {"iss": self.API_AUDIENCE, "sub": f"system:serviceaccount:{namespace}:{name}", "aud": audiences,
+                  "iat": int(now.timestamp()), "nbf": int(now.timestamp()), "exp": exp,
+                  "kubernetes.io": {"namespace": namespace, "serviceaccount": {"name": name, "uid": uid}}}
+        token = self._sign(claims)
+        self._tokens[token] = {"namespace": namespace, "name": name, "uid": uid, "audiences": audiences, "exp": exp}
+        expires = datetime.datetime.fromtimestamp(exp, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return {"kind": "TokenRequest", "apiVersion": "authentication.k8s.io/v1",
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": {"audiences": audiences, "expirationSeconds": ttl},
+                "status": {"token": token, "expirationTimestamp": expires}}
+
+    def _token_review(self, body: dict[str, Any]) -> dict[str, Any]:
+        spec = body.get("spec") or {}
+        token = spec.get("token") or ""
+        asked = list(spec.get("audiences") or [self.API_AUDIENCE])
+        out: dict[str, Any] = {"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
+                               "metadata": {"creationTimestamp": None}, "spec": spec}
+        issued = self._tokens.get(token)
+        error = None
+        if issued is None:
+            error = "invalid bearer token, token lookup failed"
+        elif issued["exp"] <= int(datetime.datetime.now(datetime.timezone.utc).timestamp()):
+            error = "invalid bearer token, token has expired"
+        elif not set(asked) & set(issued["audiences"]):
+            error = "invalid bearer token, token audiences is invalid for the current issuer"
+        else:
+            sa = self.objects.get(("/v1/serviceaccounts", issued["namespace"], issued["name"]))
+            if sa is None or sa["metadata"]["uid"] != issued["uid"]:
+                error = "invalid bearer token, service account has been deleted or recreated"
+        if error is not None:
+            out["status"] = {"authenticated": False, "user": {}, "error": error}
+            return out
+        assert issued is not None
+        ns = issued["namespace"]
+        out["status"] = {"authenticated": True, "audiences": sorted(set(asked) & set(issued["audiences"])),
+                         "user": {"username": f"system:serviceaccount:{ns}:{issued['name']}", "uid": issued["uid"],
+                                  "groups": ["system:serviceaccounts", f"system:serviceaccounts:{ns}",
+                                             "system:authenticated"]}}
+        return out
 
     # ---- test-only endpoint -------------------------------------------------------------------
 

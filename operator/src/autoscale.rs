@@ -18,14 +18,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::StreamExt;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::client::legacy::Client as HttpClient;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::events::EventType;
@@ -35,13 +29,13 @@ use soma_contract::load::{LOAD_PATH, LoadReport, merge};
 use soma_crds::{Agent, Job};
 use tracing::{debug, info, warn};
 
-use crate::agent::children::AGENT_LABEL;
 use crate::agent::scaling::{
     AUTOSCALER_MANAGER, Step, autoscaler_config, autoscaler_owns_replicas,
     foreign_replicas_managers, scaling_reason, scaling_status, scaling_verdict, wakes,
 };
 use crate::context::{Context, api, scopes};
 use crate::error::{Error, Result};
+use crate::pod_admin::{self, AgentPod, PodAdmin};
 use crate::reconciler;
 
 /// How the loop runs.
@@ -79,19 +73,17 @@ struct Memory {
 pub struct Loop {
     ctx: Arc<Context>,
     options: Options,
-    http: HttpClient<HttpConnector, Empty<Bytes>>,
+    admin: PodAdmin,
     memory: Mutex<HashMap<String, Memory>>,
 }
 
 impl Loop {
     /// A loop with nothing remembered (a new leader): each Agent resumes from its status.
     pub fn new(ctx: Arc<Context>, options: Options) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(options.timeout));
         Self {
+            admin: PodAdmin::new(ctx.config.sidecar.admin_port, options.timeout),
             ctx,
             options,
-            http: HttpClient::builder(TokioExecutor::new()).build(connector),
             memory: Mutex::default(),
         }
     }
@@ -403,48 +395,24 @@ impl Loop {
     }
 
     /// The Agent's pods that are Ready, have an IP and are not being deleted.
-    async fn ready_pods(&self, namespace: &str, agent: &str) -> Result<Vec<(String, String)>> {
-        let pods: Api<Pod> = Api::namespaced(self.ctx.client.clone(), namespace);
-        let selector = format!("app.kubernetes.io/name=soma-agent,{AGENT_LABEL}={agent}");
-        let list = pods
-            .list(&ListParams::default().labels(&selector))
-            .await
-            .map_err(|source| Error::Read {
-                what: format!("pods of Agent {namespace}/{agent}"),
-                source,
-            })?;
-        Ok(list
-            .items
-            .into_iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .filter_map(|p| {
-                let status = p.status.as_ref()?;
-                let ready = status
-                    .conditions
-                    .iter()
-                    .flatten()
-                    .any(|c| c.type_ == "Ready" && c.status == "True");
-                let ip = status.pod_ip.clone().filter(|ip| !ip.is_empty())?;
-                ready.then(|| (p.metadata.uid.clone().unwrap_or_else(|| p.name_any()), ip))
-            })
-            .collect())
+    async fn ready_pods(&self, namespace: &str, agent: &str) -> Result<Vec<AgentPod>> {
+        let mut pods = self.admin.pods(&self.ctx.client, namespace, agent).await?;
+        pods.retain(|p| p.ready);
+        Ok(pods)
     }
 
     /// The reports of the pods whose sidecar answered, by pod UID.
-    async fn reports(&self, pods: &[(String, String)]) -> Vec<(String, LoadReport)> {
-        let port = self.ctx.config.sidecar.admin_port;
+    async fn reports(&self, pods: &[AgentPod]) -> Vec<(String, LoadReport)> {
         futures::stream::iter(pods.iter().cloned())
-            .map(|(uid, ip)| async move {
-                let host = if ip.contains(':') {
-                    format!("[{ip}]")
-                } else {
-                    ip.clone()
-                };
-                let url = format!("http://{host}:{port}{LOAD_PATH}");
-                match self.fetch(&url).await {
-                    Ok(r) => Some((uid, r)),
+            .map(|pod| async move {
+                match self
+                    .admin
+                    .get_json::<LoadReport>(&pod, LOAD_PATH, pod_admin::success)
+                    .await
+                {
+                    Ok(r) => Some((pod.uid, r)),
                     Err(e) => {
-                        debug!(%url, error = %e, "no load report");
+                        debug!(pod = %pod.name, ip = %pod.ip, error = %e, "no load report");
                         None
                     }
                 }
@@ -453,25 +421,6 @@ impl Loop {
             .filter_map(|r| async move { r })
             .collect()
             .await
-    }
-
-    async fn fetch(&self, url: &str) -> std::result::Result<LoadReport, String> {
-        let uri: hyper::Uri = url.parse().map_err(|e| format!("{e}"))?;
-        let call = async {
-            let response = self.http.get(uri).await.map_err(|e| e.to_string())?;
-            if !response.status().is_success() {
-                return Err(format!("HTTP {}", response.status()));
-            }
-            let body = Limited::new(response.into_body(), 64 * 1024)
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
-            serde_json::from_slice::<LoadReport>(&body).map_err(|e| e.to_string())
-        };
-        tokio::time::timeout(self.options.timeout, call)
-            .await
-            .map_err(|_| "timed out".to_owned())?
     }
 
     /// Applies `spec.replicas` as `soma-autoscaler`, without force: `Err(managers)` when

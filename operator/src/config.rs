@@ -141,6 +141,25 @@ pub struct OperatorConfig {
     pub insecure_registries: Vec<String>,
     /// The Job controller.
     pub jobs: JobConfig,
+    /// What an Agent's `credentials.vault` falls back to where it sets nothing.
+    pub vault: VaultDefaults,
+}
+
+/// Vault settings the platform gives every Agent with `credentials.vault` (operator flags,
+/// chart values `vault.*`); the Agent's own fields win.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VaultDefaults {
+    /// Vault's address.
+    pub address: Option<String>,
+    /// A PEM CA bundle for Vault's TLS certificate (not secret): written into each Agent's
+    /// sidecar ConfigMap as `vault-ca.pem` and named by the sidecar's `caCertPath`.
+    pub ca_bundle: Option<String>,
+    /// The Kubernetes auth method's mount (JWT auth keeps its own default, `jwt`).
+    pub auth_mount: Option<String>,
+    /// The role the sidecars log in as.
+    pub role: Option<String>,
+    /// The audience of the sidecars' projected service-account token.
+    pub audience: Option<String>,
 }
 
 /// How Jobs run.
@@ -204,6 +223,7 @@ impl Default for OperatorConfig {
             insecure_registries: Vec::new(),
             ledger: LedgerConfig::default(),
             jobs: JobConfig::default(),
+            vault: VaultDefaults::default(),
         }
     }
 }

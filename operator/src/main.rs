@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use soma_operator::agent::image::accepted_keys;
 use soma_operator::config::{
     ImageSignatures, JobConfig, LedgerConfig, OperatorConfig, Redacted, SidecarConfig,
-    read_price_table,
+    VaultDefaults, read_price_table,
 };
 use soma_operator::context::Clock;
 use soma_operator::policy::{DEFAULT_SELECTOR, PolicyOptions};
@@ -88,6 +88,23 @@ struct SidecarArgs {
     /// for a Prometheus that discovers pods by annotation.
     #[arg(long, env = "SOMA_SIDECAR_SCRAPE_ANNOTATIONS")]
     sidecar_scrape_annotations: bool,
+    /// Vault's address for Agents whose `credentials.vault` sets none.
+    #[arg(long, env = "SOMA_VAULT_ADDRESS")]
+    vault_address: Option<String>,
+    /// A PEM CA bundle for Vault's TLS certificate, handed to every sidecar that reads from
+    /// Vault (in its ConfigMap: a CA is not secret).
+    #[arg(long, env = "SOMA_VAULT_CA_FILE")]
+    vault_ca_file: Option<PathBuf>,
+    /// The Kubernetes auth method's mount for Agents that set no `authMount`.
+    #[arg(long, env = "SOMA_VAULT_AUTH_MOUNT")]
+    vault_auth_mount: Option<String>,
+    /// The Vault role sidecars log in as when the Agent sets no `role`.
+    #[arg(long, env = "SOMA_VAULT_ROLE")]
+    vault_role: Option<String>,
+    /// The audience of the sidecars' projected token for Vault when the Agent sets no
+    /// `audience` (default `vault`).
+    #[arg(long, env = "SOMA_VAULT_AUDIENCE")]
+    vault_audience: Option<String>,
     /// Image with the `soma` CLI, pg_dump and psql, which DR drill Jobs run (`soma dr drill`).
     #[arg(
         long,
@@ -115,7 +132,33 @@ impl SidecarArgs {
             None => None,
         };
         let nonempty = |v: &Option<String>| v.as_ref().filter(|s| !s.trim().is_empty()).cloned();
+        let vault_ca = match &self.vault_ca_file {
+            Some(path) => {
+                let pem = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the Vault CA bundle {}", path.display()))?;
+                anyhow::ensure!(
+                    pem.contains("-----BEGIN CERTIFICATE-----"),
+                    "the Vault CA bundle {} holds no PEM certificate",
+                    path.display()
+                );
+                Some(pem)
+            }
+            None => None,
+        };
+        if let Some(a) = nonempty(&self.vault_address) {
+            anyhow::ensure!(
+                a.starts_with("https://") || a.starts_with("http://"),
+                "--vault-address must be an http(s) URL, not {a:?}"
+            );
+        }
         Ok(OperatorConfig {
+            vault: VaultDefaults {
+                address: nonempty(&self.vault_address),
+                ca_bundle: vault_ca,
+                auth_mount: nonempty(&self.vault_auth_mount),
+                role: nonempty(&self.vault_role),
+                audience: nonempty(&self.vault_audience),
+            },
             sidecar: SidecarConfig {
                 image: self.sidecar_image.clone(),
                 port: self.sidecar_port,
@@ -279,6 +322,12 @@ struct RunArgs {
     #[arg(long, env = "SOMA_SCALING_CONCURRENCY", default_value_t = 8,
           value_parser = clap::value_parser!(u64).range(1..=256))]
     scaling_concurrency: u64,
+    /// Seconds between two rounds of the credentials check: the leader asks the sidecars of
+    /// every Agent with `credentials.vault` for `/readyz` and sets its `CredentialsUnavailable`
+    /// condition with Vault's reason.
+    #[arg(long, env = "SOMA_CREDENTIALS_CHECK_INTERVAL_SECONDS", default_value_t = 15,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    credentials_check_interval_seconds: u64,
     #[command(flatten)]
     sidecar: SidecarArgs,
     #[command(flatten)]
@@ -497,6 +546,10 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
             interval: Duration::from_secs(args.scaling_interval_seconds),
             concurrency: usize::try_from(args.scaling_concurrency).unwrap_or(8),
             ..soma_operator::autoscale::Options::default()
+        },
+        credentials_check: soma_operator::credentials_check::Options {
+            interval: Duration::from_secs(args.credentials_check_interval_seconds),
+            ..soma_operator::credentials_check::Options::default()
         },
     };
     run(client, options, shutdown).await

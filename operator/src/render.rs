@@ -140,6 +140,17 @@ pub fn render(manifest: &str, config: &OperatorConfig) -> Result<String, RenderE
                 secret.metadata.name.as_deref().unwrap_or_default()
             ));
         }
+        if let Some(v) = agent
+            .spec
+            .credentials
+            .as_ref()
+            .and_then(|c| c.vault.as_ref())
+        {
+            out.push_str(&vault_summary(&crate::workload::vault_credentials(
+                v,
+                &config.vault,
+            )));
+        }
         let mut docs: Vec<String> = Vec::new();
         let mut push = |v: Result<String, serde_yaml::Error>| -> Result<(), RenderError> {
             docs.push(v.map_err(|e| RenderError::Output(e.to_string()))?);
@@ -304,4 +315,54 @@ fn yaml<T: serde::Serialize>(
         }
     }
     serde_yaml::to_string(&map)
+}
+
+/// What the sidecar will ask Vault for, as comment lines (the Agent's fields with the operator's
+/// Vault defaults applied).
+pub fn vault_summary(v: &soma_contract::VaultCredentials) -> String {
+    let (mount, with) = match &v.auth {
+        soma_contract::VaultAuth::Kubernetes(k) => (
+            k.mount.as_str(),
+            format!(
+                "its projected service-account token ({})",
+                k.token_path.display()
+            ),
+        ),
+        soma_contract::VaultAuth::Jwt(j) => (
+            j.mount.as_str(),
+            format!("the JWT in {}", j.token_path.display()),
+        ),
+        soma_contract::VaultAuth::AppRole(a) => (
+            a.mount.as_str(),
+            format!(
+                "the role id in {} and the secret id in {}",
+                a.role_id_path.display(),
+                a.secret_id_path.display()
+            ),
+        ),
+    };
+    let version = v.version.map_or_else(
+        || "the latest version".to_owned(),
+        |n| format!("version {n}"),
+    );
+    format!(
+        "# Vault: the sidecar logs in to {} ({} auth at auth/{mount}, role {}{}) with {with};\n#   it reads field {:?} of {}/data/{} ({version}) every {} s{}.\n",
+        v.address
+            .as_deref()
+            .unwrap_or("$VAULT_ADDR (no address set)"),
+        v.auth.method(),
+        v.role.as_deref().unwrap_or("(none set)"),
+        v.namespace
+            .as_ref()
+            .map(|n| format!(", namespace {n}"))
+            .unwrap_or_default(),
+        v.key,
+        v.mount.trim_matches('/'),
+        v.kv_path(),
+        v.refresh_ms / 1000,
+        v.ca_cert_path
+            .as_ref()
+            .map(|p| format!(", trusting the CA bundle {}", p.display()))
+            .unwrap_or_default(),
+    )
 }

@@ -63,6 +63,8 @@ pub struct RunOptions {
     pub clock: crate::context::Clock,
     /// The scaling loop (run by the leader only).
     pub autoscale: crate::autoscale::Options,
+    /// The credentials check of Agents with Vault credentials (run by the leader only).
+    pub credentials_check: crate::credentials_check::Options,
 }
 
 /// How long a replica waits for the first load of the policy ConfigMaps and the inventory
@@ -257,6 +259,11 @@ pub async fn run(
         crate::autoscale::Loop::new(ctx.clone(), options.autoscale.clone())
             .run(until(controllers_stopped.clone(), true)),
     );
+    // Likewise the credentials check (the `CredentialsUnavailable` condition).
+    let credentials_check = tokio::spawn(
+        crate::credentials_check::Check::new(ctx.clone(), options.credentials_check.clone())
+            .run(until(controllers_stopped.clone(), true)),
+    );
     tokio::pin!(controllers);
 
     let lost = tokio::select! {
@@ -272,6 +279,7 @@ pub async fn run(
     // In-flight reconciles finish; a stuck one does not hold the shutdown forever.
     let _ = tokio::time::timeout(Duration::from_secs(20), controllers).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), autoscale).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), credentials_check).await;
     for task in ledger_tasks {
         task.abort();
     }

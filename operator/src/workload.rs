@@ -38,7 +38,7 @@ use soma_crds::agent::{AgentSpec, EgressRule, PROVIDER_KEY_ENV_NAMES, Provider};
 use soma_crds::common::LocalRef;
 use soma_metering::{BudgetDef, BudgetKey};
 
-use crate::config::{LEDGER_SECRET_KEY, OperatorConfig};
+use crate::config::{LEDGER_SECRET_KEY, OperatorConfig, VaultDefaults};
 
 /// Annotation on the pod template carrying a hash of the sidecar configuration, so a
 /// configuration change rolls the pods.
@@ -135,14 +135,22 @@ pub fn upstream_url(spec: &AgentSpec) -> String {
 /// The sidecar's environment variable carrying the ledger URL.
 const DATABASE_URL_ENV: &str = "SOMA_DATABASE_URL";
 
-/// What the sidecar asks Vault for: the Agent's `credentials.vault`, logging in with the
-/// sidecar's projected service-account token (Kubernetes auth unless `auth: jwt`).
-pub fn vault_credentials(v: &soma_crds::agent::VaultRef) -> soma_contract::VaultCredentials {
+/// Where the sidecar finds the CA bundle of [`VaultDefaults::ca_bundle`] (a key of its
+/// ConfigMap, mounted at [`SIDECAR_CONFIG_DIR`]).
+pub const VAULT_CA_KEY: &str = "vault-ca.pem";
+
+/// What the sidecar asks Vault for: the Agent's `credentials.vault`, its unset fields filled
+/// from the operator's [`VaultDefaults`], logging in with the sidecar's projected
+/// service-account token (Kubernetes auth unless `auth: jwt`).
+pub fn vault_credentials(
+    v: &soma_crds::agent::VaultRef,
+    defaults: &VaultDefaults,
+) -> soma_contract::VaultCredentials {
     use soma_contract::{JwtAuth, KubernetesAuth, VaultAuth, VaultCredentials};
     let auth = match v.auth {
         soma_crds::agent::VaultAuthMethod::Kubernetes => {
             let mut k = KubernetesAuth::default();
-            if let Some(m) = &v.auth_mount {
+            if let Some(m) = v.auth_mount.as_ref().or(defaults.auth_mount.as_ref()) {
                 k.mount.clone_from(m);
             }
             VaultAuth::Kubernetes(k)
@@ -156,17 +164,28 @@ pub fn vault_credentials(v: &soma_crds::agent::VaultRef) -> soma_contract::Vault
         }
     };
     VaultCredentials {
-        address: v.address.clone(),
+        address: v.address.clone().or_else(|| defaults.address.clone()),
         namespace: v.namespace.clone(),
-        ca_cert_path: None,
+        ca_cert_path: defaults
+            .ca_bundle
+            .as_ref()
+            .map(|_| format!("{SIDECAR_CONFIG_DIR}/{VAULT_CA_KEY}").into()),
         auth,
-        role: v.role.clone(),
+        role: v.role.clone().or_else(|| defaults.role.clone()),
         mount: v.mount.clone().unwrap_or_else(|| "secret".into()),
         path: v.path.clone(),
         key: v.key.clone(),
         version: v.version,
         refresh_ms: v.refresh_seconds.map_or(60_000, |s| u64::from(s) * 1_000),
     }
+}
+
+/// The audience of the sidecar's projected token for Vault.
+fn vault_audience(v: &soma_crds::agent::VaultRef, defaults: &VaultDefaults) -> String {
+    v.audience
+        .clone()
+        .or_else(|| defaults.audience.clone())
+        .unwrap_or_else(|| "vault".into())
 }
 
 /// The sidecar's configuration (the contract type the `soma-proxy` binary reads), charging
@@ -180,7 +199,7 @@ pub fn sidecar_config(
     let credentials = match &spec.credentials {
         Some(c) => match (&c.secret_ref, &c.vault) {
             (Some(s), _) => Credentials::File(format!("{PROVIDER_KEY_DIR}/{}", s.key).into()),
-            (None, Some(v)) => Credentials::Vault(Box::new(vault_credentials(v))),
+            (None, Some(v)) => Credentials::Vault(Box::new(vault_credentials(v, &config.vault))),
             (None, None) => Credentials::None,
         },
         None => Credentials::None,
@@ -225,11 +244,17 @@ pub fn sidecar_config(
 pub fn sidecar_config_map(
     w: &Workload<'_>,
     settings: &SidecarConfig,
+    config: &OperatorConfig,
 ) -> Result<ConfigMap, serde_json::Error> {
     let body = serde_json::to_string_pretty(settings)?;
+    let mut data = BTreeMap::from([("config.yaml".to_owned(), body)]);
+    // The platform's CA bundle for Vault, beside the configuration that names it.
+    if let (Some(pem), Credentials::Vault(_)) = (&config.vault.ca_bundle, &settings.credentials) {
+        data.insert(VAULT_CA_KEY.to_owned(), pem.clone());
+    }
     Ok(ConfigMap {
         metadata: child_meta(w, sidecar_config_name(&w.name)),
-        data: Some(BTreeMap::from([("config.yaml".to_owned(), body)])),
+        data: Some(data),
         ..ConfigMap::default()
     })
 }
@@ -525,7 +550,7 @@ fn agent_container(spec: &AgentSpec, config: &OperatorConfig) -> Container {
     }
 }
 
-fn volumes(w: &Workload<'_>) -> Vec<Volume> {
+fn volumes(w: &Workload<'_>, config: &OperatorConfig) -> Vec<Volume> {
     let mut volumes = vec![
         Volume {
             name: "tmp".to_owned(),
@@ -573,7 +598,7 @@ fn volumes(w: &Workload<'_>) -> Vec<Volume> {
             projected: Some(ProjectedVolumeSource {
                 sources: Some(vec![VolumeProjection {
                     service_account_token: Some(ServiceAccountTokenProjection {
-                        audience: Some(v.audience.clone().unwrap_or_else(|| "vault".into())),
+                        audience: Some(vault_audience(v, &config.vault)),
                         expiration_seconds: Some(600),
                         path: "token".to_owned(),
                     }),
@@ -639,7 +664,7 @@ pub fn pod_template(
             security_context: Some(pod_security()),
             init_containers: Some(vec![sidecar_container(w, config)]),
             containers: vec![agent_container(spec, config)],
-            volumes: Some(volumes(w)),
+            volumes: Some(volumes(w, config)),
             ..PodSpec::default()
         }),
     }

@@ -115,6 +115,22 @@ pub struct Readiness {
     pub problem: Option<Problem>,
 }
 
+impl Readiness {
+    /// The contract's form, as `/readyz` answers it.
+    pub fn to_wire(&self) -> soma_contract::readiness::Readiness {
+        soma_contract::readiness::Readiness {
+            ready: self.ready,
+            problem: self
+                .problem
+                .as_ref()
+                .map(|p| soma_contract::readiness::ReadinessProblem {
+                    reason: p.reason.as_str().to_owned(),
+                    message: p.message.clone(),
+                }),
+        }
+    }
+}
+
 /// The current key, swapped atomically.
 #[derive(Debug)]
 pub struct KeyHolder {

@@ -34,6 +34,7 @@ pub mod journal;
 pub mod keys;
 pub mod lease;
 pub mod ledger;
+pub mod ledger_access;
 pub mod live;
 pub mod load;
 pub mod metrics;

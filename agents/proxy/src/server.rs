@@ -23,12 +23,14 @@ use crate::endpoint::Endpoint;
 use crate::error::ProxyError;
 use crate::handler;
 use crate::keys::{KeyHolder, Problem, Reason};
+use crate::ledger_access::LedgerAccess;
 use crate::load::LoadMeter;
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Sink};
 use crate::state::AppState;
 use crate::upstream::{self, ProviderKey};
 use crate::vault::{self, VaultSource};
+use soma_contract::LedgerCredentials;
 
 /// Why the sidecar could not start.
 #[derive(Debug, thiserror::Error)]
@@ -119,14 +121,16 @@ pub async fn state(config: Config, client_token: String) -> Result<Arc<AppState>
         // may write it soon. Metered requests are refused (fail closed) until it resolves.
         tracing::warn!(problem = %problem, "the Budget chain cannot be enforced yet; metered requests are refused until it can");
     }
+    let ledger = match config.database_url.as_deref() {
+        Some(url) => Some(LedgerAccess::new(url).map_err(|_| StartError::Ledger)?),
+        None if config.ledger_credentials.is_some() => return Err(StartError::Ledger),
+        None => None,
+    };
     let authority = match &config.authority {
         AuthorityConfig::Embedded => Budgets::Embedded(Authority::new(&plan)?),
         AuthorityConfig::Postgres(pg) => {
-            let url = config
-                .database_url
-                .as_deref()
-                .ok_or(StartError::AuthorityDatabase)?;
-            let pool = crate::lease::pool(url).map_err(|_| StartError::Ledger)?;
+            let access = ledger.as_ref().ok_or(StartError::AuthorityDatabase)?;
+            let pool = access.pool(4, Duration::from_secs(2));
             // The holder name lives in the outbox: a restart on the same file takes its lease back.
             let holder = outbox.holder_id().await.map_err(outbox_err)?;
             let ttl = pg.lease_ttl_ms.max(300);
@@ -180,6 +184,7 @@ pub async fn state(config: Config, client_token: String) -> Result<Arc<AppState>
         outbox,
         metrics,
         config,
+        ledger,
     }))
 }
 
@@ -205,12 +210,13 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// `/healthz` (the process serves), `/readyz` (it holds a provider key the provider has not
-/// refused: 503 with the reason otherwise), `/metrics` and `/load` (the contract's
+/// refused: 503 with the reason otherwise; the contract's `Readiness`, read by the
+/// operator for the Agent's `CredentialsUnavailable` condition), `/metrics` and `/load` (the contract's
 /// `LoadReport`, read by the operator's autoscaler).
 pub fn admin_router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
+        .route(soma_contract::readiness::READYZ_PATH, get(readyz))
         .route("/metrics", get(metrics))
         .route(
             soma_contract::load::LOAD_PATH,
@@ -220,7 +226,7 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
 }
 
 async fn readyz(State(s): State<Arc<AppState>>) -> Response {
-    let r = s.keys.readiness();
+    let r = s.keys.readiness().to_wire();
     let status = if r.ready {
         StatusCode::OK
     } else {
@@ -318,13 +324,20 @@ pub struct Running {
     pub state: Arc<AppState>,
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    vault_stop: tokio::sync::watch::Sender<bool>,
+    vault_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
-    /// Stops accepting, lets in-flight requests finish, and waits.
+    /// Stops accepting, lets in-flight requests finish, flushes the outbox, and waits; then
+    /// revokes the Vault session (and the ledger user leased with it).
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
         for t in self.tasks {
+            let _ = t.await;
+        }
+        let _ = self.vault_stop.send(true);
+        if let Some(t) = self.vault_task {
             let _ = t.await;
         }
     }
@@ -380,6 +393,29 @@ pub async fn start(
         serve(proxy, router(state.clone()), rx.clone()),
         serve(admin, admin_router(state.clone()), rx.clone()),
     ];
+    // The Vault session first: the ledger's pools below start with the user it leases. It
+    // outlives the other tasks: its token (and the ledger user leased with it) is revoked
+    // only once the outbox has been flushed to the ledger.
+    let (vault_stop, vault_rx) = tokio::sync::watch::channel(false);
+    let mut vault_task = None;
+    if let Credentials::Vault(v) = &state.config.credentials {
+        // The first read before serving is reported as "ready", so that a sidecar that can
+        // read its key is ready at once; one that cannot keeps retrying in the background.
+        let mut source = VaultSource::new(v.as_ref().clone());
+        if let (Some(LedgerCredentials::Vault(db)), Some(access)) =
+            (&state.config.ledger_credentials, &state.ledger)
+        {
+            source = source.with_database(db.clone(), access.clone());
+        }
+        let before = state.keys.readiness().problem;
+        let result = source.fetch(&state.keys).await;
+        vault::record(&state.keys, &state.metrics, &before, &result);
+        if source.wants_database() {
+            let db = source.database_round().await;
+            vault::record_database(&db);
+        }
+        vault_task = Some(tokio::spawn(vault::run(source, state.clone(), vault_rx)));
+    }
     if let Some(url) = &state.config.nats_url {
         tasks.push(tokio::spawn(crate::events::run(
             state.outbox.clone(),
@@ -391,13 +427,11 @@ pub async fn start(
             rx.clone(),
         )));
     }
-    let live_pool = match &state.config.database_url {
-        Some(url) => Some(
-            // Two connections: the listener holds one for as long as it listens.
-            soma_ledger::pool(url, 2, Duration::from_secs(5)).map_err(|_| StartError::Ledger)?,
-        ),
-        None => None,
-    };
+    // Two connections: the listener holds one for as long as it listens.
+    let live_pool = state
+        .ledger
+        .as_ref()
+        .map(|l| l.pool(2, Duration::from_secs(5)));
     // The file carries the brown-out as well as Budgets; the ledger, Budgets only.
     let live_pool = live_pool.filter(|_| state.authority.is_budgeted());
     if config_path.is_some() || live_pool.is_some() {
@@ -408,8 +442,8 @@ pub async fn start(
             rx.clone(),
         )));
     }
-    if let Some(url) = &state.config.database_url {
-        let pool = crate::ledger::pool(url).map_err(|_| StartError::Ledger)?;
+    if let Some(access) = &state.ledger {
+        let pool = access.pool(2, Duration::from_secs(5));
         let interval = Duration::from_millis(state.config.delivery_interval_ms);
         tasks.push(tokio::spawn(crate::ledger::run(
             state.outbox.clone(),
@@ -420,15 +454,6 @@ pub async fn start(
             Duration::from_millis(state.config.flush_on_stop_ms),
             rx.clone(),
         )));
-    }
-    if let Credentials::Vault(v) = &state.config.credentials {
-        // The first read before serving is reported as "ready", so that a sidecar that can
-        // read its key is ready at once; one that cannot keeps retrying in the background.
-        let mut source = VaultSource::new(v.as_ref().clone());
-        let before = state.keys.readiness().problem;
-        let result = source.fetch(&state.keys).await;
-        vault::record(&state.keys, &state.metrics, &before, &result);
-        tasks.push(tokio::spawn(vault::run(source, state.clone(), rx.clone())));
     }
     if state.config.prune_interval_ms > 0 {
         tasks.push(tokio::spawn(prune_loop(state.clone(), rx.clone())));
@@ -450,5 +475,7 @@ pub async fn start(
         state,
         shutdown,
         tasks,
+        vault_stop,
+        vault_task,
     })
 }

@@ -37,6 +37,9 @@ pub struct AppState {
     pub load: Arc<LoadMeter>,
     /// The brown-out in force (live configuration), if any.
     pub brown_out: crate::brownout::BrownOutGate,
+    /// How the ledger is reached (with `databaseUrl`): every pool, and the credentials from
+    /// Vault when `ledgerCredentials` says so.
+    pub ledger: Option<Arc<crate::ledger_access::LedgerAccess>>,
 }
 
 /// A request's place among those in flight: released (and the gauge lowered) when the request

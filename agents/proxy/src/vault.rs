@@ -20,11 +20,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use soma_contract::{VaultAuth, VaultCredentials};
+use soma_contract::{VaultAuth, VaultCredentials, VaultDatabase};
 use vaultrs::client::{Client, VaultClient, VaultClientSettingsBuilder};
 use vaultrs::error::ClientError;
 
 use crate::keys::{KeyHolder, Problem, Reason};
+use crate::ledger_access::LedgerAccess;
 use crate::metrics::Metrics;
 use crate::state::AppState;
 use crate::upstream::ProviderKey;
@@ -54,6 +55,137 @@ pub struct VaultSource {
     token: Option<Token>,
     /// Login material read from files, kept to scrub error text.
     secrets: Vec<String>,
+    /// Dynamic ledger credentials (`ledgerCredentials.vault`), when configured.
+    database: Option<Database>,
+}
+
+/// The ledger's user from the database secrets engine, and where it goes.
+struct Database {
+    cfg: VaultDatabase,
+    access: Arc<LedgerAccess>,
+    lease: Option<Lease>,
+    /// After a failed round: not again before this.
+    retry_at: Option<Instant>,
+}
+
+impl Database {
+    /// When the next round is due: the lease's renewal point (now without a lease), but not
+    /// before a failed round's retry time.
+    fn due_at(&self) -> Instant {
+        let at = self
+            .lease
+            .as_ref()
+            .map_or_else(Instant::now, Lease::renew_at);
+        self.retry_at.map_or(at, |r| r.max(at))
+    }
+}
+
+/// A lease on dynamic credentials. The lease id is a secret (it can revoke or renew them).
+struct Lease {
+    id: String,
+    issued: Instant,
+    ttl: Duration,
+    renewable: bool,
+    /// The granted TTL when it was first issued: a renewal much shorter than it is a lease
+    /// near its max TTL.
+    first_ttl: Duration,
+}
+
+impl Lease {
+    fn renew_at(&self) -> Instant {
+        self.issued + self.ttl * 2 / 3
+    }
+}
+
+/// What one round of the ledger credentials did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DatabaseRound {
+    /// Nothing was due.
+    Current,
+    /// The lease was renewed.
+    Renewed {
+        /// The TTL granted.
+        ttl_s: u64,
+    },
+    /// New credentials were read and every pool now uses them (the first, or a replacement).
+    Issued {
+        /// The user Vault created (not secret: it appears in `pg_roles`).
+        username: String,
+        /// The lease's TTL.
+        ttl_s: u64,
+        /// Why: `first`, `renewal refused`, `max TTL reached`, `not renewable`.
+        why: &'static str,
+    },
+    /// Vault did not hand out or renew credentials; the ledger keeps its current ones (the
+    /// outbox holds usage until delivery works again).
+    Failed(Problem),
+}
+
+/// `GET <mount>/creds/<role>`, read with its lease (vaultrs' own endpoint drops it).
+struct CredsRequest {
+    path: String,
+}
+
+#[derive(serde::Deserialize)]
+struct LeasedCreds {
+    lease_id: String,
+    lease_duration: u64,
+    renewable: bool,
+    data: Option<DbCreds>,
+}
+
+#[derive(serde::Deserialize)]
+struct DbCreds {
+    username: String,
+    password: String,
+}
+
+impl rustify::Endpoint for CredsRequest {
+    type Response = LeasedCreds;
+    const REQUEST_BODY_TYPE: rustify::enums::RequestType = rustify::enums::RequestType::JSON;
+    const RESPONSE_BODY_TYPE: rustify::enums::ResponseType = rustify::enums::ResponseType::JSON;
+    fn path(&self) -> String {
+        self.path.clone()
+    }
+    fn method(&self) -> rustify::enums::RequestMethod {
+        rustify::enums::RequestMethod::GET
+    }
+}
+
+/// `PUT sys/leases/renew` or `sys/leases/revoke` for one lease.
+struct LeaseRequest {
+    path: &'static str,
+    body: Vec<u8>,
+}
+
+#[derive(serde::Deserialize)]
+struct RenewedLease {
+    lease_duration: u64,
+    renewable: bool,
+}
+
+impl rustify::Endpoint for LeaseRequest {
+    type Response = RenewedLease;
+    const REQUEST_BODY_TYPE: rustify::enums::RequestType = rustify::enums::RequestType::JSON;
+    const RESPONSE_BODY_TYPE: rustify::enums::ResponseType = rustify::enums::ResponseType::JSON;
+    fn path(&self) -> String {
+        self.path.to_owned()
+    }
+    fn method(&self) -> rustify::enums::RequestMethod {
+        rustify::enums::RequestMethod::PUT
+    }
+    fn body(&self) -> Result<Option<Vec<u8>>, rustify::errors::ClientError> {
+        Ok(Some(self.body.clone()))
+    }
+}
+
+fn lease_request(path: &'static str, lease_id: &str) -> LeaseRequest {
+    LeaseRequest {
+        path,
+        body: serde_json::json!({ "lease_id": lease_id })
+            .to_string()
+            .into_bytes(),
+    }
 }
 
 impl std::fmt::Debug for VaultSource {
@@ -86,6 +218,185 @@ impl VaultSource {
             client: None,
             token: None,
             secrets: Vec::new(),
+            database: None,
+        }
+    }
+
+    /// Also keeps the ledger's credentials from the database secrets engine (`cfg`) current
+    /// in `access`.
+    pub fn with_database(mut self, cfg: VaultDatabase, access: Arc<LedgerAccess>) -> VaultSource {
+        self.database = Some(Database {
+            cfg,
+            access,
+            lease: None,
+            retry_at: None,
+        });
+        self
+    }
+
+    /// Whether it keeps ledger credentials.
+    pub fn wants_database(&self) -> bool {
+        self.database.is_some()
+    }
+
+    /// Whether the ledger credentials are due: none yet, or their lease at two thirds.
+    pub fn database_due(&self) -> bool {
+        self.database
+            .as_ref()
+            .is_some_and(|d| Instant::now() >= d.due_at())
+    }
+
+    fn creds_path(&self) -> String {
+        self.database
+            .as_ref()
+            .map(|d| {
+                format!(
+                    "{}/creds/{}",
+                    d.cfg.mount.trim_matches('/'),
+                    d.cfg.role.trim_matches('/')
+                )
+            })
+            .unwrap_or_default()
+    }
+
+    /// Reads new ledger credentials and hands them to every pool.
+    async fn issue_database(&mut self, why: &'static str) -> DatabaseRound {
+        if let Err(p) = self.ensure_token().await {
+            return DatabaseRound::Failed(p);
+        }
+        let path = self.creds_path();
+        let Some(client) = self.client.as_ref() else {
+            return DatabaseRound::Failed(Problem::new(
+                Reason::VaultMisconfigured,
+                "no Vault client",
+            ));
+        };
+        let answer =
+            vaultrs::api::exec_with_no_result(client, CredsRequest { path: path.clone() }).await;
+        let leased = match answer {
+            Ok(l) => l,
+            Err(e) => {
+                // A parse failure's text could hold the body (the password): only the
+                // status reaches the problem.
+                let p = match &e {
+                    ClientError::APIError { .. } | ClientError::RestClientError { .. } => {
+                        self.classify("database credentials", &e)
+                    }
+                    _ => Problem::new(
+                        Reason::VaultUnreachable,
+                        format!("unexpected answer from Vault to reading {path}"),
+                    ),
+                };
+                return DatabaseRound::Failed(Problem::new(
+                    p.reason,
+                    format!("ledger credentials from {path}: {}", p.message),
+                ));
+            }
+        };
+        let Some(creds) = leased.data else {
+            return DatabaseRound::Failed(Problem::new(
+                Reason::VaultPathNotFound,
+                format!("Vault returned no credentials at {path}"),
+            ));
+        };
+        let ttl = Duration::from_secs(leased.lease_duration.max(1));
+        self.secrets.push(creds.password.clone());
+        self.secrets.push(leased.lease_id.clone());
+        let Some(db) = self.database.as_mut() else {
+            return DatabaseRound::Current;
+        };
+        db.access.set_credentials(&creds.username, &creds.password);
+        let old = db.lease.replace(Lease {
+            id: leased.lease_id,
+            issued: Instant::now(),
+            ttl,
+            renewable: leased.renewable,
+            first_ttl: ttl,
+        });
+        // The replaced user is revoked now rather than left to its TTL: the pools no longer
+        // open connections with it.
+        if let Some(old) = old {
+            self.revoke_lease(&old).await;
+        }
+        DatabaseRound::Issued {
+            username: creds.username,
+            ttl_s: ttl.as_secs(),
+            why,
+        }
+    }
+
+    async fn revoke_lease(&self, lease: &Lease) {
+        let Some(client) = self.client.as_ref() else {
+            return;
+        };
+        let req = lease_request("sys/leases/revoke", &lease.id);
+        match vaultrs::api::exec_with_empty(client, req).await {
+            Ok(()) => tracing::info!("ledger credentials lease revoked"),
+            Err(e) => {
+                let p = self.classify("lease revoke", &e);
+                tracing::warn!(reason = p.reason.as_str(), cause = %p.message, "revoking the ledger credentials lease failed; it expires with its TTL");
+            }
+        }
+    }
+
+    /// One round of the ledger credentials: issue the first ones, renew the lease at two
+    /// thirds of its TTL, or replace them when the renewal is refused or capped.
+    pub async fn database_round(&mut self) -> DatabaseRound {
+        let round = self.database_step().await;
+        let retry = self.retry();
+        if let Some(d) = self.database.as_mut() {
+            d.retry_at = matches!(round, DatabaseRound::Failed(_)).then(|| Instant::now() + retry);
+        }
+        round
+    }
+
+    async fn database_step(&mut self) -> DatabaseRound {
+        let Some(db) = self.database.as_ref() else {
+            return DatabaseRound::Current;
+        };
+        let Some(lease) = db.lease.as_ref() else {
+            return self.issue_database("first").await;
+        };
+        if Instant::now() < lease.renew_at() {
+            return DatabaseRound::Current;
+        }
+        if !lease.renewable {
+            return self.issue_database("not renewable").await;
+        }
+        let (id, first_ttl) = (lease.id.clone(), lease.first_ttl);
+        if let Err(p) = self.ensure_token().await {
+            return DatabaseRound::Failed(p);
+        }
+        let Some(client) = self.client.as_ref() else {
+            return DatabaseRound::Failed(Problem::new(
+                Reason::VaultMisconfigured,
+                "no Vault client",
+            ));
+        };
+        match vaultrs::api::exec_with_no_result(client, lease_request("sys/leases/renew", &id))
+            .await
+        {
+            Ok(r)
+                if r.lease_duration > 0
+                    && Duration::from_secs(r.lease_duration) * 3 >= first_ttl =>
+            {
+                if let Some(l) = self.database.as_mut().and_then(|d| d.lease.as_mut()) {
+                    l.issued = Instant::now();
+                    l.ttl = Duration::from_secs(r.lease_duration);
+                    l.renewable = r.renewable;
+                }
+                DatabaseRound::Renewed {
+                    ttl_s: r.lease_duration,
+                }
+            }
+            Ok(_) => self.issue_database("max TTL reached").await,
+            Err(e) => {
+                let p = self.classify("lease renewal", &e);
+                if p.reason == Reason::VaultUnreachable {
+                    return DatabaseRound::Failed(p);
+                }
+                self.issue_database("renewal refused").await
+            }
         }
     }
 
@@ -98,10 +409,12 @@ impl VaultSource {
     /// for renewal.
     pub fn next_wake(&self) -> Duration {
         let refresh = self.refresh();
-        match self.token.as_ref().and_then(Token::renew_at) {
-            Some(at) => refresh.min(at.saturating_duration_since(Instant::now())),
-            None => refresh,
-        }
+        let lease = self.database.as_ref().map(Database::due_at);
+        [self.token.as_ref().and_then(Token::renew_at), lease]
+            .into_iter()
+            .flatten()
+            .map(|at| at.saturating_duration_since(Instant::now()))
+            .fold(refresh, Duration::min)
     }
 
     /// The pause after a failure.
@@ -407,8 +720,11 @@ impl VaultSource {
         })
     }
 
-    /// Revokes the token (at stop): its leases go with it.
+    /// Revokes the ledger credentials' lease, then the token (at stop).
     pub async fn revoke(&mut self) {
+        if let Some(lease) = self.database.as_mut().and_then(|d| d.lease.take()) {
+            self.revoke_lease(&lease).await;
+        }
         if self.token.take().is_none() {
             return;
         }
@@ -482,6 +798,24 @@ pub fn record(
     }
 }
 
+/// Logs one round of the ledger credentials (never the password or the lease id).
+pub fn record_database(round: &DatabaseRound) {
+    match round {
+        DatabaseRound::Current => {}
+        DatabaseRound::Renewed { ttl_s } => {
+            tracing::debug!(ttl_s, "ledger credentials lease renewed")
+        }
+        DatabaseRound::Issued {
+            username,
+            ttl_s,
+            why,
+        } => tracing::info!(%username, ttl_s, why, "ledger credentials from Vault in use"),
+        DatabaseRound::Failed(p) => {
+            tracing::warn!(reason = p.reason.as_str(), cause = %p.message, "ledger credentials from Vault could not be renewed or read; usage waits in the outbox")
+        }
+    }
+}
+
 /// Keeps `holder` current until `stop`, then revokes the token.
 pub async fn run(
     mut source: VaultSource,
@@ -502,6 +836,9 @@ pub async fn run(
         }
         let result = source.fetch(holder).await;
         record(holder, &state.metrics, &before, &result);
+        if source.database_due() {
+            record_database(&source.database_round().await);
+        }
     }
     source.revoke().await;
 }

@@ -2,7 +2,9 @@
 //! and JWT login, KV v2 reads, rotation while a stream is being relayed and a client sends
 //! continuously, Vault unreachable and back, permission denied, a missing path or field, a
 //! key the provider refuses, token revocation at stop, and no secret in any log line (TRACE),
-//! metric or error body of the real binary.
+//! metric or error body of the real binary. Dynamic ledger credentials from the database
+//! secrets engine against a real PostgreSQL that checks passwords: usage delivered as the
+//! leased user, the lease renewed and replaced at its max TTL, and the users gone at stop.
 //!
 //! Kubernetes auth is not exercised here: Vault's Kubernetes auth method calls the cluster's
 //! TokenReview API, which neither these machines nor the kmock stand-in serve (docs/vault.md).
@@ -616,10 +618,20 @@ async fn no_token_or_key_in_any_log_line_metric_or_error() {
     let bao = Bao::start_with_raw_audit();
     let audit = bao.audit_log();
     seed(&bao, KEY);
+    // The ledger's user comes from the database secrets engine too: its password and lease
+    // id must not leak either.
+    let mut pg = support::pg::Pg::start();
+    let database_url = ledger_engine(&bao, &pg, "1h", "2h").await;
     let upstream = FakeUpstream::start(KEY).await.unwrap();
     upstream.accept_key(NEW_KEY);
     let dir = tempfile::tempdir().unwrap();
-    let mut config = support::config_json(&upstream.url(), "openai", dir.path(), json!({}));
+    let mut config = support::config_json(
+        &upstream.url(),
+        "openai",
+        dir.path(),
+        json!({"databaseUrl": database_url, "deliveryIntervalMs": 50,
+               "ledgerCredentials": {"vault": {"role": "soma-ledger"}}}),
+    );
     config["credentials"] = approle(&bao.addr(), dir.path(), ROLE_ID, SECRET_ID);
     // The key file the harness writes is not used: Vault is.
     std::fs::remove_file(dir.path().join("api-key")).unwrap();
@@ -709,7 +721,8 @@ async fn no_token_or_key_in_any_log_line_metric_or_error() {
             .unwrap()
             .success()
     );
-    let mut lines = Vec::new();
+    // What it printed while starting (the first login and ledger lease) is checked too.
+    let mut lines = proc.startup.clone();
     while let Ok(l) = proc.lines.recv_timeout(Duration::from_secs(20)) {
         lines.push(l);
         if lines
@@ -735,16 +748,227 @@ async fn no_token_or_key_in_any_log_line_metric_or_error() {
         })
         .collect();
     assert!(!tokens.is_empty(), "no login in the audit log");
+    // Every ledger password and lease id Vault handed out.
+    let ledger_secrets: Vec<String> = audit_text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["request"]["path"] == "database/creds/soma-ledger")
+        .flat_map(|v| {
+            [
+                v["response"]["data"]["password"]
+                    .as_str()
+                    .map(str::to_owned),
+                v["response"]["secret"]["lease_id"]
+                    .as_str()
+                    .or(v["response"]["lease_id"].as_str())
+                    .map(str::to_owned),
+            ]
+        })
+        .flatten()
+        .filter(|s| !s.is_empty())
+        .collect();
+    assert!(
+        !ledger_secrets.is_empty(),
+        "no ledger credentials in the audit log"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("ledger credentials from Vault in use")),
+        "the ledger user was never leased: {lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("ledger credentials lease revoked")),
+        "{lines:#?}"
+    );
     assert!(
         lines.len() > 20,
         "TRACE logging produced too little to mean anything"
     );
     let mut secrets: Vec<&str> = vec![KEY, NEW_KEY, SECRET_ID];
     secrets.extend(tokens.iter().map(String::as_str));
+    secrets.extend(ledger_secrets.iter().map(String::as_str));
     for text in lines.iter().chain(seen.iter()) {
         for s in &secrets {
             assert!(!text.contains(s), "a secret leaked: {text}");
         }
     }
     drop(proc);
+    pg.stop();
+}
+
+/// The superuser connection to the test's ledger database.
+async fn superuser(pg: &support::pg::Pg) -> sqlx::PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&format!("postgres://soma@127.0.0.1:{}/ledger", pg.port()))
+        .await
+        .unwrap()
+}
+
+/// Database `ledger` whose schema belongs to the group role `soma_ledger`, passwords checked
+/// for every user but the superuser `soma`, and Vault's database secrets engine making members
+/// of `soma_ledger` (role `soma-ledger`, TTL `ttl`, max `max_ttl`); AppRole `sidecar` may ask
+/// for them and revoke its leases. Returns the `databaseUrl` (no user or password).
+async fn ledger_engine(bao: &Bao, pg: &support::pg::Pg, ttl: &str, max_ttl: &str) -> String {
+    pg.database("ledger").await;
+    let admin = superuser(pg).await;
+    for sql in [
+        "CREATE ROLE soma_ledger NOLOGIN",
+        "ALTER SCHEMA public OWNER TO soma_ledger",
+    ] {
+        sqlx::query(sql).execute(&admin).await.unwrap();
+    }
+    std::fs::write(
+        pg.data().join("pg_hba.conf"),
+        "local all all trust\nhost all soma 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n",
+    )
+    .unwrap();
+    sqlx::query("SELECT pg_reload_conf()")
+        .execute(&admin)
+        .await
+        .unwrap();
+    bao.ok(&["secrets", "enable", "database"]);
+    bao.ok(&[
+        "write",
+        "database/config/ledger",
+        "plugin_name=postgresql-database-plugin",
+        &format!(
+            "connection_url=postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/ledger?sslmode=disable",
+            pg.port()
+        ),
+        "username=soma",
+        "password=unused-trust",
+        "allowed_roles=soma-ledger",
+    ]);
+    // Sessions run as soma_ledger, so the tables the sidecar's migrations create belong to it
+    // and a leased user owns nothing: dropping it at revocation cannot fail.
+    bao.ok(&[
+        "write",
+        "database/roles/soma-ledger",
+        "db_name=ledger",
+        "creation_statements=CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}' IN ROLE soma_ledger; ALTER ROLE \"{{name}}\" SET role = 'soma_ledger';",
+        "revocation_statements=SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{{name}}'; DROP ROLE IF EXISTS \"{{name}}\";",
+        &format!("default_ttl={ttl}"),
+        &format!("max_ttl={max_ttl}"),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("ledger.hcl");
+    std::fs::write(
+        &policy,
+        "path \"database/creds/soma-ledger\" { capabilities = [\"read\"] }\npath \"sys/leases/revoke\" { capabilities = [\"update\"] }\n",
+    )
+    .unwrap();
+    bao.ok(&["policy", "write", "ledger-creds", policy.to_str().unwrap()]);
+    bao.ok(&[
+        "write",
+        "auth/approle/role/sidecar",
+        "token_policies=agents-read,ledger-creds",
+        "token_ttl=1h",
+    ]);
+    format!("postgres://127.0.0.1:{}/ledger", pg.port())
+}
+
+/// The users Vault made for the ledger that exist now.
+async fn leased_users(admin: &sqlx::PgPool) -> Vec<String> {
+    sqlx::query_scalar("SELECT rolname::text FROM pg_roles WHERE rolname LIKE 'v-%' ORDER BY 1")
+        .fetch_all(admin)
+        .await
+        .unwrap()
+}
+
+/// Requests (path) in the raw audit log.
+fn audited(bao: &Bao, path: &str) -> usize {
+    std::fs::read_to_string(bao.audit_log())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["type"] == "response" && v["request"]["path"] == path)
+        .count()
+}
+
+#[tokio::test]
+async fn ledger_credentials_from_the_database_engine_are_used_renewed_replaced_and_revoked() {
+    let mut pg = support::pg::Pg::start();
+    let bao = Bao::start_with_raw_audit();
+    seed(&bao, KEY);
+    // Renewed at two thirds of 3 s; at the 8 s max TTL a renewal comes back short and new
+    // credentials replace the old.
+    let url = ledger_engine(&bao, &pg, "3s", "8s").await;
+    let admin = superuser(&pg).await;
+    let upstream = FakeUpstream::start(KEY).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = support::config_json(
+        &upstream.url(),
+        "openai",
+        dir.path(),
+        json!({"databaseUrl": url, "deliveryIntervalMs": 50,
+               "ledgerCredentials": {"vault": {"role": "soma-ledger"}}}),
+    );
+    config["credentials"] = approle(&bao.addr(), dir.path(), ROLE_ID, SECRET_ID);
+    let proxy = start_proxy(&config).await;
+    let s = Sidecar {
+        upstream,
+        proxy,
+        dir,
+    };
+    let first = leased_users(&admin).await;
+    assert_eq!(first.len(), 1, "one user leased at start: {first:?}");
+
+    // Usage reaches the ledger through the leased user, while the lease is renewed and then
+    // replaced at its max TTL; requests keep going throughout.
+    let mut sent = 0;
+    let mut seen: std::collections::BTreeSet<String> = first.iter().cloned().collect();
+    let mut delivered_as = std::collections::BTreeSet::new();
+    for _ in 0..2_000 {
+        assert_eq!(s.chat(&sent.to_string()).await.status, 200);
+        sent += 1;
+        seen.extend(leased_users(&admin).await);
+        let users: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT usename::text FROM pg_stat_activity WHERE datname = 'ledger' AND usename LIKE 'v-%'",
+        )
+        .fetch_all(&admin)
+        .await
+        .unwrap();
+        delivered_as.extend(users);
+        let replaced = seen.len() >= 2 && !leased_users(&admin).await.contains(&first[0]);
+        if replaced && audited(&bao, "sys/leases/renew") >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        audited(&bao, "sys/leases/renew") >= 1,
+        "the lease was never renewed"
+    );
+    assert!(seen.len() >= 2, "the lease was never replaced: {seen:?}");
+    assert!(
+        !leased_users(&admin).await.contains(&first[0]),
+        "the replaced user was not revoked"
+    );
+    assert!(
+        delivered_as.iter().all(|u| seen.contains(u)) && !delivered_as.is_empty(),
+        "the ledger was reached as {delivered_as:?}, not only as leased users {seen:?}"
+    );
+    // Nothing lost across the swap: every request is in the ledger once.
+    let mut in_ledger = 0i64;
+    for _ in 0..400 {
+        in_ledger = sqlx::query_scalar("SELECT count(*) FROM usage_records")
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+        if in_ledger == sent {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(in_ledger, sent, "every request delivered once");
+
+    // At stop the lease is revoked: no leased user is left in PostgreSQL.
+    s.proxy.stop().await;
+    assert_eq!(leased_users(&admin).await, Vec::<String>::new());
+    admin.close().await;
+    pg.stop();
 }

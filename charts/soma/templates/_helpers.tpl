@@ -144,7 +144,7 @@ two modes cannot drift apart. docs/rbac.md explains each rule.
 
 {{/* Non-empty when the operator needs its settings ConfigMap. */}}
 {{- define "soma.hasSettings" -}}
-{{- if or .Values.sidecar.prices .Values.signatures.keylessRootsPem -}}true{{- end -}}
+{{- if or .Values.sidecar.prices .Values.signatures.keylessRootsPem .Values.vault.caBundle -}}true{{- end -}}
 {{- end }}
 
 {{/*

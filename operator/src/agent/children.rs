@@ -112,7 +112,7 @@ pub fn children(
         deployment,
         service: service(agent, config),
         network_policy,
-        sidecar_config: workload::sidecar_config_map(&w, &settings)?,
+        sidecar_config: workload::sidecar_config_map(&w, &settings, config)?,
     })
 }
 
@@ -164,8 +164,9 @@ pub fn sidecar_config(
 pub fn sidecar_config_map(
     agent: &Agent,
     settings: &SidecarConfig,
+    config: &OperatorConfig,
 ) -> Result<ConfigMap, serde_json::Error> {
-    workload::sidecar_config_map(&workload(agent), settings)
+    workload::sidecar_config_map(&workload(agent), settings, config)
 }
 
 /// The Secret giving the sidecar the ledger's URL, when the operator has a ledger.

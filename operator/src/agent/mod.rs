@@ -15,11 +15,14 @@
 //! - [`reconcile`]: the reconcile and error policy;
 //! - [`scaling`]: pure autoscaling settings, `spec.replicas` ownership and `status.scaling`
 //!   (the loop itself is [`crate::autoscale`]);
+//! - [`credentials`]: the pure `CredentialsUnavailable` condition from the sidecars' `/readyz`
+//!   (the loop that asks is [`crate::credentials_check`]);
 //! - [`controller`]: the kube-runtime `Controller` and its watches.
 
 pub mod apply;
 pub mod children;
 pub mod controller;
+pub mod credentials;
 pub mod image;
 pub mod reconcile;
 pub mod scaling;

@@ -22,6 +22,7 @@ use tracing::{Span, field, info, instrument, warn};
 
 use super::apply::apply_children;
 use super::children::{Resolved, children, pin_agent_image};
+use super::credentials::uses_vault;
 use super::image::{pin, verify_cached};
 use super::scaling::{autoscaler_config, autoscaler_owns_replicas, foreign_replicas_managers};
 use super::status::{
@@ -183,6 +184,7 @@ pub async fn reconcile(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Action> {
                 deployment,
                 desired_replicas: desired_replicas(&agent),
                 autoscaled: autoscaler_config(&agent.spec).is_some(),
+                vault_credentials: uses_vault(&agent),
                 ..Observed::default()
             }
         }
@@ -317,6 +319,7 @@ async fn converge(agent: &Agent, ctx: &Context, namespace: &str) -> Result<Obser
             .as_ref()
             .map(|_| ctx.config.ledger.url.is_some()),
         autoscaled,
+        vault_credentials: uses_vault(agent),
     })
 }
 

@@ -8,6 +8,7 @@ use soma_crds::agent::AgentStatus;
 use soma_crds::common::condition_types::{READY, RECONCILING, STALLED};
 use soma_policy::condition::POLICY_ALLOWED;
 
+use super::credentials::CREDENTIALS_UNAVAILABLE;
 use super::image::{IMAGE_NOT_VERIFIED, ImageRejection, VerifiedImage, image_status};
 use super::scaling::SCALING;
 use crate::kstatus::{Verdict, conditions, verdict};
@@ -120,6 +121,9 @@ pub struct Observed {
     /// Whether the Agent autoscales: `status.scaling` and the `Scaling` condition (written
     /// by the scaling loop) are kept, else dropped.
     pub autoscaled: bool,
+    /// Whether the provider key comes from Vault: the `CredentialsUnavailable` condition
+    /// (written by the credentials check) is kept, else dropped.
+    pub vault_credentials: bool,
 }
 
 /// Condition type: whether the Agent's Budget is enforced across replicas.
@@ -282,15 +286,16 @@ pub fn agent_status(old: Option<&AgentStatus>, obs: &Observed, now: &Time) -> Ag
     let old_conditions = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
     let (replicas, ready) = obs.deployment.map_or((0, 0), |d| (d.replicas, d.ready));
     let mut conditions = conditions(old_conditions, &verdicts(obs), obs.generation, now);
-    if obs.autoscaled {
-        // The scaling loop's condition, kept as it wrote it.
-        conditions.extend(
-            old_conditions
-                .iter()
-                .filter(|c| c.type_ == SCALING)
-                .cloned(),
-        );
-    }
+    // The conditions the loops write, kept as they wrote them while they apply.
+    conditions.extend(
+        old_conditions
+            .iter()
+            .filter(|c| {
+                (obs.autoscaled && c.type_ == SCALING)
+                    || (obs.vault_credentials && c.type_ == CREDENTIALS_UNAVAILABLE)
+            })
+            .cloned(),
+    );
     AgentStatus {
         observed_generation: obs.generation,
         conditions,

@@ -149,7 +149,7 @@ pub fn task_children(
     Ok(TaskChildren {
         service_account: workload::service_account(&w),
         ledger_secret: workload::ledger_secret(&w, config),
-        sidecar_config: workload::sidecar_config_map(&w, &settings)?,
+        sidecar_config: workload::sidecar_config_map(&w, &settings, config)?,
         network_policy,
         batch_job: batch_job(job, &w.labels, template),
     })

@@ -15,6 +15,8 @@ pub struct Proc {
     pub addr: String,
     pub admin: String,
     pub lines: mpsc::Receiver<String>,
+    /// What it printed before its "serving" line.
+    pub startup: Vec<String>,
 }
 
 /// Starts the binary and waits for its "serving" log line, which names its ports. A panic
@@ -50,17 +52,18 @@ pub fn spawn(config: &std::path::Path, rust_log: &str) -> Proc {
         if line.contains("soma-proxy serving") {
             let v: Value = serde_json::from_str(&line).unwrap();
             let f = &v["fields"];
-            let proc = Proc {
+            // Keep what came before: it is checked for the key too.
+            for l in &seen {
+                assert!(!l.contains(KEY), "key in start-up log: {l}");
+            }
+            seen.push(line.clone());
+            return Proc {
                 child,
                 addr: f["proxy_addr"].as_str().unwrap().to_owned(),
                 admin: f["admin_addr"].as_str().unwrap().to_owned(),
                 lines,
+                startup: seen,
             };
-            // Keep what came before: it is checked for the key too.
-            for l in seen {
-                assert!(!l.contains(KEY), "key in start-up log: {l}");
-            }
-            return proc;
         }
         seen.push(line);
     }

@@ -434,6 +434,99 @@ fn vault_gets_the_sidecar_alone_a_projected_token_and_the_config_names_no_secret
 }
 
 #[test]
+fn the_operators_vault_defaults_fill_what_the_agent_leaves_unset() {
+    let vault = |json: serde_json::Value| {
+        agent(|s| {
+            s.credentials = Some(Credentials {
+                secret_ref: None,
+                vault: Some(serde_json::from_value(json).expect("VaultRef")),
+            })
+        })
+    };
+    let config = OperatorConfig {
+        vault: crate::config::VaultDefaults {
+            address: Some("https://vault.vault.svc:8200".into()),
+            ca_bundle: Some(
+                "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+            ),
+            auth_mount: Some("kubernetes-prod".into()),
+            role: Some("soma-agents".into()),
+            audience: Some("vault-prod".into()),
+        },
+        ..OperatorConfig::default()
+    };
+    let resolved = Resolved {
+        replicas: 1,
+        ..Resolved::default()
+    };
+    let read = |c: &Children| -> serde_json::Value {
+        let data = c.sidecar_config.data.as_ref().expect("data");
+        serde_json::from_str(data.get("config.yaml").expect("config")).expect("JSON")
+    };
+    let audience = |c: &Children| {
+        pod(c)
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "vault-token")
+            .and_then(|v| v.projected.as_ref())
+            .and_then(|p| p.sources.as_ref())
+            .and_then(|s| s.first())
+            .and_then(|s| s.service_account_token.as_ref())
+            .and_then(|t| t.audience.clone())
+    };
+    // Nothing set on the Agent: every default applies, the CA beside the configuration.
+    let c = children(
+        &vault(serde_json::json!({"path": "teams/a", "key": "k"})),
+        &resolved,
+        &config,
+    )
+    .expect("children");
+    let v = &read(&c)["credentials"]["vault"];
+    assert_eq!(v["address"], "https://vault.vault.svc:8200");
+    assert_eq!(v["role"], "soma-agents");
+    assert_eq!(v["auth"]["kubernetes"]["mount"], "kubernetes-prod");
+    assert_eq!(v["caCertPath"], "/etc/soma/proxy/vault-ca.pem");
+    assert_eq!(audience(&c).as_deref(), Some("vault-prod"));
+    let data = c.sidecar_config.data.as_ref().expect("data");
+    assert!(data["vault-ca.pem"].contains("BEGIN CERTIFICATE"));
+    // The Agent's own fields win; JWT auth keeps its own mount.
+    let c = children(
+        &vault(
+            serde_json::json!({"path": "teams/a", "key": "k", "address": "https://other:8200",
+            "role": "mine", "auth": "jwt", "audience": "bao"}),
+        ),
+        &resolved,
+        &config,
+    )
+    .expect("children");
+    let v = &read(&c)["credentials"]["vault"];
+    assert_eq!(
+        (v["address"].as_str(), v["role"].as_str()),
+        (Some("https://other:8200"), Some("mine"))
+    );
+    assert_eq!(v["auth"]["jwt"]["mount"], "jwt");
+    assert_eq!(audience(&c).as_deref(), Some("bao"));
+    // render says what the sidecar will ask Vault for.
+    let summary = crate::render::vault_summary(&crate::workload::vault_credentials(
+        &serde_json::from_value(
+            serde_json::json!({"path": "secret/data/teams/a", "key": "api-key"}),
+        )
+        .expect("VaultRef"),
+        &config.vault,
+    ));
+    for part in [
+        "https://vault.vault.svc:8200",
+        "kubernetes auth at auth/kubernetes-prod",
+        "role soma-agents",
+        "\"api-key\" of secret/data/teams/a",
+        "/etc/soma/proxy/vault-ca.pem",
+    ] {
+        assert!(summary.contains(part), "{part}: {summary}");
+    }
+}
+
+#[test]
 fn agent_is_pointed_at_the_sidecar_with_a_per_pod_credential() {
     let c = built(&agent(|s| {
         s.env = vec![soma_crds::agent::EnvVar {
