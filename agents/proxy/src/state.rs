@@ -37,6 +37,8 @@ pub struct AppState {
     pub load: Arc<LoadMeter>,
     /// The brown-out in force (live configuration), if any.
     pub brown_out: crate::brownout::BrownOutGate,
+    /// The pod's Capsules for recall, and the revocations in force (live configuration).
+    pub capsules: crate::recall::Shelf,
 }
 
 /// A request's place among those in flight: released (and the gauge lowered) when the request
