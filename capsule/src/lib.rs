@@ -19,11 +19,11 @@
 
 pub mod bundle;
 pub mod chunk;
+pub mod delivered;
 mod error;
 pub mod format;
-pub mod layout;
-pub mod delivered;
 pub mod hashed;
+pub mod layout;
 pub mod pack;
 pub mod recall;
 #[cfg(feature = "registry")]

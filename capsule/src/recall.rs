@@ -209,7 +209,9 @@ mod tests {
                 assert_eq!(got, brute(&vectors, &qv, k), "{q} k={k}");
             }
         }
-        let hits = index.search(&crate::hashed::embed("chunk 42 about", 32), 3).unwrap();
+        let hits = index
+            .search(&crate::hashed::embed("chunk 42 about", 32), 3)
+            .unwrap();
         assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
     }
 

@@ -116,12 +116,23 @@ async fn main() {
         let t = Instant::now();
         let got = index.search(&qv, k).unwrap();
         index_us.push(t.elapsed().as_secs_f64() * 1e6);
-        let norm = qv.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+        let norm = qv
+            .iter()
+            .map(|x| x * x)
+            .sum::<f32>()
+            .sqrt()
+            .max(f32::MIN_POSITIVE);
         let mut all: Vec<Hit> = records
             .iter()
             .enumerate()
             .map(|(row, r)| {
-                let rn = r.vector.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+                let rn = r
+                    .vector
+                    .iter()
+                    .map(|x| x * x)
+                    .sum::<f32>()
+                    .sqrt()
+                    .max(f32::MIN_POSITIVE);
                 let dot: f32 = r.vector.iter().zip(&qv).map(|(a, b)| a * b).sum();
                 Hit {
                     row,
@@ -159,8 +170,7 @@ async fn main() {
     .await
     .unwrap();
     let load_s = t.elapsed().as_secs_f64();
-    let client: Client<_, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let url = format!("http://{}/v1/recall", proxy.proxy_addr);
     let mut e2e_ms = Vec::new();
     let mut agree = 0usize;
@@ -168,25 +178,42 @@ async fn main() {
         let req = hyper::Request::post(&url)
             .header("authorization", format!("Bearer {TOKEN}"))
             .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(json!({"query": q, "k": k}).to_string())))
+            .body(Full::new(Bytes::from(
+                json!({"query": q, "k": k}).to_string(),
+            )))
             .unwrap();
         let t = Instant::now();
         let resp = client.request(req).await.unwrap();
         let status = resp.status();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         let ms = t.elapsed().as_secs_f64() * 1e3;
-        assert!(status.is_success(), "{status}: {}", String::from_utf8_lossy(&body));
+        assert!(
+            status.is_success(),
+            "{status}: {}",
+            String::from_utf8_lossy(&body)
+        );
         // The first round warms connections: not counted.
         if round > 0 {
             e2e_ms.push(ms);
         }
         let v: Value = serde_json::from_slice(&body).unwrap();
-        let first = v["data"][0]["chunk"].as_str().unwrap_or_default().to_owned();
-        agree += usize::from(first == chunks[*source].id || v["data"].as_array().is_some_and(|d| d.iter().any(|x| x["chunk"] == chunks[*source].id.as_str())));
+        let first = v["data"][0]["chunk"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        agree += usize::from(
+            first == chunks[*source].id
+                || v["data"]
+                    .as_array()
+                    .is_some_and(|d| d.iter().any(|x| x["chunk"] == chunks[*source].id.as_str())),
+        );
     }
     e2e_ms.sort_by(f64::total_cmp);
     let rows = proxy.state.outbox.rows().await.unwrap();
-    let metered = rows.iter().filter(|r| r["endpoint"] == "embeddings").count();
+    let metered = rows
+        .iter()
+        .filter(|r| r["endpoint"] == "embeddings")
+        .count();
     proxy.stop().await;
     tokio::time::sleep(Duration::from_millis(10)).await;
 

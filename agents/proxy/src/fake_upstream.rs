@@ -406,7 +406,8 @@ async fn openai(State(fake): State<Arc<Fake>>, req: Request) -> Response {
     let model = call.model();
     match call.path.as_str() {
         "/v1/embeddings" => {
-            let mut body = json!({"object": "list", "data": embeddings(&call.body, &model), "model": model});
+            let mut body =
+                json!({"object": "list", "data": embeddings(&call.body, &model), "model": model});
             if call.usage_wanted() {
                 body["usage"] = json!({"prompt_tokens": call.prompt_tokens(), "total_tokens": call.prompt_tokens()});
             }

@@ -43,13 +43,15 @@ pub enum Source {
     File,
     /// The ledger's `soma_budgets` table (the operator's current view).
     Ledger,
+    /// The ledger's Capsule revocations alone (a `capsule:` notification).
+    Revocations,
 }
 
 impl Source {
     fn label(self) -> &'static str {
         match self {
             Source::File => "file",
-            Source::Ledger => "ledger",
+            Source::Ledger | Source::Revocations => "ledger",
         }
     }
 }
@@ -215,7 +217,11 @@ impl Revocations {
         let mut all = self.file.clone();
         all.extend(self.ledger.iter().cloned());
         if state.capsules.set_revoked(&all) {
-            tracing::info!(source = source.label(), revoked = all.len(), "Capsule revocations updated");
+            tracing::info!(
+                source = source.label(),
+                revoked = all.len(),
+                "Capsule revocations updated"
+            );
             state.metrics.live_update(source.label(), "applied");
         }
     }
@@ -272,6 +278,9 @@ pub async fn run(
     file_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     poll_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Whether the ledger's Capsule revocations are to be read after the select (awaiting
+        // inside a select arm would hold the stop signal's guard across the await).
+        let mut read_revoked = false;
         let source = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
             _ = file_tick.tick(), if path.is_some() && settings.file_check_ms > 0 => {
@@ -307,37 +316,40 @@ pub async fn run(
                     let ours = note.strip_prefix(&capsule_note).is_some_and(|name| {
                         state.capsules.held().iter().any(|(n, _)| n == name)
                     });
-                    if (note.is_empty() || ours) && let Some(p) = &pool {
-                        match read_revocations(p, &state).await {
-                            Ok(r) => {
-                                revocations.ledger = r;
-                                revocations.apply(&state, Source::Ledger);
-                            }
-                            Err(e) => tracing::debug!(error = %e, "reading Capsule revocations failed; retrying at the next poll"),
-                        }
-                    }
+                    read_revoked = note.is_empty() || ours;
                     if !note.is_empty() {
-                        continue;
+                        Source::Revocations
+                    } else {
+                        Source::Ledger
                     }
-                }
+                } else {
                 let keys = book.plan().keys();
-                let relevant = note.is_empty()
-                    || note.parse::<BudgetKey>().map_or(true, |k| keys.contains(&k) || book.start.as_ref() == Some(&k));
+                let relevant = note.parse::<BudgetKey>().map_or(true, |k| keys.contains(&k) || book.start.as_ref() == Some(&k));
                 if !relevant {
                     continue;
                 }
                 Source::Ledger
+                }
             }
             _ = poll_tick.tick(), if pool.is_some() && settings.ledger_poll_ms > 0 => {
-                if let Some(p) = &pool
-                    && let Ok(r) = read_revocations(p, &state).await
-                {
-                    revocations.ledger = r;
-                    revocations.apply(&state, Source::Ledger);
-                }
+                read_revoked = true;
                 Source::Ledger
             }
         };
+        if read_revoked && let Some(p) = &pool {
+            match read_revocations(p, &state).await {
+                Ok(r) => {
+                    revocations.ledger = r;
+                    revocations.apply(&state, Source::Ledger);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading Capsule revocations failed; retrying at the next poll")
+                }
+            }
+        }
+        if source == Source::Revocations {
+            continue;
+        }
         if source == Source::Ledger {
             let Some(p) = &pool else { continue };
             match read_ledger(p, &mut book).await {

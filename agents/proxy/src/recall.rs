@@ -78,9 +78,7 @@ pub enum RecallError {
         reason: String,
     },
     /// A query vector of another dimension than a Capsule's.
-    #[error(
-        "the query vector has {got} dimensions, Capsule {capsule:?} ({model}) has {want}"
-    )]
+    #[error("the query vector has {got} dimensions, Capsule {capsule:?} ({model}) has {want}")]
     Dimensions {
         /// The Capsule.
         capsule: String,
@@ -262,7 +260,9 @@ impl Shelf {
         let held: Vec<Held> = capsules.iter().map(|c| load_one(settings, c)).collect();
         for h in &held {
             match h {
-                Held::Served(s) => tracing::info!(capsule = %s.name, digest = %s.digest, chunks = s.chunks.len(), model = %s.model, "Capsule loaded for recall"),
+                Held::Served(s) => {
+                    tracing::info!(capsule = %s.name, digest = %s.digest, chunks = s.chunks.len(), model = %s.model, "Capsule loaded for recall")
+                }
                 Held::Unavailable { name, reason, .. } => {
                     tracing::warn!(capsule = %name, reason = %reason, "Capsule not served by recall");
                 }
@@ -286,7 +286,10 @@ impl Shelf {
         }
         for ((name, digest), reason) in &next {
             if !current.contains_key(&(name.clone(), digest.clone()))
-                && self.held.iter().any(|h| h.name() == name && h.digest() == Some(digest))
+                && self
+                    .held
+                    .iter()
+                    .any(|h| h.name() == name && h.digest() == Some(digest))
             {
                 tracing::warn!(capsule = %name, digest = %digest, reason = %reason, "Capsule revoked: recall stops serving it");
             }
@@ -318,7 +321,10 @@ impl Shelf {
     /// The Capsules a request searches: those it names (each must be held and servable), or
     /// every servable one (revoked and unavailable ones are reported as skipped). Nothing
     /// servable at all is an error: the first revocation, else the first unavailability.
-    fn pick(&self, names: Option<&[String]>) -> Result<(Vec<Arc<Served>>, Vec<Value>), RecallError> {
+    fn pick(
+        &self,
+        names: Option<&[String]>,
+    ) -> Result<(Vec<Arc<Served>>, Vec<Value>), RecallError> {
         let mut out = Vec::new();
         let mut skipped = Vec::new();
         let mut first_refusal = None;
@@ -348,7 +354,9 @@ impl Shelf {
             match (refusal, h) {
                 (Some(r), _) if names.is_some() => return Err(r),
                 (Some(r), _) => {
-                    skipped.push(json!({"capsule": h.name(), "code": r.kinds().1, "reason": r.to_string()}));
+                    skipped.push(
+                        json!({"capsule": h.name(), "code": r.kinds().1, "reason": r.to_string()}),
+                    );
                     first_refusal.get_or_insert(r);
                 }
                 (None, Held::Served(s)) => out.push(s.clone()),
@@ -500,7 +508,12 @@ async fn embed(
     let vector: Vec<f32> = v
         .pointer("/data/0/embedding")
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_f64).map(|x| x as f32).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_f64)
+                .map(|x| x as f32)
+                .collect()
+        })
         .filter(|v: &Vec<f32>| !v.is_empty() && v.iter().all(|x| x.is_finite()))
         .ok_or_else(|| {
             ProxyError::Recall(RecallError::Embedding(

@@ -171,9 +171,10 @@ pub async fn state(config: Config, client_token: String) -> Result<Arc<AppState>
     brown_out.set(config.brown_out.clone(), &load);
     // Reading and hashing the delivered bundles is file work: off the async workers.
     let (list, settings) = (config.capsules.clone(), config.recall.clone());
-    let capsules = tokio::task::spawn_blocking(move || crate::recall::Shelf::load(&list, &settings))
-        .await
-        .unwrap_or_default();
+    let capsules =
+        tokio::task::spawn_blocking(move || crate::recall::Shelf::load(&list, &settings))
+            .await
+            .unwrap_or_default();
     capsules.set_revoked(&config.revoked_capsules);
     Ok(Arc::new(AppState {
         load,

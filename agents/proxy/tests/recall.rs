@@ -1,5 +1,5 @@
 //! Recall over the pod's Capsules through a running sidecar: a bundle packed with the
-//! deterministic `soma-hash-64` embeddings and delivered into a folder as the init container
+//! deterministic `soma-hash-256` embeddings and delivered into a folder as the init container
 //! does, the query embedded by the fake upstream through the sidecar's metered call.
 //!
 //! - top-k with score and provenance on every result; the query's embedding call reserved,
@@ -24,7 +24,8 @@ use soma_proxy::fake_upstream::FakeUpstream;
 use support::pg::Pg;
 use support::*;
 
-const MODEL: &str = "soma-hash-64";
+const MODEL: &str = "soma-hash-256";
+const DIMS: usize = 256;
 
 fn documents() -> Vec<(String, String)> {
     vec![
@@ -82,7 +83,7 @@ struct Pod {
 /// embedding model so the query's cost is metered.
 async fn pod(extra: impl FnOnce(&Path, &str) -> Value) -> Pod {
     let capsules = tempfile::tempdir().unwrap();
-    let digest = deliver(capsules.path(), "kb", MODEL, 64);
+    let digest = deliver(capsules.path(), "kb", MODEL, DIMS);
     let mut more = extra(capsules.path(), &digest);
     let capsules_dir = capsules.path().to_owned();
     let m = more.as_object_mut().unwrap();
@@ -106,7 +107,10 @@ async fn pod(extra: impl FnOnce(&Path, &str) -> Value) -> Pod {
 async fn recall_answers_top_k_with_provenance_and_meters_the_query_embedding() {
     let Pod { h, digest, .. } = pod(|_, _| json!({})).await;
     let r = h
-        .post("/v1/recall", &json!({"query": "how long do refunds to my card take", "k": 3}))
+        .post(
+            "/v1/recall",
+            &json!({"query": "how long do refunds to my card take", "k": 3}),
+        )
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
     let body = r.json();
@@ -119,7 +123,12 @@ async fn recall_answers_top_k_with_provenance_and_meters_the_query_embedding() {
         assert_eq!(d["version"], "1.2.0");
         assert_eq!(d["digest"], digest.as_str());
         assert!(d["document"].as_str().unwrap().ends_with(".md"));
-        assert!(d["chunk"].as_str().unwrap().starts_with(d["document"].as_str().unwrap()));
+        assert!(
+            d["chunk"]
+                .as_str()
+                .unwrap()
+                .starts_with(d["document"].as_str().unwrap())
+        );
     }
     let scores: Vec<f64> = data.iter().map(|d| d["score"].as_f64().unwrap()).collect();
     assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
@@ -139,11 +148,20 @@ async fn recall_answers_top_k_with_provenance_and_meters_the_query_embedding() {
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0]["endpoint"], "embeddings");
     assert_eq!(rows[0]["model"], MODEL);
-    assert!(rows[0]["input_tokens"].as_u64().unwrap() > 0, "{:?}", rows[0]);
+    assert!(
+        rows[0]["input_tokens"].as_u64().unwrap() > 0,
+        "{:?}",
+        rows[0]
+    );
 
     // A precomputed vector: the same best chunk, no provider call, nothing recorded.
-    let v = soma_capsule::hashed::embed("how long do refunds to my card take", 64);
-    let r = h.post("/v1/recall", &json!({"vector": v, "k": 1, "capsules": ["kb"]})).await;
+    let v = soma_capsule::hashed::embed("how long do refunds to my card take", DIMS);
+    let r = h
+        .post(
+            "/v1/recall",
+            &json!({"vector": v, "k": 1, "capsules": ["kb"]}),
+        )
+        .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["data"][0]["chunk"], "billing.md#0");
     assert_eq!(h.rows().await.len(), 1);
@@ -155,23 +173,67 @@ async fn bad_recall_input_gets_a_clear_error_and_records_nothing() {
     let Pod { h, .. } = pod(|_, _| json!({})).await;
     let long = "x".repeat(8 * 1024 + 1);
     let cases = [
-        (json!({"query": "refunds", "k": 0}), 400, "invalid_request", "between 1 and 100"),
-        (json!({"query": "refunds", "k": 101}), 400, "invalid_request", "recall.maxK"),
-        (json!({"query": long}), 400, "query_too_large", "maxQueryBytes"),
+        (
+            json!({"query": "refunds", "k": 0}),
+            400,
+            "invalid_request",
+            "between 1 and 100",
+        ),
+        (
+            json!({"query": "refunds", "k": 101}),
+            400,
+            "invalid_request",
+            "recall.maxK",
+        ),
+        (
+            json!({"query": long}),
+            400,
+            "query_too_large",
+            "maxQueryBytes",
+        ),
         (json!({"query": "   "}), 400, "invalid_request", "empty"),
         (json!({"k": 2}), 400, "invalid_request", "exactly one"),
-        (json!({"query": "a", "vector": [1.0]}), 400, "invalid_request", "exactly one"),
-        (json!({"query": "a", "capsules": ["nope"]}), 404, "capsule_not_found", "\"nope\""),
-        (json!({"query": "a", "capsules": []}), 400, "invalid_request", "at least one"),
-        (json!({"vector": [1.0, 0.0, 0.5]}), 400, "dimension_mismatch", "has 64"),
-        (json!({"query": "a", "kk": 2}), 400, "invalid_request", "unknown field"),
+        (
+            json!({"query": "a", "vector": [1.0]}),
+            400,
+            "invalid_request",
+            "exactly one",
+        ),
+        (
+            json!({"query": "a", "capsules": ["nope"]}),
+            404,
+            "capsule_not_found",
+            "\"nope\"",
+        ),
+        (
+            json!({"query": "a", "capsules": []}),
+            400,
+            "invalid_request",
+            "at least one",
+        ),
+        (
+            json!({"vector": [1.0, 0.0, 0.5]}),
+            400,
+            "dimension_mismatch",
+            "has 256",
+        ),
+        (
+            json!({"query": "a", "kk": 2}),
+            400,
+            "invalid_request",
+            "unknown field",
+        ),
     ];
     for (body, status, code, says) in cases {
         let r = h.post("/v1/recall", &body).await;
         assert_eq!(r.status, status, "{body}: {}", r.text());
         let e = &r.json()["error"];
         assert_eq!(e["code"], code, "{body}: {}", r.text());
-        assert!(e["message"].as_str().unwrap().contains(says), "{body}: {}", r.text());
+        assert!(
+            e["message"].as_str().unwrap().contains(says),
+            "{body}: {}",
+            r.text()
+        );
     }
     let r = send(
         &h.client,
@@ -190,17 +252,19 @@ async fn bad_recall_input_gets_a_clear_error_and_records_nothing() {
 async fn a_capsule_that_fails_its_check_or_has_another_model_is_not_served() {
     let Pod { h, .. } = pod(|dir, _| {
         // "changed": delivered, then a chunk rewritten (as a writable folder would allow).
-        let changed = deliver(dir, "changed", MODEL, 64);
+        let changed = deliver(dir, "changed", MODEL, DIMS);
         let chunks = dir.join("changed").join("chunks.jsonl");
         let mut perms = std::fs::metadata(&chunks).unwrap().permissions();
         #[allow(clippy::permissions_set_readonly_false)]
         perms.set_readonly(false);
         std::fs::set_permissions(&chunks, perms).unwrap();
-        let text = std::fs::read_to_string(&chunks).unwrap().replace("five", "fifty");
+        let text = std::fs::read_to_string(&chunks)
+            .unwrap()
+            .replace("five", "fifty");
         std::fs::write(&chunks, text).unwrap();
         let other = deliver(dir, "other", "soma-hash-32", 32);
         json!({"capsules": [
-            {"name": "kb", "digest": deliver(dir, "kb2", MODEL, 64)},
+            {"name": "kb", "digest": deliver(dir, "kb2", MODEL, DIMS)},
             {"name": "changed", "digest": changed},
             {"name": "other", "digest": other},
             "configmap-notes"
@@ -212,19 +276,39 @@ async fn a_capsule_that_fails_its_check_or_has_another_model_is_not_served() {
         ("other", "\"soma-hash-32\""),
         ("configmap-notes", "without a verified digest"),
     ] {
-        let r = h.post("/v1/recall", &json!({"query": "refunds", "capsules": [name]})).await;
+        let r = h
+            .post(
+                "/v1/recall",
+                &json!({"query": "refunds", "capsules": [name]}),
+            )
+            .await;
         assert_eq!(r.status, 409, "{name}: {}", r.text());
         assert_eq!(r.json()["error"]["code"], "capsule_unavailable");
-        assert!(r.text().contains(says), "{name}: {}", r.text());
+        let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(message.contains(says), "{name}: {message}");
     }
-    // "kb" names a folder that does not exist ("kb2" holds the content): not served either.
+    // Without naming Capsules: the servable one answers, the others are listed with why.
     let r = h.post("/v1/recall", &json!({"query": "refunds"})).await;
-    assert_eq!(r.status, 409, "{}", r.text());
-    assert!(h.rows().await.is_empty());
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body = r.json();
+    let skipped: Vec<&str> = body["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["capsule"].as_str().unwrap())
+        .collect();
+    assert_eq!(skipped, ["changed", "other", "configmap-notes"]);
+    assert_eq!(body["data"][0]["chunk"], "billing.md#0");
+    assert_eq!(h.rows().await.len(), 1, "only the served query was metered");
 }
 
 async fn recall_status(h: &Harness) -> (u16, Value) {
-    let r = h.post("/v1/recall", &json!({"vector": soma_capsule::hashed::embed("refunds", 64), "capsules": ["kb"]})).await;
+    let r = h
+        .post(
+            "/v1/recall",
+            &json!({"vector": soma_capsule::hashed::embed("refunds", DIMS), "capsules": ["kb"]}),
+        )
+        .await;
     (r.status.as_u16(), r.json())
 }
 
@@ -243,7 +327,7 @@ async fn until_status(h: &Harness, want: u16) -> Value {
 async fn revocation_in_the_configuration_file_stops_recall_in_a_running_sidecar() {
     let upstream = FakeUpstream::start(KEY).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let digest = deliver(dir.path(), "kb", MODEL, 64);
+    let digest = deliver(dir.path(), "kb", MODEL, DIMS);
     let mut config = config_json(
         &upstream.url(),
         "openai",
@@ -268,16 +352,24 @@ async fn revocation_in_the_configuration_file_stops_recall_in_a_running_sidecar(
         client: http(),
     };
     assert_eq!(recall_status(&h).await.0, 200);
-    config["revokedCapsules"] =
-        json!([{"name": "kb", "digest": digest, "reason": "Capsule research/kb is revoked (spec.revoked)"}]);
+    config["revokedCapsules"] = json!([{"name": "kb", "digest": digest, "reason": "Capsule research/kb is revoked (spec.revoked)"}]);
     std::fs::write(&path, config.to_string()).unwrap();
     let body = until_status(&h, 410).await;
     assert_eq!(body["error"]["code"], "capsule_revoked");
-    assert!(body["error"]["message"].as_str().unwrap().contains("spec.revoked"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.revoked"),
+        "{body}"
+    );
     // Without naming it, the revoked Capsule is skipped; nothing else is held, so 410 still.
     let r = h.post("/v1/recall", &json!({"query": "refunds"})).await;
     assert_eq!(r.status, 410, "{}", r.text());
-    assert!(h.upstream.received().is_empty(), "nothing was embedded for a revoked Capsule");
+    assert!(
+        h.upstream.received().is_empty(),
+        "nothing was embedded for a revoked Capsule"
+    );
 }
 
 #[tokio::test]
@@ -285,10 +377,9 @@ async fn revocation_through_the_ledger_reaches_a_running_sidecar_and_can_be_lift
     let pg = Pg::start();
     let pool = pg.pool().await;
     soma_ledger::MIGRATOR.run(&pool).await.unwrap();
-    let Pod { h, digest, .. } = pod(|_, _| {
-        json!({"databaseUrl": pg.url(), "live": {"fileCheckMs": 0, "ledgerPollMs": 0}})
-    })
-    .await;
+    let Pod { h, digest, .. } =
+        pod(|_, _| json!({"databaseUrl": pg.url(), "live": {"fileCheckMs": 0, "ledgerPollMs": 0}}))
+            .await;
     assert_eq!(recall_status(&h).await.0, 200);
     let row = soma_ledger::live::CapsuleRevocation {
         namespace: "research".into(),
@@ -301,13 +392,36 @@ async fn revocation_through_the_ledger_reaches_a_running_sidecar_and_can_be_lift
         namespace: "other".into(),
         ..row.clone()
     };
-    assert!(soma_ledger::live::revoke_capsule(&pool, &elsewhere).await.unwrap());
+    assert!(
+        soma_ledger::live::revoke_capsule(&pool, &elsewhere)
+            .await
+            .unwrap()
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(recall_status(&h).await.0, 200);
-    assert!(soma_ledger::live::revoke_capsule(&pool, &row).await.unwrap());
-    assert!(!soma_ledger::live::revoke_capsule(&pool, &row).await.unwrap(), "same row: no write");
+    assert!(
+        soma_ledger::live::revoke_capsule(&pool, &row)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !soma_ledger::live::revoke_capsule(&pool, &row)
+            .await
+            .unwrap(),
+        "same row: no write"
+    );
     let body = until_status(&h, 410).await;
-    assert!(body["error"]["message"].as_str().unwrap().contains("no longer verifies"), "{body}");
-    assert!(soma_ledger::live::reinstate_capsule(&pool, "research", "kb", &digest).await.unwrap());
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no longer verifies"),
+        "{body}"
+    );
+    assert!(
+        soma_ledger::live::reinstate_capsule(&pool, "research", "kb", &digest)
+            .await
+            .unwrap()
+    );
     until_status(&h, 200).await;
 }

@@ -143,7 +143,17 @@ mod tests {
             revoke("the signature of Capsule team/kb no longer verifies (SignatureInvalid): m")
         );
         // A registry that did not answer, or a policy's decision: the pods keep what they hold.
-        assert_eq!(decide(&capsule(false), &rejected("VerificationUnavailable", true), true), None);
-        assert_eq!(decide(&capsule(false), &rejected("PolicyDenied", false), false), None);
+        assert_eq!(
+            decide(
+                &capsule(false),
+                &rejected("VerificationUnavailable", true),
+                true
+            ),
+            None
+        );
+        assert_eq!(
+            decide(&capsule(false), &rejected("PolicyDenied", false), false),
+            None
+        );
     }
 }

@@ -82,8 +82,7 @@ impl Harness {
         let upstream = FakeUpstream::start(KEY).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let mut config = config_json(&upstream.url(), kind, dir.path(), extra);
-        if let (Some(table), Some(more)) = (config["prices"].as_object_mut(), prices.as_object())
-        {
+        if let (Some(table), Some(more)) = (config["prices"].as_object_mut(), prices.as_object()) {
             for (k, v) in more {
                 table.insert(k.clone(), v.clone());
             }
