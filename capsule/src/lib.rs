@@ -9,18 +9,28 @@
 //!                        │                                        │
 //!                        └──────────────── Registry::push ◄── read_layout
 //!  registry ──Registry::fetch(repo, digest)──► Bundle ──open──► Contents ──write_into──► /capsules/<name>/
+//!  /capsules/<name>/ ──delivered::open_delivered(digest)──► Delivered ──► recall::ExactIndex (the sidecar)
 //! ```
+//!
+//! The `registry` feature (on by default) adds push and fetch; the sidecar, which only reads
+//! delivered folders, builds without it. `hashed` is a deterministic, lexical embedder for
+//! tests and benchmarks.
 #![forbid(unsafe_code)]
 
 pub mod bundle;
 pub mod chunk;
+pub mod delivered;
 mod error;
 pub mod format;
+pub mod hashed;
 pub mod layout;
 pub mod pack;
+pub mod recall;
+#[cfg(feature = "registry")]
 pub mod registry;
 
 pub use bundle::{Bundle, Contents, sha256_digest};
 pub use error::{Error, Result};
 pub use pack::{PackOptions, pack};
+#[cfg(feature = "registry")]
 pub use registry::Registry;

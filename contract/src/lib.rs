@@ -20,6 +20,7 @@
 pub mod drill;
 pub mod load;
 pub mod readiness;
+pub mod recall;
 
 use std::path::PathBuf;
 
@@ -71,9 +72,18 @@ pub struct SidecarConfig {
     /// Tools the agent may call (not enforced by the proxy yet).
     #[serde(default)]
     pub tools: Vec<String>,
-    /// Capsules the agent may use (not enforced by the proxy yet).
+    /// The pod's Capsules: a name, or `{"name", "digest"}` for content delivered into
+    /// `recall.capsulesDir` (loaded, checked against the digest, and served by recall).
     #[serde(default)]
-    pub capsules: Vec<String>,
+    pub capsules: Vec<recall::SidecarCapsule>,
+    /// `POST /v1/recall`: where the Capsules are and how queries are bounded. Left out when
+    /// at its defaults, so configurations (and pod template hashes) of older operators stay
+    /// the same.
+    #[serde(default, skip_serializing_if = "recall::RecallSettings::is_default")]
+    pub recall: recall::RecallSettings,
+    /// Capsules no longer to serve (live): recall answers 410 with the reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_capsules: Vec<recall::RevokedCapsule>,
     /// Prices per model (micros per million tokens). Absent: cost is not metered (0) and any
     /// model is accepted; present: a model missing from it is refused as unknown.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -515,7 +525,8 @@ fn default_anthropic_version() -> String {
 }
 
 /// The parts of a [`SidecarConfig`] a running sidecar takes without a restart: the Budget
-/// definitions (caps, thresholds, action, period, parents) and the brown-out. Which Budget
+/// definitions (caps, thresholds, action, period, parents), the brown-out and the revoked
+/// Capsules. Which Budget
 /// the Agent charges (`budget`) is part of the Agent's spec; a change to it rolls the pods.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct LivePart {
@@ -523,6 +534,8 @@ pub struct LivePart {
     pub budgets: Vec<BudgetDef>,
     /// `brownOut`.
     pub brown_out: Option<load::BrownOut>,
+    /// `revokedCapsules`.
+    pub revoked_capsules: Vec<recall::RevokedCapsule>,
 }
 
 impl SidecarConfig {
@@ -543,6 +556,8 @@ impl SidecarConfig {
             client_token_env: client_token_env.into(),
             tools: Vec::new(),
             capsules: Vec::new(),
+            recall: recall::RecallSettings::default(),
+            revoked_capsules: Vec::new(),
             prices: None,
             budgets: Vec::new(),
             brown_out: None,
@@ -618,6 +633,7 @@ impl SidecarConfig {
         LivePart {
             budgets: self.budgets.clone(),
             brown_out: self.brown_out.clone(),
+            revoked_capsules: self.revoked_capsules.clone(),
         }
     }
 
@@ -626,6 +642,7 @@ impl SidecarConfig {
         SidecarConfig {
             budgets: Vec::new(),
             brown_out: None,
+            revoked_capsules: Vec::new(),
             ..self.clone()
         }
     }

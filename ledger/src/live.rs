@@ -87,3 +87,101 @@ pub async fn forget_budget(pool: &PgPool, key: &BudgetKey, uid: &str) -> Result<
             .await?;
     Ok(done.rows_affected() > 0)
 }
+
+/// The prefix of a `soma_live` notification about a Capsule: `capsule:<namespace>/<name>`.
+pub const CAPSULE_NOTE_PREFIX: &str = "capsule:";
+
+/// A revocation row: the Capsule (namespace, name), the digest no longer to serve, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CapsuleRevocation {
+    /// The Capsule's namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// The digest no longer to serve.
+    pub digest: String,
+    /// Why, in words a user can act on.
+    pub reason: String,
+}
+
+/// Records that `r.digest` of Capsule `r.namespace/r.name` must no longer be served, and
+/// notifies the sidecars, unless the same row is already there. Returns whether it wrote.
+pub async fn revoke_capsule(pool: &PgPool, r: &CapsuleRevocation) -> Result<bool, sqlx::Error> {
+    let written: i64 = sqlx::query_scalar(
+        "WITH up AS (
+            INSERT INTO soma_capsule_revocations (namespace, name, digest, reason)
+            VALUES ($1, $2, $3, $4)
+            ON CONFLICT (namespace, name, digest) DO UPDATE SET reason = EXCLUDED.reason
+            WHERE soma_capsule_revocations.reason IS DISTINCT FROM EXCLUDED.reason
+            RETURNING 1),
+         n AS (SELECT pg_notify($5, $6 || $1 || '/' || $2) FROM up)
+         SELECT COUNT(*) FROM n",
+    )
+    .bind(&r.namespace)
+    .bind(&r.name)
+    .bind(&r.digest)
+    .bind(&r.reason)
+    .bind(CHANNEL)
+    .bind(CAPSULE_NOTE_PREFIX)
+    .fetch_one(pool)
+    .await?;
+    Ok(written > 0)
+}
+
+/// Removes the revocation of `digest` (the Capsule verifies again); notifies when it removed.
+pub async fn reinstate_capsule(
+    pool: &PgPool,
+    namespace: &str,
+    name: &str,
+    digest: &str,
+) -> Result<bool, sqlx::Error> {
+    let removed: i64 = sqlx::query_scalar(
+        "WITH del AS (
+            DELETE FROM soma_capsule_revocations
+             WHERE namespace = $1 AND name = $2 AND digest = $3 RETURNING 1),
+         n AS (SELECT pg_notify($4, $5 || $1 || '/' || $2) FROM del)
+         SELECT COUNT(*) FROM n",
+    )
+    .bind(namespace)
+    .bind(name)
+    .bind(digest)
+    .bind(CHANNEL)
+    .bind(CAPSULE_NOTE_PREFIX)
+    .fetch_one(pool)
+    .await?;
+    Ok(removed > 0)
+}
+
+/// The revocations in force for Capsules `(name, digest)` of `namespace`.
+pub async fn capsule_revocations(
+    pool: &PgPool,
+    namespace: &str,
+    held: &[(String, String)],
+) -> Result<Vec<CapsuleRevocation>, sqlx::Error> {
+    if held.is_empty() {
+        return Ok(Vec::new());
+    }
+    let names: Vec<&str> = held.iter().map(|(n, _)| n.as_str()).collect();
+    let digests: Vec<&str> = held.iter().map(|(_, d)| d.as_str()).collect();
+    let rows = sqlx::query(
+        "SELECT r.name, r.digest, r.reason FROM soma_capsule_revocations r
+           JOIN unnest($2::text[], $3::text[]) AS h(name, digest)
+             ON r.name = h.name AND r.digest = h.digest
+          WHERE r.namespace = $1
+          ORDER BY r.name, r.digest",
+    )
+    .bind(namespace)
+    .bind(&names)
+    .bind(&digests)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| CapsuleRevocation {
+            namespace: namespace.to_owned(),
+            name: r.get(0),
+            digest: r.get(1),
+            reason: r.get(2),
+        })
+        .collect())
+}

@@ -228,7 +228,11 @@ pub fn sidecar_config(
         .budget_ref
         .map(|b| BudgetKey::new(w.namespace.clone(), b.name.clone()).to_string());
     c.tools.clone_from(&spec.tools);
-    c.capsules = spec.capsules.iter().map(|c| c.name.clone()).collect();
+    c.capsules = spec
+        .capsules
+        .iter()
+        .map(|c| soma_contract::recall::SidecarCapsule::from(c.name.as_str()))
+        .collect();
     c.budgets = budgets.to_vec();
     c.outbox_path = format!("{SIDECAR_STATE_DIR}/outbox.db").into();
     c.prices.clone_from(&config.sidecar.prices);

@@ -84,6 +84,9 @@ pub enum ProxyError {
     /// The `x-soma-priority` header is not `low`, `normal` or `high`.
     #[error("header x-soma-priority must be low, normal or high")]
     Priority,
+    /// `POST /v1/recall` refused (`crate::recall`).
+    #[error(transparent)]
+    Recall(#[from] crate::recall::RecallError),
     /// Shed by the Agent's brown-out (the autoscaler's reason in the message).
     #[error("shed by brown-out")]
     Shed {
@@ -98,7 +101,7 @@ pub const SHED_RETRY_AFTER_S: u64 = 15;
 /// Every reason `soma_proxy_errors_total` counts, for series that start at 0: each
 /// [`ProxyError::label`], then the ways a stream that was already answered can fail
 /// ([`STREAM_FAILURES`]).
-pub const REASONS: [&str; 24] = [
+pub const REASONS: [&str; 30] = [
     "unauthorized",
     "not_found",
     "wrong_provider",
@@ -119,6 +122,12 @@ pub const REASONS: [&str; 24] = [
     "priority",
     "brown_out",
     "credentials_unavailable",
+    "recall_invalid",
+    "recall_query_too_large",
+    "capsule_not_found",
+    "capsule_revoked",
+    "capsule_unavailable",
+    "recall_embedding",
     "upstream_cut",
     "stream_cut",
     "stream_idle_timeout",
@@ -153,6 +162,7 @@ impl ProxyError {
             ProxyError::Overloaded { .. } => "overloaded",
             ProxyError::Priority => "priority",
             ProxyError::Shed { .. } => "brown_out",
+            ProxyError::Recall(r) => r.label(),
             ProxyError::CredentialsUnavailable(_) => "credentials_unavailable",
         }
     }
@@ -179,6 +189,7 @@ impl ProxyError {
             ProxyError::Upstream(_) | ProxyError::UpstreamCut => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::Recall(r) => r.status(),
         }
     }
 
@@ -232,6 +243,10 @@ impl ProxyError {
             }
             ProxyError::BudgetUndefined(_) | ProxyError::Outbox(_) | ProxyError::Internal(_) => {
                 ("api_error", "api_error", "sidecar_unavailable")
+            }
+            ProxyError::Recall(r) => {
+                let (openai, code) = r.kinds();
+                (openai, "invalid_request_error", code)
             }
         }
     }
@@ -381,6 +396,26 @@ mod tests {
                 "x",
             )),
         ];
+        use crate::recall::RecallError as R;
+        let recall = [
+            R::Invalid("x".into()),
+            R::QueryTooLarge { limit: 1, got: 2 },
+            R::UnknownCapsule("x".into()),
+            R::Revoked {
+                capsule: "x".into(),
+                digest: "d".into(),
+                reason: "r".into(),
+            },
+            R::Unavailable {
+                capsule: "x".into(),
+                reason: "r".into(),
+            },
+            R::Embedding("x".into()),
+        ];
+        let errors: Vec<ProxyError> = errors
+            .into_iter()
+            .chain(recall.into_iter().map(ProxyError::Recall))
+            .collect();
         for e in &errors {
             assert!(
                 REASONS.contains(&e.label()),

@@ -17,6 +17,9 @@
 //! | `slow` | 20 ms between stream chunks |
 //! | `hold-<ms>` | the answer (headers and body) after `<ms>` milliseconds: a provider that takes that long to serve the request, chosen per request by a load generator |
 //!
+//! `/v1/embeddings` for a model named `soma-hash-<d>` answers the deterministic hashed
+//! embedding of each input ([`soma_capsule::hashed`]); other models get a fixed vector.
+//!
 //! Usage is a function of the request, as a provider's would be: [`prompt_tokens`] counts the
 //! prompt text with the model's BPE tokenizer plus 3 tokens per message; the answer has
 //! `min(max_tokens or 8, 256)` words (`w0 w1 …`) and `completion_tokens` is that word count.
@@ -414,7 +417,8 @@ async fn openai(State(fake): State<Arc<Fake>>, req: Request) -> Response {
     let model = call.model();
     match call.path.as_str() {
         "/v1/embeddings" => {
-            let mut body = json!({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.0, 0.5, 1.0]}], "model": model});
+            let mut body =
+                json!({"object": "list", "data": embeddings(&call.body, &model), "model": model});
             if call.usage_wanted() {
                 body["usage"] = json!({"prompt_tokens": call.prompt_tokens(), "total_tokens": call.prompt_tokens()});
             }
@@ -486,6 +490,28 @@ async fn openai(State(fake): State<Arc<Fake>>, req: Request) -> Response {
             stream_response("text/event-stream", scenario_steps(&call, events, tail))
         }
     }
+}
+
+/// `data` of an embeddings answer: for a model named `soma-hash-<d>`, the
+/// [`soma_capsule::hashed`] embedding of each input (a string or a list of strings), so tests
+/// and benchmarks get vectors that agree with Capsules embedded by the same function; for any
+/// other model, one fixed three-number vector.
+fn embeddings(body: &Value, model: &str) -> Vec<Value> {
+    let Some(dims) = soma_capsule::hashed::dims_of(model) else {
+        return vec![json!({"object": "embedding", "index": 0, "embedding": [0.0, 0.5, 1.0]})];
+    };
+    let inputs: Vec<&str> = match body.get("input") {
+        Some(Value::String(s)) => vec![s.as_str()],
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    };
+    inputs
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            json!({"object": "embedding", "index": i, "embedding": soma_capsule::hashed::embed(text, dims)})
+        })
+        .collect()
 }
 
 fn responses(call: &Call, model: &str) -> Response {

@@ -177,7 +177,7 @@ async fn serve(
 
 /// The agent presents the per-pod token as its API key (`Authorization: Bearer` or
 /// `x-api-key`), compared in constant time.
-fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<(), ProxyError> {
+pub(crate) fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<(), ProxyError> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

@@ -11,6 +11,7 @@
 //!                               └──► upstream (key injected) ──► relay/settle
 //!  outbox ──(background)──► ledger (PostgreSQL) and events (NATS JetStream), idempotent
 //!  vault (optional) ──► keys (the provider key, swapped atomically on rotation)
+//!  /v1/recall ──► recall (the pod's Capsules, checked against their digests; query embedded by the metered call)
 //!  Prometheus, operator ──:9090──► admin (/healthz, /readyz, /metrics, /load: the autoscaler's signal)
 //!  each call ──► one GenAI span (genai_span), exported over OTLP when configured
 //! ```
@@ -39,6 +40,7 @@ pub mod live;
 pub mod load;
 pub mod metrics;
 pub mod outbox;
+pub mod recall;
 pub mod relay;
 pub mod request;
 pub mod reserve;

@@ -1,7 +1,9 @@
 //! The sidecar's live configuration: the Budget definitions it enforces and the brown-out
 //! the operator's autoscaler asks for, followed while it runs, so that an edited Budget
 //! (caps, thresholds, action, period, parent) or a brown-out takes effect without restarting
-//! any pod. The brown-out comes from the file only (the ledger carries Budgets alone).
+//! any pod. The brown-out comes from the file only. Capsule revocations come from both: the
+//! file's `revokedCapsules` and the ledger's `soma_capsule_revocations` rows for the Capsules
+//! this pod holds (notification `capsule:<ns>/<name>`); recall refuses a Capsule either names.
 //!
 //! Two sources feed one [`Book`] of definitions, which resolves the chain with the same rules
 //! as the operator ([`crate::authority::plan`]) and hands the plan to the budget authority:
@@ -41,13 +43,15 @@ pub enum Source {
     File,
     /// The ledger's `soma_budgets` table (the operator's current view).
     Ledger,
+    /// The ledger's Capsule revocations alone (a `capsule:` notification).
+    Revocations,
 }
 
 impl Source {
     fn label(self) -> &'static str {
         match self {
             Source::File => "file",
-            Source::Ledger => "ledger",
+            Source::Ledger | Source::Revocations => "ledger",
         }
     }
 }
@@ -202,6 +206,45 @@ async fn listen(pool: PgPool, tx: mpsc::Sender<String>) {
     }
 }
 
+/// The revocations of both sources, applied to the recall shelf.
+struct Revocations {
+    file: Vec<soma_contract::recall::RevokedCapsule>,
+    ledger: Vec<soma_contract::recall::RevokedCapsule>,
+}
+
+impl Revocations {
+    fn apply(&self, state: &AppState, source: Source) {
+        let mut all = self.file.clone();
+        all.extend(self.ledger.iter().cloned());
+        if state.capsules.set_revoked(&all) {
+            tracing::info!(
+                source = source.label(),
+                revoked = all.len(),
+                "Capsule revocations updated"
+            );
+            state.metrics.live_update(source.label(), "applied");
+        }
+    }
+}
+
+/// Reads the ledger's revocations of the Capsules this pod holds.
+async fn read_revocations(
+    pool: &PgPool,
+    state: &AppState,
+) -> Result<Vec<soma_contract::recall::RevokedCapsule>, sqlx::Error> {
+    let held = state.capsules.held();
+    let rows =
+        soma_ledger::live::capsule_revocations(pool, &state.config.agent.namespace, &held).await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| soma_contract::recall::RevokedCapsule {
+            name: r.name,
+            digest: r.digest,
+            reason: r.reason,
+        })
+        .collect())
+}
+
 /// Follows the file (when `path` is given) and the ledger (when `pool` is given) until `stop`.
 pub async fn run(
     state: Arc<AppState>,
@@ -211,6 +254,15 @@ pub async fn run(
 ) {
     let settings = state.config.live;
     let mut book = Book::new(&state.config);
+    let mut revocations = Revocations {
+        file: state.config.revoked_capsules.clone(),
+        ledger: Vec::new(),
+    };
+    let capsule_note = format!(
+        "{}{}/",
+        soma_ledger::live::CAPSULE_NOTE_PREFIX,
+        state.config.agent.namespace
+    );
     let mut last_text = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok());
     let (tx, mut notes) = mpsc::channel::<String>(64);
     let listener = pool.clone().map(|p| tokio::spawn(listen(p, tx)));
@@ -226,6 +278,9 @@ pub async fn run(
     file_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     poll_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Whether the ledger's Capsule revocations are to be read after the select (awaiting
+        // inside a select arm would hold the stop signal's guard across the await).
+        let mut read_revoked = false;
         let source = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
             _ = file_tick.tick(), if path.is_some() && settings.file_check_ms > 0 => {
@@ -241,6 +296,8 @@ pub async fn run(
                             tracing::info!(brown_out = ?c.brown_out, "brown-out updated");
                             state.metrics.live_update("file", "applied");
                         }
+                        revocations.file = c.revoked_capsules;
+                        revocations.apply(&state, Source::File);
                         if !book.take(c.budgets, Source::File) {
                             continue;
                         }
@@ -255,16 +312,44 @@ pub async fn run(
             }
             note = notes.recv(), if pool.is_some() => {
                 let Some(note) = note else { continue };
+                if note.is_empty() || note.starts_with(soma_ledger::live::CAPSULE_NOTE_PREFIX) {
+                    let ours = note.strip_prefix(&capsule_note).is_some_and(|name| {
+                        state.capsules.held().iter().any(|(n, _)| n == name)
+                    });
+                    read_revoked = note.is_empty() || ours;
+                    if !note.is_empty() {
+                        Source::Revocations
+                    } else {
+                        Source::Ledger
+                    }
+                } else {
                 let keys = book.plan().keys();
-                let relevant = note.is_empty()
-                    || note.parse::<BudgetKey>().map_or(true, |k| keys.contains(&k) || book.start.as_ref() == Some(&k));
+                let relevant = note.parse::<BudgetKey>().map_or(true, |k| keys.contains(&k) || book.start.as_ref() == Some(&k));
                 if !relevant {
                     continue;
                 }
                 Source::Ledger
+                }
             }
-            _ = poll_tick.tick(), if pool.is_some() && settings.ledger_poll_ms > 0 => Source::Ledger,
+            _ = poll_tick.tick(), if pool.is_some() && settings.ledger_poll_ms > 0 => {
+                read_revoked = true;
+                Source::Ledger
+            }
         };
+        if read_revoked && let Some(p) = &pool {
+            match read_revocations(p, &state).await {
+                Ok(r) => {
+                    revocations.ledger = r;
+                    revocations.apply(&state, Source::Ledger);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading Capsule revocations failed; retrying at the next poll")
+                }
+            }
+        }
+        if source == Source::Revocations {
+            continue;
+        }
         if source == Source::Ledger {
             let Some(p) = &pool else { continue };
             match read_ledger(p, &mut book).await {

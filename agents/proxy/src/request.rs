@@ -89,6 +89,18 @@ pub async fn read_unmetered(
     read_body(body, state.config.body_limit_bytes).await
 }
 
+/// A JSON body within `bodyLimitBytes` (the sidecar's own endpoints, such as recall).
+pub async fn read_json_body(
+    state: &AppState,
+    parts: &Parts,
+    body: Body,
+) -> Result<Bytes, ProxyError> {
+    if !is_json(parts) {
+        return Err(ProxyError::ContentType);
+    }
+    read_body(body, state.config.body_limit_bytes).await
+}
+
 /// Reads, checks and estimates a metered call.
 pub async fn parse(
     state: &AppState,

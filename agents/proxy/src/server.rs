@@ -173,9 +173,17 @@ pub async fn state(config: Config, client_token: String) -> Result<Arc<AppState>
     metrics.register_load(load.clone());
     let brown_out = BrownOutGate::default();
     brown_out.set(config.brown_out.clone(), &load);
+    // Reading and hashing the delivered bundles is file work: off the async workers.
+    let (list, settings) = (config.capsules.clone(), config.recall.clone());
+    let capsules =
+        tokio::task::spawn_blocking(move || crate::recall::Shelf::load(&list, &settings))
+            .await
+            .unwrap_or_default();
+    capsules.set_revoked(&config.revoked_capsules);
     Ok(Arc::new(AppState {
         load,
         brown_out,
+        capsules,
         in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight.get())),
         client_token: client_token.trim().to_owned(),
         keys,
@@ -198,6 +206,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             _ => r.route(ep.path(), post(h)),
         };
     }
+    r = r.route(crate::recall::PATH, post(crate::recall::handle));
     r.fallback(|req: Request| async move {
         let dialect = if req.uri().path().starts_with("/v1/messages") {
             soma_metering::wire::Dialect::Anthropic
@@ -432,8 +441,10 @@ pub async fn start(
         .ledger
         .as_ref()
         .map(|l| l.pool(2, Duration::from_secs(5)));
-    // The file carries the brown-out as well as Budgets; the ledger, Budgets only.
-    let live_pool = live_pool.filter(|_| state.authority.is_budgeted());
+    // The file carries the brown-out and revoked Capsules as well as Budgets; the ledger,
+    // Budgets and Capsule revocations.
+    let live_pool =
+        live_pool.filter(|_| state.authority.is_budgeted() || !state.config.capsules.is_empty());
     if config_path.is_some() || live_pool.is_some() {
         tasks.push(tokio::spawn(crate::live::run(
             state.clone(),

@@ -40,6 +40,8 @@ pub struct AppState {
     /// How the ledger is reached (with `databaseUrl`): every pool, and the credentials from
     /// Vault when `ledgerCredentials` says so.
     pub ledger: Option<Arc<crate::ledger_access::LedgerAccess>>,
+    /// The pod's Capsules for recall, and the revocations in force (live configuration).
+    pub capsules: crate::recall::Shelf,
 }
 
 /// A request's place among those in flight: released (and the gauge lowered) when the request

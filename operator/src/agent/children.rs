@@ -98,7 +98,8 @@ pub fn children(
     config: &OperatorConfig,
 ) -> Result<Children, serde_json::Error> {
     let w = workload(agent);
-    let settings = workload::sidecar_config(&w, &resolved.budgets, config);
+    let mut settings = workload::sidecar_config(&w, &resolved.budgets, config);
+    delivery::sidecar_capsules(&mut settings, &resolved.capsules);
     let config_hash = hash_config(&settings)?;
     let mut deployment = deployment(agent, resolved.replicas, &config_hash, config);
     if let Some(spec) = deployment.spec.as_mut() {
@@ -157,7 +158,9 @@ pub fn sidecar_config(
     resolved: &Resolved,
     config: &OperatorConfig,
 ) -> SidecarConfig {
-    workload::sidecar_config(&workload(agent), &resolved.budgets, config)
+    let mut settings = workload::sidecar_config(&workload(agent), &resolved.budgets, config);
+    delivery::sidecar_capsules(&mut settings, &resolved.capsules);
+    settings
 }
 
 /// The ConfigMap holding the sidecar's configuration as JSON (valid YAML too).

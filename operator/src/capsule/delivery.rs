@@ -27,7 +27,9 @@ use k8s_openapi::api::networking::v1::{
 use soma_crds::Capsule;
 
 use crate::config::{OperatorConfig, resources};
-use crate::workload::{AGENT_CONTAINER, container_security, env, mount, tcp, upstream_port};
+use crate::workload::{
+    AGENT_CONTAINER, SIDECAR_NAME, container_security, env, mount, tcp, upstream_port,
+};
 
 /// Where Capsules are mounted in the agent container: `/capsules/<name>/`.
 pub const CAPSULES_DIR: &str = "/capsules";
@@ -201,6 +203,13 @@ pub fn deliver(template: &mut PodTemplateSpec, deliveries: &[Delivery], config: 
         .collect();
     let mut init = fetches;
     init.extend(pod.init_containers.take().unwrap_or_default());
+    // The metering sidecar reads the same folders, read-only, for recall.
+    for c in init.iter_mut().filter(|c| c.name == SIDECAR_NAME) {
+        let mounts = c.volume_mounts.get_or_insert_with(Vec::new);
+        for (i, d) in deliveries.iter().enumerate() {
+            mounts.push(mount(&volume_name(i), &mount_path(&d.name), true));
+        }
+    }
     pod.init_containers = Some(init);
     let volumes = pod.volumes.get_or_insert_with(Vec::new);
     for (i, d) in deliveries.iter().enumerate() {
@@ -218,6 +227,19 @@ pub fn deliver(template: &mut PodTemplateSpec, deliveries: &[Delivery], config: 
         let vars = c.env.get_or_insert_with(Vec::new);
         vars.retain(|v| v.name != CAPSULES_DIR_ENV);
         vars.push(env(CAPSULES_DIR_ENV, CAPSULES_DIR));
+    }
+}
+
+/// Gives the sidecar's configuration the verified digest of each OCI bundle delivered, so
+/// the sidecar checks the delivered folder against it before serving recall. (A ConfigMap
+/// Capsule is a single blob, not a bundle: it stays a bare name.) Part of the pod template's
+/// hash: other content rolls the pods.
+pub fn sidecar_capsules(settings: &mut soma_contract::SidecarConfig, deliveries: &[Delivery]) {
+    for c in &mut settings.capsules {
+        c.digest = deliveries
+            .iter()
+            .find(|d| d.name == c.name && matches!(d.source, Source::Oci { .. }))
+            .map(|d| d.digest.clone());
     }
 }
 

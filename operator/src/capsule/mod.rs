@@ -18,6 +18,8 @@
 //! - [`status`]: pure: the status from what the reconcile found;
 //! - [`refs`]: the Capsules an Agent or a Job names, looked up;
 //! - [`delivery`]: pure: a verified Capsule's content into the pod, read-only, by digest;
+//! - [`revocation`]: a revoked Capsule (or one whose signature stopped verifying) published
+//!   to the ledger, so running sidecars stop serving it within seconds;
 //! - [`reconcile`], [`controller`]: the reconcile and its watches.
 
 pub mod content;
@@ -26,5 +28,6 @@ pub mod cosign;
 pub mod delivery;
 pub mod reconcile;
 pub mod refs;
+pub mod revocation;
 pub mod status;
 pub mod verify;

@@ -273,6 +273,28 @@ pub async fn reconcile(capsule: Arc<Capsule>, ctx: Arc<Context>) -> Result<Actio
     };
     ctx.metrics
         .signature_state(CONTROLLER, &namespace, &capsule.name_any(), rejected);
+    if let (Some(ledger), Some(p)) = (
+        &ctx.ledger,
+        super::revocation::decide(&capsule, &observed.outcome, checked),
+    ) {
+        // A revocation that did not reach the ledger is retried: running sidecars would
+        // otherwise keep serving the Capsule.
+        let written = match ledger.pool().await {
+            Ok(pool) => super::revocation::publish(pool, &namespace, &capsule.name_any(), &p)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match written {
+            Ok(true) => info!(publish = ?p, "Capsule revocation published to the sidecars"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "publishing the Capsule's revocation to the ledger failed; retrying");
+                ctx.metrics.ledger_error("revocation");
+                return Ok(Action::requeue(ctx.backoff(&key)));
+            }
+        }
+    }
     Ok(match &observed.outcome {
         Ok(_) => {
             ctx.succeeded(&key);

@@ -136,7 +136,8 @@ pub fn task_children(
     config: &OperatorConfig,
 ) -> Result<TaskChildren, serde_json::Error> {
     let w = task_workload(job, task);
-    let settings = workload::sidecar_config(&w, &task.budgets, config);
+    let mut settings = workload::sidecar_config(&w, &task.budgets, config);
+    crate::capsule::delivery::sidecar_capsules(&mut settings, &task.capsules);
     let config_hash = hash_config(&settings)?;
     let mut template = workload::pod_template(&w, &config_hash, config);
     if let Some(image) = &task.pinned_image {

@@ -77,6 +77,25 @@ impl Harness {
         }
     }
 
+    /// Like [`Harness::start`], with `prices` added to the price table.
+    pub async fn start_with_prices(kind: &str, extra: Value, prices: Value) -> Harness {
+        let upstream = FakeUpstream::start(KEY).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config_json(&upstream.url(), kind, dir.path(), extra);
+        if let (Some(table), Some(more)) = (config["prices"].as_object_mut(), prices.as_object()) {
+            for (k, v) in more {
+                table.insert(k.clone(), v.clone());
+            }
+        }
+        let proxy = start_proxy(&config).await;
+        Harness {
+            upstream,
+            proxy,
+            dir,
+            client: http(),
+        }
+    }
+
     pub fn outbox_path(&self) -> PathBuf {
         self.dir.path().join("outbox.db")
     }

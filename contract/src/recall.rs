@@ -1,0 +1,140 @@
+//! The sidecar's Capsules and recall settings: which Capsules the pod holds (by the digest the
+//! operator verified, so the sidecar checks the delivered folder against it at load), how
+//! recall is bounded, and the revocations in force (live: a revoked Capsule stops being served
+//! without a restart). See `docs/capsules.md`.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// One entry of `capsules`: a bare name (older operators, and Capsules the sidecar does not
+/// serve recall for), or `{"name", "digest"}`: the verified digest of the content delivered
+/// into `<recall.capsulesDir>/<name>/`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SidecarCapsule {
+    /// The Capsule's name (its folder).
+    pub name: String,
+    /// The verified digest, when the operator delivered content.
+    pub digest: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum CapsuleWire {
+    Name(String),
+    Entry(CapsuleEntry),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CapsuleEntry {
+    name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    digest: Option<String>,
+}
+
+impl Serialize for SidecarCapsule {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match &self.digest {
+            None => CapsuleWire::Name(self.name.clone()),
+            Some(d) => CapsuleWire::Entry(CapsuleEntry {
+                name: self.name.clone(),
+                digest: Some(d.clone()),
+            }),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for SidecarCapsule {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match CapsuleWire::deserialize(d)? {
+            CapsuleWire::Name(name) => SidecarCapsule { name, digest: None },
+            CapsuleWire::Entry(e) => SidecarCapsule {
+                name: e.name,
+                digest: e.digest,
+            },
+        })
+    }
+}
+
+impl From<&str> for SidecarCapsule {
+    fn from(name: &str) -> Self {
+        SidecarCapsule {
+            name: name.to_owned(),
+            digest: None,
+        }
+    }
+}
+
+/// `recall`: `POST /v1/recall` over the pod's Capsules.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct RecallSettings {
+    /// Where the Capsules are delivered (`<capsulesDir>/<name>/`); the operator mounts them
+    /// read-only into the sidecar too.
+    pub capsules_dir: PathBuf,
+    /// The model queries are embedded with. Absent: each Capsule's own (the model its bundle
+    /// records). Present: a Capsule embedded by another model is not served, with that reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embedding_model: Option<String>,
+    /// Longest query accepted, in bytes.
+    pub max_query_bytes: usize,
+    /// Largest `k` accepted.
+    pub max_k: usize,
+}
+
+impl RecallSettings {
+    /// Whether every field is at its default.
+    pub fn is_default(&self) -> bool {
+        *self == RecallSettings::default()
+    }
+}
+
+/// Where the operator delivers Capsules.
+pub const CAPSULES_DIR: &str = "/capsules";
+
+impl Default for RecallSettings {
+    fn default() -> Self {
+        RecallSettings {
+            capsules_dir: PathBuf::from(CAPSULES_DIR),
+            embedding_model: None,
+            max_query_bytes: 8 * 1024,
+            max_k: 100,
+        }
+    }
+}
+
+/// A Capsule the sidecar must stop serving (live): its Capsule was revoked or its signature
+/// no longer verifies. Keyed by name and digest: a Capsule that now pins other content is
+/// another delivery, and rolls the pods.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RevokedCapsule {
+    /// The Capsule's name.
+    pub name: String,
+    /// The digest no longer to serve.
+    pub digest: String,
+    /// Why, in words a user can act on (recall's 410 carries it).
+    pub reason: String,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_capsule_is_a_name_or_a_name_and_digest() {
+        let v: Vec<SidecarCapsule> =
+            serde_json::from_str(r#"["kb", {"name": "docs", "digest": "sha256:ab"}]"#).unwrap();
+        assert_eq!(v[0], SidecarCapsule::from("kb"));
+        assert_eq!(v[1].digest.as_deref(), Some("sha256:ab"));
+        assert_eq!(
+            serde_json::to_string(&v).unwrap(),
+            r#"["kb",{"name":"docs","digest":"sha256:ab"}]"#
+        );
+        assert!(serde_json::from_str::<SidecarCapsule>(r#"{"name": "x", "digets": "y"}"#).is_err());
+        assert!(serde_json::from_str::<SidecarCapsule>("3").is_err());
+    }
+}
