@@ -8,7 +8,8 @@
 //! ```text
 //!  operator: Agent + resolved Budget chain ─► SidecarConfig ─► ConfigMap <agent>-sidecar (JSON)
 //!  sidecar:  /etc/soma/proxy/config.yaml ─► SidecarConfig::parse ─► normalise ─► serve
-//!            └─ live: the file again on change, and the ledger's soma_budgets rows (LISTEN)
+//!            └─ live: the file again on change, and the ledger's soma_budgets rows and the
+//!               Agent's soma_agent_live row (LISTEN)
 //! ```
 //!
 //! Some parts are **live**: a change takes effect in running sidecars without a restart
@@ -81,6 +82,12 @@ pub struct SidecarConfig {
     /// downgrade this share of arriving traffic, lowest `x-soma-priority` first. Absent: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub brown_out: Option<load::BrownOut>,
+    /// Orders the operator's brown-out decisions (live): the revision `brownOut` (or its
+    /// absence) was decided at. With a ledger, the Agent's `soma_agent_live` row carries the
+    /// same revision; the newer one is in force. 0 (absent) in a hand-written file, where a
+    /// changed `brownOut` is taken as it is.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub brown_out_revision: i64,
     /// The SQLite outbox (WAL): usage records and the embedded budget authority's state.
     #[serde(default = "default_outbox_path")]
     pub outbox_path: PathBuf,
@@ -164,7 +171,8 @@ pub struct LiveSettings {
     /// ConfigMap volume follows its ConfigMap within the kubelet's sync period (about a
     /// minute); the ledger's notification path takes milliseconds.
     pub file_check_ms: u64,
-    /// With a ledger: how often the `soma_budgets` rows are read even without a notification
+    /// With a ledger: how often the `soma_budgets` rows (and the Agent's `soma_agent_live`
+    /// row) are read even without a notification
     /// (a missed notification, a reconnect), in ms (0: notifications only).
     pub ledger_poll_ms: u64,
 }
@@ -474,6 +482,9 @@ fn default_max_tokens() -> u64 {
 fn default_image_tokens() -> u64 {
     soma_metering::tokens::DEFAULT_IMAGE_TOKENS
 }
+fn is_zero(v: &i64) -> bool {
+    *v == 0
+}
 fn default_anthropic_version() -> String {
     "2023-06-01".into()
 }
@@ -487,6 +498,8 @@ pub struct LivePart {
     pub budgets: Vec<BudgetDef>,
     /// `brownOut`.
     pub brown_out: Option<load::BrownOut>,
+    /// `brownOutRevision`.
+    pub brown_out_revision: i64,
 }
 
 impl SidecarConfig {
@@ -510,6 +523,7 @@ impl SidecarConfig {
             prices: None,
             budgets: Vec::new(),
             brown_out: None,
+            brown_out_revision: 0,
             outbox_path: default_outbox_path(),
             authority: AuthorityConfig::default(),
             database_url: None,
@@ -576,6 +590,7 @@ impl SidecarConfig {
         LivePart {
             budgets: self.budgets.clone(),
             brown_out: self.brown_out.clone(),
+            brown_out_revision: self.brown_out_revision,
         }
     }
 
@@ -584,6 +599,7 @@ impl SidecarConfig {
         SidecarConfig {
             budgets: Vec::new(),
             brown_out: None,
+            brown_out_revision: 0,
             ..self.clone()
         }
     }
@@ -749,12 +765,19 @@ mod tests {
         assert_eq!(c.live_part().budgets.len(), 1);
         let browned = FIRST_WAVE_DOCUMENT.replacen(
             "\"tools\"",
-            r#""brownOut": {"fraction": 0.3, "action": "shed", "message": "m"}, "tools""#,
+            r#""brownOut": {"fraction": 0.3, "action": "shed", "message": "m"}, "brownOutRevision": 7, "tools""#,
             1,
         );
         let c = SidecarConfig::parse(&browned).unwrap();
         assert_eq!(c.live_part().brown_out.map(|b| b.fraction), Some(0.3));
+        assert_eq!(c.live_part().brown_out_revision, 7);
         assert_eq!(c.without_live_part().brown_out, None);
+        assert_eq!(
+            c.without_live_part(),
+            SidecarConfig::parse(FIRST_WAVE_DOCUMENT)
+                .unwrap()
+                .without_live_part()
+        );
     }
 
     #[test]

@@ -1,29 +1,33 @@
 //! The sidecar's live configuration: the Budget definitions it enforces and the brown-out
 //! the operator's autoscaler asks for, followed while it runs, so that an edited Budget
 //! (caps, thresholds, action, period, parent) or a brown-out takes effect without restarting
-//! any pod. The brown-out comes from the file only (the ledger carries Budgets alone).
+//! any pod.
 //!
-//! Two sources feed one [`Book`] of definitions, which resolves the chain with the same rules
-//! as the operator ([`crate::authority::plan`]) and hands the plan to the budget authority:
+//! Two sources feed one [`Book`] of Budget definitions, which resolves the chain with the same
+//! rules as the operator ([`crate::authority::plan`]) and hands the plan to the budget
+//! authority, and one [`HeldBrownOut`], which feeds the brown-out gate
+//! ([`crate::brownout::BrownOutGate`]):
 //!
 //! ```text
-//!  ledger: LISTEN soma_live ──notify 'ns/name'──► read the chain's soma_budgets rows ─┐
-//!          (and every ledgerPollMs, for a notification missed while reconnecting)      ├─► Book ─► plan ─► authority.apply
-//!  file:   the configuration file, looked at every fileCheckMs (a ConfigMap volume) ───┘
+//!  ledger: LISTEN soma_live ─┬─notify 'ns/name'──────► read the chain's soma_budgets rows ─┐
+//!                            └─notify 'agent:ns/name'─► read this Agent's soma_agent_live row ┤
+//!          (both, every ledgerPollMs, for a notification missed while reconnecting)         ├─► Book ─► plan ─► authority.apply
+//!  file:   the configuration file, looked at every fileCheckMs (a ConfigMap volume) ───────┘   HeldBrownOut ─► brown-out gate
 //! ```
 //!
 //! With a ledger an edit arrives in milliseconds; without one, when the kubelet refreshes the
 //! ConfigMap volume (about a minute). A definition replaces the one held only when it is newer:
 //! the same Budget (uid) at a higher generation, or, from the ledger, the Budget's current
-//! incarnation. Spend and reservations survive every change; a Budget new to the chain has its
-//! spend replayed from the outbox; a lowered cap makes the cluster authority give its unused
-//! slice back at once.
+//! incarnation; a brown-out at a higher `brownOutRevision`. Spend and reservations survive
+//! every change; a Budget new to the chain has its spend replayed from the outbox; a lowered
+//! cap makes the cluster authority give its unused slice back at once.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use soma_contract::load::BrownOut;
 use soma_metering::{BudgetDef, BudgetKey};
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
@@ -97,6 +101,76 @@ impl Book {
     pub fn plan(&self) -> Plan {
         let defs: Vec<BudgetDef> = self.defs.values().map(|(d, _)| d.clone()).collect();
         plan(self.start.as_ref(), &defs)
+    }
+}
+
+/// The brown-out the sidecar holds: what the operator decided at `revision`, and where it
+/// came from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeldBrownOut {
+    revision: i64,
+    spec: Option<BrownOut>,
+    source: Source,
+}
+
+impl HeldBrownOut {
+    /// The brown-out of a configuration file.
+    pub fn new(config: &Config) -> HeldBrownOut {
+        HeldBrownOut {
+            revision: config.brown_out_revision,
+            spec: config.brown_out.clone(),
+            source: Source::File,
+        }
+    }
+
+    /// Takes the brown-out decided at `revision` from `source` when it is newer than the one
+    /// held; returns whether the brown-out in force changed. At the same revision the
+    /// ledger's word replaces the file's, and a file only replaces what a file said (a
+    /// hand-written file has no revisions: a changed `brownOut` is taken).
+    pub fn take(&mut self, revision: i64, spec: Option<BrownOut>, source: Source) -> bool {
+        let newer = revision > self.revision
+            || (revision == self.revision
+                && spec != self.spec
+                && (source == Source::Ledger || self.source == Source::File));
+        if !newer {
+            return false;
+        }
+        let changed = spec != self.spec;
+        *self = HeldBrownOut {
+            revision,
+            spec,
+            source,
+        };
+        changed
+    }
+
+    /// The brown-out in force.
+    pub fn spec(&self) -> Option<&BrownOut> {
+        self.spec.as_ref()
+    }
+}
+
+/// Puts the held brown-out in force.
+fn enforce_brown_out(state: &AppState, held: &HeldBrownOut, source: Source) {
+    if state.brown_out.set(held.spec.clone(), &state.load) {
+        tracing::info!(source = source.label(), revision = held.revision, brown_out = ?held.spec, "brown-out updated");
+        state.metrics.live_update(source.label(), "applied");
+    }
+}
+
+/// Reads this Agent's live row; returns whether the brown-out in force changed.
+async fn read_agent(pool: &PgPool, state: &AppState, held: &mut HeldBrownOut) -> bool {
+    let agent = &state.config.agent;
+    match soma_ledger::live::agent_live(pool, &agent.namespace, &agent.name).await {
+        Ok(Some(live)) => held.take(live.revision, live.brown_out, Source::Ledger),
+        Ok(None) => false,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading this Agent's live brown-out failed; the one in force stays");
+            if matches!(e, sqlx::Error::Decode(_)) {
+                state.metrics.live_update(Source::Ledger.label(), "refused");
+            }
+            false
+        }
     }
 }
 
@@ -211,6 +285,13 @@ pub async fn run(
 ) {
     let settings = state.config.live;
     let mut book = Book::new(&state.config);
+    let mut held = HeldBrownOut::new(&state.config);
+    let me = format!(
+        "{}{}/{}",
+        soma_ledger::live::AGENT_NOTE,
+        state.config.agent.namespace,
+        state.config.agent.name
+    );
     let mut last_text = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok());
     let (tx, mut notes) = mpsc::channel::<String>(64);
     let listener = pool.clone().map(|p| tokio::spawn(listen(p, tx)));
@@ -226,7 +307,8 @@ pub async fn run(
     file_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     poll_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let source = tokio::select! {
+        // What the ledger is read for: (this Agent's row, the Budget rows).
+        let (agent_row, budget_rows) = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
             _ = file_tick.tick(), if path.is_some() && settings.file_check_ms > 0 => {
                 let Some(p) = &path else { continue };
@@ -237,46 +319,47 @@ pub async fn run(
                 last_text = Some(text.clone());
                 match Config::parse(&text) {
                     Ok(c) => {
-                        if state.brown_out.set(c.brown_out.clone(), &state.load) {
-                            tracing::info!(brown_out = ?c.brown_out, "brown-out updated");
-                            state.metrics.live_update("file", "applied");
+                        if held.take(c.brown_out_revision, c.brown_out.clone(), Source::File) {
+                            enforce_brown_out(&state, &held, Source::File);
                         }
-                        if !book.take(c.budgets, Source::File) {
-                            continue;
+                        if book.take(c.budgets, Source::File) {
+                            enforce(&state, &book, Source::File).await;
                         }
-                        Source::File
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, cause = ?std::error::Error::source(&e).map(ToString::to_string), "the changed configuration file does not read; the previous Budgets stay in force");
+                        tracing::warn!(error = %e, cause = ?std::error::Error::source(&e).map(ToString::to_string), "the changed configuration file does not read; the previous Budgets and brown-out stay in force");
                         state.metrics.live_update("file", "refused");
-                        continue;
                     }
                 }
+                continue;
             }
             note = notes.recv(), if pool.is_some() => {
                 let Some(note) = note else { continue };
-                let keys = book.plan().keys();
-                let relevant = note.is_empty()
-                    || note.parse::<BudgetKey>().map_or(true, |k| keys.contains(&k) || book.start.as_ref() == Some(&k));
-                if !relevant {
-                    continue;
+                if note.is_empty() {
+                    (true, true)
+                } else if note.starts_with(soma_ledger::live::AGENT_NOTE) {
+                    (note == me, false)
+                } else {
+                    let keys = book.plan().keys();
+                    let relevant = note.parse::<BudgetKey>().map_or(true, |k| keys.contains(&k) || book.start.as_ref() == Some(&k));
+                    (false, relevant)
                 }
-                Source::Ledger
             }
-            _ = poll_tick.tick(), if pool.is_some() && settings.ledger_poll_ms > 0 => Source::Ledger,
+            _ = poll_tick.tick(), if pool.is_some() && settings.ledger_poll_ms > 0 => (true, true),
         };
-        if source == Source::Ledger {
-            let Some(p) = &pool else { continue };
+        let Some(p) = &pool else { continue };
+        if agent_row && read_agent(p, &state, &mut held).await {
+            enforce_brown_out(&state, &held, Source::Ledger);
+        }
+        if budget_rows {
             match read_ledger(p, &mut book).await {
-                Ok(false) => continue,
-                Ok(true) => {}
+                Ok(false) => {}
+                Ok(true) => enforce(&state, &book, Source::Ledger).await,
                 Err(e) => {
                     tracing::debug!(error = %e, "reading live Budget definitions failed; retrying at the next poll");
-                    continue;
                 }
             }
         }
-        enforce(&state, &book, source).await;
     }
     if let Some(l) = listener {
         l.abort();
@@ -307,6 +390,49 @@ mod tests {
         book.defs
             .get(&BudgetKey::new("a", name))
             .and_then(|(d, _)| d.limits.tokens)
+    }
+
+    fn shed(fraction: f64) -> Option<BrownOut> {
+        Some(BrownOut {
+            fraction,
+            action: soma_contract::load::BrownOutAction::Shed,
+            model: None,
+            message: "m".into(),
+        })
+    }
+
+    #[test]
+    fn a_newer_brown_out_wins_and_an_older_one_never_returns() {
+        let mut held = HeldBrownOut {
+            revision: 0,
+            spec: None,
+            source: Source::File,
+        };
+        // The ledger engages at revision 10; the kubelet then brings the file at 10: nothing
+        // changes.
+        assert!(held.take(10, shed(0.3), Source::Ledger));
+        assert!(!held.take(10, shed(0.3), Source::File));
+        // It clears at 20; a stale file (10, engaged) does not bring it back, nor does a file
+        // at the same revision that disagrees with the ledger.
+        assert!(held.take(20, None, Source::Ledger));
+        assert!(!held.take(10, shed(0.3), Source::File));
+        assert!(!held.take(20, shed(0.3), Source::File));
+        assert_eq!(held.spec(), None);
+        // A file ahead of the ledger (a ledger write that failed) is newer: taken.
+        assert!(held.take(30, shed(0.5), Source::File));
+        assert!(!held.take(25, None, Source::Ledger));
+        assert_eq!(held.spec(), shed(0.5).as_ref());
+        // A newer revision with the same brown-out is recorded, and changes nothing in force.
+        assert!(!held.take(31, shed(0.5), Source::Ledger));
+        assert_eq!(held.revision, 31);
+        // Hand-written files (no revision): a changed brown-out is taken.
+        let mut local = HeldBrownOut {
+            revision: 0,
+            spec: None,
+            source: Source::File,
+        };
+        assert!(local.take(0, shed(0.2), Source::File));
+        assert!(local.take(0, None, Source::File));
     }
 
     #[test]

@@ -398,8 +398,8 @@ pub async fn start(
         ),
         None => None,
     };
-    // The file carries the brown-out as well as Budgets; the ledger, Budgets only.
-    let live_pool = live_pool.filter(|_| state.authority.is_budgeted());
+    // Both the file and the ledger carry the brown-out as well as Budgets: the ledger is
+    // followed even by a sidecar that charges no Budget.
     if config_path.is_some() || live_pool.is_some() {
         tasks.push(tokio::spawn(crate::live::run(
             state.clone(),

@@ -9,7 +9,7 @@ use soma_crds::common::condition_types::{READY, RECONCILING, STALLED};
 use soma_policy::condition::POLICY_ALLOWED;
 
 use super::image::{IMAGE_NOT_VERIFIED, ImageRejection, VerifiedImage, image_status};
-use super::scaling::SCALING;
+use super::scaling::{BROWN_OUT, SCALING};
 use crate::kstatus::{Verdict, conditions, verdict};
 use crate::policy::check::PolicyCheck;
 
@@ -283,11 +283,11 @@ pub fn agent_status(old: Option<&AgentStatus>, obs: &Observed, now: &Time) -> Ag
     let (replicas, ready) = obs.deployment.map_or((0, 0), |d| (d.replicas, d.ready));
     let mut conditions = conditions(old_conditions, &verdicts(obs), obs.generation, now);
     if obs.autoscaled {
-        // The scaling loop's condition, kept as it wrote it.
+        // The scaling loop's conditions, kept as it wrote them.
         conditions.extend(
             old_conditions
                 .iter()
-                .filter(|c| c.type_ == SCALING)
+                .filter(|c| c.type_ == SCALING || c.type_ == BROWN_OUT)
                 .cloned(),
         );
     }
