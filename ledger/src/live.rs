@@ -132,7 +132,7 @@ pub async fn publish_agent(
             WHERE soma_agent_live.revision < EXCLUDED.revision
               AND soma_agent_live.brown_out IS DISTINCT FROM EXCLUDED.brown_out
             RETURNING 1),
-         n AS (SELECT pg_notify($5, $6 || $1 || '/' || $2) FROM up)
+         n AS (SELECT pg_notify($5, $6::text || $1 || '/' || $2) FROM up)
          SELECT COUNT(*) FROM n",
     )
     .bind(namespace)

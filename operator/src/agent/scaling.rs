@@ -42,7 +42,7 @@ pub fn brown_out_of(
 ) -> Option<BrownOutStatus> {
     let b = b?;
     let fraction = ((b.fraction * 100.0 - 1e-9).ceil() / 100.0).clamp(0.0, 1.0);
-    if !(fraction > 0.0) {
+    if fraction.is_nan() || fraction <= 0.0 {
         return None;
     }
     let (action, model, message) = match (b.action, downgrade_model.filter(|m| !m.is_empty())) {
