@@ -276,6 +276,14 @@ async fn listen(pool: PgPool, tx: mpsc::Sender<String>) {
     }
 }
 
+/// What woke the live loop.
+enum Wake {
+    /// The file changed and reads.
+    File(Box<Config>),
+    /// The ledger is to be read: this Agent's row, the Budget rows.
+    Ledger { agent: bool, budgets: bool },
+}
+
 /// Follows the file (when `path` is given) and the ledger (when `pool` is given) until `stop`.
 pub async fn run(
     state: Arc<AppState>,
@@ -307,8 +315,9 @@ pub async fn run(
     file_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     poll_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        // What the ledger is read for: (this Agent's row, the Budget rows).
-        let (agent_row, budget_rows) = tokio::select! {
+        // What woke the loop: a changed file, or what the ledger is read for (this Agent's
+        // row, the Budget rows). Awaiting is done after the select, which holds `stop`'s guard.
+        let wake = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
             _ = file_tick.tick(), if path.is_some() && settings.file_check_ms > 0 => {
                 let Some(p) = &path else { continue };
@@ -318,34 +327,40 @@ pub async fn run(
                 }
                 last_text = Some(text.clone());
                 match Config::parse(&text) {
-                    Ok(c) => {
-                        if held.take(c.brown_out_revision, c.brown_out.clone(), Source::File) {
-                            enforce_brown_out(&state, &held, Source::File);
-                        }
-                        if book.take(c.budgets, Source::File) {
-                            enforce(&state, &book, Source::File).await;
-                        }
-                    }
+                    Ok(c) => Wake::File(Box::new(c)),
                     Err(e) => {
                         tracing::warn!(error = %e, cause = ?std::error::Error::source(&e).map(ToString::to_string), "the changed configuration file does not read; the previous Budgets and brown-out stay in force");
                         state.metrics.live_update("file", "refused");
+                        continue;
                     }
                 }
-                continue;
             }
             note = notes.recv(), if pool.is_some() => {
                 let Some(note) = note else { continue };
                 if note.is_empty() {
-                    (true, true)
+                    Wake::Ledger { agent: true, budgets: true }
                 } else if note.starts_with(soma_ledger::live::AGENT_NOTE) {
-                    (note == me, false)
+                    Wake::Ledger { agent: note == me, budgets: false }
                 } else {
                     let keys = book.plan().keys();
                     let relevant = note.parse::<BudgetKey>().map_or(true, |k| keys.contains(&k) || book.start.as_ref() == Some(&k));
-                    (false, relevant)
+                    Wake::Ledger { agent: false, budgets: relevant }
                 }
             }
-            _ = poll_tick.tick(), if pool.is_some() && settings.ledger_poll_ms > 0 => (true, true),
+            _ = poll_tick.tick(), if pool.is_some() && settings.ledger_poll_ms > 0 => Wake::Ledger { agent: true, budgets: true },
+        };
+        let (agent_row, budget_rows) = match wake {
+            Wake::File(c) => {
+                let c = *c;
+                if held.take(c.brown_out_revision, c.brown_out.clone(), Source::File) {
+                    enforce_brown_out(&state, &held, Source::File);
+                }
+                if book.take(c.budgets, Source::File) {
+                    enforce(&state, &book, Source::File).await;
+                }
+                continue;
+            }
+            Wake::Ledger { agent, budgets } => (agent, budgets),
         };
         let Some(p) = &pool else { continue };
         if agent_row && read_agent(p, &state, &mut held).await {
