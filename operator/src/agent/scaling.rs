@@ -529,7 +529,9 @@ mod tests {
         let step = decided(4);
         let s = scaling_status(Some(&old), &step, Some(2), &at(100));
         assert_eq!(s.budget_used.as_deref(), Some("12%"));
-        assert_eq!(s.conditions.len(), 2);
+        // Ready kept; Scaling and BrownOut (False: the target is met) added.
+        assert_eq!(s.conditions.len(), 3);
+        assert!(!browned_out(Some(&s)));
         let scaling = s.scaling.as_ref().expect("scaling");
         assert!(scaling.desired_replicas > 1, "{scaling:?}");
         assert_eq!(scaling.last_scale_time, Some(at(100)));
