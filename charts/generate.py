@@ -338,8 +338,8 @@ def sidecars() -> Board:
 
 def operator() -> Board:
     b = Board("soma-operator", "Soma / Operator",
-              "The operator: reconciles, the admission webhook and its policies, and signature verification "
-              "of Capsules and agent images.", [])
+              "The operator: reconciles, the admission webhook and its policies, signature verification "
+              "of Capsules and agent images, Jobs and DR drills, and the autoscaler's decisions and brown-outs.", [])
     b.row("Reconcile")
     b.panel(TS, "Reconciles per second by controller", "",
             [("sum by (controller) (rate(soma_reconcile_total[$__rate_interval]))", "{{controller}}")], w=8)
@@ -393,12 +393,22 @@ def operator() -> Board:
              ("max by (namespace, name) (soma_drill_rto_seconds)", "RTO {{namespace}}/{{name}}")], unit="s", w=8)
     b.panel(TS, "Records restored by the last drill", "Usage records the last run restored and verified.",
             [("max by (namespace, name) (soma_drill_records_restored)", "{{namespace}}/{{name}}")], w=8)
-    b.row("Planned")
-    b.text("Autoscaler decisions (come with the scaling loop's metrics)",
-           "Autoscaler panels (conductance, desired replicas, decisions and brown-outs per Agent) are added with "
-           "the metrics of the operator's scaling loop, which exports none yet (its decisions are in each Agent's "
-           "status.scaling); see docs/observability.md, "
-           "\"Planned panels\".", h=4)
+    b.row("Autoscaler")
+    b.panel(TS, "Desired replicas by Agent", "What each autoscaled Agent's scaling loop decided at its last step "
+            "(status.scaling.desiredReplicas says why).",
+            [("max by (namespace, agent) (soma_autoscaler_desired_replicas)", "{{namespace}}/{{agent}}")], w=6)
+    b.panel(TS, "Conductance by Agent", "Conductance C of each Agent's route, in replicas: grows with sustained "
+            "flow and decays without it.",
+            [("max by (namespace, agent) (soma_autoscaler_conductance)", "{{namespace}}/{{agent}}")], w=6)
+    b.panel(TS, "Autoscaler decisions per minute", "By Agent, direction (up, down, none) and the rule that set the "
+            "count (ErlangFloor, Conductance, FloorHold, Cap, ReversalHold, …); Cap for long: alert "
+            "SomaAutoscalerAtMaxReplicas.",
+            [("sum by (namespace, agent, direction, reason) (rate(soma_autoscaler_decisions_total[$__rate_interval])) * 60",
+              "{{namespace}}/{{agent}} {{direction}} {{reason}}")], w=6)
+    b.panel(TS, "Brown-out by Agent", "Share of each Agent's lowest-priority traffic its sidecars are asked to shed "
+            "or downgrade because no count within maxReplicas meets the wait target (0: none; alert SomaAgentBrownOut).",
+            [("max by (namespace, agent) (soma_autoscaler_brownout)", "{{namespace}}/{{agent}}")],
+            unit="percentunit", w=6)
     return b
 
 

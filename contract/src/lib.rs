@@ -9,7 +9,8 @@
 //! ```text
 //!  operator: Agent + resolved Budget chain ─► SidecarConfig ─► ConfigMap <agent>-sidecar (JSON)
 //!  sidecar:  /etc/soma/proxy/config.yaml ─► SidecarConfig::parse ─► normalise ─► serve
-//!            └─ live: the file again on change, and the ledger's soma_budgets rows (LISTEN)
+//!            └─ live: the file again on change, and the ledger's soma_budgets rows and the
+//!               Agent's soma_agent_live row (LISTEN)
 //! ```
 //!
 //! Some parts are **live**: a change takes effect in running sidecars without a restart
@@ -96,6 +97,12 @@ pub struct SidecarConfig {
     /// downgrade this share of arriving traffic, lowest `x-soma-priority` first. Absent: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub brown_out: Option<load::BrownOut>,
+    /// Orders the operator's brown-out decisions (live): the revision `brownOut` (or its
+    /// absence) was decided at. With a ledger, the Agent's `soma_agent_live` row carries the
+    /// same revision; the newer one is in force. 0 (absent) in a hand-written file, where a
+    /// changed `brownOut` is taken as it is.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub brown_out_revision: i64,
     /// The SQLite outbox (WAL): usage records and the embedded budget authority's state.
     #[serde(default = "default_outbox_path")]
     pub outbox_path: PathBuf,
@@ -186,7 +193,8 @@ pub struct LiveSettings {
     /// ConfigMap volume follows its ConfigMap within the kubelet's sync period (about a
     /// minute); the ledger's notification path takes milliseconds.
     pub file_check_ms: u64,
-    /// With a ledger: how often the `soma_budgets` rows are read even without a notification
+    /// With a ledger: how often the `soma_budgets` rows (and the Agent's `soma_agent_live`
+    /// row) are read even without a notification
     /// (a missed notification, a reconnect), in ms (0: notifications only).
     pub ledger_poll_ms: u64,
 }
@@ -520,6 +528,9 @@ fn default_max_tokens() -> u64 {
 fn default_image_tokens() -> u64 {
     soma_metering::tokens::DEFAULT_IMAGE_TOKENS
 }
+fn is_zero(v: &i64) -> bool {
+    *v == 0
+}
 fn default_anthropic_version() -> String {
     "2023-06-01".into()
 }
@@ -536,6 +547,8 @@ pub struct LivePart {
     pub brown_out: Option<load::BrownOut>,
     /// `revokedCapsules`.
     pub revoked_capsules: Vec<recall::RevokedCapsule>,
+    /// `brownOutRevision`.
+    pub brown_out_revision: i64,
 }
 
 impl SidecarConfig {
@@ -561,6 +574,7 @@ impl SidecarConfig {
             prices: None,
             budgets: Vec::new(),
             brown_out: None,
+            brown_out_revision: 0,
             outbox_path: default_outbox_path(),
             authority: AuthorityConfig::default(),
             database_url: None,
@@ -634,6 +648,7 @@ impl SidecarConfig {
             budgets: self.budgets.clone(),
             brown_out: self.brown_out.clone(),
             revoked_capsules: self.revoked_capsules.clone(),
+            brown_out_revision: self.brown_out_revision,
         }
     }
 
@@ -643,6 +658,7 @@ impl SidecarConfig {
             budgets: Vec::new(),
             brown_out: None,
             revoked_capsules: Vec::new(),
+            brown_out_revision: 0,
             ..self.clone()
         }
     }
@@ -844,12 +860,19 @@ mod tests {
         assert_eq!(c.live_part().budgets.len(), 1);
         let browned = FIRST_WAVE_DOCUMENT.replacen(
             "\"tools\"",
-            r#""brownOut": {"fraction": 0.3, "action": "shed", "message": "m"}, "tools""#,
+            r#""brownOut": {"fraction": 0.3, "action": "shed", "message": "m"}, "brownOutRevision": 7, "tools""#,
             1,
         );
         let c = SidecarConfig::parse(&browned).unwrap();
         assert_eq!(c.live_part().brown_out.map(|b| b.fraction), Some(0.3));
+        assert_eq!(c.live_part().brown_out_revision, 7);
         assert_eq!(c.without_live_part().brown_out, None);
+        assert_eq!(
+            c.without_live_part(),
+            SidecarConfig::parse(FIRST_WAVE_DOCUMENT)
+                .unwrap()
+                .without_live_part()
+        );
     }
 
     #[test]

@@ -540,11 +540,37 @@ pub struct ScalingStatus {
     /// When it last changed the Deployment's replicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// The brown-out the operator asks of the Agent's sidecars, while one is in force: no
+    /// replica count within `maxReplicas` meets the wait target, so this share of the
+    /// lowest-priority traffic (`x-soma-priority`) is shed or downgraded. Published through
+    /// the ledger (`soma_agent_live`, within a second) and the sidecar's ConfigMap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brown_out: Option<BrownOutStatus>,
+    /// The revision of the last brown-out decision (engaged, changed or cleared), in
+    /// milliseconds since the Unix epoch or one past the previous revision: the sidecars take a
+    /// decision only when it is newer than the one they hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brown_out_revision: Option<i64>,
     /// The autoscaler's memory (estimates, conductance, held loads, hold timers), from which
     /// a new operator leader continues without a jump in replicas. Internal; may change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "crate::common::preserved_object_schema")]
     pub state: Option<serde_json::Value>,
+}
+
+/// A brown-out in force: what the Agent's sidecars do with the lowest-priority traffic.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BrownOutStatus {
+    /// Share of arriving traffic taken, lowest priority first (`high` is never taken).
+    pub fraction: f64,
+    /// `shed` (503 with `Retry-After`) or `downgrade` (sent to `model`).
+    pub action: String,
+    /// The model downgraded requests go to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The autoscaler's reason, as shed requests carry it.
+    pub message: String,
 }
 
 /// The verification of an Agent's image: what `spec.image` resolved to and who signed it.

@@ -65,6 +65,13 @@ EMPTY_HERE = {
     "DR drills passing": "no DR drill runs in this scenario",
     "DR drill recovery point and time": "no DR drill runs in this scenario",
     "Records restored by the last drill": "no DR drill runs in this scenario",
+    # The scaling loop needs pods whose sidecars answer GET /load on their own pod IP (the
+    # stand-in's --deployment-pods): test_scaling.py runs it and reads these series from the
+    # operator's /metrics.
+    "Desired replicas by Agent": "no Agent autoscales in this scenario",
+    "Conductance by Agent": "no Agent autoscales in this scenario",
+    "Autoscaler decisions per minute": "no Agent autoscales in this scenario",
+    "Brown-out by Agent": "no Agent autoscales in this scenario",
 }
 HOLDS_WHEN_DOWN = {"SomaOperatorDown", "SomaSidecarDown"}
 # 64 characters: a valid Agent name, too long for the label values its children carry.

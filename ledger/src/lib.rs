@@ -7,6 +7,7 @@
 //!  sidecar outbox ─deliver─► usage_records ─┬─► usage_minute, budget_spend_minute (rollups)
 //!                                           └─► holder chains (seq, prev_hash, hash)
 //!  operator ─► soma_budgets (live definitions, NOTIFY soma_live) ─► sidecars (LISTEN)
+//!           ─► soma_agent_live (each Agent's brown-out, NOTIFY soma_live) ─► its sidecars
 //!           ─► spend per Budget window ─► Budget status, metrics
 //!           ─► ledger_seals (signed) ◄── soma audit verify
 //!  soma dr drill ─► snapshot, manifest, the restore reconciled with the NATS stream (drill)

@@ -1,11 +1,17 @@
-//! Live Budget definitions: the operator's Budget controller keeps one row per Budget in
-//! `soma_budgets` and notifies `soma_live`; each sidecar listens and reads the rows of its
-//! chain, so a changed cap, threshold, action or parent reaches running pods in milliseconds,
-//! without a restart. The cluster authority also grants leases against these caps.
+//! Live configuration in the ledger, written by the operator and followed by every running
+//! sidecar without a restart (one channel, `soma_live`):
+//!
+//! - Budget definitions: the Budget controller keeps one row per Budget in `soma_budgets`;
+//!   each sidecar reads the rows of its chain, so a changed cap, threshold, action or parent
+//!   reaches running pods in milliseconds. The cluster authority also grants leases against
+//!   these caps.
+//! - Each Agent's brown-out: the scaling loop keeps one row per Agent in `soma_agent_live`
+//!   (its `revision` only grows); the Agent's sidecars read their own row.
 //!
 //! ```text
 //!  Budget edited ─► operator: upsert soma_budgets (only if the definition changed) + NOTIFY soma_live 'ns/name'
-//!  sidecar: LISTEN soma_live ─► read its chain's rows ─► newer generation? ─► redefine the ledgers
+//!  brown-out     ─► operator: upsert soma_agent_live (only a newer revision that changes it) + NOTIFY soma_live 'agent:ns/name'
+//!  sidecar: LISTEN soma_live ─► read its chain's rows / its Agent's row ─► newer? ─► enforce
 //!           (and every `ledgerPollMs` without a notification, in case one was missed)
 //! ```
 
@@ -128,6 +134,58 @@ pub async fn revoke_capsule(pool: &PgPool, r: &CapsuleRevocation) -> Result<bool
     Ok(written > 0)
 }
 
+/// The prefix of a notification on [`CHANNEL`] about an Agent's live row
+/// (`agent:namespace/name`); a Budget's notification is its bare `namespace/name`.
+pub const AGENT_NOTE: &str = "agent:";
+
+/// An Agent's live row: what the operator's scaling loop asks of its sidecars.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentLive {
+    /// Orders the operator's decisions: only grows.
+    pub revision: i64,
+    /// The brown-out in force; `None` when none is.
+    pub brown_out: Option<soma_contract::load::BrownOut>,
+}
+
+/// Publishes `live` as the live row of Agent `namespace/agent` and notifies its sidecars,
+/// unless the row already holds a revision at least as new, or the same brown-out. Returns
+/// whether it wrote. A brown-out the sidecars could not enforce is refused before any write.
+pub async fn publish_agent(
+    pool: &PgPool,
+    namespace: &str,
+    agent: &str,
+    live: &AgentLive,
+) -> Result<bool, sqlx::Error> {
+    let body = match &live.brown_out {
+        Some(b) => {
+            b.validate().map_err(|e| sqlx::Error::Encode(e.into()))?;
+            Some(serde_json::to_value(b).map_err(|e| sqlx::Error::Encode(Box::new(e)))?)
+        }
+        None => None,
+    };
+    let written: i64 = sqlx::query_scalar(
+        "WITH up AS (
+            INSERT INTO soma_agent_live (namespace, agent, revision, brown_out)
+            VALUES ($1, $2, $3, $4)
+            ON CONFLICT (namespace, agent) DO UPDATE SET
+                revision = EXCLUDED.revision, brown_out = EXCLUDED.brown_out, updated_at = now()
+            WHERE soma_agent_live.revision < EXCLUDED.revision
+              AND soma_agent_live.brown_out IS DISTINCT FROM EXCLUDED.brown_out
+            RETURNING 1),
+         n AS (SELECT pg_notify($5, $6::text || $1 || '/' || $2) FROM up)
+         SELECT COUNT(*) FROM n",
+    )
+    .bind(namespace)
+    .bind(agent)
+    .bind(live.revision)
+    .bind(body)
+    .bind(CHANNEL)
+    .bind(AGENT_NOTE)
+    .fetch_one(pool)
+    .await?;
+    Ok(written > 0)
+}
+
 /// Removes the revocation of `digest` (the Capsule verifies again); notifies when it removed.
 pub async fn reinstate_capsule(
     pool: &PgPool,
@@ -184,4 +242,47 @@ pub async fn capsule_revocations(
             reason: r.get(2),
         })
         .collect())
+}
+
+/// The live row of Agent `namespace/agent`, if the operator wrote one. A brown-out that does
+/// not read back (or that the sidecar could not enforce) is an error, so the caller keeps
+/// what it has.
+pub async fn agent_live(
+    pool: &PgPool,
+    namespace: &str,
+    agent: &str,
+) -> Result<Option<AgentLive>, sqlx::Error> {
+    let row: Option<(i64, Option<serde_json::Value>)> = sqlx::query_as(
+        "SELECT revision, brown_out FROM soma_agent_live WHERE namespace = $1 AND agent = $2",
+    )
+    .bind(namespace)
+    .bind(agent)
+    .fetch_optional(pool)
+    .await?;
+    let Some((revision, body)) = row else {
+        return Ok(None);
+    };
+    let brown_out = match body {
+        None => None,
+        Some(v) => {
+            let b: soma_contract::load::BrownOut =
+                serde_json::from_value(v).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+            b.validate().map_err(|e| sqlx::Error::Decode(e.into()))?;
+            Some(b)
+        }
+    };
+    Ok(Some(AgentLive {
+        revision,
+        brown_out,
+    }))
+}
+
+/// The Agents (`namespace`, `name`, revision) whose live row holds a brown-out in force.
+pub async fn agents_browned_out(pool: &PgPool) -> Result<Vec<(String, String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT namespace, agent, revision FROM soma_agent_live WHERE brown_out IS NOT NULL
+          ORDER BY namespace, agent",
+    )
+    .fetch_all(pool)
+    .await
 }

@@ -9,7 +9,12 @@
 //!        with minReplicas 0, the Soma Jobs that reference the Agent as queued work, and a
 //!        quiet window when it has no ready pod: that is how it idles to zero and wakes)
 //!     ─► SSA spec.replicas as soma-autoscaler (never forced: another owner is a conflict)
-//!     ─► status.scaling + `Scaling` condition (+ an Event when its reason changes)
+//!     ─► brown-out (when no count within maxReplicas meets the target): a new revision only
+//!        when it changes ─► the ledger's soma_agent_live row + NOTIFY (its sidecars, within a
+//!        second) ─► status.scaling.brownOut, whose revision makes the Agent reconcile render
+//!        it into the sidecar's ConfigMap too (Agents without a ledger: the kubelet, ~1 min)
+//!     ─► status.scaling + `Scaling` and `BrownOut` conditions (+ an Event when the Scaling
+//!        reason changes, and when a brown-out engages or clears) ─► soma_autoscaler_* metrics
 //! ```
 //!
 //! The pure parts (settings, ownership, status) are in [`crate::agent::scaling`].
@@ -26,12 +31,14 @@ use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use soma_autoscaler::{Autoscaler, AutoscalerConfig, LoadSignal, Snapshot};
 use soma_contract::load::{LOAD_PATH, LoadReport, merge};
+use soma_crds::agent::ScalingStatus;
 use soma_crds::{Agent, Job};
 use tracing::{debug, info, warn};
 
 use crate::agent::scaling::{
-    AUTOSCALER_MANAGER, Step, autoscaler_config, autoscaler_owns_replicas,
-    foreign_replicas_managers, scaling_reason, scaling_status, scaling_verdict, wakes,
+    AUTOSCALER_MANAGER, Step, autoscaler_config, autoscaler_owns_replicas, brown_out_of,
+    brown_out_verdict, browned_out, contract_brown_out, foreign_replicas_managers, next_brown_out,
+    reason_name, scaling_reason, scaling_status, scaling_verdict, wakes,
 };
 use crate::context::{Context, api, scopes};
 use crate::error::{Error, Result};
@@ -140,6 +147,12 @@ impl Loop {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .retain(|k, _| keys.contains(k));
+        let names: Vec<(String, String)> = scaled
+            .iter()
+            .map(|a| (a.namespace().unwrap_or_default(), a.name_any()))
+            .collect();
+        self.ctx.metrics.autoscaler_retain(&names);
+        self.clear_brown_outs(&names).await;
         futures::stream::iter(scaled)
             .for_each_concurrent(self.options.concurrency.max(1), |agent| async move {
                 if let Err(e) = self.step_agent(&agent, jobs).await {
@@ -236,8 +249,18 @@ impl Loop {
                     }),
                 ..LoadSignal::default()
             };
-            self.decide(&mut memory, &signal, &deployment, current, now_s, 0, jobs)
-                .await?
+            self.decide(
+                &mut memory,
+                &signal,
+                &deployment,
+                current,
+                now_s,
+                0,
+                jobs,
+                agent.status.as_ref().and_then(|s| s.scaling.as_ref()),
+                now.0.as_millisecond(),
+            )
+            .await?
         } else if reports.is_empty() {
             Step::NoSignal { ready, current }
         } else if memory.reports.is_empty() && memory.last_step_s.is_none() {
@@ -258,6 +281,8 @@ impl Loop {
                 now_s,
                 reporting,
                 jobs,
+                agent.status.as_ref().and_then(|s| s.scaling.as_ref()),
+                now.0.as_millisecond(),
             )
             .await?
         };
@@ -270,11 +295,32 @@ impl Loop {
             decision,
             current,
             applied,
+            brown_out,
+            brown_out_revision,
             ..
         } = &step
-            && applied != current
         {
-            info!(agent = %reconciler::key(agent), from = current, to = applied, reason = ?decision.reason, "scaled");
+            if applied != current {
+                info!(agent = %reconciler::key(agent), from = current, to = applied, reason = ?decision.reason, "scaled");
+            }
+            if let Some(revision) = brown_out_revision {
+                self.publish_brown_out(&namespace, &name, *revision, brown_out.as_ref())
+                    .await;
+            }
+            let direction = match decision.desired_replicas.cmp(&decision.previous_replicas) {
+                std::cmp::Ordering::Greater => "up",
+                std::cmp::Ordering::Less => "down",
+                std::cmp::Ordering::Equal => "none",
+            };
+            self.ctx.metrics.autoscaler_decided(
+                &namespace,
+                &name,
+                decision.conductance,
+                i64::from(decision.desired_replicas),
+                direction,
+                reason_name(decision.reason),
+                brown_out.as_ref().map_or(0.0, |b| b.fraction),
+            );
         }
         self.write_status(agent, &step, &now).await
     }
@@ -291,6 +337,8 @@ impl Loop {
         now_s: f64,
         reporting: i32,
         jobs: Vec<String>,
+        previous: Option<&ScalingStatus>,
+        now_ms: i64,
     ) -> Result<Step> {
         let namespace = deployment.namespace().unwrap_or_default();
         let name = deployment.name_any();
@@ -326,6 +374,11 @@ impl Loop {
                 memory
                     .scaler
                     .observe_replicas(u32::try_from(applied).unwrap_or(0));
+                let (brown_out, brown_out_revision) = next_brown_out(
+                    previous,
+                    brown_out_of(decision.brown_out.as_ref(), None),
+                    now_ms,
+                );
                 Ok(Step::Decided {
                     state: serde_json::to_value(memory.scaler.snapshot()).map_err(|source| {
                         Error::Serialize {
@@ -339,6 +392,8 @@ impl Loop {
                     reporting,
                     scaled: applied != current,
                     jobs,
+                    brown_out,
+                    brown_out_revision,
                 })
             }
             Err(managers) => {
@@ -479,7 +534,93 @@ impl Loop {
             };
             reconciler::publish(&self.ctx, agent, type_, &v.reason, &v.message, "Scale").await;
         }
+        if browned_out(written.old.as_ref()) != browned_out(Some(&written.new))
+            && let Some(v) = brown_out_verdict(step)
+        {
+            let (type_, reason) = if v.status {
+                (EventType::Warning, v.reason.clone())
+            } else {
+                (EventType::Normal, "BrownOutCleared".to_owned())
+            };
+            reconciler::publish(&self.ctx, agent, type_, &reason, &v.message, "BrownOut").await;
+        }
         Ok(())
+    }
+
+    /// Publishes an Agent's brown-out decision in the ledger, where its sidecars follow it
+    /// within a second (a no-op when the row already holds it). Without a ledger, or when the
+    /// write fails, the sidecars take it from their ConfigMap instead; the next step retries.
+    async fn publish_brown_out(
+        &self,
+        namespace: &str,
+        name: &str,
+        revision: i64,
+        brown_out: Option<&soma_crds::agent::BrownOutStatus>,
+    ) {
+        let Some(ledger) = &self.ctx.ledger else {
+            return;
+        };
+        let live = soma_ledger::live::AgentLive {
+            revision,
+            brown_out: brown_out.map(contract_brown_out),
+        };
+        let written = match ledger.pool().await {
+            Ok(pool) => soma_ledger::live::publish_agent(pool, namespace, name, &live)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match written {
+            Ok(true) => {
+                info!(agent = %format!("{namespace}/{name}"), revision, brown_out = ?live.brown_out.as_ref().map(|b| b.fraction), "brown-out published");
+            }
+            Ok(false) => {}
+            Err(e) => {
+                self.ctx.metrics.ledger_error("live");
+                warn!(agent = %format!("{namespace}/{name}"), error = %e, "publishing the brown-out in the ledger failed; the ConfigMap carries it, the next step retries");
+            }
+        }
+    }
+
+    /// Clears the ledger's brown-out of every Agent in the watched namespaces that no longer
+    /// autoscales (deleted, or its range closed), so no sidecar keeps shedding for it.
+    async fn clear_brown_outs(&self, scaled: &[(String, String)]) {
+        let Some(ledger) = &self.ctx.ledger else {
+            return;
+        };
+        let Ok(pool) = ledger.pool().await else {
+            return; // reported by the steps that need it
+        };
+        let rows = match soma_ledger::live::agents_browned_out(pool).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                self.ctx.metrics.ledger_error("live");
+                warn!(error = %e, "reading the ledger's brown-outs failed");
+                return;
+            }
+        };
+        let watched = &self.ctx.config.namespaces;
+        let now = self.ctx.clock.now().as_millisecond();
+        for (namespace, name, revision) in rows {
+            if (!watched.is_empty() && !watched.contains(&namespace))
+                || scaled.iter().any(|(n, a)| *n == namespace && *a == name)
+            {
+                continue;
+            }
+            let live = soma_ledger::live::AgentLive {
+                revision: now.max(revision + 1),
+                brown_out: None,
+            };
+            match soma_ledger::live::publish_agent(pool, &namespace, &name, &live).await {
+                Ok(_) => {
+                    info!(agent = %format!("{namespace}/{name}"), "brown-out of an Agent that no longer autoscales cleared")
+                }
+                Err(e) => {
+                    self.ctx.metrics.ledger_error("live");
+                    warn!(agent = %format!("{namespace}/{name}"), error = %e, "clearing a brown-out failed; the next step retries");
+                }
+            }
+        }
     }
 }
 

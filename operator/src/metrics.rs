@@ -62,6 +62,39 @@ struct BudgetMetrics {
     seen: Mutex<BTreeMap<BudgetLabels, Seen>>,
 }
 
+/// Labels of the per-Agent autoscaler metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct AgentLabels {
+    /// The Agent's namespace.
+    pub namespace: String,
+    /// The Agent's name.
+    pub agent: String,
+}
+
+/// Labels of the autoscaler's decision counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// The Agent's namespace.
+    pub namespace: String,
+    /// The Agent's name.
+    pub agent: String,
+    /// `up`, `down` or `none`: the decided count against the previous decision's.
+    pub direction: String,
+    /// Which rule set the count (`ErlangFloor`, `Conductance`, `Cap`, …).
+    pub reason: String,
+}
+
+/// The scaling loop's figures per Agent (exported by the leader, which runs the loop).
+#[derive(Debug, Default)]
+struct AutoscalerMetrics {
+    conductance: Family<AgentLabels, Gauge<f64, AtomicU64>>,
+    desired: Family<AgentLabels, Gauge>,
+    brownout: Family<AgentLabels, Gauge<f64, AtomicU64>>,
+    decisions: Family<DecisionLabels, Counter>,
+    /// Per Agent: the (direction, reason) pairs counted, so its series can all be removed.
+    seen: Mutex<BTreeMap<AgentLabels, std::collections::BTreeSet<(String, String)>>>,
+}
+
 /// Labels of the per-Job metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 pub struct JobLabels {
@@ -129,7 +162,8 @@ pub struct RejectedLabels {
 /// Labels of the ledger error counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LedgerLabels {
-    /// `read` (spend, leases, the live definition) or `seal`.
+    /// `read` (spend, leases, a Budget's live definition), `seal`, or `live` (an Agent's
+    /// brown-out, published by the scaling loop).
     pub operation: String,
 }
 
@@ -173,6 +207,7 @@ pub struct Metrics {
     signatures: SignatureMetrics,
     ledger_errors: Family<LedgerLabels, Counter>,
     jobs: JobMetrics,
+    autoscaler: AutoscalerMetrics,
     reconciles: Family<ControllerLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
     duration: Family<ControllerLabels, Histogram>,
@@ -210,13 +245,34 @@ impl Metrics {
         };
         let ledger_errors = Family::<LedgerLabels, Counter>::default();
         // At zero from the start, so an alert on rate() or increase() sees the first error.
-        for operation in ["read", "seal"] {
+        for operation in ["live", "read", "seal"] {
             drop(ledger_errors.get_or_create(&LedgerLabels {
                 operation: operation.to_owned(),
             }));
         }
         let jobs = JobMetrics::default();
+        let autoscaler = AutoscalerMetrics::default();
         let soma = registry.sub_registry_with_prefix("soma");
+        soma.register(
+            "autoscaler_conductance",
+            "Conductance C of the Agent's route, in replicas, at the scaling loop's last step",
+            autoscaler.conductance.clone(),
+        );
+        soma.register(
+            "autoscaler_desired_replicas",
+            "Replicas the Agent's autoscaler decided at its last step",
+            autoscaler.desired.clone(),
+        );
+        soma.register(
+            "autoscaler_decisions",
+            "Autoscaler steps that decided, by direction (up, down, none) and the rule that set the count",
+            autoscaler.decisions.clone(),
+        );
+        soma.register(
+            "autoscaler_brownout",
+            "Share of the Agent's lowest-priority traffic its sidecars are asked to shed or downgrade (0: no brown-out)",
+            autoscaler.brownout.clone(),
+        );
         soma.register(
             "jobs_finished",
             "Jobs that finished, by namespace and phase (Succeeded, Failed)",
@@ -345,6 +401,7 @@ impl Metrics {
             signatures,
             ledger_errors,
             jobs,
+            autoscaler,
             reconciles,
             failures,
             duration,
@@ -537,7 +594,75 @@ impl Metrics {
         }
     }
 
-    /// Counts a failed request of the operator to the usage ledger (`read` or `seal`).
+    /// Records one decision of an Agent's autoscaler.
+    #[allow(clippy::too_many_arguments)]
+    pub fn autoscaler_decided(
+        &self,
+        namespace: &str,
+        agent: &str,
+        conductance: f64,
+        desired: i64,
+        direction: &str,
+        reason: &str,
+        brownout: f64,
+    ) {
+        let l = AgentLabels {
+            namespace: namespace.to_owned(),
+            agent: agent.to_owned(),
+        };
+        let a = &self.autoscaler;
+        a.conductance.get_or_create(&l).set(conductance);
+        a.desired.get_or_create(&l).set(desired);
+        a.brownout.get_or_create(&l).set(brownout);
+        a.decisions
+            .get_or_create(&DecisionLabels {
+                namespace: namespace.to_owned(),
+                agent: agent.to_owned(),
+                direction: direction.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+        a.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(l)
+            .or_default()
+            .insert((direction.to_owned(), reason.to_owned()));
+    }
+
+    /// Forgets the autoscaler series of every Agent not in `scaled` (`namespace`, `name`):
+    /// deleted, or no longer autoscaled.
+    pub fn autoscaler_retain(&self, scaled: &[(String, String)]) {
+        let a = &self.autoscaler;
+        let mut seen = a
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let gone: Vec<AgentLabels> = seen
+            .keys()
+            .filter(|l| {
+                !scaled
+                    .iter()
+                    .any(|(n, g)| *n == l.namespace && *g == l.agent)
+            })
+            .cloned()
+            .collect();
+        for l in gone {
+            a.conductance.remove(&l);
+            a.desired.remove(&l);
+            a.brownout.remove(&l);
+            for (direction, reason) in seen.remove(&l).unwrap_or_default() {
+                a.decisions.remove(&DecisionLabels {
+                    namespace: l.namespace.clone(),
+                    agent: l.agent.clone(),
+                    direction,
+                    reason,
+                });
+            }
+        }
+    }
+
+    /// Counts a failed request of the operator to the usage ledger (`read`, `seal` or `live`).
     pub fn ledger_error(&self, operation: &str) {
         self.ledger_errors
             .get_or_create(&LedgerLabels {
@@ -752,6 +877,7 @@ mod tests {
         assert_eq!(
             samples(&m, "soma_ledger_errors_total"),
             [
+                r#"soma_ledger_errors_total{operation="live"} 0"#,
                 r#"soma_ledger_errors_total{operation="read"} 0"#,
                 r#"soma_ledger_errors_total{operation="seal"} 0"#,
             ]
@@ -762,9 +888,46 @@ mod tests {
         assert_eq!(
             samples(&m, "soma_ledger_errors_total"),
             [
+                r#"soma_ledger_errors_total{operation="live"} 0"#,
                 r#"soma_ledger_errors_total{operation="read"} 2"#,
                 r#"soma_ledger_errors_total{operation="seal"} 1"#,
             ]
         );
+    }
+
+    #[test]
+    fn autoscaler_series_are_per_agent_and_go_with_it() {
+        let m = Metrics::default();
+        m.autoscaler_decided("a", "bot", 2.5, 3, "up", "ErlangFloor", 0.0);
+        m.autoscaler_decided("a", "bot", 2.75, 3, "none", "Cap", 0.43);
+        m.autoscaler_decided("b", "bot", 1.0, 1, "none", "MinReplicas", 0.0);
+        assert_eq!(
+            samples(&m, "soma_autoscaler_brownout"),
+            [
+                r#"soma_autoscaler_brownout{namespace="a",agent="bot"} 0.43"#,
+                r#"soma_autoscaler_brownout{namespace="b",agent="bot"} 0.0"#,
+            ]
+        );
+        assert_eq!(
+            samples(&m, "soma_autoscaler_desired_replicas"),
+            [
+                r#"soma_autoscaler_desired_replicas{namespace="a",agent="bot"} 3"#,
+                r#"soma_autoscaler_desired_replicas{namespace="b",agent="bot"} 1"#,
+            ]
+        );
+        assert_eq!(samples(&m, "soma_autoscaler_decisions_total").len(), 3);
+        assert_eq!(samples(&m, "soma_autoscaler_conductance").len(), 2);
+        // Agent a/bot is gone: every series of it goes; b/bot's stay.
+        m.autoscaler_retain(&[("b".to_owned(), "bot".to_owned())]);
+        for name in [
+            "soma_autoscaler_brownout",
+            "soma_autoscaler_desired_replicas",
+            "soma_autoscaler_conductance",
+            "soma_autoscaler_decisions_total",
+        ] {
+            let left = samples(&m, name);
+            assert_eq!(left.len(), 1, "{name}: {left:?}");
+            assert!(left[0].contains(r#"namespace="b""#), "{left:?}");
+        }
     }
 }

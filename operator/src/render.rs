@@ -114,6 +114,8 @@ pub fn render(manifest: &str, config: &OperatorConfig) -> Result<String, RenderE
                 .unwrap_or_default(),
             // Capsules are verified in the cluster; offline, none is delivered.
             capsules: Vec::new(),
+            // A brown-out is decided by the scaling loop in the cluster; offline, none.
+            ..Resolved::default()
         };
         let c =
             children(&agent, &resolved, config).map_err(|e| RenderError::Output(e.to_string()))?;

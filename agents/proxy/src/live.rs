@@ -1,31 +1,37 @@
 //! The sidecar's live configuration: the Budget definitions it enforces and the brown-out
 //! the operator's autoscaler asks for, followed while it runs, so that an edited Budget
 //! (caps, thresholds, action, period, parent) or a brown-out takes effect without restarting
-//! any pod. The brown-out comes from the file only. Capsule revocations come from both: the
-//! file's `revokedCapsules` and the ledger's `soma_capsule_revocations` rows for the Capsules
-//! this pod holds (notification `capsule:<ns>/<name>`); recall refuses a Capsule either names.
+//! any pod, and the Capsules the pod may no longer recall from.
 //!
-//! Two sources feed one [`Book`] of definitions, which resolves the chain with the same rules
-//! as the operator ([`crate::authority::plan`]) and hands the plan to the budget authority:
+//! Two sources feed one [`Book`] of Budget definitions, which resolves the chain with the same
+//! rules as the operator ([`crate::authority::plan`]) and hands the plan to the budget
+//! authority, and one [`HeldBrownOut`], which feeds the brown-out gate
+//! ([`crate::brownout::BrownOutGate`]):
 //!
 //! ```text
-//!  ledger: LISTEN soma_live ──notify 'ns/name'──► read the chain's soma_budgets rows ─┐
-//!          (and every ledgerPollMs, for a notification missed while reconnecting)      ├─► Book ─► plan ─► authority.apply
-//!  file:   the configuration file, looked at every fileCheckMs (a ConfigMap volume) ───┘
+//!  ledger: LISTEN soma_live ─┬─notify 'ns/name'──────► read the chain's soma_budgets rows ─┐
+//!                            └─notify 'agent:ns/name'─► read this Agent's soma_agent_live row ┤
+//!          (both, every ledgerPollMs, for a notification missed while reconnecting)         ├─► Book ─► plan ─► authority.apply
+//!  file:   the configuration file, looked at every fileCheckMs (a ConfigMap volume) ───────┘   HeldBrownOut ─► brown-out gate
 //! ```
+//!
+//! Capsule revocations come from both sources too: the file's `revokedCapsules` and the
+//! ledger's `soma_capsule_revocations` rows for the Capsules this pod holds (notification
+//! `capsule:<ns>/<name>`, and every poll); recall refuses a Capsule either names.
 //!
 //! With a ledger an edit arrives in milliseconds; without one, when the kubelet refreshes the
 //! ConfigMap volume (about a minute). A definition replaces the one held only when it is newer:
 //! the same Budget (uid) at a higher generation, or, from the ledger, the Budget's current
-//! incarnation. Spend and reservations survive every change; a Budget new to the chain has its
-//! spend replayed from the outbox; a lowered cap makes the cluster authority give its unused
-//! slice back at once.
+//! incarnation; a brown-out at a higher `brownOutRevision`. Spend and reservations survive
+//! every change; a Budget new to the chain has its spend replayed from the outbox; a lowered
+//! cap makes the cluster authority give its unused slice back at once.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use soma_contract::load::BrownOut;
 use soma_metering::{BudgetDef, BudgetKey};
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
@@ -43,15 +49,13 @@ pub enum Source {
     File,
     /// The ledger's `soma_budgets` table (the operator's current view).
     Ledger,
-    /// The ledger's Capsule revocations alone (a `capsule:` notification).
-    Revocations,
 }
 
 impl Source {
     fn label(self) -> &'static str {
         match self {
             Source::File => "file",
-            Source::Ledger | Source::Revocations => "ledger",
+            Source::Ledger => "ledger",
         }
     }
 }
@@ -101,6 +105,76 @@ impl Book {
     pub fn plan(&self) -> Plan {
         let defs: Vec<BudgetDef> = self.defs.values().map(|(d, _)| d.clone()).collect();
         plan(self.start.as_ref(), &defs)
+    }
+}
+
+/// The brown-out the sidecar holds: what the operator decided at `revision`, and where it
+/// came from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeldBrownOut {
+    revision: i64,
+    spec: Option<BrownOut>,
+    source: Source,
+}
+
+impl HeldBrownOut {
+    /// The brown-out of a configuration file.
+    pub fn new(config: &Config) -> HeldBrownOut {
+        HeldBrownOut {
+            revision: config.brown_out_revision,
+            spec: config.brown_out.clone(),
+            source: Source::File,
+        }
+    }
+
+    /// Takes the brown-out decided at `revision` from `source` when it is newer than the one
+    /// held; returns whether the brown-out in force changed. At the same revision the
+    /// ledger's word replaces the file's, and a file only replaces what a file said (a
+    /// hand-written file has no revisions: a changed `brownOut` is taken).
+    pub fn take(&mut self, revision: i64, spec: Option<BrownOut>, source: Source) -> bool {
+        let newer = revision > self.revision
+            || (revision == self.revision
+                && spec != self.spec
+                && (source == Source::Ledger || self.source == Source::File));
+        if !newer {
+            return false;
+        }
+        let changed = spec != self.spec;
+        *self = HeldBrownOut {
+            revision,
+            spec,
+            source,
+        };
+        changed
+    }
+
+    /// The brown-out in force.
+    pub fn spec(&self) -> Option<&BrownOut> {
+        self.spec.as_ref()
+    }
+}
+
+/// Puts the held brown-out in force.
+fn enforce_brown_out(state: &AppState, held: &HeldBrownOut, source: Source) {
+    if state.brown_out.set(held.spec.clone(), &state.load) {
+        tracing::info!(source = source.label(), revision = held.revision, brown_out = ?held.spec, "brown-out updated");
+        state.metrics.live_update(source.label(), "applied");
+    }
+}
+
+/// Reads this Agent's live row; returns whether the brown-out in force changed.
+async fn read_agent(pool: &PgPool, state: &AppState, held: &mut HeldBrownOut) -> bool {
+    let agent = &state.config.agent;
+    match soma_ledger::live::agent_live(pool, &agent.namespace, &agent.name).await {
+        Ok(Some(live)) => held.take(live.revision, live.brown_out, Source::Ledger),
+        Ok(None) => false,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading this Agent's live brown-out failed; the one in force stays");
+            if matches!(e, sqlx::Error::Decode(_)) {
+                state.metrics.live_update(Source::Ledger.label(), "refused");
+            }
+            false
+        }
     }
 }
 
@@ -245,6 +319,18 @@ async fn read_revocations(
         .collect())
 }
 
+/// What woke the live loop.
+enum Wake {
+    /// The file changed and reads.
+    File(Box<Config>),
+    /// The ledger is to be read: this Agent's row, the Budget rows, the Capsule revocations.
+    Ledger {
+        agent: bool,
+        budgets: bool,
+        revocations: bool,
+    },
+}
+
 /// Follows the file (when `path` is given) and the ledger (when `pool` is given) until `stop`.
 pub async fn run(
     state: Arc<AppState>,
@@ -254,6 +340,13 @@ pub async fn run(
 ) {
     let settings = state.config.live;
     let mut book = Book::new(&state.config);
+    let mut held = HeldBrownOut::new(&state.config);
+    let me = format!(
+        "{}{}/{}",
+        soma_ledger::live::AGENT_NOTE,
+        state.config.agent.namespace,
+        state.config.agent.name
+    );
     let mut revocations = Revocations {
         file: state.config.revoked_capsules.clone(),
         ledger: Vec::new(),
@@ -278,10 +371,9 @@ pub async fn run(
     file_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     poll_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        // Whether the ledger's Capsule revocations are to be read after the select (awaiting
-        // inside a select arm would hold the stop signal's guard across the await).
-        let mut read_revoked = false;
-        let source = tokio::select! {
+        // What woke the loop: a changed file, or what the ledger is read for (this Agent's
+        // row, the Budget rows). Awaiting is done after the select, which holds `stop`'s guard.
+        let wake = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
             _ = file_tick.tick(), if path.is_some() && settings.file_check_ms > 0 => {
                 let Some(p) = &path else { continue };
@@ -291,20 +383,9 @@ pub async fn run(
                 }
                 last_text = Some(text.clone());
                 match Config::parse(&text) {
-                    Ok(c) => {
-                        if state.brown_out.set(c.brown_out.clone(), &state.load) {
-                            tracing::info!(brown_out = ?c.brown_out, "brown-out updated");
-                            state.metrics.live_update("file", "applied");
-                        }
-                        revocations.file = c.revoked_capsules;
-                        revocations.apply(&state, Source::File);
-                        if !book.take(c.budgets, Source::File) {
-                            continue;
-                        }
-                        Source::File
-                    }
+                    Ok(c) => Wake::File(Box::new(c)),
                     Err(e) => {
-                        tracing::warn!(error = %e, cause = ?std::error::Error::source(&e).map(ToString::to_string), "the changed configuration file does not read; the previous Budgets stay in force");
+                        tracing::warn!(error = %e, cause = ?std::error::Error::source(&e).map(ToString::to_string), "the changed configuration file does not read; the previous Budgets and brown-out stay in force");
                         state.metrics.live_update("file", "refused");
                         continue;
                     }
@@ -312,56 +393,68 @@ pub async fn run(
             }
             note = notes.recv(), if pool.is_some() => {
                 let Some(note) = note else { continue };
-                if note.is_empty() || note.starts_with(soma_ledger::live::CAPSULE_NOTE_PREFIX) {
+                if note.is_empty() {
+                    Wake::Ledger { agent: true, budgets: true, revocations: true }
+                } else if note.starts_with(soma_ledger::live::AGENT_NOTE) {
+                    Wake::Ledger { agent: note == me, budgets: false, revocations: false }
+                } else if note.starts_with(soma_ledger::live::CAPSULE_NOTE_PREFIX) {
                     let ours = note.strip_prefix(&capsule_note).is_some_and(|name| {
                         state.capsules.held().iter().any(|(n, _)| n == name)
                     });
-                    read_revoked = note.is_empty() || ours;
-                    if !note.is_empty() {
-                        Source::Revocations
-                    } else {
-                        Source::Ledger
-                    }
+                    Wake::Ledger { agent: false, budgets: false, revocations: ours }
                 } else {
-                let keys = book.plan().keys();
-                let relevant = note.parse::<BudgetKey>().map_or(true, |k| keys.contains(&k) || book.start.as_ref() == Some(&k));
-                if !relevant {
-                    continue;
-                }
-                Source::Ledger
+                    let keys = book.plan().keys();
+                    let relevant = note.parse::<BudgetKey>().map_or(true, |k| keys.contains(&k) || book.start.as_ref() == Some(&k));
+                    Wake::Ledger { agent: false, budgets: relevant, revocations: false }
                 }
             }
-            _ = poll_tick.tick(), if pool.is_some() && settings.ledger_poll_ms > 0 => {
-                read_revoked = true;
-                Source::Ledger
+            _ = poll_tick.tick(), if pool.is_some() && settings.ledger_poll_ms > 0 => Wake::Ledger { agent: true, budgets: true, revocations: true },
+        };
+        let (agent_row, budget_rows) = match wake {
+            Wake::File(c) => {
+                let c = *c;
+                if held.take(c.brown_out_revision, c.brown_out.clone(), Source::File) {
+                    enforce_brown_out(&state, &held, Source::File);
+                }
+                revocations.file = c.revoked_capsules;
+                revocations.apply(&state, Source::File);
+                if book.take(c.budgets, Source::File) {
+                    enforce(&state, &book, Source::File).await;
+                }
+                continue;
+            }
+            Wake::Ledger {
+                agent,
+                budgets,
+                revocations: revoked,
+            } => {
+                if revoked && let Some(p) = &pool {
+                    match read_revocations(p, &state).await {
+                        Ok(r) => {
+                            revocations.ledger = r;
+                            revocations.apply(&state, Source::Ledger);
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "reading Capsule revocations failed; retrying at the next poll")
+                        }
+                    }
+                }
+                (agent, budgets)
             }
         };
-        if read_revoked && let Some(p) = &pool {
-            match read_revocations(p, &state).await {
-                Ok(r) => {
-                    revocations.ledger = r;
-                    revocations.apply(&state, Source::Ledger);
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "reading Capsule revocations failed; retrying at the next poll")
-                }
-            }
+        let Some(p) = &pool else { continue };
+        if agent_row && read_agent(p, &state, &mut held).await {
+            enforce_brown_out(&state, &held, Source::Ledger);
         }
-        if source == Source::Revocations {
-            continue;
-        }
-        if source == Source::Ledger {
-            let Some(p) = &pool else { continue };
+        if budget_rows {
             match read_ledger(p, &mut book).await {
-                Ok(false) => continue,
-                Ok(true) => {}
+                Ok(false) => {}
+                Ok(true) => enforce(&state, &book, Source::Ledger).await,
                 Err(e) => {
                     tracing::debug!(error = %e, "reading live Budget definitions failed; retrying at the next poll");
-                    continue;
                 }
             }
         }
-        enforce(&state, &book, source).await;
     }
     if let Some(l) = listener {
         l.abort();
@@ -392,6 +485,49 @@ mod tests {
         book.defs
             .get(&BudgetKey::new("a", name))
             .and_then(|(d, _)| d.limits.tokens)
+    }
+
+    fn shed(fraction: f64) -> Option<BrownOut> {
+        Some(BrownOut {
+            fraction,
+            action: soma_contract::load::BrownOutAction::Shed,
+            model: None,
+            message: "m".into(),
+        })
+    }
+
+    #[test]
+    fn a_newer_brown_out_wins_and_an_older_one_never_returns() {
+        let mut held = HeldBrownOut {
+            revision: 0,
+            spec: None,
+            source: Source::File,
+        };
+        // The ledger engages at revision 10; the kubelet then brings the file at 10: nothing
+        // changes.
+        assert!(held.take(10, shed(0.3), Source::Ledger));
+        assert!(!held.take(10, shed(0.3), Source::File));
+        // It clears at 20; a stale file (10, engaged) does not bring it back, nor does a file
+        // at the same revision that disagrees with the ledger.
+        assert!(held.take(20, None, Source::Ledger));
+        assert!(!held.take(10, shed(0.3), Source::File));
+        assert!(!held.take(20, shed(0.3), Source::File));
+        assert_eq!(held.spec(), None);
+        // A file ahead of the ledger (a ledger write that failed) is newer: taken.
+        assert!(held.take(30, shed(0.5), Source::File));
+        assert!(!held.take(25, None, Source::Ledger));
+        assert_eq!(held.spec(), shed(0.5).as_ref());
+        // A newer revision with the same brown-out is recorded, and changes nothing in force.
+        assert!(!held.take(31, shed(0.5), Source::Ledger));
+        assert_eq!(held.revision, 31);
+        // Hand-written files (no revision): a changed brown-out is taken.
+        let mut local = HeldBrownOut {
+            revision: 0,
+            spec: None,
+            source: Source::File,
+        };
+        assert!(local.take(0, shed(0.2), Source::File));
+        assert!(local.take(0, None, Source::File));
     }
 
     #[test]

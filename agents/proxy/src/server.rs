@@ -441,10 +441,8 @@ pub async fn start(
         .ledger
         .as_ref()
         .map(|l| l.pool(2, Duration::from_secs(5)));
-    // The file carries the brown-out and revoked Capsules as well as Budgets; the ledger,
-    // Budgets and Capsule revocations.
-    let live_pool =
-        live_pool.filter(|_| state.authority.is_budgeted() || !state.config.capsules.is_empty());
+    // The file and the ledger carry the brown-out and Capsule revocations as well as Budgets:
+    // the ledger is followed even by a sidecar that charges no Budget.
     if config_path.is_some() || live_pool.is_some() {
         tasks.push(tokio::spawn(crate::live::run(
             state.clone(),

@@ -5,6 +5,10 @@
 //!   lowered mid-run; every replica takes it from the ledger's notification, refuses what no
 //!   longer fits, and the ledger's total never passes the new cap.
 //! - One sidecar without a ledger follows its configuration file (a ConfigMap volume).
+//! - A brown-out the operator's scaling loop publishes in the ledger (`soma_agent_live`)
+//!   reaches two running sidecars of the Agent by notification: low-priority requests get the
+//!   brown-out 503, high-priority ones never; an older revision does not bring it back once
+//!   cleared, and clearing it restores service, without a restart.
 //!
 //! Servers are started by the harness on 127.0.0.1 (`scripts/test-deps/servers.sh` installs
 //! them); a missing one fails the test.
@@ -308,4 +312,192 @@ async fn without_a_ledger_a_sidecar_follows_its_configuration_file() {
         "{metrics}"
     );
     proxy.stop().await;
+}
+
+fn brown_out(fraction: f64) -> soma_contract::load::BrownOut {
+    soma_contract::load::BrownOut {
+        fraction,
+        action: soma_contract::load::BrownOutAction::Shed,
+        model: None,
+        message: "P95 wait ≤ 0.5s at 9.00 req/s needs 6 replicas, but maxReplicas is 2".into(),
+    }
+}
+
+async fn post_priority(url: &str, priority: &str) -> support::Reply {
+    let auth = format!("Bearer {TOKEN}");
+    let body = json!({"model": "gpt-4o", "max_tokens": 5,
+        "messages": [{"role": "user", "content": "hello there"}]});
+    send(
+        &http(),
+        "POST",
+        url,
+        &[
+            ("authorization", auth.as_str()),
+            ("content-type", "application/json"),
+            ("x-soma-priority", priority),
+        ],
+        body.to_string(),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_brown_out_published_in_the_ledger_reaches_running_sidecars_and_clears() {
+    let pg = Pg::start();
+    let pool = pg.pool().await;
+    soma_ledger::MIGRATOR.run(&pool).await.unwrap();
+    let upstream = FakeUpstream::start(KEY).await.unwrap();
+    let mut dirs = Vec::new();
+    let mut sidecars = Vec::new();
+    for _ in 0..2 {
+        let dir = tempfile::tempdir().unwrap();
+        // No Budget, no file checks, and a poll far beyond the test: only the notification
+        // can deliver the brown-out in time.
+        let extra =
+            json!({"databaseUrl": pg.url(), "live": {"fileCheckMs": 0, "ledgerPollMs": 600_000}});
+        sidecars
+            .push(start_proxy(&config_json(&upstream.url(), "openai", dir.path(), extra)).await);
+        dirs.push(dir);
+    }
+    // Another Agent's brown-out, in the same ledger: not this Agent's sidecars' business.
+    let other = soma_ledger::live::AgentLive {
+        revision: 5,
+        brown_out: Some(brown_out(1.0)),
+    };
+    assert!(
+        soma_ledger::live::publish_agent(&pool, "other-team", "assistant", &other)
+            .await
+            .unwrap()
+    );
+    let urls: Vec<String> = sidecars
+        .iter()
+        .map(|s| format!("http://{}/v1/chat/completions", s.proxy_addr))
+        .collect();
+    // No wait for the listeners: one that connects after the write below reads the row once
+    // connected, one already listening is notified.
+    for url in &urls {
+        assert_eq!(post_priority(url, "low").await.status, 200);
+    }
+
+    // The scaling loop engages: shed half the traffic, lowest priority first.
+    let engaged = soma_ledger::live::AgentLive {
+        revision: 1_000,
+        brown_out: Some(brown_out(0.5)),
+    };
+    assert!(
+        soma_ledger::live::publish_agent(&pool, "research", "assistant", &engaged)
+            .await
+            .unwrap()
+    );
+    let written = Instant::now();
+    let mut taken = [None; 2];
+    while taken.iter().any(Option::is_none) {
+        for (i, s) in sidecars.iter().enumerate() {
+            if taken[i].is_none() && s.state.brown_out.spec().is_some() {
+                taken[i] = Some(written.elapsed());
+            }
+        }
+        assert!(
+            written.elapsed() < Duration::from_secs(10),
+            "not every sidecar took the brown-out: {taken:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    eprintln!(
+        "brown-out from the ledger in force on both sidecars after {:?}",
+        taken.iter().flatten().max().unwrap()
+    );
+    assert_eq!(sidecars[0].state.brown_out.spec(), Some(brown_out(0.5)));
+    // All traffic so far is low: half of it is shed (error diffusion: exactly, give or take
+    // one per sidecar), in the client's wire format with the autoscaler's reason.
+    let mut low_shed = 0;
+    for i in 0..40 {
+        let low = post_priority(&urls[i % 2], "low").await;
+        if low.status == 503 {
+            low_shed += 1;
+            let e = low.json();
+            assert_eq!(e["error"]["code"], "brown_out", "{e}");
+            assert!(
+                e["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("maxReplicas is 2"),
+                "{e}"
+            );
+        } else {
+            assert_eq!(low.status, 200, "{}", low.text());
+        }
+    }
+    assert!(
+        (18..=22).contains(&low_shed),
+        "{low_shed} of 40 low requests shed at fraction 0.5"
+    );
+    // High priority is never shed.
+    for i in 0..20 {
+        assert_eq!(post_priority(&urls[i % 2], "high").await.status, 200);
+    }
+
+    // An older decision (a deposed leader) changes neither the row nor the sidecars.
+    let stale = soma_ledger::live::AgentLive {
+        revision: 999,
+        brown_out: None,
+    };
+    assert!(
+        !soma_ledger::live::publish_agent(&pool, "research", "assistant", &stale)
+            .await
+            .unwrap()
+    );
+    // A brown-out the sidecars could not enforce is refused before any write.
+    let bad = soma_ledger::live::AgentLive {
+        revision: 1_001,
+        brown_out: Some(soma_contract::load::BrownOut {
+            fraction: 1.5,
+            ..brown_out(0.5)
+        }),
+    };
+    assert!(
+        soma_ledger::live::publish_agent(&pool, "research", "assistant", &bad)
+            .await
+            .is_err()
+    );
+    let row = soma_ledger::live::agent_live(&pool, "research", "assistant")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row, engaged);
+
+    // The load falls: the loop clears it, and service is restored without a restart.
+    let cleared = soma_ledger::live::AgentLive {
+        revision: 2_000,
+        brown_out: None,
+    };
+    assert!(
+        soma_ledger::live::publish_agent(&pool, "research", "assistant", &cleared)
+            .await
+            .unwrap()
+    );
+    let written = Instant::now();
+    while sidecars.iter().any(|s| s.state.brown_out.spec().is_some()) {
+        assert!(
+            written.elapsed() < Duration::from_secs(10),
+            "the cleared brown-out was never taken"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    eprintln!("cleared on both sidecars after {:?}", written.elapsed());
+    for i in 0..20 {
+        assert_eq!(post_priority(&urls[i % 2], "low").await.status, 200);
+    }
+    for s in &sidecars {
+        let metrics = s.state.metrics.encode().unwrap();
+        assert!(
+            metrics
+                .contains("soma_proxy_live_updates_total{source=\"ledger\",outcome=\"applied\"} 2"),
+            "engaged and cleared, from the ledger: {metrics}"
+        );
+    }
+    for s in sidecars {
+        s.stop().await;
+    }
+    drop(dirs);
 }

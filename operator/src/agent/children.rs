@@ -74,6 +74,11 @@ pub struct Resolved {
     pub budgets: Vec<soma_metering::BudgetDef>,
     /// The verified Capsules to deliver into the pods (`crate::capsule::delivery`).
     pub capsules: Vec<crate::capsule::delivery::Delivery>,
+    /// The brown-out the scaling loop decided, and its revision (a live part of the sidecar's
+    /// configuration: a change does not roll the pods).
+    pub brown_out: Option<soma_contract::load::BrownOut>,
+    /// The revision of that decision (0: none made).
+    pub brown_out_revision: i64,
 }
 
 /// The Agent as a workload: its children are named after it and owned by it, and its sidecar
@@ -100,6 +105,8 @@ pub fn children(
     let w = workload(agent);
     let mut settings = workload::sidecar_config(&w, &resolved.budgets, config);
     delivery::sidecar_capsules(&mut settings, &resolved.capsules);
+    settings.brown_out.clone_from(&resolved.brown_out);
+    settings.brown_out_revision = resolved.brown_out_revision;
     let config_hash = hash_config(&settings)?;
     let mut deployment = deployment(agent, resolved.replicas, &config_hash, config);
     if let Some(spec) = deployment.spec.as_mut() {

@@ -12,7 +12,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::ResourceExt;
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
-use kube::runtime::{PredicateConfig, WatchStreamExt, predicates, watcher};
+use kube::runtime::{PredicateConfig, WatchStreamExt, watcher};
 use soma_crds::{Agent, Budget, Capsule};
 use tracing::{debug, warn};
 
@@ -29,6 +29,20 @@ fn budget_relevant(b: &Budget) -> Option<u64> {
     b.status
         .as_ref()
         .and_then(|s| s.used_display.clone())
+        .hash(&mut h);
+    Some(h.finish())
+}
+
+/// What of an Agent its reconcile depends on: its spec (generation) and the scaling loop's
+/// brown-out revision.
+fn agent_relevant(a: &Agent) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    a.metadata.generation.hash(&mut h);
+    a.status
+        .as_ref()
+        .and_then(|s| s.scaling.as_ref())
+        .and_then(|s| s.brown_out_revision)
         .hash(&mut h);
     Some(h.finish())
 }
@@ -61,7 +75,8 @@ pub async fn run(
     let client = ctx.client.clone();
     let ns = namespace.as_deref();
     let owned = watcher::Config::default().labels(MANAGED_SELECTOR);
-    // The Agent cache is fed every change, but only spec changes (a new generation) trigger a
+    // The Agent cache is fed every change, but only spec changes (a new generation) and a new
+    // brown-out decision of the scaling loop (rendered into the sidecar's ConfigMap) trigger a
     // reconcile: the controller's own status writes would otherwise wake it once more each.
     // Children, Budgets and Capsules trigger reconciles through their own watches below.
     let (agents, writer) = reflector::store();
@@ -87,7 +102,7 @@ pub async fn run(
         }
     })
     .applied_objects()
-    .predicate_filter(predicates::generation, PredicateConfig::default());
+    .predicate_filter(agent_relevant, PredicateConfig::default());
     let controller = Controller::for_stream(trigger, agents.clone());
     // A Budget's change (or appearance) wakes every Agent whose chain passed through it or
     // stopped at it, as the last reconciles recorded (a parent that appears wakes the Agent

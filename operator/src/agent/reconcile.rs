@@ -24,7 +24,9 @@ use super::apply::apply_children;
 use super::children::{Resolved, children, pin_agent_image};
 use super::credentials::uses_vault;
 use super::image::{pin, verify_cached};
-use super::scaling::{autoscaler_config, autoscaler_owns_replicas, foreign_replicas_managers};
+use super::scaling::{
+    autoscaler_config, autoscaler_owns_replicas, contract_brown_out, foreign_replicas_managers,
+};
 use super::status::{
     DeploymentState, ImageCheck, MissingRef, Observed, Stall, agent_status, ready_condition,
 };
@@ -271,10 +273,20 @@ async fn converge(agent: &Agent, ctx: &Context, namespace: &str) -> Result<Obser
             ImageCheck::Verified { verified, .. } => Some(pin(&agent.spec.image, &verified.digest)),
             _ => None,
         };
+        // The scaling loop's brown-out decision, for the sidecars that follow their file.
+        let decided = agent
+            .status
+            .as_ref()
+            .and_then(|s| s.scaling.as_ref())
+            .filter(|_| autoscaled);
         let resolved = Resolved {
             replicas,
             budgets: refs.budgets,
             capsules: refs.capsules,
+            brown_out: decided
+                .and_then(|s| s.brown_out.as_ref())
+                .map(contract_brown_out),
+            brown_out_revision: decided.and_then(|s| s.brown_out_revision).unwrap_or(0),
         };
         let mut desired =
             children(agent, &resolved, &ctx.config).map_err(|source| Error::Serialize {

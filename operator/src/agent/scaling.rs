@@ -6,6 +6,8 @@
 //!  spec.scaling ─► autoscaler_config ─► Autoscaler (soma-autoscaler crate)
 //!  Deployment.managedFields ─► replicas_managers ─► ours / foreign (a conflict, reported)
 //!  Step (decision, conflict or no signal) ─► scaling_status ─► status.scaling + `Scaling`
+//!  Decision.brown_out ─► brown_out_of ─► next_brown_out (a new revision only on a change)
+//!    ─► status.scaling.brownOut + `BrownOut` ─► the ledger's row and the sidecar's ConfigMap
 //! ```
 //!
 //! `spec.replicas` changes hands in two steps, so no write ever drops it: the autoscaler
@@ -21,7 +23,7 @@ use soma_autoscaler::{
 };
 use soma_crds::Job;
 use soma_crds::agent::{
-    AgentSpec, AgentStatus, BrownOutAction as CrdBrownOutAction, ScalingStatus,
+    AgentSpec, AgentStatus, BrownOutAction as CrdBrownOutAction, BrownOutStatus, ScalingStatus,
 };
 
 use super::children::FIELD_MANAGER;
@@ -33,6 +35,83 @@ pub const AUTOSCALER_MANAGER: &str = "soma-autoscaler";
 
 /// Condition type: what the autoscaler decided, or why it could not act.
 pub const SCALING: &str = "Scaling";
+
+/// Condition type: whether the Agent's sidecars shed or downgrade traffic now.
+pub const BROWN_OUT: &str = "BrownOut";
+
+/// The brown-out to publish for a decision's: its fraction rounded up to a whole percent (so
+/// noise in the fifteenth digit publishes nothing new, and never less is taken than asked),
+/// none below that. Downgrading needs a model; without one the share is shed, and the
+/// message says so.
+pub fn brown_out_of(
+    b: Option<&soma_autoscaler::BrownOut>,
+    downgrade_model: Option<&str>,
+) -> Option<BrownOutStatus> {
+    let b = b?;
+    let fraction = ((b.fraction * 100.0 - 1e-9).ceil() / 100.0).clamp(0.0, 1.0);
+    if fraction.is_nan() || fraction <= 0.0 {
+        return None;
+    }
+    let (action, model, message) = match (b.action, downgrade_model.filter(|m| !m.is_empty())) {
+        (BrownOutAction::Downgrade, Some(m)) => {
+            ("downgrade", Some(m.to_owned()), b.message.clone())
+        }
+        (BrownOutAction::Downgrade, None) => (
+            "shed",
+            None,
+            format!("{} (no model to downgrade to: shed instead)", b.message),
+        ),
+        (BrownOutAction::Shed, _) => ("shed", None, b.message.clone()),
+    };
+    Some(BrownOutStatus {
+        fraction,
+        action: action.to_owned(),
+        model,
+        message,
+    })
+}
+
+/// Whether two brown-outs ask the same of the sidecars (the message aside: its figures move
+/// every step).
+fn same_brown_out(a: Option<&BrownOutStatus>, b: Option<&BrownOutStatus>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => {
+            a.fraction == b.fraction && a.action == b.action && a.model == b.model
+        }
+        _ => false,
+    }
+}
+
+/// The brown-out in force after a step, and its revision: what `previous` holds while
+/// `wanted` asks the same, else `wanted` at a new revision (`now_ms`, or one past the
+/// previous revision when the clock is behind it: a new leader's clock may be).
+pub fn next_brown_out(
+    previous: Option<&ScalingStatus>,
+    wanted: Option<BrownOutStatus>,
+    now_ms: i64,
+) -> (Option<BrownOutStatus>, Option<i64>) {
+    let held = previous.and_then(|p| p.brown_out.as_ref());
+    let revision = previous.and_then(|p| p.brown_out_revision);
+    if same_brown_out(held, wanted.as_ref()) {
+        return (held.cloned(), revision);
+    }
+    (wanted, Some(now_ms.max(revision.map_or(0, |r| r + 1))))
+}
+
+/// The contract's brown-out (what the sidecars enforce) of a published one.
+pub fn contract_brown_out(b: &BrownOutStatus) -> soma_contract::load::BrownOut {
+    soma_contract::load::BrownOut {
+        fraction: b.fraction,
+        action: if b.action == "downgrade" {
+            BrownOutAction::Downgrade
+        } else {
+            BrownOutAction::Shed
+        },
+        model: b.model.clone(),
+        message: b.message.clone(),
+    }
+}
 
 /// The autoscaler's settings for an Agent (`spec.scaling`, every unset knob at the crate's
 /// default), `None` when it does not autoscale (`maxReplicas` not above the effective
@@ -164,6 +243,10 @@ pub enum Step {
         state: serde_json::Value,
         /// Whether this step changed the Deployment's replicas.
         scaled: bool,
+        /// The brown-out in force after this step ([`next_brown_out`]).
+        brown_out: Option<BrownOutStatus>,
+        /// Its revision.
+        brown_out_revision: Option<i64>,
         /// The Soma Jobs referencing the Agent that wake it ([`wakes`]), by name (counted only
         /// for an Agent that may scale to zero).
         jobs: Vec<String>,
@@ -270,7 +353,7 @@ pub fn scaling_verdict(step: &Step) -> Option<Verdict> {
             }
             if let Some(b) = &d.brown_out {
                 message.push_str(&format!(
-                    "; the target cannot be met: {} (brown-out from the operator is planned, nothing is shed)",
+                    "; the target cannot be met: {} (condition {BROWN_OUT})",
                     b.message
                 ));
             }
@@ -314,6 +397,40 @@ fn job_list(jobs: &[String]) -> String {
     list
 }
 
+/// The `BrownOut` condition a step leads to: only a decision says (a conflict or a missing
+/// signal leaves the brown-out as it was).
+pub fn brown_out_verdict(step: &Step) -> Option<Verdict> {
+    let Step::Decided {
+        decision: d,
+        brown_out,
+        ..
+    } = step
+    else {
+        return None;
+    };
+    Some(match brown_out {
+        Some(b) => verdict(
+            BROWN_OUT,
+            true,
+            if b.action == "downgrade" {
+                "Downgrading"
+            } else {
+                "Shedding"
+            },
+            // The crate's message, with this step's figures.
+            d.brown_out
+                .as_ref()
+                .map_or_else(|| b.message.clone(), |now| now.message.clone()),
+        ),
+        None => verdict(
+            BROWN_OUT,
+            false,
+            "NoBrownOut",
+            "the wait target is met within maxReplicas: no traffic is shed or downgraded",
+        ),
+    })
+}
+
 /// The status after a step: `old` with `status.scaling` and the `Scaling` condition replaced
 /// (every other field and condition is the Agent reconcile's, kept as it is).
 pub fn scaling_status(
@@ -334,6 +451,8 @@ pub fn scaling_status(
         state,
         scaled,
         jobs,
+        brown_out,
+        brown_out_revision,
         ..
     } = step
     {
@@ -356,12 +475,17 @@ pub fn scaling_status(
             } else {
                 previous.and_then(|p| p.last_scale_time.clone())
             },
+            brown_out: brown_out.clone(),
+            brown_out_revision: *brown_out_revision,
             state: Some(state.clone()),
         });
     }
     let old_conditions: &[Condition] = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
-    let new = conditions(old_conditions, &[v], generation, now);
-    status.conditions.retain(|c| c.type_ != SCALING);
+    let verdicts: Vec<Verdict> = std::iter::once(v).chain(brown_out_verdict(step)).collect();
+    let new = conditions(old_conditions, &verdicts, generation, now);
+    status
+        .conditions
+        .retain(|c| !new.iter().any(|n| n.type_ == c.type_));
     status.conditions.extend(new);
     status
 }
@@ -370,6 +494,13 @@ pub fn scaling_status(
 /// the fifteenth digit.
 fn round(x: f64) -> f64 {
     (x * 10_000.0).round() / 10_000.0
+}
+
+/// Whether a status says a brown-out is in force (`BrownOut=True`).
+pub fn browned_out(status: Option<&AgentStatus>) -> bool {
+    status
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == BROWN_OUT))
+        .is_some_and(|c| c.status == "True")
 }
 
 /// The `Scaling` condition's reason in a status, if any.
@@ -610,6 +741,8 @@ mod tests {
             state: serde_json::to_value(scaler.snapshot()).expect("serializes"),
             scaled: desired != 1,
             jobs: Vec::new(),
+            brown_out: None,
+            brown_out_revision: None,
         }
     }
 
@@ -637,6 +770,8 @@ mod tests {
             state: serde_json::to_value(scaler.snapshot()).expect("serializes"),
             scaled: desired != replicas as i32,
             jobs: jobs.iter().map(|j| (*j).to_owned()).collect(),
+            brown_out: None,
+            brown_out_revision: None,
         }
     }
 
@@ -712,7 +847,9 @@ mod tests {
         let step = decided(4);
         let s = scaling_status(Some(&old), &step, Some(2), &at(100));
         assert_eq!(s.budget_used.as_deref(), Some("12%"));
-        assert_eq!(s.conditions.len(), 2);
+        // Ready kept; Scaling and BrownOut (False: the target is met) added.
+        assert_eq!(s.conditions.len(), 3);
+        assert!(!browned_out(Some(&s)));
         let scaling = s.scaling.as_ref().expect("scaling");
         assert!(scaling.desired_replicas > 1, "{scaling:?}");
         assert_eq!(scaling.last_scale_time, Some(at(100)));
@@ -720,7 +857,11 @@ mod tests {
         assert_eq!(scaling_reason(Some(&s)), Some("ErlangFloor"));
         // A step that does not scale keeps the last scale time and the transition time.
         let Step::Decided {
-            decision, state, ..
+            decision,
+            state,
+            brown_out,
+            brown_out_revision,
+            ..
         } = step
         else {
             unreachable!()
@@ -733,6 +874,8 @@ mod tests {
             state,
             scaled: false,
             jobs: Vec::new(),
+            brown_out,
+            brown_out_revision,
         };
         let again = scaling_status(Some(&s), &steady, Some(2), &at(115));
         let a = again.scaling.as_ref().expect("scaling");
@@ -773,6 +916,161 @@ mod tests {
         assert_eq!(
             scaling_status(Some(&s), &Step::Baseline { reporting: 2 }, Some(1), &at(30)),
             s
+        );
+    }
+
+    fn crate_brown_out(fraction: f64, action: BrownOutAction) -> soma_autoscaler::BrownOut {
+        soma_autoscaler::BrownOut {
+            cause: soma_autoscaler::BrownOutCause::MaxReplicas,
+            action,
+            fraction,
+            needed_replicas: Some(9),
+            allowed_replicas: 2,
+            message: format!("maxReplicas is 2; shedding {:.0}%", fraction * 100.0),
+        }
+    }
+
+    #[test]
+    fn a_brown_out_is_published_rounded_up_and_only_what_the_sidecars_can_do() {
+        assert_eq!(brown_out_of(None, None), None);
+        let b = brown_out_of(Some(&crate_brown_out(0.4213, BrownOutAction::Shed)), None).unwrap();
+        assert_eq!(
+            (b.fraction, b.action.as_str(), b.model.as_deref()),
+            (0.43, "shed", None)
+        );
+        assert!(contract_brown_out(&b).validate().is_ok());
+        // Exactly a percent stays that percent; a crumb is not a brown-out.
+        let exact = brown_out_of(Some(&crate_brown_out(0.25, BrownOutAction::Shed)), None).unwrap();
+        assert_eq!(exact.fraction, 0.25);
+        assert_eq!(
+            brown_out_of(Some(&crate_brown_out(1e-12, BrownOutAction::Shed)), None),
+            None
+        );
+        // Downgrading needs a model: without one, shed (and say so).
+        let d = brown_out_of(Some(&crate_brown_out(0.5, BrownOutAction::Downgrade)), None).unwrap();
+        assert_eq!(d.action, "shed");
+        assert!(d.message.contains("shed instead"), "{}", d.message);
+        let d = brown_out_of(
+            Some(&crate_brown_out(0.5, BrownOutAction::Downgrade)),
+            Some("mini"),
+        )
+        .unwrap();
+        assert_eq!(
+            (d.action.as_str(), d.model.as_deref()),
+            ("downgrade", Some("mini"))
+        );
+        assert!(contract_brown_out(&d).validate().is_ok());
+    }
+
+    #[test]
+    fn a_new_revision_only_when_the_brown_out_changes_and_never_backwards() {
+        let shed = |f: f64| brown_out_of(Some(&crate_brown_out(f, BrownOutAction::Shed)), None);
+        let (b, r) = next_brown_out(None, None, 1_000);
+        assert_eq!((b, r), (None, None), "never engaged: nothing to publish");
+        let (b, r) = next_brown_out(None, shed(0.3), 1_000);
+        assert_eq!(
+            (b.as_ref().map(|b| b.fraction), r),
+            (Some(0.3), Some(1_000))
+        );
+        let mut prev = ScalingStatus {
+            brown_out: b,
+            brown_out_revision: r,
+            ..ScalingStatus::default()
+        };
+        // The same share with new figures in the message: nothing new.
+        let mut same = shed(0.3);
+        same.as_mut().unwrap().message = "other figures".into();
+        let (b, r) = next_brown_out(Some(&prev), same, 2_000);
+        assert_eq!((b, r), (prev.brown_out.clone(), Some(1_000)));
+        // Cleared by a leader whose clock is behind: still a newer revision.
+        let (b, r) = next_brown_out(Some(&prev), None, 500);
+        assert_eq!((b, r), (None, Some(1_001)));
+        prev.brown_out = None;
+        prev.brown_out_revision = r;
+        assert_eq!(
+            next_brown_out(Some(&prev), None, 9_000),
+            (None, Some(1_001))
+        );
+    }
+
+    #[test]
+    fn the_brown_out_condition_follows_the_decision_and_a_conflict_keeps_it() {
+        let Step::Decided {
+            decision,
+            current,
+            applied,
+            reporting,
+            state,
+            scaled,
+            ..
+        } = decided(4)
+        else {
+            unreachable!()
+        };
+        let mut decision = *decision;
+        decision.brown_out = Some(crate_brown_out(0.42, BrownOutAction::Shed));
+        let engaged = Step::Decided {
+            brown_out: brown_out_of(decision.brown_out.as_ref(), None),
+            brown_out_revision: Some(100_000),
+            decision: Box::new(decision.clone()),
+            current,
+            applied,
+            reporting,
+            state: state.clone(),
+            scaled,
+            jobs: Vec::new(),
+        };
+        let s = scaling_status(None, &engaged, Some(1), &at(100));
+        let c = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == BROWN_OUT)
+            .expect("BrownOut");
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Shedding"));
+        assert_eq!(c.message, "maxReplicas is 2; shedding 42%");
+        assert!(browned_out(Some(&s)));
+        let scaling = s.scaling.as_ref().expect("scaling");
+        assert_eq!(scaling.brown_out.as_ref().map(|b| b.fraction), Some(0.42));
+        assert_eq!(scaling.brown_out_revision, Some(100_000));
+        // A conflict says nothing about the brown-out: it stays as it was.
+        let conflict = Step::Conflict {
+            managers: vec!["kubectl".into()],
+            current: 2,
+        };
+        let k = scaling_status(Some(&s), &conflict, Some(1), &at(110));
+        assert!(browned_out(Some(&k)));
+        assert_eq!(k.scaling, s.scaling);
+        // Cleared.
+        decision.brown_out = None;
+        let cleared = Step::Decided {
+            brown_out: None,
+            brown_out_revision: Some(100_001),
+            decision: Box::new(decision),
+            current,
+            applied,
+            reporting,
+            state,
+            scaled,
+            jobs: Vec::new(),
+        };
+        let c2 = scaling_status(Some(&k), &cleared, Some(1), &at(120));
+        let c = c2
+            .conditions
+            .iter()
+            .find(|c| c.type_ == BROWN_OUT)
+            .expect("BrownOut");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "NoBrownOut")
+        );
+        assert_eq!(c.last_transition_time, at(120));
+        assert!(!browned_out(Some(&c2)));
+        assert_eq!(
+            c2.conditions
+                .iter()
+                .filter(|c| c.type_ == BROWN_OUT)
+                .count(),
+            1
         );
     }
 }

@@ -10,7 +10,7 @@ use soma_policy::condition::POLICY_ALLOWED;
 
 use super::credentials::CREDENTIALS_UNAVAILABLE;
 use super::image::{IMAGE_NOT_VERIFIED, ImageRejection, VerifiedImage, image_status};
-use super::scaling::SCALING;
+use super::scaling::{BROWN_OUT, SCALING};
 use crate::kstatus::{Verdict, conditions, verdict};
 use crate::policy::check::PolicyCheck;
 
@@ -291,7 +291,7 @@ pub fn agent_status(old: Option<&AgentStatus>, obs: &Observed, now: &Time) -> Ag
         old_conditions
             .iter()
             .filter(|c| {
-                (obs.autoscaled && c.type_ == SCALING)
+                (obs.autoscaled && (c.type_ == SCALING || c.type_ == BROWN_OUT))
                     || (obs.vault_credentials && c.type_ == CREDENTIALS_UNAVAILABLE)
             })
             .cloned(),

@@ -46,6 +46,7 @@ fn built(a: &Agent) -> Children {
         replicas: 2,
         budgets: Vec::new(),
         capsules: Vec::new(),
+        ..Resolved::default()
     };
     children(a, &resolved, &OperatorConfig::default()).expect("children build")
 }
@@ -697,6 +698,7 @@ fn network_policy_opens_the_platform_namespaces_only_when_configured() {
         replicas: 1,
         budgets: Vec::new(),
         capsules: Vec::new(),
+        ..Resolved::default()
     };
     let c = children(&agent(|_| {}), &resolved, &config).expect("children");
     let rules = egress(&c);
@@ -844,6 +846,7 @@ fn sidecar_gets_budget_definitions_and_a_writable_outbox() {
         replicas: 1,
         budgets: vec![budget],
         capsules: Vec::new(),
+        ..Resolved::default()
     };
     let c = children(&agent(|_| {}), &resolved, &OperatorConfig::default()).expect("children");
     let config = c
@@ -919,6 +922,7 @@ fn sidecar_gets_prices_ledger_and_events_only_when_configured() {
         replicas: 3,
         budgets: Vec::new(),
         capsules: Vec::new(),
+        ..Resolved::default()
     };
     let sidecar_config = |c: &Children| -> serde_json::Value {
         let text = c
@@ -1014,6 +1018,7 @@ fn sidecar_exports_traces_only_when_the_operator_has_an_otlp_endpoint() {
         replicas: 1,
         budgets: Vec::new(),
         capsules: Vec::new(),
+        ..Resolved::default()
     };
     let pair = |k: &str, v: &str| (k.to_owned(), v.to_owned());
     let cases = [
@@ -1107,6 +1112,7 @@ fn scrape_annotations_point_at_the_sidecar_metrics_only_when_asked() {
         replicas: 1,
         budgets: Vec::new(),
         capsules: Vec::new(),
+        ..Resolved::default()
     };
     let c = children(&agent(|_| {}), &resolved, &config).expect("children");
     let a = pod_template_annotations(&c);
@@ -1156,6 +1162,7 @@ fn the_metrics_port_is_opened_to_the_metrics_namespaces_only_when_named() {
         replicas: 1,
         budgets: Vec::new(),
         capsules: Vec::new(),
+        ..Resolved::default()
     };
     for (port, rules) in [(Some(8000), 2), (None, 1)] {
         let c = children(&agent(|s| s.port = port), &resolved, &config).expect("children");
@@ -1179,4 +1186,45 @@ fn the_metrics_port_is_opened_to_the_metrics_namespaces_only_when_named() {
         );
         assert_eq!(req.values.as_deref(), Some(&["monitoring".to_owned()][..]));
     }
+}
+
+#[test]
+fn a_brown_out_is_rendered_into_the_sidecar_file_without_rolling_the_pods() {
+    let plain = built(&agent(|_| {}));
+    let browned = children(
+        &agent(|_| {}),
+        &Resolved {
+            replicas: 2,
+            brown_out: Some(soma_contract::load::BrownOut {
+                fraction: 0.43,
+                action: soma_contract::load::BrownOutAction::Shed,
+                model: None,
+                message: "maxReplicas is 2".into(),
+            }),
+            brown_out_revision: 1_700_000_000_000,
+            ..Resolved::default()
+        },
+        &OperatorConfig::default(),
+    )
+    .expect("children");
+    let doc: serde_json::Value = serde_json::from_str(
+        browned
+            .sidecar_config
+            .data
+            .as_ref()
+            .and_then(|d| d.get("config.yaml"))
+            .expect("config"),
+    )
+    .expect("JSON");
+    assert_eq!(doc["brownOut"]["fraction"], 0.43);
+    assert_eq!(doc["brownOut"]["action"], "shed");
+    assert_eq!(doc["brownOutRevision"], 1_700_000_000_000_i64);
+    // The sidecar reads it back (the contract), and the pods are not rolled for it.
+    let text = serde_json::to_string(&doc).expect("JSON");
+    let parsed = soma_contract::SidecarConfig::parse(&text).expect("the sidecar reads it");
+    assert_eq!(parsed.brown_out_revision, 1_700_000_000_000);
+    assert_eq!(
+        pod_template_annotations(&browned).get(CONFIG_HASH_ANNOTATION),
+        pod_template_annotations(&plain).get(CONFIG_HASH_ANNOTATION)
+    );
 }

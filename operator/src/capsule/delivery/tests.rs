@@ -92,6 +92,7 @@ fn pod(config: &OperatorConfig, capsules: Vec<Delivery>) -> (PodSpec, NetworkPol
             replicas: 1,
             budgets: Vec::new(),
             capsules,
+            ..Resolved::default()
         },
         config,
     )

@@ -167,6 +167,7 @@ fn a_task_runs_once_in_the_agent_pod_with_its_input() {
             replicas: 1,
             budgets: Vec::new(),
             capsules: Vec::new(),
+            ..Resolved::default()
         },
         &OperatorConfig::default(),
     )
