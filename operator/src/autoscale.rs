@@ -35,10 +35,12 @@ use soma_crds::agent::ScalingStatus;
 use soma_crds::{Agent, Job};
 use tracing::{debug, info, warn};
 
+use crate::agent::brownout::{
+    brown_out_of, brown_out_verdict, browned_out, contract_brown_out, next_brown_out,
+};
 use crate::agent::scaling::{
-    AUTOSCALER_MANAGER, Step, autoscaler_config, autoscaler_owns_replicas, brown_out_of,
-    brown_out_verdict, browned_out, contract_brown_out, foreign_replicas_managers, next_brown_out,
-    reason_name, scaling_reason, scaling_status, scaling_verdict, wakes,
+    AUTOSCALER_MANAGER, Step, autoscaler_config, autoscaler_owns_replicas,
+    foreign_replicas_managers, reason_name, scaling_reason, scaling_status, scaling_verdict, wakes,
 };
 use crate::context::{Context, api, scopes};
 use crate::error::{Error, Result};

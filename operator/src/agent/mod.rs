@@ -15,11 +15,13 @@
 //! - [`reconcile`]: the reconcile and error policy;
 //! - [`scaling`]: pure autoscaling settings, `spec.replicas` ownership and `status.scaling`
 //!   (the loop itself is [`crate::autoscale`]);
+//! - [`brownout`]: pure: the brown-out to publish for a decision and the `BrownOut` condition;
 //! - [`credentials`]: the pure `CredentialsUnavailable` condition from the sidecars' `/readyz`
 //!   (the loop that asks is [`crate::credentials_check`]);
 //! - [`controller`]: the kube-runtime `Controller` and its watches.
 
 pub mod apply;
+pub mod brownout;
 pub mod children;
 pub mod controller;
 pub mod credentials;

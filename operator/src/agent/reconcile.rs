@@ -21,12 +21,11 @@ use soma_metering::{BudgetDef, BudgetKey};
 use tracing::{Span, field, info, instrument, warn};
 
 use super::apply::apply_children;
+use super::brownout::contract_brown_out;
 use super::children::{Resolved, children, pin_agent_image};
 use super::credentials::uses_vault;
 use super::image::{pin, verify_cached};
-use super::scaling::{
-    autoscaler_config, autoscaler_owns_replicas, contract_brown_out, foreign_replicas_managers,
-};
+use super::scaling::{autoscaler_config, autoscaler_owns_replicas, foreign_replicas_managers};
 use super::status::{
     DeploymentState, ImageCheck, MissingRef, Observed, Stall, agent_status, ready_condition,
 };

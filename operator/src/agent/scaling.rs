@@ -6,9 +6,10 @@
 //!  spec.scaling ─► autoscaler_config ─► Autoscaler (soma-autoscaler crate)
 //!  Deployment.managedFields ─► replicas_managers ─► ours / foreign (a conflict, reported)
 //!  Step (decision, conflict or no signal) ─► scaling_status ─► status.scaling + `Scaling`
-//!  Decision.brown_out ─► brown_out_of ─► next_brown_out (a new revision only on a change)
-//!    ─► status.scaling.brownOut + `BrownOut` ─► the ledger's row and the sidecar's ConfigMap
 //! ```
+//!
+//! The brown-out a decision carries is turned into what the sidecars enforce, and the
+//! `BrownOut` condition, in [`super::brownout`].
 //!
 //! `spec.replicas` changes hands in two steps, so no write ever drops it: the autoscaler
 //! first applies the Deployment's current count under [`AUTOSCALER_MANAGER`] (co-owning the
@@ -26,6 +27,7 @@ use soma_crds::agent::{
     AgentSpec, AgentStatus, BrownOutAction as CrdBrownOutAction, BrownOutStatus, ScalingStatus,
 };
 
+use super::brownout::{BROWN_OUT, brown_out_verdict};
 use super::children::FIELD_MANAGER;
 use crate::job::status::phase;
 use crate::kstatus::{Verdict, conditions, verdict};
@@ -35,83 +37,6 @@ pub const AUTOSCALER_MANAGER: &str = "soma-autoscaler";
 
 /// Condition type: what the autoscaler decided, or why it could not act.
 pub const SCALING: &str = "Scaling";
-
-/// Condition type: whether the Agent's sidecars shed or downgrade traffic now.
-pub const BROWN_OUT: &str = "BrownOut";
-
-/// The brown-out to publish for a decision's: its fraction rounded up to a whole percent (so
-/// noise in the fifteenth digit publishes nothing new, and never less is taken than asked),
-/// none below that. Downgrading needs a model; without one the share is shed, and the
-/// message says so.
-pub fn brown_out_of(
-    b: Option<&soma_autoscaler::BrownOut>,
-    downgrade_model: Option<&str>,
-) -> Option<BrownOutStatus> {
-    let b = b?;
-    let fraction = ((b.fraction * 100.0 - 1e-9).ceil() / 100.0).clamp(0.0, 1.0);
-    if fraction.is_nan() || fraction <= 0.0 {
-        return None;
-    }
-    let (action, model, message) = match (b.action, downgrade_model.filter(|m| !m.is_empty())) {
-        (BrownOutAction::Downgrade, Some(m)) => {
-            ("downgrade", Some(m.to_owned()), b.message.clone())
-        }
-        (BrownOutAction::Downgrade, None) => (
-            "shed",
-            None,
-            format!("{} (no model to downgrade to: shed instead)", b.message),
-        ),
-        (BrownOutAction::Shed, _) => ("shed", None, b.message.clone()),
-    };
-    Some(BrownOutStatus {
-        fraction,
-        action: action.to_owned(),
-        model,
-        message,
-    })
-}
-
-/// Whether two brown-outs ask the same of the sidecars (the message aside: its figures move
-/// every step).
-fn same_brown_out(a: Option<&BrownOutStatus>, b: Option<&BrownOutStatus>) -> bool {
-    match (a, b) {
-        (None, None) => true,
-        (Some(a), Some(b)) => {
-            a.fraction == b.fraction && a.action == b.action && a.model == b.model
-        }
-        _ => false,
-    }
-}
-
-/// The brown-out in force after a step, and its revision: what `previous` holds while
-/// `wanted` asks the same, else `wanted` at a new revision (`now_ms`, or one past the
-/// previous revision when the clock is behind it: a new leader's clock may be).
-pub fn next_brown_out(
-    previous: Option<&ScalingStatus>,
-    wanted: Option<BrownOutStatus>,
-    now_ms: i64,
-) -> (Option<BrownOutStatus>, Option<i64>) {
-    let held = previous.and_then(|p| p.brown_out.as_ref());
-    let revision = previous.and_then(|p| p.brown_out_revision);
-    if same_brown_out(held, wanted.as_ref()) {
-        return (held.cloned(), revision);
-    }
-    (wanted, Some(now_ms.max(revision.map_or(0, |r| r + 1))))
-}
-
-/// The contract's brown-out (what the sidecars enforce) of a published one.
-pub fn contract_brown_out(b: &BrownOutStatus) -> soma_contract::load::BrownOut {
-    soma_contract::load::BrownOut {
-        fraction: b.fraction,
-        action: if b.action == "downgrade" {
-            BrownOutAction::Downgrade
-        } else {
-            BrownOutAction::Shed
-        },
-        model: b.model.clone(),
-        message: b.message.clone(),
-    }
-}
 
 /// The autoscaler's settings for an Agent (`spec.scaling`, every unset knob at the crate's
 /// default), `None` when it does not autoscale (`maxReplicas` not above the effective
@@ -397,40 +322,6 @@ fn job_list(jobs: &[String]) -> String {
     list
 }
 
-/// The `BrownOut` condition a step leads to: only a decision says (a conflict or a missing
-/// signal leaves the brown-out as it was).
-pub fn brown_out_verdict(step: &Step) -> Option<Verdict> {
-    let Step::Decided {
-        decision: d,
-        brown_out,
-        ..
-    } = step
-    else {
-        return None;
-    };
-    Some(match brown_out {
-        Some(b) => verdict(
-            BROWN_OUT,
-            true,
-            if b.action == "downgrade" {
-                "Downgrading"
-            } else {
-                "Shedding"
-            },
-            // The crate's message, with this step's figures.
-            d.brown_out
-                .as_ref()
-                .map_or_else(|| b.message.clone(), |now| now.message.clone()),
-        ),
-        None => verdict(
-            BROWN_OUT,
-            false,
-            "NoBrownOut",
-            "the wait target is met within maxReplicas: no traffic is shed or downgraded",
-        ),
-    })
-}
-
 /// The status after a step: `old` with `status.scaling` and the `Scaling` condition replaced
 /// (every other field and condition is the Agent reconcile's, kept as it is).
 pub fn scaling_status(
@@ -496,13 +387,6 @@ fn round(x: f64) -> f64 {
     (x * 10_000.0).round() / 10_000.0
 }
 
-/// Whether a status says a brown-out is in force (`BrownOut=True`).
-pub fn browned_out(status: Option<&AgentStatus>) -> bool {
-    status
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == BROWN_OUT))
-        .is_some_and(|c| c.status == "True")
-}
-
 /// The `Scaling` condition's reason in a status, if any.
 pub fn scaling_reason(status: Option<&AgentStatus>) -> Option<&str> {
     status
@@ -513,6 +397,7 @@ pub fn scaling_reason(status: Option<&AgentStatus>) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::brownout::{brown_out_of, browned_out, contract_brown_out, next_brown_out};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
     use soma_autoscaler::{Autoscaler, LoadSignal};
 

@@ -8,9 +8,10 @@ use soma_crds::agent::AgentStatus;
 use soma_crds::common::condition_types::{READY, RECONCILING, STALLED};
 use soma_policy::condition::POLICY_ALLOWED;
 
+use super::brownout::BROWN_OUT;
 use super::credentials::CREDENTIALS_UNAVAILABLE;
 use super::image::{IMAGE_NOT_VERIFIED, ImageRejection, VerifiedImage, image_status};
-use super::scaling::{BROWN_OUT, SCALING};
+use super::scaling::SCALING;
 use crate::kstatus::{Verdict, conditions, verdict};
 use crate::policy::check::PolicyCheck;
 
