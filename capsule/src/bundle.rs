@@ -181,6 +181,38 @@ pub fn safe_relative_path(path: &str) -> Option<PathBuf> {
     Some(p.to_path_buf())
 }
 
+/// Reads the Capsule manifest (the OCI config blob, already checked against its descriptor)
+/// and checks it against the OCI manifest: a schema this build reads, and the version and
+/// `policyHash` annotations (what the signature covers) saying the same as the config.
+pub(crate) fn read_config(manifest: &OciManifest, config_bytes: &[u8]) -> Result<CapsuleManifest> {
+    let config: CapsuleManifest = serde_json::from_slice(config_bytes)
+        .map_err(|e| Error::malformed("Capsule manifest (config)", e.to_string()))?;
+    if config.schema_version != SCHEMA_VERSION {
+        return Err(Error::malformed(
+            "Capsule manifest (config)",
+            format!(
+                "schemaVersion {} (this build reads {SCHEMA_VERSION})",
+                config.schema_version
+            ),
+        ));
+    }
+    for (annotation, value) in [
+        (VERSION_ANNOTATION, &config.version),
+        (POLICY_HASH_ANNOTATION, &config.policy_hash),
+    ] {
+        if manifest.annotations.get(annotation) != Some(value) {
+            return Err(Error::malformed(
+                "manifest",
+                format!(
+                    "annotation {annotation} is {:?} but the Capsule manifest says {value:?}",
+                    manifest.annotations.get(annotation)
+                ),
+            ));
+        }
+    }
+    Ok(config)
+}
+
 fn read_documents(bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>> {
     let bad = |reason: String| Error::malformed("documents layer", reason);
     let mut archive = tar::Archive::new(bytes);
@@ -230,31 +262,7 @@ impl Bundle {
         let manifest = parse_manifest(&self.manifest, Some(&self.digest))?;
         let layer = |media_type: &str| manifest.layers.iter().find(|l| l.media_type == media_type);
         let config_bytes = self.blob(&manifest.config)?;
-        let config: CapsuleManifest = serde_json::from_slice(config_bytes)
-            .map_err(|e| Error::malformed("Capsule manifest (config)", e.to_string()))?;
-        if config.schema_version != SCHEMA_VERSION {
-            return Err(Error::malformed(
-                "Capsule manifest (config)",
-                format!(
-                    "schemaVersion {} (this build reads {SCHEMA_VERSION})",
-                    config.schema_version
-                ),
-            ));
-        }
-        for (annotation, value) in [
-            (VERSION_ANNOTATION, &config.version),
-            (POLICY_HASH_ANNOTATION, &config.policy_hash),
-        ] {
-            if manifest.annotations.get(annotation) != Some(value) {
-                return Err(Error::malformed(
-                    "manifest",
-                    format!(
-                        "annotation {annotation} is {:?} but the Capsule manifest says {value:?}",
-                        manifest.annotations.get(annotation)
-                    ),
-                ));
-            }
-        }
+        let config = read_config(&manifest, config_bytes)?;
         let documents_layer = layer(DOCUMENTS_MEDIA_TYPE).ok_or_else(|| Error::MissingLayer {
             media_type: DOCUMENTS_MEDIA_TYPE.to_owned(),
         })?;

@@ -17,11 +17,10 @@
 
 use std::path::Path;
 
-use crate::bundle::{check_blob, check_embeddings, files, parse_manifest};
+use crate::bundle::{check_blob, check_embeddings, files, parse_manifest, read_config};
 use crate::error::{Error, Result};
 use crate::format::{
-    CHUNKS_MEDIA_TYPE, CapsuleManifest, Chunk, EMBEDDINGS_MEDIA_TYPE, Embedding,
-    POLICY_HASH_ANNOTATION, SCHEMA_VERSION, VERSION_ANNOTATION, from_jsonl,
+    CHUNKS_MEDIA_TYPE, CapsuleManifest, Chunk, EMBEDDINGS_MEDIA_TYPE, Embedding, from_jsonl,
 };
 
 /// A delivered Capsule's checked content.
@@ -48,28 +47,7 @@ pub fn open_delivered(dir: &Path, digest: &str) -> Result<Delivered> {
     let manifest = parse_manifest(&manifest_bytes, Some(digest))?;
     let config_bytes = read(dir, files::CAPSULE)?;
     check_blob(&manifest.config, &config_bytes)?;
-    let config: CapsuleManifest = serde_json::from_slice(&config_bytes)
-        .map_err(|e| Error::malformed("Capsule manifest (config)", e.to_string()))?;
-    if config.schema_version != SCHEMA_VERSION {
-        return Err(Error::malformed(
-            "Capsule manifest (config)",
-            format!(
-                "schemaVersion {} (this build reads {SCHEMA_VERSION})",
-                config.schema_version
-            ),
-        ));
-    }
-    for (annotation, value) in [
-        (VERSION_ANNOTATION, &config.version),
-        (POLICY_HASH_ANNOTATION, &config.policy_hash),
-    ] {
-        if manifest.annotations.get(annotation) != Some(value) {
-            return Err(Error::malformed(
-                "manifest",
-                format!("annotation {annotation} disagrees with the Capsule manifest"),
-            ));
-        }
-    }
+    let config = read_config(&manifest, &config_bytes)?;
     let layer = |media_type: &str| manifest.layers.iter().find(|l| l.media_type == media_type);
     let chunks_layer = layer(CHUNKS_MEDIA_TYPE).ok_or_else(|| Error::MissingLayer {
         media_type: CHUNKS_MEDIA_TYPE.to_owned(),

@@ -26,7 +26,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use soma_autoscaler::{Autoscaler, AutoscalerConfig, LoadSignal, Snapshot};
@@ -42,7 +42,7 @@ use crate::agent::scaling::{
     AUTOSCALER_MANAGER, Step, autoscaler_config, autoscaler_owns_replicas,
     foreign_replicas_managers, reason_name, scaling_reason, scaling_status, scaling_verdict, wakes,
 };
-use crate::context::{Context, api, scopes};
+use crate::context::{Context, list_watched};
 use crate::error::{Error, Result};
 use crate::pod_admin::{self, AgentPod, PodAdmin};
 use crate::reconciler;
@@ -117,17 +117,8 @@ impl Loop {
 
     /// One round over every Agent the operator watches.
     pub async fn step_all(&self) -> Result<()> {
-        let mut agents = Vec::new();
-        for scope in scopes(&self.ctx.config.namespaces) {
-            let list = api::<Agent>(&self.ctx.client, scope.as_deref())
-                .list(&ListParams::default())
-                .await
-                .map_err(|source| Error::Read {
-                    what: "Agents".to_owned(),
-                    source,
-                })?;
-            agents.extend(list.items);
-        }
+        let agents: Vec<Agent> =
+            list_watched(&self.ctx.client, &self.ctx.config.namespaces, "Agents").await?;
         let scaled: Vec<Agent> = agents
             .into_iter()
             .filter(|a| {
@@ -170,20 +161,13 @@ impl Loop {
     /// that has work waiting.
     async fn waking_jobs(&self) -> Result<HashMap<String, Vec<String>>> {
         let mut out: HashMap<String, Vec<String>> = HashMap::new();
-        for scope in scopes(&self.ctx.config.namespaces) {
-            let list = api::<Job>(&self.ctx.client, scope.as_deref())
-                .list(&ListParams::default())
-                .await
-                .map_err(|source| Error::Read {
-                    what: "Jobs".to_owned(),
-                    source,
-                })?;
-            for job in list.items.iter().filter(|j| wakes(j)) {
-                if let (Some(ns), Some(agent)) = (job.namespace(), job.spec.agent_ref.as_ref()) {
-                    out.entry(format!("{ns}/{}", agent.name))
-                        .or_default()
-                        .push(job.name_any());
-                }
+        let jobs: Vec<Job> =
+            list_watched(&self.ctx.client, &self.ctx.config.namespaces, "Jobs").await?;
+        for job in jobs.iter().filter(|j| wakes(j)) {
+            if let (Some(ns), Some(agent)) = (job.namespace(), job.spec.agent_ref.as_ref()) {
+                out.entry(format!("{ns}/{}", agent.name))
+                    .or_default()
+                    .push(job.name_any());
             }
         }
         out.values_mut().for_each(|names| names.sort());

@@ -65,6 +65,34 @@ pub fn scopes(namespaces: &[String]) -> Vec<Option<String>> {
     }
 }
 
+/// Every object of a namespaced kind in the namespaces the operator watches ([`scopes`]):
+/// what the leader's periodic loops (scaling, credentials) go over each round. `what` names
+/// the kind in the error.
+pub async fn list_watched<K>(
+    client: &Client,
+    namespaces: &[String],
+    what: &str,
+) -> crate::error::Result<Vec<K>>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let mut all = Vec::new();
+    for scope in scopes(namespaces) {
+        let list = api::<K>(client, scope.as_deref())
+            .list(&kube::api::ListParams::default())
+            .await
+            .map_err(|source| crate::error::Error::Read {
+                what: what.to_owned(),
+                source,
+            })?;
+        all.extend(list.items);
+    }
+    Ok(all)
+}
+
 /// Every Budget the operator may read, as one watch stream: one watch for all namespaces, or
 /// one per watched namespace in a namespace-scoped install (which has no cluster-wide rights).
 /// A Budget's parent may be in another watched namespace, so every controller sees them all.

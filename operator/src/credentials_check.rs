@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::ListParams;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use soma_contract::readiness::{READYZ_PATH, Readiness};
@@ -27,7 +26,7 @@ use tracing::{debug, info, warn};
 use crate::agent::credentials::{
     CREDENTIALS_UNAVAILABLE, credentials_status, credentials_verdict, uses_vault,
 };
-use crate::context::{Context, api, scopes};
+use crate::context::{Context, list_watched};
 use crate::error::{Error, Result};
 use crate::pod_admin::{self, PodAdmin};
 use crate::reconciler;
@@ -88,21 +87,10 @@ impl Check {
 
     /// One round over every Agent with Vault credentials.
     pub async fn check_all(&self) -> Result<()> {
-        let mut agents = Vec::new();
-        for scope in scopes(&self.ctx.config.namespaces) {
-            let list = api::<Agent>(&self.ctx.client, scope.as_deref())
-                .list(&ListParams::default())
-                .await
-                .map_err(|source| Error::Read {
-                    what: "Agents".to_owned(),
-                    source,
-                })?;
-            agents.extend(
-                list.items
-                    .into_iter()
-                    .filter(|a| a.meta().deletion_timestamp.is_none() && uses_vault(a)),
-            );
-        }
+        let agents = list_watched::<Agent>(&self.ctx.client, &self.ctx.config.namespaces, "Agents")
+            .await?
+            .into_iter()
+            .filter(|a| a.meta().deletion_timestamp.is_none() && uses_vault(a));
         futures::stream::iter(agents)
             .for_each_concurrent(self.options.concurrency.max(1), |agent| async move {
                 if let Err(e) = self.check_agent(&agent).await {
