@@ -65,23 +65,29 @@ pub fn start(bin: &Path, args: &[&str], env: &[(&str, &str)], marker: &str) -> (
     (child, line)
 }
 
-/// Like [`start`], on core `cpu` only when given (`taskset -c`, which runs `bin` in its own
-/// process, so the PID is `bin`'s).
-pub fn start_on(
-    cpu: Option<usize>,
+/// The command that runs a program on core `cpu` only (`taskset -c`, which runs it in its own
+/// process, so the PID is the program's); none when `cpu` is `None`.
+pub fn pinned(cpu: Option<usize>) -> Vec<String> {
+    cpu.map_or_else(Vec::new, |c| vec!["taskset".into(), "-c".into(), c.to_string()])
+}
+
+/// Like [`start`], with `bin` run by the command `prefix` ([`pinned`], `valgrind
+/// --tool=callgrind`); the wrapper must run `bin` in its own process, so that the PID is
+/// `bin`'s. An empty prefix runs `bin` itself.
+pub fn start_under(
+    prefix: &[String],
     bin: &Path,
     args: &[&str],
     env: &[(&str, &str)],
     marker: &str,
 ) -> (Killed, String) {
-    let Some(cpu) = cpu else {
+    let Some((wrapper, wrapper_args)) = prefix.split_first() else {
         return start(bin, args, env, marker);
     };
-    let cpu = cpu.to_string();
-    let bin_arg = bin.to_str().expect("utf-8 path");
-    let mut all = vec!["-c", &cpu, bin_arg];
+    let mut all: Vec<&str> = wrapper_args.iter().map(String::as_str).collect();
+    all.push(bin.to_str().expect("utf-8 path"));
     all.extend_from_slice(args);
-    start(Path::new("taskset"), &all, env, marker)
+    start(Path::new(wrapper), &all, env, marker)
 }
 
 /// A port that was free a moment ago on 127.0.0.1 (for servers that cannot report the port

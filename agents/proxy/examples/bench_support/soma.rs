@@ -7,7 +7,7 @@ use std::path::Path;
 use serde_json::{Value, json};
 
 use super::load::{Http, Target, get_text};
-use super::procs::{Killed, bin_dir, start_on};
+use super::procs::{Killed, bin_dir, pinned, start_under};
 
 /// The provider key the fake provider accepts.
 pub const KEY: &str = "sk-bench-key";
@@ -31,8 +31,14 @@ impl Upstream {
 
     /// Starts `soma-fake-upstream` on a free port, on core `cpu` only when given.
     pub fn start_on(cpu: Option<usize>) -> Upstream {
-        let (proc, line) = start_on(
-            cpu,
+        Upstream::start_under(&pinned(cpu))
+    }
+
+    /// Starts `soma-fake-upstream` on a free port, run by the command `prefix` (see
+    /// [`start_under`]).
+    pub fn start_under(prefix: &[String]) -> Upstream {
+        let (proc, line) = start_under(
+            prefix,
             &bin_dir().join("soma-fake-upstream"),
             &["--listen", "127.0.0.1:0", "--key", KEY],
             &[],
@@ -40,6 +46,11 @@ impl Upstream {
         );
         let addr = line.trim_start_matches("listening on ").trim().to_owned();
         Upstream { _proc: proc, addr }
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self._proc.0.id()
     }
 
     /// Its chat endpoint, called with the real key.
@@ -91,6 +102,11 @@ impl Sidecar {
 
     /// Like [`Sidecar::start`], on core `cpu` only when given.
     pub fn start_on(cpu: Option<usize>, config: &Value, dir: &Path) -> Sidecar {
+        Sidecar::start_under(&pinned(cpu), config, dir)
+    }
+
+    /// Like [`Sidecar::start`], run by the command `prefix` (see [`start_under`]).
+    pub fn start_under(prefix: &[String], config: &Value, dir: &Path) -> Sidecar {
         let path = dir.join("config.json");
         let mut config = config.clone();
         // `SOMA_BENCH_SIDECAR_SET` (a JSON object) overrides fields of the sidecar's
@@ -109,8 +125,8 @@ impl Sidecar {
             ("SOMA_POD_UID", TOKEN),
             ("RUST_LOG", "warn,soma_proxy=info"),
         ];
-        let (proc, line) = start_on(
-            cpu,
+        let (proc, line) = start_under(
+            prefix,
             &bin_dir().join("soma-proxy"),
             &["--config", path.to_str().expect("utf-8 path")],
             &env,
