@@ -421,6 +421,14 @@ impl ClusterAuthority {
         if let Some(r) = self.remembered_refusal(want) {
             return Reserve::Refused(Box::new(r));
         }
+        // Boxed: the top-up's PostgreSQL futures are kilobytes, and inline they would make
+        // every request's future (moved onto the heap when its task is spawned) that large.
+        Box::pin(self.top_up(now, want)).await
+    }
+
+    /// The slow path of [`ClusterAuthority::reserve`]: the local leases do not cover `want`,
+    /// so a top-up is asked of PostgreSQL (one at a time).
+    async fn top_up(&self, now: Timestamp, want: Amount) -> Reserve {
         let unreachable = || {
             Reserve::Unavailable(
                 "the cluster budget authority (PostgreSQL) is unreachable and this replica's \
