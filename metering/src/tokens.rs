@@ -9,6 +9,14 @@
 //! pixels, and tokenising a megabyte of base64 would both cost milliseconds and reserve a
 //! million tokens. Other media (audio, files) are still counted as the text they are sent as,
 //! which over-estimates. The settled usage always comes from the provider.
+//!
+//! Counts are remembered ([`Counts`]): an agent sends the same system prompt, tool schemas,
+//! earlier turns and JSON keys on every call, and hashing a string costs a small fraction of
+//! tokenising it.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{LazyLock, Mutex, PoisonError};
 
 use serde_json::Value;
 use tiktoken_rs::CoreBPE;
@@ -59,6 +67,46 @@ pub fn estimate_prompt(model: &str, body: &Value) -> u64 {
     estimate_prompt_with(model, body, DEFAULT_IMAGE_TOKENS)
 }
 
+/// Token counts of strings already tokenised, by a keyed hash of the vocabulary and the
+/// string (SipHash with a random key, so a client cannot aim a collision at another
+/// string's count; a collision could only move a pre-call estimate, never a settled bill).
+/// Bounded: past [`Counts::LIMIT`] entries it starts again empty.
+struct Counts {
+    hasher: RandomState,
+    seen: Mutex<HashMap<u64, u32>>,
+}
+
+impl Counts {
+    /// Most counts kept (16 bytes each, about 256 KiB with the table's overhead).
+    const LIMIT: usize = 16_384;
+
+    fn new() -> Counts {
+        Counts {
+            hasher: RandomState::new(),
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Tokens in `text` by `bpe`, tokenised only the first time it is seen.
+    fn count(&self, bpe: &'static CoreBPE, text: &str) -> u64 {
+        let key = self.hasher.hash_one((std::ptr::from_ref(bpe) as usize, text));
+        let lock = || self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = lock().get(&key) {
+            return u64::from(*n);
+        }
+        let n = bpe.encode_ordinary(text).len();
+        let mut seen = lock();
+        if seen.len() >= Self::LIMIT {
+            seen.clear();
+        }
+        seen.insert(key, u32::try_from(n).unwrap_or(u32::MAX));
+        n as u64
+    }
+}
+
+/// The process's counts.
+static COUNTS: LazyLock<Counts> = LazyLock::new(Counts::new);
+
 /// [`estimate_prompt`] with `image_tokens` per image part.
 pub fn estimate_prompt_with(model: &str, body: &Value, image_tokens: u64) -> u64 {
     let bpe = bpe_for(model);
@@ -85,9 +133,9 @@ pub fn estimate_prompt_with(model: &str, body: &Value, image_tokens: u64) -> u64
     total + messages * PER_MESSAGE + if messages > 0 { PER_REPLY } else { 0 }
 }
 
-fn strings(bpe: &CoreBPE, v: &Value, image_tokens: u64) -> u64 {
+fn strings(bpe: &'static CoreBPE, v: &Value, image_tokens: u64) -> u64 {
     match v {
-        Value::String(s) => bpe.encode_ordinary(s).len() as u64,
+        Value::String(s) => COUNTS.count(bpe, s),
         Value::Array(a) => a.iter().map(|x| strings(bpe, x, image_tokens)).sum(),
         Value::Object(o)
             if o.get("type")
@@ -99,7 +147,7 @@ fn strings(bpe: &CoreBPE, v: &Value, image_tokens: u64) -> u64 {
         // Object keys count too: tool schemas are sent to the model as text.
         Value::Object(o) => o
             .iter()
-            .map(|(k, x)| bpe.encode_ordinary(k).len() as u64 + strings(bpe, x, image_tokens))
+            .map(|(k, x)| COUNTS.count(bpe, k) + strings(bpe, x, image_tokens))
             .sum(),
         // Token-id prompts (`"prompt": [1, 2, 3]`) are one token per number.
         Value::Number(_) => 1,
@@ -185,6 +233,28 @@ mod tests {
             {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
             {"type": "image_url", "image_url": {"url": "https://example.com/dog.png"}}]}]});
         assert!(estimate_prompt_with("gpt-4o", &by_url, 1_445) >= 2 * 1_445);
+    }
+
+    #[test]
+    fn remembered_counts_are_the_tokenizers() {
+        let counts = Counts::new();
+        let (o200k, cl100k) = (bpe_for("gpt-4o"), bpe_for("gpt-4"));
+        let text = "The quick brown fox jumps over the lazy dog, again and again.";
+        let fresh = o200k.encode_ordinary(text).len() as u64;
+        assert_eq!(counts.count(o200k, text), fresh);
+        assert_eq!(counts.count(o200k, text), fresh, "remembered");
+        // The same text in each vocabulary is its own entry.
+        let accents = "ééé ééé ûûû";
+        for bpe in [cl100k, o200k, cl100k] {
+            let want = bpe.encode_ordinary(accents).len() as u64;
+            assert_eq!(counts.count(bpe, accents), want);
+        }
+        // Full: it starts again and still counts.
+        for i in 0..Counts::LIMIT {
+            counts.count(o200k, &i.to_string());
+        }
+        assert!(counts.seen.lock().unwrap().len() <= Counts::LIMIT);
+        assert_eq!(counts.count(o200k, text), fresh);
     }
 
     #[test]
