@@ -184,15 +184,7 @@ pub async fn metered(
 
     match upstream::read_all(rbody, state.idle()).await {
         Ok(body) => {
-            let value = serde_json::from_slice::<Value>(&body).ok();
-            if let Some(v) = &value
-                && !charge.span.is_disabled()
-            {
-                genai_span::record_response(&charge.span, &wire::ResponseInfo::from_body(v));
-            }
-            let parsed = value
-                .as_ref()
-                .and_then(|v| wire::metered_from_body(endpoint.dialect(), v));
+            let parsed = meter_body(&charge.span, endpoint, &body);
             let (metered, estimated) = match parsed {
                 Some(m) => (m, false),
                 None => (Metered::from(estimate_from_body(&charge, &body)), true),
@@ -219,6 +211,18 @@ pub async fn metered(
             Err(err)
         }
     }
+}
+
+/// The provider's usage in a complete body. Untraced, only the members carrying usage are
+/// parsed (the generated text is skipped); traced, the whole body, whose id, model and finish
+/// reasons go on the call's span.
+fn meter_body(span: &tracing::Span, endpoint: Endpoint, body: &[u8]) -> Option<Metered> {
+    if span.is_disabled() {
+        return wire::metered_from_bytes(endpoint.dialect(), body);
+    }
+    let value = serde_json::from_slice::<Value>(body).ok()?;
+    genai_span::record_response(span, &wire::ResponseInfo::from_body(&value));
+    wire::metered_from_body(endpoint.dialect(), &value)
 }
 
 /// What the provider's status says about the key: 401 refuses it (the sidecar goes not-ready

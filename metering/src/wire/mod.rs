@@ -19,7 +19,7 @@ mod usage;
 
 pub use info::ResponseInfo;
 pub use stream::{Disposition, StreamMeter};
-pub use usage::{Metered, metered_from_body, usage_object};
+pub use usage::{Metered, metered_from_body, metered_from_bytes, usage_object};
 
 /// Which provider's wire format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -167,6 +167,28 @@ pub fn metered_from_body(dialect: Dialect, body: &Value) -> Option<Metered> {
     })
 }
 
+/// The members of a response body that carry usage; everything else (the generated text) is
+/// skipped by the parser without being built into a [`Value`].
+#[derive(serde::Deserialize)]
+struct Carriers {
+    usage: Option<Value>,
+    tool_usage: Option<Value>,
+    output: Option<Value>,
+}
+
+/// [`metered_from_body`] read straight from a complete response's bytes: only the members
+/// that carry usage are built, which costs a fraction of parsing the whole body when the text
+/// is long. None when the bytes are not a JSON object or it has no usage object.
+pub fn metered_from_bytes(dialect: Dialect, body: &[u8]) -> Option<Metered> {
+    let c: Carriers = serde_json::from_slice(body).ok()?;
+    let carriers = [("usage", c.usage), ("tool_usage", c.tool_usage), ("output", c.output)];
+    let body: serde_json::Map<String, Value> = carriers
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.to_owned(), v?)))
+        .collect();
+    metered_from_body(dialect, &Value::Object(body))
+}
+
 /// The paths of `body`'s usage fields (`usage`, and OpenAI's `tool_usage`) that are unknown,
 /// or known, unpriced and not zero.
 fn unmetered(dialect: Dialect, body: &Value) -> Vec<String> {
@@ -177,7 +199,7 @@ fn unmetered(dialect: Dialect, body: &Value) -> Vec<String> {
     let mut leaves = Vec::new();
     for root in ["usage", "tool_usage"] {
         if let Some(v) = body.get(root) {
-            numeric_leaves(root, v, &mut leaves);
+            numeric_leaves(&mut root.to_owned(), v, &mut leaves);
         }
     }
     let covers = |list: &[&str], path: &str| {
@@ -202,19 +224,26 @@ fn unmetered(dialect: Dialect, body: &Value) -> Vec<String> {
     out
 }
 
-/// Every number under `v`, with its dotted path (array elements as `[]`).
-fn numeric_leaves(path: &str, v: &Value, out: &mut Vec<(String, f64)>) {
+/// Every number under `v`, with its dotted path (array elements as `[]`); `path` is `v`'s
+/// own, extended and restored on the way down.
+fn numeric_leaves(path: &mut String, v: &Value, out: &mut Vec<(String, f64)>) {
+    let len = path.len();
     match v {
-        Value::Number(x) => out.push((path.to_owned(), x.as_f64().unwrap_or(0.0))),
+        Value::Number(x) => out.push((path.clone(), x.as_f64().unwrap_or(0.0))),
         Value::Object(m) => {
             for (k, v) in m {
-                numeric_leaves(&format!("{path}.{k}"), v, out);
+                path.push('.');
+                path.push_str(k);
+                numeric_leaves(path, v, out);
+                path.truncate(len);
             }
         }
         Value::Array(items) => {
+            path.push_str("[]");
             for v in items {
-                numeric_leaves(&format!("{path}[]"), v, out);
+                numeric_leaves(path, v, out);
             }
+            path.truncate(len);
         }
         Value::Null | Value::Bool(_) | Value::String(_) => {}
     }
@@ -225,8 +254,15 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// Metered from the parsed body, checked to be what [`metered_from_bytes`] reads from its
+    /// bytes (with the generated text around the usage, which it skips).
     fn metered(d: Dialect, body: Value) -> Metered {
-        metered_from_body(d, &body).unwrap_or_else(|| panic!("no usage in {body}"))
+        let m = metered_from_body(d, &body).unwrap_or_else(|| panic!("no usage in {body}"));
+        let mut with_text = body.clone();
+        with_text["choices"] = json!([{"message": {"content": "some text"}, "finish_reason": "stop"}]);
+        let bytes = serde_json::to_vec(&with_text).unwrap();
+        assert_eq!(metered_from_bytes(d, &bytes).as_ref(), Some(&m), "{with_text}");
+        m
     }
 
     #[test]
@@ -291,6 +327,9 @@ mod tests {
             None
         );
         assert_eq!(metered_from_body(Dialect::OpenAi, &json!({})), None);
+        for bytes in [&b"{}"[..], b"{\"usage\": null}", b"[1]", b"not json", b"{\"usage\": {"] {
+            assert_eq!(metered_from_bytes(Dialect::OpenAi, bytes), None);
+        }
     }
 
     #[test]
