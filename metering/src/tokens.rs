@@ -89,7 +89,9 @@ impl Counts {
 
     /// Tokens in `text` by `bpe`, tokenised only the first time it is seen.
     fn count(&self, bpe: &'static CoreBPE, text: &str) -> u64 {
-        let key = self.hasher.hash_one((std::ptr::from_ref(bpe) as usize, text));
+        let key = self
+            .hasher
+            .hash_one((std::ptr::from_ref(bpe) as usize, text));
         let lock = || self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(n) = lock().get(&key) {
             return u64::from(*n);

@@ -112,7 +112,10 @@ fn dumps(out: &Path, name: &str) -> Vec<PathBuf> {
 fn total_instructions(dump: &Path) -> Option<u64> {
     let text = std::fs::read_to_string(dump).ok()?;
     text.lines()
-        .find_map(|l| l.strip_prefix("totals:").or_else(|| l.strip_prefix("summary:")))
+        .find_map(|l| {
+            l.strip_prefix("totals:")
+                .or_else(|| l.strip_prefix("summary:"))
+        })
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
@@ -158,8 +161,14 @@ async fn main() {
         a.requests,
         took.as_secs_f64()
     );
-    println!("sidecar:  {s} instructions per request ({})", sidecar_dump.display());
-    println!("provider: {u} instructions per request ({})", upstream_dump.display());
+    println!(
+        "sidecar:  {s} instructions per request ({})",
+        sidecar_dump.display()
+    );
+    println!(
+        "provider: {u} instructions per request ({})",
+        upstream_dump.display()
+    );
     println!(
         "RESULT proxy-profile requests={} sidecar_instructions_per_request={s} upstream_instructions_per_request={u} ratio={:.2} sidecar_dump={} upstream_dump={}",
         a.requests,

@@ -181,7 +181,11 @@ struct Carriers {
 /// is long. None when the bytes are not a JSON object or it has no usage object.
 pub fn metered_from_bytes(dialect: Dialect, body: &[u8]) -> Option<Metered> {
     let c: Carriers = serde_json::from_slice(body).ok()?;
-    let carriers = [("usage", c.usage), ("tool_usage", c.tool_usage), ("output", c.output)];
+    let carriers = [
+        ("usage", c.usage),
+        ("tool_usage", c.tool_usage),
+        ("output", c.output),
+    ];
     let body: serde_json::Map<String, Value> = carriers
         .into_iter()
         .filter_map(|(k, v)| Some((k.to_owned(), v?)))
@@ -259,9 +263,14 @@ mod tests {
     fn metered(d: Dialect, body: Value) -> Metered {
         let m = metered_from_body(d, &body).unwrap_or_else(|| panic!("no usage in {body}"));
         let mut with_text = body.clone();
-        with_text["choices"] = json!([{"message": {"content": "some text"}, "finish_reason": "stop"}]);
+        with_text["choices"] =
+            json!([{"message": {"content": "some text"}, "finish_reason": "stop"}]);
         let bytes = serde_json::to_vec(&with_text).unwrap();
-        assert_eq!(metered_from_bytes(d, &bytes).as_ref(), Some(&m), "{with_text}");
+        assert_eq!(
+            metered_from_bytes(d, &bytes).as_ref(),
+            Some(&m),
+            "{with_text}"
+        );
         m
     }
 
@@ -327,7 +336,13 @@ mod tests {
             None
         );
         assert_eq!(metered_from_body(Dialect::OpenAi, &json!({})), None);
-        for bytes in [&b"{}"[..], b"{\"usage\": null}", b"[1]", b"not json", b"{\"usage\": {"] {
+        for bytes in [
+            &b"{}"[..],
+            b"{\"usage\": null}",
+            b"[1]",
+            b"not json",
+            b"{\"usage\": {",
+        ] {
             assert_eq!(metered_from_bytes(Dialect::OpenAi, bytes), None);
         }
     }

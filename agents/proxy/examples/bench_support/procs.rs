@@ -68,7 +68,9 @@ pub fn start(bin: &Path, args: &[&str], env: &[(&str, &str)], marker: &str) -> (
 /// The command that runs a program on core `cpu` only (`taskset -c`, which runs it in its own
 /// process, so the PID is the program's); none when `cpu` is `None`.
 pub fn pinned(cpu: Option<usize>) -> Vec<String> {
-    cpu.map_or_else(Vec::new, |c| vec!["taskset".into(), "-c".into(), c.to_string()])
+    cpu.map_or_else(Vec::new, |c| {
+        vec!["taskset".into(), "-c".into(), c.to_string()]
+    })
 }
 
 /// Like [`start`], with `bin` run by the command `prefix` ([`pinned`], `valgrind
