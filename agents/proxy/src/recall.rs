@@ -591,7 +591,7 @@ fn search_all(
 #[derive(Debug)]
 pub enum Asking {
     /// `POST /v1/recall`, still to authenticate and read.
-    Http(Request),
+    Http(Box<Request>),
     /// The arguments of the MCP tool `capsule_recall` (the recall request body), from a
     /// request [`crate::mcp`] has authenticated.
     Tool(Bytes),
@@ -599,7 +599,7 @@ pub enum Asking {
 
 /// Serves `POST /v1/recall`.
 pub async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
-    answer(&state, Asking::Http(req)).await
+    answer(&state, Asking::Http(Box::new(req))).await
 }
 
 /// The one path of a recall, for `POST /v1/recall` and the MCP tool alike: admission, the
@@ -640,7 +640,7 @@ async fn serve(
     let bytes = match asking {
         Asking::Http(req) => {
             crate::handler::authenticate(state, req.headers())?;
-            let (parts, body) = req.into_parts();
+            let (parts, body) = (*req).into_parts();
             if parts.method != Method::POST {
                 return Err(ProxyError::NotFound(format!("{} {PATH}", parts.method)));
             }
