@@ -82,6 +82,14 @@ pub struct RecallSettings {
     pub max_query_bytes: usize,
     /// Largest `k` accepted.
     pub max_k: usize,
+    /// Where the sidecar moves a revoked Capsule's folder out of `capsulesDir`, and from where
+    /// it moves it back (checked against its digest again) when the revocation is lifted. It
+    /// must be on the same filesystem as `capsulesDir` (one volume), so each move is a single
+    /// atomic rename. The operator mounts only `capsulesDir` into the agent container, so a
+    /// withdrawn Capsule is gone from the agent's `/capsules/<name>/`. Absent: the folders are
+    /// not moved (recall still refuses a revoked Capsule).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub withheld_dir: Option<PathBuf>,
 }
 
 impl RecallSettings {
@@ -101,6 +109,7 @@ impl Default for RecallSettings {
             embedding_model: None,
             max_query_bytes: 8 * 1024,
             max_k: 100,
+            withheld_dir: None,
         }
     }
 }

@@ -12,7 +12,9 @@ from another artifact, a re-pushed (tampered) tag and a missing artifact are Rea
 the reason and a message, and a Warning Event; a Capsule applied before its artifact was signed
 becomes Ready once it is; a ConfigMap Capsule is Ready, becomes Ready=False when its `.sig` is
 swapped for another blob's or corrupted, or its content is tampered with, and Ready again when
-restored, with the Agent that uses it following it.
+restored, with the Agent that uses it following it; revoking a Capsule an Agent runs with
+writes the revocation into the running pods' sidecar ConfigMap (no ledger) without rolling
+them, the Agent saying so, and lifting it takes it out again.
 
 Needs SOMA_OPERATOR_BIN and SOMA_COSIGN/SOMA_ORAS/SOMA_REGISTRY
 (`bash scripts/test-deps/signing-tools.sh` prints them); skipped plainly without.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import json
 import pathlib
 import time
 from typing import Any, Iterator
@@ -193,8 +196,11 @@ def test_signed_oci_capsule_is_ready_with_digest_signer_and_time(env: Env) -> No
     assert args[args.index("--repository") + 1] == f"{env.registry.addr}/{REPO_KB}", args
     assert args[args.index("--policy-hash") + 1] == POLICY_HASH, args
     agent = next(c for c in pod["containers"] if c["name"] == "agent")
-    mount = next(m for m in agent["volumeMounts"] if m["mountPath"] == "/capsules/kb")
-    assert mount["readOnly"] is True, mount
+    # The agent mounts only the volume's visible/ folder (its /capsules/<name>/), read-only:
+    # the sidecar withdraws a revoked Capsule's folder out of it.
+    mount = next(m for m in agent["volumeMounts"] if m["mountPath"] == "/capsules")
+    assert mount["readOnly"] is True and mount["subPath"] == "visible", mount
+    assert args[args.index("--into") + 1] == "/var/lib/soma-capsules/visible/kb", args
 
 
 def test_signed_bundle_for_another_policy_or_not_a_bundle_is_rejected(env: Env) -> None:
@@ -310,3 +316,55 @@ def test_agent_using_a_rejected_capsule_does_not_start(env: Env) -> None:
     blocked = env.agent_blocked("uses-unsigned", "Unsigned")
     assert '"never-signed"' in blocked["message"], blocked
     assert env.kube.get_opt("apps/v1", "deployments", NS, "uses-unsigned") is None
+
+
+def test_revoking_a_capsule_reaches_the_running_pods_configuration(env: Env) -> None:
+    """Without a ledger: the Agent's sidecar ConfigMap carries the revocation (the sidecar
+    follows its file), the pods are not rolled, the Agent says so; lifted, it is gone."""
+    digest = env.push("rev", '{"blocks":[{"id":"r","text":"revocable"}]}')
+    env.work.sign("soma", env.registry.addr, REPO_KB, digest)
+    env.capsule("rev-kb", env.oci(digest))
+    env.agent("uses-rev", "rev-kb")
+    env.ready("rev-kb", "True")
+    wait_for("Agent uses-rev Ready", lambda: (env.agent_ready("uses-rev") or {}).get("status") == "True")
+
+    def settings() -> dict[str, Any]:
+        cm = env.kube.get("v1", "configmaps", NS, "uses-rev-sidecar")
+        return json.loads(cm["data"]["config.yaml"])
+
+    def template() -> dict[str, Any]:
+        d = env.kube.get("apps/v1", "deployments", NS, "uses-rev")
+        return d["spec"]["template"]
+
+    assert "revokedCapsules" not in settings()
+    before = template()
+
+    # The same name revoked in another namespace reaches nobody here.
+    env.kube.ensure_namespace("elsewhere")
+    env.kube.apply({"apiVersion": AGENTS, "kind": "Capsule", "metadata": {"name": "rev-kb", "namespace": "elsewhere"},
+                    "spec": {"version": "1", "policyHash": POLICY_HASH, "revoked": True, "source": env.oci(digest),
+                             "signature": {"publicKeyRef": {"name": "signers", "key": "cosign.pub"}}}},
+                   manager="kubectl")
+    wait_for("the other namespace's Capsule revoked", lambda: (condition(
+        env.kube.get(AGENTS, "capsules", "elsewhere", "rev-kb"), "Ready") or {}).get("reason") == "Revoked")
+    assert "revokedCapsules" not in settings()
+
+    revoked = env.get("rev-kb")
+    revoked["spec"]["revoked"] = True
+    env.kube.apply({"apiVersion": AGENTS, "kind": "Capsule", "metadata": {"name": "rev-kb", "namespace": NS},
+                    "spec": revoked["spec"]}, manager="kubectl")
+    entries = wait_for("revokedCapsules in the sidecar's ConfigMap",
+                       lambda: settings().get("revokedCapsules"))
+    assert entries == [{"name": "rev-kb", "digest": digest,
+                        "reason": f"Capsule {NS}/rev-kb is revoked (spec.revoked)"}], entries
+    blocked = env.agent_blocked("uses-rev", "Revoked")
+    assert "Running pods are told to stop using" in blocked["message"], blocked
+    assert template() == before, "a live part of the configuration: the pods are not rolled"
+
+    revoked["spec"]["revoked"] = False
+    env.kube.apply({"apiVersion": AGENTS, "kind": "Capsule", "metadata": {"name": "rev-kb", "namespace": NS},
+                    "spec": revoked["spec"]}, manager="kubectl")
+    env.ready("rev-kb", "True")
+    wait_for("Agent uses-rev Ready again", lambda: (env.agent_ready("uses-rev") or {}).get("status") == "True")
+    wait_for("revokedCapsules gone", lambda: "revokedCapsules" not in settings())
+    assert template() == before

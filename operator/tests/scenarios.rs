@@ -707,3 +707,107 @@ async fn agent_waits_for_a_capsule_that_is_not_ready() {
     );
     assert_eq!(seen[5].body["reason"], "CapsuleNotReady");
 }
+
+/// An Agent whose pods run with Capsule `kb`, now revoked: the sidecar ConfigMap of its
+/// running pods is read, and written with the revocation; the status says so.
+fn revoked_capsule_steps(config_map: Value) -> (Value, Vec<Step>) {
+    let mut agent = agent_json();
+    agent["spec"]["capsules"] = json!([{"name": "kb"}]);
+    let capsule = json!({
+        "apiVersion": "soma.dev/v1alpha1", "kind": "Capsule",
+        "metadata": {"name": "kb", "namespace": "team", "generation": 2},
+        "spec": {"version": "1", "policyHash": format!("sha256:{}", "9b".repeat(32)), "revoked": true,
+                 "source": {"oci": {"repository": "r", "digest": format!("sha256:{}", "aa".repeat(32))}},
+                 "signature": {"publicKeyRef": {"name": "signers", "key": "cosign.pub"}}},
+        "status": {"observedGeneration": 2, "conditions": [{"type": "Ready", "status": "False", "reason": "Revoked",
+            "message": "the Capsule is revoked (spec.revoked); no Agent may use it",
+            "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+    });
+    let steps = vec![
+        step(
+            Method::GET,
+            &format!("{SOMA}/budgets/team-budget"),
+            budget_found,
+        ),
+        step(Method::GET, &format!("{SOMA}/capsules/kb"), move |_| {
+            (StatusCode::OK, capsule)
+        }),
+        step(
+            Method::GET,
+            &format!("{NS}/configmaps/helper-sidecar"),
+            move |_| (StatusCode::OK, config_map),
+        ),
+    ];
+    (agent, steps)
+}
+
+/// The sidecar ConfigMap the operator wrote when the pods started.
+fn running_config_map(agent: &Value) -> Value {
+    let agent: Agent = serde_json::from_value(agent.clone()).expect("agent");
+    let children = soma_operator::agent::children::children(
+        &agent,
+        &soma_operator::agent::children::Resolved {
+            replicas: 1,
+            ..Default::default()
+        },
+        &OperatorConfig::default(),
+    )
+    .expect("children");
+    serde_json::to_value(children.sidecar_config).expect("json")
+}
+
+#[tokio::test]
+async fn a_revoked_capsule_reaches_the_running_pods_configuration_without_rolling_them() {
+    let (agent, _) = revoked_capsule_steps(json!({}));
+    let (agent, mut steps) = revoked_capsule_steps(running_config_map(&agent));
+    steps.push(step(
+        Method::PATCH,
+        &format!("{NS}/configmaps/helper-sidecar"),
+        echo,
+    ));
+    steps.extend(stalled_status_steps());
+    let (result, seen, _) = run(agent_from(agent), steps).await;
+    assert_eq!(result.expect("waits"), Action::await_change());
+    let written = &seen[3];
+    assert_eq!(written.content_type, "application/apply-patch+yaml");
+    let settings: Value = serde_json::from_str(
+        written.body["data"]["config.yaml"]
+            .as_str()
+            .expect("config"),
+    )
+    .expect("json");
+    assert_eq!(
+        settings["revokedCapsules"],
+        json!([{"name": "kb", "digest": format!("sha256:{}", "aa".repeat(32)),
+                "reason": "Capsule team/kb is revoked (spec.revoked)"}])
+    );
+    assert_eq!(
+        written.body["metadata"]["ownerReferences"][0]["uid"],
+        "agent-uid"
+    );
+    // Only the ConfigMap: the Deployment is read, never written (steps would fail otherwise).
+    let ready = condition(&seen[6].body["status"], "Ready");
+    assert_eq!(ready["reason"], "CapsuleNotReady");
+    assert!(
+        ready["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("(Revoked:")
+                && m.contains("Running pods are told to stop using [\"kb\"]")),
+        "{ready}"
+    );
+}
+
+#[tokio::test]
+async fn a_revocation_the_configuration_already_carries_is_not_written_again() {
+    let (agent, _) = revoked_capsule_steps(json!({}));
+    let mut cm = running_config_map(&agent);
+    let mut settings: Value =
+        serde_json::from_str(cm["data"]["config.yaml"].as_str().expect("config")).expect("json");
+    settings["revokedCapsules"] = json!([{"name": "kb", "digest": format!("sha256:{}", "aa".repeat(32)),
+                                          "reason": "Capsule team/kb is revoked (spec.revoked)"}]);
+    cm["data"]["config.yaml"] = json!(serde_json::to_string_pretty(&settings).expect("text"));
+    let (agent, mut steps) = revoked_capsule_steps(cm);
+    steps.extend(stalled_status_steps());
+    let (result, _, _) = run(agent_from(agent), steps).await;
+    assert_eq!(result.expect("waits"), Action::await_change());
+}

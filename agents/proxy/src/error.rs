@@ -252,7 +252,7 @@ impl ProxyError {
     }
 
     /// The message the client sees.
-    fn message(&self) -> String {
+    pub fn message(&self) -> String {
         match self {
             ProxyError::Unauthorized => "Missing or invalid client token: present the pod's \
                 SOMA_PROXY_TOKEN as the API key (Authorization: Bearer or x-api-key)."

@@ -11,7 +11,8 @@
 //!                               └──► upstream (key injected) ──► relay/settle
 //!  outbox ──(background)──► ledger (PostgreSQL) and events (NATS JetStream), idempotent
 //!  vault (optional) ──► keys (the provider key, swapped atomically on rotation)
-//!  /v1/recall ──► recall (the pod's Capsules, checked against their digests; query embedded by the metered call)
+//!  /v1/recall, /mcp (tool capsule_recall) ──► recall (the pod's Capsules, checked against their digests; query embedded by the metered call)
+//!  revocations (file, ledger) ──► live ──► recall refuses; withdraw moves the folder out of the agent's view
 //!  Prometheus, operator ──:9090──► admin (/healthz, /readyz, /metrics, /load: the autoscaler's signal)
 //!  each call ──► one GenAI span (genai_span), exported over OTLP when configured
 //! ```
@@ -38,6 +39,7 @@ pub mod ledger;
 pub mod ledger_access;
 pub mod live;
 pub mod load;
+pub mod mcp;
 pub mod metrics;
 pub mod outbox;
 pub mod recall;
@@ -48,6 +50,7 @@ pub mod server;
 pub mod state;
 pub mod upstream;
 pub mod vault;
+pub mod withdraw;
 
 pub use config::Config;
 pub use server::{Running, StartError, start};

@@ -17,7 +17,8 @@
 //!
 //! Capsule revocations come from both sources too: the file's `revokedCapsules` and the
 //! ledger's `soma_capsule_revocations` rows for the Capsules this pod holds (notification
-//! `capsule:<ns>/<name>`, and every poll); recall refuses a Capsule either names.
+//! `capsule:<ns>/<name>`, and every poll); recall refuses a Capsule either names, and its
+//! folder is moved out of the agent container's view ([`crate::withdraw`]) until neither does.
 //!
 //! With a ledger an edit arrives in milliseconds; without one, when the kubelet refreshes the
 //! ConfigMap volume (about a minute). A definition replaces the one held only when it is newer:
@@ -280,14 +281,17 @@ async fn listen(pool: PgPool, tx: mpsc::Sender<String>) {
     }
 }
 
-/// The revocations of both sources, applied to the recall shelf.
+/// The revocations of both sources, applied to the recall shelf and to the Capsule folders.
 struct Revocations {
     file: Vec<soma_contract::recall::RevokedCapsule>,
     ledger: Vec<soma_contract::recall::RevokedCapsule>,
+    /// Whether the ledger's revocations are known (read at least once, or no ledger): until
+    /// then a folder is withdrawn but never put back.
+    ledger_known: bool,
 }
 
 impl Revocations {
-    fn apply(&self, state: &AppState, source: Source) {
+    async fn apply(&self, state: &Arc<AppState>, source: Source) {
         let mut all = self.file.clone();
         all.extend(self.ledger.iter().cloned());
         if state.capsules.set_revoked(&all) {
@@ -298,6 +302,20 @@ impl Revocations {
             );
             state.metrics.live_update(source.label(), "applied");
         }
+        // Every read places the folders (a no-op when they are where they belong), so a move
+        // that failed is tried again.
+        let mode = if self.ledger_known {
+            crate::withdraw::Mode::Full
+        } else {
+            crate::withdraw::Mode::WithdrawOnly
+        };
+        let state = state.clone();
+        let span = tracing::Span::current();
+        let _ = tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            crate::withdraw::place(&state, mode)
+        })
+        .await;
     }
 }
 
@@ -350,6 +368,7 @@ pub async fn run(
     let mut revocations = Revocations {
         file: state.config.revoked_capsules.clone(),
         ledger: Vec::new(),
+        ledger_known: pool.is_none(),
     };
     let capsule_note = format!(
         "{}{}/",
@@ -417,7 +436,7 @@ pub async fn run(
                     enforce_brown_out(&state, &held, Source::File);
                 }
                 revocations.file = c.revoked_capsules;
-                revocations.apply(&state, Source::File);
+                revocations.apply(&state, Source::File).await;
                 if book.take(c.budgets, Source::File) {
                     enforce(&state, &book, Source::File).await;
                 }
@@ -432,7 +451,8 @@ pub async fn run(
                     match read_revocations(p, &state).await {
                         Ok(r) => {
                             revocations.ledger = r;
-                            revocations.apply(&state, Source::Ledger);
+                            revocations.ledger_known = true;
+                            revocations.apply(&state, Source::Ledger).await;
                         }
                         Err(e) => {
                             tracing::debug!(error = %e, "reading Capsule revocations failed; retrying at the next poll")

@@ -197,6 +197,8 @@ pub struct Shelf {
     held: Vec<Held>,
     /// (name, digest) → reason.
     revoked: RwLock<BTreeMap<(String, String), String>>,
+    /// name → why its withheld folder could not be put back (`crate::withdraw`).
+    withheld_problems: RwLock<BTreeMap<String, String>>,
 }
 
 /// Loads one delivered Capsule (blocking: reads and hashes files).
@@ -212,7 +214,7 @@ pub fn load_one(settings: &RecallSettings, capsule: &SidecarCapsule) -> Held {
                 .to_owned(),
         );
     };
-    let dir = settings.capsules_dir.join(&capsule.name);
+    let dir = crate::withdraw::Folders::locate(settings, &capsule.name);
     let delivered: Delivered = match open_delivered(&dir, digest) {
         Ok(d) => d,
         Err(e) => {
@@ -271,6 +273,7 @@ impl Shelf {
         Shelf {
             held,
             revoked: RwLock::default(),
+            withheld_problems: RwLock::default(),
         }
     }
 
@@ -298,6 +301,25 @@ impl Shelf {
         true
     }
 
+    /// Why Capsule `name` at `digest` is revoked, if it is.
+    pub fn revocation(&self, name: &str, digest: &str) -> Option<String> {
+        let revoked = self.revoked.read().unwrap_or_else(PoisonError::into_inner);
+        revoked.get(&(name.to_owned(), digest.to_owned())).cloned()
+    }
+
+    /// Records why Capsule `name`'s withheld folder could not be put back (recall refuses it
+    /// while it is), or clears it.
+    pub fn set_withheld_problem(&self, name: &str, problem: Option<String>) {
+        let mut problems = self
+            .withheld_problems
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        match problem {
+            Some(p) => problems.insert(name.to_owned(), p),
+            None => problems.remove(name),
+        };
+    }
+
     /// The (name, digest) pairs of the Capsules held, for the ledger's revocation rows.
     pub fn held(&self) -> Vec<(String, String)> {
         self.held
@@ -309,13 +331,23 @@ impl Shelf {
     /// Why `held` may not be served now, if it may not.
     fn refusal(&self, held: &Held) -> Option<RecallError> {
         let digest = held.digest()?;
-        let revoked = self.revoked.read().unwrap_or_else(PoisonError::into_inner);
-        let reason = revoked.get(&(held.name().to_owned(), digest.to_owned()))?;
-        Some(RecallError::Revoked {
-            capsule: held.name().to_owned(),
-            digest: digest.to_owned(),
-            reason: reason.clone(),
-        })
+        if let Some(reason) = self.revocation(held.name(), digest) {
+            return Some(RecallError::Revoked {
+                capsule: held.name().to_owned(),
+                digest: digest.to_owned(),
+                reason,
+            });
+        }
+        let problems = self
+            .withheld_problems
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        problems
+            .get(held.name())
+            .map(|reason| RecallError::Unavailable {
+                capsule: held.name().to_owned(),
+                reason: reason.clone(),
+            })
     }
 
     /// The Capsules a request searches: those it names (each must be held and servable), or
@@ -555,14 +587,31 @@ fn search_all(
     Ok(all)
 }
 
+/// What a recall is asked with.
+#[derive(Debug)]
+pub enum Asking {
+    /// `POST /v1/recall`, still to authenticate and read.
+    Http(Box<Request>),
+    /// The arguments of the MCP tool `capsule_recall` (the recall request body), from a
+    /// request [`crate::mcp`] has authenticated.
+    Tool(Bytes),
+}
+
 /// Serves `POST /v1/recall`.
 pub async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    answer(&state, Asking::Http(Box::new(req))).await
+}
+
+/// The one path of a recall, for `POST /v1/recall` and the MCP tool alike: admission, the
+/// checks, the metered query embedding, the search, the errors in OpenAI's format, and the
+/// metrics (`endpoint="recall"`).
+pub async fn answer(state: &Arc<AppState>, asking: Asking) -> Response {
     let t0 = Instant::now();
     let result = match state.admit() {
         None => Err(ProxyError::Overloaded {
             limit: state.config.max_in_flight.get(),
         }),
-        Some(permit) => serve(&state, req, permit, t0).await,
+        Some(permit) => serve(state, asking, permit, t0).await,
     };
     let response = match result {
         Ok(r) => r,
@@ -584,16 +633,21 @@ pub async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Respons
 
 async fn serve(
     state: &Arc<AppState>,
-    req: Request,
+    asking: Asking,
     permit: InFlight,
     t0: Instant,
 ) -> Result<Response, ProxyError> {
-    crate::handler::authenticate(state, req.headers())?;
-    let (parts, body) = req.into_parts();
-    if parts.method != Method::POST {
-        return Err(ProxyError::NotFound(format!("{} {PATH}", parts.method)));
-    }
-    let bytes = crate::request::read_json_body(state, &parts, body).await?;
+    let bytes = match asking {
+        Asking::Http(req) => {
+            crate::handler::authenticate(state, req.headers())?;
+            let (parts, body) = (*req).into_parts();
+            if parts.method != Method::POST {
+                return Err(ProxyError::NotFound(format!("{} {PATH}", parts.method)));
+            }
+            crate::request::read_json_body(state, &parts, body).await?
+        }
+        Asking::Tool(bytes) => bytes,
+    };
     let asked = check(&bytes, &state.config.recall)?;
     let (capsules, skipped) = state
         .capsules

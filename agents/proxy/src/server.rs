@@ -10,7 +10,7 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
@@ -207,6 +207,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         };
     }
     r = r.route(crate::recall::PATH, post(crate::recall::handle));
+    r = r.route(crate::mcp::PATH, any(crate::mcp::handle));
     r.fallback(|req: Request| async move {
         let dialect = if req.uri().path().starts_with("/v1/messages") {
             soma_metering::wire::Dialect::Anthropic
@@ -371,6 +372,16 @@ pub async fn start(
     let proxy = bind(&config.listen).await?;
     let admin = bind(&config.admin_listen).await?;
     let state = state(config, client_token).await?;
+    // The configuration's revocations take effect on the Capsule folders before anything is
+    // served: a Capsule revoked while this sidecar was down stays withdrawn. With a ledger,
+    // nothing is put back until the live loop has read the ledger's revocations too.
+    let mode = if state.ledger.is_some() {
+        crate::withdraw::Mode::WithdrawOnly
+    } else {
+        crate::withdraw::Mode::Full
+    };
+    let placing = state.clone();
+    let _ = tokio::task::spawn_blocking(move || crate::withdraw::place(&placing, mode)).await;
     let proxy_addr = proxy.local_addr().map_err(|source| StartError::Bind {
         addr: "proxy".into(),
         source,

@@ -18,60 +18,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use soma_capsule::format::Embedding;
-use soma_capsule::pack::{Embeddings, PackOptions, pack_documents};
 use soma_proxy::fake_upstream::FakeUpstream;
+use support::capsules::{DIMS, MODEL, deliver, tamper};
 use support::pg::Pg;
 use support::*;
-
-const MODEL: &str = "soma-hash-256";
-const DIMS: usize = 256;
-
-fn documents() -> Vec<(String, String)> {
-    vec![
-        (
-            "billing.md".into(),
-            "Refunds are issued to the original card within five days.\n\nInvoices are emailed on the first of the month.".into(),
-        ),
-        (
-            "shipping.md".into(),
-            "Parcels ship from the Rotterdam warehouse.\n\nExpress delivery takes one day inside the country.".into(),
-        ),
-        (
-            "accounts.md".into(),
-            "Reset a forgotten password from the login page.\n\nTwo-factor codes expire after thirty seconds.".into(),
-        ),
-    ]
-}
-
-/// Packs the documents with `model`'s embeddings and delivers them into `dir/<name>`;
-/// returns the digest.
-fn deliver(dir: &Path, name: &str, model: &str, dims: usize) -> String {
-    let docs = documents();
-    let chunks = soma_capsule::pack::chunks(&docs, 80);
-    let records = chunks
-        .iter()
-        .map(|c| Embedding {
-            id: c.id.clone(),
-            vector: soma_capsule::hashed::embed(&c.text, dims),
-        })
-        .collect();
-    let bundle = pack_documents(
-        &docs,
-        &PackOptions {
-            version: "1.2.0".into(),
-            policy_hash: format!("sha256:{}", "9".repeat(64)),
-            max_bytes: 80,
-            embeddings: Some(Embeddings {
-                model: model.into(),
-                records,
-            }),
-        },
-    )
-    .unwrap();
-    bundle.open().unwrap().write_into(&dir.join(name)).unwrap();
-    bundle.digest
-}
 
 struct Pod {
     h: Harness,
@@ -253,15 +203,7 @@ async fn a_capsule_that_fails_its_check_or_has_another_model_is_not_served() {
     let Pod { h, .. } = pod(|dir, _| {
         // "changed": delivered, then a chunk rewritten (as a writable folder would allow).
         let changed = deliver(dir, "changed", MODEL, DIMS);
-        let chunks = dir.join("changed").join("chunks.jsonl");
-        let mut perms = std::fs::metadata(&chunks).unwrap().permissions();
-        #[allow(clippy::permissions_set_readonly_false)]
-        perms.set_readonly(false);
-        std::fs::set_permissions(&chunks, perms).unwrap();
-        let text = std::fs::read_to_string(&chunks)
-            .unwrap()
-            .replace("five", "fifty");
-        std::fs::write(&chunks, text).unwrap();
+        tamper(&dir.join("changed"));
         let other = deliver(dir, "other", "soma-hash-32", 32);
         json!({"capsules": [
             {"name": "kb", "digest": deliver(dir, "kb2", MODEL, DIMS)},

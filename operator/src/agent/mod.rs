@@ -11,7 +11,9 @@
 //! - [`children`]: pure builders of the child objects;
 //! - [`image`]: agent image signatures (tag → digest → Cosign), cached, pinned;
 //! - [`status`]: pure computation of conditions;
-//! - [`apply`]: the only place that writes children;
+//! - [`apply`]: the only place that writes children (besides [`revoked`]);
+//! - [`revoked`]: Capsule revocations written into the sidecar's ConfigMap while the Agent is
+//!   held back (a live part of the configuration: the pods are not rolled);
 //! - [`reconcile`]: the reconcile and error policy;
 //! - [`scaling`]: pure autoscaling settings, `spec.replicas` ownership and `status.scaling`
 //!   (the loop itself is [`crate::autoscale`]);
@@ -27,5 +29,6 @@ pub mod controller;
 pub mod credentials;
 pub mod image;
 pub mod reconcile;
+pub mod revoked;
 pub mod scaling;
 pub mod status;

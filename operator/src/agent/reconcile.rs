@@ -33,6 +33,7 @@ use crate::budget::def::resolve_chain;
 use crate::budget::index::Walked;
 use crate::capsule::delivery::Delivery;
 use crate::capsule::refs::{CapsuleRef, capsule_refs};
+use crate::capsule::revocation::Standing;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::reconciler;
@@ -67,6 +68,8 @@ struct Refs {
     budget_used: Option<String>,
     /// The verified Capsules to deliver into the pods.
     capsules: Vec<Delivery>,
+    /// What running pods holding each listed Capsule must be told (revoked or not).
+    standings: Vec<(String, Standing)>,
 }
 
 /// Resolves the Agent's Budget chain (the one resolver, over Budgets read from the API) and
@@ -118,14 +121,18 @@ async fn resolve_refs(ctx: &Context, agent: &Agent, namespace: &str) -> Result<R
     }
     for (name, state) in capsule_refs(client, namespace, &agent.spec.capsules).await? {
         match state {
-            CapsuleRef::Ready(delivery) => refs.capsules.extend(delivery),
+            CapsuleRef::Ready(delivery) => {
+                refs.capsules.extend(delivery);
+                refs.standings.push((name, Standing::Usable));
+            }
             CapsuleRef::Missing => refs.missing.push(MissingRef {
                 kind: "Capsule",
                 namespace: namespace.to_owned(),
                 name,
                 field: "spec.capsules".to_owned(),
             }),
-            CapsuleRef::NotReady(reason, message) => {
+            CapsuleRef::NotReady(reason, message, standing) => {
+                refs.standings.push((name.clone(), standing));
                 if refs.stall.is_none() {
                     // A Capsule that is not verified (or revoked, or denied) must not reach
                     // an agent: the Agent waits, like for a missing reference.
@@ -231,7 +238,7 @@ pub async fn reconcile(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Action> {
 
 /// Resolves references and applies the children; returns what the status is computed from.
 async fn converge(agent: &Agent, ctx: &Context, namespace: &str) -> Result<Observed> {
-    let refs = resolve_refs(ctx, agent, namespace).await?;
+    let mut refs = resolve_refs(ctx, agent, namespace).await?;
     let policy = ctx
         .policy
         .check(agent)
@@ -311,7 +318,20 @@ async fn converge(agent: &Agent, ctx: &Context, namespace: &str) -> Result<Obser
         // Fail closed: nothing is started or changed while a reference is broken, a policy
         // denies the Agent or its image is not verified. Pods already running keep running (as Gatekeeper's audit reports
         // existing objects without removing them); their sidecar still enforces the Budget
-        // it has.
+        // it has, and is told which of its Capsules are revoked (a live part of its
+        // configuration: the pods are not rolled).
+        let revoked =
+            super::revoked::publish(&ctx.client, agent, &ctx.config, &refs.standings).await?;
+        if let Some(stall) = refs
+            .stall
+            .as_mut()
+            .filter(|s| s.reason == "CapsuleNotReady")
+            && !revoked.is_empty()
+        {
+            stall.message.push_str(&format!(
+                ". Running pods are told to stop using {revoked:?}: their sidecar refuses recall from it and withdraws its folder from the agent container"
+            ));
+        }
         read_deployment(&ctx.client, agent, namespace).await?
     };
     Ok(Observed {

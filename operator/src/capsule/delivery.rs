@@ -1,15 +1,19 @@
-//! Pure: how a verified Capsule reaches an agent pod. Each Capsule the workload lists gets an
-//! emptyDir, filled before anything else starts by an init container running
+//! Pure: how a verified Capsule reaches an agent pod. The pod gets one emptyDir for its
+//! Capsules, filled before anything else starts by one init container per Capsule running
 //! `soma capsule fetch` with the verified digest (the only content it accepts: every byte is
-//! checked against the digest after download), and mounted read-only into the agent container
-//! at `/capsules/<name>/`. The agent can read the content, never change it, and never sees
-//! content other than the digest the Capsule controller verified.
+//! checked against the digest after download) into `visible/<name>/`. The agent container
+//! mounts only `visible/`, read-only, at `/capsules`, so it reads `/capsules/<name>/` and can
+//! never change it. The metering sidecar mounts the whole volume: on a revocation it moves
+//! `visible/<name>` to `withheld/<name>` (one rename), which takes the folder out of the
+//! agent's view, and back when the revocation is lifted (`soma-proxy`'s `withdraw`).
 //!
 //! ```text
 //!  Capsule status.verifiedDigest ─► Delivery ─► init container capsule-<i>
 //!                                                 soma capsule fetch --repository R --digest D
 //!                                                 (or --file <ConfigMap key> --digest D)
-//!                                                 └─► emptyDir capsule-<i> ─► agent: /capsules/<name> (readOnly)
+//!                                                 └─► emptyDir capsules: visible/<name>/
+//!      agent:   /capsules ◄── subPath visible (readOnly)
+//!      sidecar: /var/lib/soma-capsules ◄── the whole volume (visible/, withheld/)
 //! ```
 //!
 //! A ConfigMap's content is mounted into the init container only; the agent gets the copy
@@ -20,6 +24,7 @@
 
 use k8s_openapi::api::core::v1::{
     ConfigMapVolumeSource, Container, EmptyDirVolumeSource, KeyToPath, PodTemplateSpec, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyPeer,
@@ -37,6 +42,14 @@ pub const CAPSULES_DIR: &str = "/capsules";
 pub const CAPSULES_DIR_ENV: &str = "SOMA_CAPSULES_DIR";
 /// Where a ConfigMap Capsule's key is mounted in its init container.
 const SOURCE_DIR: &str = "/var/run/soma/capsule-source";
+/// The pod's Capsule volume.
+pub const VOLUME: &str = "capsules";
+/// Where the whole Capsule volume is mounted in the init containers and the sidecar.
+pub const VOLUME_DIR: &str = "/var/lib/soma-capsules";
+/// The volume's folder the agent container sees (its `/capsules`).
+pub const VISIBLE: &str = "visible";
+/// The volume's folder a revoked Capsule is moved to (the sidecar's only).
+pub const WITHHELD: &str = "withheld";
 
 /// Where one Capsule's content comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,11 +114,17 @@ pub fn delivery(capsule: &Capsule) -> Option<Delivery> {
     })
 }
 
-/// The folder Capsule `name` is mounted at.
+/// The folder the agent container reads Capsule `name` from.
 pub fn mount_path(name: &str) -> String {
     format!("{CAPSULES_DIR}/{name}")
 }
 
+/// The folder an init container fetches Capsule `name` into (the agent's `/capsules/<name>`).
+fn fetch_path(name: &str) -> String {
+    format!("{VOLUME_DIR}/{VISIBLE}/{name}")
+}
+
+/// The init container of delivery `index` (and, for a ConfigMap, its source volume's prefix).
 fn volume_name(index: usize) -> String {
     format!("capsule-{index}")
 }
@@ -117,9 +136,9 @@ fn registry_of(repository: &str) -> &str {
 
 /// The init container filling delivery `index`'s volume.
 fn fetch_container(index: usize, d: &Delivery, config: &OperatorConfig) -> Container {
-    let into = mount_path(&d.name);
+    let into = fetch_path(&d.name);
     let mut args = vec!["capsule".to_owned(), "fetch".to_owned()];
-    let mut mounts = vec![mount(&volume_name(index), &into, false)];
+    let mut mounts = vec![mount(VOLUME, VOLUME_DIR, false)];
     match &d.source {
         Source::Oci { repository } => {
             args.extend(["--repository".to_owned(), repository.clone()]);
@@ -161,34 +180,31 @@ fn fetch_container(index: usize, d: &Delivery, config: &OperatorConfig) -> Conta
     }
 }
 
-fn volumes(index: usize, d: &Delivery) -> Vec<Volume> {
-    let mut out = vec![Volume {
-        name: volume_name(index),
-        empty_dir: Some(EmptyDirVolumeSource::default()),
+/// The ConfigMap volume a ConfigMap delivery's init container reads, if it is one.
+fn source_volume(index: usize, d: &Delivery) -> Option<Volume> {
+    let Source::ConfigMap { name, key } = &d.source else {
+        return None;
+    };
+    Some(Volume {
+        name: format!("{}-source", volume_name(index)),
+        config_map: Some(ConfigMapVolumeSource {
+            name: name.clone(),
+            items: Some(vec![KeyToPath {
+                key: key.clone(),
+                path: key.clone(),
+                mode: None,
+            }]),
+            optional: Some(false),
+            ..ConfigMapVolumeSource::default()
+        }),
         ..Volume::default()
-    }];
-    if let Source::ConfigMap { name, key } = &d.source {
-        out.push(Volume {
-            name: format!("{}-source", volume_name(index)),
-            config_map: Some(ConfigMapVolumeSource {
-                name: name.clone(),
-                items: Some(vec![KeyToPath {
-                    key: key.clone(),
-                    path: key.clone(),
-                    mode: None,
-                }]),
-                optional: Some(false),
-                ..ConfigMapVolumeSource::default()
-            }),
-            ..Volume::default()
-        });
-    }
-    out
+    })
 }
 
-/// Adds `deliveries` to the pod: volumes, the fetching init containers (before the sidecar,
-/// so nothing in the pod starts before its Capsules are in place), read-only mounts in the
-/// agent container and `SOMA_CAPSULES_DIR`.
+/// Adds `deliveries` to the pod: the Capsule volume (and a ConfigMap Capsule's source), the
+/// fetching init containers (before the sidecar, so nothing in the pod starts before its
+/// Capsules are in place), the agent container's read-only mount of `visible/` at
+/// `/capsules` with `SOMA_CAPSULES_DIR`, and the sidecar's mount of the whole volume.
 pub fn deliver(template: &mut PodTemplateSpec, deliveries: &[Delivery], config: &OperatorConfig) {
     if deliveries.is_empty() {
         return;
@@ -203,27 +219,38 @@ pub fn deliver(template: &mut PodTemplateSpec, deliveries: &[Delivery], config: 
         .collect();
     let mut init = fetches;
     init.extend(pod.init_containers.take().unwrap_or_default());
-    // The metering sidecar reads the same folders, read-only, for recall.
+    // The metering sidecar reads the folders for recall and moves a revoked one out of the
+    // agent's view: it mounts the whole volume, writable.
     for c in init.iter_mut().filter(|c| c.name == SIDECAR_NAME) {
-        let mounts = c.volume_mounts.get_or_insert_with(Vec::new);
-        for (i, d) in deliveries.iter().enumerate() {
-            mounts.push(mount(&volume_name(i), &mount_path(&d.name), true));
-        }
+        c.volume_mounts
+            .get_or_insert_with(Vec::new)
+            .push(mount(VOLUME, VOLUME_DIR, false));
     }
     pod.init_containers = Some(init);
     let volumes = pod.volumes.get_or_insert_with(Vec::new);
-    for (i, d) in deliveries.iter().enumerate() {
-        volumes.extend(self::volumes(i, d));
-    }
+    volumes.push(Volume {
+        name: VOLUME.to_owned(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    });
+    volumes.extend(
+        deliveries
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| source_volume(i, d)),
+    );
     for c in pod
         .containers
         .iter_mut()
         .filter(|c| c.name == AGENT_CONTAINER)
     {
-        let mounts = c.volume_mounts.get_or_insert_with(Vec::new);
-        for (i, d) in deliveries.iter().enumerate() {
-            mounts.push(mount(&volume_name(i), &mount_path(&d.name), true));
-        }
+        // Only `visible/`: what the sidecar withholds is outside the agent's mount.
+        c.volume_mounts
+            .get_or_insert_with(Vec::new)
+            .push(VolumeMount {
+                sub_path: Some(VISIBLE.to_owned()),
+                ..mount(VOLUME, CAPSULES_DIR, true)
+            });
         let vars = c.env.get_or_insert_with(Vec::new);
         vars.retain(|v| v.name != CAPSULES_DIR_ENV);
         vars.push(env(CAPSULES_DIR_ENV, CAPSULES_DIR));
@@ -231,10 +258,15 @@ pub fn deliver(template: &mut PodTemplateSpec, deliveries: &[Delivery], config: 
 }
 
 /// Gives the sidecar's configuration the verified digest of each OCI bundle delivered, so
-/// the sidecar checks the delivered folder against it before serving recall. (A ConfigMap
-/// Capsule is a single blob, not a bundle: it stays a bare name.) Part of the pod template's
-/// hash: other content rolls the pods.
+/// the sidecar checks the delivered folder against it before serving recall, and the
+/// volume's folders (`recall.capsulesDir`, `recall.withheldDir`), so it can withdraw a
+/// revoked one. (A ConfigMap Capsule is a single blob, not a bundle: it stays a bare name.)
+/// Part of the pod template's hash: other content rolls the pods.
 pub fn sidecar_capsules(settings: &mut soma_contract::SidecarConfig, deliveries: &[Delivery]) {
+    if !deliveries.is_empty() {
+        settings.recall.capsules_dir = format!("{VOLUME_DIR}/{VISIBLE}").into();
+        settings.recall.withheld_dir = Some(format!("{VOLUME_DIR}/{WITHHELD}").into());
+    }
     for c in &mut settings.capsules {
         c.digest = deliveries
             .iter()

@@ -9,8 +9,9 @@ pub enum CapsuleRef {
     Ready(Option<super::delivery::Delivery>),
     /// It does not exist.
     Missing,
-    /// It exists and is not Ready (not verified, revoked, denied): reason and message.
-    NotReady(String, String),
+    /// It exists and is not Ready (not verified, revoked, denied): reason, message, and what
+    /// running pods holding it must be told.
+    NotReady(String, String, super::revocation::Standing),
 }
 
 /// Looks up each of `capsules` in `namespace`: one read each, in order.
@@ -33,7 +34,9 @@ pub async fn capsule_refs(
             None => CapsuleRef::Missing,
             Some(c) => match super::status::readiness(c.status.as_ref()) {
                 Ok(()) => CapsuleRef::Ready(super::delivery::delivery(&c)),
-                Err((reason, message)) => CapsuleRef::NotReady(reason, message),
+                Err((reason, message)) => {
+                    CapsuleRef::NotReady(reason, message, super::revocation::standing(&c))
+                }
             },
         };
         out.push((capsule.name.clone(), state));

@@ -631,7 +631,7 @@ async fn resolve_task(job: &Job, ctx: &Context, namespace: &str) -> Result<Resol
                     None,
                 ));
             }
-            CapsuleRef::NotReady(reason, message) => {
+            CapsuleRef::NotReady(reason, message, _) => {
                 return Ok(Resolution::Blocked(
                     block(
                         "CapsuleNotReady",

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+pub mod capsules;
 pub mod fleet;
 #[allow(unused_imports)] // each test binary uses part of it
 pub use soma_testsupport::{nats, pg};

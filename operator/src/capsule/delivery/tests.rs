@@ -142,7 +142,7 @@ fn the_agent_pod_fetches_each_capsule_by_digest_and_mounts_it_read_only() {
             "--digest",
             D1,
             "--into",
-            "/capsules/kb"
+            "/var/lib/soma-capsules/visible/kb"
         ]
     );
     assert_eq!(
@@ -157,7 +157,7 @@ fn the_agent_pod_fetches_each_capsule_by_digest_and_mounts_it_read_only() {
             "--digest",
             D2,
             "--into",
-            "/capsules/faq"
+            "/var/lib/soma-capsules/visible/faq"
         ]
     );
     for c in &init[..2] {
@@ -169,27 +169,48 @@ fn the_agent_pod_fetches_each_capsule_by_digest_and_mounts_it_read_only() {
                 .and_then(|r| r.limits.as_ref())
                 .is_some()
         );
+        let m = c.volume_mounts.iter().flatten().find(|m| m.name == VOLUME);
+        assert_eq!(
+            m.map(|m| (m.mount_path.as_str(), m.read_only, m.sub_path.as_deref())),
+            Some(("/var/lib/soma-capsules", Some(false), None)),
+            "a fetch writes into the volume"
+        );
     }
+    // The sidecar mounts the whole volume, writable: it moves a revoked Capsule's folder
+    // from visible/ to withheld/.
+    let sidecar = &init[2];
+    let m: Vec<_> = sidecar
+        .volume_mounts
+        .iter()
+        .flatten()
+        .filter(|m| m.name == VOLUME)
+        .map(|m| (m.mount_path.as_str(), m.read_only, m.sub_path.as_deref()))
+        .collect();
+    assert_eq!(m, [("/var/lib/soma-capsules", Some(false), None)]);
 
     let agent = pod
         .containers
         .iter()
         .find(|c| c.name == AGENT_CONTAINER)
         .expect("agent");
-    let mounts: Vec<(&str, &str, Option<bool>)> = agent
+    let mounts: Vec<(&str, &str, Option<bool>, Option<&str>)> = agent
         .volume_mounts
         .iter()
         .flatten()
-        .filter(|m| m.mount_path.starts_with(CAPSULES_DIR))
-        .map(|m| (m.name.as_str(), m.mount_path.as_str(), m.read_only))
+        .filter(|m| m.name == VOLUME || m.mount_path.starts_with(CAPSULES_DIR))
+        .map(|m| {
+            (
+                m.name.as_str(),
+                m.mount_path.as_str(),
+                m.read_only,
+                m.sub_path.as_deref(),
+            )
+        })
         .collect();
     assert_eq!(
         mounts,
-        [
-            ("capsule-0", "/capsules/kb", Some(true)),
-            ("capsule-1", "/capsules/faq", Some(true))
-        ],
-        "the agent can read its Capsules, never write them"
+        [("capsules", "/capsules", Some(true), Some("visible"))],
+        "the agent reads visible/ (its /capsules/<name>/), never writes it, never sees withheld/"
     );
     assert!(
         agent
@@ -208,8 +229,16 @@ fn the_agent_pod_fetches_each_capsule_by_digest_and_mounts_it_read_only() {
     );
     let volumes = pod.volumes.as_ref().expect("volumes");
     let vol = |n: &str| volumes.iter().find(|v| v.name == n).expect(n);
-    assert!(vol("capsule-0").empty_dir.is_some());
-    assert!(vol("capsule-1").empty_dir.is_some());
+    assert!(vol("capsules").empty_dir.is_some());
+    assert_eq!(
+        volumes
+            .iter()
+            .filter(|v| v.name.starts_with("capsule"))
+            .map(|v| v.name.as_str())
+            .collect::<Vec<_>>(),
+        ["capsules", "capsule-1-source"],
+        "one volume for every Capsule, and the ConfigMap's source"
+    );
     let source = vol("capsule-1-source")
         .config_map
         .as_ref()
@@ -217,6 +246,24 @@ fn the_agent_pod_fetches_each_capsule_by_digest_and_mounts_it_read_only() {
     assert_eq!(source.name, "faq");
     assert_eq!(source.items.as_ref().map(Vec::len), Some(1));
 
+    // The sidecar knows the volume's two folders (to load from, and to withdraw into).
+    let settings = crate::agent::children::sidecar_config(
+        &self::agent(),
+        &Resolved {
+            replicas: 1,
+            capsules: vec![delivery(&capsule("kb", oci(D1), Some(D1))).expect("kb")],
+            ..Resolved::default()
+        },
+        &config,
+    );
+    assert_eq!(
+        settings.recall.capsules_dir,
+        std::path::PathBuf::from("/var/lib/soma-capsules/visible")
+    );
+    assert_eq!(
+        settings.recall.withheld_dir,
+        Some("/var/lib/soma-capsules/withheld".into())
+    );
     // The registry's port is open for the fetch.
     let egress = np.spec.and_then(|s| s.egress).expect("egress");
     let last = egress.last().expect("a rule");

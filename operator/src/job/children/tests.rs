@@ -580,7 +580,8 @@ fn a_task_pod_gets_its_capsules_by_digest_read_only_like_an_agent_pod() {
         .volume_mounts
         .iter()
         .flatten()
-        .find(|m| m.mount_path == "/capsules/kb")
+        .find(|m| m.mount_path == "/capsules")
         .expect("mounted");
     assert_eq!(kb.read_only, Some(true));
+    assert_eq!(kb.sub_path.as_deref(), Some("visible"));
 }
