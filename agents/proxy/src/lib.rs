@@ -40,6 +40,7 @@ pub mod live;
 pub mod load;
 pub mod metrics;
 pub mod outbox;
+pub mod queue;
 pub mod recall;
 pub mod relay;
 pub mod request;
