@@ -9,6 +9,7 @@
 //!                                      │          ρ < 1, P95 ≤ headroom·target ─► held floor ─┤
 //!                                      ▼                                                      ▼
 //!             desired = clamp(max(⌈C⌉, floor, held floor), min, min(max, budget cap))
+//!             (budget cap: the replicas the Budgets' rate caps can keep busy, set_budget_rate)
 //!             → idle (no traffic, no queued work) for idle_to_zero_s? 0
 //!             → queued work (set_queued_work) and 0? 1
 //!             → scale-down held during cold start and for reversal_hold_s after a scale-up
@@ -36,6 +37,18 @@ use crate::error::Error;
 use crate::estimate::Estimator;
 use crate::signal::LoadSignal;
 
+/// The most traffic the Agent's Budgets let through per second (their `requestsPerMinute` and
+/// `tokensPerMinute` caps, the smallest along the Budget chain): replicas beyond what that
+/// traffic keeps busy would only see the Budget refuse the calls they could take.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct BudgetRate {
+    /// Requests per second.
+    pub requests_per_s: Option<f64>,
+    /// Tokens (prompt and generated) per second; turned into requests with the tokens per
+    /// request the load signal shows.
+    pub tokens_per_s: Option<f64>,
+}
+
 /// Largest replica count the brown-out message searches when reporting what would be needed.
 const NEEDED_SEARCH_LIMIT: u32 = 100_000;
 
@@ -62,6 +75,9 @@ pub struct Snapshot {
     /// `(time, offered load)` of the last `floorHoldS`.
     #[serde(default)]
     pub loads: Vec<(f64, f64)>,
+    /// Tokens per completed request, as last measured (for a Budget's `tokensPerMinute`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_request: Option<f64>,
 }
 
 /// One Agent's autoscaler. Feed it one [`LoadSignal`] per step.
@@ -71,7 +87,10 @@ pub struct Autoscaler {
     estimator: Estimator,
     conductance: Conductance,
     replicas: u32,
+    budget_rate: BudgetRate,
+    /// The replicas the Budget rate allows, as of the last step.
     budget_cap: Option<u32>,
+    tokens_per_request: Option<f64>,
     queued_work: u64,
     last_active_s: Option<f64>,
     last_scale_up_s: Option<f64>,
@@ -89,7 +108,9 @@ impl Autoscaler {
             config,
             conductance: Conductance::default(),
             replicas,
+            budget_rate: BudgetRate::default(),
             budget_cap: None,
+            tokens_per_request: None,
             queued_work: 0,
             last_active_s: None,
             last_scale_up_s: None,
@@ -123,6 +144,7 @@ impl Autoscaler {
                 .is_finite()
                 .then_some(self.cold_start_until_s),
             loads: self.loads.iter().copied().collect(),
+            tokens_per_request: self.tokens_per_request,
         }
     }
 
@@ -134,6 +156,9 @@ impl Autoscaler {
         scaler.estimator = snapshot.estimator.with_params(config.estimator);
         scaler.conductance = snapshot.conductance;
         scaler.last_active_s = snapshot.last_active_s;
+        scaler.tokens_per_request = snapshot
+            .tokens_per_request
+            .filter(|t| t.is_finite() && *t > 0.0);
         scaler.last_scale_up_s = snapshot.last_scale_up_s;
         scaler.cold_start_until_s = snapshot.cold_start_until_s.unwrap_or(f64::NEG_INFINITY);
         scaler.loads = snapshot
@@ -144,9 +169,36 @@ impl Autoscaler {
         Ok(scaler)
     }
 
-    /// Sets (or clears) the most replicas the agent's Budget currently allows.
-    pub fn set_budget_cap(&mut self, cap: Option<u32>) {
-        self.budget_cap = cap;
+    /// Sets the most traffic the agent's Budgets let through ([`BudgetRate`]); each step caps
+    /// the replicas at the Erlang-C size of that traffic (at least one), so that a brown-out,
+    /// lowest priority first, takes what the Budget would otherwise refuse at random.
+    pub fn set_budget_rate(&mut self, rate: BudgetRate) {
+        self.budget_rate = rate;
+    }
+
+    /// The replicas the Budget rate allows at the current estimates, if it sets a bound.
+    fn budget_cap(&self, request: &SizingRequest) -> Option<u32> {
+        let by_requests = self.budget_rate.requests_per_s;
+        let by_tokens = self
+            .budget_rate
+            .tokens_per_s
+            .zip(self.tokens_per_request)
+            .map(|(tokens, per)| tokens / per);
+        let rate = match (by_requests, by_tokens) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        if !rate.is_finite() || rate < 0.0 {
+            return None;
+        }
+        let sized = SizingRequest {
+            arrival_rate: rate,
+            ..*request
+        };
+        let replicas = match sized.smallest(self.config.max_replicas) {
+            Ok(s) | Err(s) => s.replicas,
+        };
+        Some(replicas.max(1))
     }
 
     /// Sets the work queued for the agent outside its load signal, such as tasks waiting for
@@ -175,9 +227,10 @@ impl Autoscaler {
             .update(&cfg.conductance, signal.window_s, flow);
         let conductance_replicas = ceil_replicas(conductance);
 
-        let cap = self
-            .budget_cap
-            .map_or(cfg.max_replicas, |b| b.min(cfg.max_replicas));
+        if signal.completed > 0 && signal.input_tokens + signal.output_tokens > 0 {
+            self.tokens_per_request =
+                Some((signal.input_tokens + signal.output_tokens) as f64 / signal.completed as f64);
+        }
         // A window counts as a rise only beyond its own Poisson noise: steady traffic then
         // sizes on the EMA, a burst of 100+ requests in a window is acted on at once.
         let arrival_rate = estimate
@@ -195,6 +248,10 @@ impl Autoscaler {
             wait_target: cfg.wait_target_s * cfg.wait_headroom,
             quantile: cfg.wait_quantile,
         };
+        self.budget_cap = self.budget_cap(&request);
+        let cap = self
+            .budget_cap
+            .map_or(cfg.max_replicas, |b| b.min(cfg.max_replicas));
         let (erlang_floor, brown_out) = match request.smallest(cap) {
             Ok(s) => (s.replicas, None),
             Err(s) => (s.replicas, Some(self.brown_out(&request, cap))),
@@ -790,12 +847,59 @@ mod tests {
     #[test]
     fn brown_out_blames_the_budget_when_it_binds() {
         let mut a = scaler();
-        a.set_budget_cap(Some(4));
+        // 10 req/s of 1 s calls want 15 replicas; a Budget that lets 2 req/s through keeps
+        // 4 busy within the target (ρ ≤ 0.7 needs 3; the P95 wait needs one more).
+        a.set_budget_rate(BudgetRate {
+            requests_per_s: Some(2.0),
+            tokens_per_s: None,
+        });
         let d = a.step(0.0, &window(150, 1.0));
         assert_eq!(d.desired_replicas, 4);
         let b = d.brown_out.expect("brown-out");
         assert_eq!(b.cause, BrownOutCause::Budget);
-        assert!(b.message.contains("Budget"), "{}", b.message);
+        assert!(
+            b.message.contains("the Budget allows only 4 replicas"),
+            "{}",
+            b.message
+        );
+        // Lifted: the 15 the load needs, no brown-out.
+        a.set_budget_rate(BudgetRate::default());
+        let d = a.step(15.0, &window(150, 1.0));
+        assert_eq!(d.desired_replicas, 15);
+        assert!(d.brown_out.is_none());
+    }
+
+    #[test]
+    fn a_token_rate_caps_through_the_tokens_per_request_the_signal_shows() {
+        let mut a = scaler();
+        // 1,000 tokens per call; 2,000 tokens/s is 2 calls/s: the same cap as above.
+        let mut w = window(150, 1.0);
+        w.input_tokens = 100_000;
+        w.output_tokens = 50_000;
+        a.set_budget_rate(BudgetRate {
+            requests_per_s: None,
+            tokens_per_s: Some(2_000.0),
+        });
+        let d = a.step(0.0, &w);
+        assert_eq!(d.desired_replicas, 4);
+        assert_eq!(d.brown_out.expect("brown-out").cause, BrownOutCause::Budget);
+        // Remembered across a failover, so a window without completions still caps.
+        let json = serde_json::to_string(&a.snapshot()).expect("serializes");
+        let mut b = Autoscaler::resume(
+            AutoscalerConfig::default(),
+            serde_json::from_str(&json).expect("deserializes"),
+        )
+        .expect("valid");
+        b.set_budget_rate(BudgetRate {
+            requests_per_s: None,
+            tokens_per_s: Some(2_000.0),
+        });
+        let quiet_but_queued = LoadSignal {
+            window_s: 15.0,
+            waiting: 150,
+            ..LoadSignal::default()
+        };
+        assert!(b.step(15.0, &quiet_but_queued).desired_replicas <= 4);
     }
 
     #[test]

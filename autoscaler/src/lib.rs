@@ -28,7 +28,7 @@ pub mod peers;
 pub mod signal;
 pub mod sim;
 
-pub use autoscaler::{Autoscaler, Snapshot};
+pub use autoscaler::{Autoscaler, BudgetRate, Snapshot};
 pub use conductance::{Conductance, ConductanceParams};
 pub use config::{AutoscalerConfig, BrownOutAction};
 pub use decision::{BrownOut, BrownOutCause, Decision, Reason};

@@ -161,6 +161,11 @@ pub struct SidecarConfig {
     /// format at once.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: std::num::NonZeroUsize,
+    /// How long the agent's last report of its own queue (`PUT /v1/queue`,
+    /// [`load::QueueReport`]) counts, in milliseconds (at least 1): an agent that stops
+    /// reporting stops adding to `waiting` after this long. Report more often than this.
+    #[serde(default = "default_queue_report_ttl")]
+    pub queue_report_ttl_ms: std::num::NonZeroU64,
     /// What a request that declares server tools (web search, web fetch) may use per tool
     /// where it does not say: reserved on its Budgets beside the prompt and output bound.
     #[serde(default)]
@@ -519,6 +524,9 @@ fn default_worker_threads() -> std::num::NonZeroUsize {
 fn default_max_in_flight() -> std::num::NonZeroUsize {
     std::num::NonZeroUsize::new(1_024).unwrap_or(std::num::NonZeroUsize::MIN)
 }
+fn default_queue_report_ttl() -> std::num::NonZeroU64 {
+    std::num::NonZeroU64::new(30_000).unwrap_or(std::num::NonZeroU64::MIN)
+}
 fn default_body_limit() -> usize {
     16 * 1024 * 1024
 }
@@ -588,6 +596,7 @@ impl SidecarConfig {
             fold_interval_ms: default_fold_interval(),
             worker_threads: default_worker_threads(),
             max_in_flight: default_max_in_flight(),
+            queue_report_ttl_ms: default_queue_report_ttl(),
             server_tools: soma_metering::ToolAllowance::default(),
             body_limit_bytes: default_body_limit(),
             default_max_tokens: default_max_tokens(),

@@ -17,13 +17,32 @@ pub use soma_autoscaler::{BrownOutAction, LoadSignal};
 /// The admin-port path a sidecar serves its [`LoadReport`] on.
 pub const LOAD_PATH: &str = "/load";
 
+/// The path on the sidecar's agent-facing port where the agent reports the work queued in
+/// front of it (`PUT`, a [`QueueReport`], the pod's client token as for every call).
+pub const QUEUE_PATH: &str = "/v1/queue";
+
+/// What the agent reports of its own queue: the requests (or tasks, each making one model
+/// call) it has accepted and not yet started. The sidecar sees only the calls an agent makes,
+/// not the work waiting in front of the agent; without this report the autoscaler learns of a
+/// backlog only as the throughput of the replicas already running. Each replica reports its
+/// own queue (for one queue shared by several replicas, each reports its share, so that the
+/// shares add up to the queue); a report counts for `queueReportTtlMs`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct QueueReport {
+    /// Requests accepted by the agent and not yet started.
+    pub waiting: u64,
+}
+
 /// What a sidecar has seen since it started (`GET /load` on its admin port).
 ///
 /// Arrivals are the requests the sidecar set out to forward (a reservation was taken) plus
-/// those it refused because `maxInFlight` were already being served: the demand on this
-/// replica. Completions are forwarded requests that were settled; their service time runs
-/// from arrival to settlement (the sidecar does not queue, so it is also the end-to-end time
-/// and `waiting` is 0). Requests refused before forwarding (bad input, a Budget) are neither.
+/// those it refused because `maxInFlight` were already being served, a brown-out shed them or
+/// a Budget's rate cap (`requestsPerMinute`, `tokensPerMinute`) turned them away: the demand on
+/// this replica. Completions are forwarded requests that were settled; their service time runs
+/// from arrival to settlement (the sidecar does not queue, so it is also the end-to-end time).
+/// `waiting` is the agent's own queue, as it last reported it ([`QUEUE_PATH`]). Requests
+/// refused before forwarding (bad input, a Budget) are neither arrivals nor completions.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LoadReport {
@@ -45,7 +64,10 @@ pub struct LoadReport {
     pub output_tokens: u64,
     /// Requests being served now.
     pub in_flight: u64,
-    /// Requests waiting for a slot now (always 0: the sidecar refuses rather than queues).
+    /// Requests waiting in front of the agent now, as the agent last reported them
+    /// ([`QueueReport`]); 0 when it has not reported within `queueReportTtlMs`. The sidecar
+    /// itself never queues (beyond `maxInFlight` it refuses).
+    #[serde(default)]
     pub waiting: u64,
     /// The window the P95 covers, seconds.
     pub p95_window_s: f64,

@@ -300,6 +300,10 @@ pub struct EgressRule {
     .message("scaling.idleToZeroSeconds applies only to an Agent that may scale to zero: set scaling.minReplicas to 0, or remove idleToZeroSeconds"))]
 #[x_kube(validation = Rule::new("!has(self.coldStartHoldSeconds) || self.minReplicas == 0")
     .message("scaling.coldStartHoldSeconds applies only to an Agent that may scale to zero: set scaling.minReplicas to 0, or remove coldStartHoldSeconds"))]
+#[x_kube(validation = Rule::new("!has(self.brownOutAction) || self.brownOutAction != 'downgrade' || has(self.brownOutModel)")
+    .message("scaling.brownOutAction downgrade needs scaling.brownOutModel: the model the downgraded requests are sent to"))]
+#[x_kube(validation = Rule::new("!has(self.brownOutModel) || (has(self.brownOutAction) && self.brownOutAction == 'downgrade')")
+    .message("scaling.brownOutModel is used only with scaling.brownOutAction downgrade: set brownOutAction to downgrade, or remove brownOutModel"))]
 pub struct Scaling {
     /// Fewest replicas. 0 (scale to zero) only for an Agent without a `port`: such an Agent
     /// is woken by the Soma Jobs whose `spec.agentRef` names it (docs/autoscaler.md, "Scale
@@ -375,9 +379,16 @@ pub struct Scaling {
     pub cold_start_hold_seconds: Option<i64>,
     /// What a brown-out does with the traffic the allowed replicas cannot serve within the
     /// target: `shed` (refuse the lowest-priority share) or `downgrade` (send it to a cheaper
-    /// model); default `shed`.
+    /// model, `brownOutModel`); default `shed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub brown_out_action: Option<BrownOutAction>,
+    /// The model downgraded requests are sent to under `brownOutAction: downgrade` (required
+    /// with it): a model of the Agent's provider that the sidecar's price table knows (it is
+    /// priced and reserved at that model; a sidecar that does not know it refuses the
+    /// brown-out and keeps serving, saying so in its log and `soma_proxy_live_updates_total`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub brown_out_model: Option<String>,
 }
 
 /// `scaling.conductance`: each field optional, defaulting one by one.
@@ -455,6 +466,7 @@ impl Default for Scaling {
             idle_to_zero_seconds: None,
             cold_start_hold_seconds: None,
             brown_out_action: None,
+            brown_out_model: None,
         }
     }
 }

@@ -109,6 +109,39 @@ fn cases() -> Vec<Case> {
             Some("coldStartHoldSeconds applies only to an Agent that may scale to zero"),
         ),
         c(
+            "downgrade without a model",
+            "Agent",
+            vec![(
+                "/spec/scaling",
+                Some(json!({"minReplicas": 1, "maxReplicas": 3, "brownOutAction": "downgrade"})),
+            )],
+            None,
+            Some("brownOutAction downgrade needs scaling.brownOutModel"),
+        ),
+        c(
+            "a brown-out model without downgrade",
+            "Agent",
+            vec![(
+                "/spec/scaling",
+                Some(json!({"minReplicas": 1, "maxReplicas": 3, "brownOutModel": "gpt-4o-mini"})),
+            )],
+            None,
+            Some("brownOutModel is used only with scaling.brownOutAction downgrade"),
+        ),
+        c(
+            "downgrade to a named model",
+            "Agent",
+            vec![(
+                "/spec/scaling",
+                Some(
+                    json!({"minReplicas": 1, "maxReplicas": 3, "brownOutAction": "downgrade",
+                            "brownOutModel": "gpt-4o-mini"}),
+                ),
+            )],
+            None,
+            None,
+        ),
+        c(
             "negative idle period",
             "Agent",
             vec![
@@ -133,7 +166,7 @@ fn cases() -> Vec<Case> {
                     "conductance": {"alpha": 0.0, "beta": 0.01, "tauSeconds": 30},
                     "estimator": {"arrivalTauSeconds": 60, "serviceRequests": 1, "priorServiceTimeMs": 1500},
                     "backlogDrainSeconds": 15, "floorHoldSeconds": 0, "reversalHoldSeconds": 0,
-                    "brownOutAction": "downgrade"})),
+                    "brownOutAction": "downgrade", "brownOutModel": "gpt-4o-mini"})),
             )],
             None,
             None,

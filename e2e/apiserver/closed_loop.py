@@ -6,11 +6,15 @@ operator and real sidecars, next to the simulator's prediction for the same sche
     load generator (open loop) ────┘ each request joins the Service queue at its scheduled time
       Service: one FIFO queue, a request at a time per pod (the simulator's model: an agent pod
       works on one task at a time), least-busy Ready pod first
-        └─▶ pod 127.0.0.x: real soma-proxy ──▶ soma-fake-upstream (SCENARIO:hold-<service ms>)
+        ├─▶ pod 127.0.0.x: real soma-proxy ──▶ soma-fake-upstream (SCENARIO:hold-<service ms>)
+        └─▶ each serving pod's agent reports its share of the queue: PUT /v1/queue {"waiting": n}
     soma_apiserver.py --deployment-pods ◀── soma-operator run --scaling-interval-seconds N
       (replicas → pods 127.0.0.2, .3, …)        └── GET http://127.0.0.x:ADMIN/load, SSA spec.replicas
 
-A pod serves `start_delay` after it appears (the simulator's pod start). Waits and latencies
+A pod serves `start_delay` after it appears (the simulator's pod start). The agents report the
+queue to their sidecars (`PUT /v1/queue`, each serving pod its share, so that the shares add up
+to the queue), as an agent with a queue in front of it is asked to; with `report_queue` off they
+do not, and the autoscaler sees only the requests the pods have started. Waits and latencies
 run from the request's *scheduled* time. Replica-minutes count every pod from its creation to
 its removal (draining included), up to the end of the window's last minute, as the simulator
 counts them; an SLO-violation minute is a minute of trace time (60/c s of the run) with arrivals
@@ -70,22 +74,39 @@ class Scenario:
     reversal_hold_s: float = 120.0  # trace time
     max_replicas: int = 64
     ramp: dict[str, float] = field(default_factory=dict)
+    report_queue: bool = True  # the agents report the queue to their sidecars (PUT /v1/queue)
 
     def scaling_spec(self) -> dict[str, Any]:
-        """`spec.scaling` of the Agent: the knobs the CRD has, compressed."""
+        """`spec.scaling` of the Agent: every time knob compressed (the crate's defaults for the
+        rest), so that the run is the first minutes of `bench/autoscaler`'s replay, faster."""
         c = self.compress
+        beta = c / 240.0  # the crate's default decay, 1/240 per second of trace time
         return {"minReplicas": 1, "maxReplicas": self.max_replicas,
                 "targetP95WaitMs": round(self.slo_wait_s * 1000 / c),
                 "floorHoldSeconds": round(self.floor_hold_s / c),
-                "reversalHoldSeconds": round(self.reversal_hold_s / c)}
+                "reversalHoldSeconds": round(self.reversal_hold_s / c),
+                "backlogDrainSeconds": max(1, round(15 / c)),
+                "conductance": {"alpha": round(beta / 0.7, 6), "beta": round(beta, 6),
+                                "tauSeconds": max(1, round(30 / c))},
+                "estimator": {"arrivalTauSeconds": max(1, round(60 / c)),
+                              "priorServiceTimeMs": max(1, round(1000 / c))}}
 
     def soma_config(self) -> dict[str, Any]:
         """The AutoscalerConfig the operator builds from `scaling_spec` (operator/src/agent/
         scaling.rs `autoscaler_config`): those fields, scale to zero off, the rest defaults."""
         s = self.scaling_spec()
+        cd, est = s["conductance"], s["estimator"]
         return {"minReplicas": s["minReplicas"], "maxReplicas": s["maxReplicas"],
                 "waitTargetS": s["targetP95WaitMs"] / 1000, "floorHoldS": float(s["floorHoldSeconds"]),
-                "reversalHoldS": float(s["reversalHoldSeconds"]), "idleToZeroS": None}
+                "reversalHoldS": float(s["reversalHoldSeconds"]), "idleToZeroS": None,
+                "backlogDrainS": float(s["backlogDrainSeconds"]),
+                "conductance": {"alpha": cd["alpha"], "beta": cd["beta"], "tauS": float(cd["tauSeconds"])},
+                "estimator": {"arrivalTauS": float(est["arrivalTauSeconds"]),
+                              "priorServiceTimeS": est["priorServiceTimeMs"] / 1000}}
+
+    def view(self) -> str:
+        """The simulator's run that sees what this loop's operator sees."""
+        return "reported" if self.report_queue else "sidecar"
 
 
 def predict(window_bin: str, sc: Scenario, schedule: pathlib.Path) -> dict[str, Any]:
@@ -127,7 +148,7 @@ class Service:
     task and finishes the one it has (its sidecar drains on SIGTERM). A task that meets a sidecar
     that is already gone goes back to the head of the queue."""
 
-    def __init__(self, pods: Any, token: str, start_delay: float):
+    def __init__(self, pods: Any, token: str, start_delay: float, report_queue: bool = True):
         self.pods, self.token, self.start_delay = pods, token, start_delay
         self.queue: collections.deque[Request] = collections.deque()
         self.cv = threading.Condition()
@@ -138,6 +159,9 @@ class Service:
         self._counted_to = math.inf
         self.poller = threading.Thread(target=self._poll, daemon=True)
         self.poller.start()
+        self.reporter = threading.Thread(target=self._report, daemon=True)
+        if report_queue:
+            self.reporter.start()
 
     def begin(self, horizon_s: float) -> float:
         """Starts the clock once a pod exists: the pods present now are Ready at once (the
@@ -200,11 +224,37 @@ class Service:
                             self.cv.notify_all()
             self.stopping.wait(0.1)
 
+    def _report(self) -> None:
+        """Each serving pod's agent reports its share of the queue to its sidecar when the share
+        changes, and at least every 5 s (the sidecar forgets a report after 30 s)."""
+        session = requests.Session()
+        headers = {"authorization": f"Bearer {self.token}"}
+        sent: dict[str, tuple[int, float]] = {}  # url → (share, when)
+        while not self.stopping.is_set():
+            with self.cv:
+                urls = sorted(w["url"] for w in self.workers.values() if w.get("serving") and not w["gone"])
+                queued = len(self.queue)
+            now = time.monotonic()
+            for i, url in enumerate(urls):
+                share = queued // len(urls) + (1 if i < queued % len(urls) else 0)
+                last = sent.get(url)
+                if last is not None and last[0] == share and now - last[1] < 5.0:
+                    continue
+                try:
+                    base = url.rsplit("/v1/", 1)[0]
+                    r = session.put(f"{base}/v1/queue", json={"waiting": share}, headers=headers, timeout=5)
+                    if r.status_code == 204:
+                        sent[url] = (share, now)
+                except requests.RequestException:
+                    pass  # the pod is going away; the next round reports to those left
+            self.stopping.wait(0.1)
+
     def _work(self, uid: str, w: dict[str, Any]) -> None:
         while time.monotonic() < w["appeared"] + self.start_delay:
             if w["gone"] or self.stopping.is_set():
                 return
             time.sleep(0.02)
+        w["serving"] = True
         session = requests.Session()
         headers = {"authorization": f"Bearer {self.token}"}
         while True:
@@ -240,6 +290,8 @@ class Service:
         with self.cv:
             self.cv.notify_all()
         self.poller.join(timeout=10)
+        if self.reporter.is_alive():
+            self.reporter.join(timeout=10)
 
 
 def p95(xs: list[float]) -> float:
@@ -305,7 +357,7 @@ def run(sc: Scenario, work: pathlib.Path, window_bin: str, log: Any = sys.stdout
                 raise RuntimeError("the Agent's first pod and the autoscaler's ownership of spec.replicas "
                                    f"did not appear within 120 s:\n{operator.log_tail()}")
             time.sleep(0.2)
-        service = Service(pods, ts.TOKEN, sc.start_delay_s / c)
+        service = Service(pods, ts.TOKEN, sc.start_delay_s / c, sc.report_queue)
         t0 = service.begin(horizon_rel)
         stop_sampling = threading.Event()
 
@@ -406,7 +458,7 @@ def run(sc: Scenario, work: pathlib.Path, window_bin: str, log: Any = sys.stdout
         "minute_p95_wait_s": {m: v * c for m, v in sorted(minute_p95.items())},
     }
     (work / "samples.json").write_text(json.dumps(samples))
-    report = {"scenario": sc.name, "trace": sim["trace"], "requests": len(reqs), "compress": c,
+    report = {"scenario": sc.name, "trace": sim["trace"], "requests": len(reqs), "compress": c, "view": sc.view(),
               "scaling": sc.scaling_spec(), "measured": measured, "sim": sim["runs"], "work": str(work)}
     (work / "report.json").write_text(json.dumps(report, indent=1))
     print_timeline(sc, samples, sim, measured, minute, log)
@@ -416,7 +468,8 @@ def run(sc: Scenario, work: pathlib.Path, window_bin: str, log: Any = sys.stdout
 def print_timeline(sc: Scenario, samples: list[dict[str, Any]], sim: dict[str, Any], measured: dict[str, Any],
                    minute: float, log: Any) -> None:
     """Per trace minute: the closed loop's replicas (at the minute's end), the reason status gave,
-    the measured P95 wait, and the simulator's replicas and P95 wait (both signal views)."""
+    the measured P95 wait, and the simulator's replicas and P95 wait (the loop's own signal view,
+    and the queue view of `bench/autoscaler`)."""
     def sim_replicas(view: str, t: float) -> int:
         n = 1
         for at, k in sim["runs"][view]["timeline"]:
@@ -425,7 +478,7 @@ def print_timeline(sc: Scenario, samples: list[dict[str, Any]], sim: dict[str, A
         return n
 
     print(f"[{sc.name}] per trace minute: closed loop (replicas at the minute's end, reason, queue, P95 wait s) | "
-          "simulator, sidecar view (replicas, P95 wait s) | simulator, queue view", file=log)
+          f"simulator, {sc.view()} view (replicas, P95 wait s) | simulator, queue view", file=log)
     c = sc.compress
 
     def show(x: float | None) -> str:
@@ -442,8 +495,8 @@ def print_timeline(sc: Scenario, samples: list[dict[str, Any]], sim: dict[str, A
         at = [s for s in samples if s["t"] <= t]
         s = at[-1] if at else {}
         print(f"  min {m:3d}: {s.get('replicas', '-'):>3} {str(s.get('reason')):<14} q={s.get('queue', 0):<5} "
-              f"p95={show(measured['minute_p95_wait_s'].get(m)):>6} | {sim_replicas('sidecar', t):>3} "
-              f"p95={show(sim_p95('sidecar', m)):>6} | {sim_replicas('queue', t):>3} p95={show(sim_p95('queue', m)):>6}",
+              f"p95={show(measured['minute_p95_wait_s'].get(m)):>6} | {sim_replicas(sc.view(), t):>3} "
+              f"p95={show(sim_p95(sc.view(), m)):>6} | {sim_replicas('queue', t):>3} p95={show(sim_p95('queue', m)):>6}",
               file=log)
         m += 1
     log.flush()
@@ -454,14 +507,14 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
     out = []
     if "ramp" in args.scenario:
         out.append(Scenario("ramp", None, compress=c, interval_s=args.interval, to_min=args.ramp_minutes,
-                            floor_hold_s=args.ramp_floor_hold,
+                            floor_hold_s=args.ramp_floor_hold, report_queue=not args.no_queue_report,
                             ramp={"base_rps": 0.3, "peak_rps": args.ramp_peak, "min": 4.0, "hold_min": 2.0,
                                   "tail_min": args.ramp_minutes - 10.0}))
     for label in ("code", "conv"):
         if label in args.scenario:
             out.append(Scenario(label, SHARED / f"azure-llm-inference-2023-{label}.csv", from_min=args.from_min,
                                 to_min=args.from_min + args.minutes, compress=c, interval_s=args.interval,
-                                max_replicas=args.max_replicas))
+                                max_replicas=args.max_replicas, report_queue=not args.no_queue_report))
     return out
 
 
@@ -477,6 +530,8 @@ def main() -> int:
     p.add_argument("--ramp-minutes", type=float, default=16.0, help="the ramp's length in trace minutes (≥ 10)")
     p.add_argument("--ramp-floor-hold", type=float, default=300.0,
                    help="floorHoldS of the ramp's Agent, trace seconds (default 300, so the scale-down shows)")
+    p.add_argument("--no-queue-report", action="store_true",
+                   help="the agents do not report their queue (PUT /v1/queue): the sidecars' view alone")
     p.add_argument("--work", type=pathlib.Path, default=None, help="keep logs here (default: a temp dir, removed)")
     args = p.parse_args()
     if 15.0 / args.compress != args.interval:
@@ -491,19 +546,19 @@ def main() -> int:
     for sc in scenarios(args):
         results.append(run(sc, args.work / sc.name, window_bin))
     print()
-    print("scenario  trace                                       requests  replica_min (loop / sim sidecar-view / sim queue-view)"
-          "  violation_min (loop / sidecar / queue)  reversals (loop / allowed)  steps explained")
+    print("scenario  trace                                       requests  replica_min (loop / sim, loop's view / sim queue-view)"
+          "  violation_min (loop / sim / sim queue)  reversals (loop / allowed)  steps explained  view")
     for r in results:
-        m, s, q = r["measured"], r["sim"]["sidecar"], r["sim"]["queue"]
+        m, s, q = r["measured"], r["sim"][r["view"]], r["sim"]["queue"]
         print(f"{r['scenario']:<9} {r['trace']:<43} {r['requests']:>8}  {m['replica_min']:8.1f} / {s['replica_min']:6.1f} / "
               f"{q['replica_min']:6.1f}      {m['violation_min']:3d}/{m['minutes_with_traffic']} / "
               f"{s['violation_min']:3d} / {q['violation_min']:3d}                  {m['reversals']:3d} / "
               f"{m['max_reversals_allowed']}                 {m['steps_explained']}/{m['scale_events']}"
-              f"  (unserved {m['unserved']}, failed {m['failed']}, peak {m['peak_replicas']}, events {m['events']})")
+              f"  {r['view']}  (unserved {m['unserved']}, failed {m['failed']}, peak {m['peak_replicas']}, events {m['events']})")
     print()
     for r in results:
-        m, s, q = r["measured"], r["sim"]["sidecar"], r["sim"]["queue"]
-        print(f"RESULT autoscaler-closed-loop-scenario scenario={r['scenario']} trace={r['trace']} compress={r['compress']:g} "
+        m, s, q = r["measured"], r["sim"][r["view"]], r["sim"]["queue"]
+        print(f"RESULT autoscaler-closed-loop-scenario scenario={r['scenario']} trace={r['trace']} compress={r['compress']:g} view={r['view']} "
               f"replica_min={m['replica_min']:.1f} replica_min_sim={s['replica_min']:.1f} "
               f"replica_min_sim_queue={q['replica_min']:.1f} violation_min={m['violation_min']} "
               f"violation_min_sim={s['violation_min']} violation_min_sim_queue={q['violation_min']} "
@@ -513,9 +568,10 @@ def main() -> int:
     tot = lambda f, key: sum(f(r)[key] for r in traces)  # noqa: E731
     print(f"RESULT autoscaler-closed-loop trace={'+'.join(r['trace'] for r in traces)} "
           f"replica_min={tot(lambda r: r['measured'], 'replica_min'):.1f} "
-          f"replica_min_sim={tot(lambda r: r['sim']['sidecar'], 'replica_min'):.1f} "
+          f"replica_min_sim={tot(lambda r: r['sim'][r['view']], 'replica_min'):.1f} "
           f"violation_min={tot(lambda r: r['measured'], 'violation_min')} "
-          f"violation_min_sim={tot(lambda r: r['sim']['sidecar'], 'violation_min')} "
+          f"violation_min_sim={tot(lambda r: r['sim'][r['view']], 'violation_min')} "
+          f"violation_min_sim_queue={tot(lambda r: r['sim']['queue'], 'violation_min')} "
           f"reversals={max(r['measured']['reversals'] for r in results)} "
           f"max_reversals_allowed={min(r['measured']['max_reversals_allowed'] for r in results)}")
     if tmp is not None:

@@ -55,16 +55,18 @@ class Pods:
     """A real `soma-proxy` per pod of the Agent, on the pod's IP, with the ledger's URL; stopped
     when its pod goes. Each keeps the PID it started with, so a restart would show."""
 
-    def __init__(self, work: pathlib.Path, standin: StandIn, upstream: str, admin_port: int, pg_url: str):
+    def __init__(self, work: pathlib.Path, standin: StandIn, upstream: str, admin_port: int, pg_url: str,
+                 agent: str = NAME):
         self.work, self.kube, self.upstream, self.admin_port, self.pg_url = (
             work, Kube(standin.url), upstream, admin_port, pg_url)
+        self.agent = agent
         self.proxy_port = free_port()
         self.sidecars: dict[str, tuple[subprocess.Popen[bytes], str, pathlib.Path]] = {}
         self.lock = threading.Lock()
 
     def sync(self) -> list[str]:
         with self.lock:
-            pods = self.kube.list("v1", "pods", NS, labelSelector=f"soma.dev/agent={NAME}")["items"]
+            pods = self.kube.list("v1", "pods", NS, labelSelector=f"soma.dev/agent={self.agent}")["items"]
             live = {p["metadata"]["uid"]: p["status"]["podIP"] for p in pods if (p.get("status") or {}).get("podIP")}
             for uid in [u for u in self.sidecars if u not in live]:
                 stop_process(self.sidecars.pop(uid)[0])
@@ -75,7 +77,7 @@ class Pods:
             return [url for _, url, _ in self.sidecars.values()]
 
     def _start(self, uid: str, ip: str) -> tuple[subprocess.Popen[bytes], pathlib.Path]:
-        cm = self.kube.get("v1", "configmaps", NS, f"{NAME}-sidecar")
+        cm = self.kube.get("v1", "configmaps", NS, f"{self.agent}-sidecar")
         config = json.loads(cm["data"]["config.yaml"])
         d = self.work / uid
         d.mkdir(exist_ok=True)
@@ -93,6 +95,19 @@ class Pods:
                                 stderr=subprocess.STDOUT, env=env)
         return proc, log
 
+    def loads(self) -> list[dict[str, Any]]:
+        """Each running sidecar's `GET /load`."""
+        with self.lock:
+            urls = [url for _, url, _ in self.sidecars.values()]
+        out = []
+        for url in urls:
+            ip = url.split("//", 1)[1].split(":", 1)[0]
+            try:
+                out.append(requests.get(f"http://{ip}:{self.admin_port}/load", timeout=5).json())
+            except requests.RequestException:
+                pass  # a sidecar stopping
+        return out
+
     def logs(self) -> list[str]:
         with self.lock:
             return [log.read_text(errors="replace") for _, _, log in self.sidecars.values()]
@@ -109,10 +124,12 @@ class Pods:
 
 
 class Load:
-    """Closed-loop clients, each with its priority; a shed call waits a moment before the next."""
+    """Closed-loop clients, each with its priority; a shed or rate-limited call waits a moment before
+    the next."""
 
-    def __init__(self, pods: Pods, priorities: list[str]):
-        self.pods, self.stopping = pods, threading.Event()
+    def __init__(self, pods: Pods, priorities: list[str], model: str = "gpt-4o-mini",
+                 shed_says: str = "maxReplicas is 2"):
+        self.pods, self.stopping, self.model, self.shed_says = pods, threading.Event(), model, shed_says
         self.counts: dict[tuple[str, int], int] = {}
         self.first_shed: float | None = None
         self.bad: list[str] = []
@@ -123,7 +140,7 @@ class Load:
             t.start()
 
     def _client(self, i: int, priority: str) -> None:
-        body = {"model": "gpt-4o-mini", "max_tokens": 20, "stream": True,
+        body = {"model": self.model, "max_tokens": 20, "stream": True,
                 "messages": [{"role": "user", "content": "SCENARIO:slow count"}]}
         n = i
         while not self.stopping.is_set():
@@ -140,11 +157,11 @@ class Load:
                         self.counts[(priority, r.status_code)] = self.counts.get((priority, r.status_code), 0) + 1
                         if r.status_code == 503:
                             e = json.loads(data)["error"]
-                            if e.get("code") != "brown_out" or "maxReplicas is 2" not in e.get("message", ""):
+                            if e.get("code") != "brown_out" or self.shed_says not in e.get("message", ""):
                                 self.bad.append(data.decode(errors="replace"))
                             if self.first_shed is None:
                                 self.first_shed = time.time()
-                if r.status_code == 503:
+                if r.status_code in (429, 503):
                     self.stopping.wait(0.5)
             except requests.RequestException:
                 self.stopping.wait(0.1)  # a sidecar still starting or just stopped
@@ -172,7 +189,8 @@ def browned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         operator = Operator(work, standin.write_kubeconfig(work / "kubeconfig"), "soma-operator-brownout",
                             "--no-leader-election", "--ledger-url", pg.url, "--scaling-interval-seconds", "1",
                             "--sidecar-admin-port", str(admin_port))
-        yield {"standin": standin, "pods": pods, "operator": operator, "pg": pg}
+        yield {"standin": standin, "pods": pods, "operator": operator, "pg": pg, "upstream_url": upstream_url,
+               "admin_port": admin_port}
     finally:
         if pods is not None:
             pods.stop()
@@ -296,3 +314,51 @@ def test_brown_out_engages_on_the_sidecars_and_clears_when_the_load_stops(browne
 def metrics_value(text: str, name: str, agent: str) -> float | None:
     m = re.search(rf'{name}\{{namespace="{NS}",agent="{agent}"\}} ([0-9.eE+-]+)', text)
     return float(m.group(1)) if m else None
+
+
+def test_a_budget_rate_caps_the_replicas_and_the_brown_out_downgrades(browned: dict[str, Any], tmp_path) -> None:
+    """A Budget that lets 1 call/s through caps the replicas below `maxReplicas`; the calls beyond
+    it are demand (the sidecars count the rate cap's refusals), so the brown-out names the Budget,
+    and with `brownOutAction: downgrade` the sidecars send the low-priority share to
+    `brownOutModel` instead of shedding it."""
+    standin, pg = browned["standin"], browned["pg"]
+    k = standin.kube
+    k.ensure_namespace(NS)
+    agent_name = "capped"
+    k.apply({"apiVersion": AGENTS, "kind": "Budget", "metadata": {"name": "rated", "namespace": NS},
+             "spec": {"limits": {"costMicros": 500_000_000, "requestsPerMinute": 60},
+                      "period": {"calendar": "month", "timeZone": "UTC"}}}, manager="kubectl")
+    k.apply({"apiVersion": AGENTS, "kind": "Agent", "metadata": {"name": agent_name, "namespace": NS},
+             "spec": {"image": "registry.example.com/agents/echo@sha256:" + "ce" * 32,
+                      "model": {"provider": "openai", "name": "gpt-4o"}, "budgetRef": {"name": "rated"},
+                      "scaling": {"minReplicas": 1, "maxReplicas": 20, "targetP95WaitMs": 100,
+                                  "floorHoldSeconds": 0, "reversalHoldSeconds": 2,
+                                  "brownOutAction": "downgrade", "brownOutModel": "gpt-4o-mini"}}},
+            manager="kubectl")
+    pods = Pods(tmp_path, standin, browned["upstream_url"], browned["admin_port"], pg.url, agent=agent_name)
+    try:
+        wait_for("the first pod's sidecar", lambda: pods.sync(), seconds=60)
+        load = Load(pods, ["low", "high"] * 4, model="gpt-4o", shed_says="the Budget")
+        try:
+            agent = wait_for("BrownOut=True", lambda: (a := k.get(AGENTS, "agents", NS, agent_name))
+                             and condition(a, "BrownOut").get("status") == "True" and a, seconds=120)
+            c = condition(agent, "BrownOut")
+            assert c["reason"] == "Downgrading", c
+            assert "the Budget allows only" in c["message"], c
+            scaling = agent["status"]["scaling"]
+            b = scaling["brownOut"]
+            assert b["action"] == "downgrade" and b["model"] == "gpt-4o-mini", b
+            assert scaling["desiredReplicas"] < 20, scaling
+            wait_for("calls downgraded by the sidecars",
+                     lambda: sum(r.get("downgraded", 0) for r in pods.loads()) >= 3, seconds=60)
+        finally:
+            load.stop()
+        assert load.count("high", 503) == 0 and load.count("low", 503) == 0, f"shed, not downgraded: {load.counts}"
+        assert not load.bad, load.bad[:3]
+        assert load.count("low", 429) + load.count("high", 429) > 0, f"the Budget's rate cap never bound: {load.counts}"
+        print(f"budget cap: status.scaling {json.dumps({x: scaling.get(x) for x in ('desiredReplicas', 'reason', 'arrivalRate')})}; "
+              f"calls: {dict(sorted(load.counts.items()))}")
+        wait_for("BrownOut=False", lambda: condition(k.get(AGENTS, "agents", NS, agent_name),
+                                                      "BrownOut").get("status") == "False", seconds=120)
+    finally:
+        pods.stop()

@@ -41,4 +41,5 @@ def test_a_ramp_is_followed_up_and_down_and_every_step_is_explained(tmp_path) ->
     assert set(m["reasons"]) <= {"conductance", "erlangFloor", "floorHold", "minReplicas", "cap",
                                  "reversalHold", "coldStartHold", "idle"}, m
     # The simulator ran on the same schedule.
-    assert r["sim"]["sidecar"]["minutes_with_traffic"] == m["minutes_with_traffic"], r["sim"]["sidecar"]
+    assert r["view"] == "reported", "the agents report their queue by default"
+    assert r["sim"]["reported"]["minutes_with_traffic"] == m["minutes_with_traffic"], r["sim"]["reported"]

@@ -29,19 +29,20 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
-use soma_autoscaler::{Autoscaler, AutoscalerConfig, LoadSignal, Snapshot};
+use soma_autoscaler::{Autoscaler, AutoscalerConfig, BudgetRate, LoadSignal, Snapshot};
 use soma_contract::load::{LOAD_PATH, LoadReport, merge};
-use soma_crds::agent::ScalingStatus;
 use soma_crds::{Agent, Job};
+use soma_metering::BudgetKey;
 use tracing::{debug, info, warn};
 
 use crate::agent::brownout::{
     brown_out_of, brown_out_verdict, browned_out, contract_brown_out, next_brown_out,
 };
 use crate::agent::scaling::{
-    AUTOSCALER_MANAGER, Step, autoscaler_config, autoscaler_owns_replicas,
+    AUTOSCALER_MANAGER, Step, autoscaler_config, autoscaler_owns_replicas, budget_rate,
     foreign_replicas_managers, reason_name, scaling_reason, scaling_status, scaling_verdict, wakes,
 };
+use crate::budget::def::resolve_chain;
 use crate::context::{Context, list_watched};
 use crate::error::{Error, Result};
 use crate::pod_admin::{self, AgentPod, PodAdmin};
@@ -174,6 +175,23 @@ impl Loop {
         Ok(out)
     }
 
+    /// The most traffic the Agent's Budget chain lets through ([`budget_rate`]). A chain that
+    /// cannot be read now sets no cap for this step (logged): the replicas the load needs are
+    /// never withheld on a failed read.
+    async fn budget_rate(&self, agent: &Agent, namespace: &str) -> BudgetRate {
+        let Some(budget) = agent.spec.budget_ref.as_ref() else {
+            return BudgetRate::default();
+        };
+        let start = BudgetKey::new(namespace, budget.name.clone());
+        match resolve_chain(&self.ctx.client, &start, "spec.budgetRef").await {
+            Ok(chain) => budget_rate(&chain.resolution.budgets),
+            Err(e) => {
+                tracing::warn!(agent = %agent.name_any(), namespace, error = %e, "reading the Agent's Budget chain failed; no Budget cap this step");
+                BudgetRate::default()
+            }
+        }
+    }
+
     /// One step of one Agent.
     async fn step_agent(&self, agent: &Agent, jobs: &HashMap<String, Vec<String>>) -> Result<()> {
         let config = match autoscaler_config(&agent.spec) {
@@ -224,6 +242,9 @@ impl Loop {
         };
 
         let mut memory = self.take_memory(agent, config, current);
+        memory
+            .scaler
+            .set_budget_rate(self.budget_rate(agent, &namespace).await);
         let step = if reports.is_empty() && may_idle && ready == 0 {
             // No pod to measure (scaled to zero, or starting from it): a quiet window. What
             // wakes the Agent is the Jobs that reference it.
@@ -243,7 +264,7 @@ impl Loop {
                 now_s,
                 0,
                 jobs,
-                agent.status.as_ref().and_then(|s| s.scaling.as_ref()),
+                agent,
                 now.0.as_millisecond(),
             )
             .await?
@@ -267,7 +288,7 @@ impl Loop {
                 now_s,
                 reporting,
                 jobs,
-                agent.status.as_ref().and_then(|s| s.scaling.as_ref()),
+                agent,
                 now.0.as_millisecond(),
             )
             .await?
@@ -323,9 +344,11 @@ impl Loop {
         now_s: f64,
         reporting: i32,
         jobs: Vec<String>,
-        previous: Option<&ScalingStatus>,
+        agent: &Agent,
         now_ms: i64,
     ) -> Result<Step> {
+        let previous = agent.status.as_ref().and_then(|s| s.scaling.as_ref());
+        let downgrade_model = agent.spec.scaling.brown_out_model.as_deref();
         let namespace = deployment.namespace().unwrap_or_default();
         let name = deployment.name_any();
         let current_u = u32::try_from(current).unwrap_or(0);
@@ -362,7 +385,7 @@ impl Loop {
                     .observe_replicas(u32::try_from(applied).unwrap_or(0));
                 let (brown_out, brown_out_revision) = next_brown_out(
                     previous,
-                    brown_out_of(decision.brown_out.as_ref(), None),
+                    brown_out_of(decision.brown_out.as_ref(), downgrade_model),
                     now_ms,
                 );
                 Ok(Step::Decided {

@@ -20,6 +20,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use serde_json::Value;
 use soma_contract::load::{BrownOut, BrownOutAction, Priority};
+use soma_metering::PriceTable;
 
 use crate::error::ProxyError;
 use crate::load::LoadMeter;
@@ -72,9 +73,25 @@ impl Active {
 pub struct BrownOutGate(RwLock<Option<Arc<Active>>>);
 
 impl BrownOutGate {
+    /// Puts `spec` in force (or lifts the brown-out with `None`) when this sidecar can enforce
+    /// it ([`enforceable`]); returns whether that changed anything, or why the spec was
+    /// refused (the brown-out in force then stays). A spec equal to the one in force keeps
+    /// its counts.
+    pub fn set_checked(
+        &self,
+        spec: Option<BrownOut>,
+        meter: &LoadMeter,
+        prices: Option<&PriceTable>,
+    ) -> Result<bool, String> {
+        if let Some(s) = &spec {
+            enforceable(s, prices)?;
+        }
+        Ok(self.set(spec, meter))
+    }
+
     /// Puts `spec` in force (or lifts the brown-out with `None`); returns whether that changed
     /// anything. A spec equal to the one in force keeps its counts.
-    pub fn set(&self, spec: Option<BrownOut>, meter: &LoadMeter) -> bool {
+    fn set(&self, spec: Option<BrownOut>, meter: &LoadMeter) -> bool {
         let mut guard = self.0.write().unwrap_or_else(PoisonError::into_inner);
         if guard.as_ref().map(|a| &a.spec) == spec.as_ref() {
             return false;
@@ -99,6 +116,19 @@ impl BrownOutGate {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+}
+
+/// Whether this sidecar can enforce `spec`: its fields make sense, and a downgrade's model has a
+/// price when the sidecar prices calls (a downgraded call is priced and reserved at that model,
+/// so an unknown one would fail every call it takes instead of serving it).
+pub fn enforceable(spec: &BrownOut, prices: Option<&PriceTable>) -> Result<(), String> {
+    spec.validate()?;
+    match (&spec.action, spec.model.as_deref(), prices) {
+        (BrownOutAction::Downgrade, Some(model), Some(table)) if table.get(model).is_none() => Err(
+            format!("brownOut.model {model:?} has no price in this sidecar's price table"),
+        ),
+        _ => Ok(()),
     }
 }
 
@@ -165,6 +195,41 @@ mod tests {
         assert!(gate.set(Some(shed(0.3)), &meter));
         assert!(gate.set(None, &meter));
         assert!(gate.spec().is_none());
+    }
+
+    #[test]
+    fn a_downgrade_to_an_unpriced_model_is_refused_and_the_one_in_force_stays() {
+        let meter = LoadMeter::new();
+        let gate = BrownOutGate::default();
+        let prices: PriceTable = serde_json::from_value(
+            serde_json::json!({"gpt-4o-mini": {"inputPerMTok": 150000, "outputPerMTok": 600000}}),
+        )
+        .unwrap();
+        let downgrade = |model: &str| BrownOut {
+            action: BrownOutAction::Downgrade,
+            model: Some(model.into()),
+            ..shed(0.4)
+        };
+        assert_eq!(
+            gate.set_checked(Some(shed(0.2)), &meter, Some(&prices)),
+            Ok(true)
+        );
+        let refused = gate
+            .set_checked(Some(downgrade("gpt-unknown")), &meter, Some(&prices))
+            .unwrap_err();
+        assert!(refused.contains("gpt-unknown"), "{refused}");
+        assert_eq!(gate.spec(), Some(shed(0.2)), "the brown-out in force stays");
+        assert_eq!(
+            gate.set_checked(Some(downgrade("gpt-4o-mini")), &meter, Some(&prices)),
+            Ok(true)
+        );
+        // Without a price table any model is served, so any model can be downgraded to.
+        assert_eq!(
+            gate.set_checked(Some(downgrade("gpt-unknown")), &meter, None),
+            Ok(true)
+        );
+        // Fields that make no sense are refused the same way.
+        assert!(gate.set_checked(Some(shed(1.5)), &meter, None).is_err());
     }
 
     #[test]

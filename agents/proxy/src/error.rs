@@ -41,6 +41,9 @@ pub enum ProxyError {
     /// Not JSON, or not an object.
     #[error("request body is not a JSON object: {0}")]
     Json(String),
+    /// A body of the sidecar's own API (such as a queue report) that does not have its shape.
+    #[error("{0}")]
+    Invalid(String),
     /// No `model`.
     #[error("request has no \"model\"")]
     NoModel,
@@ -149,6 +152,7 @@ impl ProxyError {
             ProxyError::TooLarge { .. } => "too_large",
             ProxyError::BodyRead(_) => "body_read",
             ProxyError::Json(_) => "json",
+            ProxyError::Invalid(_) => "invalid",
             ProxyError::NoModel => "no_model",
             ProxyError::UnknownModel(_) => "unknown_model",
             ProxyError::Budget(_) => "budget",
@@ -176,6 +180,7 @@ impl ProxyError {
             ProxyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyRead(_)
             | ProxyError::Json(_)
+            | ProxyError::Invalid(_)
             | ProxyError::NoModel
             | ProxyError::Priority
             | ProxyError::UnknownModel(_) => StatusCode::BAD_REQUEST,
@@ -217,6 +222,7 @@ impl ProxyError {
             ProxyError::ContentType
             | ProxyError::BodyRead(_)
             | ProxyError::Json(_)
+            | ProxyError::Invalid(_)
             | ProxyError::Priority
             | ProxyError::NoModel => (
                 "invalid_request_error",

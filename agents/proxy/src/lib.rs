@@ -42,6 +42,7 @@ pub mod load;
 pub mod mcp;
 pub mod metrics;
 pub mod outbox;
+pub mod queue;
 pub mod recall;
 pub mod relay;
 pub mod request;

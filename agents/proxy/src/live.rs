@@ -157,9 +157,19 @@ impl HeldBrownOut {
 
 /// Puts the held brown-out in force.
 fn enforce_brown_out(state: &AppState, held: &HeldBrownOut, source: Source) {
-    if state.brown_out.set(held.spec.clone(), &state.load) {
-        tracing::info!(source = source.label(), revision = held.revision, brown_out = ?held.spec, "brown-out updated");
-        state.metrics.live_update(source.label(), "applied");
+    match state
+        .brown_out
+        .set_checked(held.spec.clone(), &state.load, state.config.prices.as_ref())
+    {
+        Ok(true) => {
+            tracing::info!(source = source.label(), revision = held.revision, brown_out = ?held.spec, "brown-out updated");
+            state.metrics.live_update(source.label(), "applied");
+        }
+        Ok(false) => {}
+        Err(why) => {
+            tracing::warn!(source = source.label(), revision = held.revision, reason = %why, "brown-out refused; the one in force stays");
+            state.metrics.live_update(source.label(), "refused");
+        }
     }
 }
 

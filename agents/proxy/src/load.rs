@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  reserve ─► arrive() ─► Arrival ─(settle)─► complete(usage) ─► counters + P95 sketch
-//!  admit refused (maxInFlight) / brown-out shed ─► arrivals too (demand the replica saw)
+//!  admit refused (maxInFlight) / brown-out shed / Budget rate cap ─► arrivals too (demand the replica saw)
+//!  agent PUT /v1/queue ─► queue_reported(waiting, ttl) (queue.rs)
 //!  GET /load, /metrics ─► report(): atomics read, sketch summed over the last 60 s
 //! ```
 //!
@@ -20,7 +21,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -60,6 +61,10 @@ pub struct LoadMeter {
     downgraded: AtomicU64,
     /// Arrivals by priority ([`Priority::ALL`] order), for brown-out's lowest-first split.
     by_priority: [AtomicU64; 3],
+    /// The agent's last report of its own queue ([`LoadMeter::queue_reported`]) and until
+    /// when it counts (milliseconds since the meter started).
+    queue_waiting: AtomicU64,
+    queue_until_ms: AtomicU64,
     ring: Box<[Second]>,
 }
 
@@ -81,6 +86,10 @@ fn add_f64(cell: &AtomicU64, x: f64) {
     let _ = cell.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
         Some((f64::from_bits(bits) + x).to_bits())
     });
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn bucket_of(secs: f64) -> usize {
@@ -123,6 +132,8 @@ impl LoadMeter {
             shed: AtomicU64::new(0),
             downgraded: AtomicU64::new(0),
             by_priority: std::array::from_fn(|_| AtomicU64::new(0)),
+            queue_waiting: AtomicU64::new(0),
+            queue_until_ms: AtomicU64::new(0),
             ring,
         })
     }
@@ -138,8 +149,8 @@ impl LoadMeter {
         }
     }
 
-    /// Demand this replica turned away without serving (`maxInFlight` reached, or shed by a
-    /// brown-out): an arrival that never completes.
+    /// Demand this replica turned away without serving (`maxInFlight` reached, shed by a
+    /// brown-out, or over a Budget's rate cap): an arrival that never completes.
     pub fn refused(&self, priority: Priority, shed: bool) {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.by_priority[priority.index()].fetch_add(1, Ordering::Relaxed);
@@ -171,6 +182,26 @@ impl LoadMeter {
             .fetch_add(usage.output_tokens, Ordering::Relaxed);
         self.record(now, secs);
         drop(arrival);
+    }
+
+    /// The agent reports `waiting` requests in front of it; the report counts for `ttl`.
+    pub fn queue_reported(&self, waiting: u64, ttl: Duration) {
+        let until = self.millis(Instant::now()).saturating_add(duration_ms(ttl));
+        self.queue_waiting.store(waiting, Ordering::Relaxed);
+        self.queue_until_ms.store(until, Ordering::Relaxed);
+    }
+
+    /// The agent's queue as last reported, 0 once the report has expired.
+    fn waiting(&self, at: Instant) -> u64 {
+        if self.millis(at) < self.queue_until_ms.load(Ordering::Relaxed) {
+            self.queue_waiting.load(Ordering::Relaxed)
+        } else {
+            0
+        }
+    }
+
+    fn millis(&self, at: Instant) -> u64 {
+        duration_ms(at.saturating_duration_since(self.started))
     }
 
     fn second(&self, at: Instant) -> u64 {
@@ -226,9 +257,7 @@ impl LoadMeter {
         let now = Instant::now();
         LoadReport {
             started_at_ms: self.started_at_ms,
-            at_ms: self.started_at_ms
-                + i64::try_from(now.saturating_duration_since(self.started).as_millis())
-                    .unwrap_or(i64::MAX / 2),
+            at_ms: self.started_at_ms + i64::try_from(self.millis(now)).unwrap_or(i64::MAX / 2),
             requests: self.requests.load(Ordering::Relaxed),
             completed: self.completed.load(Ordering::Relaxed),
             latency_sum_s: f64::from_bits(self.latency_sum_bits.load(Ordering::Relaxed)),
@@ -236,7 +265,7 @@ impl LoadMeter {
             input_tokens: self.input_tokens.load(Ordering::Relaxed),
             output_tokens: self.output_tokens.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
-            waiting: 0,
+            waiting: self.waiting(now),
             p95_window_s: P95_WINDOW_S as f64,
             latency_p95_s: self.p95(now),
             shed: self.shed.load(Ordering::Relaxed),
@@ -255,7 +284,7 @@ impl Collector for LoadCollector {
         let counters: [(&str, &str, u64); 6] = [
             (
                 "load_arrivals",
-                "Requests this replica set out to serve or turned away (maxInFlight, brown-out): its demand",
+                "Requests this replica set out to serve or turned away (maxInFlight, brown-out, a Budget rate cap): its demand",
                 r.requests,
             ),
             (
@@ -306,6 +335,13 @@ impl Collector for LoadCollector {
             "Requests arrived and not yet completed",
             None,
             in_flight.metric_type(),
+        )?)?;
+        let waiting = ConstGauge::new(i64::try_from(r.waiting).unwrap_or(i64::MAX));
+        waiting.encode(encoder.encode_descriptor(
+            "load_waiting",
+            "Requests waiting in front of the agent, as it last reported them (PUT /v1/queue; 0 once the report expires)",
+            None,
+            waiting.metric_type(),
         )?)?;
         let p95 = ConstGauge::new(r.latency_p95_s.unwrap_or(0.0));
         p95.encode(encoder.encode_descriptor(
@@ -368,6 +404,24 @@ mod tests {
         assert_eq!(m.arrivals_by_priority(), [2, 2, 1]);
         assert!(r.latency_p95_s.is_some());
         assert!(r.at_ms >= r.started_at_ms);
+    }
+
+    #[test]
+    fn the_agents_queue_report_counts_until_it_expires() {
+        let m = LoadMeter::new();
+        assert_eq!(m.report().waiting, 0, "nothing reported");
+        m.queue_reported(7, Duration::from_secs(60));
+        assert_eq!(m.report().waiting, 7);
+        m.queue_reported(3, Duration::from_secs(60));
+        assert_eq!(m.report().waiting, 3, "the last report wins");
+        let later = Instant::now() + Duration::from_secs(61);
+        assert_eq!(m.waiting(later), 0, "expired");
+        m.queue_reported(5, Duration::ZERO);
+        assert_eq!(
+            m.report().waiting,
+            0,
+            "a report that has already expired counts for nothing"
+        );
     }
 
     #[test]

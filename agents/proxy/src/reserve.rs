@@ -75,6 +75,10 @@ pub async fn reserve(
                     // rate-limit refusals are the sidecar's own metric (`limit` label) only.
                     if matches!(refusal.limit, LimitKind::Tokens | LimitKind::CostMicros) {
                         state.authority.count_refusal(&refusal.budget, false);
+                    } else {
+                        // A rate cap turned it away: demand the autoscaler must see, so that
+                        // a brown-out can take the lowest priority first instead.
+                        state.load.refused(call.priority, false);
                     }
                     state
                         .metrics

@@ -10,7 +10,7 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::routing::{any, get, post, put};
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
@@ -172,7 +172,10 @@ pub async fn state(config: Config, client_token: String) -> Result<Arc<AppState>
     let load = LoadMeter::new();
     metrics.register_load(load.clone());
     let brown_out = BrownOutGate::default();
-    brown_out.set(config.brown_out.clone(), &load);
+    if let Err(why) = brown_out.set_checked(config.brown_out.clone(), &load, config.prices.as_ref())
+    {
+        tracing::warn!(reason = %why, "the configuration's brown-out is refused; starting without one");
+    }
     // Reading and hashing the delivered bundles is file work: off the async workers.
     let (list, settings) = (config.capsules.clone(), config.recall.clone());
     let capsules =
@@ -208,6 +211,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     }
     r = r.route(crate::recall::PATH, post(crate::recall::handle));
     r = r.route(crate::mcp::PATH, any(crate::mcp::handle));
+    r = r.route(crate::queue::PATH, put(crate::queue::handle));
     r.fallback(|req: Request| async move {
         let dialect = if req.uri().path().starts_with("/v1/messages") {
             soma_metering::wire::Dialect::Anthropic

@@ -2,6 +2,8 @@
 //!
 //! - `GET /load` on the admin port reports what the sidecar served (the contract's
 //!   `LoadReport`), and `/metrics` the same as `soma_proxy_load_*`;
+//! - the agent's report of its own queue (`PUT /v1/queue`) is `waiting` until it expires; a
+//!   report without the pod token or with a bad body is refused and changes nothing;
 //! - a brown-out in the configuration file (the live path the operator writes) sheds the
 //!   computed share of low-priority traffic with 503 and `Retry-After` in the client's wire
 //!   format, never high-priority traffic, downgrades instead when asked, and lifts when the
@@ -115,6 +117,71 @@ async fn the_load_report_counts_what_the_sidecar_served() {
         assert!(metrics.contains(line), "{line} missing:\n{metrics}");
     }
     assert!(metrics.contains("soma_proxy_load_service_p95_seconds "));
+    h.proxy.stop().await;
+}
+
+async fn put_queue(url: &str, token: Option<&str>, body: &str) -> Reply {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(a) = auth.as_deref() {
+        headers.push(("authorization", a));
+    }
+    send(&http(), "PUT", url, &headers, body.to_owned()).await
+}
+
+#[tokio::test]
+async fn the_agents_queue_report_is_waiting_until_it_expires_and_bad_reports_change_nothing() {
+    let h = Harness::start("openai", json!({"queueReportTtlMs": 1500})).await;
+    let url = h.proxy_url("/v1/queue");
+    assert_eq!(load(h.proxy.admin_addr).await.waiting, 0);
+
+    let ok = put_queue(&url, Some(TOKEN), r#"{"waiting": 12}"#).await;
+    assert_eq!(ok.status, 204, "{}", ok.text());
+    let report = load(h.proxy.admin_addr).await;
+    assert_eq!(report.waiting, 12);
+    assert_eq!(report.requests, 0, "a queue report is not an arrival");
+    assert!(h.metrics().await.contains("soma_proxy_load_waiting 12"));
+
+    // Refused, in OpenAI's error format, and nothing changes.
+    for (token, body, status, says) in [
+        (None, r#"{"waiting": 1}"#, 401, ""),
+        (Some("not-the-pod-token"), r#"{"waiting": 1}"#, 401, ""),
+        (Some(TOKEN), r#"{"waiting": -1}"#, 400, "waiting"),
+        (
+            Some(TOKEN),
+            r#"{"waiting": 1, "arrivals": 3}"#,
+            400,
+            "arrivals",
+        ),
+        (Some(TOKEN), r#"{"queue": 1}"#, 400, "waiting"),
+        (Some(TOKEN), "not json", 400, ""),
+    ] {
+        let r = put_queue(&url, token, body).await;
+        assert_eq!(r.status, status, "{body}: {}", r.text());
+        let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(message.contains(says), "{body}: {message}");
+        assert_eq!(
+            load(h.proxy.admin_addr).await.waiting,
+            12,
+            "{body} changed the report"
+        );
+    }
+    let get = send(
+        &http(),
+        "GET",
+        &url,
+        &[("authorization", &format!("Bearer {TOKEN}"))],
+        String::new(),
+    )
+    .await;
+    assert_eq!(get.status, 405, "{}", get.text());
+
+    // An agent that stops reporting stops adding to the signal.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while load(h.proxy.admin_addr).await.waiting != 0 {
+        assert!(Instant::now() < deadline, "the report never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     h.proxy.stop().await;
 }
 

@@ -151,6 +151,7 @@ fn main() -> Result<()> {
     for (name, view) in [
         ("queue", SignalView::Queue),
         ("sidecar", SignalView::Sidecar),
+        ("reported", SignalView::Reported),
     ] {
         let mut scaler = SomaScaler::new(soma, a.interval_s, sim.initial_replicas)?.with_view(view);
         runs.insert(

@@ -19,8 +19,13 @@ pub enum SignalView {
     Queue,
     /// Only what a sidecar inside each pod sees when the queue is in front of the pods: a
     /// request "arrives" when it starts service and nothing is ever waiting
-    /// (`LoadReport::waiting` is 0). This is what the operator reads today.
+    /// (`LoadReport::waiting` is 0). This is what the operator reads when the agent does not
+    /// report its queue.
     Sidecar,
+    /// The sidecars' view plus the queue in front of the pods as the agents report it to
+    /// their sidecars (`PUT /v1/queue`): arrivals as requests start service, and the queue's
+    /// length as `waiting`. What the operator reads from agents that report their queue.
+    Reported,
 }
 
 /// [`Autoscaler`] driven by simulator observations.
@@ -60,6 +65,11 @@ pub fn signal_as(view: SignalView, obs: &Observation) -> LoadSignal {
             waiting: 0,
             ..signal(obs)
         },
+        SignalView::Reported => LoadSignal {
+            requests: obs.started,
+            in_flight: obs.in_service,
+            ..signal(obs)
+        },
     }
 }
 
@@ -95,5 +105,37 @@ impl Scaler for SomaScaler {
             self.brown_out_ticks += 1;
         }
         d.desired_replicas
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_view_sees_what_its_source_can() {
+        let obs = Observation {
+            window_s: 15.0,
+            arrivals: 40,
+            started: 12,
+            in_service: 4,
+            waiting: 28,
+            ..Observation::default()
+        };
+        let queue = signal_as(SignalView::Queue, &obs);
+        assert_eq!(
+            (queue.requests, queue.in_flight, queue.waiting),
+            (40, 32, 28)
+        );
+        let sidecar = signal_as(SignalView::Sidecar, &obs);
+        assert_eq!(
+            (sidecar.requests, sidecar.in_flight, sidecar.waiting),
+            (12, 4, 0)
+        );
+        let reported = signal_as(SignalView::Reported, &obs);
+        assert_eq!(
+            (reported.requests, reported.in_flight, reported.waiting),
+            (12, 4, 28)
+        );
     }
 }

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //!  spec.scaling ─► autoscaler_config ─► Autoscaler (soma-autoscaler crate)
+//!  the Budget chain's rate caps ─► budget_rate ─► Autoscaler::set_budget_rate
 //!  Deployment.managedFields ─► replicas_managers ─► ours / foreign (a conflict, reported)
 //!  Step (decision, conflict or no signal) ─► scaling_status ─► status.scaling + `Scaling`
 //! ```
@@ -20,7 +21,8 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use soma_autoscaler::estimate::EstimatorParams;
 use soma_autoscaler::{
-    AutoscalerConfig, BrownOutAction, ConductanceParams, Decision, Error as AutoscalerError, Reason,
+    AutoscalerConfig, BrownOutAction, BudgetRate, ConductanceParams, Decision,
+    Error as AutoscalerError, Reason,
 };
 use soma_crds::Job;
 use soma_crds::agent::{
@@ -37,6 +39,24 @@ pub const AUTOSCALER_MANAGER: &str = "soma-autoscaler";
 
 /// Condition type: what the autoscaler decided, or why it could not act.
 pub const SCALING: &str = "Scaling";
+
+/// The most traffic a Budget chain lets through per second: the smallest `requestsPerMinute`
+/// and the smallest `tokensPerMinute` along it (every Budget of the chain is charged for each
+/// call). A Budget shared with other Agents gives this Agent at most the whole of it, so the
+/// cap it leads to is an upper bound, never too low.
+pub fn budget_rate(chain: &[soma_metering::BudgetDef]) -> BudgetRate {
+    let smallest = |f: fn(&soma_metering::BudgetDef) -> Option<u64>| {
+        chain
+            .iter()
+            .filter_map(f)
+            .min()
+            .map(|per_min| per_min as f64 / 60.0)
+    };
+    BudgetRate {
+        requests_per_s: smallest(|d| d.limits.requests_per_minute),
+        tokens_per_s: smallest(|d| d.limits.tokens_per_minute),
+    }
+}
 
 /// The autoscaler's settings for an Agent (`spec.scaling`, every unset knob at the crate's
 /// default), `None` when it does not autoscale (`maxReplicas` not above the effective
@@ -416,6 +436,43 @@ mod tests {
 
     fn config(scaling: serde_json::Value, port: Option<i32>) -> Option<AutoscalerConfig> {
         autoscaler_config(&spec(scaling, port)).map(|r| r.expect("valid settings"))
+    }
+
+    #[test]
+    fn the_budget_rate_is_the_smallest_rate_cap_along_the_chain() {
+        let def = |name: &str, limits: serde_json::Value| {
+            let b: soma_crds::Budget = serde_json::from_value(serde_json::json!({
+                "apiVersion": "soma.dev/v1alpha1", "kind": "Budget",
+                "metadata": {"name": name, "namespace": "a"},
+                "spec": {"limits": limits, "period": {"calendar": "month"}}
+            }))
+            .expect("a valid Budget");
+            crate::budget::def::budget_def(&b)
+        };
+        let chain = [
+            def(
+                "team",
+                serde_json::json!({"requestsPerMinute": 600, "costMicros": 5}),
+            ),
+            def(
+                "org",
+                serde_json::json!({"requestsPerMinute": 120, "tokensPerMinute": 60000}),
+            ),
+            def("top", serde_json::json!({"tokensPerMinute": 120000})),
+        ];
+        assert_eq!(
+            budget_rate(&chain),
+            BudgetRate {
+                requests_per_s: Some(2.0),
+                tokens_per_s: Some(1000.0)
+            }
+        );
+        // No rate cap anywhere (spend caps only), or no Budget: no bound.
+        assert_eq!(budget_rate(&chain[..1][..0]), BudgetRate::default());
+        assert_eq!(
+            budget_rate(&[def("spend", serde_json::json!({"costMicros": 5}))]),
+            BudgetRate::default()
+        );
     }
 
     #[test]
