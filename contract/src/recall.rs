@@ -82,6 +82,12 @@ pub struct RecallSettings {
     pub max_query_bytes: usize,
     /// Largest `k` accepted.
     pub max_k: usize,
+    /// A Capsule with more chunks than this is searched through an approximate (HNSW) index
+    /// built at load; up to it, by exact search (`soma_capsule::index`).
+    pub approximate_above_rows: usize,
+    /// Candidates the approximate index examines per query (HNSW's `ef`; at least `k`):
+    /// higher finds more of the true top-k and costs more per query.
+    pub approximate_ef: usize,
 }
 
 impl RecallSettings {
@@ -101,6 +107,8 @@ impl Default for RecallSettings {
             embedding_model: None,
             max_query_bytes: 8 * 1024,
             max_k: 100,
+            approximate_above_rows: 20_000,
+            approximate_ef: 64,
         }
     }
 }
