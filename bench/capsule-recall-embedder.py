@@ -45,6 +45,9 @@ def embed(text):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: without TCP_NODELAY, Nagle's algorithm holds the
+    # body until the client's delayed ACK (~40 ms per call on a kept-alive connection).
+    disable_nagle_algorithm = True
 
     def log_message(self, *args):
         pass
