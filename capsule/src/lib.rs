@@ -9,7 +9,7 @@
 //!                        │                                        │
 //!                        └──────────────── Registry::push ◄── read_layout
 //!  registry ──Registry::fetch(repo, digest)──► Bundle ──open──► Contents ──write_into──► /capsules/<name>/
-//!  /capsules/<name>/ ──delivered::open_delivered(digest)──► Delivered ──► recall::ExactIndex (the sidecar)
+//!  /capsules/<name>/ ──delivered::open_delivered(digest)──► Delivered ──► index::Index (the sidecar: exact, or HNSW when large)
 //! ```
 //!
 //! The `registry` feature (on by default) adds push and fetch; the sidecar, which only reads
@@ -23,6 +23,7 @@ pub mod delivered;
 mod error;
 pub mod format;
 pub mod hashed;
+pub mod index;
 pub mod layout;
 pub mod pack;
 pub mod recall;

@@ -1,12 +1,11 @@
-//! The embedded recall index: exact cosine search over one Capsule's chunk vectors.
+//! Exact cosine search over one Capsule's chunk vectors: the index of small Capsules, the
+//! rows (and the re-scoring) of the approximate one, and the peer `bench/capsule-recall`
+//! measures the approximate index against. `crate::index::Index` chooses between them.
 //!
 //! Vectors are L2-normalised once at build and kept in one contiguous row-major `f32` array,
-//! so a query is one normalisation and a dot product per row, then a bounded top-k selection.
-//! Exact search is chosen on purpose: at the sizes one pod's Capsules have (tens of thousands
-//! of chunks; `bench/capsule-recall` measures it) a full scan stays in single-digit
-//! milliseconds, recall@k is 1 by construction, the index builds in one pass with no
-//! parameters to tune, and two sidecars always answer alike. Approximate search (an HNSW
-//! crate) and the Qdrant scale path are for Capsules far larger than that (docs/capsules.md).
+//! so a query is one normalisation and a dot product per row, then a bounded top-k selection:
+//! recall@k is 1 by construction, the index builds in one pass with no parameters to tune, and
+//! two sidecars always answer alike.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -53,7 +52,8 @@ fn normalised(v: &[f32]) -> Vec<f32> {
     }
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// Dot product of two slices of one length.
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight lanes the compiler vectorises; the tail is summed plainly.
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -123,10 +123,21 @@ impl ExactIndex {
         self.rows == 0
     }
 
+    /// Row `row`, normalised.
+    pub(crate) fn row(&self, row: usize) -> Option<&[f32]> {
+        self.data
+            .get(row.checked_mul(self.dims)?..(row + 1).checked_mul(self.dims)?)
+    }
+
+    /// `query` checked against the index's dimension and normalised.
+    pub(crate) fn normalised_query(&self, query: &[f32]) -> Result<Vec<f32>, IndexError> {
+        check(self.dims, query)?;
+        Ok(normalised(query))
+    }
+
     /// The `k` rows most similar to `query`, best first (ties: lower row first).
     pub fn search(&self, query: &[f32], k: usize) -> Result<Vec<Hit>, IndexError> {
-        check(self.dims, query)?;
-        let q = normalised(query);
+        let q = self.normalised_query(query)?;
         let mut heap: BinaryHeap<Kept> = BinaryHeap::with_capacity(k + 1);
         if k == 0 || self.dims == 0 {
             return Ok(Vec::new());

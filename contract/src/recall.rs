@@ -90,6 +90,12 @@ pub struct RecallSettings {
     /// not moved (recall still refuses a revoked Capsule).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub withheld_dir: Option<PathBuf>,
+    /// A Capsule with more chunks than this is searched through an approximate (HNSW) index
+    /// built at load; up to it, by exact search (`soma_capsule::index`).
+    pub approximate_above_rows: usize,
+    /// Candidates the approximate index examines per query (HNSW's `ef`; at least `k`):
+    /// higher finds more of the true top-k and costs more per query.
+    pub approximate_ef: usize,
 }
 
 impl RecallSettings {
@@ -110,6 +116,8 @@ impl Default for RecallSettings {
             max_query_bytes: 8 * 1024,
             max_k: 100,
             withheld_dir: None,
+            approximate_above_rows: 20_000,
+            approximate_ef: 64,
         }
     }
 }

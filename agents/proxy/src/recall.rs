@@ -2,7 +2,8 @@
 //! and provenance (Capsule, version, digest, chunk id, document).
 //!
 //! ```text
-//!  start:  <recall.capsulesDir>/<name>/ ──open_delivered(verified digest)──► Shelf (exact index per Capsule)
+//!  start:  <recall.capsulesDir>/<name>/ ──open_delivered(verified digest)──► Shelf (an index per Capsule:
+//!          exact, or HNSW above recall.approximateAboveRows chunks)
 //!  live:   revokedCapsules (file, ledger soma_capsule_revocations) ──► Shelf::set_revoked ──► 410
 //!  request: admit ─► authenticate ─► read and check ─► pick Capsules (unknown 404, revoked 410)
 //!           ─► query vector: given, or embedded through the metered /v1/embeddings call
@@ -26,7 +27,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use soma_capsule::delivered::{Delivered, open_delivered};
 use soma_capsule::format::Chunk;
-use soma_capsule::recall::{ExactIndex, Hit};
+use soma_capsule::index::{Index, IndexParams};
+use soma_capsule::recall::Hit;
 use soma_contract::recall::{RecallSettings, RevokedCapsule, SidecarCapsule};
 use soma_metering::wire::Dialect;
 
@@ -156,7 +158,7 @@ pub struct Served {
     /// Chunks, in index row order.
     pub chunks: Vec<Chunk>,
     /// The index.
-    pub index: ExactIndex,
+    pub index: Index,
 }
 
 /// One of the pod's Capsules.
@@ -201,7 +203,16 @@ pub struct Shelf {
     withheld_problems: RwLock<BTreeMap<String, String>>,
 }
 
-/// Loads one delivered Capsule (blocking: reads and hashes files).
+/// The index parameters `recall` sets (the graph's shape stays the crate's default).
+pub fn index_params(settings: &RecallSettings) -> IndexParams {
+    IndexParams {
+        approximate_above_rows: settings.approximate_above_rows,
+        ef_search: settings.approximate_ef,
+        ..IndexParams::default()
+    }
+}
+
+/// Loads one delivered Capsule (blocking: reads and hashes files; builds its index).
 pub fn load_one(settings: &RecallSettings, capsule: &SidecarCapsule) -> Held {
     let unavailable = |reason: String| Held::Unavailable {
         name: capsule.name.clone(),
@@ -239,9 +250,10 @@ pub fn load_one(settings: &RecallSettings, capsule: &SidecarCapsule) -> Held {
             model.model
         ));
     }
-    let index = match ExactIndex::build(
+    let index = match Index::build(
         model.dimensions,
         records.iter().map(|r| r.vector.as_slice()),
+        &index_params(settings),
     ) {
         Ok(i) => i,
         Err(e) => return unavailable(format!("its embeddings do not index: {e}")),
@@ -263,7 +275,7 @@ impl Shelf {
         for h in &held {
             match h {
                 Held::Served(s) => {
-                    tracing::info!(capsule = %s.name, digest = %s.digest, chunks = s.chunks.len(), model = %s.model, "Capsule loaded for recall")
+                    tracing::info!(capsule = %s.name, digest = %s.digest, chunks = s.chunks.len(), model = %s.model, index = s.index.kind(), "Capsule loaded for recall")
                 }
                 Held::Unavailable { name, reason, .. } => {
                     tracing::warn!(capsule = %name, reason = %reason, "Capsule not served by recall");

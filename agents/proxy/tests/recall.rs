@@ -8,6 +8,7 @@
 //!   unknown Capsule, a vector of another dimension, no token) gets a clear error in OpenAI's
 //!   format and records nothing; a Capsule whose folder no longer matches its digest, or
 //!   embedded by another model than the configured one, is not served and says why;
+//! - a Capsule above `recall.approximateAboveRows` chunks (the HNSW graph) answers as the scan;
 //! - revocation mid-run stops recall with 410 and the reason: through the configuration file
 //!   (a ConfigMap volume) and through the ledger's notification (a real PostgreSQL).
 #![allow(clippy::unwrap_used)]
@@ -116,6 +117,62 @@ async fn recall_answers_top_k_with_provenance_and_meters_the_query_embedding() {
     assert_eq!(r.json()["data"][0]["chunk"], "billing.md#0");
     assert_eq!(h.rows().await.len(), 1);
     assert!(h.metrics().await.contains("endpoint=\"recall\""));
+}
+
+/// A Capsule above `recall.approximateAboveRows` chunks is searched through the HNSW graph:
+/// the same scores and best answer as the scan (on a Capsule this small the graph reaches
+/// every row), and the defaults the contract carries are the index crate's.
+#[tokio::test]
+async fn a_capsule_above_the_threshold_is_searched_through_the_graph_alike() {
+    assert_eq!(
+        soma_proxy::recall::index_params(&soma_contract::recall::RecallSettings::default()),
+        soma_capsule::index::IndexParams::default()
+    );
+    let graph = pod(|dir, _| {
+        json!({"recall": {"capsulesDir": dir, "approximateAboveRows": 0, "approximateEf": 4}})
+    })
+    .await;
+    let scan = pod(|_, _| json!({})).await;
+    for query in [
+        "how long do refunds to my card take",
+        "which warehouse do parcels ship from",
+        "two-factor codes",
+    ] {
+        let body = json!({"query": query, "k": 4});
+        let (g, s) = (
+            graph.h.post("/v1/recall", &body).await,
+            scan.h.post("/v1/recall", &body).await,
+        );
+        assert_eq!(
+            (g.status.as_u16(), s.status.as_u16()),
+            (200, 200),
+            "{} {}",
+            g.text(),
+            s.text()
+        );
+        let (g, s) = (g.json()["data"].clone(), s.json()["data"].clone());
+        assert_eq!(g.as_array().unwrap().len(), 4);
+        // The same scores in the same order, the same best hit with its provenance; among
+        // rows of equal score (here the many chunks sharing no word with the query, score 0)
+        // the graph may keep others than the scan.
+        let scores = |d: &Value| -> Vec<f64> {
+            d.as_array()
+                .unwrap()
+                .iter()
+                .map(|h| h["score"].as_f64().unwrap())
+                .collect()
+        };
+        assert_eq!(scores(&g), scores(&s), "{query}");
+        assert_eq!(g[0], s[0], "{query}");
+        assert!(scores(&g)[0] > scores(&g)[1], "{query}: {g}");
+    }
+    // A vector of another dimension is refused by the graph as by the scan.
+    let r = graph
+        .h
+        .post("/v1/recall", &json!({"vector": [0.5, 0.5], "k": 1}))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "dimension_mismatch");
 }
 
 #[tokio::test]
