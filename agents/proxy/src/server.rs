@@ -255,6 +255,9 @@ fn vault_ledger(s: &AppState) -> Option<&Arc<LedgerAccess>> {
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    // Read when scraped: a refresh that installs the key before it is recorded, or a lease
+    // that ends between rounds, is shown as it is now.
+    s.metrics.credentials_ready(s.keys.readiness().ready);
     if let Some(l) = vault_ledger(&s) {
         s.metrics.ledger_credentials_ready(l.usable());
     }

@@ -72,13 +72,12 @@ struct Database {
 }
 
 impl Database {
-    /// When the next round is due: the lease's renewal point (now without a lease), but not
-    /// before a failed round's retry time.
-    fn due_at(&self) -> Instant {
-        let at = self
-            .lease
-            .as_ref()
-            .map_or_else(Instant::now, Lease::renew_at);
+    /// When the next round is due: the lease's renewal point (`now` without a lease), but not
+    /// before a failed round's retry time. One `now` for the caller's comparison too: a
+    /// second clock read here would always be later, so a sidecar without a lease would never
+    /// be due again.
+    fn due_at(&self, now: Instant) -> Instant {
+        let at = self.lease.as_ref().map_or(now, Lease::renew_at);
         self.retry_at.map_or(at, |r| r.max(at))
     }
 }
@@ -244,9 +243,8 @@ impl VaultSource {
 
     /// Whether the ledger credentials are due: none yet, or their lease at two thirds.
     pub fn database_due(&self) -> bool {
-        self.database
-            .as_ref()
-            .is_some_and(|d| Instant::now() >= d.due_at())
+        let now = Instant::now();
+        self.database.as_ref().is_some_and(|d| now >= d.due_at(now))
     }
 
     fn creds_path(&self) -> String {
@@ -419,11 +417,12 @@ impl VaultSource {
     /// for renewal.
     pub fn next_wake(&self) -> Duration {
         let refresh = self.refresh();
-        let lease = self.database.as_ref().map(Database::due_at);
+        let now = Instant::now();
+        let lease = self.database.as_ref().map(|d| d.due_at(now));
         [self.token.as_ref().and_then(Token::renew_at), lease]
             .into_iter()
             .flatten()
-            .map(|at| at.saturating_duration_since(Instant::now()))
+            .map(|at| at.saturating_duration_since(now))
             .fold(refresh, Duration::min)
     }
 
