@@ -195,7 +195,8 @@ def vault_tokenreview(docs, sa_name, sa_namespace):
     expect(b["subjects"] == [{"kind": "ServiceAccount", "name": sa_name, "namespace": sa_namespace}],
            f"subjects {b['subjects']}")
     args = args_of(docs)
-    for flag in ("--vault-address", "--vault-ca-file", "--vault-auth-mount", "--vault-role", "--vault-audience"):
+    for flag in ("--vault-address", "--vault-ca-file", "--vault-auth-mount", "--vault-role", "--vault-audience",
+                 "--vault-ledger-mount", "--vault-ledger-role"):
         expect(any(a.startswith(flag + "=") for a in args), f"{flag} not passed")
     settings = [c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-settings")]
     expect(settings and "vault-ca.pem" in settings[0]["data"], "the Vault CA bundle is not in the settings ConfigMap")

@@ -1,13 +1,16 @@
 //! What a sidecar's `GET /readyz` answers, read by the operator to say on the Agent why its
-//! sidecars hold no provider key (the `CredentialsUnavailable` condition).
+//! sidecars hold no provider key, or no ledger user from Vault (the `CredentialsUnavailable`
+//! condition).
 //!
 //! ```text
-//!  sidecar: KeyHolder::readiness ─► GET /readyz (200 ready │ 503 not ready) ─► Readiness (JSON)
+//!  sidecar: KeyHolder::readiness ─┬─► GET /readyz (200 ready │ 503 not ready) ─► Readiness (JSON)
+//!           LedgerAccess (lease) ─┘     `ledger`: with ledgerCredentials only; never turns it 503
 //!  operator: every pod of an Agent with Vault credentials ─► Readiness ─► CredentialsUnavailable
 //! ```
 //!
 //! Nothing in it is secret: the message is built from Vault's status code, its error text
-//! (scrubbed of login material) and the configured path, never from a token or a key.
+//! (scrubbed of login material) and the configured path, never from a token, a key, a
+//! password or a lease id.
 
 use serde::{Deserialize, Serialize};
 
@@ -22,7 +25,35 @@ pub struct Readiness {
     /// Why not, or (when still ready) the last credential refresh's failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<ReadinessProblem>,
+    /// With `ledgerCredentials`: the ledger's PostgreSQL user from Vault. It does not decide
+    /// `ready` (requests are served and their usage waits in the sidecar's durable outbox), so
+    /// the operator reads it here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger: Option<LedgerReadiness>,
 }
+
+/// [`Readiness::ledger`]: whether the sidecar can deliver usage to the ledger as the user Vault
+/// leased it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerReadiness {
+    /// A leased user whose lease has not ended is in use.
+    pub usable: bool,
+    /// Why not, or (when still usable) the last renewal's or read's failure. Its reason is
+    /// one of [`LEDGER_REASONS`], never a provider-key reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<ReadinessProblem>,
+}
+
+/// The reasons of a [`LedgerReadiness::problem`]: Vault's answer to the database secrets
+/// engine, prefixed so that it is not mistaken for a provider-key reason on the Agent.
+pub const LEDGER_REASONS: [&str; 6] = [
+    "LedgerCredentialsPending",
+    "LedgerVaultMisconfigured",
+    "LedgerVaultUnreachable",
+    "LedgerVaultLoginFailed",
+    "LedgerVaultPermissionDenied",
+    "LedgerVaultRoleNotFound",
+];
 
 /// [`Readiness::problem`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,9 +82,17 @@ mod tests {
             ok,
             Readiness {
                 ready: true,
-                problem: None
+                problem: None,
+                ledger: None,
             }
         );
         assert_eq!(serde_json::to_string(&ok).unwrap(), r#"{"ready":true}"#);
+        let with_ledger: Readiness = serde_json::from_str(
+            r#"{"ready": true, "ledger": {"usable": false, "problem": {"reason": "LedgerVaultPermissionDenied", "message": "m"}}}"#,
+        )
+        .unwrap();
+        let l = with_ledger.ledger.unwrap();
+        assert!(!l.usable);
+        assert!(LEDGER_REASONS.contains(&l.problem.unwrap().reason.as_str()));
     }
 }

@@ -46,6 +46,8 @@ pub const PROVIDER_KEY_ENV_NAMES: &[&str] = &[
     printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
+#[x_kube(validation = Rule::new("!has(self.ledgerCredentials) || (has(self.credentials) && has(self.credentials.vault))")
+    .message("ledgerCredentials.vault logs in to Vault as credentials.vault does: set credentials.vault (the provider key from Vault), or remove ledgerCredentials"))]
 #[x_kube(validation = Rule::new("!has(self.port) || !has(self.scaling) || self.scaling.minReplicas > 0")
     .message("scaling.minReplicas 0 is only for an Agent without a port: nothing wakes a scaled-to-zero Agent when traffic arrives at its Service yet (planned). A worker Agent (no port) is woken by the Soma Jobs whose spec.agentRef names it. Set scaling.minReplicas to 1 or more, or remove port"))]
 #[serde(rename_all = "camelCase")]
@@ -85,6 +87,13 @@ pub struct AgentSpec {
     /// Where the sidecar reads the provider key from. Never mounted into the agent container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<Credentials>,
+
+    /// Where the sidecar gets its own PostgreSQL user for the usage ledger instead of the
+    /// operator's shared ledger URL: `vault` asks Vault's database secrets engine for a
+    /// short-lived user, logging in as `credentials.vault` does (required). Needs an operator
+    /// with a ledger (`--ledger-url`). See docs/vault.md.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger_credentials: Option<LedgerCredentials>,
 
     /// The Budget this agent's calls are charged to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -169,11 +178,13 @@ pub struct Credentials {
 }
 
 /// A Vault (or OpenBao) KV v2 secret holding the provider key. The sidecar logs in with its
-/// own projected service-account token (mounted into the sidecar container only), reads the
-/// field, renews its token, re-reads the secret every `refreshSeconds` and revokes the token
-/// when the pod stops. See docs/vault.md.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+/// own projected service-account token (Kubernetes or JWT auth) or an AppRole Secret (each
+/// mounted into the sidecar container only), reads the field, renews its token, re-reads the
+/// secret every `refreshSeconds` and revokes the token when the pod stops. See docs/vault.md.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(has(self.auth) && self.auth == 'appRole') == has(self.appRole)")
+    .message("credentials.vault.appRole (the Secret holding the AppRole role id and secret id) is required with auth: appRole, and only then"))]
 pub struct VaultRef {
     /// Vault's address, such as `https://vault.vault.svc:8200`. Unset: the operator's default
     /// (`--vault-address`, chart `vault.address`), else the sidecar's `VAULT_ADDR`.
@@ -199,20 +210,25 @@ pub struct VaultRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub version: Option<u64>,
-    /// How the sidecar logs in: `kubernetes` (Vault's Kubernetes auth) or `jwt` (Vault's
-    /// JWT auth, validating the same token against the cluster's OIDC keys).
+    /// How the sidecar logs in: `kubernetes` (Vault's Kubernetes auth), `jwt` (Vault's JWT
+    /// auth, validating the same token against the cluster's OIDC keys) or `appRole` (a role
+    /// id and secret id from the Secret `appRole` names).
     #[serde(default)]
     pub auth: VaultAuthMethod,
+    /// The AppRole login material, with `auth: appRole` (and only then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_role: Option<VaultAppRole>,
     /// The auth method's mount. Default: the operator's `--vault-auth-mount` (Kubernetes auth
-    /// only), else `kubernetes` or `jwt`.
+    /// only), else `kubernetes`, `jwt` or `approle`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
     pub auth_mount: Option<String>,
-    /// The Vault role the sidecar logs in as. Unset: the operator's `--vault-role`.
+    /// The Vault role the sidecar logs in as (Kubernetes and JWT auth; AppRole's role is its
+    /// role id). Unset: the operator's `--vault-role`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
-    /// Audience of the sidecar's projected service-account token. Default: the operator's
-    /// `--vault-audience`, else `vault`.
+    /// Audience of the sidecar's projected service-account token (Kubernetes and JWT auth).
+    /// Default: the operator's `--vault-audience`, else `vault`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
     pub audience: Option<String>,
@@ -232,6 +248,54 @@ pub enum VaultAuthMethod {
     Kubernetes,
     /// Vault's JWT auth method (Vault checks the token's signature itself).
     Jwt,
+    /// Vault's AppRole auth method (a role id and a secret id from a Secret).
+    AppRole,
+}
+
+/// `credentials.vault.appRole`: a Secret of the Agent's namespace holding the AppRole role id
+/// and secret id. The operator mounts the two keys into the sidecar container only (read-only
+/// files); the agent container, the ConfigMap and the environment never hold them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VaultAppRole {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
+    /// The key holding the role id. Default `role-id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub role_id_key: Option<String>,
+    /// The key holding the secret id. Default `secret-id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub secret_id_key: Option<String>,
+}
+
+/// `ledgerCredentials`: where the sidecar's ledger user comes from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LedgerCredentials {
+    /// Vault's (or OpenBao's) database secrets engine: `GET <mount>/creds/<role>`, with the
+    /// Vault session of `credentials.vault`. The lease is renewed at two thirds of its TTL,
+    /// replaced when renewal is refused, and revoked when the pod stops.
+    pub vault: VaultDatabase,
+}
+
+/// `ledgerCredentials.vault`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VaultDatabase {
+    /// The database secrets engine's mount. Default: the operator's `--vault-ledger-mount`,
+    /// else `database`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub mount: Option<String>,
+    /// The engine's role whose creation statements make the ledger user. Default: the
+    /// operator's `--vault-ledger-role`; with neither, the operator does not start the
+    /// Agent's pods (`Stalled`, reason `LedgerCredentialsUnusable`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub role: Option<String>,
 }
 
 /// Sandbox settings. The defaults are the strict ones; only `runtimeClassName`, resources,

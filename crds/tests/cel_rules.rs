@@ -344,6 +344,65 @@ fn cases() -> Vec<Case> {
             Some("exactly one of secretRef or vault"),
         ),
         c(
+            "vault with AppRole from a Secret",
+            "Agent",
+            vec![(
+                "/spec/credentials",
+                Some(json!({"vault": {"path": "x", "key": "k", "auth": "appRole",
+                    "appRole": {"secretName": "bot-approle"}}})),
+            )],
+            None,
+            None,
+        ),
+        c(
+            "AppRole without its Secret",
+            "Agent",
+            vec![(
+                "/spec/credentials",
+                Some(json!({"vault": {"path": "x", "key": "k", "auth": "appRole"}})),
+            )],
+            None,
+            Some(
+                "credentials.vault.appRole (the Secret holding the AppRole role id and secret id) is required with auth: appRole",
+            ),
+        ),
+        c(
+            "an AppRole Secret with Kubernetes auth",
+            "Agent",
+            vec![(
+                "/spec/credentials",
+                Some(
+                    json!({"vault": {"path": "x", "key": "k", "auth": "kubernetes",
+                    "appRole": {"secretName": "bot-approle"}}}),
+                ),
+            )],
+            None,
+            Some("is required with auth: appRole, and only then"),
+        ),
+        c(
+            "ledger credentials from Vault",
+            "Agent",
+            vec![
+                (
+                    "/spec/credentials",
+                    Some(json!({"vault": {"path": "x", "key": "k"}})),
+                ),
+                (
+                    "/spec/ledgerCredentials",
+                    Some(json!({"vault": {"role": "soma-ledger"}})),
+                ),
+            ],
+            None,
+            None,
+        ),
+        c(
+            "ledger credentials without a Vault login",
+            "Agent",
+            vec![("/spec/ledgerCredentials", Some(json!({"vault": {}})))],
+            None,
+            Some("ledgerCredentials.vault logs in to Vault as credentials.vault does"),
+        ),
+        c(
             "egress host and cidr",
             "Agent",
             vec![(

@@ -21,6 +21,7 @@ Needs SOMA_OPERATOR_BIN, SOMA_PROXY_BIN, SOMA_FAKE_UPSTREAM_BIN and SOMA_BAO (sc
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pathlib
@@ -51,14 +52,15 @@ KV_PATH = "agents/vaulted/bot"
 class Pods:
     """A real `soma-proxy` per pod of the Agent on the pod's IP, with the pod's projected token."""
 
-    def __init__(self, work: pathlib.Path, standin: StandIn, upstream: str, admin_port: int):
+    def __init__(self, work: pathlib.Path, standin: StandIn, upstream: str, admin_port: int, name: str = NAME):
         self.work, self.standin, self.upstream, self.admin_port = work, standin, upstream, admin_port
+        self.name = name
         self.proxy_port = free_port()
         self.sidecars: dict[str, tuple[subprocess.Popen[bytes], str, pathlib.Path]] = {}
 
     def sync(self) -> list[str]:
         k = self.standin.kube
-        pods = k.list("v1", "pods", NS, labelSelector=f"soma.dev/agent={NAME}")["items"]
+        pods = k.list("v1", "pods", NS, labelSelector=f"soma.dev/agent={self.name}")["items"]
         live = {p["metadata"]["uid"]: p for p in pods if (p.get("status") or {}).get("podIP")}
         for uid in [u for u in self.sidecars if u not in live]:
             stop_process(self.sidecars.pop(uid)[0])
@@ -69,22 +71,15 @@ class Pods:
 
     def _start(self, uid: str, pod: dict[str, Any]) -> tuple[subprocess.Popen[bytes], str, pathlib.Path]:
         ip = pod["status"]["podIP"]
-        cm = self.standin.kube.get("v1", "configmaps", NS, f"{NAME}-sidecar")
+        cm = self.standin.kube.get("v1", "configmaps", NS, f"{self.name}-sidecar")
         config = json.loads(cm["data"]["config.yaml"])
         d = self.work / uid
         d.mkdir(exist_ok=True)
-        # The kubelet's part: the projected token of the pod's ServiceAccount, for the audience
-        # the pod spec asks, in the file the sidecar's config names.
-        projection = next(v["projected"]["sources"][0]["serviceAccountToken"] for v in pod["spec"]["volumes"]
-                          if v["name"] == "vault-token")
-        r = requests.post(self.standin.url + api_path("v1", "serviceaccounts", NS, pod["spec"]["serviceAccountName"])
-                          + "/token", json={"spec": {"audiences": [projection["audience"]],
-                                                     "expirationSeconds": projection["expirationSeconds"]}}, timeout=10)
-        assert r.status_code == 201, r.text
-        (d / "token").write_text(r.json()["status"]["token"])
         vault = config["credentials"]["vault"]
-        assert vault["auth"]["kubernetes"]["tokenPath"] == "/var/run/secrets/soma.dev/vault/token", vault
-        vault["auth"]["kubernetes"]["tokenPath"] = str(d / "token")
+        if "appRole" in vault["auth"]:
+            self._approle_files(pod, vault["auth"]["appRole"], d)
+        else:
+            self._projected_token(pod, vault, d)
         config.update(listen=f"{ip}:{self.proxy_port}", adminListen=f"{ip}:{self.admin_port}",
                       outboxPath=str(d / "outbox.db"))
         config["provider"]["upstream"] = self.upstream
@@ -93,6 +88,32 @@ class Pods:
         proc = subprocess.Popen([PROXY, "--config", str(d / "config.yaml")], stdout=open(d / "sidecar.log", "wb"),
                                 stderr=subprocess.STDOUT, env=env)
         return proc, f"http://{ip}:{self.proxy_port}/v1/chat/completions", d / "sidecar.log"
+
+    def _projected_token(self, pod: dict[str, Any], vault: dict[str, Any], d: pathlib.Path) -> None:
+        """The kubelet's part: the projected token of the pod's ServiceAccount, for the audience
+        the pod spec asks, in the file the sidecar's config names."""
+        projection = next(v["projected"]["sources"][0]["serviceAccountToken"] for v in pod["spec"]["volumes"]
+                          if v["name"] == "vault-token")
+        r = requests.post(self.standin.url + api_path("v1", "serviceaccounts", NS, pod["spec"]["serviceAccountName"])
+                          + "/token", json={"spec": {"audiences": [projection["audience"]],
+                                                     "expirationSeconds": projection["expirationSeconds"]}}, timeout=10)
+        assert r.status_code == 201, r.text
+        (d / "token").write_text(r.json()["status"]["token"])
+        assert vault["auth"]["kubernetes"]["tokenPath"] == "/var/run/secrets/soma.dev/vault/token", vault
+        vault["auth"]["kubernetes"]["tokenPath"] = str(d / "token")
+
+    def _approle_files(self, pod: dict[str, Any], approle: dict[str, Any], d: pathlib.Path) -> None:
+        """The kubelet's part: the Secret volume's items as files in the folder the sidecar's
+        container mounts it at, and only that container."""
+        volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "vault-approle")
+        sidecar = next(c for c in pod["spec"]["initContainers"] if c["name"] == "soma-proxy")
+        mount = next(m for m in sidecar["volumeMounts"] if m["name"] == "vault-approle")
+        secret = self.standin.kube.get("v1", "secrets", NS, volume["secret"]["secretName"])
+        for item in volume["secret"]["items"]:
+            (d / item["path"]).write_bytes(base64.b64decode(secret["data"][item["key"]]))
+        for field in ("roleIdPath", "secretIdPath"):
+            assert approle[field].startswith(mount["mountPath"] + "/"), approle
+            approle[field] = str(d / approle[field].rsplit("/", 1)[1])
 
     def logs(self) -> str:
         return "\n".join(log.read_text(errors="replace") for _, _, log in self.sidecars.values())
@@ -130,7 +151,8 @@ def vaulted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         operator = Operator(work, standin.write_kubeconfig(work / "kubeconfig"), "soma-operator-vault",
                             "--no-leader-election", "--credentials-check-interval-seconds", "1",
                             "--sidecar-admin-port", str(admin_port))
-        yield {"standin": standin, "bao": bao, "pods": pods, "operator": operator}
+        yield {"standin": standin, "bao": bao, "pods": pods, "operator": operator, "work": work,
+               "upstream": upstream_url, "admin_port": admin_port}
     finally:
         if pods is not None:
             pods.stop()
@@ -227,3 +249,56 @@ def test_credentials_unavailable_says_vaults_reason_until_the_secret_exists(vaul
     assert condition(k.get(AGENTS, "agents", NS, NAME), "CredentialsUnavailable")["status"] == "False"
     operator_log = vaulted["operator"].log_tail(2000)
     assert KEY not in operator_log and KEY not in json.dumps(k.get(AGENTS, "agents", NS, NAME))
+
+
+def test_approle_from_a_secret_reaches_the_sidecar_alone(vaulted: dict[str, Any]) -> None:
+    """`auth: appRole` on the Agent: the operator mounts the Secret's two keys into the sidecar
+    container only, the ConfigMap names the files, and the sidecar logs in with them against the
+    real OpenBao (no service-account token anywhere in the pod)."""
+    standin, bao = vaulted["standin"], vaulted["bao"]
+    k = standin.kube
+    k.ensure_namespace(NS)
+    name = "approle-bot"
+    k.apply({"apiVersion": AGENTS, "kind": "Budget", "metadata": {"name": "team", "namespace": NS},
+             "spec": {"limits": {"costMicros": 500_000_000}, "period": {"calendar": "month", "timeZone": "UTC"}}},
+            manager="kubectl")
+    bao.api("POST", "sys/auth/approle", {"type": "approle"})
+    bao.api("POST", "auth/approle/role/bot", {"token_policies": ["agents-read"], "token_ttl": "1h"})
+    role_id = bao.api("GET", "auth/approle/role/bot/role-id")["data"]["role_id"]
+    secret_id = bao.api("POST", "auth/approle/role/bot/secret-id", {})["data"]["secret_id"]
+    bao.api("POST", f"secret/data/{KV_PATH}", {"data": {"api-key": KEY}})
+    b64 = lambda v: base64.b64encode(v.encode()).decode()  # noqa: E731
+    k.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bot-approle", "namespace": NS},
+             "type": "Opaque", "data": {"role-id": b64(role_id), "sid": b64(secret_id)}}, manager="kubectl")
+    k.apply({"apiVersion": AGENTS, "kind": "Agent", "metadata": {"name": name, "namespace": NS},
+             "spec": {"image": "registry.example.com/agents/echo@sha256:" + "cd" * 32,
+                      "model": {"provider": "openai", "name": "gpt-4o-mini"}, "budgetRef": {"name": "team"},
+                      "credentials": {"vault": {"address": bao.addr, "path": KV_PATH, "key": "api-key",
+                                                "auth": "appRole", "refreshSeconds": 1,
+                                                "appRole": {"secretName": "bot-approle", "secretIdKey": "sid"}}}}},
+            manager="kubectl")
+    pods = Pods(vaulted["work"], standin, vaulted["upstream"], vaulted["admin_port"], name=name)
+    try:
+        urls = wait_for("the AppRole pod's sidecar", lambda: pods.sync(), seconds=60)
+        pod = k.list("v1", "pods", NS, labelSelector=f"soma.dev/agent={name}")["items"][0]
+        spec = pod["spec"]
+        assert "vault-token" not in [v["name"] for v in spec["volumes"]], "AppRole needs no service-account token"
+        agent = next(c for c in spec["containers"] if c["name"] == "agent")
+        assert all(m["name"] != "vault-approle" for m in agent.get("volumeMounts", [])), agent
+        assert "bot-approle" not in json.dumps(agent), agent
+        cm = json.dumps(k.get("v1", "configmaps", NS, f"{name}-sidecar"))
+        assert secret_id not in cm and role_id not in cm
+
+        c = wait_for("CredentialsUnavailable=False", lambda: (c := condition(k.get(AGENTS, "agents", NS, name),
+                                                                             "CredentialsUnavailable"))
+                     .get("status") == "False" and c, seconds=60)
+        assert c["reason"] == "CredentialsAvailable", c
+        assert chat(urls[0]).status_code == 200
+        logs = pods.logs()
+        assert "logged in to Vault" in logs and "appRole" in logs, logs
+        for secret in (secret_id, KEY):
+            assert secret not in logs
+            assert secret not in json.dumps(k.get(AGENTS, "agents", NS, name))
+            assert secret not in vaulted["operator"].log_tail(2000)
+    finally:
+        pods.stop()

@@ -143,9 +143,39 @@ def job_failed(doc, reason):
     return problems
 
 
+def vault_login_sidecar_only(doc):
+    """The Vault login material (the projected token, or the AppRole Secret) is a volume of the
+    pod that the metering sidecar alone mounts; the pod itself mounts no service-account token."""
+    dep, problems = one(doc, "Deployment")
+    if dep is None:
+        return problems
+    pod = dep["spec"]["template"]["spec"]
+    login = {v["name"] for v in pod.get("volumes") or [] if v["name"] in ("vault-token", "vault-approle")}
+    if not login:
+        problems.append("no vault-token or vault-approle volume")
+    for c in (pod.get("containers") or []) + (pod.get("initContainers") or []):
+        mounted = {m["name"] for m in c.get("volumeMounts") or []} & login
+        if c["name"] == "soma-proxy" and mounted != login:
+            problems.append(f"soma-proxy mounts {sorted(mounted)}, not {sorted(login)}")
+        if c["name"] != "soma-proxy" and mounted:
+            problems.append(f"{c['name']} mounts the Vault login {sorted(mounted)}")
+    if pod.get("automountServiceAccountToken") is not False:
+        problems.append("pod: automountServiceAccountToken is not false")
+    return problems
+
+
+def readyz(doc, reason=""):
+    """A sidecar's /readyz answer: ready without a problem (no REASON), or not ready for REASON."""
+    problem = (doc.get("problem") or {}).get("reason")
+    if not reason:
+        return [] if doc.get("ready") is True and problem is None else [f"not ready: {doc}"]
+    return [] if doc.get("ready") is False and problem == reason else [f"want not ready for {reason}: {doc}"]
+
+
 CHECKS = {"sandboxed": sandboxed, "egress-restricted": egress_restricted,
           "controlled-by": controlled_by, "without-budget": without_budget, "job-waits": job_waits,
-          "drill-state": drill_state, "job-failed": job_failed}
+          "drill-state": drill_state, "job-failed": job_failed,
+          "vault-login-sidecar-only": vault_login_sidecar_only, "readyz": readyz}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in CHECKS:

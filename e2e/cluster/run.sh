@@ -26,7 +26,14 @@
 #      deadline (DeadlineExceeded); `kubectl get sjob` shows their phases;
 #   5. an Agent whose Budget does not exist, and e2e-agent once its Budget is deleted,
 #      must report Ready=False with reason BudgetNotFound;
-#   6. deletes the namespace and stops the operator it started.
+#   6. with SOMA_E2E_VAULT=1, the Vault scenario (fixtures/e2e-vault.yaml): an OpenBao dev
+#      server in the namespace whose Kubernetes auth reviews the sidecars' projected tokens with
+#      the cluster's real TokenReview API; an Agent whose ServiceAccount its role is bound to
+#      gets Ready pods (its sidecar read the key) with the token mounted into the sidecar alone,
+#      and one asking for the role from another ServiceAccount is refused (VaultLoginFailed);
+#      with --installed, the Agents' CredentialsUnavailable conditions say the same. Without
+#      SOMA_E2E_VAULT=1 it is counted as skipped;
+#   7. deletes the namespace (and the scenario's ClusterRoleBinding) and stops the operator.
 #
 # Usage: e2e/cluster/run.sh [--installed] [--namespace NAME] [--keep]
 #   --installed       use the operator already installed with helm (cluster-wide mode, or a
@@ -40,6 +47,10 @@
 #   SOMA_E2E_SIDECAR_IMAGE  --sidecar-image for the local operator
 #                           (default ghcr.io/soma-dev/soma-proxy:0.1.0)
 #   SOMA_E2E_TIMEOUT        seconds to wait for each expectation (default 120)
+#   SOMA_E2E_VAULT=1        run the Vault scenario: the cluster must be able to pull and run the
+#                           sidecar image (SOMA_E2E_SIDECAR_IMAGE, or the chart's with --installed)
+#                           and SOMA_E2E_OPENBAO_IMAGE (default docker.io/openbao/openbao:2.5.4),
+#                           and you must be allowed to bind system:auth-delegator
 set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -88,9 +99,12 @@ if [[ -z $ns ]]; then
     own_namespace=true
 fi
 operator_pid=""
+proxy_pid=""
+proxy_port=""
 
 passed=0
 failed=0
+skipped=0
 check() { # check NAME CMD...: run CMD, count it, show its output only when it fails
     local name=$1
     shift
@@ -129,6 +143,10 @@ cleanup() {
         kubectl delete -n "$ns" agents.soma.dev e2e-no-budget --ignore-not-found --wait=false >/dev/null 2>&1
         kubectl delete -n "$ns" jobs.soma.dev e2e-job --ignore-not-found --wait=false >/dev/null 2>&1
     fi
+    if [[ -n $proxy_pid ]]; then
+        kill "$proxy_pid" 2>/dev/null
+    fi
+    kubectl delete clusterrolebinding "soma-e2e-openbao-$ns" --ignore-not-found >/dev/null 2>&1
     [[ $failed -gt 0 ]] || rm -rf "$work"
     exit "$rc"
 }
@@ -180,16 +198,20 @@ observed_generation_current() { # AGENT
         --for=jsonpath='{.status.observedGeneration}'="$gen"
 }
 
-ready_false_because() { # AGENT REASON
+condition_is() { # AGENT TYPE STATUS REASON: the Agent's condition TYPE within the timeout
     if kubectl wait -n "$ns" "agents.soma.dev/$1" --timeout="${timeout}s" \
-        --for=jsonpath='{.status.conditions[?(@.type=="Ready")].status}'=False &&
+        --for=jsonpath="{.status.conditions[?(@.type==\"$2\")].status}=$3" &&
         kubectl wait -n "$ns" "agents.soma.dev/$1" --timeout="${timeout}s" \
-            --for=jsonpath='{.status.conditions[?(@.type=="Ready")].reason}'="$2"; then
+            --for=jsonpath="{.status.conditions[?(@.type==\"$2\")].reason}=$4"; then
         return 0
     fi
     kubectl get -n "$ns" "agents.soma.dev/$1" -o jsonpath='{.status.conditions}'
     echo
     return 1
+}
+
+ready_false_because() { # AGENT REASON
+    condition_is "$1" Ready False "$2"
 }
 
 # sjob_check NAME CHECK [ARG...]: the Job NAME satisfies checks.py CHECK within the timeout.
@@ -230,6 +252,92 @@ apply_in_namespace() {
     sed -E "s/^(  namespace:).*/\1 $ns/" "$1" | kubectl apply -n "$ns" -f -
 }
 
+# readyz_is AGENT [REASON]: the sidecar of AGENT's pod answers /readyz (read through the API
+# server's pod proxy, so it works wherever kubectl does) ready, or not ready for REASON.
+readyz_is() {
+    local agent=$1 reason=${2:-} deadline=$((SECONDS + timeout)) pod port body=""
+    while ((SECONDS < deadline)); do
+        pod=$(kubectl get -n "$ns" pods -l "soma.dev/agent=$agent" -o jsonpath='{.items[0].metadata.name}' 2>/dev/null)
+        port=$(kubectl get -n "$ns" pods -l "soma.dev/agent=$agent" \
+            -o jsonpath='{.items[0].spec.initContainers[?(@.name=="soma-proxy")].ports[0].containerPort}' 2>/dev/null)
+        if [[ -n $pod && -n $port ]]; then
+            body=$(python3 - "http://127.0.0.1:$proxy_port/api/v1/namespaces/$ns/pods/$pod:$port/proxy/readyz" <<'PY'
+import sys, urllib.error, urllib.request
+try:
+    print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())
+except urllib.error.HTTPError as e:
+    print(e.read().decode())
+except Exception as e:  # not up yet
+    print("{}")
+PY
+)
+            "$checks" readyz $reason <<<"$body" >/dev/null 2>&1 && return 0
+        fi
+        sleep 2
+    done
+    echo "pod ${pod:-?} of $agent: /readyz said ${body:-nothing}"
+    [[ -n $body ]] || body='{}'
+    "$checks" readyz $reason <<<"$body"
+}
+
+# openbao_configured: Kubernetes auth reviewing tokens with the cluster's TokenReview (OpenBao's
+# own ServiceAccount token, bound to system:auth-delegator), a role for ServiceAccount
+# e2e-vault-agent of the namespace (audience vault), and the secret.
+openbao_configured() {
+    kubectl exec -n "$ns" e2e-openbao -- sh -c "
+        set -e
+        export BAO_ADDR=http://127.0.0.1:8200 BAO_TOKEN=root
+        bao auth enable kubernetes
+        bao write auth/kubernetes/config kubernetes_host=https://\$KUBERNETES_SERVICE_HOST:\$KUBERNETES_SERVICE_PORT
+        echo 'path \"secret/data/e2e/*\" { capabilities = [\"read\"] }' | bao policy write e2e-read -
+        bao write auth/kubernetes/role/e2e-vault-agent bound_service_account_names=e2e-vault-agent \
+            bound_service_account_namespaces=$ns audience=vault token_policies=e2e-read token_ttl=10m
+        bao kv put secret/e2e/openai api-key=sk-e2e-not-a-real-key"
+}
+
+start_kubectl_proxy() {
+    proxy_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    kubectl proxy --port="$proxy_port" >"$work/kubectl-proxy.log" 2>&1 &
+    proxy_pid=$!
+    local deadline=$((SECONDS + 30))
+    while ((SECONDS < deadline)); do
+        python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+            "http://127.0.0.1:$proxy_port/version" 2>/dev/null && return 0
+        sleep 1
+    done
+    echo "kubectl proxy did not answer"
+    return 1
+}
+
+vault_scenario() {
+    local fixture=$here/fixtures/e2e-vault.yaml
+    local image=${SOMA_E2E_OPENBAO_IMAGE:-docker.io/openbao/openbao:2.5.4}
+    check "vault: apply OpenBao ($image), its auth-delegator binding, and Agents e2e-vault-agent, e2e-vault-stranger" \
+        bash -c "sed -e 's/SOMA_E2E_NAMESPACE/$ns/g' -e 's#SOMA_E2E_OPENBAO_IMAGE#$image#g' '$fixture' | kubectl apply -f -"
+    check "vault: OpenBao ready" kubectl wait -n "$ns" --for=condition=Ready pod/e2e-openbao --timeout="${timeout}s"
+    check "vault: Kubernetes auth, role and secret configured" openbao_configured
+    check "vault: kubectl proxy for the sidecars' /readyz" start_kubectl_proxy
+    check "vault: the projected token is mounted into the sidecar alone" \
+        bash -c "kubectl wait -n '$ns' --for=create deployment/e2e-vault-agent --timeout='${timeout}s' >/dev/null &&
+                 kubectl get -n '$ns' deployment/e2e-vault-agent -o json | '$checks' vault-login-sidecar-only"
+    check "vault: e2e-vault-agent's sidecar logged in through the TokenReview and read its key (/readyz ready)" \
+        readyz_is e2e-vault-agent
+    check "vault: e2e-vault-agent's pod Ready" \
+        kubectl wait -n "$ns" deployment/e2e-vault-agent --for=jsonpath='{.status.readyReplicas}'=1 --timeout="${timeout}s"
+    check "vault: e2e-vault-stranger (another ServiceAccount) is refused: /readyz VaultLoginFailed" \
+        readyz_is e2e-vault-stranger VaultLoginFailed
+    if $installed; then
+        check "vault: e2e-vault-agent CredentialsUnavailable=False (CredentialsAvailable)" \
+            condition_is e2e-vault-agent CredentialsUnavailable False CredentialsAvailable
+        check "vault: e2e-vault-stranger CredentialsUnavailable=True (VaultLoginFailed)" \
+            condition_is e2e-vault-stranger CredentialsUnavailable True VaultLoginFailed
+    else
+        # The local operator runs outside the cluster: it cannot reach pod IPs to ask /readyz.
+        echo "skip vault: CredentialsUnavailable conditions (the operator outside the cluster cannot reach pod IPs; run with --installed)"
+        skipped=$((skipped + 1))
+    fi
+}
+
 # --- the operator ---------------------------------------------------------------------
 
 start_local_operator() {
@@ -247,7 +355,8 @@ start_local_operator() {
     local port
     port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
     # No webhook: the API server cannot call a process outside the cluster. Policies are still
-    # re-checked at reconcile time.
+    # re-checked at reconcile time. The sidecars may reach the suite's namespace (the Vault
+    # scenario's OpenBao runs there).
     echo "operator: $bin run --namespaces $ns --webhook-port 0 (metrics on 127.0.0.1:$port, log $work/operator.log)"
     POD_NAME=soma-e2e-$(hostname) POD_NAMESPACE=$ns RUST_LOG=${RUST_LOG:-info} \
         "$bin" run \
@@ -258,6 +367,7 @@ start_local_operator() {
         --lease-name soma-operator-e2e \
         --lease-namespace "$ns" \
         --webhook-port 0 \
+        --sidecar-egress-namespaces "$ns" \
         >"$work/operator.log" 2>&1 &
     operator_pid=$!
     local deadline=$((SECONDS + timeout))
@@ -367,6 +477,13 @@ check "delete Budget e2e-budget (used by e2e-agent)" \
 check "agent e2e-agent: Ready=False, reason BudgetNotFound after its Budget is deleted" \
     ready_false_because e2e-agent BudgetNotFound
 
+if [[ ${SOMA_E2E_VAULT:-} == 1 ]]; then
+    vault_scenario
+else
+    echo "skip vault scenario: set SOMA_E2E_VAULT=1 (the cluster must run the sidecar image and OpenBao; see --help)"
+    skipped=$((skipped + 1))
+fi
+
 echo
-echo "$passed passed, $failed failed"
+echo "$passed passed, $failed failed, $skipped skipped"
 [[ $failed -eq 0 ]]

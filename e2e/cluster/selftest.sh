@@ -34,6 +34,13 @@ expect pass "job-failed accepts a Job stopped at its deadline" sjob-deadline.jso
 expect fail "job-failed rejects a waiting Job" sjob-pending.json job-failed DeadlineExceeded
 expect fail "drill-state rejects a Pending drill for another reason" sjob-pending.json drill-state
 expect fail "drill-state rejects a Succeeded drill whose report failed" sjob-drill-lying.json drill-state
+expect pass "vault-login-sidecar-only accepts a token mounted by the sidecar alone" deployment-vault.json vault-login-sidecar-only
+expect fail "vault-login-sidecar-only rejects a token the agent container mounts" deployment-vault-leaky.json vault-login-sidecar-only
+expect fail "vault-login-sidecar-only rejects a pod without Vault login material" deployment-sandboxed.json vault-login-sidecar-only
+expect pass "readyz accepts a ready sidecar" readyz-ready.json readyz
+expect fail "readyz rejects a refused login when ready is wanted" readyz-login-failed.json readyz
+expect pass "readyz accepts the reason it is told" readyz-login-failed.json readyz VaultLoginFailed
+expect fail "readyz rejects another reason" readyz-login-failed.json readyz VaultPathNotFound
 out=$("$checks" without-budget e2e-no-budget <"$fx/agent.json")
 if python3 -c '
 import json, sys

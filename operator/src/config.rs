@@ -160,6 +160,10 @@ pub struct VaultDefaults {
     pub role: Option<String>,
     /// The audience of the sidecars' projected service-account token.
     pub audience: Option<String>,
+    /// The database secrets engine's mount for an Agent's `ledgerCredentials.vault`.
+    pub ledger_mount: Option<String>,
+    /// The engine's role for an Agent's `ledgerCredentials.vault`.
+    pub ledger_role: Option<String>,
 }
 
 /// How Jobs run.

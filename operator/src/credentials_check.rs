@@ -1,7 +1,8 @@
 //! The credentials check: on the leader only, every interval, for each Agent whose provider key
 //! comes from Vault, ask every one of its pods' sidecars (ready or not: a sidecar without a key
 //! is not ready) `GET /readyz`, and set the Agent's `CredentialsUnavailable` condition from what
-//! they say, with Vault's own reason. A Warning Event is published when it turns True.
+//! they say, with Vault's own reason (or, for `ledgerCredentials`, a `Ledger…` reason when a
+//! sidecar holds no ledger user). A Warning Event is published when it turns True.
 //!
 //! ```text
 //!  every interval ─► list Agents with credentials.vault ─► (at most `concurrency` at once):

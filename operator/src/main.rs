@@ -105,6 +105,14 @@ struct SidecarArgs {
     /// `audience` (default `vault`).
     #[arg(long, env = "SOMA_VAULT_AUDIENCE")]
     vault_audience: Option<String>,
+    /// The database secrets engine's mount for Agents whose `ledgerCredentials.vault` sets no
+    /// `mount` (default `database`).
+    #[arg(long, env = "SOMA_VAULT_LEDGER_MOUNT")]
+    vault_ledger_mount: Option<String>,
+    /// The database secrets engine's role for Agents whose `ledgerCredentials.vault` sets no
+    /// `role`.
+    #[arg(long, env = "SOMA_VAULT_LEDGER_ROLE")]
+    vault_ledger_role: Option<String>,
     /// Image with the `soma` CLI, pg_dump and psql, which DR drill Jobs run (`soma dr drill`).
     #[arg(
         long,
@@ -158,6 +166,8 @@ impl SidecarArgs {
                 auth_mount: nonempty(&self.vault_auth_mount),
                 role: nonempty(&self.vault_role),
                 audience: nonempty(&self.vault_audience),
+                ledger_mount: nonempty(&self.vault_ledger_mount),
+                ledger_role: nonempty(&self.vault_ledger_role),
             },
             sidecar: SidecarConfig {
                 image: self.sidecar_image.clone(),

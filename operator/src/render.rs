@@ -3,6 +3,7 @@
 //! Users review the output in GitOps pull requests and diff it between versions.
 
 use serde::Deserialize;
+use soma_crds::agent::VaultAuthMethod;
 use soma_crds::{Agent, Budget, Job};
 
 use soma_metering::BudgetKey;
@@ -13,6 +14,9 @@ use crate::agent::reconcile::desired_replicas;
 use crate::budget::def::resolve_in;
 use crate::config::OperatorConfig;
 use crate::job::children::{DrillRun, DrillSettings, Task, drill_children, task_children};
+use crate::workload::vault::{
+    LEDGER_CREDENTIALS_UNUSABLE, ledger_credentials, vault_credentials, vault_ref,
+};
 
 /// Why a manifest could not be rendered.
 #[derive(Debug, thiserror::Error)]
@@ -142,17 +146,7 @@ pub fn render(manifest: &str, config: &OperatorConfig) -> Result<String, RenderE
                 secret.metadata.name.as_deref().unwrap_or_default()
             ));
         }
-        if let Some(v) = agent
-            .spec
-            .credentials
-            .as_ref()
-            .and_then(|c| c.vault.as_ref())
-        {
-            out.push_str(&vault_summary(&crate::workload::vault_credentials(
-                v,
-                &config.vault,
-            )));
-        }
+        out.push_str(&vault_lines(&agent.spec, config, "this Agent's pods"));
         let mut docs: Vec<String> = Vec::new();
         let mut push = |v: Result<String, serde_yaml::Error>| -> Result<(), RenderError> {
             docs.push(v.map_err(|e| RenderError::Output(e.to_string()))?);
@@ -268,6 +262,7 @@ fn render_job(
                 problem.reason()
             ));
         }
+        out.push_str(&vault_lines(spec, config, "this Job"));
         let task = Task {
             spec,
             budget_ref,
@@ -319,6 +314,39 @@ fn yaml<T: serde::Serialize>(
     serde_yaml::to_string(&map)
 }
 
+/// What a workload's sidecar will ask Vault for (the provider key, its AppRole Secret, the
+/// ledger's user), or why the operator would not start it (`what`: "this Agent's pods").
+fn vault_lines(spec: &soma_crds::agent::AgentSpec, config: &OperatorConfig, what: &str) -> String {
+    let mut out = String::new();
+    if let Some(v) = vault_ref(spec) {
+        out.push_str(&vault_summary(&vault_credentials(v, &config.vault)));
+        if let Some(a) = v
+            .app_role
+            .as_ref()
+            .filter(|_| v.auth == VaultAuthMethod::AppRole)
+        {
+            out.push_str(&format!(
+                "#   The role id and secret id are keys {:?} and {:?} of Secret {}, mounted into the sidecar container only.\n",
+                a.role_id_key.as_deref().unwrap_or("role-id"),
+                a.secret_id_key.as_deref().unwrap_or("secret-id"),
+                a.secret_name
+            ));
+        }
+    }
+    match ledger_credentials(spec, config) {
+        Ok(Some(soma_contract::LedgerCredentials::Vault(db))) => out.push_str(&format!(
+            "#   For the ledger it reads {}/creds/{}: a PostgreSQL user leased to the pod (renewed at two thirds of its TTL, replaced when refused, revoked at stop); the ledger Secret's URL carries no user or password.\n",
+            db.mount.trim_matches('/'),
+            db.role
+        )),
+        Ok(None) => {}
+        Err(message) => out.push_str(&format!(
+            "# {LEDGER_CREDENTIALS_UNUSABLE}: {message}; in the cluster the operator does not start {what}.\n"
+        )),
+    }
+    out
+}
+
 /// What the sidecar will ask Vault for, as comment lines (the Agent's fields with the operator's
 /// Vault defaults applied).
 pub fn vault_summary(v: &soma_contract::VaultCredentials) -> String {
@@ -347,13 +375,17 @@ pub fn vault_summary(v: &soma_contract::VaultCredentials) -> String {
         || "the latest version".to_owned(),
         |n| format!("version {n}"),
     );
+    // AppRole's role is its role id, read from a file.
+    let role = match &v.auth {
+        soma_contract::VaultAuth::AppRole(_) => String::new(),
+        _ => format!(", role {}", v.role.as_deref().unwrap_or("(none set)")),
+    };
     format!(
-        "# Vault: the sidecar logs in to {} ({} auth at auth/{mount}, role {}{}) with {with};\n#   it reads field {:?} of {}/data/{} ({version}) every {} s{}.\n",
+        "# Vault: the sidecar logs in to {} ({} auth at auth/{mount}{role}{}) with {with};\n#   it reads field {:?} of {}/data/{} ({version}) every {} s{}.\n",
         v.address
             .as_deref()
             .unwrap_or("$VAULT_ADDR (no address set)"),
         v.auth.method(),
-        v.role.as_deref().unwrap_or("(none set)"),
         v.namespace
             .as_ref()
             .map(|n| format!(", namespace {n}"))

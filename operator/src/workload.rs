@@ -17,9 +17,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
     EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile, Secret, SecretKeySelector,
-    SecretVolumeSource, SecurityContext, ServiceAccount, ServiceAccountTokenProjection, Volume,
-    VolumeMount, VolumeProjection,
+    PodTemplateSpec, Probe, SeccompProfile, Secret, SecretKeySelector, SecretVolumeSource,
+    SecurityContext, ServiceAccount, Volume, VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
@@ -38,7 +37,10 @@ use soma_crds::agent::{AgentSpec, EgressRule, PROVIDER_KEY_ENV_NAMES, Provider};
 use soma_crds::common::LocalRef;
 use soma_metering::{BudgetDef, BudgetKey};
 
-use crate::config::{LEDGER_SECRET_KEY, OperatorConfig, VaultDefaults};
+use crate::config::{LEDGER_SECRET_KEY, OperatorConfig};
+
+pub mod vault;
+pub use vault::{VAULT_CA_KEY, vault_credentials};
 
 /// Annotation on the pod template carrying a hash of the sidecar configuration, so a
 /// configuration change rolls the pods.
@@ -135,59 +137,6 @@ pub fn upstream_url(spec: &AgentSpec) -> String {
 /// The sidecar's environment variable carrying the ledger URL.
 const DATABASE_URL_ENV: &str = "SOMA_DATABASE_URL";
 
-/// Where the sidecar finds the CA bundle of [`VaultDefaults::ca_bundle`] (a key of its
-/// ConfigMap, mounted at [`SIDECAR_CONFIG_DIR`]).
-pub const VAULT_CA_KEY: &str = "vault-ca.pem";
-
-/// What the sidecar asks Vault for: the Agent's `credentials.vault`, its unset fields filled
-/// from the operator's [`VaultDefaults`], logging in with the sidecar's projected
-/// service-account token (Kubernetes auth unless `auth: jwt`).
-pub fn vault_credentials(
-    v: &soma_crds::agent::VaultRef,
-    defaults: &VaultDefaults,
-) -> soma_contract::VaultCredentials {
-    use soma_contract::{JwtAuth, KubernetesAuth, VaultAuth, VaultCredentials};
-    let auth = match v.auth {
-        soma_crds::agent::VaultAuthMethod::Kubernetes => {
-            let mut k = KubernetesAuth::default();
-            if let Some(m) = v.auth_mount.as_ref().or(defaults.auth_mount.as_ref()) {
-                k.mount.clone_from(m);
-            }
-            VaultAuth::Kubernetes(k)
-        }
-        soma_crds::agent::VaultAuthMethod::Jwt => {
-            let mut j = JwtAuth::default();
-            if let Some(m) = &v.auth_mount {
-                j.mount.clone_from(m);
-            }
-            VaultAuth::Jwt(j)
-        }
-    };
-    VaultCredentials {
-        address: v.address.clone().or_else(|| defaults.address.clone()),
-        namespace: v.namespace.clone(),
-        ca_cert_path: defaults
-            .ca_bundle
-            .as_ref()
-            .map(|_| format!("{SIDECAR_CONFIG_DIR}/{VAULT_CA_KEY}").into()),
-        auth,
-        role: v.role.clone().or_else(|| defaults.role.clone()),
-        mount: v.mount.clone().unwrap_or_else(|| "secret".into()),
-        path: v.path.clone(),
-        key: v.key.clone(),
-        version: v.version,
-        refresh_ms: v.refresh_seconds.map_or(60_000, |s| u64::from(s) * 1_000),
-    }
-}
-
-/// The audience of the sidecar's projected token for Vault.
-fn vault_audience(v: &soma_crds::agent::VaultRef, defaults: &VaultDefaults) -> String {
-    v.audience
-        .clone()
-        .or_else(|| defaults.audience.clone())
-        .unwrap_or_else(|| "vault".into())
-}
-
 /// The sidecar's configuration (the contract type the `soma-proxy` binary reads), charging
 /// `budgets` (the workload's Budget followed by its `parentRef` chain).
 pub fn sidecar_config(
@@ -240,6 +189,9 @@ pub fn sidecar_config(
         c.authority = AuthorityConfig::Postgres(PostgresAuthority::default());
         c.database_url_env = Some(DATABASE_URL_ENV.to_owned());
     }
+    // Unusable ledger credentials stop the workload before it starts (the reconciles check
+    // `vault::ledger_credentials` first); here they are left out.
+    c.ledger_credentials = vault::ledger_credentials(spec, config).ok().flatten();
     c.nats_url.clone_from(&config.sidecar.nats_url);
     c
 }
@@ -265,9 +217,15 @@ pub fn sidecar_config_map(
 
 /// The Secret giving the sidecar the ledger's URL, when the operator has a ledger. The URL may
 /// hold a password, so it travels in a Secret read into the sidecar's environment only.
+/// With ledger credentials from Vault the URL carries no user or password: the sidecar logs
+/// in as the user Vault leases it.
 pub fn ledger_secret(w: &Workload<'_>, config: &OperatorConfig) -> Option<Secret> {
-    let url = config.ledger.url.as_ref()?;
-    Some(url_secret(w, ledger_secret_name(&w.name), url.expose()))
+    let url = config.ledger.url.as_ref()?.expose();
+    let url = match vault::ledger_credentials(w.spec, config) {
+        Ok(Some(_)) => vault::without_login(url),
+        _ => url.to_owned(),
+    };
+    Some(url_secret(w, ledger_secret_name(&w.name), &url))
 }
 
 /// A Secret `name` of the workload holding `url` under the ledger key.
@@ -483,9 +441,7 @@ fn sidecar_container(w: &Workload<'_>, config: &OperatorConfig) -> Container {
     {
         mounts.push(mount("provider-key", PROVIDER_KEY_DIR, true));
     }
-    if vault_ref(w.spec).is_some() {
-        mounts.push(mount(VAULT_TOKEN_VOLUME, VAULT_TOKEN_DIR, true));
-    }
+    mounts.extend(vault::mounts(w.spec, config));
     let health = |path: &str| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_owned()),
@@ -593,39 +549,8 @@ fn volumes(w: &Workload<'_>, config: &OperatorConfig) -> Vec<Volume> {
             ..Volume::default()
         });
     }
-    if let Some(v) = vault_ref(w.spec) {
-        // The sidecar's own token for Vault's Kubernetes or JWT auth, with Vault's audience
-        // and a short life (the kubelet rotates it): mounted into the sidecar only, so the
-        // agent container still has no service-account token.
-        volumes.push(Volume {
-            name: VAULT_TOKEN_VOLUME.to_owned(),
-            projected: Some(ProjectedVolumeSource {
-                sources: Some(vec![VolumeProjection {
-                    service_account_token: Some(ServiceAccountTokenProjection {
-                        audience: Some(vault_audience(v, &config.vault)),
-                        expiration_seconds: Some(600),
-                        path: "token".to_owned(),
-                    }),
-                    ..VolumeProjection::default()
-                }]),
-                default_mode: Some(0o400),
-            }),
-            ..Volume::default()
-        });
-    }
+    volumes.extend(vault::volumes(w.spec, config));
     volumes
-}
-
-/// The projected service-account token volume for Vault.
-const VAULT_TOKEN_VOLUME: &str = "vault-token";
-/// Where it is mounted in the sidecar (`soma_contract::VAULT_TOKEN_PATH`'s folder).
-const VAULT_TOKEN_DIR: &str = "/var/run/secrets/soma.dev/vault";
-
-fn vault_ref(spec: &AgentSpec) -> Option<&soma_crds::agent::VaultRef> {
-    spec.credentials
-        .as_ref()
-        .filter(|c| c.secret_ref.is_none())
-        .and_then(|c| c.vault.as_ref())
 }
 
 /// The pod's annotations: the sidecar configuration's hash, and with

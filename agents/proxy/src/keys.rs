@@ -127,6 +127,7 @@ impl Readiness {
                     reason: p.reason.as_str().to_owned(),
                     message: p.message.clone(),
                 }),
+            ledger: None,
         }
     }
 }

@@ -39,6 +39,8 @@ pub struct Metrics {
     stream_endings: Family<Labels, Counter>,
     credential_refreshes: Family<Labels, Counter>,
     credentials_ready: Gauge,
+    ledger_credential_refreshes: Family<Labels, Counter>,
+    ledger_credentials_ready: Gauge,
     /// Distinct `field` series of `unmetered` made so far.
     unmetered_fields: std::sync::atomic::AtomicUsize,
     /// Series the request path touches, looked up once and kept.
@@ -153,6 +155,17 @@ impl Metrics {
         }
         let credentials_ready = Gauge::default();
         credentials_ready.set(1);
+        // Registered by every sidecar, written only by one with ledger credentials from Vault.
+        let ledger_credential_refreshes = Family::<Labels, Counter>::default();
+        for outcome in ["issued", "renewed"]
+            .into_iter()
+            .chain(soma_contract::readiness::LEDGER_REASONS)
+            .filter(|o| *o != "LedgerCredentialsPending")
+        {
+            let _ =
+                ledger_credential_refreshes.get_or_create(&vec![("outcome", outcome.to_owned())]);
+        }
+        let ledger_credentials_ready = Gauge::default();
         for outcome in STREAM_OUTCOMES {
             let _ = stream_endings.get_or_create(&vec![("outcome", outcome.to_owned())]);
         }
@@ -263,6 +276,18 @@ impl Metrics {
             "1 when the sidecar holds a provider key the provider has not refused, else 0",
             credentials_ready.clone(),
         );
+        r.register(
+            "ledger_credential_refreshes",
+            "Reads and renewals of the ledger's PostgreSQL user from Vault's database secrets \
+             engine, by outcome (issued, renewed, or the failure's Ledger… reason)",
+            ledger_credential_refreshes.clone(),
+        );
+        r.register(
+            "ledger_credentials_ready",
+            "1 when the sidecar holds a ledger user from Vault whose lease has not ended, else 0 \
+             (always 0 without ledgerCredentials)",
+            ledger_credentials_ready.clone(),
+        );
         Metrics {
             registry,
             namespace: namespace.to_owned(),
@@ -287,6 +312,8 @@ impl Metrics {
             stream_endings,
             credential_refreshes,
             credentials_ready,
+            ledger_credential_refreshes,
+            ledger_credentials_ready,
             unmetered_fields: std::sync::atomic::AtomicUsize::new(0),
             hot: Mutex::default(),
         }
@@ -431,6 +458,18 @@ impl Metrics {
     /// Whether a usable provider key is held.
     pub fn credentials_ready(&self, ready: bool) {
         self.credentials_ready.set(i64::from(ready));
+    }
+
+    /// One round of the ledger's credentials from Vault, by outcome.
+    pub fn ledger_credential_refresh(&self, outcome: &str) {
+        self.ledger_credential_refreshes
+            .get_or_create(&vec![("outcome", outcome.to_owned())])
+            .inc();
+    }
+
+    /// Whether a ledger user from Vault whose lease has not ended is held.
+    pub fn ledger_credentials_ready(&self, ready: bool) {
+        self.ledger_credentials_ready.set(i64::from(ready));
     }
 
     /// A failure, by the error's label.

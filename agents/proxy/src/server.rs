@@ -240,7 +240,10 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
 }
 
 async fn readyz(State(s): State<Arc<AppState>>) -> Response {
-    let r = s.keys.readiness().to_wire();
+    let mut r = s.keys.readiness().to_wire();
+    // The ledger's user from Vault is reported beside the key; it does not decide the status:
+    // requests are served and their usage waits in the outbox.
+    r.ledger = vault_ledger(&s).map(|l| l.readiness());
     let status = if r.ready {
         StatusCode::OK
     } else {
@@ -249,7 +252,20 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
     (status, axum::Json(r)).into_response()
 }
 
+/// The ledger's access when its credentials come from Vault.
+fn vault_ledger(s: &AppState) -> Option<&Arc<LedgerAccess>> {
+    s.ledger
+        .as_ref()
+        .filter(|_| s.config.ledger_credentials.is_some())
+}
+
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    // Read when scraped: a refresh that installs the key before it is recorded, or a lease
+    // that ends between rounds, is shown as it is now.
+    s.metrics.credentials_ready(s.keys.readiness().ready);
+    if let Some(l) = vault_ledger(&s) {
+        s.metrics.ledger_credentials_ready(l.usable());
+    }
     // What each Budget has left and what waits in the outbox, read when scraped rather than
     // written on every request.
     let now = jiff::Timestamp::now();
@@ -436,7 +452,7 @@ pub async fn start(
         vault::record(&state.keys, &state.metrics, &before, &result);
         if source.wants_database() {
             let db = source.database_round().await;
-            vault::record_database(&db);
+            vault::record_database(&db, &state.metrics);
         }
         vault_task = Some(tokio::spawn(vault::run(source, state.clone(), vault_rx)));
     }

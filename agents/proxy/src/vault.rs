@@ -30,6 +30,9 @@ use crate::metrics::Metrics;
 use crate::state::AppState;
 use crate::upstream::ProviderKey;
 
+/// The step that reads the ledger's credentials, for [`VaultSource::classify`].
+const DATABASE_STEP: &str = "database credentials";
+
 /// Longest pause between retries after a failure.
 const MAX_RETRY: Duration = Duration::from_secs(5);
 
@@ -69,13 +72,12 @@ struct Database {
 }
 
 impl Database {
-    /// When the next round is due: the lease's renewal point (now without a lease), but not
-    /// before a failed round's retry time.
-    fn due_at(&self) -> Instant {
-        let at = self
-            .lease
-            .as_ref()
-            .map_or_else(Instant::now, Lease::renew_at);
+    /// When the next round is due: the lease's renewal point (`now` without a lease), but not
+    /// before a failed round's retry time. One `now` for the caller's comparison too: a
+    /// second clock read here would always be later, so a sidecar without a lease would never
+    /// be due again.
+    fn due_at(&self, now: Instant) -> Instant {
+        let at = self.lease.as_ref().map_or(now, Lease::renew_at);
         self.retry_at.map_or(at, |r| r.max(at))
     }
 }
@@ -241,9 +243,8 @@ impl VaultSource {
 
     /// Whether the ledger credentials are due: none yet, or their lease at two thirds.
     pub fn database_due(&self) -> bool {
-        self.database
-            .as_ref()
-            .is_some_and(|d| Instant::now() >= d.due_at())
+        let now = Instant::now();
+        self.database.as_ref().is_some_and(|d| now >= d.due_at(now))
     }
 
     fn creds_path(&self) -> String {
@@ -280,7 +281,7 @@ impl VaultSource {
                 // status reaches the problem.
                 let p = match &e {
                     ClientError::APIError { .. } | ClientError::RestClientError { .. } => {
-                        self.classify("database credentials", &e)
+                        self.classify(DATABASE_STEP, &e)
                     }
                     _ => Problem::new(
                         Reason::VaultUnreachable,
@@ -305,7 +306,8 @@ impl VaultSource {
         let Some(db) = self.database.as_mut() else {
             return DatabaseRound::Current;
         };
-        db.access.set_credentials(&creds.username, &creds.password);
+        db.access
+            .set_credentials(&creds.username, &creds.password, ttl);
         let old = db.lease.replace(Lease {
             id: leased.lease_id,
             issued: Instant::now(),
@@ -346,6 +348,9 @@ impl VaultSource {
         let retry = self.retry();
         if let Some(d) = self.database.as_mut() {
             d.retry_at = matches!(round, DatabaseRound::Failed(_)).then(|| Instant::now() + retry);
+            if let DatabaseRound::Failed(p) = &round {
+                d.access.failed(p.clone());
+            }
         }
         round
     }
@@ -380,10 +385,13 @@ impl VaultSource {
                 if r.lease_duration > 0
                     && Duration::from_secs(r.lease_duration) * 3 >= first_ttl =>
             {
-                if let Some(l) = self.database.as_mut().and_then(|d| d.lease.as_mut()) {
-                    l.issued = Instant::now();
-                    l.ttl = Duration::from_secs(r.lease_duration);
-                    l.renewable = r.renewable;
+                if let Some(d) = self.database.as_mut() {
+                    d.access.renewed(Duration::from_secs(r.lease_duration));
+                    if let Some(l) = d.lease.as_mut() {
+                        l.issued = Instant::now();
+                        l.ttl = Duration::from_secs(r.lease_duration);
+                        l.renewable = r.renewable;
+                    }
                 }
                 DatabaseRound::Renewed {
                     ttl_s: r.lease_duration,
@@ -409,11 +417,12 @@ impl VaultSource {
     /// for renewal.
     pub fn next_wake(&self) -> Duration {
         let refresh = self.refresh();
-        let lease = self.database.as_ref().map(Database::due_at);
+        let now = Instant::now();
+        let lease = self.database.as_ref().map(|d| d.due_at(now));
         [self.token.as_ref().and_then(Token::renew_at), lease]
             .into_iter()
             .flatten()
-            .map(|at| at.saturating_duration_since(Instant::now()))
+            .map(|at| at.saturating_duration_since(now))
             .fold(refresh, Duration::min)
     }
 
@@ -459,9 +468,18 @@ impl VaultSource {
                     ("login", _) => Reason::VaultLoginFailed,
                     (_, 403) => Reason::VaultPermissionDenied,
                     ("read", 404) => Reason::VaultPathNotFound,
+                    // The database engine answers 400 for a role it does not have; 404 is
+                    // no engine at the mount.
+                    (DATABASE_STEP, 400 | 404) => Reason::VaultPathNotFound,
                     _ => Reason::VaultPermissionDenied,
                 };
                 let what = match reason {
+                    Reason::VaultPathNotFound if step == DATABASE_STEP => {
+                        "no such role of a database secrets engine at that mount".to_owned()
+                    }
+                    Reason::VaultPermissionDenied if step == DATABASE_STEP => {
+                        "Vault denied reading them".to_owned()
+                    }
                     Reason::VaultPathNotFound => format!("no secret at {}", self.where_()),
                     Reason::VaultPermissionDenied => {
                         format!("Vault denied reading {}", self.where_())
@@ -798,20 +816,26 @@ pub fn record(
     }
 }
 
-/// Logs one round of the ledger credentials (never the password or the lease id).
-pub fn record_database(round: &DatabaseRound) {
+/// Logs and counts one round of the ledger credentials (never the password or the lease id).
+pub fn record_database(round: &DatabaseRound, metrics: &Metrics) {
     match round {
         DatabaseRound::Current => {}
         DatabaseRound::Renewed { ttl_s } => {
+            metrics.ledger_credential_refresh("renewed");
             tracing::debug!(ttl_s, "ledger credentials lease renewed")
         }
         DatabaseRound::Issued {
             username,
             ttl_s,
             why,
-        } => tracing::info!(%username, ttl_s, why, "ledger credentials from Vault in use"),
+        } => {
+            metrics.ledger_credential_refresh("issued");
+            tracing::info!(%username, ttl_s, why, "ledger credentials from Vault in use")
+        }
         DatabaseRound::Failed(p) => {
-            tracing::warn!(reason = p.reason.as_str(), cause = %p.message, "ledger credentials from Vault could not be renewed or read; usage waits in the outbox")
+            let reason = crate::ledger_access::ledger_reason(p.reason);
+            metrics.ledger_credential_refresh(reason);
+            tracing::warn!(reason, cause = %p.message, "ledger credentials from Vault could not be renewed or read; usage waits in the outbox")
         }
     }
 }
@@ -837,7 +861,7 @@ pub async fn run(
         let result = source.fetch(holder).await;
         record(holder, &state.metrics, &before, &result);
         if source.database_due() {
-            record_database(&source.database_round().await);
+            record_database(&source.database_round().await, &state.metrics);
         }
     }
     source.revoke().await;

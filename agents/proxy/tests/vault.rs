@@ -621,7 +621,8 @@ async fn no_token_or_key_in_any_log_line_metric_or_error() {
     // The ledger's user comes from the database secrets engine too: its password and lease
     // id must not leak either.
     let mut pg = support::pg::Pg::start();
-    let database_url = ledger_engine(&bao, &pg, "1h", "2h").await;
+    // Short leases, so that renewals, a replacement and a refused read happen here too.
+    let database_url = ledger_engine(&bao, &pg, "2s", "4s").await;
     let upstream = FakeUpstream::start(KEY).await.unwrap();
     upstream.accept_key(NEW_KEY);
     let dir = tempfile::tempdir().unwrap();
@@ -706,6 +707,37 @@ async fn no_token_or_key_in_any_log_line_metric_or_error() {
             .await
             .text(),
     );
+    // The ledger's credentials refused until the lease ends: what /readyz says about them.
+    ledger_policy(&bao, false);
+    let readyz = format!("http://{}/readyz", proc.admin);
+    let mut ledger_said = String::new();
+    for _ in 0..1_200 {
+        ledger_said = send(&client, "GET", &readyz, &[], String::new())
+            .await
+            .text();
+        if ledger_said.contains("LedgerVaultPermissionDenied")
+            && ledger_said.contains("no ledger user")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        ledger_said.contains("LedgerVaultPermissionDenied"),
+        "{ledger_said}"
+    );
+    seen.push(ledger_said);
+    ledger_policy(&bao, true);
+    // A new user before the stop, so the outbox can be flushed to the ledger.
+    for _ in 0..1_200 {
+        let said = send(&client, "GET", &readyz, &[], String::new())
+            .await
+            .text();
+        if said.contains(r#""ledger":{"usable":true}"#) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     let metrics_url = format!("http://{}/metrics", proc.admin);
     seen.push(
         send(&client, "GET", &metrics_url, &[], String::new())
@@ -879,6 +911,51 @@ async fn leased_users(admin: &sqlx::PgPool) -> Vec<String> {
         .unwrap()
 }
 
+/// A sidecar logging in with AppRole `sidecar`, its ledger user from `soma-ledger` of the
+/// database secrets engine, delivering to `url`.
+async fn ledger_sidecar(bao: &Bao, url: &str) -> Sidecar {
+    let upstream = FakeUpstream::start(KEY).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = support::config_json(
+        &upstream.url(),
+        "openai",
+        dir.path(),
+        json!({"databaseUrl": url, "deliveryIntervalMs": 50,
+               "ledgerCredentials": {"vault": {"role": "soma-ledger"}}}),
+    );
+    config["credentials"] = approle(&bao.addr(), dir.path(), ROLE_ID, SECRET_ID);
+    let proxy = start_proxy(&config).await;
+    Sidecar {
+        upstream,
+        proxy,
+        dir,
+    }
+}
+
+/// Stops the sidecar: its lease is revoked, so no leased user is left in PostgreSQL.
+async fn stopped_and_revoked(s: Sidecar, admin: sqlx::PgPool, mut pg: support::pg::Pg) {
+    s.proxy.stop().await;
+    assert_eq!(leased_users(&admin).await, Vec::<String>::new());
+    admin.close().await;
+    pg.stop();
+}
+
+/// The usage records in the ledger once there are `want` of them (or after a bounded wait).
+async fn in_ledger(admin: &sqlx::PgPool, want: i64) -> i64 {
+    let mut found = 0i64;
+    for _ in 0..400 {
+        found = sqlx::query_scalar("SELECT count(*) FROM usage_records")
+            .fetch_one(admin)
+            .await
+            .unwrap_or(0);
+        if found == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    found
+}
+
 /// Requests (path) in the raw audit log.
 fn audited(bao: &Bao, path: &str) -> usize {
     std::fs::read_to_string(bao.audit_log())
@@ -891,29 +968,14 @@ fn audited(bao: &Bao, path: &str) -> usize {
 
 #[tokio::test]
 async fn ledger_credentials_from_the_database_engine_are_used_renewed_replaced_and_revoked() {
-    let mut pg = support::pg::Pg::start();
+    let pg = support::pg::Pg::start();
     let bao = Bao::start_with_raw_audit();
     seed(&bao, KEY);
     // Renewed at two thirds of 3 s; at the 8 s max TTL a renewal comes back short and new
     // credentials replace the old.
     let url = ledger_engine(&bao, &pg, "3s", "8s").await;
     let admin = superuser(&pg).await;
-    let upstream = FakeUpstream::start(KEY).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = support::config_json(
-        &upstream.url(),
-        "openai",
-        dir.path(),
-        json!({"databaseUrl": url, "deliveryIntervalMs": 50,
-               "ledgerCredentials": {"vault": {"role": "soma-ledger"}}}),
-    );
-    config["credentials"] = approle(&bao.addr(), dir.path(), ROLE_ID, SECRET_ID);
-    let proxy = start_proxy(&config).await;
-    let s = Sidecar {
-        upstream,
-        proxy,
-        dir,
-    };
+    let s = ledger_sidecar(&bao, &url).await;
     let first = leased_users(&admin).await;
     assert_eq!(first.len(), 1, "one user leased at start: {first:?}");
 
@@ -953,22 +1015,145 @@ async fn ledger_credentials_from_the_database_engine_are_used_renewed_replaced_a
         "the ledger was reached as {delivered_as:?}, not only as leased users {seen:?}"
     );
     // Nothing lost across the swap: every request is in the ledger once.
-    let mut in_ledger = 0i64;
-    for _ in 0..400 {
-        in_ledger = sqlx::query_scalar("SELECT count(*) FROM usage_records")
-            .fetch_one(&admin)
-            .await
-            .unwrap();
-        if in_ledger == sent {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert_eq!(in_ledger, sent, "every request delivered once");
+    assert_eq!(
+        in_ledger(&admin, sent).await,
+        sent,
+        "every request delivered once"
+    );
 
-    // At stop the lease is revoked: no leased user is left in PostgreSQL.
-    s.proxy.stop().await;
+    stopped_and_revoked(s, admin, pg).await;
+}
+
+/// Writes policy `ledger-creds`: reading `database/creds/soma-ledger` allowed or not (revoking
+/// leases always).
+fn ledger_policy(bao: &Bao, creds_allowed: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("ledger.hcl");
+    let creds = if creds_allowed {
+        "path \"database/creds/soma-ledger\" { capabilities = [\"read\"] }\n"
+    } else {
+        ""
+    };
+    std::fs::write(
+        &policy,
+        format!("{creds}path \"sys/leases/revoke\" {{ capabilities = [\"update\"] }}\n"),
+    )
+    .unwrap();
+    bao.ok(&["policy", "write", "ledger-creds", policy.to_str().unwrap()]);
+}
+
+/// A metric's value in the text exposition (0 when absent).
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The ledger's user from Vault is refused, granted, refused again until its lease ends, and
+/// granted again: `/readyz` (still 200: requests are served) says whether the sidecar holds a
+/// usable ledger user and why not, with a `Ledger…` reason of its own; the metrics count every
+/// round and show the state; every request reaches the ledger once, after the fact.
+#[tokio::test]
+async fn a_ledger_credential_failure_is_on_readyz_and_in_the_metrics_until_it_recovers() {
+    let pg = support::pg::Pg::start();
+    let bao = Bao::start_with_raw_audit();
+    seed(&bao, KEY);
+    // Renewed at two thirds of 2 s; at the 4 s max TTL new credentials are read.
+    let url = ledger_engine(&bao, &pg, "2s", "4s").await;
+    let admin = superuser(&pg).await;
+    ledger_policy(&bao, false);
+    let s = ledger_sidecar(&bao, &url).await;
+    // Waits until /readyz's ledger part is `usable` with `reason` (None: no problem).
+    let ledger_state = |usable: bool, reason: Option<&'static str>| {
+        let s = &s;
+        async move {
+            let mut last = json!(null);
+            for _ in 0..1_200 {
+                let (status, body) = s.readyz().await;
+                assert_eq!(status, 200, "the provider key is fine: {body}");
+                let l = &body["ledger"];
+                if l["usable"] == usable && l["problem"]["reason"].as_str() == reason {
+                    return body;
+                }
+                last = body;
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            panic!("the ledger never became usable={usable} {reason:?}: {last}");
+        }
+    };
+    let mut sent = 0i64;
+
+    // Refused from the start: no ledger user, the reason is the ledger's own, and the sidecar
+    // serves all the same.
+    let body = ledger_state(false, Some("LedgerVaultPermissionDenied")).await;
+    assert!(body["problem"].is_null(), "no provider-key problem: {body}");
+    let msg = body["ledger"]["problem"]["message"].as_str().unwrap();
+    assert!(msg.contains("database/creds/soma-ledger"), "{msg}");
+    assert!(msg.contains("usage waits in its outbox"), "{msg}");
+    for _ in 0..3 {
+        assert_eq!(s.chat(&sent.to_string()).await.status, 200);
+        sent += 1;
+    }
+    let m = s.metrics().await;
+    assert_eq!(
+        metric(&m, "soma_proxy_ledger_credentials_ready"),
+        0.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            r#"soma_proxy_ledger_credential_refreshes_total{outcome="LedgerVaultPermissionDenied"}"#
+        ) >= 1.0,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "soma_proxy_credentials_ready"), 1.0, "{m}");
     assert_eq!(leased_users(&admin).await, Vec::<String>::new());
-    admin.close().await;
-    pg.stop();
+
+    // Granted: a user is leased within the retry interval, and what waited is delivered.
+    ledger_policy(&bao, true);
+    ledger_state(true, None).await;
+    let m = s.metrics().await;
+    assert_eq!(
+        metric(&m, "soma_proxy_ledger_credentials_ready"),
+        1.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            r#"soma_proxy_ledger_credential_refreshes_total{outcome="issued"}"#
+        ) >= 1.0,
+        "{m}"
+    );
+
+    // Refused again: the current user serves until its lease ends at the max TTL, then there
+    // is none; requests are still answered.
+    ledger_policy(&bao, false);
+    let body = ledger_state(false, Some("LedgerVaultPermissionDenied")).await;
+    assert!(
+        body["ledger"]["problem"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no ledger user"),
+        "{body}"
+    );
+    assert_eq!(s.chat(&sent.to_string()).await.status, 200);
+    sent += 1;
+    let m = s.metrics().await;
+    assert_eq!(
+        metric(&m, "soma_proxy_ledger_credentials_ready"),
+        0.0,
+        "{m}"
+    );
+
+    // And back: a new user, and every request in the ledger exactly once.
+    ledger_policy(&bao, true);
+    ledger_state(true, None).await;
+    assert_eq!(
+        in_ledger(&admin, sent).await,
+        sent,
+        "every request delivered once"
+    );
+    stopped_and_revoked(s, admin, pg).await;
 }

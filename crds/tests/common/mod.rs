@@ -32,11 +32,16 @@ pub fn schema_for(kind: &str) -> Value {
     serde_json::to_value(schema).expect("schema serialises")
 }
 
-/// Every document of every manifest in `examples/`, with the file it came from.
+/// Every document of every manifest in `examples/` and `examples/vault/` (kept apart because
+/// they need a Vault to become Ready), with the file it came from.
 pub fn example_documents() -> Vec<(String, Value)> {
-    let mut files: Vec<_> = std::fs::read_dir(repo_root().join("examples"))
-        .expect("examples/ exists")
-        .map(|e| e.expect("readable entry").path())
+    let mut files: Vec<_> = ["examples", "examples/vault"]
+        .into_iter()
+        .flat_map(|dir| {
+            std::fs::read_dir(repo_root().join(dir))
+                .unwrap_or_else(|e| panic!("{dir}/: {e}"))
+                .map(|e| e.expect("readable entry").path())
+        })
         .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
         .collect();
     files.sort();

@@ -1,8 +1,9 @@
 //! The `CredentialsUnavailable` condition of an Agent whose provider key comes from Vault: pure,
 //! computed from what each pod's sidecar answered on `/readyz` (the loop that asks is
 //! [`crate::credentials_check`]). `True` with Vault's own reason (`VaultPathNotFound`,
-//! `VaultPermissionDenied`, ...) while any sidecar holds no usable key; `False` once every
-//! sidecar that answered does.
+//! `VaultPermissionDenied`, ...) while any sidecar holds no usable key, or with a `Ledger…`
+//! reason (`LedgerVaultPermissionDenied`, ...) while one with `ledgerCredentials` holds no ledger
+//! user whose lease has not ended; `False` once every sidecar that answered holds both.
 //!
 //! ```text
 //!  pods ─► GET /readyz ─► [(pod, Readiness | no answer)] ─► credentials_verdict ─► Verdict
@@ -45,17 +46,42 @@ pub fn credentials_verdict(answers: &[(String, Result<Readiness, String>)]) -> O
             || ("NotReady".to_owned(), "not ready".to_owned()),
             |p| (p.reason.clone(), p.message.clone()),
         );
-        let others = match more {
-            0 => String::new(),
-            1 => " (and 1 more pod)".to_owned(),
-            n => format!(" (and {n} more pods)"),
-        };
+        let others = and_more(more);
         return Some(verdict(
             CREDENTIALS_UNAVAILABLE,
             true,
             reason,
             format!(
                 "the sidecar of pod {pod}{others} holds no provider key: {said}. Requests get 503 until Vault hands one out."
+            ),
+        ));
+    }
+    // Then the ledger's user: the sidecar serves without it, but its usage reaches no ledger.
+    let mut no_ledger = answered
+        .iter()
+        .filter(|(_, r)| r.ledger.as_ref().is_some_and(|l| !l.usable));
+    if let Some((pod, r)) = no_ledger.next() {
+        let more = no_ledger.count();
+        let (reason, said) = r
+            .ledger
+            .as_ref()
+            .and_then(|l| l.problem.as_ref())
+            .map_or_else(
+                || {
+                    (
+                        "LedgerCredentialsUnavailable".to_owned(),
+                        "no lease".to_owned(),
+                    )
+                },
+                |p| (p.reason.clone(), p.message.clone()),
+            );
+        return Some(verdict(
+            CREDENTIALS_UNAVAILABLE,
+            true,
+            reason,
+            format!(
+                "the sidecar of pod {pod}{} has no ledger user from Vault: {said}. It keeps serving; usage waits in its outbox and reaches the ledger once Vault hands out credentials.",
+                and_more(more)
             ),
         ));
     }
@@ -75,12 +101,33 @@ pub fn credentials_verdict(answers: &[(String, Result<Readiness, String>)]) -> O
             p.reason, p.message
         ));
     }
+    // A renewal that failed while the lease still runs: the user works until it ends.
+    if let Some((pod, p)) = answered.iter().find_map(|(pod, r)| {
+        r.ledger
+            .as_ref()
+            .and_then(|l| l.problem.as_ref())
+            .map(|p| (pod, p))
+    }) {
+        message.push_str(&format!(
+            "; the ledger credentials of pod {pod} could not be renewed or replaced ({}: {}), so it uses its current user until the lease ends",
+            p.reason, p.message
+        ));
+    }
     Some(verdict(
         CREDENTIALS_UNAVAILABLE,
         false,
         "CredentialsAvailable",
         message,
     ))
+}
+
+/// ` (and N more pods)`, or nothing.
+fn and_more(more: usize) -> String {
+    match more {
+        0 => String::new(),
+        1 => " (and 1 more pod)".to_owned(),
+        n => format!(" (and {n} more pods)"),
+    }
 }
 
 /// `old` with the condition set from `v` (its `lastTransitionTime` kept unless its status
@@ -106,7 +153,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use k8s_openapi::jiff::Timestamp;
-    use soma_contract::readiness::ReadinessProblem;
+    use soma_contract::readiness::{LedgerReadiness, ReadinessProblem};
 
     fn at(secs: i64) -> Time {
         Time(Timestamp::from_second(secs).unwrap())
@@ -116,6 +163,7 @@ mod tests {
         Ok(Readiness {
             ready: true,
             problem: None,
+            ledger: None,
         })
     }
 
@@ -125,6 +173,22 @@ mod tests {
             problem: Some(ReadinessProblem {
                 reason: reason.into(),
                 message: format!("{reason} said so"),
+            }),
+            ledger: None,
+        })
+    }
+
+    /// A sidecar holding its key, with ledger credentials (`usable`) and the last failure.
+    fn ledger(usable: bool, reason: Option<&str>) -> Result<Readiness, String> {
+        Ok(Readiness {
+            ready: true,
+            problem: None,
+            ledger: Some(LedgerReadiness {
+                usable,
+                problem: reason.map(|r| ReadinessProblem {
+                    reason: r.into(),
+                    message: format!("{r} said so"),
+                }),
             }),
         })
     }
@@ -179,11 +243,43 @@ mod tests {
                     Ok(Readiness {
                         ready: false,
                         problem: None,
+                        ledger: None,
                     }),
                 )],
                 true,
                 "NotReady",
                 "not ready",
+            ),
+            // The ledger's user from Vault: its own reasons, after the key's.
+            (
+                vec![("p1", ledger(true, None)), ("p2", ledger(true, None))],
+                false,
+                "CredentialsAvailable",
+                "all 2 sidecars hold a provider key",
+            ),
+            (
+                vec![
+                    ("p1", ledger(true, None)),
+                    ("p2", ledger(false, Some("LedgerVaultPermissionDenied"))),
+                ],
+                true,
+                "LedgerVaultPermissionDenied",
+                "pod p2 has no ledger user from Vault: LedgerVaultPermissionDenied said so. It keeps serving",
+            ),
+            (
+                vec![
+                    ("p1", failing("VaultPathNotFound", false)),
+                    ("p2", ledger(false, Some("LedgerVaultUnreachable"))),
+                ],
+                true,
+                "VaultPathNotFound",
+                "holds no provider key",
+            ),
+            (
+                vec![("p1", ledger(true, Some("LedgerVaultUnreachable")))],
+                false,
+                "CredentialsAvailable",
+                "uses its current user until the lease ends",
             ),
         ];
         for (answers, status, reason, contains) in rows {

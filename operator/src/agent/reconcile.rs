@@ -37,6 +37,7 @@ use crate::capsule::revocation::Standing;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::reconciler;
+use crate::workload::vault::{LEDGER_CREDENTIALS_UNUSABLE, ledger_credentials};
 
 /// Name of this controller in metrics and logs.
 pub const CONTROLLER: &str = "agent";
@@ -145,6 +146,18 @@ async fn resolve_refs(ctx: &Context, agent: &Agent, namespace: &str) -> Result<R
                 }
             }
         }
+    }
+    if refs.stall.is_none()
+        && let Err(message) = ledger_credentials(&agent.spec, &ctx.config)
+    {
+        // The sidecar would refuse its configuration (or have no ledger user): the pods are
+        // not started with it.
+        refs.stall = Some(Stall {
+            reason: LEDGER_CREDENTIALS_UNUSABLE.to_owned(),
+            message: format!(
+                "{message}. The agent's pods are not started or changed until it is fixed."
+            ),
+        });
     }
     Ok(refs)
 }

@@ -46,6 +46,7 @@ use crate::error::{Error, Result};
 use crate::policy::check::PolicyCheck;
 use crate::reconciler;
 use crate::workload::AGENT_CONTAINER;
+use crate::workload::vault::{LEDGER_CREDENTIALS_UNUSABLE, ledger_credentials};
 
 /// Name of this controller in metrics and logs.
 pub const CONTROLLER: &str = "job";
@@ -558,6 +559,15 @@ async fn resolve_task(job: &Job, ctx: &Context, namespace: &str) -> Result<Resol
             ));
         }
     };
+    if let Err(message) = ledger_credentials(&spec, &ctx.config) {
+        return Ok(Resolution::Blocked(
+            block(
+                LEDGER_CREDENTIALS_UNUSABLE,
+                format!("{message}. The Job does not start until it is fixed."),
+            ),
+            None,
+        ));
+    }
     let (budget_ref, field) = match (&job.spec.budget_ref, &spec.budget_ref) {
         (Some(b), _) => (Some(b.clone()), "spec.budgetRef".to_owned()),
         (None, Some(b)) => (Some(b.clone()), agent_field),

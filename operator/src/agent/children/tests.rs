@@ -26,6 +26,7 @@ fn agent(edit: impl FnOnce(&mut AgentSpec)) -> Agent {
             }),
             vault: None,
         }),
+        ledger_credentials: None,
         budget_ref: Some(LocalRef {
             name: "team".into(),
         }),
@@ -248,6 +249,7 @@ fn sandbox_and_key_invariants_hold_for_every_variant() {
                         mount: None,
                         version: None,
                         auth: Default::default(),
+                        app_role: None,
                         auth_mount: None,
                         audience: None,
                         refresh_seconds: None,
@@ -368,163 +370,6 @@ fn sidecar_is_a_native_sidecar_holding_the_key() {
     );
     assert_eq!(config["budget"], "team/team", "namespace/name");
     assert_eq!(config["provider"]["upstream"], "https://api.openai.com");
-}
-
-#[test]
-fn vault_gets_the_sidecar_alone_a_projected_token_and_the_config_names_no_secret() {
-    let c = built(&agent(|s| {
-        s.credentials = Some(Credentials {
-            secret_ref: None,
-            vault: Some(
-                serde_json::from_value(serde_json::json!({
-                    "address": "https://vault.vault:8200", "path": "secret/data/teams/a",
-                    "key": "api-key", "role": "helper", "auth": "jwt", "audience": "bao",
-                    "namespace": "team-a", "refreshSeconds": 30
-                }))
-                .expect("VaultRef"),
-            ),
-        })
-    }));
-    let volume = pod(&c)
-        .volumes
-        .iter()
-        .flatten()
-        .find(|v| v.name == "vault-token")
-        .expect("vault token volume");
-    let projection = volume
-        .projected
-        .as_ref()
-        .and_then(|p| p.sources.as_ref())
-        .and_then(|s| s.first())
-        .and_then(|s| s.service_account_token.as_ref())
-        .expect("service-account token projection");
-    assert_eq!(projection.audience.as_deref(), Some("bao"));
-    assert_eq!(projection.path, "token");
-    let mounted = |container: &Container| {
-        container
-            .volume_mounts
-            .iter()
-            .flatten()
-            .any(|m| m.name == "vault-token")
-    };
-    assert!(mounted(sidecar(&c)));
-    assert!(!mounted(agent_container(&c)), "the agent gets no token");
-    assert_eq!(pod(&c).automount_service_account_token, Some(false));
-    let probe = sidecar(&c)
-        .readiness_probe
-        .as_ref()
-        .and_then(|p| p.http_get.as_ref())
-        .and_then(|g| g.path.as_deref());
-    assert_eq!(probe, Some("/readyz"), "not ready without a key");
-    let config = c
-        .sidecar_config
-        .data
-        .as_ref()
-        .and_then(|d| d.get("config.yaml"))
-        .expect("config");
-    let config: serde_json::Value = serde_json::from_str(config).expect("config is JSON");
-    assert_eq!(
-        config["credentials"]["vault"],
-        serde_json::json!({
-            "address": "https://vault.vault:8200", "namespace": "team-a",
-            "auth": {"jwt": {"mount": "jwt", "tokenPath": "/var/run/secrets/soma.dev/vault/token"}},
-            "role": "helper", "mount": "secret", "path": "secret/data/teams/a", "key": "api-key",
-            "refreshMs": 30000
-        })
-    );
-}
-
-#[test]
-fn the_operators_vault_defaults_fill_what_the_agent_leaves_unset() {
-    let vault = |json: serde_json::Value| {
-        agent(|s| {
-            s.credentials = Some(Credentials {
-                secret_ref: None,
-                vault: Some(serde_json::from_value(json).expect("VaultRef")),
-            })
-        })
-    };
-    let config = OperatorConfig {
-        vault: crate::config::VaultDefaults {
-            address: Some("https://vault.vault.svc:8200".into()),
-            ca_bundle: Some(
-                "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
-            ),
-            auth_mount: Some("kubernetes-prod".into()),
-            role: Some("soma-agents".into()),
-            audience: Some("vault-prod".into()),
-        },
-        ..OperatorConfig::default()
-    };
-    let resolved = Resolved {
-        replicas: 1,
-        ..Resolved::default()
-    };
-    let read = |c: &Children| -> serde_json::Value {
-        let data = c.sidecar_config.data.as_ref().expect("data");
-        serde_json::from_str(data.get("config.yaml").expect("config")).expect("JSON")
-    };
-    let audience = |c: &Children| {
-        pod(c)
-            .volumes
-            .iter()
-            .flatten()
-            .find(|v| v.name == "vault-token")
-            .and_then(|v| v.projected.as_ref())
-            .and_then(|p| p.sources.as_ref())
-            .and_then(|s| s.first())
-            .and_then(|s| s.service_account_token.as_ref())
-            .and_then(|t| t.audience.clone())
-    };
-    // Nothing set on the Agent: every default applies, the CA beside the configuration.
-    let c = children(
-        &vault(serde_json::json!({"path": "teams/a", "key": "k"})),
-        &resolved,
-        &config,
-    )
-    .expect("children");
-    let v = &read(&c)["credentials"]["vault"];
-    assert_eq!(v["address"], "https://vault.vault.svc:8200");
-    assert_eq!(v["role"], "soma-agents");
-    assert_eq!(v["auth"]["kubernetes"]["mount"], "kubernetes-prod");
-    assert_eq!(v["caCertPath"], "/etc/soma/proxy/vault-ca.pem");
-    assert_eq!(audience(&c).as_deref(), Some("vault-prod"));
-    let data = c.sidecar_config.data.as_ref().expect("data");
-    assert!(data["vault-ca.pem"].contains("BEGIN CERTIFICATE"));
-    // The Agent's own fields win; JWT auth keeps its own mount.
-    let c = children(
-        &vault(
-            serde_json::json!({"path": "teams/a", "key": "k", "address": "https://other:8200",
-            "role": "mine", "auth": "jwt", "audience": "bao"}),
-        ),
-        &resolved,
-        &config,
-    )
-    .expect("children");
-    let v = &read(&c)["credentials"]["vault"];
-    assert_eq!(
-        (v["address"].as_str(), v["role"].as_str()),
-        (Some("https://other:8200"), Some("mine"))
-    );
-    assert_eq!(v["auth"]["jwt"]["mount"], "jwt");
-    assert_eq!(audience(&c).as_deref(), Some("bao"));
-    // render says what the sidecar will ask Vault for.
-    let summary = crate::render::vault_summary(&crate::workload::vault_credentials(
-        &serde_json::from_value(
-            serde_json::json!({"path": "secret/data/teams/a", "key": "api-key"}),
-        )
-        .expect("VaultRef"),
-        &config.vault,
-    ));
-    for part in [
-        "https://vault.vault.svc:8200",
-        "kubernetes auth at auth/kubernetes-prod",
-        "role soma-agents",
-        "\"api-key\" of secret/data/teams/a",
-        "/etc/soma/proxy/vault-ca.pem",
-    ] {
-        assert!(summary.contains(part), "{part}: {summary}");
-    }
 }
 
 #[test]
@@ -1228,3 +1073,5 @@ fn a_brown_out_is_rendered_into_the_sidecar_file_without_rolling_the_pods() {
         pod_template_annotations(&plain).get(CONFIG_HASH_ANNOTATION)
     );
 }
+
+mod vault;

@@ -39,6 +39,7 @@ fn spec() -> AgentSpec {
             }),
             vault: None,
         }),
+        ledger_credentials: None,
         budget_ref: Some(LocalRef {
             name: "agent-budget".into(),
         }),
