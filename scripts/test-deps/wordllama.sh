@@ -15,37 +15,7 @@
 set -euo pipefail
 
 WORDLLAMA_VERSION=0.4.0.post1
-CACHE=${SOMA_CACHE:-$HOME/.cache/soma}
-VENV=$CACHE/wordllama-venv
-PY=${PYTHON:-python3}
 
-log() { printf 'wordllama-deps: %s\n' "$*" >&2; }
-
-installed() {
-    [[ -x $VENV/bin/python ]] && [[ $("$VENV/bin/python" -c \
-        'import importlib.metadata as m; print(m.version("wordllama"))' 2>/dev/null) == "$WORDLLAMA_VERSION" ]]
-}
-
-if installed; then
-    log "wordllama $WORDLLAMA_VERSION already installed in $VENV"
-else
-    if ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
-        log "python3 venv support missing: installing python3-venv"
-        if [[ $(id -u) -ne 0 ]]; then
-            log "not root: run 'apt-get install -y python3-venv' and retry"
-            exit 1
-        fi
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
-    fi
-    if [[ ! -x $VENV/bin/python ]] || ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
-        log "creating venv $VENV"
-        rm -rf "$VENV"
-        "$PY" -m venv "$VENV"
-    fi
-    log "installing wordllama==$WORDLLAMA_VERSION into $VENV"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-        "wordllama==$WORDLLAMA_VERSION"
-    installed || { log "wordllama $WORDLLAMA_VERSION did not install"; exit 1; }
-fi
-echo "wordllama: $VENV/bin/python ($WORDLLAMA_VERSION)"
+# shellcheck source=scripts/test-deps/pinned-venv.sh
+source "$(dirname "${BASH_SOURCE[0]}")/pinned-venv.sh"
+pinned_venv wordllama wordllama "$WORDLLAMA_VERSION" "wordllama==$WORDLLAMA_VERSION" python
