@@ -48,26 +48,9 @@ use crate::error::{Error, Result};
 use crate::pod_admin::{self, AgentPod, PodAdmin};
 use crate::reconciler;
 
-/// How the loop runs.
-#[derive(Clone, Debug)]
-pub struct Options {
-    /// Time between steps (each one jittered by up to ±10 %).
-    pub interval: Duration,
-    /// Agents stepped at once.
-    pub concurrency: usize,
-    /// How long one sidecar may take to answer `GET /load`.
-    pub timeout: Duration,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Self {
-            interval: Duration::from_secs(15),
-            concurrency: 8,
-            timeout: Duration::from_secs(2),
-        }
-    }
-}
+/// How the loop runs: every `interval` (each step jittered by up to ±10 %), `concurrency`
+/// Agents at once, each sidecar's `GET /load` within `timeout`.
+pub use crate::pod_admin::Polling as Options;
 
 /// What the loop remembers of one Agent between steps.
 struct Memory {

@@ -14,7 +14,6 @@
 //! the condition carries none either.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -32,26 +31,9 @@ use crate::error::{Error, Result};
 use crate::pod_admin::{self, PodAdmin};
 use crate::reconciler;
 
-/// How the check runs.
-#[derive(Clone, Debug)]
-pub struct Options {
-    /// Time between two rounds.
-    pub interval: Duration,
-    /// Agents checked at once.
-    pub concurrency: usize,
-    /// How long one sidecar may take to answer `GET /readyz`.
-    pub timeout: Duration,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Self {
-            interval: Duration::from_secs(15),
-            concurrency: 8,
-            timeout: Duration::from_secs(2),
-        }
-    }
-}
+/// How the check runs: every `interval`, `concurrency` Agents at once, each sidecar's
+/// `GET /readyz` within `timeout`.
+pub use crate::pod_admin::Polling as Options;
 
 /// The check's state: the admin-port client.
 pub struct Check {

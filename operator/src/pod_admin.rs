@@ -38,6 +38,28 @@ pub struct AgentPod {
     pub ready: bool,
 }
 
+/// How a leader loop that asks every watched Agent's pods on their admin port runs (the
+/// scaling loop, the credentials check).
+#[derive(Clone, Debug)]
+pub struct Polling {
+    /// Time between two rounds.
+    pub interval: Duration,
+    /// Agents handled at once.
+    pub concurrency: usize,
+    /// How long one sidecar may take to answer.
+    pub timeout: Duration,
+}
+
+impl Default for Polling {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(15),
+            concurrency: 8,
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
 /// An HTTP client for the sidecars' admin port.
 pub struct PodAdmin {
     http: HttpClient<HttpConnector, Empty<Bytes>>,
