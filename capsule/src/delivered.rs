@@ -41,13 +41,25 @@ fn read(dir: &Path, name: &str) -> Result<Vec<u8>> {
     std::fs::read(&path).map_err(Error::io(format!("reading {}", path.display())))
 }
 
-/// Reads the Capsule delivered into `dir`, refusing anything but the content of `digest`.
-pub fn open_delivered(dir: &Path, digest: &str) -> Result<Delivered> {
+/// Reads only the Capsule manifest of the Capsule delivered into `dir` (its OCI manifest
+/// must hash to `digest`, the Capsule manifest must be the blob it names): what a Capsule
+/// whose vectors live elsewhere (a Qdrant collection) needs from its folder.
+pub fn open_manifest(dir: &Path, digest: &str) -> Result<CapsuleManifest> {
+    Ok(open_config(dir, digest)?.1)
+}
+
+fn open_config(dir: &Path, digest: &str) -> Result<(crate::format::OciManifest, CapsuleManifest)> {
     let manifest_bytes = read(dir, files::MANIFEST)?;
     let manifest = parse_manifest(&manifest_bytes, Some(digest))?;
     let config_bytes = read(dir, files::CAPSULE)?;
     check_blob(&manifest.config, &config_bytes)?;
     let config = read_config(&manifest, &config_bytes)?;
+    Ok((manifest, config))
+}
+
+/// Reads the Capsule delivered into `dir`, refusing anything but the content of `digest`.
+pub fn open_delivered(dir: &Path, digest: &str) -> Result<Delivered> {
+    let (manifest, config) = open_config(dir, digest)?;
     let layer = |media_type: &str| manifest.layers.iter().find(|l| l.media_type == media_type);
     let chunks_layer = layer(CHUNKS_MEDIA_TYPE).ok_or_else(|| Error::MissingLayer {
         media_type: CHUNKS_MEDIA_TYPE.to_owned(),

@@ -13,7 +13,7 @@
 //! ```
 //!
 //! The `registry` feature (on by default) adds push and fetch; the sidecar, which only reads
-//! delivered folders, builds without it. `hashed` is a deterministic, lexical embedder for
+//! delivered folders, builds without it. The `qdrant` feature adds the Qdrant scale path. `hashed` is a deterministic, lexical embedder for
 //! tests and benchmarks.
 #![forbid(unsafe_code)]
 
@@ -26,7 +26,10 @@ pub mod hashed;
 pub mod index;
 pub mod layout;
 pub mod pack;
+#[cfg(feature = "qdrant")]
+pub mod qdrant;
 pub mod recall;
+pub mod recall_index;
 #[cfg(feature = "registry")]
 pub mod registry;
 
