@@ -8,14 +8,23 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 /// One entry of `capsules`: a bare name (older operators, and Capsules the sidecar does not
-/// serve recall for), or `{"name", "digest"}`: the verified digest of the content delivered
-/// into `<recall.capsulesDir>/<name>/`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// serve recall for), or `{"name", "digest", "collection"}`: the verified digest of the
+/// content delivered into `<recall.capsulesDir>/<name>/`, and, for a Capsule whose vectors
+/// live in Qdrant (`spec.index: qdrant`), the collection the operator loads it into
+/// (searched at `recall.qdrantUrl` instead of an index built in the sidecar), or, for a
+/// ConfigMap Capsule, `{"name", "digest", "file"}`: the one file its folder holds (the
+/// ConfigMap key), whose sha256 is the digest. Recall serves bundles only; every entry with a
+/// digest is withdrawn on revocation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SidecarCapsule {
     /// The Capsule's name (its folder).
     pub name: String,
     /// The verified digest, when the operator delivered content.
     pub digest: Option<String>,
+    /// The Qdrant collection holding its vectors, when it opted in.
+    pub collection: Option<String>,
+    /// A ConfigMap Capsule's one file in its folder (the digest is the file's).
+    pub file: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -31,16 +40,23 @@ struct CapsuleEntry {
     name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    collection: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    file: Option<String>,
 }
 
 impl Serialize for SidecarCapsule {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match &self.digest {
-            None => CapsuleWire::Name(self.name.clone()),
-            Some(d) => CapsuleWire::Entry(CapsuleEntry {
+        if self.digest.is_none() && self.collection.is_none() && self.file.is_none() {
+            CapsuleWire::Name(self.name.clone())
+        } else {
+            CapsuleWire::Entry(CapsuleEntry {
                 name: self.name.clone(),
-                digest: Some(d.clone()),
-            }),
+                digest: self.digest.clone(),
+                collection: self.collection.clone(),
+                file: self.file.clone(),
+            })
         }
         .serialize(s)
     }
@@ -49,10 +65,15 @@ impl Serialize for SidecarCapsule {
 impl<'de> Deserialize<'de> for SidecarCapsule {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         Ok(match CapsuleWire::deserialize(d)? {
-            CapsuleWire::Name(name) => SidecarCapsule { name, digest: None },
+            CapsuleWire::Name(name) => SidecarCapsule {
+                name,
+                ..SidecarCapsule::default()
+            },
             CapsuleWire::Entry(e) => SidecarCapsule {
                 name: e.name,
                 digest: e.digest,
+                collection: e.collection,
+                file: e.file,
             },
         })
     }
@@ -62,7 +83,7 @@ impl From<&str> for SidecarCapsule {
     fn from(name: &str) -> Self {
         SidecarCapsule {
             name: name.to_owned(),
-            digest: None,
+            ..SidecarCapsule::default()
         }
     }
 }
@@ -96,6 +117,11 @@ pub struct RecallSettings {
     /// Candidates the approximate index examines per query (HNSW's `ef`; at least `k`):
     /// higher finds more of the true top-k and costs more per query.
     pub approximate_ef: usize,
+    /// The Qdrant server (gRPC, `http://host:6334`) holding the collections of the Capsules
+    /// that opted in (`spec.index: qdrant`; the operator's `--qdrant-url`). Absent: such a
+    /// Capsule is not served (recall says why).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qdrant_url: Option<String>,
 }
 
 impl RecallSettings {
@@ -118,6 +144,7 @@ impl Default for RecallSettings {
             withheld_dir: None,
             approximate_above_rows: 20_000,
             approximate_ef: 64,
+            qdrant_url: None,
         }
     }
 }
@@ -152,6 +179,15 @@ mod tests {
             r#"["kb",{"name":"docs","digest":"sha256:ab"}]"#
         );
         assert!(serde_json::from_str::<SidecarCapsule>(r#"{"name": "x", "digets": "y"}"#).is_err());
+        let q: SidecarCapsule = serde_json::from_str(
+            r#"{"name": "big", "digest": "sha256:cd", "collection": "soma_ns_sha256_cd"}"#,
+        )
+        .unwrap();
+        assert_eq!(q.collection.as_deref(), Some("soma_ns_sha256_cd"));
+        assert_eq!(
+            serde_json::to_string(&q).unwrap(),
+            r#"{"name":"big","digest":"sha256:cd","collection":"soma_ns_sha256_cd"}"#
+        );
         assert!(serde_json::from_str::<SidecarCapsule>("3").is_err());
     }
 }

@@ -2,14 +2,19 @@
 //! and provenance (Capsule, version, digest, chunk id, document).
 //!
 //! ```text
-//!  start:  <recall.capsulesDir>/<name>/ ──open_delivered(verified digest)──► Shelf (an index per Capsule:
-//!          exact, or HNSW above recall.approximateAboveRows chunks)
+//!  start:  <recall.capsulesDir>/<name>/ ──open_delivered(verified digest)──► Shelf (a dyn RecallIndex per
+//!          Capsule: exact, or HNSW above recall.approximateAboveRows chunks; or, for a Capsule
+//!          with a Qdrant collection, its manifest only and the collection at recall.qdrantUrl)
 //!  live:   revokedCapsules (file, ledger soma_capsule_revocations) ──► Shelf::set_revoked ──► 410
 //!  request: admit ─► authenticate ─► read and check ─► pick Capsules (unknown 404, revoked 410)
 //!           ─► query vector: given, or embedded through the metered /v1/embeddings call
 //!              (reserved on the Budget, recorded in the outbox like any call)
 //!           ─► search each index ─► merge top-k ─► answer
 //! ```
+//!
+//! Every index answers through [`soma_capsule::recall_index::RecallIndex`], so a hit from a
+//! Qdrant collection carries the same provenance, is refused by the same revocation (410,
+//! decided here before any index is asked) and is queried with the same metered embedding.
 //!
 //! A Capsule whose folder fails the check at load (another digest, a changed file, no
 //! embeddings, another embedding model than `recall.embeddingModel`) is not served: recall
@@ -25,10 +30,10 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use soma_capsule::delivered::{Delivered, open_delivered};
-use soma_capsule::format::Chunk;
+use soma_capsule::delivered::{Delivered, open_delivered, open_manifest};
 use soma_capsule::index::{Index, IndexParams};
-use soma_capsule::recall::Hit;
+use soma_capsule::qdrant::{QdrantIndex, QdrantSettings};
+use soma_capsule::recall_index::{Embedded, RecallIndex, Recalled, SearchError};
 use soma_contract::recall::{RecallSettings, RevokedCapsule, SidecarCapsule};
 use soma_metering::wire::Dialect;
 
@@ -155,10 +160,8 @@ pub struct Served {
     pub digest: String,
     /// The model its vectors were made by (queries are embedded by it).
     pub model: String,
-    /// Chunks, in index row order.
-    pub chunks: Vec<Chunk>,
-    /// The index.
-    pub index: Index,
+    /// Its chunks' vectors: the embedded index, or its Qdrant collection.
+    pub index: Box<dyn RecallIndex>,
 }
 
 /// One of the pod's Capsules.
@@ -197,6 +200,8 @@ impl Held {
 #[derive(Debug, Default)]
 pub struct Shelf {
     held: Vec<Held>,
+    /// name → the one file of a ConfigMap Capsule's folder (its digest is the file's).
+    files: BTreeMap<String, String>,
     /// (name, digest) → reason.
     revoked: RwLock<BTreeMap<(String, String), String>>,
     /// name → why its withheld folder could not be put back (`crate::withdraw`).
@@ -221,11 +226,19 @@ pub fn load_one(settings: &RecallSettings, capsule: &SidecarCapsule) -> Held {
     };
     let Some(digest) = &capsule.digest else {
         return unavailable(
-            "delivered without a verified digest (a ConfigMap Capsule, or an operator without recall)"
-                .to_owned(),
+            "delivered without a verified digest (an operator without recall)".to_owned(),
         );
     };
+    if let Some(file) = &capsule.file {
+        return unavailable(format!(
+            "a ConfigMap Capsule is one file ({file}), not a bundle with embeddings: recall does not serve it (the agent reads it at /capsules/{}/{file})",
+            capsule.name
+        ));
+    }
     let dir = crate::withdraw::Folders::locate(settings, &capsule.name);
+    if let Some(collection) = &capsule.collection {
+        return load_qdrant(settings, capsule, &dir, digest, collection).unwrap_or_else(unavailable);
+    }
     let delivered: Delivered = match open_delivered(&dir, digest) {
         Ok(d) => d,
         Err(e) => {
@@ -258,14 +271,62 @@ pub fn load_one(settings: &RecallSettings, capsule: &SidecarCapsule) -> Held {
         Ok(i) => i,
         Err(e) => return unavailable(format!("its embeddings do not index: {e}")),
     };
+    let index = match Embedded::new(index, delivered.chunks) {
+        Ok(i) => i,
+        Err(e) => return unavailable(format!("its embeddings do not index: {e}")),
+    };
     Held::Served(Arc::new(Served {
         name: capsule.name.clone(),
         version: delivered.manifest.version.clone(),
         digest: delivered.digest,
         model: model.model.clone(),
-        chunks: delivered.chunks,
-        index,
+        index: Box::new(index),
     }))
+}
+
+/// A Capsule whose vectors live in Qdrant collection `collection`: only its manifest is read
+/// from the folder (checked against the verified digest: version, model, dimension, chunk
+/// count); no request is made until a recall (the collection may still be loading).
+fn load_qdrant(
+    settings: &RecallSettings,
+    capsule: &SidecarCapsule,
+    dir: &std::path::Path,
+    digest: &str,
+    collection: &str,
+) -> Result<Held, String> {
+    let url = settings.qdrant_url.as_deref().ok_or_else(|| {
+        format!(
+            "its vectors are in Qdrant collection {collection:?}, but this sidecar has no recall.qdrantUrl (the operator's --qdrant-url)"
+        )
+    })?;
+    let manifest = open_manifest(dir, digest).map_err(|e| {
+        format!(
+            "its folder does not hold the verified content ({}): {e}",
+            e.reason()
+        )
+    })?;
+    let model = manifest.embedding.as_ref().ok_or_else(|| {
+        "the bundle carries no embeddings (pack it with --embeddings and --embedding-model)"
+            .to_owned()
+    })?;
+    if let Some(want) = &settings.embedding_model
+        && *want != model.model
+    {
+        return Err(format!(
+            "its chunks were embedded by {:?}, this sidecar embeds queries with {want:?} (recall.embeddingModel)",
+            model.model
+        ));
+    }
+    let index = QdrantSettings::new(url)
+        .and_then(|s| QdrantIndex::new(&s, collection, digest, model.dimensions, manifest.chunks))
+        .map_err(|e| e.to_string())?;
+    Ok(Held::Served(Arc::new(Served {
+        name: capsule.name.clone(),
+        version: manifest.version.clone(),
+        digest: digest.to_owned(),
+        model: model.model.clone(),
+        index: Box::new(index),
+    })))
 }
 
 impl Shelf {
@@ -275,7 +336,7 @@ impl Shelf {
         for h in &held {
             match h {
                 Held::Served(s) => {
-                    tracing::info!(capsule = %s.name, digest = %s.digest, chunks = s.chunks.len(), model = %s.model, index = s.index.kind(), "Capsule loaded for recall")
+                    tracing::info!(capsule = %s.name, digest = %s.digest, rows = s.index.local_rows(), model = %s.model, index = s.index.kind(), "Capsule loaded for recall")
                 }
                 Held::Unavailable { name, reason, .. } => {
                     tracing::warn!(capsule = %name, reason = %reason, "Capsule not served by recall");
@@ -284,6 +345,10 @@ impl Shelf {
         }
         Shelf {
             held,
+            files: capsules
+                .iter()
+                .filter_map(|c| Some((c.name.clone(), c.file.clone()?)))
+                .collect(),
             revoked: RwLock::default(),
             withheld_problems: RwLock::default(),
         }
@@ -330,6 +395,11 @@ impl Shelf {
             Some(p) => problems.insert(name.to_owned(), p),
             None => problems.remove(name),
         };
+    }
+
+    /// The one file of ConfigMap Capsule `name`'s folder, when it is one (not a bundle).
+    pub fn single_file(&self, name: &str) -> Option<&str> {
+        self.files.get(name).map(String::as_str)
     }
 
     /// The (name, digest) pairs of the Capsules held, for the ledger's revocation rows.
@@ -571,22 +641,32 @@ async fn embed(
     Ok(Ok((vector, tokens)))
 }
 
-/// One Capsule's hits, with what the answer needs.
-fn search_all(
+/// Every searched Capsule's hits, merged: best first across Capsules; ties by Capsule
+/// order, then row. An index that cannot answer (a Qdrant collection not loaded or not
+/// reachable) fails the recall with the reason (409), as an unavailable Capsule does.
+async fn search_all(
     capsules: &[(Arc<Served>, Arc<Vec<f32>>)],
     k: usize,
-) -> Result<Vec<(Arc<Served>, Hit)>, RecallError> {
-    let mut all: Vec<(Arc<Served>, Hit)> = Vec::new();
-    for (c, q) in capsules {
-        let hits = c.index.search(q, k).map_err(|_| RecallError::Dimensions {
-            capsule: c.name.clone(),
-            model: c.model.clone(),
-            want: c.index.dims(),
-            got: q.len(),
+) -> Result<Vec<(Arc<Served>, Recalled)>, RecallError> {
+    let searches = capsules.iter().map(|(c, q)| async move {
+        let hits = c.index.search(q, k).await.map_err(|e| match e {
+            SearchError::Query(_) => RecallError::Dimensions {
+                capsule: c.name.clone(),
+                model: c.model.clone(),
+                want: c.index.dims(),
+                got: q.len(),
+            },
+            SearchError::Unavailable(reason) => RecallError::Unavailable {
+                capsule: c.name.clone(),
+                reason,
+            },
         })?;
-        all.extend(hits.into_iter().map(|h| (c.clone(), h)));
+        Ok::<_, RecallError>(hits.into_iter().map(|h| (c.clone(), h)).collect::<Vec<_>>())
+    });
+    let mut all: Vec<(Arc<Served>, Recalled)> = Vec::new();
+    for hits in futures::future::join_all(searches).await {
+        all.extend(hits?);
     }
-    // Best first across Capsules; ties by Capsule order, then row.
     let order: Vec<String> = capsules.iter().map(|(c, _)| c.name.clone()).collect();
     all.sort_by(|(ca, a), (cb, b)| {
         b.score.total_cmp(&a.score).then_with(|| {
@@ -715,25 +795,27 @@ async fn serve(
         .iter()
         .filter_map(|c| Some((c.clone(), vectors.get(&c.model)?.clone())))
         .collect();
-    let rows: usize = searched.iter().map(|(c, _)| c.index.len()).sum();
+    // Rows scanned in this process (an index held by Qdrant scans none here).
+    let rows: usize = searched.iter().map(|(c, _)| c.index.local_rows()).sum();
     let k = asked.k;
     let hits = if rows > SEARCH_INLINE_ROWS {
         let span = tracing::Span::current();
+        let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
-            search_all(&searched, k)
+            handle.block_on(search_all(&searched, k))
         })
         .await
         .map_err(|e| ProxyError::Internal(e.to_string()))?
     } else {
-        search_all(&searched, k)
+        search_all(&searched, k).await
     }
     .map_err(ProxyError::Recall)?;
     let data: Vec<Value> = hits
         .iter()
-        .filter_map(|(c, h)| {
-            let chunk = c.chunks.get(h.row)?;
-            Some(json!({
+        .map(|(c, h)| {
+            let chunk = &h.chunk;
+            json!({
                 "score": h.score,
                 "text": chunk.text,
                 "capsule": c.name,
@@ -743,7 +825,7 @@ async fn serve(
                 "document": chunk.document,
                 "start": chunk.start,
                 "end": chunk.end,
-            }))
+            })
         })
         .collect();
     let mut body = json!({"object": "list", "data": data});

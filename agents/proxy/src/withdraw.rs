@@ -160,13 +160,32 @@ impl Folders {
     }
 }
 
-/// Checks a withheld folder against the digest it was verified at: the same check recall
-/// makes at load (`manifest.json` hashes to the digest; the Capsule manifest, chunks and
-/// embeddings are the blobs it names).
-fn recheck(dir: &Path, digest: &str) -> Result<(), String> {
-    soma_capsule::delivered::open_delivered(dir, digest)
-        .map(|_| ())
-        .map_err(|e| format!("{} ({e})", e.reason()))
+/// Checks a withheld folder against the digest it was verified at: for a bundle, the same
+/// check recall makes at load (`manifest.json` hashes to the digest; the Capsule manifest,
+/// chunks and embeddings are the blobs it names); for a ConfigMap Capsule (`file`), the
+/// folder holds that one file and it hashes to the digest.
+fn recheck(dir: &Path, digest: &str, file: Option<&str>) -> Result<(), String> {
+    let Some(file) = file else {
+        return soma_capsule::delivered::open_delivered(dir, digest)
+            .map(|_| ())
+            .map_err(|e| format!("{} ({e})", e.reason()));
+    };
+    let entries: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| format!("reading {}: {e}", dir.display()))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("reading {}: {e}", dir.display()))?;
+    if entries != [file] {
+        return Err(format!(
+            "the folder holds {entries:?}, the Capsule is the one file {file:?}"
+        ));
+    }
+    let bytes = std::fs::read(dir.join(file)).map_err(|e| format!("reading {file}: {e}"))?;
+    let actual = soma_capsule::sha256_digest(&bytes);
+    if actual != digest {
+        return Err(format!("{file} hashes to {actual}, the verified digest is {digest}"));
+    }
+    Ok(())
 }
 
 /// Puts each Capsule the pod holds (by name and digest) where the revocations in force say;
@@ -186,7 +205,9 @@ pub fn place(state: &AppState, mode: Mode) -> Vec<(String, Moved)> {
             })
         } else if mode == Mode::Full {
             folders
-                .reinstate(&name, |dir| recheck(dir, &digest))
+                .reinstate(&name, |dir| {
+                    recheck(dir, &digest, state.capsules.single_file(&name))
+                })
                 .map(|m| {
                     if m {
                         tracing::info!(capsule = %name, digest = %digest, "Capsule back in the agent container (its digest checked again)");
@@ -248,5 +269,32 @@ mod tests {
         );
         assert!(f.reinstate("kb", |_| Ok(())).unwrap());
         assert!(dir.path().join("visible/kb/a").exists());
+    }
+
+    #[test]
+    fn a_single_file_capsule_goes_back_only_as_the_verified_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let faq = dir.path().join("faq");
+        std::fs::create_dir_all(&faq).unwrap();
+        std::fs::write(faq.join("faq.jsonl"), "{\"q\": 1}\n").unwrap();
+        let digest = soma_capsule::sha256_digest(b"{\"q\": 1}\n");
+        recheck(&faq, &digest, Some("faq.jsonl")).unwrap();
+        let other = soma_capsule::sha256_digest(b"other");
+        assert!(
+            recheck(&faq, &other, Some("faq.jsonl"))
+                .unwrap_err()
+                .contains("hashes to")
+        );
+        assert!(recheck(&faq, &digest, Some("other.jsonl")).is_err());
+        // A file added beside it is not the verified content either.
+        std::fs::write(faq.join("extra"), "x").unwrap();
+        assert!(
+            recheck(&faq, &digest, Some("faq.jsonl"))
+                .unwrap_err()
+                .contains("the folder holds")
+        );
+        // Not a bundle: the bundle check refuses it.
+        std::fs::remove_file(faq.join("extra")).unwrap();
+        assert!(recheck(&faq, &digest, None).is_err());
     }
 }

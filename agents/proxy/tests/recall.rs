@@ -424,3 +424,100 @@ async fn revocation_through_the_ledger_reaches_a_running_sidecar_and_can_be_lift
     );
     until_status(&h, 200).await;
 }
+
+/// A Capsule kept in Qdrant (`collection`): only its manifest is read from the folder, and it
+/// is searched through the same interface. No Qdrant server runs here (docs/capsules.md): what
+/// is checked is everything up to the server, and that a server which does not answer makes
+/// the Capsule unavailable (409 with the reason), never a wrong answer, while a revocation is
+/// decided before any request (410) and the other Capsules are served as before.
+#[tokio::test]
+async fn a_capsule_kept_in_qdrant_is_searched_through_the_same_interface() {
+    let collection = |digest: &str| format!("soma_research_sha256_{}", &digest[7..]);
+    // No recall.qdrantUrl: not served, and recall says what is missing.
+    let Pod { h, .. } = pod(|dir, digest| {
+        let big = deliver(dir, "big", MODEL, DIMS);
+        json!({"capsules": [
+            {"name": "kb", "digest": digest},
+            {"name": "big", "digest": big, "collection": collection(&big)}
+        ], "recall": {"capsulesDir": dir}})
+    })
+    .await;
+    let r = h
+        .post(
+            "/v1/recall",
+            &json!({"vector": soma_capsule::hashed::embed("refunds", DIMS), "capsules": ["big"]}),
+        )
+        .await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("no recall.qdrantUrl"), "{}", r.text());
+
+    // A server that does not answer (nothing listens on port 9): 409 naming the collection.
+    let mut big_digest = String::new();
+    let Pod { h, .. } = pod(|dir, digest| {
+        big_digest = deliver(dir, "big", MODEL, DIMS);
+        // The embeddings are not read for a Qdrant Capsule: gone, it still loads.
+        std::fs::remove_file(dir.join("big/embeddings.jsonl")).unwrap();
+        json!({"capsules": [
+            {"name": "kb", "digest": digest},
+            {"name": "big", "digest": big_digest, "collection": collection(&big_digest)}
+        ], "recall": {"capsulesDir": dir, "qdrantUrl": "http://127.0.0.1:9"}})
+    })
+    .await;
+    let vector = json!({"vector": soma_capsule::hashed::embed("refunds", DIMS), "capsules": ["big"]});
+    let r = h.post("/v1/recall", &vector).await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "capsule_unavailable");
+    let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(
+        message.contains(&collection(&big_digest)) && message.contains("not loaded yet or cannot be read"),
+        "{message}"
+    );
+    // A vector of another dimension is refused before any request, as for an embedded index.
+    let r = h
+        .post("/v1/recall", &json!({"vector": [1.0, 0.0], "capsules": ["big"]}))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "dimension_mismatch");
+    // The embedded Capsule beside it answers as before.
+    let r = h
+        .post(
+            "/v1/recall",
+            &json!({"vector": soma_capsule::hashed::embed("refunds", DIMS), "capsules": ["kb"]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(h.rows().await.is_empty(), "vectors given: nothing metered");
+
+    // A folder that is not the verified content is refused at load, as for any bundle.
+    let Pod { h, .. } = pod(|dir, digest| {
+        let big = deliver(dir, "big", MODEL, DIMS);
+        std::fs::write(dir.join("big/manifest.json"), "{}").unwrap();
+        json!({"capsules": [
+            {"name": "kb", "digest": digest},
+            {"name": "big", "digest": big, "collection": collection(&big)}
+        ], "recall": {"capsulesDir": dir, "qdrantUrl": "http://127.0.0.1:9"}})
+    })
+    .await;
+    let r = h.post("/v1/recall", &vector).await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(
+        r.text().contains("does not hold the verified content"),
+        "{}",
+        r.text()
+    );
+
+    // Revoked: 410 with the reason, decided before the server is asked.
+    let Pod { h, .. } = pod(|dir, digest| {
+        let big = deliver(dir, "big", MODEL, DIMS);
+        json!({"capsules": [
+            {"name": "kb", "digest": digest},
+            {"name": "big", "digest": big, "collection": collection(&big)}
+        ], "recall": {"capsulesDir": dir, "qdrantUrl": "http://127.0.0.1:9"},
+           "revokedCapsules": [{"name": "big", "digest": big, "reason": "Capsule research/big is revoked (spec.revoked)"}]})
+    })
+    .await;
+    let r = h.post("/v1/recall", &vector).await;
+    assert_eq!(r.status, 410, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "capsule_revoked");
+    assert!(r.text().contains("spec.revoked"), "{}", r.text());
+}

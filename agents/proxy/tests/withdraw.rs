@@ -255,3 +255,83 @@ async fn until_recall(h: &Harness, want: u16) -> Value {
     }
     panic!("recall never answered {want}");
 }
+
+/// A ConfigMap Capsule: one file in its folder (`visible/<name>/<key>`, as its init container
+/// writes it), named in the configuration with its digest and file.
+#[tokio::test]
+async fn a_config_map_capsule_is_withdrawn_and_comes_back_only_as_its_verified_file() {
+    let v = volume();
+    let faq = v.visible.join("faq");
+    std::fs::create_dir_all(&faq).unwrap();
+    let bytes = b"{\"q\": \"refund?\", \"a\": \"five days\"}\n";
+    std::fs::write(faq.join("faq.jsonl"), bytes).unwrap();
+    let faq_digest = soma_capsule::bundle::sha256_digest(bytes);
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let path = cfg_dir.path().join("config.json");
+    let mut config = base_config(
+        &v,
+        cfg_dir.path(),
+        json!({"capsules": [{"name": "kb", "digest": v.digest},
+                            {"name": "faq", "digest": faq_digest, "file": "faq.jsonl"}]}),
+    );
+    let h = sidecar(&config, &path).await;
+    // Recall serves bundles only, and says so for the file.
+    let r = h
+        .post("/v1/recall", &json!({"vector": soma_capsule::hashed::embed("refunds", DIMS), "capsules": ["faq"]}))
+        .await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("one file (faq.jsonl)"), "{}", r.text());
+    assert_eq!(recall(&h).await.status, 200, "kb is served as before");
+
+    // Revoked (its digest is the file's): the folder leaves the agent's view.
+    let reason = "Capsule research/faq is revoked (spec.revoked)";
+    config["revokedCapsules"] = json!([{"name": "faq", "digest": faq_digest, "reason": reason}]);
+    std::fs::write(&path, config.to_string()).unwrap();
+    until("faq withdrawn", || !faq.exists()).await;
+    let held = v.withheld.join("faq");
+    assert_eq!(std::fs::read(held.join("faq.jsonl")).unwrap(), bytes);
+    let r = h
+        .post("/v1/recall", &json!({"vector": soma_capsule::hashed::embed("refunds", DIMS), "capsules": ["faq"]}))
+        .await;
+    assert_eq!(r.status, 410, "{}", r.text());
+    assert!(v.visible.join("kb/manifest.json").exists(), "only faq moved");
+
+    // Lifted: the file is checked against the digest and put back.
+    config["revokedCapsules"] = json!([]);
+    std::fs::write(&path, config.to_string()).unwrap();
+    until("faq back", || faq.join("faq.jsonl").exists()).await;
+    assert!(!held.exists());
+
+    // Changed while withheld: it stays out of view.
+    config["revokedCapsules"] = json!([{"name": "faq", "digest": faq_digest, "reason": reason}]);
+    std::fs::write(&path, config.to_string()).unwrap();
+    until("faq withdrawn again", || !faq.exists()).await;
+    let file = held.join("faq.jsonl");
+    let mut perms = std::fs::metadata(&file).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&file, perms).unwrap();
+    std::fs::write(&file, b"{\"q\": \"refund?\", \"a\": \"never\"}\n").unwrap();
+    config["revokedCapsules"] = json!([]);
+    std::fs::write(&path, config.to_string()).unwrap();
+    for _ in 0..400 {
+        let r = h
+            .post("/v1/recall", &json!({"vector": soma_capsule::hashed::embed("refunds", DIMS), "capsules": ["faq"]}))
+            .await;
+        if r.status == 409 && r.text().contains("no longer holds the verified content") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let r = h
+        .post("/v1/recall", &json!({"vector": soma_capsule::hashed::embed("refunds", DIMS), "capsules": ["faq"]}))
+        .await;
+    assert!(
+        r.text().contains("no longer holds the verified content"),
+        "{}",
+        r.text()
+    );
+    assert!(!faq.exists(), "a changed file never comes back into view");
+    assert!(held.exists());
+    h.proxy.stop().await;
+}
