@@ -39,6 +39,7 @@ use soma_metering::{BudgetDef, BudgetKey};
 
 use crate::config::{LEDGER_SECRET_KEY, OperatorConfig};
 
+pub mod revoked;
 pub mod vault;
 pub use vault::{VAULT_CA_KEY, vault_credentials};
 
@@ -202,6 +203,19 @@ pub fn sidecar_config_map(
     settings: &SidecarConfig,
     config: &OperatorConfig,
 ) -> Result<ConfigMap, serde_json::Error> {
+    sidecar_config_map_with(
+        child_meta(w, sidecar_config_name(&w.name)),
+        settings,
+        config,
+    )
+}
+
+/// [`sidecar_config_map`] with its metadata given.
+pub fn sidecar_config_map_with(
+    metadata: ObjectMeta,
+    settings: &SidecarConfig,
+    config: &OperatorConfig,
+) -> Result<ConfigMap, serde_json::Error> {
     let body = serde_json::to_string_pretty(settings)?;
     let mut data = BTreeMap::from([("config.yaml".to_owned(), body)]);
     // The platform's CA bundle for Vault, beside the configuration that names it.
@@ -209,7 +223,7 @@ pub fn sidecar_config_map(
         data.insert(VAULT_CA_KEY.to_owned(), pem.clone());
     }
     Ok(ConfigMap {
-        metadata: child_meta(w, sidecar_config_name(&w.name)),
+        metadata,
         data: Some(data),
         ..ConfigMap::default()
     })

@@ -828,3 +828,149 @@ async fn a_failed_drill_reports_the_discrepancy_an_event_and_a_metric() {
         "{text}"
     );
 }
+
+/// The run of the example task, still going (no condition yet).
+fn running_batch() -> Value {
+    json!({"apiVersion": "batch/v1", "kind": "Job",
+           "metadata": {"name": "summarise", "namespace": "team",
+                        "ownerReferences": [{"apiVersion": "soma.dev/v1alpha1", "kind": "Job", "name": "summarise",
+                                             "uid": "job-uid", "controller": true}]},
+           "spec": {"template": {"spec": {"containers": []}}},
+           "status": {"startTime": "2026-01-07T09:00:01Z", "active": 1}})
+}
+
+/// The sidecar ConfigMap the operator wrote when the run started, its pods holding Capsule
+/// `kb` (built by the Job's own children builder).
+fn running_job_config_map() -> Value {
+    let job: Job = serde_json::from_value(job_json()).expect("job");
+    let agent: soma_crds::Agent = serde_json::from_value(agent_json(IMAGE)).expect("agent");
+    let mut spec = agent.spec.clone();
+    spec.capsules = vec![soma_crds::common::LocalRef { name: "kb".into() }];
+    let digest = format!("sha256:{}", "aa".repeat(32));
+    let task = soma_operator::job::children::Task {
+        spec: &spec,
+        budget_ref: job.spec.budget_ref.as_ref(),
+        budgets: Vec::new(),
+        pinned_image: None,
+        capsules: vec![soma_operator::capsule::delivery::Delivery {
+            name: "kb".into(),
+            digest,
+            policy_hash: format!("sha256:{}", "9b".repeat(32)),
+            source: soma_operator::capsule::delivery::Source::Oci {
+                repository: "r".into(),
+            },
+            collection: None,
+        }],
+    };
+    let children =
+        soma_operator::job::children::task_children(&job, &task, &OperatorConfig::default())
+            .expect("children");
+    serde_json::to_value(children.sidecar_config).expect("json")
+}
+
+fn revoked_kb() -> Value {
+    json!({
+        "apiVersion": "soma.dev/v1alpha1", "kind": "Capsule",
+        "metadata": {"name": "kb", "namespace": "team", "generation": 2},
+        "spec": {"version": "1", "policyHash": format!("sha256:{}", "9b".repeat(32)), "revoked": true,
+                 "source": {"oci": {"repository": "r", "digest": format!("sha256:{}", "aa".repeat(32))}},
+                 "signature": {"publicKeyRef": {"name": "signers", "key": "cosign.pub"}}},
+        "status": {"observedGeneration": 2, "conditions": [{"type": "Ready", "status": "False", "reason": "Revoked",
+            "message": "the Capsule is revoked (spec.revoked); no Agent may use it",
+            "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+    })
+}
+
+/// The reads of a running Job holding `kb`: the run, its sidecar ConfigMap, the Capsule.
+fn running_with_kb_steps(config_map: Value, capsule: Value) -> Vec<Step> {
+    vec![
+        step(
+            Method::GET,
+            &format!("{BATCH}/jobs/summarise"),
+            found(running_batch()),
+        ),
+        step(
+            Method::GET,
+            &format!("{NS}/configmaps/sjob-summarise-sidecar"),
+            found(config_map),
+        ),
+        step(Method::GET, &format!("{SOMA}/capsules/kb"), found(capsule)),
+    ]
+}
+
+#[tokio::test]
+async fn a_revoked_capsule_reaches_a_running_jobs_pods_configuration_without_stopping_the_run() {
+    let mut steps = running_with_kb_steps(running_job_config_map(), revoked_kb());
+    steps.push(step(
+        Method::PATCH,
+        &format!("{NS}/configmaps/sjob-summarise-sidecar"),
+        echo,
+    ));
+    steps.extend(status_steps(&job_json()));
+    let (result, seen) = run(job_json(), steps, plain).await;
+    assert_eq!(result.expect("running"), Action::await_change());
+    let written = &seen[3];
+    assert_eq!(written.method, Method::PATCH);
+    assert_eq!(written.content_type, "application/apply-patch+yaml");
+    assert!(
+        written.query.contains("fieldManager=soma.dev%2Fjob"),
+        "{}",
+        written.query
+    );
+    let settings: Value = serde_json::from_str(
+        written.body["data"]["config.yaml"]
+            .as_str()
+            .expect("config"),
+    )
+    .expect("json");
+    assert_eq!(
+        settings["revokedCapsules"],
+        json!([{"name": "kb", "digest": format!("sha256:{}", "aa".repeat(32)),
+                "reason": "Capsule team/kb is revoked (spec.revoked)"}])
+    );
+    // The rest of the configuration is what the pods were started with.
+    assert_eq!(settings["agent"]["name"], "job/summarise");
+    assert_eq!(
+        written.body["metadata"]["ownerReferences"][0]["uid"],
+        "job-uid"
+    );
+    assert_eq!(
+        written.body["metadata"]["labels"]["soma.dev/job"],
+        "summarise"
+    );
+    // The run is observed, never written (steps would fail otherwise).
+    assert_eq!(status_of(&seen)["phase"], "Running");
+}
+
+#[tokio::test]
+async fn a_running_job_whose_capsules_stand_is_not_written() {
+    let mut usable = revoked_kb();
+    usable["spec"]["revoked"] = json!(false);
+    usable["status"]["conditions"] = json!([{"type": "Ready", "status": "True", "reason": "Verified",
+        "message": "verified", "lastTransitionTime": "2026-01-01T00:00:00Z"}]);
+    let mut steps = running_with_kb_steps(running_job_config_map(), usable);
+    steps.extend(status_steps(&job_json()));
+    let (result, _) = run(job_json(), steps, plain).await;
+    assert_eq!(result.expect("running"), Action::await_change());
+
+    // A ConfigMap that already says so is not written again.
+    let mut cm = running_job_config_map();
+    let mut settings: Value =
+        serde_json::from_str(cm["data"]["config.yaml"].as_str().expect("config")).expect("json");
+    settings["revokedCapsules"] = json!([{"name": "kb", "digest": format!("sha256:{}", "aa".repeat(32)),
+                                          "reason": "Capsule team/kb is revoked (spec.revoked)"}]);
+    cm["data"]["config.yaml"] = json!(serde_json::to_string_pretty(&settings).expect("text"));
+    let mut steps = running_with_kb_steps(cm, revoked_kb());
+    steps.extend(status_steps(&job_json()));
+    let (result, _) = run(job_json(), steps, plain).await;
+    assert_eq!(result.expect("running"), Action::await_change());
+
+    // Another's ConfigMap (not controlled by this Job) is left alone: no Capsule is read.
+    let mut foreign = running_job_config_map();
+    foreign["metadata"]["ownerReferences"][0]["uid"] = json!("someone-else");
+    let mut steps = running_with_kb_steps(foreign, revoked_kb());
+    steps.pop();
+    steps.extend(status_steps(&job_json()));
+    let (result, _) = run(job_json(), steps, plain).await;
+    assert_eq!(result.expect("running"), Action::await_change());
+}

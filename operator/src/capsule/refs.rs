@@ -14,6 +14,18 @@ pub enum CapsuleRef {
     NotReady(String, String, super::revocation::Standing),
 }
 
+impl CapsuleRef {
+    /// What running pods holding it must be told: usable when Ready; revoked, or not known
+    /// now, when not; not known when it does not exist (the pods keep what they were told).
+    pub fn standing(&self) -> super::revocation::Standing {
+        match self {
+            CapsuleRef::Ready(_) => super::revocation::Standing::Usable,
+            CapsuleRef::Missing => super::revocation::Standing::Unknown,
+            CapsuleRef::NotReady(_, _, s) => s.clone(),
+        }
+    }
+}
+
 /// Looks up each of `capsules` in `namespace`: one read each, in order.
 pub async fn capsule_refs(
     client: &kube::Client,

@@ -2,7 +2,8 @@
 //! or a spec change, which the CRD refuses), the batch/v1 Jobs and CronJobs it runs them as
 //! (a run that starts, retries or ends; a freed slot wakes the Jobs waiting for one), and what
 //! a Job that has not started waits for: its Agent, its Budgets (a Budget that resets or is
-//! fixed), its Capsules, and the policies.
+//! fixed), its Capsules, and the policies. A Capsule that changes also wakes the task Jobs
+//! still running, whose pods must be told when it is revoked.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -23,8 +24,8 @@ use crate::agent::controller::MANAGED_SELECTOR;
 use crate::budget::def::key_of;
 use crate::context::{Context, api, budget_watch};
 
-/// Jobs of `namespace` that have not started yet and satisfy `also`.
-fn unstarted(
+/// Jobs of `namespace` that have not finished and satisfy `also`.
+fn unfinished(
     store: &Store<Job>,
     namespace: Option<String>,
     also: impl Fn(&Job) -> bool,
@@ -33,15 +34,24 @@ fn unstarted(
         .state()
         .into_iter()
         .filter(|j| j.namespace() == namespace && finished(j.status.as_ref()).is_none())
-        .filter(|j| {
-            j.status
-                .as_ref()
-                .and_then(|s| s.phase.as_deref())
-                .is_none_or(|p| matches!(p, "Pending" | "Waiting"))
-        })
         .filter(|j| also(j))
         .map(|j| ObjectRef::from_obj(&*j))
         .collect()
+}
+
+/// Jobs of `namespace` that have not started yet and satisfy `also`.
+fn unstarted(
+    store: &Store<Job>,
+    namespace: Option<String>,
+    also: impl Fn(&Job) -> bool,
+) -> Vec<ObjectRef<Job>> {
+    unfinished(store, namespace, |j| {
+        j.status
+            .as_ref()
+            .and_then(|s| s.phase.as_deref())
+            .is_none_or(|p| matches!(p, "Pending" | "Waiting"))
+            && also(j)
+    })
 }
 
 /// Runs the Job controller for one namespace (or all, with `None`) until `shutdown`. Every
@@ -124,8 +134,9 @@ pub async fn run(
         .watches(
             api::<Capsule>(&client, ns),
             watcher::Config::default(),
+            // Unstarted ones wait for it; running ones are told when it is revoked.
             move |capsule| {
-                unstarted(&by_capsule, capsule.namespace(), |j| {
+                unfinished(&by_capsule, capsule.namespace(), |j| {
                     j.spec.dr_drill.is_none()
                 })
             },

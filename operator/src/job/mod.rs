@@ -6,7 +6,8 @@
 //!  watch Jobs ───────┐
 //!  watch batch Jobs ─┤                 ┌─ finished? ─▶ TTL: delete when due
 //!  watch CronJobs ───┼─▶ reconcile ────┼─ started?  ─▶ observe: attempts, outcome, result (pod
-//!  watch Budgets ────┤                 │               termination message), usage (ledger)
+//!  watch Budgets ────┤                 │               termination message), usage (ledger);
+//!                    │                 │               revoked Capsules into the sidecar's ConfigMap
 //!  watch Agents ─────┤                 └─ not yet   ─▶ resolve (Agent, Budget chain, Capsules,
 //!  watch Capsules ───┘                                 policies, image) ─▶ Budget gate ─▶ slot
 //!                                                      (or Kueue) ─▶ children (pure) ─▶ apply
@@ -16,6 +17,8 @@
 //! - [`children`]: pure builders of the batch/v1 Job or CronJob and what its pod needs;
 //! - [`queue`]: pure: who may start when no Kueue queue is named;
 //! - [`status`]: pure: the status from what the reconcile observed;
+//! - [`revoked`]: a running Job's revoked Capsules written into its sidecar's ConfigMap (the
+//!   Agent's way, `crate::workload::revoked`);
 //! - [`reconcile`]: the reconcile;
 //! - [`controller`]: the kube-runtime `Controller` and its watches.
 
@@ -23,6 +26,7 @@ pub mod children;
 pub mod controller;
 pub mod queue;
 pub mod reconcile;
+pub mod revoked;
 pub mod status;
 
 use std::collections::HashMap;

@@ -351,6 +351,14 @@ async fn converge_task(
             let currency = currency(ctx, job, namespace).await;
             obs.usage = usage(ctx, job, namespace, &currency).await;
         }
+        if run.outcome.is_none() {
+            // A running Job's pods are told which of their Capsules are revoked (live: the
+            // run goes on, recall refuses the Capsule and its folder is withdrawn).
+            let revoked = super::revoked::publish(&ctx.client, job, namespace, &ctx.config).await?;
+            if !revoked.is_empty() {
+                info!(revoked = ?revoked, "the running pods are told to stop using revoked Capsules");
+            }
+        }
         let next = if run.outcome.is_some() {
             let (result, exit) =
                 termination(&ctx.client, namespace, &name, AGENT_CONTAINER).await?;
