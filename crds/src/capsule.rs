@@ -24,6 +24,8 @@ use crate::common::conditions_schema;
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.index) || self.index != 'qdrant' || has(self.source.oci)")
+    .message("spec.index qdrant needs an OCI source (a bundle with embeddings the operator loads into Qdrant)"))]
 pub struct CapsuleSpec {
     /// The Capsule's version. Immutable: publish a new Capsule for a new version. An OCI
     /// bundle's signed version (`dev.soma.capsule.version`) must equal it.
@@ -43,10 +45,30 @@ pub struct CapsuleSpec {
     /// Who must have signed it.
     pub signature: SignaturePolicy,
     /// Revoke the Capsule: it is not Ready again, and no Agent or Job starts or changes its
-    /// pods with it. Pods already running keep their mounted copy until replaced (withdrawing
-    /// it from running pods is planned; docs/capsules.md).
+    /// pods with it. Running pods are told through their sidecar: recall answers 410 and the
+    /// sidecar withdraws the mounted folder from the agent container (docs/capsules.md).
     #[serde(default)]
     pub revoked: bool,
+    /// Where recall keeps the chunk vectors (see [`RecallIndexKind`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<RecallIndexKind>,
+}
+
+/// Where recall keeps a Capsule's chunk vectors: `embedded` (the default: an index every
+/// sidecar builds from the delivered bundle at start) or `qdrant` (one collection per
+/// namespace and digest, loaded by the operator from the verified bundle into the Qdrant
+/// server of its `--qdrant-url` and searched by every sidecar; for large Capsules shared by
+/// many pods; needs an OCI source whose bundle carries embeddings). The Qdrant path is tested
+/// only by the real-cluster suite (`SOMA_E2E_QDRANT=1`), which has not run on the machines
+/// Soma is built on (docs/capsules.md).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RecallIndexKind {
+    /// An index each sidecar builds at start (exact, or HNSW when large).
+    #[default]
+    Embedded,
+    /// A Qdrant collection the operator loads.
+    Qdrant,
 }
 
 /// The Capsule's content: exactly one of an OCI artifact, inline blocks or a ConfigMap.
@@ -171,4 +193,21 @@ pub struct CapsuleStatus {
     /// When verification happened (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified_at: Option<String>,
+    /// The Qdrant collection holding the verified content's chunks (`spec.index: qdrant`),
+    /// set once it holds one point per chunk. The `QdrantLoaded` condition says why not when
+    /// it is absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qdrant: Option<QdrantCollectionStatus>,
+}
+
+/// A Capsule's loaded Qdrant collection.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QdrantCollectionStatus {
+    /// The collection (`soma_<namespace>_sha256_<hex>`).
+    pub collection: String,
+    /// The digest whose chunks it holds.
+    pub digest: String,
+    /// Points it holds (one per chunk).
+    pub points: u64,
 }

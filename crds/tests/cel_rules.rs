@@ -484,6 +484,41 @@ fn cases() -> Vec<Case> {
             None,
             None,
         ),
+        c(
+            "capsule kept in qdrant (an OCI bundle)",
+            "Capsule",
+            vec![("/spec/index", Some(json!("qdrant")))],
+            None,
+            None,
+        ),
+        c(
+            "capsule embedded, whatever its source",
+            "Capsule",
+            vec![
+                ("/spec/index", Some(json!("embedded"))),
+                ("/spec/source/oci", None),
+                (
+                    "/spec/source/inline",
+                    Some(json!({"blocks": [{"id": "a", "text": "t"}]})),
+                ),
+            ],
+            None,
+            None,
+        ),
+        c(
+            "capsule kept in qdrant without a bundle",
+            "Capsule",
+            vec![
+                ("/spec/index", Some(json!("qdrant"))),
+                ("/spec/source/oci", None),
+                (
+                    "/spec/source/inline",
+                    Some(json!({"blocks": [{"id": "a", "text": "t"}]})),
+                ),
+            ],
+            None,
+            Some("spec.index qdrant needs an OCI source"),
+        ),
         // Budget
         c(
             "budget without limits",

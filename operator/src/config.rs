@@ -143,6 +143,9 @@ pub struct OperatorConfig {
     pub jobs: JobConfig,
     /// What an Agent's `credentials.vault` falls back to where it sets nothing.
     pub vault: VaultDefaults,
+    /// The Qdrant server that Capsules with `spec.index: qdrant` are loaded into and the
+    /// sidecars search (`--qdrant-url`); absent, such Capsules are not loaded.
+    pub qdrant: Option<soma_capsule::qdrant::QdrantSettings>,
 }
 
 /// Vault settings the platform gives every Agent with `credentials.vault` (operator flags,
@@ -228,6 +231,7 @@ impl Default for OperatorConfig {
             ledger: LedgerConfig::default(),
             jobs: JobConfig::default(),
             vault: VaultDefaults::default(),
+            qdrant: None,
         }
     }
 }

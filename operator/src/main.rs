@@ -124,6 +124,11 @@ struct SidecarArgs {
     /// (`spec.queueName`); the others wait in `spec.priority` order. 0: no limit.
     #[arg(long, env = "SOMA_JOB_CONCURRENCY", default_value_t = 10)]
     job_concurrency: u32,
+    /// The Qdrant server (gRPC, e.g. `http://qdrant.soma-system:6334`) that Capsules with
+    /// `spec.index: qdrant` are loaded into and the sidecars search. Untested outside the
+    /// real-cluster suite (docs/capsules.md).
+    #[arg(long, env = "SOMA_QDRANT_URL")]
+    qdrant_url: Option<String>,
 }
 
 impl SidecarArgs {
@@ -159,7 +164,12 @@ impl SidecarArgs {
                 "--vault-address must be an http(s) URL, not {a:?}"
             );
         }
+        let qdrant = nonempty(&self.qdrant_url)
+            .map(|url| soma_capsule::qdrant::QdrantSettings::new(&url))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--qdrant-url: {e}"))?;
         Ok(OperatorConfig {
+            qdrant,
             vault: VaultDefaults {
                 address: nonempty(&self.vault_address),
                 ca_bundle: vault_ca,

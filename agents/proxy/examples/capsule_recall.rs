@@ -59,7 +59,9 @@ fn splitmix(state: &mut u64) -> u64 {
 enum Embedder {
     Hashed(usize),
     Remote {
-        client: Http,
+        // Boxed: the client (whose size depends on the build's hyper-util features) would
+        // make every `Hashed` as large.
+        client: Box<Http>,
         url: String,
         model: String,
     },
@@ -342,7 +344,7 @@ async fn main() {
         )
     } else {
         Embedder::Remote {
-            client: http.clone(),
+            client: Box::new(http.clone()),
             url: embedder_url.clone(),
             model: model.clone(),
         }

@@ -104,7 +104,7 @@ pub fn children(
 ) -> Result<Children, serde_json::Error> {
     let w = workload(agent);
     let mut settings = workload::sidecar_config(&w, &resolved.budgets, config);
-    delivery::sidecar_capsules(&mut settings, &resolved.capsules);
+    delivery::sidecar_capsules(&mut settings, &resolved.capsules, config);
     settings.brown_out.clone_from(&resolved.brown_out);
     settings.brown_out_revision = resolved.brown_out_revision;
     let config_hash = hash_config(&settings)?;
@@ -113,7 +113,7 @@ pub fn children(
         delivery::deliver(&mut spec.template, &resolved.capsules, config);
     }
     let mut network_policy = workload::network_policy(&w, config);
-    delivery::registry_egress(&mut network_policy, &resolved.capsules);
+    delivery::capsule_egress(&mut network_policy, &resolved.capsules, config);
     Ok(Children {
         service_account: workload::service_account(&w),
         ledger_secret: workload::ledger_secret(&w, config),
@@ -166,7 +166,7 @@ pub fn sidecar_config(
     config: &OperatorConfig,
 ) -> SidecarConfig {
     let mut settings = workload::sidecar_config(&workload(agent), &resolved.budgets, config);
-    delivery::sidecar_capsules(&mut settings, &resolved.capsules);
+    delivery::sidecar_capsules(&mut settings, &resolved.capsules, config);
     settings
 }
 

@@ -79,6 +79,9 @@ pub struct Delivery {
     pub policy_hash: String,
     /// Where the content comes from.
     pub source: Source,
+    /// The Qdrant collection holding its vectors (`spec.index: qdrant`): the sidecar searches
+    /// it instead of building an index.
+    pub collection: Option<String>,
 }
 
 /// The delivery of `capsule`, when it is verified and has content a pod can receive: its
@@ -106,11 +109,18 @@ pub fn delivery(capsule: &Capsule) -> Option<Delivery> {
     } else {
         return None;
     };
+    let collection = (spec.index == Some(soma_crds::capsule::RecallIndexKind::Qdrant))
+        .then(|| {
+            let namespace = capsule.metadata.namespace.as_deref()?;
+            soma_capsule::qdrant::collection_name(namespace, &verified).ok()
+        })
+        .flatten();
     (pinned == verified).then(|| Delivery {
         name,
         digest: verified,
         policy_hash: spec.policy_hash.clone(),
         source,
+        collection,
     })
 }
 
@@ -257,29 +267,48 @@ pub fn deliver(template: &mut PodTemplateSpec, deliveries: &[Delivery], config: 
     }
 }
 
-/// Gives the sidecar's configuration the verified digest of each OCI bundle delivered, so
-/// the sidecar checks the delivered folder against it before serving recall, and the
-/// volume's folders (`recall.capsulesDir`, `recall.withheldDir`), so it can withdraw a
-/// revoked one. (A ConfigMap Capsule is a single blob, not a bundle: it stays a bare name.)
-/// Part of the pod template's hash: other content rolls the pods.
-pub fn sidecar_capsules(settings: &mut soma_contract::SidecarConfig, deliveries: &[Delivery]) {
+/// Gives the sidecar's configuration the verified digest of each Capsule delivered, so the
+/// sidecar checks the delivered folder against it before serving recall (an OCI bundle) and
+/// withdraws it on revocation (any), and the volume's folders (`recall.capsulesDir`,
+/// `recall.withheldDir`). A ConfigMap Capsule is a single blob, not a bundle: its entry also
+/// names its one file (`file`, the ConfigMap key), which recall does not serve and the
+/// sidecar checks against the digest before putting it back after a revocation.
+/// A Capsule kept in Qdrant also gets its collection, and the sidecar the server's address
+/// (`recall.qdrantUrl`, from `--qdrant-url`). Part of the pod template's hash: other content
+/// rolls the pods.
+pub fn sidecar_capsules(
+    settings: &mut soma_contract::SidecarConfig,
+    deliveries: &[Delivery],
+    config: &OperatorConfig,
+) {
     if !deliveries.is_empty() {
         settings.recall.capsules_dir = format!("{VOLUME_DIR}/{VISIBLE}").into();
         settings.recall.withheld_dir = Some(format!("{VOLUME_DIR}/{WITHHELD}").into());
     }
     for c in &mut settings.capsules {
-        c.digest = deliveries
-            .iter()
-            .find(|d| d.name == c.name && matches!(d.source, Source::Oci { .. }))
-            .map(|d| d.digest.clone());
+        let delivered = deliveries.iter().find(|d| d.name == c.name);
+        c.digest = delivered.map(|d| d.digest.clone());
+        c.collection = delivered.and_then(|d| d.collection.clone());
+        c.file = delivered.and_then(|d| match &d.source {
+            Source::ConfigMap { key, .. } => Some(key.clone()),
+            Source::Oci { .. } => None,
+        });
+    }
+    if deliveries.iter().any(|d| d.collection.is_some()) {
+        settings.recall.qdrant_url = config.qdrant.as_ref().map(|q| q.url.clone());
     }
 }
 
 /// Opens egress to the registries the deliveries fetch from (their port, any address: a
-/// registry may live inside the cluster). NetworkPolicy applies to the whole pod, so the
-/// agent container may reach the registry's port too; it holds no credentials for it (the
-/// fetch is anonymous).
-pub fn registry_egress(policy: &mut NetworkPolicy, deliveries: &[Delivery]) {
+/// registry may live inside the cluster), and to the Qdrant server's port when a delivery is
+/// searched there. NetworkPolicy applies to the whole pod, so the agent container may reach
+/// those ports too; it holds no credentials for them (the fetch is anonymous; Qdrant is
+/// reached without an API key, see docs/capsules.md).
+pub fn capsule_egress(
+    policy: &mut NetworkPolicy,
+    deliveries: &[Delivery],
+    config: &OperatorConfig,
+) {
     let mut ports: Vec<i32> = deliveries
         .iter()
         .filter_map(|d| match &d.source {
@@ -290,6 +319,11 @@ pub fn registry_egress(policy: &mut NetworkPolicy, deliveries: &[Delivery]) {
             Source::ConfigMap { .. } => None,
         })
         .collect();
+    if let Some(q) = &config.qdrant
+        && deliveries.iter().any(|d| d.collection.is_some())
+    {
+        ports.push(upstream_port(&q.url));
+    }
     ports.sort_unstable();
     ports.dedup();
     if ports.is_empty() {

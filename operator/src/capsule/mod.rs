@@ -18,6 +18,8 @@
 //! - [`status`]: pure: the status from what the reconcile found;
 //! - [`refs`]: the Capsules an Agent or a Job names, looked up;
 //! - [`delivery`]: pure: a verified Capsule's content into the pod, read-only, by digest;
+//! - [`qdrant`]: a verified Capsule with `spec.index: qdrant` loaded into its Qdrant
+//!   collection (the scale path of recall);
 //! - [`revocation`]: a revoked Capsule (or one whose signature stopped verifying) published
 //!   to the ledger, so running sidecars stop serving it within seconds;
 //! - [`reconcile`], [`controller`]: the reconcile and its watches.
@@ -26,6 +28,7 @@ pub mod content;
 pub mod controller;
 pub mod cosign;
 pub mod delivery;
+pub mod qdrant;
 pub mod reconcile;
 pub mod refs;
 pub mod revocation;

@@ -197,6 +197,7 @@ async fn observe(
             generation: capsule.metadata.generation,
             outcome,
             policy: Some(policy),
+            qdrant: None,
         },
         checked,
     ))
@@ -263,7 +264,13 @@ pub async fn reconcile(capsule: Arc<Capsule>, ctx: Arc<Context>) -> Result<Actio
         return Ok(Action::await_change());
     }
     let key = reconciler::key(&*capsule);
-    let (observed, checked) = observe(&capsule, &ctx, &namespace).await?;
+    let (mut observed, checked) = observe(&capsule, &ctx, &namespace).await?;
+    if let Ok(verified) = &observed.outcome
+        && super::qdrant::opted_in(&capsule)
+    {
+        observed.qdrant =
+            Some(super::qdrant::observe(&capsule, &namespace, verified, &ctx.config).await);
+    }
     write_status(&capsule, &ctx, &observed).await?;
     // Held back by its signature or content (not a revocation, a policy or a registry that
     // did not answer): `soma_signature_rejected`, which the signature alert watches.
@@ -296,6 +303,10 @@ pub async fn reconcile(capsule: Arc<Capsule>, ctx: Arc<Context>) -> Result<Actio
         }
     }
     Ok(match &observed.outcome {
+        // Verified, but its Qdrant collection could not be loaded yet: try again.
+        Ok(_) if matches!(&observed.qdrant, Some(Err(r)) if r.transient) => {
+            Action::requeue(ctx.backoff(&key))
+        }
         Ok(_) => {
             ctx.succeeded(&key);
             Action::requeue(RESYNC)

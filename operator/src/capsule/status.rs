@@ -4,7 +4,7 @@
 //! verified by the same signer, so a converged Capsule's status does not change.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use soma_crds::capsule::CapsuleStatus;
+use soma_crds::capsule::{CapsuleStatus, QdrantCollectionStatus};
 use soma_crds::common::condition_types::{READY, RECONCILING, STALLED};
 use soma_policy::condition::POLICY_ALLOWED;
 
@@ -21,7 +21,13 @@ pub struct CapsuleObserved {
     pub outcome: Result<Verified, Rejection>,
     /// The policy re-check, for `PolicyAllowed`.
     pub policy: Option<PolicyCheck>,
+    /// For a verified Capsule with `spec.index: qdrant`: its loaded collection, or why it is
+    /// not loaded (`QdrantLoaded`). `None`: not opted in, or not verified (nothing loaded).
+    pub qdrant: Option<Result<QdrantCollectionStatus, Rejection>>,
 }
+
+/// The condition saying whether a Capsule's Qdrant collection is loaded.
+pub const QDRANT_LOADED: &str = "QdrantLoaded";
 
 fn verdicts(obs: &CapsuleObserved) -> Vec<Verdict> {
     let mut out = match &obs.outcome {
@@ -49,6 +55,24 @@ fn verdicts(obs: &CapsuleObserved) -> Vec<Verdict> {
             verdict(STALLED, true, r.reason.clone(), r.message.clone()),
         ],
     };
+    match &obs.qdrant {
+        Some(Ok(q)) => out.push(verdict(
+            QDRANT_LOADED,
+            true,
+            "Loaded",
+            format!(
+                "Qdrant collection {} holds the {} chunks of {}",
+                q.collection, q.points, q.digest
+            ),
+        )),
+        Some(Err(r)) => out.push(verdict(
+            QDRANT_LOADED,
+            false,
+            r.reason.clone(),
+            r.message.clone(),
+        )),
+        None => {}
+    }
     if let Some(p) = &obs.policy {
         out.push(verdict(
             POLICY_ALLOWED,
@@ -87,6 +111,7 @@ pub fn capsule_status(
         verified_digest,
         signer,
         verified_at,
+        qdrant: obs.qdrant.as_ref().and_then(|q| q.as_ref().ok()).cloned(),
     }
 }
 
@@ -133,6 +158,7 @@ mod tests {
             generation: Some(2),
             outcome,
             policy: None,
+            qdrant: None,
         }
     }
 
@@ -183,5 +209,39 @@ mod tests {
         // Losing verification clears the claim.
         let lost = capsule_status(Some(&first), &obs(rejected(false)), &at(99));
         assert_eq!((lost.verified_digest, lost.verified_at), (None, None));
+    }
+
+    #[test]
+    fn a_qdrant_collection_is_in_status_only_while_loaded() {
+        let loaded = QdrantCollectionStatus {
+            collection: "soma_team_sha256_aa".into(),
+            digest: "sha256:aa".into(),
+            points: 12,
+        };
+        let mut o = obs(verified());
+        o.qdrant = Some(Ok(loaded.clone()));
+        let s = capsule_status(None, &o, &at(10));
+        assert_eq!(s.qdrant.as_ref(), Some(&loaded));
+        assert_eq!(cond(&s, QDRANT_LOADED), ("True", "Loaded"));
+        assert_eq!(cond(&s, READY), ("True", "Verified"));
+        // Unchanged when nothing changed (no status write, no new reconcile).
+        assert_eq!(capsule_status(Some(&s), &o, &at(99)), s);
+
+        o.qdrant = Some(Err(Rejection {
+            reason: "QdrantUnavailable".into(),
+            message: "Qdrant count failed: connection refused".into(),
+            transient: true,
+            recheck: false,
+        }));
+        let failed = capsule_status(Some(&s), &o, &at(20));
+        assert_eq!(failed.qdrant, None);
+        assert_eq!(cond(&failed, QDRANT_LOADED), ("False", "QdrantUnavailable"));
+        // Verification stands on its own: the Capsule stays Ready.
+        assert_eq!(cond(&failed, READY), ("True", "Verified"));
+
+        // Not opted in: no condition at all.
+        let plain = capsule_status(None, &obs(verified()), &at(10));
+        assert!(plain.conditions.iter().all(|c| c.type_ != QDRANT_LOADED));
+        assert_eq!(plain.qdrant, None);
     }
 }

@@ -137,7 +137,7 @@ pub fn task_children(
 ) -> Result<TaskChildren, serde_json::Error> {
     let w = task_workload(job, task);
     let mut settings = workload::sidecar_config(&w, &task.budgets, config);
-    crate::capsule::delivery::sidecar_capsules(&mut settings, &task.capsules);
+    crate::capsule::delivery::sidecar_capsules(&mut settings, &task.capsules, config);
     let config_hash = hash_config(&settings)?;
     let mut template = workload::pod_template(&w, &config_hash, config);
     if let Some(image) = &task.pinned_image {
@@ -146,7 +146,7 @@ pub fn task_children(
     run_once(&mut template, job.spec.input.as_deref());
     crate::capsule::delivery::deliver(&mut template, &task.capsules, config);
     let mut network_policy = workload::network_policy(&w, config);
-    crate::capsule::delivery::registry_egress(&mut network_policy, &task.capsules);
+    crate::capsule::delivery::capsule_egress(&mut network_policy, &task.capsules, config);
     Ok(TaskChildren {
         service_account: workload::service_account(&w),
         ledger_secret: workload::ledger_secret(&w, config),

@@ -48,6 +48,7 @@ fn only_the_verified_digest_of_the_pinned_content_is_delivered() {
             source: Source::Oci {
                 repository: "127.0.0.1:5000/capsules/kb".into()
             },
+            collection: None,
         }
     );
     assert_eq!(
@@ -296,4 +297,63 @@ fn without_capsules_the_pod_is_unchanged_and_a_registry_port_is_opened_once() {
     );
     let init = pod.init_containers.expect("init");
     assert!(!args(&init[0]).contains(&"--insecure-registry"));
+}
+
+#[test]
+fn a_capsule_kept_in_qdrant_reaches_the_sidecar_with_its_collection_and_the_servers_port() {
+    let mut kb = capsule("kb", oci(D1), Some(D1));
+    kb.spec.index = Some(soma_crds::capsule::RecallIndexKind::Qdrant);
+    let d = delivery(&kb).expect("kb");
+    let collection = format!("soma_team_sha256_{}", "1".repeat(64));
+    assert_eq!(d.collection.as_deref(), Some(collection.as_str()));
+    // Still delivered into the pod like any bundle (the agent reads its documents).
+    assert!(matches!(d.source, Source::Oci { .. }));
+
+    let config = OperatorConfig {
+        qdrant: Some(
+            soma_capsule::qdrant::QdrantSettings::new("http://qdrant.soma-system:6334")
+                .expect("url"),
+        ),
+        ..OperatorConfig::default()
+    };
+    let resolved = Resolved {
+        replicas: 1,
+        capsules: vec![d.clone()],
+        ..Resolved::default()
+    };
+    let settings = crate::agent::children::sidecar_config(&agent(), &resolved, &config);
+    let entry = settings
+        .capsules
+        .iter()
+        .find(|c| c.name == "kb")
+        .expect("kb");
+    assert_eq!(entry.digest.as_deref(), Some(D1));
+    assert_eq!(entry.collection.as_deref(), Some(collection.as_str()));
+    assert_eq!(
+        settings.recall.qdrant_url.as_deref(),
+        Some("http://qdrant.soma-system:6334")
+    );
+    let (_, np) = pod(&config, vec![d]);
+    let egress = np.spec.and_then(|s| s.egress).expect("egress");
+    assert_eq!(
+        egress.last().and_then(|r| r.ports.clone()),
+        Some(vec![tcp(5000), tcp(6334)]),
+        "the registry's port for the fetch, Qdrant's for recall"
+    );
+
+    // An embedded Capsule: no collection, no server address, no Qdrant port.
+    let plain = Resolved {
+        replicas: 1,
+        capsules: vec![delivery(&capsule("kb", oci(D1), Some(D1))).expect("kb")],
+        ..Resolved::default()
+    };
+    let settings = crate::agent::children::sidecar_config(&agent(), &plain, &config);
+    assert!(settings.capsules.iter().all(|c| c.collection.is_none()));
+    assert_eq!(settings.recall.qdrant_url, None);
+    let (_, np) = pod(&config, plain.capsules.clone());
+    let egress = np.spec.and_then(|s| s.egress).expect("egress");
+    assert_eq!(
+        egress.last().and_then(|r| r.ports.clone()),
+        Some(vec![tcp(5000)])
+    );
 }

@@ -558,6 +558,7 @@ fn a_task_pod_gets_its_capsules_by_digest_read_only_like_an_agent_pod() {
             source: Source::Oci {
                 repository: "registry.example.com/capsules/kb".into(),
             },
+            collection: None,
         }],
     };
     let c = task_children(&j, &task, &OperatorConfig::default()).expect("build");
