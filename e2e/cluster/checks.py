@@ -172,10 +172,58 @@ def readyz(doc, reason=""):
     return [] if doc.get("ready") is False and problem == reason else [f"want not ready for {reason}: {doc}"]
 
 
+def recall_hit(doc, capsule, digest, chunk):
+    """A recall answer whose best hit is CHUNK of CAPSULE at DIGEST, with the whole
+    provenance (capsule, version, digest, chunk, document, offsets) and a score on every hit."""
+    data = doc.get("data")
+    if not isinstance(data, list) or not data:
+        return [f"no hits: {doc}"]
+    problems = []
+    for i, hit in enumerate(data):
+        missing = [k for k in ("score", "text", "capsule", "version", "digest", "chunk", "document",
+                               "start", "end") if k not in hit]
+        if missing:
+            problems.append(f"hit {i} lacks {missing}: {hit}")
+        elif hit["capsule"] == capsule and hit["digest"] != digest:
+            problems.append(f"hit {i} is of digest {hit['digest']}, not {digest}")
+    best = data[0]
+    if (best.get("capsule"), best.get("digest"), best.get("chunk")) != (capsule, digest, chunk):
+        problems.append(f"best hit is {best.get('capsule')}/{best.get('chunk')} at {best.get('digest')}, "
+                        f"want {capsule}/{chunk} at {digest}")
+    return problems
+
+
+def recall_refused(doc, status, code):
+    """A refused recall as run.sh records it: {"status": HTTP status, "body": the error body}."""
+    got = (doc.get("status"), ((doc.get("body") or {}).get("error") or {}).get("code"))
+    return [] if got == (int(status), code) else [f"want {status} {code}, got {got}: {doc}"]
+
+
+def qdrant_loaded(doc, collection):
+    """A Capsule whose status names its loaded Qdrant collection COLLECTION for its verified
+    digest, with QdrantLoaded=True."""
+    capsule, problems = one(doc, "Capsule")
+    if capsule is None:
+        return problems
+    status = capsule.get("status") or {}
+    q = status.get("qdrant") or {}
+    if q.get("collection") != collection:
+        problems.append(f"status.qdrant.collection is {q.get('collection')!r}, want {collection!r}")
+    if not q.get("digest") or q.get("digest") != status.get("verifiedDigest"):
+        problems.append(f"status.qdrant.digest {q.get('digest')!r} is not the verified {status.get('verifiedDigest')!r}")
+    if not isinstance(q.get("points"), int) or q["points"] < 1:
+        problems.append(f"status.qdrant.points is {q.get('points')!r}")
+    cond = next((c for c in status.get("conditions") or [] if c.get("type") == "QdrantLoaded"), {})
+    if cond.get("status") != "True":
+        problems.append(f"QdrantLoaded is {cond}")
+    return problems
+
+
 CHECKS = {"sandboxed": sandboxed, "egress-restricted": egress_restricted,
           "controlled-by": controlled_by, "without-budget": without_budget, "job-waits": job_waits,
           "drill-state": drill_state, "job-failed": job_failed,
-          "vault-login-sidecar-only": vault_login_sidecar_only, "readyz": readyz}
+          "vault-login-sidecar-only": vault_login_sidecar_only, "readyz": readyz,
+          "recall-hit": recall_hit, "recall-refused": recall_refused, "qdrant-loaded": qdrant_loaded}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in CHECKS:

@@ -33,7 +33,18 @@
 #      and one asking for the role from another ServiceAccount is refused (VaultLoginFailed);
 #      with --installed, the Agents' CredentialsUnavailable conditions say the same. Without
 #      SOMA_E2E_VAULT=1 it is counted as skipped;
-#   7. deletes the namespace (and the scenario's ClusterRoleBinding) and stops the operator.
+#   7. with SOMA_E2E_QDRANT=1 and --installed, the Qdrant scenario (fixtures/e2e-qdrant*.yaml):
+#      a Qdrant server and a plain-HTTP registry in namespace soma-e2e-qdrant; a bundle packed
+#      with embeddings by the local `soma` CLI, pushed and signed with a fresh cosign key; a
+#      Capsule with spec.index: qdrant and an Agent holding it. The operator must load the
+#      collection soma_<namespace>_sha256_<hex> (status.qdrant, QdrantLoaded=True, the points
+#      counted by Qdrant itself), the sidecar must answer recall from it (a query vector equal
+#      to one chunk's finds that chunk first, with its provenance), and after spec.revoked
+#      recall must answer 410 capsule_revoked. Without SOMA_E2E_QDRANT=1, or without
+#      --installed (a local operator outside the cluster cannot reach the in-cluster registry and
+#      Qdrant under the addresses the pods use), it is counted as skipped;
+#   8. deletes the namespace (and the scenarios' ClusterRoleBinding and soma-e2e-qdrant) and
+#      stops the operator.
 #
 # Usage: e2e/cluster/run.sh [--installed] [--namespace NAME] [--keep]
 #   --installed       use the operator already installed with helm (cluster-wide mode, or a
@@ -51,6 +62,14 @@
 #                           sidecar image (SOMA_E2E_SIDECAR_IMAGE, or the chart's with --installed)
 #                           and SOMA_E2E_OPENBAO_IMAGE (default docker.io/openbao/openbao:2.5.4),
 #                           and you must be allowed to bind system:auth-delegator
+#   SOMA_E2E_QDRANT=1       run the Qdrant scenario (needs --installed): the operator installed with
+#                           --set capsules.qdrantUrl=http://e2e-qdrant.soma-e2e-qdrant:6334
+#                           --set signatures.insecureRegistries={e2e-registry.soma-e2e-qdrant:5000};
+#                           the cluster must pull SOMA_E2E_QDRANT_IMAGE (default
+#                           docker.io/qdrant/qdrant:v1.15.0), SOMA_E2E_REGISTRY_IMAGE (default
+#                           docker.io/library/registry:2) and the chart's sidecar and CLI images;
+#                           locally: cosign on PATH (scripts/test-deps/signing-tools.sh) and the
+#                           `soma` CLI (SOMA_CLI_BIN, else target/{release,debug}/soma)
 set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -101,6 +120,8 @@ fi
 operator_pid=""
 proxy_pid=""
 proxy_port=""
+forward_pids=()
+qdrant_applied=false
 
 passed=0
 failed=0
@@ -145,6 +166,13 @@ cleanup() {
     fi
     if [[ -n $proxy_pid ]]; then
         kill "$proxy_pid" 2>/dev/null
+    fi
+    local pid
+    for pid in "${forward_pids[@]}"; do
+        kill "$pid" 2>/dev/null
+    done
+    if $qdrant_applied && ! $keep; then
+        kubectl delete namespace soma-e2e-qdrant --wait=false >/dev/null 2>&1
     fi
     kubectl delete clusterrolebinding "soma-e2e-openbao-$ns" --ignore-not-found >/dev/null 2>&1
     [[ $failed -gt 0 ]] || rm -rf "$work"
@@ -338,6 +366,191 @@ vault_scenario() {
     fi
 }
 
+# --- the Qdrant scenario ------------------------------------------------------------
+
+qdrant_ns=soma-e2e-qdrant
+qdrant_url=http://e2e-qdrant.$qdrant_ns:6334
+qdrant_registry=e2e-registry.$qdrant_ns:5000
+
+# port_forward TARGET NAMESPACE REMOTE_PORT: `kubectl port-forward` to a free local port, which
+# it prints once the forward answers TCP.
+port_forward() {
+    local target=$1 namespace=$2 remote=$3 port pid deadline
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    kubectl port-forward -n "$namespace" "$target" "$port:$remote" >"$work/forward-$port.log" 2>&1 &
+    pid=$!
+    forward_pids+=("$pid")
+    deadline=$((SECONDS + 30))
+    while ((SECONDS < deadline)); do
+        python3 -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 2).close()' \
+            "$port" 2>/dev/null && { echo "$port"; return 0; }
+        sleep 1
+    done
+    echo "kubectl port-forward $target $remote did not answer" >&2
+    return 1
+}
+
+# installed_for_qdrant: the installed operator was given the scenario's Qdrant and registry.
+installed_for_qdrant() {
+    local args
+    args=$(kubectl get deployments -A -l app.kubernetes.io/name=soma,app.kubernetes.io/component=operator \
+        -o jsonpath='{.items[0].spec.template.spec.containers[?(@.name=="operator")].args}') || return 1
+    if [[ $args != *"--qdrant-url=$qdrant_url"* || $args != *"$qdrant_registry"* ]]; then
+        echo "the installed operator's args lack --qdrant-url=$qdrant_url or the insecure registry $qdrant_registry:"
+        echo "  helm upgrade ... --set capsules.qdrantUrl=$qdrant_url --set 'signatures.insecureRegistries={$qdrant_registry}'"
+        echo "  (args: $args)"
+        return 1
+    fi
+}
+
+soma_cli() {
+    local bin=${SOMA_CLI_BIN:-}
+    if [[ -z $bin ]]; then
+        for b in "$repo/target/release/soma" "$repo/target/debug/soma"; do
+            [[ -x $b ]] && { bin=$b; break; }
+        done
+    fi
+    [[ -n $bin ]] || { echo "no soma CLI: set SOMA_CLI_BIN or cargo build -p soma-cli" >&2; return 1; }
+    "$bin" "$@"
+}
+
+# qdrant_bundle: packs three one-chunk documents with one-hot 4-dimension vectors (model
+# e2e-onehot-4), pushes them through a port-forward to the scenario's registry and signs the
+# digest with a fresh key; leaves the digest in $work/qdrant-digest and the key in $work.
+qdrant_bundle() {
+    local docs=$work/qdrant-docs port digest
+    mkdir -p "$docs"
+    printf 'Refunds are issued within five days.' >"$docs/refunds.md"
+    printf 'Shipping is free above fifty euros.' >"$docs/shipping.md"
+    printf 'Support answers within one hour.' >"$docs/support.md"
+    cat >"$work/qdrant-embeddings.jsonl" <<'JSONL'
+{"id":"refunds.md#0","vector":[1,0,0,0]}
+{"id":"shipping.md#0","vector":[0,1,0,0]}
+{"id":"support.md#0","vector":[0,0,1,0]}
+JSONL
+    soma_cli capsule pack "$docs" --out "$work/qdrant-layout" --version 1.0.0 \
+        --policy-hash "$(cat "$work/qdrant-policy-hash")" \
+        --embeddings "$work/qdrant-embeddings.jsonl" --embedding-model e2e-onehot-4 || return 1
+    port=$(port_forward svc/e2e-registry "$qdrant_ns" 5000) || return 1
+    digest=$(soma_cli capsule push "$work/qdrant-layout" "127.0.0.1:$port/capsules/e2e-qdrant-kb:1.0.0" \
+        --insecure-registry "127.0.0.1:$port") || return 1
+    digest=${digest##*@}
+    echo "$digest" >"$work/qdrant-digest"
+    (cd "$work" && COSIGN_PASSWORD="" cosign generate-key-pair --output-key-prefix qdrant-cosign >/dev/null) || return 1
+    COSIGN_PASSWORD="" cosign sign --key "$work/qdrant-cosign.key" --tlog-upload=false --allow-http-registry \
+        --allow-insecure-registry --yes "127.0.0.1:$port/capsules/e2e-qdrant-kb@$digest"
+}
+
+qdrant_tenant_objects() {
+    kubectl create configmap -n "$ns" e2e-qdrant-signers --from-file=cosign.pub="$work/qdrant-cosign.pub" || return 1
+    kubectl create secret generic -n "$ns" e2e-qdrant-key --from-literal=api-key=sk-e2e-not-a-real-key || return 1
+    sed -e "s/SOMA_E2E_NAMESPACE/$ns/g" -e "s/SOMA_E2E_DIGEST/$(cat "$work/qdrant-digest")/g" \
+        -e "s/SOMA_E2E_POLICY_HASH/$(cat "$work/qdrant-policy-hash")/g" "$here/fixtures/e2e-qdrant.yaml" |
+        kubectl apply -f -
+}
+
+# qdrant_points COLLECTION WANT: Qdrant itself counts WANT points in COLLECTION (its REST API,
+# through a port-forward).
+qdrant_points() {
+    local port
+    port=$(port_forward svc/e2e-qdrant "$qdrant_ns" 6333) || return 1
+    python3 - "http://127.0.0.1:$port/collections/$1" "$2" <<'PY'
+import json, sys, urllib.request
+info = json.load(urllib.request.urlopen(sys.argv[1], timeout=10))["result"]
+size = info["config"]["params"]["vectors"]["size"]
+if info.get("points_count") != int(sys.argv[2]) or size != 4:
+    sys.exit(f"points_count {info.get('points_count')}, vector size {size}: want {sys.argv[2]} and 4")
+PY
+}
+
+# recall_as_agent BODY OUT: POST /v1/recall to the sidecar of e2e-qdrant-agent's pod (its
+# 127.0.0.1:4000, through a port-forward into the pod) with the pod's own token; writes
+# {"status", "body"} to OUT.
+recall_as_agent() {
+    local pod uid port
+    pod=$(kubectl get -n "$ns" pods -l soma.dev/agent=e2e-qdrant-agent -o jsonpath='{.items[0].metadata.name}') || return 1
+    uid=$(kubectl get -n "$ns" "pod/$pod" -o jsonpath='{.metadata.uid}') || return 1
+    port=$(port_forward "pod/$pod" "$ns" 4000) || return 1
+    python3 - "http://127.0.0.1:$port/v1/recall" "$uid" "$1" >"$2" <<'PY'
+import json, sys, urllib.error, urllib.request
+req = urllib.request.Request(sys.argv[1], data=sys.argv[3].encode(), method="POST",
+                             headers={"authorization": f"Bearer {sys.argv[2]}", "content-type": "application/json"})
+try:
+    with urllib.request.urlopen(req, timeout=10) as r:
+        print(json.dumps({"status": r.status, "body": json.load(r)}))
+except urllib.error.HTTPError as e:
+    print(json.dumps({"status": e.code, "body": json.loads(e.read() or b"{}")}))
+PY
+}
+
+# recall_answers: the best hit for shipping.md#0's own vector is that chunk, served from Qdrant
+# with its provenance (retried until the collection is complete and the pod runs).
+recall_answers() {
+    local deadline=$((SECONDS + timeout)) out=$work/recall.json digest
+    digest=$(cat "$work/qdrant-digest")
+    while ((SECONDS < deadline)); do
+        if recall_as_agent '{"vector": [0, 1, 0, 0], "k": 3}' "$out" 2>/dev/null &&
+            python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); sys.exit(d["status"]!=200)' "$out" &&
+            python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1]))["body"]))' "$out" |
+            "$checks" recall-hit e2e-qdrant-kb "$digest" shipping.md#0 >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 3
+    done
+    cat "$out" 2>/dev/null
+    return 1
+}
+
+# recall_revoked: after spec.revoked, recall answers 410 capsule_revoked (the revocation reaches
+# the sidecar through the ledger, or its ConfigMap when the kubelet refreshes it: up to about
+# a minute more than the timeout).
+recall_revoked() {
+    local deadline=$((SECONDS + timeout + 90)) out=$work/recall-revoked.json
+    while ((SECONDS < deadline)); do
+        recall_as_agent '{"vector": [0, 1, 0, 0], "k": 3}' "$out" 2>/dev/null &&
+            "$checks" recall-refused 410 capsule_revoked <"$out" >/dev/null 2>&1 && return 0
+        sleep 3
+    done
+    cat "$out" 2>/dev/null
+    "$checks" recall-refused 410 capsule_revoked <"$out"
+}
+
+qdrant_scenario() {
+    local qimage=${SOMA_E2E_QDRANT_IMAGE:-docker.io/qdrant/qdrant:v1.15.0}
+    local rimage=${SOMA_E2E_REGISTRY_IMAGE:-docker.io/library/registry:2}
+    local collection
+    echo "sha256:$(printf 'e2e qdrant policy' | sha256sum | cut -d' ' -f1)" >"$work/qdrant-policy-hash"
+    check "qdrant: the installed operator has --qdrant-url and the scenario's registry" installed_for_qdrant
+    check "qdrant: apply Qdrant ($qimage) and a registry ($rimage) in $qdrant_ns" \
+        bash -c "sed -e 's#SOMA_E2E_QDRANT_IMAGE#$qimage#g' -e 's#SOMA_E2E_REGISTRY_IMAGE#$rimage#g' \
+                 '$here/fixtures/e2e-qdrant-servers.yaml' | kubectl apply -f -"
+    qdrant_applied=true
+    check "qdrant: Qdrant and the registry ready" \
+        kubectl wait -n "$qdrant_ns" --for=condition=Ready pod/e2e-qdrant pod/e2e-registry --timeout="${timeout}s"
+    check "qdrant: bundle with embeddings packed, pushed and signed" qdrant_bundle
+    check "qdrant: Capsule e2e-qdrant-kb (spec.index qdrant) and Agent e2e-qdrant-agent applied" qdrant_tenant_objects
+    collection="soma_${ns}_sha256_$(cut -d: -f2 "$work/qdrant-digest" 2>/dev/null)"
+    check "qdrant: Capsule verified and loaded into $collection (status.qdrant, QdrantLoaded)" \
+        bash -c "for _ in \$(seq 1 $((timeout / 2))); do
+                   kubectl get -n '$ns' capsules.soma.dev/e2e-qdrant-kb -o json | '$checks' qdrant-loaded '$collection' >/dev/null 2>&1 && exit 0
+                   sleep 2
+                 done
+                 kubectl get -n '$ns' capsules.soma.dev/e2e-qdrant-kb -o json | '$checks' qdrant-loaded '$collection'"
+    check "qdrant: Qdrant counts 3 points of 4 dimensions in $collection" qdrant_points "$collection" 3
+    check "qdrant: the sidecar's configuration names the collection and the server" \
+        bash -c "kubectl wait -n '$ns' --for=create configmap/e2e-qdrant-agent-sidecar --timeout='${timeout}s' >/dev/null &&
+                 kubectl get -n '$ns' configmap/e2e-qdrant-agent-sidecar -o jsonpath='{.data.config\.yaml}' |
+                 grep -q '\"collection\": \"$collection\"' &&
+                 kubectl get -n '$ns' configmap/e2e-qdrant-agent-sidecar -o jsonpath='{.data.config\.yaml}' |
+                 grep -q '\"qdrantUrl\": \"$qdrant_url\"'"
+    check "qdrant: e2e-qdrant-agent's pod running" \
+        kubectl wait -n "$ns" deployment/e2e-qdrant-agent --for=jsonpath='{.status.readyReplicas}'=1 --timeout="${timeout}s"
+    check "qdrant: recall answers from the collection, best hit with its provenance" recall_answers
+    check "qdrant: revoke Capsule e2e-qdrant-kb" \
+        kubectl patch -n "$ns" capsules.soma.dev/e2e-qdrant-kb --type merge -p '{"spec":{"revoked":true}}'
+    check "qdrant: recall answers 410 capsule_revoked" recall_revoked
+}
+
 # --- the operator ---------------------------------------------------------------------
 
 start_local_operator() {
@@ -481,6 +694,16 @@ if [[ ${SOMA_E2E_VAULT:-} == 1 ]]; then
     vault_scenario
 else
     echo "skip vault scenario: set SOMA_E2E_VAULT=1 (the cluster must run the sidecar image and OpenBao; see --help)"
+    skipped=$((skipped + 1))
+fi
+
+if [[ ${SOMA_E2E_QDRANT:-} == 1 ]] && $installed; then
+    qdrant_scenario
+elif [[ ${SOMA_E2E_QDRANT:-} == 1 ]]; then
+    echo "skip qdrant scenario: it needs --installed (an operator in the cluster reaches the scenario's registry and Qdrant as the pods do; see --help)"
+    skipped=$((skipped + 1))
+else
+    echo "skip qdrant scenario: set SOMA_E2E_QDRANT=1 with --installed (see --help)"
     skipped=$((skipped + 1))
 fi
 

@@ -41,6 +41,17 @@ expect pass "readyz accepts a ready sidecar" readyz-ready.json readyz
 expect fail "readyz rejects a refused login when ready is wanted" readyz-login-failed.json readyz
 expect pass "readyz accepts the reason it is told" readyz-login-failed.json readyz VaultLoginFailed
 expect fail "readyz rejects another reason" readyz-login-failed.json readyz VaultPathNotFound
+d=sha256:$(printf 'a%.0s' {1..64})
+expect pass "recall-hit accepts a best hit with the whole provenance" recall-hit.json recall-hit e2e-qdrant-kb "$d" refunds.md#0
+expect fail "recall-hit rejects another best chunk" recall-hit.json recall-hit e2e-qdrant-kb "$d" shipping.md#0
+expect fail "recall-hit rejects hits of another digest" recall-hit.json recall-hit e2e-qdrant-kb "sha256:$(printf 'b%.0s' {1..64})" refunds.md#0
+expect fail "recall-hit rejects a hit without version, document and offsets" recall-hit-no-provenance.json recall-hit e2e-qdrant-kb "$d" refunds.md#0
+expect pass "recall-refused accepts 410 capsule_revoked" recall-revoked.json recall-refused 410 capsule_revoked
+expect fail "recall-refused rejects another status" recall-revoked.json recall-refused 409 capsule_revoked
+expect fail "recall-refused rejects an answer" recall-hit.json recall-refused 410 capsule_revoked
+expect pass "qdrant-loaded accepts a loaded collection of the verified digest" capsule-qdrant-loaded.json qdrant-loaded "soma_ns_sha256_${d#sha256:}"
+expect fail "qdrant-loaded rejects another collection" capsule-qdrant-loaded.json qdrant-loaded "soma_other_sha256_${d#sha256:}"
+expect fail "qdrant-loaded rejects a collection not loaded" capsule-qdrant-unavailable.json qdrant-loaded "soma_ns_sha256_${d#sha256:}"
 out=$("$checks" without-budget e2e-no-budget <"$fx/agent.json")
 if python3 -c '
 import json, sys
