@@ -51,7 +51,9 @@ use crate::recall_index::{RecallIndex, Recalled, Search, SearchError};
 #[derive(Debug, thiserror::Error)]
 pub enum QdrantError {
     /// A collection name cannot be made from these parts.
-    #[error("no Qdrant collection name for namespace {namespace:?} and digest {digest:?}: {reason}")]
+    #[error(
+        "no Qdrant collection name for namespace {namespace:?} and digest {digest:?}: {reason}"
+    )]
     Name {
         /// The namespace given.
         namespace: String,
@@ -72,7 +74,9 @@ pub enum QdrantError {
     #[error("the bundle cannot be loaded into Qdrant: {0}")]
     Bundle(String),
     /// The collection exists with other vectors than the bundle's.
-    #[error("Qdrant collection {collection:?} holds {got}-dimensional vectors; the bundle's are {want}-dimensional")]
+    #[error(
+        "Qdrant collection {collection:?} holds {got}-dimensional vectors; the bundle's are {want}-dimensional"
+    )]
     Dimensions {
         /// The collection.
         collection: String,
@@ -271,8 +275,7 @@ pub fn points(contents: &Contents) -> Result<(EmbeddingModel, Vec<PointStruct>),
                 record.id, chunk.id
             )));
         }
-        if record.vector.len() != model.dimensions || !record.vector.iter().all(|x| x.is_finite())
-        {
+        if record.vector.len() != model.dimensions || !record.vector.iter().all(|x| x.is_finite()) {
             return Err(QdrantError::Bundle(format!(
                 "the vector of chunk {:?} is not {} finite numbers",
                 chunk.id, model.dimensions
@@ -297,7 +300,11 @@ pub fn points(contents: &Contents) -> Result<(EmbeddingModel, Vec<PointStruct>),
 }
 
 /// The chunk a query hit carries, checked to be one of `digest` in `collection`.
-pub fn recalled(collection: &str, digest: &str, point: ScoredPoint) -> Result<Recalled, QdrantError> {
+pub fn recalled(
+    collection: &str,
+    digest: &str,
+    point: ScoredPoint,
+) -> Result<Recalled, QdrantError> {
     let fail = |reason: String| QdrantError::Payload {
         collection: collection.to_owned(),
         digest: digest.to_owned(),
@@ -381,7 +388,10 @@ pub fn check_url(url: &str) -> Result<(), QdrantError> {
     if authority.contains('@') {
         return fail("it must not carry credentials");
     }
-    if authority.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if authority
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control())
+    {
         return fail("it holds whitespace");
     }
     if let Some((host, port)) = authority.rsplit_once(':')
@@ -472,12 +482,9 @@ pub async fn load(
         }
     } else {
         client
-            .create_collection(
-                CreateCollectionBuilder::new(collection).vectors_config(VectorParamsBuilder::new(
-                    model.dimensions as u64,
-                    Distance::Cosine,
-                )),
-            )
+            .create_collection(CreateCollectionBuilder::new(collection).vectors_config(
+                VectorParamsBuilder::new(model.dimensions as u64, Distance::Cosine),
+            ))
             .await
             .map_err(QdrantError::server("create collection"))?;
     }

@@ -150,7 +150,10 @@ mod tests {
         .unwrap();
         let embedded = Embedded::new(index, chunks.clone()).unwrap();
         let dynamic: &dyn RecallIndex = &embedded;
-        assert_eq!((dynamic.kind(), dynamic.dims(), dynamic.local_rows()), ("exact", 32, 40));
+        assert_eq!(
+            (dynamic.kind(), dynamic.dims(), dynamic.local_rows()),
+            ("exact", 32, 40)
+        );
         let hits = embedded.search_now(&vectors[12], 3).unwrap();
         assert_eq!(hits[0].row, 12);
         assert_eq!(hits[0].chunk, chunks[12]);
@@ -159,8 +162,12 @@ mod tests {
             embedded.search_now(&[1.0; 31], 3).unwrap_err(),
             SearchError::Query(IndexError::Dimensions { want: 32, got: 31 })
         );
-        let short = Index::build(32, vectors[..3].iter().map(Vec::as_slice), &IndexParams::default())
-            .unwrap();
+        let short = Index::build(
+            32,
+            vectors[..3].iter().map(Vec::as_slice),
+            &IndexParams::default(),
+        )
+        .unwrap();
         assert!(Embedded::new(short, chunks).is_err());
     }
 }

@@ -237,7 +237,8 @@ pub fn load_one(settings: &RecallSettings, capsule: &SidecarCapsule) -> Held {
     }
     let dir = crate::withdraw::Folders::locate(settings, &capsule.name);
     if let Some(collection) = &capsule.collection {
-        return load_qdrant(settings, capsule, &dir, digest, collection).unwrap_or_else(unavailable);
+        return load_qdrant(settings, capsule, &dir, digest, collection)
+            .unwrap_or_else(unavailable);
     }
     let delivered: Delivered = match open_delivered(&dir, digest) {
         Ok(d) => d,

@@ -183,7 +183,9 @@ fn recheck(dir: &Path, digest: &str, file: Option<&str>) -> Result<(), String> {
     let bytes = std::fs::read(dir.join(file)).map_err(|e| format!("reading {file}: {e}"))?;
     let actual = soma_capsule::sha256_digest(&bytes);
     if actual != digest {
-        return Err(format!("{file} hashes to {actual}, the verified digest is {digest}"));
+        return Err(format!(
+            "{file} hashes to {actual}, the verified digest is {digest}"
+        ));
     }
     Ok(())
 }

@@ -463,18 +463,23 @@ async fn a_capsule_kept_in_qdrant_is_searched_through_the_same_interface() {
         ], "recall": {"capsulesDir": dir, "qdrantUrl": "http://127.0.0.1:9"}})
     })
     .await;
-    let vector = json!({"vector": soma_capsule::hashed::embed("refunds", DIMS), "capsules": ["big"]});
+    let vector =
+        json!({"vector": soma_capsule::hashed::embed("refunds", DIMS), "capsules": ["big"]});
     let r = h.post("/v1/recall", &vector).await;
     assert_eq!(r.status, 409, "{}", r.text());
     assert_eq!(r.json()["error"]["code"], "capsule_unavailable");
     let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
     assert!(
-        message.contains(&collection(&big_digest)) && message.contains("not loaded yet or cannot be read"),
+        message.contains(&collection(&big_digest))
+            && message.contains("not loaded yet or cannot be read"),
         "{message}"
     );
     // A vector of another dimension is refused before any request, as for an embedded index.
     let r = h
-        .post("/v1/recall", &json!({"vector": [1.0, 0.0], "capsules": ["big"]}))
+        .post(
+            "/v1/recall",
+            &json!({"vector": [1.0, 0.0], "capsules": ["big"]}),
+        )
         .await;
     assert_eq!(r.status, 400, "{}", r.text());
     assert_eq!(r.json()["error"]["code"], "dimension_mismatch");

@@ -277,7 +277,10 @@ async fn a_config_map_capsule_is_withdrawn_and_comes_back_only_as_its_verified_f
     let h = sidecar(&config, &path).await;
     // Recall serves bundles only, and says so for the file.
     let r = h
-        .post("/v1/recall", &json!({"vector": soma_capsule::hashed::embed("refunds", DIMS), "capsules": ["faq"]}))
+        .post(
+            "/v1/recall",
+            &json!({"vector": soma_capsule::hashed::embed("refunds", DIMS), "capsules": ["faq"]}),
+        )
         .await;
     assert_eq!(r.status, 409, "{}", r.text());
     assert!(r.text().contains("one file (faq.jsonl)"), "{}", r.text());
@@ -291,10 +294,16 @@ async fn a_config_map_capsule_is_withdrawn_and_comes_back_only_as_its_verified_f
     let held = v.withheld.join("faq");
     assert_eq!(std::fs::read(held.join("faq.jsonl")).unwrap(), bytes);
     let r = h
-        .post("/v1/recall", &json!({"vector": soma_capsule::hashed::embed("refunds", DIMS), "capsules": ["faq"]}))
+        .post(
+            "/v1/recall",
+            &json!({"vector": soma_capsule::hashed::embed("refunds", DIMS), "capsules": ["faq"]}),
+        )
         .await;
     assert_eq!(r.status, 410, "{}", r.text());
-    assert!(v.visible.join("kb/manifest.json").exists(), "only faq moved");
+    assert!(
+        v.visible.join("kb/manifest.json").exists(),
+        "only faq moved"
+    );
 
     // Lifted: the file is checked against the digest and put back.
     config["revokedCapsules"] = json!([]);
@@ -324,7 +333,10 @@ async fn a_config_map_capsule_is_withdrawn_and_comes_back_only_as_its_verified_f
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let r = h
-        .post("/v1/recall", &json!({"vector": soma_capsule::hashed::embed("refunds", DIMS), "capsules": ["faq"]}))
+        .post(
+            "/v1/recall",
+            &json!({"vector": soma_capsule::hashed::embed("refunds", DIMS), "capsules": ["faq"]}),
+        )
         .await;
     assert!(
         r.text().contains("no longer holds the verified content"),

@@ -11,7 +11,12 @@ fn contents(with_embeddings: bool) -> Contents {
     let docs = vec![
         (
             "a.md".to_owned(),
-            format!("{}\n\n{}\n\n{}", para("alpha"), para("gamma"), para("delta")),
+            format!(
+                "{}\n\n{}\n\n{}",
+                para("alpha"),
+                para("gamma"),
+                para("delta")
+            ),
         ),
         ("b.md".to_owned(), "beta".to_owned()),
     ];
@@ -58,9 +63,15 @@ fn a_collection_is_named_by_namespace_and_digest() {
         ("a/b", DIGEST),
         (&"a".repeat(64), DIGEST),
         ("team", "sha256:abc"),
-        ("team", "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"),
+        (
+            "team",
+            "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ),
         ("team", &DIGEST.to_uppercase()),
-        ("team", "sha512:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"),
+        (
+            "team",
+            "sha512:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ),
     ] {
         let e = collection_name(ns, digest).unwrap_err();
         assert_eq!(e.reason(), "QdrantName", "{ns:?} {digest:?}");
@@ -77,8 +88,14 @@ fn point_ids_are_stable_uuids_from_digest_and_chunk() {
     assert_ne!(a, point_id(&other, "a.md#0"));
     // RFC 9562 shape: 8-4-4-4-12 lowercase hex, version 8, variant 10xx.
     let parts: Vec<&str> = a.split('-').collect();
-    assert_eq!(parts.iter().map(|p| p.len()).collect::<Vec<_>>(), [8, 4, 4, 4, 12]);
-    assert!(a.bytes().all(|b| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+    assert_eq!(
+        parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+        [8, 4, 4, 4, 12]
+    );
+    assert!(
+        a.bytes()
+            .all(|b| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    );
     assert!(parts[2].starts_with('8'));
     assert!(matches!(parts[3].as_bytes()[0], b'8' | b'9' | b'a' | b'b'));
     // Where the digest ends is part of the hash: ("d", "ab") and ("da", "b") do not meet.
@@ -91,7 +108,10 @@ fn every_chunk_becomes_a_point_with_its_vector_and_provenance() {
     let (model, points) = points(&c).unwrap();
     assert_eq!((model.model.as_str(), model.dimensions), ("soma-hash-8", 8));
     assert_eq!(points.len(), c.chunks.len());
-    assert!(points.len() >= 4, "the corpus should chunk into several pieces");
+    assert!(
+        points.len() >= 4,
+        "the corpus should chunk into several pieces"
+    );
     let (_, records) = c.embeddings.as_ref().unwrap();
     for (row, (p, chunk)) in points.iter().zip(&c.chunks).enumerate() {
         assert_eq!(
@@ -127,7 +147,12 @@ fn a_bundle_that_cannot_be_loaded_is_refused() {
 
     let mut c = contents(true);
     c.embeddings.as_mut().unwrap().1[1].vector.pop();
-    assert!(points(&c).unwrap_err().to_string().contains("not 8 finite numbers"));
+    assert!(
+        points(&c)
+            .unwrap_err()
+            .to_string()
+            .contains("not 8 finite numbers")
+    );
 
     let mut c = contents(true);
     c.embeddings.as_mut().unwrap().1[2].vector[0] = f32::NAN;
@@ -135,11 +160,21 @@ fn a_bundle_that_cannot_be_loaded_is_refused() {
 
     let mut c = contents(true);
     c.embeddings.as_mut().unwrap().1.swap(0, 1);
-    assert!(points(&c).unwrap_err().to_string().contains("embedding 0 is of chunk"));
+    assert!(
+        points(&c)
+            .unwrap_err()
+            .to_string()
+            .contains("embedding 0 is of chunk")
+    );
 
     let mut c = contents(true);
     c.embeddings.as_mut().unwrap().1.pop();
-    assert!(points(&c).unwrap_err().to_string().contains("embeddings for"));
+    assert!(
+        points(&c)
+            .unwrap_err()
+            .to_string()
+            .contains("embeddings for")
+    );
 }
 
 #[test]
@@ -149,9 +184,16 @@ fn upserts_are_batched_and_wait() {
     let n = points.len();
     let batches = upserts("coll", points.clone(), 3);
     assert_eq!(batches.len(), n.div_ceil(3));
-    assert!(batches.iter().all(|b| b.collection_name == "coll" && b.wait == Some(true)));
+    assert!(
+        batches
+            .iter()
+            .all(|b| b.collection_name == "coll" && b.wait == Some(true))
+    );
     assert_eq!(
-        batches.iter().flat_map(|b| b.points.clone()).collect::<Vec<_>>(),
+        batches
+            .iter()
+            .flat_map(|b| b.points.clone())
+            .collect::<Vec<_>>(),
         points
     );
     // A zero batch is one point a request, not a loop that never ends.
@@ -205,14 +247,26 @@ fn a_hit_is_read_back_only_as_a_chunk_of_this_digest() {
         }
     );
     // Another digest's point (a collection written by something else) is refused.
-    let other = recalled("coll", &DIGEST.replace("sha256:0", "sha256:f"), scored(good.clone(), 0.5))
-        .unwrap_err();
+    let other = recalled(
+        "coll",
+        &DIGEST.replace("sha256:0", "sha256:f"),
+        scored(good.clone(), 0.5),
+    )
+    .unwrap_err();
     assert_eq!(other.reason(), "QdrantPayload");
-    assert!(other.to_string().contains("it is of sha256:0123"), "{other}");
+    assert!(
+        other.to_string().contains("it is of sha256:0123"),
+        "{other}"
+    );
     // A payload missing a field, or carrying one it should not.
     let mut missing = good.clone();
     missing.as_object_mut().unwrap().remove("text");
-    assert_eq!(recalled("coll", DIGEST, scored(missing, 0.5)).unwrap_err().reason(), "QdrantPayload");
+    assert_eq!(
+        recalled("coll", DIGEST, scored(missing, 0.5))
+            .unwrap_err()
+            .reason(),
+        "QdrantPayload"
+    );
     let mut extra = good.clone();
     extra["secret"] = "x".into();
     assert!(recalled("coll", DIGEST, scored(extra, 0.5)).is_err());
@@ -256,13 +310,19 @@ async fn a_query_that_does_not_fit_is_refused_before_any_request() {
     // Port 9 on loopback: nothing answers; the checks below never reach it.
     let settings = QdrantSettings::new("http://127.0.0.1:9").unwrap();
     let index = QdrantIndex::new(&settings, "coll", DIGEST, 4, 10).unwrap();
-    assert_eq!((index.kind(), index.dims(), index.local_rows()), ("qdrant", 4, 0));
+    assert_eq!(
+        (index.kind(), index.dims(), index.local_rows()),
+        ("qdrant", 4, 0)
+    );
     assert_eq!(
         index.search(&[1.0; 3], 2).await.unwrap_err(),
         SearchError::Query(IndexError::Dimensions { want: 4, got: 3 })
     );
     assert_eq!(
-        index.search(&[1.0, f32::INFINITY, 0.0, 0.0], 2).await.unwrap_err(),
+        index
+            .search(&[1.0, f32::INFINITY, 0.0, 0.0], 2)
+            .await
+            .unwrap_err(),
         SearchError::Query(IndexError::NotFinite)
     );
     assert!(index.search(&[1.0; 4], 0).await.unwrap().is_empty());
