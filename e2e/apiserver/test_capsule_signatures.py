@@ -368,3 +368,47 @@ def test_revoking_a_capsule_reaches_the_running_pods_configuration(env: Env) -> 
     wait_for("Agent uses-rev Ready again", lambda: (env.agent_ready("uses-rev") or {}).get("status") == "True")
     wait_for("revokedCapsules gone", lambda: "revokedCapsules" not in settings())
     assert template() == before
+
+
+def test_revoking_a_capsule_reaches_a_running_jobs_pods_configuration(env: Env) -> None:
+    """The Job controller does what the Agent's does: a task Job still running on a Capsule
+    that is revoked gets the revocation in its sidecar ConfigMap (woken by the Capsule's
+    change), its run untouched; lifted, the entry is removed again (a Job's ConfigMap is
+    not re-applied after the run starts, so the Job controller writes that too)."""
+    digest = env.push("rev-job", '{"blocks":[{"id":"j","text":"for a task"}]}')
+    env.work.sign("soma", env.registry.addr, REPO_KB, digest)
+    env.capsule("rev-job-kb", env.oci(digest))
+    env.agent("uses-rev-job", "rev-job-kb")
+    env.ready("rev-job-kb", "True")
+    env.kube.apply({"apiVersion": AGENTS, "kind": "Job", "metadata": {"name": "rev-task", "namespace": NS},
+                    "spec": {"agentRef": {"name": "uses-rev-job"}, "input": "summarise",
+                             "deadlineSeconds": 600}}, manager="kubectl")
+    run = wait_for("the Job's run", lambda: env.kube.get_opt("batch/v1", "jobs", NS, "rev-task"), seconds=60)
+
+    def settings() -> dict[str, Any]:
+        cm = env.kube.get("v1", "configmaps", NS, "sjob-rev-task-sidecar")
+        return json.loads(cm["data"]["config.yaml"])
+
+    assert settings()["capsules"] == [{"name": "rev-job-kb", "digest": digest}], settings()["capsules"]
+    assert "revokedCapsules" not in settings()
+
+    revoked = env.get("rev-job-kb")
+    revoked["spec"]["revoked"] = True
+    env.kube.apply({"apiVersion": AGENTS, "kind": "Capsule", "metadata": {"name": "rev-job-kb", "namespace": NS},
+                    "spec": revoked["spec"]}, manager="kubectl")
+    entries = wait_for("revokedCapsules in the running Job's sidecar ConfigMap",
+                       lambda: settings().get("revokedCapsules"))
+    assert entries == [{"name": "rev-job-kb", "digest": digest,
+                        "reason": f"Capsule {NS}/rev-job-kb is revoked (spec.revoked)"}], entries
+    after = env.kube.get("batch/v1", "jobs", NS, "rev-task")
+    assert after["spec"]["template"] == run["spec"]["template"], "the run is not restarted or changed"
+    job = env.kube.get(AGENTS, "jobs", NS, "rev-task")
+    assert job["status"]["phase"] == "Running", job["status"]
+
+    revoked["spec"]["revoked"] = False
+    env.kube.apply({"apiVersion": AGENTS, "kind": "Capsule", "metadata": {"name": "rev-job-kb", "namespace": NS},
+                    "spec": revoked["spec"]}, manager="kubectl")
+    env.ready("rev-job-kb", "True")
+    wait_for("revokedCapsules gone from the running Job's ConfigMap",
+             lambda: not settings().get("revokedCapsules"))
+    assert env.kube.get("batch/v1", "jobs", NS, "rev-task")["spec"]["template"] == run["spec"]["template"]

@@ -974,3 +974,35 @@ async fn a_running_job_whose_capsules_stand_is_not_written() {
     let (result, _) = run(job_json(), steps, plain).await;
     assert_eq!(result.expect("running"), Action::await_change());
 }
+
+#[tokio::test]
+async fn a_lifted_revocation_leaves_a_running_jobs_configuration() {
+    // The Job's ConfigMap is not applied again after its run starts: the Job controller
+    // removes the entry itself once the Capsule is usable again.
+    let mut cm = running_job_config_map();
+    let mut settings: Value =
+        serde_json::from_str(cm["data"]["config.yaml"].as_str().expect("config")).expect("json");
+    settings["revokedCapsules"] = json!([{"name": "kb", "digest": format!("sha256:{}", "aa".repeat(32)),
+                                          "reason": "Capsule team/kb is revoked (spec.revoked)"}]);
+    cm["data"]["config.yaml"] = json!(serde_json::to_string_pretty(&settings).expect("text"));
+    let mut usable = revoked_kb();
+    usable["spec"]["revoked"] = json!(false);
+    usable["status"]["conditions"] = json!([{"type": "Ready", "status": "True", "reason": "Verified",
+        "message": "verified", "lastTransitionTime": "2026-01-01T00:00:00Z"}]);
+    let mut steps = running_with_kb_steps(cm, usable);
+    steps.push(step(
+        Method::PATCH,
+        &format!("{NS}/configmaps/sjob-summarise-sidecar"),
+        echo,
+    ));
+    steps.extend(status_steps(&job_json()));
+    let (result, seen) = run(job_json(), steps, plain).await;
+    assert_eq!(result.expect("running"), Action::await_change());
+    let settings: Value = serde_json::from_str(
+        seen[3].body["data"]["config.yaml"]
+            .as_str()
+            .expect("config"),
+    )
+    .expect("json");
+    assert!(settings.get("revokedCapsules").is_none(), "{settings}");
+}

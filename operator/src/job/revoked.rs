@@ -2,11 +2,13 @@
 //! (`crate::workload::revoked`): the Capsules its pods hold are read from the sidecar
 //! ConfigMap they were started with, looked up, and a revoked one is written into that
 //! ConfigMap's `revokedCapsules`: the sidecar refuses recall from it (410) and withdraws its
-//! folder from the agent container. The run itself is not stopped or restarted.
+//! folder from the agent container. The run itself is not stopped or restarted. Unlike an
+//! Agent's, a Job's ConfigMap is never applied again after the run starts, so a lifted
+//! revocation is written here too (the entry removed once the Capsule is usable again).
 //!
 //! ```text
 //!  Job running ─► live ConfigMap sjob-<job>-sidecar, controlled by this Job ─► its capsules
-//!    ─► capsule_refs ─► standings ─► any revoked? ─► workload::revoked::write under soma.dev/job
+//!    ─► capsule_refs ─► standings ─► workload::revoked::write under soma.dev/job (if changed)
 //! ```
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -18,12 +20,12 @@ use super::children::{FIELD_MANAGER, labels, workload_name};
 use crate::capsule::refs::capsule_refs;
 use crate::config::OperatorConfig;
 use crate::error::Result;
-use crate::workload::revoked::{any_revoked, running_config, write};
+use crate::workload::revoked::{running_config, write};
 use crate::workload::sidecar_config_name;
 
 /// Writes the standings of the Capsules a running Job's pods hold into their sidecar
 /// ConfigMap; returns the names revoked there now. Nothing is written when the ConfigMap does
-/// not exist, is not this Job's, lists no Capsule, none is revoked, or it already says so.
+/// not exist, is not this Job's, lists no Capsule, or already says the same.
 pub async fn publish(
     client: &Client,
     job: &Job,
@@ -50,9 +52,6 @@ pub async fn publish(
         .into_iter()
         .map(|(n, r)| (n, r.standing()))
         .collect();
-    if !any_revoked(&standings) {
-        return Ok(Vec::new());
-    }
     // The metadata of the Job's full apply (`task_children`), so the apply keeps its fields.
     let meta = ObjectMeta {
         name: Some(name),
