@@ -372,8 +372,10 @@ qdrant_ns=soma-e2e-qdrant
 qdrant_url=http://e2e-qdrant.$qdrant_ns:6334
 qdrant_registry=e2e-registry.$qdrant_ns:5000
 
-# port_forward TARGET NAMESPACE REMOTE_PORT: `kubectl port-forward` to a free local port, which
-# it prints once the forward answers TCP.
+# port_forward TARGET NAMESPACE REMOTE_PORT: `kubectl port-forward` to a free local port, set
+# in $forward_port once the forward answers TCP (called in this shell, never in $(...), so
+# cleanup knows every forward's pid); stop_forward ends the last one.
+forward_port=""
 port_forward() {
     local target=$1 namespace=$2 remote=$3 port pid deadline
     port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -382,12 +384,21 @@ port_forward() {
     forward_pids+=("$pid")
     deadline=$((SECONDS + 30))
     while ((SECONDS < deadline)); do
-        python3 -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 2).close()' \
-            "$port" 2>/dev/null && { echo "$port"; return 0; }
+        if python3 -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 2).close()' \
+            "$port" 2>/dev/null; then
+            forward_port=$port
+            return 0
+        fi
         sleep 1
     done
     echo "kubectl port-forward $target $remote did not answer" >&2
     return 1
+}
+
+stop_forward() {
+    [[ ${#forward_pids[@]} -gt 0 ]] || return 0
+    kill "${forward_pids[-1]}" 2>/dev/null
+    unset 'forward_pids[-1]'
 }
 
 # installed_for_qdrant: the installed operator was given the scenario's Qdrant and registry.
@@ -431,7 +442,8 @@ JSONL
     soma_cli capsule pack "$docs" --out "$work/qdrant-layout" --version 1.0.0 \
         --policy-hash "$(cat "$work/qdrant-policy-hash")" \
         --embeddings "$work/qdrant-embeddings.jsonl" --embedding-model e2e-onehot-4 || return 1
-    port=$(port_forward svc/e2e-registry "$qdrant_ns" 5000) || return 1
+    port_forward svc/e2e-registry "$qdrant_ns" 5000 || return 1
+    port=$forward_port
     digest=$(soma_cli capsule push "$work/qdrant-layout" "127.0.0.1:$port/capsules/e2e-qdrant-kb:1.0.0" \
         --insecure-registry "127.0.0.1:$port") || return 1
     digest=${digest##*@}
@@ -452,26 +464,29 @@ qdrant_tenant_objects() {
 # qdrant_points COLLECTION WANT: Qdrant itself counts WANT points in COLLECTION (its REST API,
 # through a port-forward).
 qdrant_points() {
-    local port
-    port=$(port_forward svc/e2e-qdrant "$qdrant_ns" 6333) || return 1
-    python3 - "http://127.0.0.1:$port/collections/$1" "$2" <<'PY'
+    local rc
+    port_forward svc/e2e-qdrant "$qdrant_ns" 6333 || return 1
+    python3 - "http://127.0.0.1:$forward_port/collections/$1" "$2" <<'PY'
 import json, sys, urllib.request
 info = json.load(urllib.request.urlopen(sys.argv[1], timeout=10))["result"]
 size = info["config"]["params"]["vectors"]["size"]
 if info.get("points_count") != int(sys.argv[2]) or size != 4:
     sys.exit(f"points_count {info.get('points_count')}, vector size {size}: want {sys.argv[2]} and 4")
 PY
+    rc=$?
+    stop_forward
+    return "$rc"
 }
 
 # recall_as_agent BODY OUT: POST /v1/recall to the sidecar of e2e-qdrant-agent's pod (its
 # 127.0.0.1:4000, through a port-forward into the pod) with the pod's own token; writes
 # {"status", "body"} to OUT.
 recall_as_agent() {
-    local pod uid port
+    local pod uid rc
     pod=$(kubectl get -n "$ns" pods -l soma.dev/agent=e2e-qdrant-agent -o jsonpath='{.items[0].metadata.name}') || return 1
     uid=$(kubectl get -n "$ns" "pod/$pod" -o jsonpath='{.metadata.uid}') || return 1
-    port=$(port_forward "pod/$pod" "$ns" 4000) || return 1
-    python3 - "http://127.0.0.1:$port/v1/recall" "$uid" "$1" >"$2" <<'PY'
+    port_forward "pod/$pod" "$ns" 4000 || return 1
+    python3 - "http://127.0.0.1:$forward_port/v1/recall" "$uid" "$1" >"$2" <<'PY'
 import json, sys, urllib.error, urllib.request
 req = urllib.request.Request(sys.argv[1], data=sys.argv[3].encode(), method="POST",
                              headers={"authorization": f"Bearer {sys.argv[2]}", "content-type": "application/json"})
@@ -481,6 +496,9 @@ try:
 except urllib.error.HTTPError as e:
     print(json.dumps({"status": e.code, "body": json.loads(e.read() or b"{}")}))
 PY
+    rc=$?
+    stop_forward
+    return "$rc"
 }
 
 # recall_answers: the best hit for shipping.md#0's own vector is that chunk, served from Qdrant
@@ -544,7 +562,8 @@ qdrant_scenario() {
                  kubectl get -n '$ns' configmap/e2e-qdrant-agent-sidecar -o jsonpath='{.data.config\.yaml}' |
                  grep -q '\"qdrantUrl\": \"$qdrant_url\"'"
     check "qdrant: e2e-qdrant-agent's pod running" \
-        kubectl wait -n "$ns" deployment/e2e-qdrant-agent --for=jsonpath='{.status.readyReplicas}'=1 --timeout="${timeout}s"
+        bash -c "kubectl wait -n '$ns' --for=create deployment/e2e-qdrant-agent --timeout='${timeout}s' >/dev/null &&
+                 kubectl wait -n '$ns' deployment/e2e-qdrant-agent --for=jsonpath='{.status.readyReplicas}'=1 --timeout='${timeout}s'"
     check "qdrant: recall answers from the collection, best hit with its provenance" recall_answers
     check "qdrant: revoke Capsule e2e-qdrant-kb" \
         kubectl patch -n "$ns" capsules.soma.dev/e2e-qdrant-kb --type merge -p '{"spec":{"revoked":true}}'
