@@ -100,11 +100,20 @@ async fn run(
     steps: Vec<Step>,
     verifier: Option<Arc<Scripted>>,
 ) -> (kube::Result<Action, soma_operator::error::Error>, Vec<Seen>) {
+    run_with(capsule, steps, verifier, OperatorConfig::default()).await
+}
+
+async fn run_with(
+    capsule: Value,
+    steps: Vec<Step>,
+    verifier: Option<Arc<Scripted>>,
+    config: OperatorConfig,
+) -> (kube::Result<Action, soma_operator::error::Error>, Vec<Seen>) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let server = tokio::spawn(serve(handle, steps));
     let mut ctx = Context::new(
         Client::new(service, "default"),
-        OperatorConfig::default(),
+        config,
         Arc::new(Metrics::default()),
     );
     if let Some(v) = verifier {
@@ -371,4 +380,78 @@ async fn rejection_for_what_the_registry_holds_is_looked_up_again_later() {
     );
     assert_eq!(condition(status, "Stalled").0, "True");
     assert_eq!(seen[3].body["reason"], "Unsigned");
+}
+
+#[tokio::test]
+async fn a_capsule_kept_in_qdrant_under_an_operator_without_qdrant_stays_ready_and_says_why() {
+    let mut capsule = capsule_json();
+    capsule["spec"]["index"] = json!("qdrant");
+    // No --qdrant-url: nothing is fetched or sent anywhere; the signature still stands.
+    let verifier = Scripted::new(verified());
+    let (result, seen) = run(
+        capsule.clone(),
+        verified_steps(capsule),
+        Some(verifier.clone()),
+    )
+    .await;
+    assert_eq!(
+        result.expect("reconciled"),
+        Action::requeue(Duration::from_secs(3600)),
+        "not retried: a flag, not the server, is missing"
+    );
+    let status = &seen[2].body["status"];
+    assert_eq!(
+        condition(status, "Ready"),
+        ("True".into(), "Verified".into())
+    );
+    assert_eq!(
+        condition(status, "QdrantLoaded"),
+        ("False".into(), "QdrantNotConfigured".into())
+    );
+    assert!(status.get("qdrant").is_none(), "{status}");
+    let message = status["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == "QdrantLoaded")
+        .and_then(|c| c["message"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(message.contains("--qdrant-url"), "{message}");
+}
+
+#[tokio::test]
+async fn a_capsule_kept_in_qdrant_whose_load_fails_is_retried_and_stays_ready() {
+    // Nothing listens on 127.0.0.1:9: neither the server nor the registry answers.
+    let mut capsule = capsule_json();
+    capsule["spec"]["index"] = json!("qdrant");
+    capsule["spec"]["source"]["oci"]["repository"] = json!("127.0.0.1:9/capsules/kb");
+    let config = OperatorConfig {
+        qdrant: Some(soma_capsule::qdrant::QdrantSettings::new("http://127.0.0.1:9").expect("url")),
+        insecure_registries: vec!["127.0.0.1:9".into()],
+        ..OperatorConfig::default()
+    };
+    let (result, seen) = run_with(
+        capsule.clone(),
+        verified_steps(capsule),
+        Some(Scripted::new(verified())),
+        config,
+    )
+    .await;
+    let action = result.expect("reconciled");
+    assert_ne!(
+        action,
+        Action::requeue(Duration::from_secs(3600)),
+        "retried with backoff, not at the hourly resync"
+    );
+    let status = &seen[2].body["status"];
+    assert_eq!(
+        condition(status, "Ready"),
+        ("True".into(), "Verified".into())
+    );
+    assert_eq!(
+        condition(status, "QdrantLoaded"),
+        ("False".into(), "QdrantBundleUnavailable".into())
+    );
+    assert!(status.get("qdrant").is_none(), "{status}");
 }
