@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use jiff::Timestamp;
 use soma_ledger::UsageRecord;
 
-use crate::journal::{Entry, Folder, Journal, JournalError};
+use crate::journal::{Begin, Entry, Folder, Journal, JournalError, Settle};
 use soma_metering::{Amount, Usage};
 use sqlx::Row;
 use sqlx::sqlite::{
@@ -262,39 +262,39 @@ const BEGIN_SETTLED_SQL: &str =
 /// case) becomes one settled row; a settle whose begin was folded earlier updates the open row.
 /// Replaying records already folded changes nothing: a begin already there is kept, and a
 /// settle only changes an open row.
-fn apply(tx: &rusqlite::Transaction<'_>, entries: &[Entry]) -> Result<(), rusqlite::Error> {
-    let settles: std::collections::HashMap<&str, &Entry> = entries
+fn apply(tx: &rusqlite::Transaction<'_>, entries: &[Entry<'_>]) -> Result<(), rusqlite::Error> {
+    let settles: std::collections::HashMap<&str, &Settle<'_>> = entries
         .iter()
         .filter_map(|e| match e {
-            Entry::Settle { id, .. } => Some((id.as_str(), e)),
-            Entry::Begin { .. } => None,
+            Entry::Settle(s) => Some((s.id, s)),
+            Entry::Begin(_) => None,
         })
         .collect();
     let mut folded_with_begin = std::collections::HashSet::new();
     for entry in entries {
-        let Entry::Begin { id, .. } = entry else {
+        let Entry::Begin(begin) = entry else {
             continue;
         };
-        let Some(settle) = settles.get(id.as_str()) else {
-            columns(entry, |begin| tx.prepare_cached(BEGIN_SQL)?.execute(begin))?;
+        let Some(settle) = settles.get(begin.id) else {
+            begin_columns(begin, |begin| tx.prepare_cached(BEGIN_SQL)?.execute(begin))?;
             continue;
         };
         // Inserted settled, or (a replay) the row is there already and the settle below
         // applies to it if it is still open.
-        let inserted = columns(entry, |begin| {
-            columns(settle, |settled| {
+        let inserted = begin_columns(begin, |begin| {
+            settle_columns(settle, |settled| {
                 let row: Vec<&dyn ToSql> = begin.iter().chain(&settled[1..]).copied().collect();
                 tx.prepare_cached(BEGIN_SETTLED_SQL)?
                     .execute(row.as_slice())
             })
         })?;
         if inserted == 1 {
-            folded_with_begin.insert(id.as_str());
+            folded_with_begin.insert(begin.id);
         }
     }
-    for (id, entry) in settles {
+    for (id, settle) in settles {
         if !folded_with_begin.contains(id) {
-            columns(entry, |settled| {
+            settle_columns(settle, |settled| {
                 tx.prepare_cached(SETTLE_SQL)?.execute(settled)
             })?;
         }
@@ -302,61 +302,41 @@ fn apply(tx: &rusqlite::Transaction<'_>, entries: &[Entry]) -> Result<(), rusqli
     Ok(())
 }
 
-/// Calls `f` with a journal record's columns: a begin's in `BEGIN_SQL`'s order; a settle's id
-/// and then what `SETTLE_SQL` sets, in its order. `BEGIN_SETTLED_SQL` takes a begin's columns
-/// followed by its settle's without the id, so each column list is written once.
-fn columns<R>(entry: &Entry, f: impl FnOnce(&[&dyn ToSql]) -> R) -> R {
-    match entry {
-        Entry::Begin {
-            id,
-            ns,
-            agent,
-            budgets,
-            endpoint,
-            model,
-            at,
-            prompt,
-            max_out,
-            reserved,
-        } => {
-            let n = [
-                i(*prompt),
-                i(*max_out),
-                i(reserved.tokens),
-                i(reserved.micros),
-            ];
-            f(&[
-                id, ns, agent, budgets, endpoint, model, at, &n[0], &n[1], &n[2], &n[3],
-            ])
-        }
-        Entry::Settle {
-            id,
-            at,
-            usage,
-            cost,
-            est,
-            outcome,
-            status,
-            unmetered,
-        } => {
-            let n = [
-                i(usage.input_tokens),
-                i(usage.cached_input_tokens),
-                i(usage.cache_write_input_tokens),
-                i(usage.output_tokens),
-                i(usage.reasoning_tokens),
-                i(*cost),
-                i64::from(*status),
-                i(usage.cache_write_1h_input_tokens),
-                i(usage.web_search_requests),
-                i(usage.web_fetch_requests),
-            ];
-            f(&[
-                id, at, &n[0], &n[1], &n[2], &n[3], &n[4], &n[5], est, outcome, &n[6], &n[7],
-                &n[8], &n[9], unmetered,
-            ])
-        }
-    }
+/// Calls `f` with a begin record's columns, in `BEGIN_SQL`'s order. `BEGIN_SETTLED_SQL` takes
+/// a begin's columns followed by its settle's without the id, so each column list is written
+/// once.
+fn begin_columns<R>(b: &Begin<'_>, f: impl FnOnce(&[&dyn ToSql]) -> R) -> R {
+    let n = [
+        i(b.prompt),
+        i(b.max_out),
+        i(b.reserved.tokens),
+        i(b.reserved.micros),
+    ];
+    f(&[
+        &b.id, &b.ns, &b.agent, &b.budgets, &b.endpoint, &b.model, &b.at, &n[0], &n[1], &n[2],
+        &n[3],
+    ])
+}
+
+/// Calls `f` with a settle record's id and then what `SETTLE_SQL` sets, in its order.
+fn settle_columns<R>(s: &Settle<'_>, f: impl FnOnce(&[&dyn ToSql]) -> R) -> R {
+    let usage = &s.usage;
+    let n = [
+        i(usage.input_tokens),
+        i(usage.cached_input_tokens),
+        i(usage.cache_write_input_tokens),
+        i(usage.output_tokens),
+        i(usage.reasoning_tokens),
+        i(s.cost),
+        i64::from(s.status),
+        i(usage.cache_write_1h_input_tokens),
+        i(usage.web_search_requests),
+        i(usage.web_fetch_requests),
+    ];
+    f(&[
+        &s.id, &s.at, &n[0], &n[1], &n[2], &n[3], &n[4], &n[5], &s.est, &s.outcome, &n[6], &n[7],
+        &n[8], &n[9], &s.unmetered,
+    ])
 }
 
 /// Folds what was appended since the last fold into SQLite, in one transaction, then deletes
@@ -367,20 +347,20 @@ fn fold_now(
 ) -> Result<usize, FoldError> {
     let mut guard = fold.lock().unwrap_or_else(PoisonError::into_inner);
     let (conn, folder) = &mut *guard;
-    let (entries, done) = folder.read(journal.dir(), journal.current())?;
-    if !entries.is_empty() {
+    let batch = folder.read(journal.dir(), journal.current())?;
+    if !batch.is_empty() {
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(FoldError::Sqlite)?;
-        apply(&tx, &entries).map_err(FoldError::Sqlite)?;
+        apply(&tx, &batch.entries()).map_err(FoldError::Sqlite)?;
         tx.commit().map_err(FoldError::Sqlite)?;
     }
-    for path in done {
+    for path in &batch.done {
         // Committed above (or in an earlier fold): the segment is not needed any more. A
         // segment left behind by a failed delete is folded again, harmlessly, next start.
         let _ = std::fs::remove_file(path);
     }
-    Ok(entries.len())
+    Ok(batch.len())
 }
 
 /// The columns a [`UsageRecord`] is read from.
