@@ -270,22 +270,26 @@ fn apply(tx: &rusqlite::Transaction<'_>, entries: &[Entry<'_>]) -> Result<(), ru
             Entry::Begin(_) => None,
         })
         .collect();
+    // Each statement is looked up once per batch, not once per row.
+    let mut insert_settled = tx.prepare_cached(BEGIN_SETTLED_SQL)?;
     let mut folded_with_begin = std::collections::HashSet::new();
     for entry in entries {
         let Entry::Begin(begin) = entry else {
             continue;
         };
         let Some(settle) = settles.get(begin.id) else {
-            begin_columns(begin, |begin| tx.prepare_cached(BEGIN_SQL)?.execute(begin))?;
+            begin_columns(begin, |begin| tx.prepare_cached(BEGIN_SQL)?.execute(begin.as_slice()))?;
             continue;
         };
         // Inserted settled, or (a replay) the row is there already and the settle below
         // applies to it if it is still open.
-        let inserted = begin_columns(begin, |begin| {
-            settle_columns(settle, |settled| {
-                let row: Vec<&dyn ToSql> = begin.iter().chain(&settled[1..]).copied().collect();
-                tx.prepare_cached(BEGIN_SETTLED_SQL)?
-                    .execute(row.as_slice())
+        let inserted = begin_columns(begin, |b| {
+            settle_columns(settle, |s| {
+                let row: [&dyn ToSql; 25] = [
+                    b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], s[1], s[2],
+                    s[3], s[4], s[5], s[6], s[7], s[8], s[9], s[10], s[11], s[12], s[13], s[14],
+                ];
+                insert_settled.execute(row.as_slice())
             })
         })?;
         if inserted == 1 {
@@ -295,7 +299,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, entries: &[Entry<'_>]) -> Result<(), ru
     for (id, settle) in settles {
         if !folded_with_begin.contains(id) {
             settle_columns(settle, |settled| {
-                tx.prepare_cached(SETTLE_SQL)?.execute(settled)
+                tx.prepare_cached(SETTLE_SQL)?.execute(settled.as_slice())
             })?;
         }
     }
@@ -305,7 +309,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, entries: &[Entry<'_>]) -> Result<(), ru
 /// Calls `f` with a begin record's columns, in `BEGIN_SQL`'s order. `BEGIN_SETTLED_SQL` takes
 /// a begin's columns followed by its settle's without the id, so each column list is written
 /// once.
-fn begin_columns<R>(b: &Begin<'_>, f: impl FnOnce(&[&dyn ToSql]) -> R) -> R {
+fn begin_columns<R>(b: &Begin<'_>, f: impl FnOnce(&[&dyn ToSql; 11]) -> R) -> R {
     let n = [
         i(b.prompt),
         i(b.max_out),
@@ -319,7 +323,7 @@ fn begin_columns<R>(b: &Begin<'_>, f: impl FnOnce(&[&dyn ToSql]) -> R) -> R {
 }
 
 /// Calls `f` with a settle record's id and then what `SETTLE_SQL` sets, in its order.
-fn settle_columns<R>(s: &Settle<'_>, f: impl FnOnce(&[&dyn ToSql]) -> R) -> R {
+fn settle_columns<R>(s: &Settle<'_>, f: impl FnOnce(&[&dyn ToSql; 15]) -> R) -> R {
     let usage = &s.usage;
     let n = [
         i(usage.input_tokens),
