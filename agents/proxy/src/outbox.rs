@@ -788,3 +788,87 @@ impl Outbox {
         self.pool.close().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A version-1 line, as the sidecar before the binary journal wrote it.
+    fn v1_line(json: &str) -> String {
+        const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+        format!("{json} {:08x}\n", CRC.checksum(json.as_bytes()))
+    }
+
+    #[tokio::test]
+    async fn a_journal_left_by_the_previous_version_is_folded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.db");
+        let journal = journal_dir(&path);
+        std::fs::create_dir_all(&journal).unwrap();
+        // A settled request, and one the old sidecar was killed during.
+        let begin = |id: &str| {
+            format!(
+                r#"{{"b":{{"id":"{id}","ns":"a","agent":"bot","budgets":"a/team","endpoint":"chat_completions","model":"gpt-4o","at":1000,"prompt":10,"max_out":20,"reserved":{{"tokens":30,"micros":40}}}}}}"#
+            )
+        };
+        let settle = r#"{"s":{"id":"done","at":2000,"usage":{"inputTokens":12,"cachedInputTokens":0,"cacheWriteInputTokens":0,"outputTokens":7,"reasoningTokens":0},"cost":25,"est":false,"outcome":"ok","status":200}}"#;
+        let old = [begin("done"), settle.to_owned(), begin("cut")]
+            .map(|j| v1_line(&j))
+            .concat();
+        let segment = journal.join("journal.0000000003");
+        std::fs::write(&segment, old).unwrap();
+
+        let outbox = Outbox::open(&path).await.unwrap();
+        assert!(!segment.exists(), "a folded segment is deleted");
+        assert_eq!(
+            outbox
+                .recover_interrupted(Timestamp::from_millisecond(3000).unwrap())
+                .await
+                .unwrap(),
+            1
+        );
+        let rows = outbox.rows().await.unwrap();
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        let done = rows.iter().find(|r| r["id"] == "done").unwrap();
+        assert_eq!(
+            (
+                &done["state"],
+                &done["input_tokens"],
+                &done["output_tokens"],
+                &done["cost_micros"],
+                &done["outcome"]
+            ),
+            (
+                &serde_json::json!("settled"),
+                &serde_json::json!(12),
+                &serde_json::json!(7),
+                &serde_json::json!(25),
+                &serde_json::json!("ok")
+            )
+        );
+        let cut = rows.iter().find(|r| r["id"] == "cut").unwrap();
+        assert_eq!(cut["outcome"], "interrupted");
+        assert_eq!(cut["output_tokens"], 20);
+        // The new version appends version-2 records after the old segment, and they fold too.
+        let r = OpenRecord {
+            id: "new".into(),
+            namespace: "a".into(),
+            agent: "bot".into(),
+            budgets: "a/team".into(),
+            endpoint: "chat_completions",
+            model: "gpt-4o".into(),
+            started_at: Timestamp::from_millisecond(4000).unwrap(),
+            prompt_estimate: 1,
+            max_output_tokens: 2,
+            reserved: Amount {
+                tokens: 3,
+                micros: 4,
+            },
+        };
+        outbox.begin(&r).unwrap();
+        let totals = outbox.totals().await.unwrap();
+        assert_eq!((totals.rows, totals.open), (2, 1));
+        outbox.close().await;
+    }
+}
