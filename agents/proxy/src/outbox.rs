@@ -253,6 +253,106 @@ const SETTLE_SQL: &str = "UPDATE usage_outbox SET state = 'settled', finished_at
         web_search_requests = ?13, web_fetch_requests = ?14, unmetered = ?15
      WHERE id = ?1 AND state = 'open'";
 
+/// The columns of a row inserted settled: a begin's, then its settle's without the id.
+const SETTLED_COLUMNS: &str = "id, namespace, agent, budgets, endpoint, model,
+        state, started_at_ms, prompt_estimate, max_output_tokens, reserved_tokens, reserved_micros,
+        finished_at_ms, input_tokens, cached_input_tokens, cache_write_input_tokens,
+        output_tokens, reasoning_tokens, cost_micros, estimated, outcome, http_status,
+        cache_write_1h_input_tokens, web_search_requests, web_fetch_requests, unmetered";
+
+/// Parameters per settled row.
+const SETTLED_PARAMS: usize = 25;
+
+/// Settled rows inserted by one statement: the per-statement work (cursors on the table and
+/// its indexes opened and closed, the statement reset) is shared by this many rows.
+const SETTLED_CHUNK: usize = 16;
+
+/// `INSERT OR IGNORE` of `rows` settled rows, parameters numbered row after row.
+fn insert_settled_sql(rows: usize) -> String {
+    let tuples: Vec<String> = (0..rows)
+        .map(|r| {
+            let p: Vec<String> = (1..=SETTLED_PARAMS)
+                .map(|k| format!("?{}", r * SETTLED_PARAMS + k))
+                .collect();
+            format!("({}, 'settled', {})", p[..6].join(", "), p[6..].join(", "))
+        })
+        .collect();
+    format!(
+        "INSERT OR IGNORE INTO usage_outbox ({SETTLED_COLUMNS}) VALUES {}",
+        tuples.join(", ")
+    )
+}
+
+/// Writes a batch of journal records. A begin whose settle is in the same batch (the common
+/// case) becomes one settled row, inserted [`SETTLED_CHUNK`] rows per statement; a settle whose
+/// begin was folded earlier updates the open row. Replaying records already folded changes
+/// nothing: a begin already there is kept, and a settle only changes an open row.
+fn apply(tx: &rusqlite::Transaction<'_>, entries: &[Entry<'_>]) -> Result<(), rusqlite::Error> {
+    static CHUNK_SQL: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| insert_settled_sql(SETTLED_CHUNK));
+    let settles: std::collections::HashMap<&str, &Settle<'_>> = entries
+        .iter()
+        .filter_map(|e| match e {
+            Entry::Settle(s) => Some((s.id, s)),
+            Entry::Begin(_) => None,
+        })
+        .collect();
+    let mut settled = Vec::new();
+    let mut paired = std::collections::HashSet::new();
+    for entry in entries {
+        let Entry::Begin(begin) = entry else {
+            continue;
+        };
+        match settles.get(begin.id) {
+            Some(settle) => {
+                settled.push((BeginColumns::of(begin), SettleColumns::of(settle)));
+                paired.insert(begin.id);
+            }
+            None => {
+                let b = BeginColumns::of(begin);
+                tx.prepare_cached(BEGIN_SQL)?.execute(b.params().as_slice())?;
+            }
+        }
+    }
+    // A settle applies to a row that is there already and still open: the settled insert of
+    // a replay ignored it (its begin was folded before), or its begin was in an earlier batch.
+    let settle = |s: &SettleColumns<'_>| -> Result<usize, rusqlite::Error> {
+        tx.prepare_cached(SETTLE_SQL)?.execute(s.params().as_slice())
+    };
+    let mut chunks = settled.chunks_exact(SETTLED_CHUNK);
+    if chunks.len() > 0 {
+        let mut many = tx.prepare_cached(&CHUNK_SQL)?;
+        for chunk in &mut chunks {
+            let params: Vec<&dyn ToSql> = chunk
+                .iter()
+                .flat_map(|(b, s)| b.params().into_iter().chain(s.params().into_iter().skip(1)))
+                .collect();
+            if many.execute(params.as_slice())? != chunk.len() {
+                for (_, s) in chunk {
+                    settle(s)?;
+                }
+            }
+        }
+    }
+    let mut one = tx.prepare_cached(BEGIN_SETTLED_SQL)?;
+    for (b, s) in chunks.remainder() {
+        let params: Vec<&dyn ToSql> = b
+            .params()
+            .into_iter()
+            .chain(s.params().into_iter().skip(1))
+            .collect();
+        if one.execute(params.as_slice())? != 1 {
+            settle(s)?;
+        }
+    }
+    for (id, s) in &settles {
+        if !paired.contains(id) {
+            settle(&SettleColumns::of(s))?;
+        }
+    }
+    Ok(())
+}
+
 const BEGIN_SETTLED_SQL: &str =
     "INSERT OR IGNORE INTO usage_outbox (id, namespace, agent, budgets, endpoint, model,
         state, started_at_ms, prompt_estimate, max_output_tokens, reserved_tokens, reserved_micros,
@@ -262,89 +362,69 @@ const BEGIN_SETTLED_SQL: &str =
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'settled', ?7, ?8, ?9, ?10, ?11,
         ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)";
 
-/// Writes a batch of journal records. A begin whose settle is in the same batch (the common
-/// case) becomes one settled row; a settle whose begin was folded earlier updates the open row.
-/// Replaying records already folded changes nothing: a begin already there is kept, and a
-/// settle only changes an open row.
-fn apply(tx: &rusqlite::Transaction<'_>, entries: &[Entry<'_>]) -> Result<(), rusqlite::Error> {
-    let settles: std::collections::HashMap<&str, &Settle<'_>> = entries
-        .iter()
-        .filter_map(|e| match e {
-            Entry::Settle(s) => Some((s.id, s)),
-            Entry::Begin(_) => None,
-        })
-        .collect();
-    // Each statement is looked up once per batch, not once per row.
-    let mut insert_settled = tx.prepare_cached(BEGIN_SETTLED_SQL)?;
-    let mut folded_with_begin = std::collections::HashSet::new();
-    for entry in entries {
-        let Entry::Begin(begin) = entry else {
-            continue;
-        };
-        let Some(settle) = settles.get(begin.id) else {
-            begin_columns(begin, |begin| tx.prepare_cached(BEGIN_SQL)?.execute(begin.as_slice()))?;
-            continue;
-        };
-        // Inserted settled, or (a replay) the row is there already and the settle below
-        // applies to it if it is still open.
-        let inserted = begin_columns(begin, |b| {
-            settle_columns(settle, |s| {
-                let row: [&dyn ToSql; 25] = [
-                    b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], s[1], s[2],
-                    s[3], s[4], s[5], s[6], s[7], s[8], s[9], s[10], s[11], s[12], s[13], s[14],
-                ];
-                insert_settled.execute(row.as_slice())
-            })
-        })?;
-        if inserted == 1 {
-            folded_with_begin.insert(begin.id);
-        }
-    }
-    for (id, settle) in settles {
-        if !folded_with_begin.contains(id) {
-            settle_columns(settle, |settled| {
-                tx.prepare_cached(SETTLE_SQL)?.execute(settled.as_slice())
-            })?;
-        }
-    }
-    Ok(())
+/// A begin record's columns, in `BEGIN_SQL`'s order.
+struct BeginColumns<'a> {
+    b: &'a Begin<'a>,
+    n: [i64; 4],
 }
 
-/// Calls `f` with a begin record's columns, in `BEGIN_SQL`'s order. `BEGIN_SETTLED_SQL` takes
-/// a begin's columns followed by its settle's without the id, so each column list is written
-/// once.
-fn begin_columns<R>(b: &Begin<'_>, f: impl FnOnce(&[&dyn ToSql; 11]) -> R) -> R {
-    let n = [
-        i(b.prompt),
-        i(b.max_out),
-        i(b.reserved.tokens),
-        i(b.reserved.micros),
-    ];
-    f(&[
-        &b.id, &b.ns, &b.agent, &b.budgets, &b.endpoint, &b.model, &b.at, &n[0], &n[1], &n[2],
-        &n[3],
-    ])
+impl<'a> BeginColumns<'a> {
+    fn of(b: &'a Begin<'a>) -> Self {
+        BeginColumns {
+            b,
+            n: [
+                i(b.prompt),
+                i(b.max_out),
+                i(b.reserved.tokens),
+                i(b.reserved.micros),
+            ],
+        }
+    }
+
+    fn params(&self) -> [&dyn ToSql; 11] {
+        let (b, n) = (self.b, &self.n);
+        [
+            &b.id, &b.ns, &b.agent, &b.budgets, &b.endpoint, &b.model, &b.at, &n[0], &n[1], &n[2],
+            &n[3],
+        ]
+    }
 }
 
-/// Calls `f` with a settle record's id and then what `SETTLE_SQL` sets, in its order.
-fn settle_columns<R>(s: &Settle<'_>, f: impl FnOnce(&[&dyn ToSql; 15]) -> R) -> R {
-    let usage = &s.usage;
-    let n = [
-        i(usage.input_tokens),
-        i(usage.cached_input_tokens),
-        i(usage.cache_write_input_tokens),
-        i(usage.output_tokens),
-        i(usage.reasoning_tokens),
-        i(s.cost),
-        i64::from(s.status),
-        i(usage.cache_write_1h_input_tokens),
-        i(usage.web_search_requests),
-        i(usage.web_fetch_requests),
-    ];
-    f(&[
-        &s.id, &s.at, &n[0], &n[1], &n[2], &n[3], &n[4], &n[5], &s.est, &s.outcome, &n[6], &n[7],
-        &n[8], &n[9], &s.unmetered,
-    ])
+/// A settle record's id and then what `SETTLE_SQL` sets, in its order. A settled row's
+/// parameters are a begin's followed by its settle's without the id, so each column list is
+/// written once.
+struct SettleColumns<'a> {
+    s: &'a Settle<'a>,
+    n: [i64; 10],
+}
+
+impl<'a> SettleColumns<'a> {
+    fn of(s: &'a Settle<'a>) -> Self {
+        let usage = &s.usage;
+        SettleColumns {
+            s,
+            n: [
+                i(usage.input_tokens),
+                i(usage.cached_input_tokens),
+                i(usage.cache_write_input_tokens),
+                i(usage.output_tokens),
+                i(usage.reasoning_tokens),
+                i(s.cost),
+                i64::from(s.status),
+                i(usage.cache_write_1h_input_tokens),
+                i(usage.web_search_requests),
+                i(usage.web_fetch_requests),
+            ],
+        }
+    }
+
+    fn params(&self) -> [&dyn ToSql; 15] {
+        let (s, n) = (self.s, &self.n);
+        [
+            &s.id, &s.at, &n[0], &n[1], &n[2], &n[3], &n[4], &n[5], &s.est, &s.outcome, &n[6],
+            &n[7], &n[8], &n[9], &s.unmetered,
+        ]
+    }
 }
 
 /// Folds what was appended since the last fold into SQLite, in one transaction, then deletes
@@ -869,6 +949,71 @@ mod tests {
         outbox.begin(&r).unwrap();
         let totals = outbox.totals().await.unwrap();
         assert_eq!((totals.rows, totals.open), (2, 1));
+        outbox.close().await;
+    }
+
+    fn open_record(id: String) -> OpenRecord {
+        OpenRecord {
+            id,
+            namespace: "a".into(),
+            agent: "bot".into(),
+            budgets: "a/team".into(),
+            endpoint: "chat_completions",
+            model: "gpt-4o".into(),
+            started_at: Timestamp::from_millisecond(1000).unwrap(),
+            prompt_estimate: 10,
+            max_output_tokens: 20,
+            reserved: Amount {
+                tokens: 30,
+                micros: 40,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn chunked_inserts_fold_replays_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(&dir.path().join("outbox.db")).await.unwrap();
+        let settlement = |n: u64| Settlement {
+            usage: Usage {
+                input_tokens: n,
+                output_tokens: 1,
+                ..Usage::default()
+            },
+            unmetered: String::new(),
+            cost_micros: n,
+            estimated: false,
+            outcome: "ok",
+            http_status: 200,
+        };
+        let at = Timestamp::from_millisecond(2000).unwrap();
+        // 20 requests folded open (their begins only).
+        let ids: Vec<String> = (0..50).map(|n| format!("id-{n:03}")).collect();
+        for id in &ids[..20] {
+            outbox.begin(&open_record(id.clone())).unwrap();
+        }
+        assert_eq!(outbox.fold().await.unwrap(), 20);
+        // Then a batch with begins and settles of all 50, as a replay after a crash has it:
+        // in chunks of 16, some rows inserted settled and some already there, open.
+        let settle_all = || {
+            for (n, id) in ids.iter().enumerate() {
+                outbox.begin(&open_record(id.clone())).unwrap();
+                outbox.settle(id, &settlement(n as u64), at).unwrap();
+            }
+        };
+        settle_all();
+        assert_eq!(outbox.fold().await.unwrap(), 100);
+        let want = Totals {
+            rows: 50,
+            open: 0,
+            tokens: (0..50).map(|n| n + 1).sum(),
+            micros: (0..50).sum(),
+        };
+        assert_eq!(outbox.totals().await.unwrap(), want);
+        // Replayed once more: nothing changes.
+        settle_all();
+        outbox.fold().await.unwrap();
+        assert_eq!(outbox.totals().await.unwrap(), want);
         outbox.close().await;
     }
 }
