@@ -959,7 +959,11 @@ mod tests {
         );
         std::fs::write(segment_path(dir.path(), 7), old).unwrap();
         let j = Journal::open(dir.path()).unwrap();
-        assert_eq!(j.current(), 8, "the new version writes after the old segments");
+        assert_eq!(
+            j.current(),
+            8,
+            "the new version writes after the old segments"
+        );
         j.append(&begin("new")).unwrap();
         let b = Folder::default().read(dir.path(), j.current()).unwrap();
         let e = b.entries();

@@ -310,14 +310,16 @@ fn apply(tx: &rusqlite::Transaction<'_>, entries: &[Entry<'_>]) -> Result<(), ru
             }
             None => {
                 let b = BeginColumns::of(begin);
-                tx.prepare_cached(BEGIN_SQL)?.execute(b.params().as_slice())?;
+                tx.prepare_cached(BEGIN_SQL)?
+                    .execute(b.params().as_slice())?;
             }
         }
     }
     // A settle applies to a row that is there already and still open: the settled insert of
     // a replay ignored it (its begin was folded before), or its begin was in an earlier batch.
     let settle = |s: &SettleColumns<'_>| -> Result<usize, rusqlite::Error> {
-        tx.prepare_cached(SETTLE_SQL)?.execute(s.params().as_slice())
+        tx.prepare_cached(SETTLE_SQL)?
+            .execute(s.params().as_slice())
     };
     let mut chunks = settled.chunks_exact(SETTLED_CHUNK);
     if chunks.len() > 0 {
@@ -384,7 +386,16 @@ impl<'a> BeginColumns<'a> {
     fn params(&self) -> [&dyn ToSql; 11] {
         let (b, n) = (self.b, &self.n);
         [
-            &b.id, &b.ns, &b.agent, &b.budgets, &b.endpoint, &b.model, &b.at, &n[0], &n[1], &n[2],
+            &b.id,
+            &b.ns,
+            &b.agent,
+            &b.budgets,
+            &b.endpoint,
+            &b.model,
+            &b.at,
+            &n[0],
+            &n[1],
+            &n[2],
             &n[3],
         ]
     }
@@ -421,8 +432,21 @@ impl<'a> SettleColumns<'a> {
     fn params(&self) -> [&dyn ToSql; 15] {
         let (s, n) = (self.s, &self.n);
         [
-            &s.id, &s.at, &n[0], &n[1], &n[2], &n[3], &n[4], &n[5], &s.est, &s.outcome, &n[6],
-            &n[7], &n[8], &n[9], &s.unmetered,
+            &s.id,
+            &s.at,
+            &n[0],
+            &n[1],
+            &n[2],
+            &n[3],
+            &n[4],
+            &n[5],
+            &s.est,
+            &s.outcome,
+            &n[6],
+            &n[7],
+            &n[8],
+            &n[9],
+            &s.unmetered,
         ]
     }
 }

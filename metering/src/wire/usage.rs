@@ -181,7 +181,10 @@ fn metered_from_parts(
     }
     Some(Metered {
         usage: metered,
-        unmetered: unmetered(dialect, [("usage", Some(usage)), ("tool_usage", tool_usage)]),
+        unmetered: unmetered(
+            dialect,
+            [("usage", Some(usage)), ("tool_usage", tool_usage)],
+        ),
     })
 }
 
@@ -592,9 +595,12 @@ mod tests {
             // metered() holds the bytes' read (typed here) to the general read of the value.
             assert_eq!(fast, Some(metered(Dialect::OpenAi, body)));
         }
-        let m = metered(Dialect::OpenAi, json!({"usage": {"prompt_tokens": 30,
+        let m = metered(
+            Dialect::OpenAi,
+            json!({"usage": {"prompt_tokens": 30,
             "completion_tokens": 20, "prompt_tokens_details": {"audio_tokens": 3},
-            "completion_tokens_details": {"audio_tokens": 2}}}));
+            "completion_tokens_details": {"audio_tokens": 2}}}),
+        );
         assert_eq!(
             m.unmetered,
             vec![
