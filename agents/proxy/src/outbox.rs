@@ -19,6 +19,8 @@
 //! ```
 
 use rusqlite::ToSql;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -290,7 +292,8 @@ fn insert_settled_sql(rows: usize) -> String {
 fn apply(tx: &rusqlite::Transaction<'_>, entries: &[Entry<'_>]) -> Result<(), rusqlite::Error> {
     static CHUNK_SQL: std::sync::LazyLock<String> =
         std::sync::LazyLock::new(|| insert_settled_sql(SETTLED_CHUNK));
-    let settles: std::collections::HashMap<&str, &Settle<'_>> = entries
+    // The settles not paired with a begin of this batch are what is left in the map.
+    let mut settles: HashMap<&str, &Settle<'_>, BuildHasherDefault<IdHasher>> = entries
         .iter()
         .filter_map(|e| match e {
             Entry::Settle(s) => Some((s.id, s)),
@@ -298,16 +301,12 @@ fn apply(tx: &rusqlite::Transaction<'_>, entries: &[Entry<'_>]) -> Result<(), ru
         })
         .collect();
     let mut settled = Vec::new();
-    let mut paired = std::collections::HashSet::new();
     for entry in entries {
         let Entry::Begin(begin) = entry else {
             continue;
         };
-        match settles.get(begin.id) {
-            Some(settle) => {
-                settled.push((BeginColumns::of(begin), SettleColumns::of(settle)));
-                paired.insert(begin.id);
-            }
+        match settles.remove(begin.id) {
+            Some(settle) => settled.push((BeginColumns::of(begin), SettleColumns::of(settle))),
             None => {
                 let b = BeginColumns::of(begin);
                 tx.prepare_cached(BEGIN_SQL)?
@@ -347,12 +346,30 @@ fn apply(tx: &rusqlite::Transaction<'_>, entries: &[Entry<'_>]) -> Result<(), ru
             settle(s)?;
         }
     }
-    for (id, s) in &settles {
-        if !paired.contains(id) {
-            settle(&SettleColumns::of(s))?;
-        }
+    for s in settles.values() {
+        settle(&SettleColumns::of(s))?;
     }
     Ok(())
+}
+
+/// Hashes the fold's idempotency keys (the sidecar's own UUIDs, not input an attacker picks):
+/// a multiply-rotate per 8 bytes instead of SipHash.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word))
+                .wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 const BEGIN_SETTLED_SQL: &str =
