@@ -93,7 +93,8 @@ pub fn worst_usage(
 /// Whether the request asks the provider to compact its context first.
 fn compacts(request: &Value) -> bool {
     request
-        .pointer("/context_management/edits")
+        .get("context_management")
+        .and_then(|c| c.get("edits"))
         .and_then(Value::as_array)
         .into_iter()
         .flatten()

@@ -105,6 +105,9 @@ pub struct Applied {
 pub struct ChainState<S> {
     /// The chain in order.
     pub refs: Vec<BudgetRef>,
+    /// `refs` as recorded in the outbox, made when they change (every request's begin record
+    /// carries it).
+    label: String,
     /// Why it cannot be enforced.
     pub problem: Option<ChainProblem>,
     /// Each Budget's state.
@@ -115,6 +118,7 @@ impl<S> Default for ChainState<S> {
     fn default() -> Self {
         ChainState {
             refs: Vec::new(),
+            label: String::new(),
             problem: None,
             states: HashMap::new(),
         }
@@ -170,6 +174,7 @@ impl<S: BudgetState> ChainState<S> {
         }
         let refs = plan.refs();
         applied.changed |= refs != self.refs || plan.problem != self.problem;
+        self.label = BudgetRef::chain_label(&refs);
         self.refs = refs;
         self.problem = plan.problem.clone();
         Ok(applied)
@@ -177,7 +182,7 @@ impl<S: BudgetState> ChainState<S> {
 
     /// The chain as recorded in the outbox (`ns/team@uid,platform/tenant@uid`).
     pub fn label(&self) -> String {
-        BudgetRef::chain_label(&self.refs)
+        self.label.clone()
     }
 
     /// The reason requests are refused, if the chain cannot be enforced.
@@ -257,17 +262,17 @@ impl Authority {
         if let Some(reason) = c.undefined() {
             return Reserve::Undefined(reason);
         }
-        let refs = c.refs.clone();
+        let ChainState { refs, states, .. } = &mut *c;
         let mut taken = Vec::with_capacity(refs.len());
-        for r in &refs {
-            let Some(ledger) = c.states.get_mut(&r.key) else {
+        for r in refs.iter() {
+            let Some(ledger) = states.get_mut(&r.key) else {
                 return Reserve::Undefined(format!("Budget {} has no definition", r.key));
             };
             match ledger.reserve(now, want) {
                 Ok(res) => taken.push(res),
                 Err(refusal) => {
                     for res in taken {
-                        if let Some(l) = c.states.get_mut(&res.budget) {
+                        if let Some(l) = states.get_mut(&res.budget) {
                             l.release(now, res);
                         }
                     }

@@ -19,6 +19,8 @@
 //! ```
 
 use rusqlite::ToSql;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -26,7 +28,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use jiff::Timestamp;
 use soma_ledger::UsageRecord;
 
-use crate::journal::{Entry, Folder, Journal, JournalError};
+use crate::journal::{Begin, Entry, Folder, Journal, JournalError, Settle};
 use soma_metering::{Amount, Usage};
 use sqlx::Row;
 use sqlx::sqlite::{
@@ -70,12 +72,16 @@ CREATE TABLE IF NOT EXISTS usage_outbox (
 CREATE INDEX IF NOT EXISTS ix_outbox_started ON usage_outbox (started_at_ms);
 CREATE TABLE IF NOT EXISTS outbox_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS ix_outbox_open ON usage_outbox (state) WHERE state = 'open';
-CREATE INDEX IF NOT EXISTS ix_outbox_undelivered ON usage_outbox (started_at_ms)
-    WHERE state = 'settled' AND delivered_at_ms IS NULL;
-CREATE INDEX IF NOT EXISTS ix_outbox_unpublished ON usage_outbox (started_at_ms)
-    WHERE state = 'settled' AND published_at_ms IS NULL;
 CREATE INDEX IF NOT EXISTS ix_outbox_unchained ON usage_outbox (finished_at_ms)
     WHERE state = 'settled' AND chain_seq IS NULL;
+-- A row waits for a sink only once it is chained (delivery reads rows in chain order), so a
+-- settled row folded from the journal enters one of these three partial indexes, not three.
+DROP INDEX IF EXISTS ix_outbox_undelivered;
+DROP INDEX IF EXISTS ix_outbox_unpublished;
+CREATE INDEX IF NOT EXISTS ix_outbox_chained_undelivered ON usage_outbox (chain_seq)
+    WHERE state = 'settled' AND chain_seq IS NOT NULL AND delivered_at_ms IS NULL;
+CREATE INDEX IF NOT EXISTS ix_outbox_chained_unpublished ON usage_outbox (chain_seq)
+    WHERE state = 'settled' AND chain_seq IS NOT NULL AND published_at_ms IS NULL;
 ";
 
 /// The journal's directory beside the outbox file (`outbox.db` → `outbox.journal/`).
@@ -249,6 +255,123 @@ const SETTLE_SQL: &str = "UPDATE usage_outbox SET state = 'settled', finished_at
         web_search_requests = ?13, web_fetch_requests = ?14, unmetered = ?15
      WHERE id = ?1 AND state = 'open'";
 
+/// The columns of a row inserted settled: a begin's, then its settle's without the id.
+const SETTLED_COLUMNS: &str = "id, namespace, agent, budgets, endpoint, model,
+        state, started_at_ms, prompt_estimate, max_output_tokens, reserved_tokens, reserved_micros,
+        finished_at_ms, input_tokens, cached_input_tokens, cache_write_input_tokens,
+        output_tokens, reasoning_tokens, cost_micros, estimated, outcome, http_status,
+        cache_write_1h_input_tokens, web_search_requests, web_fetch_requests, unmetered";
+
+/// Parameters per settled row.
+const SETTLED_PARAMS: usize = 25;
+
+/// Settled rows inserted by one statement: the per-statement work (cursors on the table and
+/// its indexes opened and closed, the statement reset) is shared by this many rows.
+const SETTLED_CHUNK: usize = 16;
+
+/// `INSERT OR IGNORE` of `rows` settled rows, parameters numbered row after row.
+fn insert_settled_sql(rows: usize) -> String {
+    let tuples: Vec<String> = (0..rows)
+        .map(|r| {
+            let p: Vec<String> = (1..=SETTLED_PARAMS)
+                .map(|k| format!("?{}", r * SETTLED_PARAMS + k))
+                .collect();
+            format!("({}, 'settled', {})", p[..6].join(", "), p[6..].join(", "))
+        })
+        .collect();
+    format!(
+        "INSERT OR IGNORE INTO usage_outbox ({SETTLED_COLUMNS}) VALUES {}",
+        tuples.join(", ")
+    )
+}
+
+/// Writes a batch of journal records. A begin whose settle is in the same batch (the common
+/// case) becomes one settled row, inserted [`SETTLED_CHUNK`] rows per statement; a settle whose
+/// begin was folded earlier updates the open row. Replaying records already folded changes
+/// nothing: a begin already there is kept, and a settle only changes an open row.
+fn apply(tx: &rusqlite::Transaction<'_>, entries: &[Entry<'_>]) -> Result<(), rusqlite::Error> {
+    static CHUNK_SQL: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| insert_settled_sql(SETTLED_CHUNK));
+    // The settles not paired with a begin of this batch are what is left in the map.
+    let mut settles: HashMap<&str, &Settle<'_>, BuildHasherDefault<IdHasher>> = entries
+        .iter()
+        .filter_map(|e| match e {
+            Entry::Settle(s) => Some((s.id, s)),
+            Entry::Begin(_) => None,
+        })
+        .collect();
+    let mut settled = Vec::new();
+    for entry in entries {
+        let Entry::Begin(begin) = entry else {
+            continue;
+        };
+        match settles.remove(begin.id) {
+            Some(settle) => settled.push((BeginColumns::of(begin), SettleColumns::of(settle))),
+            None => {
+                let b = BeginColumns::of(begin);
+                tx.prepare_cached(BEGIN_SQL)?
+                    .execute(b.params().as_slice())?;
+            }
+        }
+    }
+    // A settle applies to a row that is there already and still open: the settled insert of
+    // a replay ignored it (its begin was folded before), or its begin was in an earlier batch.
+    let settle = |s: &SettleColumns<'_>| -> Result<usize, rusqlite::Error> {
+        tx.prepare_cached(SETTLE_SQL)?
+            .execute(s.params().as_slice())
+    };
+    let mut chunks = settled.chunks_exact(SETTLED_CHUNK);
+    if chunks.len() > 0 {
+        let mut many = tx.prepare_cached(&CHUNK_SQL)?;
+        for chunk in &mut chunks {
+            let params: Vec<&dyn ToSql> = chunk
+                .iter()
+                .flat_map(|(b, s)| b.params().into_iter().chain(s.params().into_iter().skip(1)))
+                .collect();
+            if many.execute(params.as_slice())? != chunk.len() {
+                for (_, s) in chunk {
+                    settle(s)?;
+                }
+            }
+        }
+    }
+    let mut one = tx.prepare_cached(BEGIN_SETTLED_SQL)?;
+    for (b, s) in chunks.remainder() {
+        let params: Vec<&dyn ToSql> = b
+            .params()
+            .into_iter()
+            .chain(s.params().into_iter().skip(1))
+            .collect();
+        if one.execute(params.as_slice())? != 1 {
+            settle(s)?;
+        }
+    }
+    for s in settles.values() {
+        settle(&SettleColumns::of(s))?;
+    }
+    Ok(())
+}
+
+/// Hashes the fold's idempotency keys (the sidecar's own UUIDs, not input an attacker picks):
+/// a multiply-rotate per 8 bytes instead of SipHash.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word))
+                .wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 const BEGIN_SETTLED_SQL: &str =
     "INSERT OR IGNORE INTO usage_outbox (id, namespace, agent, budgets, endpoint, model,
         state, started_at_ms, prompt_estimate, max_output_tokens, reserved_tokens, reserved_micros,
@@ -258,104 +381,90 @@ const BEGIN_SETTLED_SQL: &str =
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'settled', ?7, ?8, ?9, ?10, ?11,
         ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)";
 
-/// Writes a batch of journal records. A begin whose settle is in the same batch (the common
-/// case) becomes one settled row; a settle whose begin was folded earlier updates the open row.
-/// Replaying records already folded changes nothing: a begin already there is kept, and a
-/// settle only changes an open row.
-fn apply(tx: &rusqlite::Transaction<'_>, entries: &[Entry]) -> Result<(), rusqlite::Error> {
-    let settles: std::collections::HashMap<&str, &Entry> = entries
-        .iter()
-        .filter_map(|e| match e {
-            Entry::Settle { id, .. } => Some((id.as_str(), e)),
-            Entry::Begin { .. } => None,
-        })
-        .collect();
-    let mut folded_with_begin = std::collections::HashSet::new();
-    for entry in entries {
-        let Entry::Begin { id, .. } = entry else {
-            continue;
-        };
-        let Some(settle) = settles.get(id.as_str()) else {
-            columns(entry, |begin| tx.prepare_cached(BEGIN_SQL)?.execute(begin))?;
-            continue;
-        };
-        // Inserted settled, or (a replay) the row is there already and the settle below
-        // applies to it if it is still open.
-        let inserted = columns(entry, |begin| {
-            columns(settle, |settled| {
-                let row: Vec<&dyn ToSql> = begin.iter().chain(&settled[1..]).copied().collect();
-                tx.prepare_cached(BEGIN_SETTLED_SQL)?
-                    .execute(row.as_slice())
-            })
-        })?;
-        if inserted == 1 {
-            folded_with_begin.insert(id.as_str());
-        }
-    }
-    for (id, entry) in settles {
-        if !folded_with_begin.contains(id) {
-            columns(entry, |settled| {
-                tx.prepare_cached(SETTLE_SQL)?.execute(settled)
-            })?;
-        }
-    }
-    Ok(())
+/// A begin record's columns, in `BEGIN_SQL`'s order.
+struct BeginColumns<'a> {
+    b: &'a Begin<'a>,
+    n: [i64; 4],
 }
 
-/// Calls `f` with a journal record's columns: a begin's in `BEGIN_SQL`'s order; a settle's id
-/// and then what `SETTLE_SQL` sets, in its order. `BEGIN_SETTLED_SQL` takes a begin's columns
-/// followed by its settle's without the id, so each column list is written once.
-fn columns<R>(entry: &Entry, f: impl FnOnce(&[&dyn ToSql]) -> R) -> R {
-    match entry {
-        Entry::Begin {
-            id,
-            ns,
-            agent,
-            budgets,
-            endpoint,
-            model,
-            at,
-            prompt,
-            max_out,
-            reserved,
-        } => {
-            let n = [
-                i(*prompt),
-                i(*max_out),
-                i(reserved.tokens),
-                i(reserved.micros),
-            ];
-            f(&[
-                id, ns, agent, budgets, endpoint, model, at, &n[0], &n[1], &n[2], &n[3],
-            ])
+impl<'a> BeginColumns<'a> {
+    fn of(b: &'a Begin<'a>) -> Self {
+        BeginColumns {
+            b,
+            n: [
+                i(b.prompt),
+                i(b.max_out),
+                i(b.reserved.tokens),
+                i(b.reserved.micros),
+            ],
         }
-        Entry::Settle {
-            id,
-            at,
-            usage,
-            cost,
-            est,
-            outcome,
-            status,
-            unmetered,
-        } => {
-            let n = [
+    }
+
+    fn params(&self) -> [&dyn ToSql; 11] {
+        let (b, n) = (self.b, &self.n);
+        [
+            &b.id,
+            &b.ns,
+            &b.agent,
+            &b.budgets,
+            &b.endpoint,
+            &b.model,
+            &b.at,
+            &n[0],
+            &n[1],
+            &n[2],
+            &n[3],
+        ]
+    }
+}
+
+/// A settle record's id and then what `SETTLE_SQL` sets, in its order. A settled row's
+/// parameters are a begin's followed by its settle's without the id, so each column list is
+/// written once.
+struct SettleColumns<'a> {
+    s: &'a Settle<'a>,
+    n: [i64; 10],
+}
+
+impl<'a> SettleColumns<'a> {
+    fn of(s: &'a Settle<'a>) -> Self {
+        let usage = &s.usage;
+        SettleColumns {
+            s,
+            n: [
                 i(usage.input_tokens),
                 i(usage.cached_input_tokens),
                 i(usage.cache_write_input_tokens),
                 i(usage.output_tokens),
                 i(usage.reasoning_tokens),
-                i(*cost),
-                i64::from(*status),
+                i(s.cost),
+                i64::from(s.status),
                 i(usage.cache_write_1h_input_tokens),
                 i(usage.web_search_requests),
                 i(usage.web_fetch_requests),
-            ];
-            f(&[
-                id, at, &n[0], &n[1], &n[2], &n[3], &n[4], &n[5], est, outcome, &n[6], &n[7],
-                &n[8], &n[9], unmetered,
-            ])
+            ],
         }
+    }
+
+    fn params(&self) -> [&dyn ToSql; 15] {
+        let (s, n) = (self.s, &self.n);
+        [
+            &s.id,
+            &s.at,
+            &n[0],
+            &n[1],
+            &n[2],
+            &n[3],
+            &n[4],
+            &n[5],
+            &s.est,
+            &s.outcome,
+            &n[6],
+            &n[7],
+            &n[8],
+            &n[9],
+            &s.unmetered,
+        ]
     }
 }
 
@@ -367,20 +476,20 @@ fn fold_now(
 ) -> Result<usize, FoldError> {
     let mut guard = fold.lock().unwrap_or_else(PoisonError::into_inner);
     let (conn, folder) = &mut *guard;
-    let (entries, done) = folder.read(journal.dir(), journal.current())?;
-    if !entries.is_empty() {
+    let batch = folder.read(journal.dir(), journal.current())?;
+    if !batch.is_empty() {
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(FoldError::Sqlite)?;
-        apply(&tx, &entries).map_err(FoldError::Sqlite)?;
+        apply(&tx, &batch.entries()).map_err(FoldError::Sqlite)?;
         tx.commit().map_err(FoldError::Sqlite)?;
     }
-    for path in done {
+    for path in &batch.done {
         // Committed above (or in an earlier fold): the segment is not needed any more. A
         // segment left behind by a failed delete is folded again, harmlessly, next start.
         let _ = std::fs::remove_file(path);
     }
-    Ok(entries.len())
+    Ok(batch.len())
 }
 
 /// The columns a [`UsageRecord`] is read from.
@@ -729,10 +838,16 @@ impl Outbox {
     /// Settled rows not yet delivered to `sink`, and when the oldest of them finished.
     pub async fn backlog(&self, sink: Sink) -> Result<Backlog, sqlx::Error> {
         self.fold().await?;
+        // Rows not chained yet, and chained rows the sink does not have: each part read
+        // through its partial index.
         let sql = format!(
-            "SELECT COUNT(*), MIN(finished_at_ms) FROM usage_outbox
-             WHERE state = 'settled' AND {} IS NULL",
-            sink.column()
+            "SELECT COUNT(*), MIN(finished_at_ms) FROM (
+                SELECT finished_at_ms FROM usage_outbox
+                WHERE state = 'settled' AND chain_seq IS NULL AND {col} IS NULL
+                UNION ALL
+                SELECT finished_at_ms FROM usage_outbox
+                WHERE state = 'settled' AND chain_seq IS NOT NULL AND {col} IS NULL)",
+            col = sink.column()
         );
         let (n, oldest): (i64, Option<i64>) = sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .fetch_one(&self.pool)
@@ -792,5 +907,154 @@ impl Outbox {
     /// clone of this outbox is dropped.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A version-1 line, as the sidecar before the binary journal wrote it.
+    fn v1_line(json: &str) -> String {
+        const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+        format!("{json} {:08x}\n", CRC.checksum(json.as_bytes()))
+    }
+
+    #[tokio::test]
+    async fn a_journal_left_by_the_previous_version_is_folded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.db");
+        let journal = journal_dir(&path);
+        std::fs::create_dir_all(&journal).unwrap();
+        // A settled request, and one the old sidecar was killed during.
+        let begin = |id: &str| {
+            format!(
+                r#"{{"b":{{"id":"{id}","ns":"a","agent":"bot","budgets":"a/team","endpoint":"chat_completions","model":"gpt-4o","at":1000,"prompt":10,"max_out":20,"reserved":{{"tokens":30,"micros":40}}}}}}"#
+            )
+        };
+        let settle = r#"{"s":{"id":"done","at":2000,"usage":{"inputTokens":12,"cachedInputTokens":0,"cacheWriteInputTokens":0,"outputTokens":7,"reasoningTokens":0},"cost":25,"est":false,"outcome":"ok","status":200}}"#;
+        let old = [begin("done"), settle.to_owned(), begin("cut")]
+            .map(|j| v1_line(&j))
+            .concat();
+        let segment = journal.join("journal.0000000003");
+        std::fs::write(&segment, old).unwrap();
+
+        let outbox = Outbox::open(&path).await.unwrap();
+        assert!(!segment.exists(), "a folded segment is deleted");
+        assert_eq!(
+            outbox
+                .recover_interrupted(Timestamp::from_millisecond(3000).unwrap())
+                .await
+                .unwrap(),
+            1
+        );
+        let rows = outbox.rows().await.unwrap();
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        let done = rows.iter().find(|r| r["id"] == "done").unwrap();
+        assert_eq!(
+            (
+                &done["state"],
+                &done["input_tokens"],
+                &done["output_tokens"],
+                &done["cost_micros"],
+                &done["outcome"]
+            ),
+            (
+                &serde_json::json!("settled"),
+                &serde_json::json!(12),
+                &serde_json::json!(7),
+                &serde_json::json!(25),
+                &serde_json::json!("ok")
+            )
+        );
+        let cut = rows.iter().find(|r| r["id"] == "cut").unwrap();
+        assert_eq!(cut["outcome"], "interrupted");
+        assert_eq!(cut["output_tokens"], 20);
+        // The new version appends version-2 records after the old segment, and they fold too.
+        let r = OpenRecord {
+            id: "new".into(),
+            namespace: "a".into(),
+            agent: "bot".into(),
+            budgets: "a/team".into(),
+            endpoint: "chat_completions",
+            model: "gpt-4o".into(),
+            started_at: Timestamp::from_millisecond(4000).unwrap(),
+            prompt_estimate: 1,
+            max_output_tokens: 2,
+            reserved: Amount {
+                tokens: 3,
+                micros: 4,
+            },
+        };
+        outbox.begin(&r).unwrap();
+        let totals = outbox.totals().await.unwrap();
+        assert_eq!((totals.rows, totals.open), (2, 1));
+        outbox.close().await;
+    }
+
+    fn open_record(id: String) -> OpenRecord {
+        OpenRecord {
+            id,
+            namespace: "a".into(),
+            agent: "bot".into(),
+            budgets: "a/team".into(),
+            endpoint: "chat_completions",
+            model: "gpt-4o".into(),
+            started_at: Timestamp::from_millisecond(1000).unwrap(),
+            prompt_estimate: 10,
+            max_output_tokens: 20,
+            reserved: Amount {
+                tokens: 30,
+                micros: 40,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn chunked_inserts_fold_replays_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(&dir.path().join("outbox.db")).await.unwrap();
+        let settlement = |n: u64| Settlement {
+            usage: Usage {
+                input_tokens: n,
+                output_tokens: 1,
+                ..Usage::default()
+            },
+            unmetered: String::new(),
+            cost_micros: n,
+            estimated: false,
+            outcome: "ok",
+            http_status: 200,
+        };
+        let at = Timestamp::from_millisecond(2000).unwrap();
+        // 20 requests folded open (their begins only).
+        let ids: Vec<String> = (0..50).map(|n| format!("id-{n:03}")).collect();
+        for id in &ids[..20] {
+            outbox.begin(&open_record(id.clone())).unwrap();
+        }
+        assert_eq!(outbox.fold().await.unwrap(), 20);
+        // Then a batch with begins and settles of all 50, as a replay after a crash has it:
+        // in chunks of 16, some rows inserted settled and some already there, open.
+        let settle_all = || {
+            for (n, id) in ids.iter().enumerate() {
+                outbox.begin(&open_record(id.clone())).unwrap();
+                outbox.settle(id, &settlement(n as u64), at).unwrap();
+            }
+        };
+        settle_all();
+        assert_eq!(outbox.fold().await.unwrap(), 100);
+        let want = Totals {
+            rows: 50,
+            open: 0,
+            tokens: (0..50).map(|n| n + 1).sum(),
+            micros: (0..50).sum(),
+        };
+        assert_eq!(outbox.totals().await.unwrap(), want);
+        // Replayed once more: nothing changes.
+        settle_all();
+        outbox.fold().await.unwrap();
+        assert_eq!(outbox.totals().await.unwrap(), want);
+        outbox.close().await;
     }
 }

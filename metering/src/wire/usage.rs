@@ -93,7 +93,10 @@ pub fn usage_object(dialect: Dialect, u: &Value) -> Option<Usage> {
     Some(match dialect {
         Dialect::OpenAi if u.get("prompt_tokens").is_some() => Usage {
             input_tokens: n(u, &["prompt_tokens"]),
-            cached_input_tokens: match u.pointer("/prompt_tokens_details/cached_tokens") {
+            cached_input_tokens: match u
+                .get("prompt_tokens_details")
+                .and_then(|d| d.get("cached_tokens"))
+            {
                 Some(c) => c.as_u64().unwrap_or(0),
                 None => n(u, &["prompt_cache_hit_tokens"]),
             },
@@ -149,21 +152,39 @@ fn anthropic_tokens(u: &Value) -> Usage {
 /// Usage from a complete response body (or a stream's usage carrier in the same shape), with
 /// what was not metered; None when the body has no usage object.
 pub fn metered_from_body(dialect: Dialect, body: &Value) -> Option<Metered> {
-    let mut usage = usage_object(dialect, body.get("usage")?)?;
+    metered_from_parts(
+        dialect,
+        body.get("usage")?,
+        body.get("tool_usage"),
+        body.get("output"),
+    )
+}
+
+/// [`metered_from_body`] from the body's members that carry usage.
+fn metered_from_parts(
+    dialect: Dialect,
+    usage: &Value,
+    tool_usage: Option<&Value>,
+    output: Option<&Value>,
+) -> Option<Metered> {
+    let mut metered = usage_object(dialect, usage)?;
     if dialect == Dialect::OpenAi {
-        let calls = body
-            .get("output")
+        let calls = output
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
             .filter(|item| item.get("type").and_then(Value::as_str) == Some("web_search_call"))
             .count() as u64;
-        usage.web_search_requests =
-            n(body, &["tool_usage", "web_search", "num_requests"]).max(calls);
+        metered.web_search_requests = tool_usage
+            .map_or(0, |t| n(t, &["web_search", "num_requests"]))
+            .max(calls);
     }
     Some(Metered {
-        usage,
-        unmetered: unmetered(dialect, body),
+        usage: metered,
+        unmetered: unmetered(
+            dialect,
+            [("usage", Some(usage)), ("tool_usage", tool_usage)],
+        ),
     })
 }
 
@@ -180,72 +201,178 @@ struct Carriers {
 /// that carry usage are built, which costs a fraction of parsing the whole body when the text
 /// is long. None when the bytes are not a JSON object or it has no usage object.
 pub fn metered_from_bytes(dialect: Dialect, body: &[u8]) -> Option<Metered> {
+    if dialect == Dialect::OpenAi
+        && let Some(m) = chat_completion(body)
+    {
+        return Some(m);
+    }
     let c: Carriers = serde_json::from_slice(body).ok()?;
-    let carriers = [
-        ("usage", c.usage),
-        ("tool_usage", c.tool_usage),
-        ("output", c.output),
-    ];
-    let body: serde_json::Map<String, Value> = carriers
-        .into_iter()
-        .filter_map(|(k, v)| Some((k.to_owned(), v?)))
-        .collect();
-    metered_from_body(dialect, &Value::Object(body))
+    metered_from_parts(
+        dialect,
+        c.usage.as_ref()?,
+        c.tool_usage.as_ref(),
+        c.output.as_ref(),
+    )
 }
 
-/// The paths of `body`'s usage fields (`usage`, and OpenAI's `tool_usage`) that are unknown,
-/// or known, unpriced and not zero.
-fn unmetered(dialect: Dialect, body: &Value) -> Vec<String> {
+/// A token count that must be a non-negative integer: `null`, a fraction or a string makes the
+/// typed read below fail, and the body is read the general way instead.
+#[derive(Clone, Copy, Default)]
+struct Count(u64);
+
+impl<'de> serde::Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Count, D::Error> {
+        u64::deserialize(d).map(Count)
+    }
+}
+
+/// A member whose presence sends the body to the general read.
+struct Absent;
+
+impl<'de> serde::Deserialize<'de> for Absent {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Absent, D::Error> {
+        Err(serde::de::Error::custom("read the general way"))
+    }
+}
+
+/// The usage object of an OpenAI chat completion, exactly as OpenAI sends it; any other member
+/// (a provider's own field, a new one) fails the typed read.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChatUsage {
+    prompt_tokens: Count,
+    #[serde(default)]
+    completion_tokens: Count,
+    // Checked to be a count, not read: the sum of the two above.
+    #[serde(default, rename = "total_tokens")]
+    _total_tokens: Count,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptDetails>,
+    #[serde(default)]
+    completion_tokens_details: Option<CompletionDetails>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PromptDetails {
+    cached_tokens: Option<Count>,
+    #[serde(default)]
+    audio_tokens: Count,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompletionDetails {
+    #[serde(default)]
+    reasoning_tokens: Count,
+    #[serde(default)]
+    audio_tokens: Count,
+    // Billed inside completion_tokens (OpenAI's predicted outputs): checked, not read.
+    #[serde(default, rename = "accepted_prediction_tokens")]
+    _accepted_prediction_tokens: Count,
+    #[serde(default, rename = "rejected_prediction_tokens")]
+    _rejected_prediction_tokens: Count,
+}
+
+/// A chat completion body whose usage is [`ChatUsage`] and that has no other usage carrier.
+#[derive(serde::Deserialize)]
+struct ChatBody {
+    usage: ChatUsage,
+    #[serde(default, rename = "tool_usage")]
+    _tool_usage: Option<Absent>,
+    #[serde(default, rename = "output")]
+    _output: Option<Absent>,
+}
+
+/// [`metered_from_bytes`] for the common case, an OpenAI chat completion with the usage object
+/// OpenAI documents, read into typed fields in one pass (no JSON tree, no strings). None when
+/// the body is anything else; the general read then decides (it agrees wherever this answers:
+/// the tests hold every case to both).
+fn chat_completion(body: &[u8]) -> Option<Metered> {
+    let ChatBody { usage: u, .. } = serde_json::from_slice(body).ok()?;
+    let prompt = u.prompt_tokens_details;
+    let completion = u.completion_tokens_details;
+    let mut unmetered = Vec::new();
+    if completion.as_ref().is_some_and(|c| c.audio_tokens.0 > 0) {
+        unmetered.push("usage.completion_tokens_details.audio_tokens".to_owned());
+    }
+    if prompt.as_ref().is_some_and(|p| p.audio_tokens.0 > 0) {
+        unmetered.push("usage.prompt_tokens_details.audio_tokens".to_owned());
+    }
+    Some(Metered {
+        usage: Usage {
+            input_tokens: u.prompt_tokens.0,
+            cached_input_tokens: prompt.and_then(|p| p.cached_tokens).map_or(0, |c| c.0),
+            output_tokens: u.completion_tokens.0,
+            reasoning_tokens: completion.map_or(0, |c| c.reasoning_tokens.0),
+            ..Usage::default()
+        },
+        unmetered,
+    })
+}
+
+/// The paths of the usage members (`usage`, and OpenAI's `tool_usage`) that are unknown, or
+/// known, unpriced and not zero.
+fn unmetered(dialect: Dialect, roots: [(&str, Option<&Value>); 2]) -> Vec<String> {
     let (metered, unpriced): (&[&str], &[&str]) = match dialect {
         Dialect::OpenAi => (OPENAI_METERED, OPENAI_UNPRICED),
         Dialect::Anthropic => (ANTHROPIC_METERED, &[]),
     };
-    let mut leaves = Vec::new();
-    for root in ["usage", "tool_usage"] {
-        if let Some(v) = body.get(root) {
-            numeric_leaves(&mut root.to_owned(), v, &mut leaves);
-        }
-    }
     let covers = |list: &[&str], path: &str| {
         list.iter()
             .any(|k| *k == path || (k.ends_with('.') && path.starts_with(k)))
     };
-    let mut out: Vec<String> = leaves
-        .into_iter()
-        .filter(|(path, value)| {
-            if covers(metered, path) {
-                false
-            } else if covers(unpriced, path) {
-                *value > 0.0
-            } else {
-                true
-            }
-        })
-        .map(|(path, _)| path)
-        .collect();
+    // Only the leaves not metered are copied out of the one path buffer.
+    let mut keep = |path: &str, value: f64| {
+        if covers(metered, path) {
+            false
+        } else if covers(unpriced, path) {
+            value > 0.0
+        } else {
+            true
+        }
+    };
+    let mut out = Vec::new();
+    let mut path = String::with_capacity(64);
+    for (root, v) in roots {
+        if let Some(v) = v {
+            path.clear();
+            path.push_str(root);
+            numeric_leaves(&mut path, v, &mut keep, &mut out);
+        }
+    }
     out.sort();
     out.dedup();
     out
 }
 
-/// Every number under `v`, with its dotted path (array elements as `[]`); `path` is `v`'s
-/// own, extended and restored on the way down.
-fn numeric_leaves(path: &mut String, v: &Value, out: &mut Vec<(String, f64)>) {
+/// The dotted paths of the numbers under `v` (array elements as `[]`) that `keep` keeps;
+/// `path` is `v`'s own, extended and restored on the way down.
+fn numeric_leaves(
+    path: &mut String,
+    v: &Value,
+    keep: &mut impl FnMut(&str, f64) -> bool,
+    out: &mut Vec<String>,
+) {
     let len = path.len();
     match v {
-        Value::Number(x) => out.push((path.clone(), x.as_f64().unwrap_or(0.0))),
+        Value::Number(x) => {
+            if keep(path, x.as_f64().unwrap_or(0.0)) {
+                out.push(path.clone());
+            }
+        }
         Value::Object(m) => {
             for (k, v) in m {
                 path.push('.');
                 path.push_str(k);
-                numeric_leaves(path, v, out);
+                numeric_leaves(path, v, keep, out);
                 path.truncate(len);
             }
         }
         Value::Array(items) => {
             path.push_str("[]");
             for v in items {
-                numeric_leaves(path, v, out);
+                numeric_leaves(path, v, keep, out);
             }
             path.truncate(len);
         }
@@ -447,5 +574,55 @@ mod tests {
                 "usage.server_tool_use.code_execution_requests",
             ]
         );
+    }
+
+    #[test]
+    fn the_typed_read_of_a_chat_completion_agrees_with_the_general_one() {
+        let typed = [
+            json!({"id": "x", "choices": [], "usage": {"prompt_tokens": 30, "completion_tokens": 20,
+                "total_tokens": 50,
+                "prompt_tokens_details": {"cached_tokens": 8, "audio_tokens": 3},
+                "completion_tokens_details": {"reasoning_tokens": 5, "audio_tokens": 2,
+                    "accepted_prediction_tokens": 1, "rejected_prediction_tokens": 4}}}),
+            json!({"usage": {"prompt_tokens": 1, "prompt_tokens_details": {"cached_tokens": null}}}),
+            json!({"usage": {"prompt_tokens": 1, "prompt_tokens_details": null,
+                "completion_tokens_details": null}, "tool_usage": null}),
+        ];
+        for body in typed {
+            let bytes = serde_json::to_vec(&body).unwrap();
+            let fast = chat_completion(&bytes);
+            assert!(fast.is_some(), "{body}");
+            // metered() holds the bytes' read (typed here) to the general read of the value.
+            assert_eq!(fast, Some(metered(Dialect::OpenAi, body)));
+        }
+        let m = metered(
+            Dialect::OpenAi,
+            json!({"usage": {"prompt_tokens": 30,
+            "completion_tokens": 20, "prompt_tokens_details": {"audio_tokens": 3},
+            "completion_tokens_details": {"audio_tokens": 2}}}),
+        );
+        assert_eq!(
+            m.unmetered,
+            vec![
+                "usage.completion_tokens_details.audio_tokens",
+                "usage.prompt_tokens_details.audio_tokens",
+            ]
+        );
+        // Anything else is read the general way (and metered() checks both reads agree).
+        let general = [
+            json!({"usage": {"prompt_tokens": 1, "completion_tokens": null}}),
+            json!({"usage": {"prompt_tokens": 1.5, "completion_tokens": 2}}),
+            json!({"usage": {"prompt_tokens": -1, "completion_tokens": 2}}),
+            json!({"usage": {"prompt_tokens": 1, "prompt_cache_hit_tokens": 1}}),
+            json!({"usage": {"prompt_tokens": 1, "prompt_tokens_details": {"text_tokens": 1}}}),
+            json!({"usage": {"prompt_tokens": 1}, "tool_usage": {"web_search": {"num_requests": 2}}}),
+            json!({"usage": {"prompt_tokens": 1}, "output": [{"type": "web_search_call"}]}),
+            json!({"usage": {"input_tokens": 1, "output_tokens": 2}}),
+        ];
+        for body in general {
+            let bytes = serde_json::to_vec(&body).unwrap();
+            assert_eq!(chat_completion(&bytes), None, "{body}");
+            metered(Dialect::OpenAi, body);
+        }
     }
 }
