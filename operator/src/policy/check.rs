@@ -163,14 +163,21 @@ mod tests {
         assert!(!PolicyCheck::from_condition(warn, false).blocks);
     }
 
-    /// The real-cluster suite's own Agent must pass the built-ins, or the operator would
-    /// (rightly) never start it and `e2e/cluster/run.sh` would fail for the wrong reason.
+    /// The real-cluster suite's own Agents (the plain one and the two of the Vault scenario)
+    /// must pass the built-ins, or the operator would (rightly) never start them and
+    /// `e2e/cluster/run.sh` would fail for the wrong reason.
     #[tokio::test]
-    async fn the_cluster_suites_agent_passes_the_builtins() {
-        let text = include_str!("../../../e2e/cluster/fixtures/e2e-agent.yaml");
+    async fn the_cluster_suites_agents_pass_the_builtins() {
+        let texts = [
+            include_str!("../../../e2e/cluster/fixtures/e2e-agent.yaml"),
+            include_str!("../../../e2e/cluster/fixtures/e2e-vault.yaml"),
+        ];
         let checker = builtins();
         let mut agents = 0;
-        for doc in serde_yaml::Deserializer::from_str(text) {
+        for doc in texts
+            .into_iter()
+            .flat_map(serde_yaml::Deserializer::from_str)
+        {
             let mut v: serde_json::Value =
                 serde::Deserialize::deserialize(doc).expect("YAML document");
             if v["kind"] != "Agent" {
@@ -181,7 +188,7 @@ mod tests {
             assert_eq!(check.condition.reason, "Allowed", "{check:?}");
             agents += 1;
         }
-        assert_eq!(agents, 1);
+        assert_eq!(agents, 3);
     }
 
     #[tokio::test]

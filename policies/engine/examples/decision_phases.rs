@@ -19,6 +19,12 @@ use serde_json::{Value, json};
 use soma_policy::builtin::BUILTINS;
 use soma_policy::{EvalMode, PolicyStore, Review, Sources, gatekeeper, inventory};
 
+/// mimalloc rather than the system allocator: a policy decision allocates a few thousand
+/// times (regorus' values, register windows and rule metadata), and glibc's malloc and free
+/// were about 15 % of a decision's instructions (docs/benchmarks.md, "Policy").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let rounds: usize = args.get(1).map_or(200, |s| s.parse().expect("rounds"));

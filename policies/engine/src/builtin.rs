@@ -46,6 +46,7 @@ pub const BUILTINS: &[Builtin] = &[
     builtin!("budget-ref", "SomaBudgetRef", "budget_ref"),
     builtin!("capsules", "SomaCapsules", "capsules"),
     builtin!("budget-parent", "SomaBudgetParent", "budget_parent"),
+    builtin!("vault", "SomaVault", "vault"),
 ];
 
 impl Builtin {

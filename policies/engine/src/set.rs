@@ -189,8 +189,8 @@ impl VmProgram {
         vm.set_data(self.data.clone()).map_err(|e| e.to_string())?;
         // As the interpreter: a built-in given a value of the wrong type is an error.
         vm.set_strict_builtin_errors(true);
-        // A built-in's decision takes at most ~1,200 instructions on the fixtures and their
-        // mutations; beyond the limit (a very large object, or regorus 0.14's loop after a
+        // A built-in's decision takes at most ~2,500 instructions on the fixtures and their
+        // sampled mutations (SomaVault's full checks; the others ~1,200); beyond the limit (a very large object, or regorus 0.14's loop after a
         // comprehension whose body was undefined, docs/policies.md) the interpreter decides.
         vm.set_max_instructions(VM_MAX_INSTRUCTIONS);
         Ok(vm)

@@ -97,7 +97,14 @@ fn the_examples_pass_the_default_policies() {
     )
     .join("../../examples");
     let mut objects = Vec::new();
-    for f in ["budget.yaml", "agent.yaml", "capsule.yaml", "job.yaml"] {
+    for f in [
+        "budget.yaml",
+        "agent.yaml",
+        "capsule.yaml",
+        "job.yaml",
+        "vault/agent.yaml",
+        "vault/agent-approle.yaml",
+    ] {
         let text = std::fs::read_to_string(examples.join(f)).unwrap();
         objects.extend(soma_policy::gatekeeper::documents(&text, f).unwrap());
     }
