@@ -34,7 +34,9 @@ trap 'rm -rf "$tmp"' EXIT
 helm template soma soma -n soma-system -f tests/values/everything.yaml --show-only templates/settings.yaml |
     "${SOMA_CACHE:-$HOME/.cache/soma}/venv/bin/python" -c \
         'import sys, yaml; print(next(d for d in yaml.safe_load_all(sys.stdin) if d and "prices.yaml" in d.get("data", {}))["data"]["prices.yaml"])' >"$tmp/prices.yaml"
-if ! "$bin" render -f ../examples/agent.yaml --prices-file "$tmp/prices.yaml" | grep -q '"outputPerMTok": 10000000'; then
+# Rendered whole first: under pipefail, `render | grep -q` fails whenever grep stops reading early.
+rendered=$("$bin" render -f ../examples/agent.yaml --prices-file "$tmp/prices.yaml")
+if ! grep -q '"outputPerMTok": 10000000' <<<"$rendered"; then
     echo "the chart's prices.yaml was not handed to the sidecar by soma-operator render"
     failed=1
 fi

