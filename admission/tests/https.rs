@@ -480,21 +480,22 @@ async fn deadline_fails_closed_by_default_and_open_when_configured() {
         assert_eq!(status, 200);
         let resp = &body["response"];
         assert_eq!(resp["allowed"], fail_open, "{resp}");
+        // Two answers are right, and which one comes is timing: regorus' timer stops the
+        // policy at the deadline and the failure names it, or, when stopping takes longer than
+        // the webhook's 50 ms of grace (a loaded machine), the webhook answers without it.
         if fail_open {
+            let warning = resp["warnings"][0].as_str().unwrap_or_default();
             assert!(
-                resp["warnings"][0]
-                    .as_str()
-                    .unwrap()
-                    .contains("could not be evaluated"),
+                warning.contains("[Slow/slow] policy could not be evaluated")
+                    || warning.contains("policy evaluation did not finish in time"),
                 "{resp}"
             );
             assert_eq!(resp["auditAnnotations"]["decision"], "allowed-fail-open");
         } else {
+            let message = resp["status"]["message"].as_str().unwrap_or_default();
             assert!(
-                resp["status"]["message"]
-                    .as_str()
-                    .unwrap()
-                    .contains("[Slow/slow] policy could not be evaluated"),
+                message.contains("[Slow/slow] policy could not be evaluated")
+                    || message.contains("policy evaluation did not finish in time"),
                 "{resp}"
             );
         }
