@@ -112,33 +112,13 @@ pub fn open_delivered(dir: &Path, digest: &str) -> Result<Delivered> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::pack::{Embeddings, PackOptions, pack_documents};
 
     fn bundle(with_embeddings: bool) -> crate::Bundle {
         let docs = vec![
             ("a.md".to_owned(), "alpha one\n\nalpha two".to_owned()),
             ("b.md".to_owned(), "beta".to_owned()),
         ];
-        let mut options = PackOptions {
-            version: "1.0.0".into(),
-            policy_hash: format!("sha256:{}", "9".repeat(64)),
-            max_bytes: 64,
-            embeddings: None,
-        };
-        if with_embeddings {
-            let chunks = crate::pack::chunks(&docs, 64);
-            options.embeddings = Some(Embeddings {
-                model: "soma-hash-8".into(),
-                records: chunks
-                    .iter()
-                    .map(|c| Embedding {
-                        id: c.id.clone(),
-                        vector: crate::hashed::embed(&c.text, 8),
-                    })
-                    .collect(),
-            });
-        }
-        pack_documents(&docs, &options).unwrap()
+        crate::pack::test_bundle(&docs, "1.0.0", with_embeddings)
     }
 
     #[test]

@@ -253,3 +253,31 @@ pub fn pack_documents(documents: &[(String, String)], options: &PackOptions) -> 
     bundle.open()?;
     Ok(bundle)
 }
+
+/// A test bundle of `documents` at `version` (chunks of at most 64 bytes), with the 8-dimension
+/// hashed embeddings of its chunks when `with_embeddings`.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) fn test_bundle(
+    documents: &[(String, String)],
+    version: &str,
+    with_embeddings: bool,
+) -> Bundle {
+    let embeddings = with_embeddings.then(|| Embeddings {
+        model: "soma-hash-8".into(),
+        records: chunks(documents, 64)
+            .iter()
+            .map(|c| Embedding {
+                id: c.id.clone(),
+                vector: crate::hashed::embed(&c.text, 8),
+            })
+            .collect(),
+    });
+    let options = PackOptions {
+        version: version.into(),
+        policy_hash: format!("sha256:{}", "9".repeat(64)),
+        max_bytes: 64,
+        embeddings,
+    };
+    pack_documents(documents, &options).unwrap()
+}

@@ -1,7 +1,5 @@
 #![allow(clippy::unwrap_used)]
 use super::*;
-use crate::format::Embedding;
-use crate::pack::{Embeddings, PackOptions, pack_documents};
 use qdrant_client::qdrant::{PointId, Vector, point_id::PointIdOptions, vector, vectors};
 
 const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
@@ -20,26 +18,9 @@ fn contents(with_embeddings: bool) -> Contents {
         ),
         ("b.md".to_owned(), "beta".to_owned()),
     ];
-    let mut options = PackOptions {
-        version: "2.1.0".into(),
-        policy_hash: format!("sha256:{}", "9".repeat(64)),
-        max_bytes: 64,
-        embeddings: None,
-    };
-    if with_embeddings {
-        let chunks = crate::pack::chunks(&docs, 64);
-        options.embeddings = Some(Embeddings {
-            model: "soma-hash-8".into(),
-            records: chunks
-                .iter()
-                .map(|c| Embedding {
-                    id: c.id.clone(),
-                    vector: crate::hashed::embed(&c.text, 8),
-                })
-                .collect(),
-        });
-    }
-    pack_documents(&docs, &options).unwrap().open().unwrap()
+    crate::pack::test_bundle(&docs, "2.1.0", with_embeddings)
+        .open()
+        .unwrap()
 }
 
 #[test]

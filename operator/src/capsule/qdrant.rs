@@ -26,17 +26,8 @@ pub fn opted_in(capsule: &Capsule) -> bool {
     capsule.spec.index == Some(RecallIndexKind::Qdrant)
 }
 
-fn rejection(reason: &str, message: String, transient: bool) -> Rejection {
-    Rejection {
-        reason: reason.to_owned(),
-        message,
-        transient,
-        recheck: false,
-    }
-}
-
 fn from_error(e: &QdrantError) -> Rejection {
-    rejection(e.reason(), e.to_string(), e.transient())
+    Rejection::new(e.reason(), e.to_string(), e.transient())
 }
 
 /// Pure: the collection of a verified Capsule, or why it has none (an operator without
@@ -48,7 +39,7 @@ pub fn target(
     config: &OperatorConfig,
 ) -> Result<(QdrantSettings, String), Rejection> {
     let Some(settings) = &config.qdrant else {
-        return Err(rejection(
+        return Err(Rejection::new(
             "QdrantNotConfigured",
             format!(
                 "spec.index is qdrant, but the operator runs without --qdrant-url; Capsule {namespace}/{} cannot be loaded (remove spec.index to use the embedded index)",
@@ -82,7 +73,7 @@ pub async fn observe(
         return Ok(known.clone());
     }
     let Some(oci) = &capsule.spec.source.oci else {
-        return Err(rejection(
+        return Err(Rejection::new(
             "QdrantNeedsBundle",
             "spec.index qdrant needs an OCI source (a bundle with embeddings)".to_owned(),
             false,
@@ -94,7 +85,7 @@ pub async fn observe(
         .await
         .and_then(|bundle| bundle.open())
         .map_err(|e| {
-            rejection(
+            Rejection::new(
                 "QdrantBundleUnavailable",
                 format!(
                     "fetching {}@{} to load into Qdrant: {e}",

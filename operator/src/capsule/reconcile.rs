@@ -33,15 +33,6 @@ pub const CONTROLLER: &str = "capsule";
 /// Safety-net requeue after a verification; watches drive everything else.
 const RESYNC: Duration = Duration::from_secs(3600);
 
-fn rejection(reason: &str, message: String, transient: bool) -> Rejection {
-    Rejection {
-        reason: reason.to_owned(),
-        message,
-        transient,
-        recheck: false,
-    }
-}
-
 /// The bytes of `key` in ConfigMap `name`, or why there are none (a transient rejection:
 /// the ConfigMap may yet be created).
 async fn config_map_key(
@@ -70,7 +61,7 @@ async fn config_map_key(
             })
     });
     Ok(bytes.ok_or_else(|| {
-        rejection(
+        Rejection::new(
             reason,
             format!("{what}: ConfigMap {namespace}/{name} has no key {key:?}; create it or correct the reference"),
             true,
@@ -128,7 +119,7 @@ async fn content(
         };
         let digest = match check_declared(&cm.digest, &bytes) {
             Ok(d) => d,
-            Err(m) => return Ok(Err(rejection("DigestMismatch", m, false))),
+            Err(m) => return Ok(Err(Rejection::new("DigestMismatch", m, false))),
         };
         let sig_key = signature_key(&cm.key);
         let signature = match config_map_key(
@@ -149,7 +140,7 @@ async fn content(
             blob: Some((bytes, signature)),
         }));
     }
-    Ok(Err(rejection(
+    Ok(Err(Rejection::new(
         "InvalidSource",
         "spec.source needs exactly one of oci, inline or configMapRef".to_owned(),
         false,
@@ -173,13 +164,13 @@ async fn observe(
         })?;
     let mut checked = false;
     let outcome = if capsule.spec.revoked {
-        Err(rejection(
+        Err(Rejection::new(
             "Revoked",
             "the Capsule is revoked (spec.revoked); no Agent may use it".to_owned(),
             false,
         ))
     } else if policy.blocks {
-        Err(rejection(
+        Err(Rejection::new(
             if policy.is_error() {
                 "PolicyError"
             } else {
@@ -226,7 +217,7 @@ async fn verify(
             Ok(bytes) => match String::from_utf8(bytes) {
                 Ok(pem) => Some(pem),
                 Err(_) => {
-                    return Ok(Err(rejection(
+                    return Ok(Err(Rejection::new(
                         "PublicKeyInvalid",
                         format!(
                             "ConfigMap {}/{} key {:?} is not PEM text",

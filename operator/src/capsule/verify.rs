@@ -37,6 +37,18 @@ pub struct Rejection {
     pub recheck: bool,
 }
 
+impl Rejection {
+    /// A rejection that does not depend on what a registry holds (`recheck: false`).
+    pub fn new(reason: &str, message: String, transient: bool) -> Rejection {
+        Rejection {
+            reason: reason.to_owned(),
+            message,
+            transient,
+            recheck: false,
+        }
+    }
+}
+
 /// What is verified: the Capsule, the digest its content has, the PEM public key its
 /// `signature.publicKeyRef` names (when it names one), and for content the operator reads
 /// itself (a ConfigMap), the bytes and their detached signature.
