@@ -59,6 +59,14 @@ def agent(name: str, ns: str, budget_name: str) -> dict[str, Any]:
                      "budgetRef": {"name": budget_name}}}
 
 
+def wait_out_hour_end(within_s: float) -> None:
+    """Sleeps past the end of the real hour when it is less than `within_s` away, so a step
+    that must not see a period roll over (or must place the clock itself) runs clear of it."""
+    left = 3600 - time.time() % 3600
+    if left < within_s:
+        time.sleep(left + 3)
+
+
 def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
     for c in ((obj or {}).get("status") or {}).get("conditions") or []:
         if c["type"] == type_:
@@ -296,7 +304,9 @@ def test_spend_from_real_sidecars_reaches_status_events_metrics_and_the_audit(le
     assert out.returncode == 0, out.stdout + out.stderr
     assert "intact" in out.stdout, out.stdout
 
-    # Quiet: no traffic, no writes.
+    # Quiet: no traffic, no writes. The Budget's period is the calendar hour, so a real hour's
+    # end inside the window would (rightly) start a new period and write its status.
+    wait_out_hour_end(within_s=30)
     time.sleep(2)
     before = standin.stats()
     time.sleep(4)
@@ -305,8 +315,7 @@ def test_spend_from_real_sidecars_reaches_status_events_metrics_and_the_audit(le
 
     # The operator's clock is moved to 5 s before the end of the hour, and a delivery wakes the
     # Budget: it schedules its next reconcile at the period's end and starts a new period then.
-    if time.time() % 3600 > 3600 - 20:
-        time.sleep(3600 - time.time() % 3600 + 1)  # too close to a real hour's end: wait it out
+    wait_out_hour_end(within_s=20)
     (ledgered["work"] / "clock").write_text(str(int((3600 - time.time() % 3600 - 5) * 1000)))
     uid = b["metadata"]["uid"]
     pg.sql(f"NOTIFY soma_usage, 'metered/team@{uid}'")
