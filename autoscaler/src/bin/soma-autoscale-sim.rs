@@ -37,6 +37,13 @@ struct Args {
     /// ../shared/data/ relative to the repository root.
     #[arg(long)]
     trace: Vec<String>,
+    /// Replay only the requests of each `--trace` from this minute of it (a window of a
+    /// long trace, e.g. one hour of a week-long one: `--from-min 600 --to-min 660`).
+    #[arg(long, value_name = "MINUTE")]
+    from_min: Option<f64>,
+    /// ... up to this minute (exclusive); the window is re-based to start at minute 0.
+    #[arg(long, value_name = "MINUTE")]
+    to_min: Option<f64>,
     /// Seed for the synthetic traces and the robustness variants.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -181,9 +188,34 @@ fn run(args: Args) -> Result<()> {
         max_replicas: args.max_replicas,
         ..Comparison::default()
     };
+    let window = match (args.from_min, args.to_min) {
+        (None, None) => None,
+        (from, to) => {
+            let (from, to) = (from.unwrap_or(0.0), to.unwrap_or(f64::INFINITY));
+            if !(from >= 0.0 && to > from) {
+                return Err(format!(
+                    "--from-min {from} --to-min {to}: the window needs 0 <= from < to"
+                )
+                .into());
+            }
+            Some((from * 60.0, to * 60.0))
+        }
+    };
     let mut real = Vec::new();
     for (label, path) in real_traces(&args.trace) {
-        real.push((label, path.clone(), Trace::from_csv(&path)?));
+        let mut trace = Trace::from_csv(&path)?;
+        if let Some((from_s, to_s)) = window {
+            trace = trace.window(from_s, to_s);
+            if trace.requests.is_empty() {
+                return Err(format!(
+                    "{}: no request in the window {}",
+                    path.display(),
+                    trace.name
+                )
+                .into());
+            }
+        }
+        real.push((label, path.clone(), trace));
     }
     let mut synthetic = Vec::new();
     if !args.no_synthetic {

@@ -2,7 +2,8 @@
 //!
 //! A trace is a list of requests, each an arrival time (seconds from the trace's start) with
 //! its prompt and generated token counts. The CSV reader takes a timestamp
-//! (`YYYY-MM-DD HH:MM:SS[.fraction]` or plain seconds), prompt tokens and generated tokens,
+//! (`YYYY-MM-DD HH:MM:SS[.fraction]`, optionally with `Z` or a UTC offset such as `+00:00` as
+//! the Azure 2024 traces write it, or plain seconds), prompt tokens and generated tokens,
 //! found by the header's names (Azure's `TIMESTAMP,ContextTokens,GeneratedTokens`,
 //! BurstGPT's `Timestamp,Model,Request tokens,Response tokens,...`, `arrival_time`,
 //! `input_tokens`, `output_tokens`, ...) or else as the first three columns.
@@ -436,10 +437,11 @@ fn parse_time(s: &str) -> Option<f64> {
     let year: i64 = d.next()?.parse().ok()?;
     let month: i64 = d.next()?.parse().ok()?;
     let day: i64 = d.next()?.parse().ok()?;
+    let (time, offset_s) = split_offset(time)?;
     let mut tm = time.splitn(3, ':');
     let hour: f64 = tm.next()?.parse().ok()?;
     let minute: f64 = tm.next()?.parse().ok()?;
-    let second: f64 = tm.next()?.trim_end_matches('Z').parse().ok()?;
+    let second: f64 = tm.next()?.parse().ok()?;
     if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
         return None;
     }
@@ -447,8 +449,33 @@ fn parse_time(s: &str) -> Option<f64> {
         days_from_civil(year, month, day) as f64 * 86_400.0
             + hour * 3600.0
             + minute * 60.0
-            + second,
+            + second
+            - offset_s,
     )
+}
+
+/// Splits a time of day from its zone: none (read as UTC), `Z`, or an offset `±HH:MM` / `±HHMM`
+/// / `±HH`. Returns the time and the offset in seconds east of UTC; `None` for a malformed
+/// offset.
+fn split_offset(time: &str) -> Option<(&str, f64)> {
+    if let Some(t) = time.strip_suffix(['Z', 'z']) {
+        return Some((t, 0.0));
+    }
+    let Some(at) = time.rfind(['+', '-']) else {
+        return Some((time, 0.0));
+    };
+    let (t, zone) = time.split_at(at);
+    let sign = if zone.starts_with('-') { -1.0 } else { 1.0 };
+    let digits: String = zone[1..].chars().filter(|c| *c != ':').collect();
+    if !matches!(digits.len(), 2 | 4) || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let hours: f64 = digits[..2].parse().ok()?;
+    let minutes: f64 = if digits.len() == 4 { digits[2..].parse().ok()? } else { 0.0 };
+    if hours > 23.0 || minutes > 59.0 {
+        return None;
+    }
+    Some((t, sign * (hours * 3600.0 + minutes * 60.0)))
 }
 
 /// Days since 1970-01-01 in the proleptic Gregorian calendar (Howard Hinnant's algorithm).
@@ -510,6 +537,31 @@ mod tests {
         assert_eq!(t.requests[0].output_tokens, 3);
         // Unknown names: positional, as before.
         assert_eq!(Columns::from_header(&["a", "b", "c"]), Columns::POSITIONAL);
+    }
+
+    #[test]
+    fn timestamps_with_a_zone_are_read_as_utc() {
+        let utc = parse_time("2024-05-10 00:00:00.009930").expect("no zone");
+        assert_eq!(parse_time("2024-05-10 00:00:00.009930+00:00"), Some(utc));
+        assert_eq!(parse_time("2024-05-10T00:00:00.009930Z"), Some(utc));
+        assert_eq!(parse_time("2024-05-10 02:00:00.009930+02:00"), Some(utc));
+        assert_eq!(parse_time("2024-05-09 18:30:00.009930-0530"), Some(utc));
+        assert_eq!(parse_time("2024-05-10 01:00:00.009930+01"), Some(utc));
+        for bad in [
+            "2024-05-10 00:00:00+0:00",
+            "2024-05-10 00:00:00+24:00",
+            "2024-05-10 00:00:00+00:60",
+            "2024-05-10 00:00:00+ab:cd",
+        ] {
+            assert_eq!(parse_time(bad), None, "{bad}");
+        }
+        // The Azure 2024 layout, header and all, across a day boundary in another zone.
+        let text = "TIMESTAMP,ContextTokens,GeneratedTokens\n\
+                    2024-05-10 23:59:59.500000+00:00,100,10\n\
+                    2024-05-11 02:00:00.500000+02:00,200,20\n";
+        let t = Trace::parse_csv("x", "x.csv", text).expect("parses");
+        assert_eq!(t.requests.len(), 2);
+        assert!((t.requests[1].arrival_s - 1.0).abs() < 1e-6, "{:?}", t.requests);
     }
 
     #[test]
