@@ -471,7 +471,11 @@ fn split_offset(time: &str) -> Option<(&str, f64)> {
         return None;
     }
     let hours: f64 = digits[..2].parse().ok()?;
-    let minutes: f64 = if digits.len() == 4 { digits[2..].parse().ok()? } else { 0.0 };
+    let minutes: f64 = if digits.len() == 4 {
+        digits[2..].parse().ok()?
+    } else {
+        0.0
+    };
     if hours > 23.0 || minutes > 59.0 {
         return None;
     }
@@ -561,7 +565,11 @@ mod tests {
                     2024-05-11 02:00:00.500000+02:00,200,20\n";
         let t = Trace::parse_csv("x", "x.csv", text).expect("parses");
         assert_eq!(t.requests.len(), 2);
-        assert!((t.requests[1].arrival_s - 1.0).abs() < 1e-6, "{:?}", t.requests);
+        assert!(
+            (t.requests[1].arrival_s - 1.0).abs() < 1e-6,
+            "{:?}",
+            t.requests
+        );
     }
 
     #[test]
