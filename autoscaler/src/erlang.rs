@@ -11,11 +11,12 @@
 //!   t_q      = S · ln(C / (1 − q)) / (n − A)    when C > 1 − q, else 0
 //! ```
 //!
-//! Real service times are not exponential: LLM generation lengths are heavy-tailed (on the
-//! Azure code trace the squared coefficient of variation `c²` of service time is about 2).
-//! [`SizingRequest`] therefore applies the Allen–Cunneen correction for M/G/n: waiting is
-//! scaled by `(1 + c²)/2`, i.e. the tail uses `S·(1 + c²)/2` in place of `S`, which leaves
-//! the exact M/M/n result when `c² = 1`. The free functions are the exact M/M/n formulas.
+//! Real traffic is neither Poisson nor exponential: LLM generation lengths are heavy-tailed
+//! (on the Azure code trace the squared coefficient of variation `c_s²` of service time is
+//! about 2) and requests arrive in bursts. [`SizingRequest`] therefore applies the
+//! Allen–Cunneen approximation for G/G/n: waiting is scaled by `(c_a² + c_s²)/2`, i.e. the
+//! tail uses `S·(c_a² + c_s²)/2` in place of `S`, which leaves the exact M/M/n result when
+//! both are 1. The free functions are the exact M/M/n formulas.
 //!
 //! The recurrence never forms `A^n` or `n!`, so it is stable for any `n` (every step is a
 //! convex-ish ratio in `[0, 1]`), unlike the textbook closed form that overflows `f64` near
@@ -98,6 +99,9 @@ pub struct SizingRequest {
     pub service_time: f64,
     /// Squared coefficient of variation of service time (1 for exponential).
     pub service_scv: f64,
+    /// Squared coefficient of variation of arrivals (1 for Poisson): the
+    /// [`crate::estimate::Estimate::arrival_scv`] the signal shows.
+    pub arrival_scv: f64,
     /// Concurrent requests one replica serves (servers per replica).
     pub slots_per_replica: u32,
     /// Highest allowed utilisation `ρ` (e.g. 0.7).
@@ -163,7 +167,8 @@ impl SizingRequest {
             (1.0, f64::INFINITY)
         } else {
             let c = c_from_b(servers, load, b);
-            let wait_scale = self.service_time * (1.0 + self.service_scv.max(0.0)) / 2.0;
+            let wait_scale =
+                self.service_time * (self.arrival_scv.max(0.0) + self.service_scv.max(0.0)) / 2.0;
             (c, quantile_from_c(c, n, load, wait_scale, self.quantile))
         };
         Sizing {
@@ -352,6 +357,7 @@ mod tests {
                             arrival_rate: lambda,
                             service_time: s,
                             service_scv: 1.0,
+                            arrival_scv: 1.0,
                             slots_per_replica: slots,
                             rho_max: 0.7,
                             wait_target: target,
@@ -382,6 +388,7 @@ mod tests {
             arrival_rate: 8.0,
             service_time: 1.0,
             service_scv: 1.0,
+            arrival_scv: 1.0,
             slots_per_replica: 1,
             rho_max: 0.9,
             wait_target: 0.5,
@@ -389,6 +396,7 @@ mod tests {
         };
         let heavy = SizingRequest {
             service_scv: 3.0,
+            arrival_scv: 1.0,
             ..base
         };
         let k = base.smallest(100).expect("reachable").replicas;
@@ -408,6 +416,7 @@ mod tests {
             arrival_rate: 100.0,
             service_time: 1.0,
             service_scv: 1.0,
+            arrival_scv: 1.0,
             slots_per_replica: 1,
             rho_max: 0.7,
             wait_target: 1.0,

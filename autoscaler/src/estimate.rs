@@ -4,6 +4,8 @@
 //!   λ̂  = running mean of requests/Δt, gain 1 − e^{−Δt/τλ}     EMA of arrivals
 //!   Ŝ  = running mean of S_window,   gain 1 − e^{−n/nS}       per-request weighted EMA
 //!   Ŝ₂ likewise from latency² sums;  c² = Ŝ₂/Ŝ² − 1            service variability
+//!   c_a² = running mean of (n − λ̂Δt)² / (λ̂Δt), gain 1 − e^{−Δt/300 s}, prior 1, each window
+//!          and the result within [1, 16]                       arrival burstiness
 //!   S_window = latency_sum / completed                         (observed latency), or
 //!            = overhead + (in/prefill_tps + out/decode_tps) / completed   (tokens)
 //! ```
@@ -13,6 +15,13 @@
 //! requests rather than by time, so a quiet window with one unusual request moves the
 //! estimate little and a busy window moves it a lot. Before anything completes, `Ŝ` is the
 //! configured prior.
+//!
+//! Arrival burstiness `c_a²` is the index of dispersion of the windows' arrival counts `n`
+//! around the count the rate estimate expected before each window (`λ̂Δt`, when at least
+//! one): 1 for Poisson arrivals, more when requests come in bursts. It starts from the
+//! Poisson prior, weighed as one time constant, so a first unusual window does not set it, and
+//! is never taken below 1 (sizing never gets leaner than for Poisson arrivals). It has no
+//! setting: 60–1,800 s for its time constant changed nothing that `bench/autoscaler` shows.
 
 use serde::{Deserialize, Serialize};
 
@@ -64,7 +73,19 @@ pub struct Estimate {
     pub service_time_source: ServiceTimeSource,
     /// Squared coefficient of variation of service time; 1 (exponential) until measured.
     pub service_scv: f64,
+    /// Burstiness of arrivals: the running index of dispersion of the windows' arrival counts
+    /// around the rate expected before each (1 for Poisson arrivals, and until measured),
+    /// never below 1.
+    #[serde(default = "one")]
+    pub arrival_scv: f64,
 }
+
+fn one() -> f64 {
+    1.0
+}
+
+const DISPERSION_TAU_S: f64 = 300.0;
+const MAX_ARRIVAL_SCV: f64 = 16.0;
 
 /// Settings of the [`Estimator`].
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -132,6 +153,8 @@ pub struct Estimator {
     service_time: RunningMean,
     service_source: Option<ServiceTimeSource>,
     service_second_moment: RunningMean,
+    #[serde(default)]
+    arrival_dispersion: RunningMean,
 }
 
 impl Estimator {
@@ -144,6 +167,7 @@ impl Estimator {
             service_time: RunningMean::default(),
             service_source: None,
             service_second_moment: RunningMean::default(),
+            arrival_dispersion: RunningMean::default(),
         }
     }
 
@@ -157,6 +181,19 @@ impl Estimator {
     /// Folds one window into the estimates and returns them.
     pub fn observe(&mut self, signal: &LoadSignal) -> Estimate {
         if signal.window_s > 0.0 {
+            if let Some(before) = self.arrival_rate.get() {
+                let expected = before * signal.window_s;
+                if expected >= 1.0 {
+                    let d = ((signal.requests as f64 - expected).powi(2) / expected)
+                        .min(MAX_ARRIVAL_SCV);
+                    if self.arrival_dispersion.get().is_none() {
+                        // Poisson until shown otherwise: the prior weighs one time constant.
+                        self.arrival_dispersion.observe(1.0, 1.0);
+                    }
+                    let gain = 1.0 - (-signal.window_s / DISPERSION_TAU_S).exp();
+                    self.arrival_dispersion.observe(d, gain);
+                }
+            }
             let rate = signal.arrival_rate();
             self.window_arrival_rate = rate;
             let gain = 1.0 - (-signal.window_s / self.params.arrival_tau_s).exp();
@@ -205,6 +242,11 @@ impl Estimator {
             _ => 1.0,
         };
         Estimate {
+            arrival_scv: self
+                .arrival_dispersion
+                .get()
+                .unwrap_or(1.0)
+                .clamp(1.0, MAX_ARRIVAL_SCV),
             arrival_rate: self.arrival_rate.get().unwrap_or(0.0),
             window_arrival_rate: self.window_arrival_rate,
             service_time,
