@@ -598,6 +598,11 @@ pub struct ScalingStatus {
     pub arrival_rate: f64,
     /// Estimated mean service time, seconds.
     pub service_time_s: f64,
+    /// Estimated burstiness of arrivals (squared coefficient of variation; 1 for Poisson
+    /// arrivals, never below): the Erlang-C wait scales with it and the service times'
+    /// variability, `(arrivalScv + c_s²)/2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arrival_scv: Option<f64>,
     /// Predicted utilisation at `desiredReplicas` (absent when the queue is unstable).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub utilisation: Option<f64>,

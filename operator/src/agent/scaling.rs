@@ -269,11 +269,12 @@ pub fn scaling_verdict(step: &Step) -> Option<Verdict> {
                 _ => String::new(),
             };
             message.push_str(&format!(
-                "{} replicas ({}): {:.2} req/s × {:.2} s from {reporting} pod(s); conductance {:.2}, Erlang-C floor {}, held floor {}",
+                "{} replicas ({}): {:.2} req/s × {:.2} s from {reporting} pod(s), arrival burstiness {:.1}; conductance {:.2}, Erlang-C floor {}, held floor {}",
                 d.desired_replicas,
                 reason_field(d.reason),
                 d.sizing_arrival_rate,
                 e.service_time,
+                e.arrival_scv,
                 d.conductance,
                 d.erlang_floor,
                 d.held_floor,
@@ -376,6 +377,7 @@ pub fn scaling_status(
             held_floor: i32::try_from(d.held_floor).unwrap_or(i32::MAX),
             arrival_rate: round(d.sizing_arrival_rate),
             service_time_s: round(d.estimate.service_time),
+            arrival_scv: Some(round(d.estimate.arrival_scv)),
             utilisation: d.utilisation.map(round),
             p95_wait_s: d.p95_wait_s.map(round),
             reporting_pods: *reporting,
