@@ -207,6 +207,7 @@ def test_replicas_follow_the_load_up_and_down_and_status_explains_why(scaled: di
     s = agent["status"]["scaling"]
     assert s["reason"] in ("erlangFloor", "conductance", "floorHold", "cap"), s
     assert s["arrivalRate"] > 0 and s["serviceTimeS"] > 0 and s["reportingPods"] >= 1, s
+    assert s["arrivalScv"] >= 1, s  # burstiness is never taken below Poisson's
     assert s["erlangFloor"] >= 1 and s["lastScaleTime"] and s["state"]["replicas"] >= 1, s
     assert up <= 4, "never above maxReplicas"
     c = condition(agent, "Scaling")
