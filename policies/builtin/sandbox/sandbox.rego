@@ -17,10 +17,10 @@
 # Layout, shared by the built-ins (docs/policies.md, "Performance"): `problems` holds the
 # checks, one rule each, as they read best; `fine` is a fast path that holds only when none of
 # them can fire, so `violation` skips them in the common case. `vm_violation` is what Soma asks
-# regorus' register VM for: undefined unless `fine` holds or every field the checks read has
-# the type they expect (`object_typed`; the parameters are checked once per constraint by
-# `params_typed`), since the VM 0.14 silently skips a body where the interpreter reports an
-# error. The spelling avoids `x := <possibly undefined>` where a later `else` or `not`
+# regorus' register VM for: the empty set when `fine` holds (as `violation` is then), else
+# `violation` if every field the checks read has the type they expect (`object_typed`; the
+# parameters are checked once per constraint by `params_typed`), else undefined, since the VM
+# 0.14 silently skips a body where the interpreter reports an error. The spelling avoids `x := <possibly undefined>` where a later `else` or `not`
 # depends on it failing (the VM does not stop there).
 package soma.sandbox
 
