@@ -16,7 +16,7 @@ violation contains v if {
 	some v in problems
 }
 
-vm_violation := violation if fine
+vm_violation := set() if fine
 else := violation if object_typed
 
 obj := input.review.object

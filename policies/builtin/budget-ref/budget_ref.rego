@@ -14,7 +14,7 @@ violation contains v if {
 	some v in problems
 }
 
-vm_violation := violation if fine
+vm_violation := set() if fine
 else := violation if object_typed
 
 obj := input.review.object
@@ -84,6 +84,40 @@ fine if {
 	is_string(name)
 	name != ""
 	budgets[name]
+}
+
+# A Job charged to a named Budget (its own, its inline template's, or its Agent's, as
+# `job_budget` finds it) that need not exist yet; or a DR drill, which needs none.
+fine if {
+	input.review.object.kind == "Job"
+	not input.parameters.requireExisting == true
+	name = input.review.object.spec.budgetRef.name
+	is_string(name)
+	name != ""
+}
+
+fine if {
+	input.review.object.kind == "Job"
+	not input.parameters.requireExisting == true
+	name = input.review.object.spec.template.budgetRef.name
+	is_string(name)
+	name != ""
+}
+
+fine if {
+	input.review.object.kind == "Job"
+	not input.parameters.requireExisting == true
+	ns := object.get(input.review.object, ["metadata", "namespace"], object.get(input.review, "namespace", ""))
+	agent = object.get(data.inventory, ["namespace", ns, "soma.dev/v1alpha1", "Agent"], {})[input.review.object.spec.agentRef.name]
+	name = agent.spec.budgetRef.name
+	is_string(name)
+	name != ""
+}
+
+fine if {
+	input.review.object.kind == "Job"
+	not input.parameters.requireExisting == true
+	input.review.object.spec.drDrill
 }
 
 params_typed if is_object(input.parameters)

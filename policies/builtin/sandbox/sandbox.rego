@@ -17,10 +17,10 @@
 # Layout, shared by the built-ins (docs/policies.md, "Performance"): `problems` holds the
 # checks, one rule each, as they read best; `fine` is a fast path that holds only when none of
 # them can fire, so `violation` skips them in the common case. `vm_violation` is what Soma asks
-# regorus' register VM for: undefined unless `fine` holds or every field the checks read has
-# the type they expect (`object_typed`; the parameters are checked once per constraint by
-# `params_typed`), since the VM 0.14 silently skips a body where the interpreter reports an
-# error. The spelling avoids `x := <possibly undefined>` where a later `else` or `not`
+# regorus' register VM for: the empty set when `fine` holds (as `violation` is then), else
+# `violation` if every field the checks read has the type they expect (`object_typed`; the
+# parameters are checked once per constraint by `params_typed`), else undefined, since the VM
+# 0.14 silently skips a body where the interpreter reports an error. The spelling avoids `x := <possibly undefined>` where a later `else` or `not`
 # depends on it failing (the VM does not stop there).
 package soma.sandbox
 
@@ -31,7 +31,7 @@ violation contains v if {
 	some v in problems
 }
 
-vm_violation := violation if fine
+vm_violation := set() if fine
 else := violation if object_typed
 
 sandbox := object.get(input.review.object, ["spec", "sandbox"], {}) if input.review.object.kind == "Agent"
@@ -102,11 +102,12 @@ problems contains {"msg": msg} if {
 }
 
 # Fast path: every check in one body (rule and function calls are what cost in the VM), each
-# line holding exactly when its problem cannot fire, or stricter. The namespace and profile
+# line holding exactly when its problem cannot fire, or stricter; for an Agent and for a Job's
+# inline template (where `sandbox` is that template's sandbox). The namespace and profile
 # are looked up as `namespace` and `profile_name` do when the review names the namespace.
 fine if {
-	input.review.object.kind == "Agent"
-	s := object.get(input.review.object, ["spec", "sandbox"], {})
+	path = {"Agent": ["spec", "sandbox"], "Job": ["spec", "template", "sandbox"]}[input.review.object.kind]
+	s := object.get(input.review.object, path, {})
 	is_object(s)
 	ns := input.review.namespace
 	ns != ""
@@ -125,6 +126,13 @@ fine if {
 	t <= object.get(p, "maxRequestTimeoutSeconds", t)
 	count([1 | object.get(p, "allowCidrEgress", null) == false; some rule in egress; rule.cidr]) == 0
 	count([1 | object.get(p, "requireResourceLimits", null) == true; some res in ["cpu", "memory"]; not s.resources.limits[res]]) == 0
+}
+
+# A Job on an existing Agent (no inline template): no check applies (the Agent's sandbox was
+# checked when it was admitted).
+fine if {
+	input.review.object.kind == "Job"
+	not input.review.object.spec.template
 }
 
 # The parameters, checked once per constraint.

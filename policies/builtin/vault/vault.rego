@@ -33,7 +33,7 @@ violation contains v if {
 	some v in problems
 }
 
-vm_violation := violation if fine
+vm_violation := set() if fine
 else := violation if object_typed
 
 # Where the Agent spec is.
@@ -183,16 +183,12 @@ under_any(path, prefixes) if {
 	startswith(concat("", [path, "/"]), concat("", [trim(replace(prefix, "{namespace}", ns), "/"), "/"]))
 }
 
+# No empty, "." or ".." segment in "/<p without leading or trailing />/", and none of % \ ? #
+# in it: removing them all changes nothing (one built-in call rather than seven `contains`).
 plain_path(p) if {
 	is_string(p)
 	wrapped := concat("", ["/", trim(p, "/"), "/"])
-	not contains(wrapped, "//")
-	not contains(wrapped, "/./")
-	not contains(wrapped, "/../")
-	not contains(p, "%")
-	not contains(p, "\\")
-	not contains(p, "?")
-	not contains(p, "#")
+	strings.replace_n({"//": "", "/./": "", "/../": "", "%": "", "\\": "", "?": "", "#": ""}, wrapped) == wrapped
 }
 
 # Fast path: nothing asked of Vault (most objects), in bodies without rule calls (they are
