@@ -515,11 +515,8 @@ fn default_prune_interval() -> u64 {
 fn default_lease_ttl() -> u64 {
     30_000
 }
-/// A second: every read of the outbox folds first, so this only sets how often the background
-/// folds when nothing reads. At 100 ms the fold's SQLite page writes were 0.40 system calls per
-/// proxied request at 1,000/s (1.0 at 200/s), at 1 s 0.15 (`bench/proxy-syscalls`).
 fn default_fold_interval() -> u64 {
-    1000
+    100
 }
 fn default_worker_threads() -> std::num::NonZeroUsize {
     std::num::NonZeroUsize::MIN
