@@ -222,11 +222,11 @@ struct Capacity {
 
 /// The sidecar alone on core 1, the load generator and the provider on core 0: an open-loop
 /// ladder (doubling to 4,000 req/s, then +2,000) until the added p99 passes the bound or a slot
-/// fails.
-async fn one_core_ladder(a: &Args) -> Option<Capacity> {
+/// fails. `Err` says why no step held: `skipped` (one core), or what ended the first step.
+async fn one_core_ladder(a: &Args) -> Result<Capacity, &'static str> {
     if cpu::cores() < 2 {
         println!("one-core ladder skipped: this machine has one core");
-        return None;
+        return Err("skipped");
     }
     cpu::pin_self(0);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -284,7 +284,7 @@ async fn one_core_ladder(a: &Args) -> Option<Capacity> {
         });
         rate = if rate < 4000 { rate * 2 } else { rate + 2000 };
     };
-    best.map(|b| Capacity { limited_by, ..b })
+    best.map(|b| Capacity { limited_by, ..b }).ok_or(limited_by)
 }
 
 #[tokio::main]
@@ -358,8 +358,9 @@ async fn main() {
     drop(upstream);
 
     let cap = one_core_ladder(&a).await;
-    let (cap_rate, cap_p99, cap_cpu, cap_rss, cap_limit) =
-        cap.as_ref().map_or((0, 0, 0.0, 0, "skipped"), |c| {
+    let (cap_rate, cap_p99, cap_cpu, cap_rss, cap_limit) = cap.as_ref().map_or_else(
+        |why| (0, 0, 0.0, 0, *why),
+        |c| {
             (
                 c.rate,
                 c.added_p99_us,
@@ -367,7 +368,8 @@ async fn main() {
                 c.rss_kib,
                 c.limited_by,
             )
-        });
+        },
+    );
     println!("load average at end: {}", load_average());
     println!(
         "RESULT proxy-overhead rate_rps={} added_p50_us={} added_p99_us={} cpu_us_per_request={:.1} rss_kib={rss} low_rate_rps={} low_added_p50_us={} low_added_p99_us={} low_cpu_us_per_request={:.1} one_core_max_rps={cap_rate} one_core_added_p99_us={cap_p99} one_core_cpu_us_per_request={cap_cpu:.1} one_core_rss_kib={cap_rss} one_core_limited_by={cap_limit} stream_added_ttft_p50_us={} stream_added_ttft_p99_us={} stream_added_gap_p99_us={} stream_rate_rps={} bytes_identical={} inside_p50_le_us={inside_p50} inside_p99_le_us={inside_p99}",
