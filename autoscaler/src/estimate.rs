@@ -242,11 +242,8 @@ impl Estimator {
             _ => 1.0,
         };
         Estimate {
-            arrival_scv: self
-                .arrival_dispersion
-                .get()
-                .unwrap_or(1.0)
-                .clamp(1.0, MAX_ARRIVAL_SCV),
+            // A mean of windows capped at MAX_ARRIVAL_SCV (and the prior 1) stays within it.
+            arrival_scv: self.arrival_dispersion.get().unwrap_or(1.0).max(1.0),
             arrival_rate: self.arrival_rate.get().unwrap_or(0.0),
             window_arrival_rate: self.window_arrival_rate,
             service_time,

@@ -82,6 +82,17 @@ class Env:
     def get(self, name: str) -> dict[str, Any]:
         return self.kube.get(AGENTS, "capsules", NS, name)
 
+    def set_revoked(self, name: str, revoked: bool) -> None:
+        """Revokes the Capsule (or lifts its revocation) as its owner would, with kubectl."""
+        spec = self.get(name)["spec"]
+        spec["revoked"] = revoked
+        self.kube.apply({"apiVersion": AGENTS, "kind": "Capsule", "metadata": {"name": name, "namespace": NS},
+                         "spec": spec}, manager="kubectl")
+
+    def sidecar_settings(self, config_map: str) -> dict[str, Any]:
+        """The sidecar settings the ConfigMap `config_map` carries."""
+        return json.loads(self.kube.get("v1", "configmaps", NS, config_map)["data"]["config.yaml"])
+
     def ready(self, name: str, status: str) -> dict[str, Any]:
         """Waits for the Capsule's Ready condition to have `status`; returns the Capsule."""
         def probe() -> dict[str, Any] | None:
@@ -329,8 +340,7 @@ def test_revoking_a_capsule_reaches_the_running_pods_configuration(env: Env) -> 
     wait_for("Agent uses-rev Ready", lambda: (env.agent_ready("uses-rev") or {}).get("status") == "True")
 
     def settings() -> dict[str, Any]:
-        cm = env.kube.get("v1", "configmaps", NS, "uses-rev-sidecar")
-        return json.loads(cm["data"]["config.yaml"])
+        return env.sidecar_settings("uses-rev-sidecar")
 
     def template() -> dict[str, Any]:
         d = env.kube.get("apps/v1", "deployments", NS, "uses-rev")
@@ -349,10 +359,7 @@ def test_revoking_a_capsule_reaches_the_running_pods_configuration(env: Env) -> 
         env.kube.get(AGENTS, "capsules", "elsewhere", "rev-kb"), "Ready") or {}).get("reason") == "Revoked")
     assert "revokedCapsules" not in settings()
 
-    revoked = env.get("rev-kb")
-    revoked["spec"]["revoked"] = True
-    env.kube.apply({"apiVersion": AGENTS, "kind": "Capsule", "metadata": {"name": "rev-kb", "namespace": NS},
-                    "spec": revoked["spec"]}, manager="kubectl")
+    env.set_revoked("rev-kb", True)
     entries = wait_for("revokedCapsules in the sidecar's ConfigMap",
                        lambda: settings().get("revokedCapsules"))
     assert entries == [{"name": "rev-kb", "digest": digest,
@@ -361,9 +368,7 @@ def test_revoking_a_capsule_reaches_the_running_pods_configuration(env: Env) -> 
     assert "Running pods are told to stop using" in blocked["message"], blocked
     assert template() == before, "a live part of the configuration: the pods are not rolled"
 
-    revoked["spec"]["revoked"] = False
-    env.kube.apply({"apiVersion": AGENTS, "kind": "Capsule", "metadata": {"name": "rev-kb", "namespace": NS},
-                    "spec": revoked["spec"]}, manager="kubectl")
+    env.set_revoked("rev-kb", False)
     env.ready("rev-kb", "True")
     wait_for("Agent uses-rev Ready again", lambda: (env.agent_ready("uses-rev") or {}).get("status") == "True")
     wait_for("revokedCapsules gone", lambda: "revokedCapsules" not in settings())
@@ -386,16 +391,12 @@ def test_revoking_a_capsule_reaches_a_running_jobs_pods_configuration(env: Env) 
     run = wait_for("the Job's run", lambda: env.kube.get_opt("batch/v1", "jobs", NS, "rev-task"), seconds=60)
 
     def settings() -> dict[str, Any]:
-        cm = env.kube.get("v1", "configmaps", NS, "sjob-rev-task-sidecar")
-        return json.loads(cm["data"]["config.yaml"])
+        return env.sidecar_settings("sjob-rev-task-sidecar")
 
     assert settings()["capsules"] == [{"name": "rev-job-kb", "digest": digest}], settings()["capsules"]
     assert "revokedCapsules" not in settings()
 
-    revoked = env.get("rev-job-kb")
-    revoked["spec"]["revoked"] = True
-    env.kube.apply({"apiVersion": AGENTS, "kind": "Capsule", "metadata": {"name": "rev-job-kb", "namespace": NS},
-                    "spec": revoked["spec"]}, manager="kubectl")
+    env.set_revoked("rev-job-kb", True)
     entries = wait_for("revokedCapsules in the running Job's sidecar ConfigMap",
                        lambda: settings().get("revokedCapsules"))
     assert entries == [{"name": "rev-job-kb", "digest": digest,
@@ -405,9 +406,7 @@ def test_revoking_a_capsule_reaches_a_running_jobs_pods_configuration(env: Env) 
     job = env.kube.get(AGENTS, "jobs", NS, "rev-task")
     assert job["status"]["phase"] == "Running", job["status"]
 
-    revoked["spec"]["revoked"] = False
-    env.kube.apply({"apiVersion": AGENTS, "kind": "Capsule", "metadata": {"name": "rev-job-kb", "namespace": NS},
-                    "spec": revoked["spec"]}, manager="kubectl")
+    env.set_revoked("rev-job-kb", False)
     env.ready("rev-job-kb", "True")
     wait_for("revokedCapsules gone from the running Job's ConfigMap",
              lambda: not settings().get("revokedCapsules"))

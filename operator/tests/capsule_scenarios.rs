@@ -128,6 +128,28 @@ async fn run_with(
     (result, seen)
 }
 
+/// Asserts a verified Capsule whose Qdrant load did not happen (`QdrantLoaded=False` for
+/// `reason`, no `status.qdrant`) stays Ready; returns the `QdrantLoaded` message.
+fn assert_ready_not_in_qdrant(status: &Value, reason: &str) -> String {
+    assert_eq!(
+        condition(status, "Ready"),
+        ("True".into(), "Verified".into())
+    );
+    assert_eq!(
+        condition(status, "QdrantLoaded"),
+        ("False".into(), reason.to_owned())
+    );
+    assert!(status.get("qdrant").is_none(), "{status}");
+    status["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == "QdrantLoaded")
+        .and_then(|c| c["message"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
 fn condition(status: &Value, type_: &str) -> (String, String) {
     let c = status["conditions"]
         .as_array()
@@ -399,24 +421,7 @@ async fn a_capsule_kept_in_qdrant_under_an_operator_without_qdrant_stays_ready_a
         Action::requeue(Duration::from_secs(3600)),
         "not retried: a flag, not the server, is missing"
     );
-    let status = &seen[2].body["status"];
-    assert_eq!(
-        condition(status, "Ready"),
-        ("True".into(), "Verified".into())
-    );
-    assert_eq!(
-        condition(status, "QdrantLoaded"),
-        ("False".into(), "QdrantNotConfigured".into())
-    );
-    assert!(status.get("qdrant").is_none(), "{status}");
-    let message = status["conditions"]
-        .as_array()
-        .expect("conditions")
-        .iter()
-        .find(|c| c["type"] == "QdrantLoaded")
-        .and_then(|c| c["message"].as_str())
-        .unwrap_or_default()
-        .to_owned();
+    let message = assert_ready_not_in_qdrant(&seen[2].body["status"], "QdrantNotConfigured");
     assert!(message.contains("--qdrant-url"), "{message}");
 }
 
@@ -444,14 +449,5 @@ async fn a_capsule_kept_in_qdrant_whose_load_fails_is_retried_and_stays_ready() 
         Action::requeue(Duration::from_secs(3600)),
         "retried with backoff, not at the hourly resync"
     );
-    let status = &seen[2].body["status"];
-    assert_eq!(
-        condition(status, "Ready"),
-        ("True".into(), "Verified".into())
-    );
-    assert_eq!(
-        condition(status, "QdrantLoaded"),
-        ("False".into(), "QdrantBundleUnavailable".into())
-    );
-    assert!(status.get("qdrant").is_none(), "{status}");
+    assert_ready_not_in_qdrant(&seen[2].body["status"], "QdrantBundleUnavailable");
 }

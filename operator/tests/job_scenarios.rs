@@ -18,7 +18,10 @@ use soma_operator::context::Context;
 use soma_operator::job::reconcile::reconcile;
 use soma_operator::metrics::Metrics;
 use soma_operator::policy::check::Checker;
-use support::{Seen, Step, echo, not_found, serve, step};
+use support::{
+    Seen, Step, echo, listing_kb_revoked, not_found, revoked_kb_entry, serve, sidecar_settings,
+    step,
+};
 
 const NS: &str = "/api/v1/namespaces/team";
 const NET: &str = "/apis/networking.k8s.io/v1/namespaces/team";
@@ -397,9 +400,7 @@ async fn a_runnable_task_becomes_a_batch_job_owned_by_it() {
             s.method == Method::PATCH && s.path.ends_with("/configmaps/sjob-summarise-sidecar")
         })
         .expect("the sidecar configuration");
-    let config: Value =
-        serde_json::from_str(cm.body["data"]["config.yaml"].as_str().unwrap_or_default())
-            .expect("JSON");
+    let config = sidecar_settings(&cm.body);
     assert_eq!(config["agent"]["name"], "job/summarise");
     assert_eq!(config["budget"], "team/team-budget");
     let status = status_of(&seen);
@@ -898,6 +899,15 @@ fn running_with_kb_steps(config_map: Value, capsule: Value) -> Vec<Step> {
     ]
 }
 
+/// The Capsule `team/kb` verified and not revoked: usable again.
+fn usable_kb() -> Value {
+    let mut kb = revoked_kb();
+    kb["spec"]["revoked"] = json!(false);
+    kb["status"]["conditions"] = json!([{"type": "Ready", "status": "True", "reason": "Verified",
+        "message": "verified", "lastTransitionTime": "2026-01-01T00:00:00Z"}]);
+    kb
+}
+
 #[tokio::test]
 async fn a_revoked_capsule_reaches_a_running_jobs_pods_configuration_without_stopping_the_run() {
     let mut steps = running_with_kb_steps(running_job_config_map(), revoked_kb());
@@ -917,17 +927,8 @@ async fn a_revoked_capsule_reaches_a_running_jobs_pods_configuration_without_sto
         "{}",
         written.query
     );
-    let settings: Value = serde_json::from_str(
-        written.body["data"]["config.yaml"]
-            .as_str()
-            .expect("config"),
-    )
-    .expect("json");
-    assert_eq!(
-        settings["revokedCapsules"],
-        json!([{"name": "kb", "digest": format!("sha256:{}", "aa".repeat(32)),
-                "reason": "Capsule team/kb is revoked (spec.revoked)"}])
-    );
+    let settings = sidecar_settings(&written.body);
+    assert_eq!(settings["revokedCapsules"], json!([revoked_kb_entry()]));
     // The rest of the configuration is what the pods were started with.
     assert_eq!(settings["agent"]["name"], "job/summarise");
     assert_eq!(
@@ -944,22 +945,14 @@ async fn a_revoked_capsule_reaches_a_running_jobs_pods_configuration_without_sto
 
 #[tokio::test]
 async fn a_running_job_whose_capsules_stand_is_not_written() {
-    let mut usable = revoked_kb();
-    usable["spec"]["revoked"] = json!(false);
-    usable["status"]["conditions"] = json!([{"type": "Ready", "status": "True", "reason": "Verified",
-        "message": "verified", "lastTransitionTime": "2026-01-01T00:00:00Z"}]);
+    let usable = usable_kb();
     let mut steps = running_with_kb_steps(running_job_config_map(), usable);
     steps.extend(status_steps(&job_json()));
     let (result, _) = run(job_json(), steps, plain).await;
     assert_eq!(result.expect("running"), Action::await_change());
 
     // A ConfigMap that already says so is not written again.
-    let mut cm = running_job_config_map();
-    let mut settings: Value =
-        serde_json::from_str(cm["data"]["config.yaml"].as_str().expect("config")).expect("json");
-    settings["revokedCapsules"] = json!([{"name": "kb", "digest": format!("sha256:{}", "aa".repeat(32)),
-                                          "reason": "Capsule team/kb is revoked (spec.revoked)"}]);
-    cm["data"]["config.yaml"] = json!(serde_json::to_string_pretty(&settings).expect("text"));
+    let cm = listing_kb_revoked(running_job_config_map());
     let mut steps = running_with_kb_steps(cm, revoked_kb());
     steps.extend(status_steps(&job_json()));
     let (result, _) = run(job_json(), steps, plain).await;
@@ -979,16 +972,8 @@ async fn a_running_job_whose_capsules_stand_is_not_written() {
 async fn a_lifted_revocation_leaves_a_running_jobs_configuration() {
     // The Job's ConfigMap is not applied again after its run starts: the Job controller
     // removes the entry itself once the Capsule is usable again.
-    let mut cm = running_job_config_map();
-    let mut settings: Value =
-        serde_json::from_str(cm["data"]["config.yaml"].as_str().expect("config")).expect("json");
-    settings["revokedCapsules"] = json!([{"name": "kb", "digest": format!("sha256:{}", "aa".repeat(32)),
-                                          "reason": "Capsule team/kb is revoked (spec.revoked)"}]);
-    cm["data"]["config.yaml"] = json!(serde_json::to_string_pretty(&settings).expect("text"));
-    let mut usable = revoked_kb();
-    usable["spec"]["revoked"] = json!(false);
-    usable["status"]["conditions"] = json!([{"type": "Ready", "status": "True", "reason": "Verified",
-        "message": "verified", "lastTransitionTime": "2026-01-01T00:00:00Z"}]);
+    let cm = listing_kb_revoked(running_job_config_map());
+    let usable = usable_kb();
     let mut steps = running_with_kb_steps(cm, usable);
     steps.push(step(
         Method::PATCH,
@@ -998,11 +983,6 @@ async fn a_lifted_revocation_leaves_a_running_jobs_configuration() {
     steps.extend(status_steps(&job_json()));
     let (result, seen) = run(job_json(), steps, plain).await;
     assert_eq!(result.expect("running"), Action::await_change());
-    let settings: Value = serde_json::from_str(
-        seen[3].body["data"]["config.yaml"]
-            .as_str()
-            .expect("config"),
-    )
-    .expect("json");
+    let settings = sidecar_settings(&seen[3].body);
     assert!(settings.get("revokedCapsules").is_none(), "{settings}");
 }

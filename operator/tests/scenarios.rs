@@ -19,7 +19,10 @@ use soma_operator::config::OperatorConfig;
 use soma_operator::context::Context;
 use soma_operator::metrics::Metrics;
 use soma_operator::policy::check::Checker;
-use support::{Seen, Step, echo, not_found, serve, step};
+use support::{
+    Seen, Step, echo, listing_kb_revoked, not_found, revoked_kb_entry, serve, sidecar_settings,
+    step,
+};
 
 /// The live Agent as the API server has it (here: as the test's cache has it).
 fn live_agent(_: &Value) -> (StatusCode, Value) {
@@ -770,17 +773,8 @@ async fn a_revoked_capsule_reaches_the_running_pods_configuration_without_rollin
     assert_eq!(result.expect("waits"), Action::await_change());
     let written = &seen[3];
     assert_eq!(written.content_type, "application/apply-patch+yaml");
-    let settings: Value = serde_json::from_str(
-        written.body["data"]["config.yaml"]
-            .as_str()
-            .expect("config"),
-    )
-    .expect("json");
-    assert_eq!(
-        settings["revokedCapsules"],
-        json!([{"name": "kb", "digest": format!("sha256:{}", "aa".repeat(32)),
-                "reason": "Capsule team/kb is revoked (spec.revoked)"}])
-    );
+    let settings = sidecar_settings(&written.body);
+    assert_eq!(settings["revokedCapsules"], json!([revoked_kb_entry()]));
     assert_eq!(
         written.body["metadata"]["ownerReferences"][0]["uid"],
         "agent-uid"
@@ -800,12 +794,7 @@ async fn a_revoked_capsule_reaches_the_running_pods_configuration_without_rollin
 #[tokio::test]
 async fn a_revocation_the_configuration_already_carries_is_not_written_again() {
     let (agent, _) = revoked_capsule_steps(json!({}));
-    let mut cm = running_config_map(&agent);
-    let mut settings: Value =
-        serde_json::from_str(cm["data"]["config.yaml"].as_str().expect("config")).expect("json");
-    settings["revokedCapsules"] = json!([{"name": "kb", "digest": format!("sha256:{}", "aa".repeat(32)),
-                                          "reason": "Capsule team/kb is revoked (spec.revoked)"}]);
-    cm["data"]["config.yaml"] = json!(serde_json::to_string_pretty(&settings).expect("text"));
+    let cm = listing_kb_revoked(running_config_map(&agent));
     let (agent, mut steps) = revoked_capsule_steps(cm);
     steps.extend(stalled_status_steps());
     let (result, _, _) = run(agent_from(agent), steps).await;

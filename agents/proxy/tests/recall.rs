@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use soma_proxy::fake_upstream::FakeUpstream;
-use support::capsules::{DIMS, MODEL, deliver, tamper};
+use support::capsules::{DIMS, MODEL, deliver, recall_refunds, tamper};
 use support::pg::Pg;
 use support::*;
 
@@ -302,12 +302,7 @@ async fn a_capsule_that_fails_its_check_or_has_another_model_is_not_served() {
 }
 
 async fn recall_status(h: &Harness) -> (u16, Value) {
-    let r = h
-        .post(
-            "/v1/recall",
-            &json!({"vector": soma_capsule::hashed::embed("refunds", DIMS), "capsules": ["kb"]}),
-        )
-        .await;
+    let r = recall_refunds(h, "kb").await;
     (r.status.as_u16(), r.json())
 }
 
@@ -442,12 +437,7 @@ async fn a_capsule_kept_in_qdrant_is_searched_through_the_same_interface() {
         ], "recall": {"capsulesDir": dir}})
     })
     .await;
-    let r = h
-        .post(
-            "/v1/recall",
-            &json!({"vector": soma_capsule::hashed::embed("refunds", DIMS), "capsules": ["big"]}),
-        )
-        .await;
+    let r = recall_refunds(&h, "big").await;
     assert_eq!(r.status, 409, "{}", r.text());
     assert!(r.text().contains("no recall.qdrantUrl"), "{}", r.text());
 
@@ -463,9 +453,7 @@ async fn a_capsule_kept_in_qdrant_is_searched_through_the_same_interface() {
         ], "recall": {"capsulesDir": dir, "qdrantUrl": "http://127.0.0.1:9"}})
     })
     .await;
-    let vector =
-        json!({"vector": soma_capsule::hashed::embed("refunds", DIMS), "capsules": ["big"]});
-    let r = h.post("/v1/recall", &vector).await;
+    let r = recall_refunds(&h, "big").await;
     assert_eq!(r.status, 409, "{}", r.text());
     assert_eq!(r.json()["error"]["code"], "capsule_unavailable");
     let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
@@ -484,12 +472,7 @@ async fn a_capsule_kept_in_qdrant_is_searched_through_the_same_interface() {
     assert_eq!(r.status, 400, "{}", r.text());
     assert_eq!(r.json()["error"]["code"], "dimension_mismatch");
     // The embedded Capsule beside it answers as before.
-    let r = h
-        .post(
-            "/v1/recall",
-            &json!({"vector": soma_capsule::hashed::embed("refunds", DIMS), "capsules": ["kb"]}),
-        )
-        .await;
+    let r = recall_refunds(&h, "kb").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(h.rows().await.is_empty(), "vectors given: nothing metered");
 
@@ -503,7 +486,7 @@ async fn a_capsule_kept_in_qdrant_is_searched_through_the_same_interface() {
         ], "recall": {"capsulesDir": dir, "qdrantUrl": "http://127.0.0.1:9"}})
     })
     .await;
-    let r = h.post("/v1/recall", &vector).await;
+    let r = recall_refunds(&h, "big").await;
     assert_eq!(r.status, 409, "{}", r.text());
     assert!(
         r.text().contains("does not hold the verified content"),
@@ -521,7 +504,7 @@ async fn a_capsule_kept_in_qdrant_is_searched_through_the_same_interface() {
            "revokedCapsules": [{"name": "big", "digest": big, "reason": "Capsule research/big is revoked (spec.revoked)"}]})
     })
     .await;
-    let r = h.post("/v1/recall", &vector).await;
+    let r = recall_refunds(&h, "big").await;
     assert_eq!(r.status, 410, "{}", r.text());
     assert_eq!(r.json()["error"]["code"], "capsule_revoked");
     assert!(r.text().contains("spec.revoked"), "{}", r.text());

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use soma_proxy::fake_upstream::FakeUpstream;
-use support::capsules::{DIMS, MODEL, deliver, tamper};
+use support::capsules::{DIMS, MODEL, deliver, recall_refunds, tamper};
 use support::pg::Pg;
 use support::*;
 
@@ -73,14 +73,6 @@ fn base_config(v: &Volume, dir: &Path, extra: Value) -> Value {
     config_json("http://127.0.0.1:9", "openai", dir, more)
 }
 
-async fn recall(h: &Harness) -> Reply {
-    h.post(
-        "/v1/recall",
-        &json!({"vector": soma_capsule::hashed::embed("refunds", DIMS), "capsules": ["kb"]}),
-    )
-    .await
-}
-
 /// Waits (bounded) until `cond` holds.
 async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     for _ in 0..400 {
@@ -106,7 +98,7 @@ async fn a_revoked_capsule_leaves_the_agent_view_and_comes_back_checked() {
     let seen = v.visible.join("kb");
     let held = v.withheld.join("kb");
     assert!(seen.join("manifest.json").exists());
-    assert_eq!(recall(&h).await.status, 200);
+    assert_eq!(recall_refunds(&h, "kb").await.status, 200);
 
     // Revoked through the file (the operator's ConfigMap): the folder leaves visible/ whole.
     config["revokedCapsules"] = json!([{"name": "kb", "digest": v.digest, "reason": REASON}]);
@@ -118,7 +110,7 @@ async fn a_revoked_capsule_leaves_the_agent_view_and_comes_back_checked() {
         "the same content, withheld"
     );
     assert!(held.join("documents/billing.md").exists());
-    let r = recall(&h).await;
+    let r = recall_refunds(&h, "kb").await;
     assert_eq!(r.status, 410, "{}", r.text());
     assert!(
         r.json()["error"]["message"]
@@ -132,7 +124,7 @@ async fn a_revoked_capsule_leaves_the_agent_view_and_comes_back_checked() {
     std::fs::write(&path, config.to_string()).unwrap();
     until("kb back", || seen.join("manifest.json").exists()).await;
     assert!(!held.exists());
-    assert_eq!(recall(&h).await.status, 200);
+    assert_eq!(recall_refunds(&h, "kb").await.status, 200);
 
     // A withheld folder changed while revoked fails the check: it stays out of view and
     // recall says why.
@@ -173,7 +165,7 @@ async fn a_sidecar_starting_with_a_revocation_withdraws_before_serving_and_resto
         !v.visible.join("kb").exists(),
         "withdrawn before start returned"
     );
-    assert_eq!(recall(&h).await.status, 410);
+    assert_eq!(recall_refunds(&h, "kb").await.status, 410);
     h.proxy.stop().await;
     // Restarted (a sidecar container restart) without the revocation and without a ledger:
     // the file is the only word, so the folder found withheld is checked and put back.
@@ -181,7 +173,7 @@ async fn a_sidecar_starting_with_a_revocation_withdraws_before_serving_and_resto
     let h = sidecar(&lifted, &path).await;
     assert!(v.visible.join("kb/manifest.json").exists());
     assert_eq!(
-        recall(&h).await.status,
+        recall_refunds(&h, "kb").await.status,
         200,
         "loaded from where it was found"
     );
@@ -247,7 +239,7 @@ async fn the_ledger_revokes_and_lifts_and_a_restart_waits_for_it() {
 
 async fn until_recall(h: &Harness, want: u16) -> Value {
     for _ in 0..400 {
-        let r = recall(h).await;
+        let r = recall_refunds(h, "kb").await;
         if r.status.as_u16() == want {
             return r.json();
         }
@@ -276,15 +268,14 @@ async fn a_config_map_capsule_is_withdrawn_and_comes_back_only_as_its_verified_f
     );
     let h = sidecar(&config, &path).await;
     // Recall serves bundles only, and says so for the file.
-    let r = h
-        .post(
-            "/v1/recall",
-            &json!({"vector": soma_capsule::hashed::embed("refunds", DIMS), "capsules": ["faq"]}),
-        )
-        .await;
+    let r = recall_refunds(&h, "faq").await;
     assert_eq!(r.status, 409, "{}", r.text());
     assert!(r.text().contains("one file (faq.jsonl)"), "{}", r.text());
-    assert_eq!(recall(&h).await.status, 200, "kb is served as before");
+    assert_eq!(
+        recall_refunds(&h, "kb").await.status,
+        200,
+        "kb is served as before"
+    );
 
     // Revoked (its digest is the file's): the folder leaves the agent's view.
     let reason = "Capsule research/faq is revoked (spec.revoked)";
@@ -293,12 +284,7 @@ async fn a_config_map_capsule_is_withdrawn_and_comes_back_only_as_its_verified_f
     until("faq withdrawn", || !faq.exists()).await;
     let held = v.withheld.join("faq");
     assert_eq!(std::fs::read(held.join("faq.jsonl")).unwrap(), bytes);
-    let r = h
-        .post(
-            "/v1/recall",
-            &json!({"vector": soma_capsule::hashed::embed("refunds", DIMS), "capsules": ["faq"]}),
-        )
-        .await;
+    let r = recall_refunds(&h, "faq").await;
     assert_eq!(r.status, 410, "{}", r.text());
     assert!(
         v.visible.join("kb/manifest.json").exists(),
@@ -324,20 +310,13 @@ async fn a_config_map_capsule_is_withdrawn_and_comes_back_only_as_its_verified_f
     config["revokedCapsules"] = json!([]);
     std::fs::write(&path, config.to_string()).unwrap();
     for _ in 0..400 {
-        let r = h
-            .post("/v1/recall", &json!({"vector": soma_capsule::hashed::embed("refunds", DIMS), "capsules": ["faq"]}))
-            .await;
+        let r = recall_refunds(&h, "faq").await;
         if r.status == 409 && r.text().contains("no longer holds the verified content") {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let r = h
-        .post(
-            "/v1/recall",
-            &json!({"vector": soma_capsule::hashed::embed("refunds", DIMS), "capsules": ["faq"]}),
-        )
-        .await;
+    let r = recall_refunds(&h, "faq").await;
     assert!(
         r.text().contains("no longer holds the verified content"),
         "{}",

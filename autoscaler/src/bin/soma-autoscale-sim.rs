@@ -361,9 +361,10 @@ fn run(args: Args) -> Result<()> {
             ""
         };
         println!(
-            "real trace {label}: {} ({} requests).{credit}",
+            "real trace {label}: {} ({} requests over {:.1} min).{credit}",
             path.display(),
-            t.requests.len()
+            t.requests.len(),
+            t.duration_s() / 60.0
         );
     }
     println!();

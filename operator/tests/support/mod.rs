@@ -40,6 +40,31 @@ pub fn echo(body: &Value) -> (StatusCode, Value) {
     (StatusCode::OK, body.clone())
 }
 
+/// The sidecar settings a ConfigMap (or a written ConfigMap's body) carries in `config.yaml`.
+pub fn sidecar_settings(config_map: &Value) -> Value {
+    serde_json::from_str(
+        config_map["data"]["config.yaml"]
+            .as_str()
+            .expect("config.yaml"),
+    )
+    .expect("config.yaml is JSON")
+}
+
+/// The `revokedCapsules` entry the scenarios' revoked Capsule `team/kb` gives.
+pub fn revoked_kb_entry() -> Value {
+    json!({"name": "kb", "digest": format!("sha256:{}", "aa".repeat(32)),
+           "reason": "Capsule team/kb is revoked (spec.revoked)"})
+}
+
+/// `config_map` with its sidecar settings already listing `team/kb` as revoked.
+pub fn listing_kb_revoked(mut config_map: Value) -> Value {
+    let mut settings = sidecar_settings(&config_map);
+    settings["revokedCapsules"] = json!([revoked_kb_entry()]);
+    config_map["data"]["config.yaml"] =
+        json!(serde_json::to_string_pretty(&settings).expect("text"));
+    config_map
+}
+
 /// A recorded write: method, path, query and body.
 #[derive(Debug, Clone)]
 pub struct Seen {

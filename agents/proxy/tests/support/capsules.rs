@@ -71,3 +71,10 @@ pub fn tamper(dir: &Path) {
         .replace("five", "fifty");
     std::fs::write(&chunks, text).unwrap();
 }
+
+/// Asks `capsule` about refunds with a vector of the test model, so nothing is embedded and
+/// nothing metered.
+pub async fn recall_refunds(h: &super::Harness, capsule: &str) -> super::Reply {
+    let body = serde_json::json!({"vector": soma_capsule::hashed::embed("refunds", DIMS), "capsules": [capsule]});
+    h.post("/v1/recall", &body).await
+}
