@@ -19,8 +19,8 @@ use soma_operator::job::reconcile::reconcile;
 use soma_operator::metrics::Metrics;
 use soma_operator::policy::check::Checker;
 use support::{
-    Seen, Step, echo, listing_kb_revoked, not_found, revoked_kb_entry, serve, sidecar_settings,
-    step,
+    Seen, Step, echo, listing_kb_revoked, not_found, revoked_kb, revoked_kb_entry, serve,
+    sidecar_settings, step,
 };
 
 const NS: &str = "/api/v1/namespaces/team";
@@ -867,19 +867,6 @@ fn running_job_config_map() -> Value {
         soma_operator::job::children::task_children(&job, &task, &OperatorConfig::default())
             .expect("children");
     serde_json::to_value(children.sidecar_config).expect("json")
-}
-
-fn revoked_kb() -> Value {
-    json!({
-        "apiVersion": "soma.dev/v1alpha1", "kind": "Capsule",
-        "metadata": {"name": "kb", "namespace": "team", "generation": 2},
-        "spec": {"version": "1", "policyHash": format!("sha256:{}", "9b".repeat(32)), "revoked": true,
-                 "source": {"oci": {"repository": "r", "digest": format!("sha256:{}", "aa".repeat(32))}},
-                 "signature": {"publicKeyRef": {"name": "signers", "key": "cosign.pub"}}},
-        "status": {"observedGeneration": 2, "conditions": [{"type": "Ready", "status": "False", "reason": "Revoked",
-            "message": "the Capsule is revoked (spec.revoked); no Agent may use it",
-            "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
-    })
 }
 
 /// The reads of a running Job holding `kb`: the run, its sidecar ConfigMap, the Capsule.

@@ -20,8 +20,8 @@ use soma_operator::context::Context;
 use soma_operator::metrics::Metrics;
 use soma_operator::policy::check::Checker;
 use support::{
-    Seen, Step, echo, listing_kb_revoked, not_found, revoked_kb_entry, serve, sidecar_settings,
-    step,
+    Seen, Step, echo, listing_kb_revoked, not_found, revoked_kb, revoked_kb_entry, serve,
+    sidecar_settings, step,
 };
 
 /// The live Agent as the API server has it (here: as the test's cache has it).
@@ -716,16 +716,7 @@ async fn agent_waits_for_a_capsule_that_is_not_ready() {
 fn revoked_capsule_steps(config_map: Value) -> (Value, Vec<Step>) {
     let mut agent = agent_json();
     agent["spec"]["capsules"] = json!([{"name": "kb"}]);
-    let capsule = json!({
-        "apiVersion": "soma.dev/v1alpha1", "kind": "Capsule",
-        "metadata": {"name": "kb", "namespace": "team", "generation": 2},
-        "spec": {"version": "1", "policyHash": format!("sha256:{}", "9b".repeat(32)), "revoked": true,
-                 "source": {"oci": {"repository": "r", "digest": format!("sha256:{}", "aa".repeat(32))}},
-                 "signature": {"publicKeyRef": {"name": "signers", "key": "cosign.pub"}}},
-        "status": {"observedGeneration": 2, "conditions": [{"type": "Ready", "status": "False", "reason": "Revoked",
-            "message": "the Capsule is revoked (spec.revoked); no Agent may use it",
-            "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
-    });
+    let capsule = revoked_kb();
     let steps = vec![
         step(
             Method::GET,

@@ -50,6 +50,20 @@ pub fn sidecar_settings(config_map: &Value) -> Value {
     .expect("config.yaml is JSON")
 }
 
+/// The Capsule `team/kb`, revoked (`spec.revoked`), as the API server holds it.
+pub fn revoked_kb() -> Value {
+    json!({
+        "apiVersion": "soma.dev/v1alpha1", "kind": "Capsule",
+        "metadata": {"name": "kb", "namespace": "team", "generation": 2},
+        "spec": {"version": "1", "policyHash": format!("sha256:{}", "9b".repeat(32)), "revoked": true,
+                 "source": {"oci": {"repository": "r", "digest": format!("sha256:{}", "aa".repeat(32))}},
+                 "signature": {"publicKeyRef": {"name": "signers", "key": "cosign.pub"}}},
+        "status": {"observedGeneration": 2, "conditions": [{"type": "Ready", "status": "False", "reason": "Revoked",
+            "message": "the Capsule is revoked (spec.revoked); no Agent may use it",
+            "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+    })
+}
+
 /// The `revokedCapsules` entry the scenarios' revoked Capsule `team/kb` gives.
 pub fn revoked_kb_entry() -> Value {
     json!({"name": "kb", "digest": format!("sha256:{}", "aa".repeat(32)),
