@@ -5,8 +5,10 @@
 //!                                      ├─► λ↑ = max(λ̂, (n − 2√n)/Δt)                         │
 //!                                      │    ├─► λ↑ + waiting/drain ─► Erlang-C (G/G/k),       │
 //!                                      │    │     ρ ≤ ρmax, P95 ≤ headroom·target ─► floor ───┤
-//!                                      │    └─► highest λ↑·Ŝ of floor_hold_s ─► Erlang-C,     │
-//!                                      │          ρ < 1, P95 ≤ headroom·target ─► held floor ─┤
+//!                                      │    └─► highest λ↑·Ŝ of floor_hold_s and highest      │
+//!                                      │        (λ↑ + waiting/drain)·Ŝ of drained_hold_s ─►   │
+//!                                      │        Erlang-C, ρ < 1, P95 ≤ headroom·target ─►     │
+//!                                      │        held floor ───────────────────────────────────┤
 //!                                      ▼                                                      ▼
 //!             desired = clamp(max(⌈C⌉, floor, held floor), min, min(max, budget cap))
 //!             (budget cap: the replicas the Budgets' rate caps can keep busy, set_budget_rate)
@@ -20,7 +22,8 @@
 //! the G/G/k wait scales with `(c_a² + c_s²)/2` ([`crate::erlang`]).
 //!
 //! Three rules keep noise from buying replicas: a window raises the arrival rate only by what
-//! it shows beyond Poisson noise; a backlog sizes the step that sees it but is never held;
+//! it shows beyond Poisson noise; a backlog sizes the step that sees it and is held only for
+//! `reversal_hold_s + cold_start_hold_s`, not for `floor_hold_s`;
 //! and the hold remembers offered load (not a replica count computed from noisy inputs) and
 //! sizes it to *meet the target if it returns*, not to the comfortable `ρmax` plan, which
 //! the floor restores within one pod start once it does.
@@ -52,6 +55,24 @@ pub struct BudgetRate {
     pub tokens_per_s: Option<f64>,
 }
 
+/// Records `value` at `now_s` in `peaks`, forgets what is older than `horizon_s`, and
+/// returns the highest value left.
+fn remember_peak(peaks: &mut VecDeque<(f64, f64)>, now_s: f64, value: f64, horizon_s: f64) -> f64 {
+    peaks.push_back((now_s, value));
+    while peaks.front().is_some_and(|&(t, _)| now_s - t > horizon_s) {
+        peaks.pop_front();
+    }
+    peaks.iter().map(|&(_, v)| v).fold(0.0, f64::max)
+}
+
+/// The `(time, value)` pairs of a snapshot whose both halves are finite numbers.
+fn finite_pairs(pairs: Vec<(f64, f64)>) -> VecDeque<(f64, f64)> {
+    pairs
+        .into_iter()
+        .filter(|(t, v)| t.is_finite() && v.is_finite())
+        .collect()
+}
+
 /// Largest replica count the brown-out message searches when reporting what would be needed.
 const NEEDED_SEARCH_LIMIT: u32 = 100_000;
 
@@ -78,6 +99,10 @@ pub struct Snapshot {
     /// `(time, offered load)` of the last `floorHoldS`.
     #[serde(default)]
     pub loads: Vec<(f64, f64)>,
+    /// `(time, offered load with the backlog drained)` of the last drained hold
+    /// ([`AutoscalerConfig::drained_hold_s`]); absent in a snapshot from before it existed.
+    #[serde(default)]
+    pub drained_loads: Vec<(f64, f64)>,
     /// Tokens per completed request, as last measured (for a Budget's `tokensPerMinute`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_request: Option<f64>,
@@ -100,6 +125,8 @@ pub struct Autoscaler {
     cold_start_until_s: f64,
     /// `(time, offered load)` of the last `floor_hold_s`.
     loads: VecDeque<(f64, f64)>,
+    /// `(time, offered load with the backlog drained)` of the last drained hold.
+    drained_loads: VecDeque<(f64, f64)>,
 }
 
 impl Autoscaler {
@@ -119,6 +146,7 @@ impl Autoscaler {
             last_scale_up_s: None,
             cold_start_until_s: f64::NEG_INFINITY,
             loads: VecDeque::new(),
+            drained_loads: VecDeque::new(),
         })
     }
 
@@ -147,6 +175,7 @@ impl Autoscaler {
                 .is_finite()
                 .then_some(self.cold_start_until_s),
             loads: self.loads.iter().copied().collect(),
+            drained_loads: self.drained_loads.iter().copied().collect(),
             tokens_per_request: self.tokens_per_request,
         }
     }
@@ -164,11 +193,8 @@ impl Autoscaler {
             .filter(|t| t.is_finite() && *t > 0.0);
         scaler.last_scale_up_s = snapshot.last_scale_up_s;
         scaler.cold_start_until_s = snapshot.cold_start_until_s.unwrap_or(f64::NEG_INFINITY);
-        scaler.loads = snapshot
-            .loads
-            .into_iter()
-            .filter(|(t, a)| t.is_finite() && a.is_finite())
-            .collect();
+        scaler.loads = finite_pairs(snapshot.loads);
+        scaler.drained_loads = finite_pairs(snapshot.drained_loads);
         Ok(scaler)
     }
 
@@ -240,7 +266,7 @@ impl Autoscaler {
             .arrival_rate
             .max(poisson_lower_bound(signal.requests, signal.window_s));
         // The backlog is drained, not merely kept from growing; it is a transient, so it
-        // sizes this step only and is never held.
+        // sizes this step and is held only briefly (below).
         let sizing_arrival_rate = arrival_rate + signal.waiting as f64 / cfg.backlog_drain_s;
         let request = SizingRequest {
             arrival_rate: sizing_arrival_rate,
@@ -264,17 +290,21 @@ impl Autoscaler {
         // Held: the highest offered load (λ·S, Erlangs) of the last floor_hold_s, sized so
         // that it would meet the wait target if it came back — with no utilisation ceiling:
         // ρmax is the margin of the plan; the hold only has to carry a returning peak until
-        // the pods it triggers are Ready.
-        self.loads
-            .push_back((now_s, arrival_rate * estimate.service_time));
-        while self
-            .loads
-            .front()
-            .is_some_and(|&(t, _)| now_s - t > cfg.floor_hold_s)
-        {
-            self.loads.pop_front();
-        }
-        let held_load = self.loads.iter().map(|&(_, a)| a).fold(0.0, f64::max);
+        // the pods it triggers are Ready. The load it took to drain a backlog is held too, but
+        // only for drained_hold_s: long enough for a burst that returns as the reversal hold
+        // ends, not for floor_hold_s (a cold start's backlog would keep the cap for minutes).
+        let held_load = remember_peak(
+            &mut self.loads,
+            now_s,
+            arrival_rate * estimate.service_time,
+            cfg.floor_hold_s,
+        )
+        .max(remember_peak(
+            &mut self.drained_loads,
+            now_s,
+            sizing_arrival_rate * estimate.service_time,
+            cfg.drained_hold_s(),
+        ));
         let held = SizingRequest {
             arrival_rate: held_load / estimate.service_time,
             rho_max: 1.0,
@@ -689,7 +719,8 @@ mod tests {
     }
 
     #[test]
-    fn a_backlog_sizes_its_step_and_is_not_held() {
+    fn a_backlog_sizes_its_step_and_is_held_only_for_the_drained_hold() {
+        let cfg = AutoscalerConfig::default();
         let mut a = scaler();
         let mut t = 0.0;
         for _ in 0..80 {
@@ -708,10 +739,53 @@ mod tests {
         // 300 waiting, drained within backlogDrainS = 15 s: 20 req/s more.
         assert!(backlog.desired_replicas >= 20, "{backlog:?}");
         assert!((backlog.sizing_arrival_rate - (2.0 + 20.0)).abs() < 0.1);
-        // Once drained, only the reversal hold keeps the pods; the hold does not.
-        t += AutoscalerConfig::default().reversal_hold_s + 15.0;
-        let after = a.step(t, &window(30, 1.0));
-        assert_eq!(after.desired_replicas, base, "{after:?}");
+        assert_eq!(cfg.drained_hold_s(), 180.0);
+        let drained_at = t;
+
+        // Past the reversal hold, the load that drained the backlog is still held (sized
+        // to meet the target at ρ < 1, so below the step's own size)...
+        let mut held = Vec::new();
+        while t < drained_at + cfg.drained_hold_s() {
+            t += 15.0;
+            held.push((t - drained_at, a.step(t, &window(30, 1.0))));
+        }
+        let (_, late) = held
+            .iter()
+            .rev()
+            .find(|(since, _)| *since <= cfg.drained_hold_s())
+            .expect("a step within the hold");
+        assert!(late.desired_replicas > base, "{late:?}");
+        assert!(late.desired_replicas < backlog.desired_replicas, "{late:?}");
+        assert_eq!(late.reason, Reason::FloorHold);
+        // ... and it survives a failover...
+        let snapshot: Snapshot =
+            serde_json::from_str(&serde_json::to_string(&a.snapshot()).expect("serializes"))
+                .expect("deserializes");
+        assert!(!snapshot.drained_loads.is_empty());
+        let mut b = Autoscaler::resume(cfg, snapshot).expect("valid");
+        assert_eq!(
+            b.step(t, &window(30, 1.0)).held_floor,
+            a.step(t, &window(30, 1.0)).held_floor
+        );
+        // ... until drained_hold_s has passed; then only the arrivals are held.
+        t = drained_at + cfg.drained_hold_s() + 15.0;
+        for scaler in [&mut a, &mut b] {
+            let after = scaler.step(t, &window(30, 1.0));
+            assert_eq!(after.desired_replicas, base, "{after:?}");
+        }
+    }
+
+    #[test]
+    fn a_snapshot_without_drained_loads_still_resumes() {
+        let mut a = scaler();
+        a.step(0.0, &window(30, 1.0));
+        let mut json = serde_json::to_value(a.snapshot()).expect("serializes");
+        json.as_object_mut()
+            .expect("an object")
+            .remove("drainedLoads");
+        let snapshot: Snapshot = serde_json::from_value(json).expect("deserializes");
+        assert!(snapshot.drained_loads.is_empty());
+        Autoscaler::resume(AutoscalerConfig::default(), snapshot).expect("valid");
     }
 
     #[test]

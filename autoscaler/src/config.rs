@@ -113,6 +113,15 @@ fn non_negative(x: f64) -> bool {
 
 impl AutoscalerConfig {
     /// Rejects settings the math cannot work with, naming the field.
+    /// How long the load that drained a backlog is held (beside `floor_hold_s`'s hold of
+    /// the arrivals alone): a backlog shows that a burst outran the pool, and a burst that
+    /// returns as the reversal hold ends should find the pods that drained the last one still
+    /// there rather than wait a pod start for them: `reversal_hold_s + cold_start_hold_s`
+    /// (180 s by default), never longer than `floor_hold_s` (so 0 disables both holds).
+    pub fn drained_hold_s(&self) -> f64 {
+        (self.reversal_hold_s + self.cold_start_hold_s).min(self.floor_hold_s)
+    }
+
     pub fn validate(&self) -> Result<(), Error> {
         check(
             self.min_replicas <= self.max_replicas,
