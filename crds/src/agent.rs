@@ -411,7 +411,8 @@ pub struct Scaling {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub estimator: Option<EstimatorSettings>,
     /// A backlog of waiting requests is planned away within this many seconds
-    /// (`backlogDrainS`); default 15.
+    /// (`backlogDrainS`); default 15. The load that drained it is held for
+    /// `reversalHoldSeconds + coldStartHoldSeconds` (at most `floorHoldSeconds`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 3600")
         .message("scaling.backlogDrainSeconds must be between 1 and 3600 (default 15)"))]
@@ -423,7 +424,8 @@ pub struct Scaling {
     #[schemars(range(min = 0, max = 86_400))]
     pub floor_hold_seconds: Option<i64>,
     /// After a scale-up, no scale-down for this long, seconds (`reversalHoldS`): at most two
-    /// direction changes per this period; default 120.
+    /// direction changes per this period; default 120. Also part of how long the load that
+    /// drained a backlog is held (with `coldStartHoldSeconds`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 86_400))]
     pub reversal_hold_seconds: Option<i64>,
@@ -434,9 +436,10 @@ pub struct Scaling {
     #[x_kube(validation = Rule::new("self >= 0 && self <= 86400")
         .message("scaling.idleToZeroSeconds must be between 0 and 86400 (default 300)"))]
     pub idle_to_zero_seconds: Option<i64>,
-    /// With `minReplicas: 0`: after a start from zero, no scale-down for this many seconds,
-    /// while the new pod starts and its load signal is still empty (`coldStartHoldS`);
-    /// default 60.
+    /// After a start from zero (`minReplicas: 0`), no scale-down for this many seconds, while
+    /// the new pod starts and its load signal is still empty (`coldStartHoldS`); default 60.
+    /// With `reversalHoldSeconds`, also how long the load that drained a backlog is held, so
+    /// that a burst returning as the reversal hold ends finds those pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 0 && self <= 86400")
         .message("scaling.coldStartHoldSeconds must be between 0 and 86400 (default 60)"))]
