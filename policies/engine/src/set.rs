@@ -137,6 +137,9 @@ pub enum EvalMode {
 const VM_ENTRY: &str = "vm_violation";
 /// Rule of a built-in that holds when a constraint's parameters have the expected types.
 const PARAMS_TYPED: &str = "params_typed";
+/// `review`, the key of `input.review`.
+static REVIEW_KEY: std::sync::LazyLock<regorus::Value> =
+    std::sync::LazyLock::new(|| regorus::Value::from("review"));
 /// Instructions the VM may execute for one decision before the interpreter takes over.
 const VM_MAX_INSTRUCTIONS: usize = 25_000;
 
@@ -146,8 +149,13 @@ struct VmProgram {
     program: Arc<regorus::rvm::Program>,
     data: regorus::Value,
     /// Machines ready for reuse (each execution starts from a clean state: regorus resets
-    /// every rule and built-in cache when it starts).
-    idle: Mutex<Vec<RegoVM>>,
+    /// every rule and built-in cache when it starts). Boxed: a machine is a large struct, and
+    /// moving it out of the pool and back by value copied it on every execution.
+    #[allow(
+        clippy::vec_box,
+        reason = "a machine moves in and out of the pool per execution"
+    )]
+    idle: Mutex<Vec<Box<RegoVM>>>,
 }
 
 impl VmProgram {
@@ -180,11 +188,11 @@ impl VmProgram {
         })
     }
 
-    fn machine(&self) -> Result<RegoVM, String> {
+    fn machine(&self) -> Result<Box<RegoVM>, String> {
         if let Some(vm) = self.idle.lock().ok().and_then(|mut idle| idle.pop()) {
             return Ok(vm);
         }
-        let mut vm = RegoVM::new_with_policy(self.policy.clone());
+        let mut vm = Box::new(RegoVM::new_with_policy(self.policy.clone()));
         vm.load_program(self.program.clone());
         vm.set_data(self.data.clone()).map_err(|e| e.to_string())?;
         // As the interpreter: a built-in given a value of the wrong type is an error.
@@ -387,6 +395,9 @@ pub struct PolicySet {
     pub(crate) constraints: Vec<Constraint>,
     /// Each constraint's parameters, converted once.
     params: Vec<regorus::Value>,
+    /// Each constraint's `input` document with `review` still null, built once: a decision
+    /// copies it and sets `review` (cheaper than building the document per constraint).
+    inputs: Vec<regorus::Value>,
     /// Whether the VM may decide for each constraint (its template has a VM program and its
     /// parameters have the types the template expects).
     vm: Vec<bool>,
@@ -439,6 +450,7 @@ impl PolicySet {
         Self {
             templates,
             constraints,
+            inputs: params.iter().map(input_without_review).collect(),
             params,
             vm,
             inventory,
@@ -457,6 +469,7 @@ impl PolicySet {
             templates,
             constraints: self.constraints.clone(),
             params: self.params.clone(),
+            inputs: self.inputs.clone(),
             inventory,
         })
     }
@@ -487,10 +500,16 @@ impl PolicySet {
     /// benchmark compare them).
     pub fn evaluate_with(&self, review: &Review, deadline: Duration, mode: EvalMode) -> Decision {
         let started = Instant::now();
-        let ns_labels = self.namespace_labels(&review.namespace);
+        // Only a namespaceSelector reads the namespace's labels.
+        let ns_labels = self
+            .constraints
+            .iter()
+            .any(|c| c.matches.namespace_selector.is_some())
+            .then(|| self.namespace_labels(&review.namespace))
+            .flatten();
         let review_value = review.input_value();
         let mut decision = Decision::default();
-        for ((constraint, params), vm_ok) in self.constraints.iter().zip(&self.params).zip(&self.vm)
+        for ((constraint, input), vm_ok) in self.constraints.iter().zip(&self.inputs).zip(&self.vm)
         {
             if !matching::selects(&constraint.matches, review, ns_labels) {
                 continue;
@@ -504,7 +523,7 @@ impl PolicySet {
                 Err("deadline exceeded before evaluation".to_owned())
             } else {
                 compiled.violations(
-                    input_of(&review_value, params),
+                    with_review(input, &review_value),
                     remaining,
                     *vm_ok && mode == EvalMode::Auto,
                 )
@@ -612,9 +631,23 @@ fn vm_flags(
         .collect()
 }
 
-fn input_of(review: &regorus::Value, parameters: &regorus::Value) -> regorus::Value {
+/// The `input` document of a constraint, `{"parameters": …, "review": null}`.
+fn input_without_review(parameters: &regorus::Value) -> regorus::Value {
     let mut map = BTreeMap::new();
-    map.insert(regorus::Value::from("review"), review.clone());
+    map.insert(REVIEW_KEY.clone(), regorus::Value::Null);
     map.insert(regorus::Value::from("parameters"), parameters.clone());
     regorus::Value::from(map)
+}
+
+/// A copy of a constraint's `input` document (from [`input_without_review`]) with `review`
+/// set: the copy shares the parameters and the review, and replaces the value of an existing
+/// key, so it allocates only the two-entry object.
+fn with_review(input: &regorus::Value, review: &regorus::Value) -> regorus::Value {
+    let mut input = input.clone();
+    if let Ok(doc) = input.as_object_mut()
+        && let Some(slot) = doc.get_mut(&REVIEW_KEY)
+    {
+        *slot = review.clone();
+    }
+    input
 }

@@ -255,3 +255,33 @@ fn v0_templates_with_future_keywords_and_rego_v1_imports_load() {
         );
     }
 }
+
+#[test]
+fn a_namespace_selector_reads_the_namespace_labels_from_the_inventory() {
+    // The namespace's labels are looked up only when a constraint has a namespaceSelector.
+    let selected = "apiVersion: constraints.gatekeeper.sh/v1beta1\nkind: SomaModelAllowList\nmetadata: {name: models-in-prod}\nspec:\n  match:\n    kinds: [{apiGroups: [soma.dev], kinds: [Agent]}]\n    namespaceSelector: {matchLabels: {tier: prod}}\n  parameters: {models: [gpt-4o]}\n";
+    let (store, report) = PolicyStore::loaded(&config_map(&[TEMPLATE_V0, selected]));
+    assert!(report.is_clean(), "{:?}", report.errors);
+    let namespace = |tier: &str| {
+        json!({"apiVersion": "v1", "kind": "Namespace",
+               "metadata": {"name": "research", "labels": {"tier": tier}}})
+    };
+
+    store
+        .set_inventory(soma_policy::inventory::from_objects(&[namespace("prod")]))
+        .unwrap();
+    let fired = |d: &soma_policy::Decision| {
+        d.violations
+            .iter()
+            .any(|v| v.policy == "SomaModelAllowList/models-in-prod")
+    };
+    let d = store.current().evaluate(&agent("o1"), DEADLINE);
+    assert!(fired(&d), "{d:?}");
+    assert!(!d.allowed(), "{d:?}");
+
+    store
+        .set_inventory(soma_policy::inventory::from_objects(&[namespace("dev")]))
+        .unwrap();
+    let d = store.current().evaluate(&agent("o1"), DEADLINE);
+    assert!(!fired(&d), "{d:?}");
+}
