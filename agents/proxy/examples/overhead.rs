@@ -14,6 +14,10 @@
 //! CPU time (`/proc/PID/stat`, all threads) over each run divided by its proxied requests is
 //! its CPU per request, background work (folding the journal, leases) included.
 //!
+//! The same runs are then made with nginx in the sidecar's place (`nginx_*` keys): a bare
+//! reverse proxy that forwards bytes and does nothing else, the floor a proxy hop costs on
+//! this machine, measured minutes apart in the same invocation (`--no-nginx` leaves it out).
+//!
 //! Prints the distributions and ends with one `RESULT proxy-overhead key=value ...` line.
 
 #[path = "bench_support/mod.rs"]
@@ -24,6 +28,7 @@ use std::time::Duration;
 
 use bench_support::cpu;
 use bench_support::load::{self, Http, Sample, Schedule, Target, pct};
+use bench_support::nginx::{self, Nginx};
 use bench_support::procs::load_average;
 use bench_support::soma::{Sidecar, Upstream, histogram_quantiles, sidecar_config};
 use bytes::Bytes;
@@ -42,6 +47,10 @@ struct Args {
     max_rate: u64,
     /// A step is sustained while the added p99 stays under this.
     p99_bound_us: u64,
+    /// Also measure nginx in the sidecar's place.
+    nginx: bool,
+    /// Cores of the machine, read before the one-core ladders pin this process to one.
+    cores: usize,
 }
 
 fn args() -> Args {
@@ -53,8 +62,14 @@ fn args() -> Args {
         step_seconds: 4,
         max_rate: 24_000,
         p99_bound_us: 1000,
+        nginx: true,
+        cores: cpu::cores(),
     };
-    let v: Vec<String> = std::env::args().skip(1).collect();
+    let mut v: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(i) = v.iter().position(|x| x == "--no-nginx") {
+        v.remove(i);
+        a.nginx = false;
+    }
     for pair in v.chunks(2) {
         let n = pair.get(1).and_then(|s| s.parse().ok()).unwrap_or(0);
         match pair[0].as_str() {
@@ -82,7 +97,7 @@ struct Run {
     /// Slots without a 2xx reply, with the first reason seen.
     failed: usize,
     first_failure: Option<String>,
-    /// The sidecar's CPU time over the run divided by the proxied requests, in µs.
+    /// The proxy's CPU time over the run divided by the proxied requests, in µs.
     cpu_us_per_request: f64,
     /// How busy the load generator's core was (one-core runs only), 0..=1.
     generator_busy: f64,
@@ -95,16 +110,16 @@ impl Run {
 }
 
 /// Open loop at `rate` proxied requests per second for `seconds`, each proxied slot beside a
-/// direct twin (the order of the twins rotates), with the sidecar's CPU time around it.
+/// direct twin (the order of the twins rotates), with the proxy's CPU time around it.
 async fn open_loop(
     client: &Http,
     targets: &[Target; 2],
-    sidecar_pid: u32,
+    proxy_pid: u32,
     rate: u64,
     seconds: u64,
     stream: bool,
 ) -> Run {
-    let cpu_before = cpu::process_cpu_us(sidecar_pid);
+    let cpu_before = cpu::process_cpu_us(proxy_pid);
     let core_before = cpu::core_jiffies(0);
     let samples = load::open_loop(
         client,
@@ -118,7 +133,7 @@ async fn open_loop(
         },
     )
     .await;
-    let cpu_used = cpu::process_cpu_us(sidecar_pid) - cpu_before;
+    let cpu_used = cpu::process_cpu_us(proxy_pid) - cpu_before;
     let generator_busy = cpu::busy_between(core_before, cpu::core_jiffies(0));
     let mut run = Run {
         direct: vec![],
@@ -220,44 +235,32 @@ struct Capacity {
     limited_by: &'static str,
 }
 
-/// The sidecar alone on core 1, the load generator and the provider on core 0: an open-loop
+/// The proxy alone on core 1, the load generator and the provider on core 0: an open-loop
 /// ladder (doubling to 4,000 req/s, then +2,000) until the added p99 passes the bound or a slot
 /// fails. `Err` says why no step held: `skipped` (one core), or what ended the first step.
-async fn one_core_ladder(a: &Args) -> Result<Capacity, &'static str> {
-    if cpu::cores() < 2 {
+async fn one_core_ladder(a: &Args, kind: Kind) -> Result<Capacity, &'static str> {
+    if a.cores < 2 {
         println!("one-core ladder skipped: this machine has one core");
         return Err("skipped");
     }
     cpu::pin_self(0);
     let dir = tempfile::tempdir().expect("tempdir");
     let upstream = Upstream::start_on(Some(0));
-    let sidecar = Sidecar::start_on(
-        Some(1),
-        &sidecar_config(&upstream, dir.path(), &[budget()]),
-        dir.path(),
-    );
+    let proxy = Proxy::start(kind, Some(1), &upstream, dir.path());
     let client = load::client();
-    let targets = [upstream.target(), sidecar.target()];
-    open_loop(&client, &targets, sidecar.pid(), 200, 2, false).await;
+    let targets = [upstream.target(), proxy.target()];
+    open_loop(&client, &targets, proxy.pid(), 200, 2, false).await;
     let mut best: Option<Capacity> = None;
     let mut rate = 1000;
     let limited_by = loop {
         if rate > a.max_rate {
             break "max_rate";
         }
-        let run = open_loop(
-            &client,
-            &targets,
-            sidecar.pid(),
-            rate,
-            a.step_seconds,
-            false,
-        )
-        .await;
-        let (rss, _) = cpu::process_rss_kib(sidecar.pid());
+        let run = open_loop(&client, &targets, proxy.pid(), rate, a.step_seconds, false).await;
+        let (rss, _) = cpu::process_rss_kib(proxy.pid());
         let added = run.added(0.99);
         println!(
-            "one core @{rate:>6} rps: added p50={:>6}us p99={:>6}us, sidecar {:.1} CPU-us/request, rss {} KiB, generator core {:.0}% busy, failed {}",
+            "{kind:?} one core @{rate:>6} rps: added p50={:>6}us p99={:>6}us, {:.1} CPU-us/request, rss {} KiB, generator core {:.0}% busy, failed {}",
             run.added(0.5),
             added,
             run.cpu_us_per_request,
@@ -287,78 +290,66 @@ async fn one_core_ladder(a: &Args) -> Result<Capacity, &'static str> {
     best.map(|b| Capacity { limited_by, ..b }).ok_or(limited_by)
 }
 
-#[tokio::main]
-async fn main() {
-    let a = args();
-    println!("load average at start: {}", load_average());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let upstream = Upstream::start();
-    // As deployed: a cost Budget, prices, the journal and SQLite outbox.
-    let sidecar = Sidecar::start(
-        &sidecar_config(&upstream, dir.path(), &[budget()]),
-        dir.path(),
-    );
-    let client = load::client();
-    let targets = [upstream.target(), sidecar.target()];
-    let pid = sidecar.pid();
-    // Warm-up: connections, tokenizer tables, SQLite pages.
-    open_loop(&client, &targets, pid, 200, 2, false).await;
+/// The proxy under test: the sidecar, or nginx in its place.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Soma,
+    Nginx,
+}
 
-    let r = all_ok(
-        open_loop(&client, &targets, pid, a.rate, a.seconds, false).await,
-        "main run",
-    );
-    let (rss, peak) = cpu::process_rss_kib(pid);
-    let low = all_ok(
-        open_loop(&client, &targets, pid, a.low_rate, a.seconds, false).await,
-        "low-rate run",
-    );
-    let s = all_ok(
-        open_loop(&client, &targets, pid, a.stream_rate, a.seconds, true).await,
-        "stream run",
-    );
+enum Proxy {
+    Soma(Sidecar),
+    Nginx(Nginx),
+}
 
-    show(&format!("non-stream @{} rps", a.rate), &r.direct, &r.proxy);
-    println!(
-        "  sidecar: {:.1} CPU-us per proxied request, rss {rss} KiB (peak {peak} KiB)",
-        r.cpu_us_per_request
-    );
-    show(
-        &format!("non-stream @{} rps", a.low_rate),
-        &low.direct,
-        &low.proxy,
-    );
-    println!(
-        "  sidecar: {:.1} CPU-us per proxied request",
-        low.cpu_us_per_request
-    );
-    show(
-        &format!("stream TTFT @{} rps", a.stream_rate),
-        &s.direct_ttft,
-        &s.proxy_ttft,
-    );
-    show("stream inter-chunk", &s.direct_gap, &s.proxy_gap);
-    // The sidecar's own view: time spent before forwarding plus after the provider's body
-    // (non-streamed) or headers (streamed), from its histogram's bucket bounds.
-    let metrics = sidecar.metrics(&client).await;
-    let (inside_p50, inside_p99) = histogram_quantiles(
-        &metrics,
-        "soma_proxy_added_latency_seconds",
-        "chat_completions",
-    );
-    println!(
-        "inside the sidecar (all requests, histogram bucket bounds): p50<={inside_p50}us p99<={inside_p99}us"
-    );
-    println!("streamed bytes identical: {}", s.identical);
-    println!(
-        "non-stream bytes identical: {}",
-        r.identical && low.identical
-    );
-    drop(sidecar);
-    drop(upstream);
+impl Proxy {
+    /// Starts `kind` in front of `upstream`, on core `cpu` when given. The sidecar as
+    /// deployed: a cost Budget, prices, the journal and SQLite outbox.
+    fn start(kind: Kind, cpu: Option<usize>, upstream: &Upstream, dir: &std::path::Path) -> Proxy {
+        match kind {
+            Kind::Soma => Proxy::Soma(Sidecar::start_on(
+                cpu,
+                &sidecar_config(upstream, dir, &[budget()]),
+                dir,
+            )),
+            Kind::Nginx => {
+                let bin = nginx::binary().expect(
+                    "nginx not found (bench/proxy-overhead installs nginx-light; \
+                     SOMA_BENCH_NGINX names another, --no-nginx leaves it out)",
+                );
+                Proxy::Nginx(Nginx::start_on(&bin, cpu, upstream, dir))
+            }
+        }
+    }
 
-    let cap = one_core_ladder(&a).await;
-    let (cap_rate, cap_p99, cap_cpu, cap_rss, cap_limit) = cap.as_ref().map_or_else(
+    fn pid(&self) -> u32 {
+        match self {
+            Proxy::Soma(s) => s.pid(),
+            Proxy::Nginx(n) => n.pid(),
+        }
+    }
+
+    fn target(&self) -> Target {
+        match self {
+            Proxy::Soma(s) => s.target(),
+            Proxy::Nginx(n) => n.target(),
+        }
+    }
+}
+
+/// What one proxy measured in the three runs on both cores.
+struct Figures {
+    main: Run,
+    rss: u64,
+    low: Run,
+    stream: Run,
+    /// The sidecar's own view of its added time (its histogram's bucket bounds), p50 and p99.
+    inside: Option<(u64, u64)>,
+}
+
+/// The ladder's figures, zeros when no step held.
+fn capacity_keys(cap: &Result<Capacity, &'static str>) -> (u64, i64, f64, u64, &'static str) {
+    cap.as_ref().map_or_else(
         |why| (0, 0, 0.0, 0, *why),
         |c| {
             (
@@ -369,14 +360,133 @@ async fn main() {
                 c.limited_by,
             )
         },
+    )
+}
+
+async fn measure(kind: Kind, a: &Args) -> Figures {
+    println!("== {kind:?} ==");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(kind, None, &upstream, dir.path());
+    let client = load::client();
+    let targets = [upstream.target(), proxy.target()];
+    let pid = proxy.pid();
+    // Warm-up: connections, tokenizer tables, SQLite pages.
+    open_loop(&client, &targets, pid, 200, 2, false).await;
+
+    let main = all_ok(
+        open_loop(&client, &targets, pid, a.rate, a.seconds, false).await,
+        "main run",
     );
-    println!("load average at end: {}", load_average());
+    let (rss, peak) = cpu::process_rss_kib(pid);
+    let low = all_ok(
+        open_loop(&client, &targets, pid, a.low_rate, a.seconds, false).await,
+        "low-rate run",
+    );
+    let stream = all_ok(
+        open_loop(&client, &targets, pid, a.stream_rate, a.seconds, true).await,
+        "stream run",
+    );
+
+    show(
+        &format!("non-stream @{} rps", a.rate),
+        &main.direct,
+        &main.proxy,
+    );
     println!(
-        "RESULT proxy-overhead rate_rps={} added_p50_us={} added_p99_us={} cpu_us_per_request={:.1} rss_kib={rss} low_rate_rps={} low_added_p50_us={} low_added_p99_us={} low_cpu_us_per_request={:.1} one_core_max_rps={cap_rate} one_core_added_p99_us={cap_p99} one_core_cpu_us_per_request={cap_cpu:.1} one_core_rss_kib={cap_rss} one_core_limited_by={cap_limit} stream_added_ttft_p50_us={} stream_added_ttft_p99_us={} stream_added_gap_p99_us={} stream_rate_rps={} bytes_identical={} inside_p50_le_us={inside_p50} inside_p99_le_us={inside_p99}",
+        "  {kind:?}: {:.1} CPU-us per proxied request, rss {rss} KiB (peak {peak} KiB)",
+        main.cpu_us_per_request
+    );
+    show(
+        &format!("non-stream @{} rps", a.low_rate),
+        &low.direct,
+        &low.proxy,
+    );
+    println!(
+        "  {kind:?}: {:.1} CPU-us per proxied request",
+        low.cpu_us_per_request
+    );
+    show(
+        &format!("stream TTFT @{} rps", a.stream_rate),
+        &stream.direct_ttft,
+        &stream.proxy_ttft,
+    );
+    show("stream inter-chunk", &stream.direct_gap, &stream.proxy_gap);
+    // The sidecar's own view: time spent before forwarding plus after the provider's body
+    // (non-streamed) or headers (streamed), from its histogram's bucket bounds.
+    let inside = match &proxy {
+        Proxy::Soma(sidecar) => {
+            let metrics = sidecar.metrics(&client).await;
+            let q = histogram_quantiles(
+                &metrics,
+                "soma_proxy_added_latency_seconds",
+                "chat_completions",
+            );
+            println!(
+                "inside the sidecar (all requests, histogram bucket bounds): p50<={}us p99<={}us",
+                q.0, q.1
+            );
+            Some(q)
+        }
+        Proxy::Nginx(_) => None,
+    };
+    println!("streamed bytes identical: {}", stream.identical);
+    println!(
+        "non-stream bytes identical: {}",
+        main.identical && low.identical
+    );
+    Figures {
+        main,
+        rss,
+        low,
+        stream,
+        inside,
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let a = args();
+    println!("load average at start: {}", load_average());
+    // Both proxies' runs on both cores first: the one-core ladders pin this process to core 0.
+    let soma = measure(Kind::Soma, &a).await;
+    let floor = if a.nginx {
+        Some(measure(Kind::Nginx, &a).await)
+    } else {
+        None
+    };
+    let soma_cap = one_core_ladder(&a, Kind::Soma).await;
+    let floor_cap = if a.nginx {
+        Some(one_core_ladder(&a, Kind::Nginx).await)
+    } else {
+        None
+    };
+    println!("load average at end: {}", load_average());
+
+    let (cap_rate, cap_p99, cap_cpu, cap_rss, cap_limit) = capacity_keys(&soma_cap);
+    let (inside_p50, inside_p99) = soma.inside.unwrap_or_default();
+    let (r, low, s) = (&soma.main, &soma.low, &soma.stream);
+    let nginx_keys = floor.as_ref().zip(floor_cap.as_ref()).map_or_else(
+        || "nginx=skipped".to_owned(),
+        |(f, cap)| {
+            let (rate, p99, cpu, _, limit) = capacity_keys(cap);
+            format!(
+                "nginx_added_p50_us={} nginx_added_p99_us={} nginx_cpu_us_per_request={:.1} nginx_low_added_p99_us={} nginx_low_cpu_us_per_request={:.1} nginx_one_core_max_rps={rate} nginx_one_core_added_p99_us={p99} nginx_one_core_cpu_us_per_request={cpu:.1} nginx_one_core_limited_by={limit}",
+                f.main.added(0.5),
+                f.main.added(0.99),
+                f.main.cpu_us_per_request,
+                f.low.added(0.99),
+                f.low.cpu_us_per_request,
+            )
+        },
+    );
+    println!(
+        "RESULT proxy-overhead rate_rps={} added_p50_us={} added_p99_us={} cpu_us_per_request={:.1} rss_kib={} low_rate_rps={} low_added_p50_us={} low_added_p99_us={} low_cpu_us_per_request={:.1} one_core_max_rps={cap_rate} one_core_added_p99_us={cap_p99} one_core_cpu_us_per_request={cap_cpu:.1} one_core_rss_kib={cap_rss} one_core_limited_by={cap_limit} stream_added_ttft_p50_us={} stream_added_ttft_p99_us={} stream_added_gap_p99_us={} stream_rate_rps={} bytes_identical={} inside_p50_le_us={inside_p50} inside_p99_le_us={inside_p99} {nginx_keys}",
         a.rate,
         r.added(0.5),
         r.added(0.99),
         r.cpu_us_per_request,
+        soma.rss,
         a.low_rate,
         low.added(0.5),
         low.added(0.99),
