@@ -36,6 +36,16 @@ pub struct Target {
     pub auth: String,
 }
 
+impl Target {
+    /// The chat endpoint of the server at `addr` (`127.0.0.1:PORT`), called with `token`.
+    pub fn chat(addr: &str, token: &str) -> Target {
+        Target {
+            url: format!("http://{addr}/v1/chat/completions"),
+            auth: format!("Bearer {token}"),
+        }
+    }
+}
+
 /// A finished call.
 #[derive(Debug, Default)]
 pub struct Reply {

@@ -93,9 +93,6 @@ impl Nginx {
 
     /// Its chat endpoint, called with the provider key (nginx passes the header on).
     pub fn target(&self) -> Target {
-        Target {
-            url: format!("http://{}/v1/chat/completions", self.addr),
-            auth: format!("Bearer {KEY}"),
-        }
+        Target::chat(&self.addr, KEY)
     }
 }

@@ -55,10 +55,7 @@ impl Upstream {
 
     /// Its chat endpoint, called with the real key.
     pub fn target(&self) -> Target {
-        Target {
-            url: format!("http://{}/v1/chat/completions", self.addr),
-            auth: format!("Bearer {KEY}"),
-        }
+        Target::chat(&self.addr, KEY)
     }
 }
 
@@ -148,10 +145,7 @@ impl Sidecar {
 
     /// Its chat endpoint, called with the pod token.
     pub fn target(&self) -> Target {
-        Target {
-            url: format!("http://{}/v1/chat/completions", self.proxy_addr),
-            auth: format!("Bearer {TOKEN}"),
-        }
+        Target::chat(&self.proxy_addr, TOKEN)
     }
 
     /// The text of its `/metrics`.

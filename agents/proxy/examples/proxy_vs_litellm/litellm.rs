@@ -128,10 +128,7 @@ impl LiteLlm {
 
     /// Its chat endpoint, called with the master key.
     pub fn target(&self) -> Target {
-        Target {
-            url: format!("http://127.0.0.1:{}/v1/chat/completions", self.port),
-            auth: format!("Bearer {MASTER_KEY}"),
-        }
+        Target::chat(&format!("127.0.0.1:{}", self.port), MASTER_KEY)
     }
 }
 
