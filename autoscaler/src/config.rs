@@ -112,7 +112,6 @@ fn non_negative(x: f64) -> bool {
 }
 
 impl AutoscalerConfig {
-    /// Rejects settings the math cannot work with, naming the field.
     /// How long the load that drained a backlog is held (beside `floor_hold_s`'s hold of
     /// the arrivals alone): a backlog shows that a burst outran the pool, and a burst that
     /// returns as the reversal hold ends should find the pods that drained the last one still
@@ -122,6 +121,7 @@ impl AutoscalerConfig {
         (self.reversal_hold_s + self.cold_start_hold_s).min(self.floor_hold_s)
     }
 
+    /// Rejects settings the math cannot work with, naming the field.
     pub fn validate(&self) -> Result<(), Error> {
         check(
             self.min_replicas <= self.max_replicas,
