@@ -112,9 +112,22 @@ static COUNTS: LazyLock<Counts> = LazyLock::new(Counts::new);
 /// [`estimate_prompt`] with `image_tokens` per image part.
 pub fn estimate_prompt_with(model: &str, body: &Value, image_tokens: u64) -> u64 {
     let bpe = bpe_for(model);
+    prompt_with(body, image_tokens, &|s| COUNTS.count(bpe, s))
+}
+
+/// An upper bound on [`estimate_prompt_with`]'s count, for any model, from the same fields:
+/// each string counts as its UTF-8 bytes, since every token of a byte-level BPE (tiktoken's
+/// vocabularies among them) stands for at least one byte. It costs a walk of the body and no
+/// tokenising, so a caller can reserve on it while a Budget has room for it and count only when
+/// the count matters.
+pub fn prompt_bound_with(body: &Value, image_tokens: u64) -> u64 {
+    prompt_with(body, image_tokens, &|s| s.len() as u64)
+}
+
+/// The prompt's tokens with `count` tokens per string: the prompt-bearing fields of both
+/// providers' request formats, and each chat message's framing.
+fn prompt_with(body: &Value, image_tokens: u64, count: &dyn Fn(&str) -> u64) -> u64 {
     let mut total = 0u64;
-    let mut count = |v: &Value| total = total.saturating_add(strings(bpe, v, image_tokens));
-    // Fields that carry prompt text, across both providers' request formats.
     for field in [
         "messages",
         "prompt",
@@ -125,7 +138,7 @@ pub fn estimate_prompt_with(model: &str, body: &Value, image_tokens: u64) -> u64
         "functions",
     ] {
         if let Some(v) = body.get(field) {
-            count(v);
+            total = total.saturating_add(strings(v, image_tokens, count));
         }
     }
     let messages = body
@@ -135,10 +148,10 @@ pub fn estimate_prompt_with(model: &str, body: &Value, image_tokens: u64) -> u64
     total + messages * PER_MESSAGE + if messages > 0 { PER_REPLY } else { 0 }
 }
 
-fn strings(bpe: &'static CoreBPE, v: &Value, image_tokens: u64) -> u64 {
+fn strings(v: &Value, image_tokens: u64, count: &dyn Fn(&str) -> u64) -> u64 {
     match v {
-        Value::String(s) => COUNTS.count(bpe, s),
-        Value::Array(a) => a.iter().map(|x| strings(bpe, x, image_tokens)).sum(),
+        Value::String(s) => count(s),
+        Value::Array(a) => a.iter().map(|x| strings(x, image_tokens, count)).sum(),
         Value::Object(o)
             if o.get("type")
                 .and_then(Value::as_str)
@@ -149,7 +162,7 @@ fn strings(bpe: &'static CoreBPE, v: &Value, image_tokens: u64) -> u64 {
         // Object keys count too: tool schemas are sent to the model as text.
         Value::Object(o) => o
             .iter()
-            .map(|(k, x)| COUNTS.count(bpe, k) + strings(bpe, x, image_tokens))
+            .map(|(k, x)| count(k) + strings(x, image_tokens, count))
             .sum(),
         // Token-id prompts (`"prompt": [1, 2, 3]`) are one token per number.
         Value::Number(_) => 1,
@@ -200,6 +213,8 @@ mod tests {
             let est = estimate_prompt(model, &body);
             assert!(est >= text_tokens, "{body}: {est} < {text_tokens}");
             assert!(est <= text_tokens + 20, "{body}: {est} is far too high");
+            let bound = prompt_bound_with(&body, DEFAULT_IMAGE_TOKENS);
+            assert!(bound >= est, "{body}: bound {bound} < estimate {est}");
         }
     }
 
@@ -235,6 +250,43 @@ mod tests {
             {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
             {"type": "image_url", "image_url": {"url": "https://example.com/dog.png"}}]}]});
         assert!(estimate_prompt_with("gpt-4o", &by_url, 1_445) >= 2 * 1_445);
+    }
+
+    #[test]
+    fn the_bound_is_the_bytes_and_never_below_the_count() {
+        // "hello world" is 11 bytes: two tokens, bounded by 11; the message's keys and role
+        // count by their bytes too, its framing the same as the estimate's.
+        let body =
+            json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hello world"}]});
+        let keys_and_role = ("role".len() + "user".len() + "content".len()) as u64;
+        assert_eq!(
+            prompt_bound_with(&body, 0),
+            11 + keys_and_role + PER_MESSAGE + PER_REPLY
+        );
+        // Text that tokenises worst (one token per byte or close) is still within the bound,
+        // in both vocabularies: digits, punctuation runs, CJK, emoji, whitespace, base64.
+        let texts = [
+            "0123456789".repeat(50),
+            "!?#%&*()[]{}<>".repeat(40),
+            "漢字かな交じり文、東京都。".repeat(30),
+            "🦀🚀👩‍🚀".repeat(40),
+            " \n\t  \r\n".repeat(60),
+            "iVBORw0KGgoAAAANSUhEUgAAAAEAAAAB".repeat(30),
+        ];
+        for text in &texts {
+            for model in ["gpt-4o", "gpt-4", "claude-sonnet-4"] {
+                let body = json!({"model": model, "system": text, "input": [text, {"k": text}],
+                    "messages": [{"role": "user", "content": text}]});
+                let (est, bound) = (
+                    estimate_prompt(model, &body),
+                    prompt_bound_with(&body, DEFAULT_IMAGE_TOKENS),
+                );
+                assert!(
+                    bound >= est,
+                    "{model} {text:?}: bound {bound} < estimate {est}"
+                );
+            }
+        }
     }
 
     #[test]

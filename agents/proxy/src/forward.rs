@@ -200,7 +200,7 @@ pub async fn metered(
             // The provider generated something and the body broke: meter the prompt (the
             // client received nothing).
             let usage = Usage {
-                input_tokens: charge.prompt_estimate,
+                input_tokens: charge.prompt.count(&charge.model),
                 ..Usage::default()
             };
             let (outcome, err) = match kind {
@@ -248,7 +248,7 @@ fn key_verdict(state: &AppState, key: &Arc<ProviderKey>, status: StatusCode) {
 /// token of the body's text, which over-counts rather than under-counts.
 fn estimate_from_body(charge: &Charge, body: &[u8]) -> Usage {
     Usage {
-        input_tokens: charge.prompt_estimate,
+        input_tokens: charge.prompt.count(&charge.model),
         output_tokens: tokens::count_text(&charge.model, &String::from_utf8_lossy(body)),
         ..Usage::default()
     }

@@ -693,7 +693,7 @@ impl Outbox {
             "SELECT id, endpoint, model, state, input_tokens, cached_input_tokens,
                 cache_write_input_tokens, cache_write_1h_input_tokens, output_tokens,
                 reasoning_tokens, web_search_requests, web_fetch_requests, cost_micros,
-                estimated, outcome, http_status, reserved_micros, unmetered
+                estimated, outcome, http_status, prompt_estimate, reserved_micros, unmetered
              FROM usage_outbox ORDER BY started_at_ms, id",
         )
         .fetch_all(&self.pool)
@@ -706,6 +706,7 @@ impl Outbox {
                     "endpoint": r.get::<String, _>("endpoint"),
                     "model": r.get::<String, _>("model"),
                     "state": r.get::<String, _>("state"),
+                    "prompt_estimate": r.get::<i64, _>("prompt_estimate"),
                     "input_tokens": r.get::<i64, _>("input_tokens"),
                     "cached_input_tokens": r.get::<i64, _>("cached_input_tokens"),
                     "cache_write_input_tokens": r.get::<i64, _>("cache_write_input_tokens"),

@@ -586,19 +586,15 @@ async fn embed(
         .body(())
         .map_err(|e| ProxyError::Internal(e.to_string()))?
         .into_parts();
-    let prompt = soma_metering::tokens::estimate_prompt_with(model, &body, 0);
-    let worst = soma_metering::worst_usage(&body, prompt, 0, &state.config.server_tools);
-    let mut call = Call {
+    let mut call = Call::new(
+        state,
         bytes,
-        json: body,
-        model: model.to_owned(),
-        stream: false,
-        prompt,
-        max_out: 0,
-        worst,
-        rewritten: false,
-        priority: soma_contract::load::Priority::Normal,
-    };
+        body,
+        model.to_owned(),
+        false,
+        0,
+        soma_contract::load::Priority::Normal,
+    );
     let charge = reserve::reserve(state, Endpoint::Embeddings, &mut call, permit).await?;
     if call.model != model {
         let browned = call.model.clone();

@@ -134,7 +134,7 @@ async fn pump(
         ("ok", Some(_)) => "upstream_error_event",
         (o, _) => o,
     };
-    let (metered, estimated) = meter.finish(&charge.model, charge.prompt_estimate);
+    let (metered, estimated) = meter.finish(&charge.model, || charge.prompt.count(&charge.model));
     let client_status = if outcome == "ok" { status.as_u16() } else { 0 };
     genai_span::record_response(&charge.span, meter.response());
     state.metrics.stream_ending(outcome);

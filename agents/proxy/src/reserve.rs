@@ -1,5 +1,6 @@
 //! Reserve or brown out, then record: the call's worst case is reserved on every Budget of the
-//! chain (all or none); when a Budget refuses and its `onExhausted` is `BrownOut`, the call is
+//! chain (all or none), first with the prompt's bound and, when that is refused, again with
+//! the prompt counted (`request::Prompt`); when a Budget refuses and its `onExhausted` is `BrownOut`, the call is
 //! rewritten to the cheaper model and reserved at that model's worst case instead. What was
 //! reserved is then recorded (the journal's begin record) before anything leaves.
 
@@ -38,7 +39,13 @@ pub async fn reserve(
     let mut price = price_of(state, &call.model)?;
     let now = jiff::Timestamp::now();
     let want = Amount::worst_case(&call.worst, price.as_ref());
-    let reservations = match state.authority.reserve(now, want).await {
+    let mut asked = state.authority.reserve(now, want).await;
+    // Refused on the prompt's bound: the count may fit.
+    if matches!(asked, Reserve::Refused(_)) && call.count_prompt(state).await? {
+        let want = Amount::worst_case(&call.worst, price.as_ref());
+        asked = state.authority.reserve(now, want).await;
+    }
+    let reservations = match asked {
         Reserve::Taken(r) => r,
         Reserve::Undefined(why) => return Err(ProxyError::BudgetUndefined(why)),
         Reserve::Unavailable(why) => return Err(ProxyError::BudgetUnavailable(why)),
@@ -94,7 +101,7 @@ pub async fn reserve(
         reservations,
         model: call.model.clone(),
         price,
-        prompt_estimate: call.prompt,
+        prompt: call.prompt.clone(),
         span: tracing::Span::current(),
         arrival: state.load.arrive(permit.admitted, call.priority),
         in_flight: permit,
@@ -107,7 +114,7 @@ pub async fn reserve(
         endpoint: endpoint.label(),
         model: call.model.clone(),
         started_at: now,
-        prompt_estimate: call.prompt,
+        prompt_estimate: call.prompt.reserved(),
         max_output_tokens: call.max_out,
         reserved: worst,
     };

@@ -96,8 +96,8 @@ pub struct Charge {
     pub model: String,
     /// Its price (None: cost not metered).
     pub price: Option<Price>,
-    /// Pre-call prompt estimate.
-    pub prompt_estimate: u64,
+    /// What is known of the prompt's tokens before the call.
+    pub prompt: crate::request::Prompt,
     /// The call's GenAI span, held until the charge is settled so that it closes after the
     /// usage is known (for a stream, after the relay has metered it).
     pub span: tracing::Span,

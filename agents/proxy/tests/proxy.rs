@@ -427,16 +427,12 @@ async fn unreachable_and_silent_upstreams_get_502_and_504() {
 #[tokio::test]
 async fn a_stream_cut_midway_is_metered_from_what_was_delivered() {
     let h = Harness::start("openai", json!({})).await;
-    let r = h
-        .post(
-            "/v1/chat/completions",
-            &chat(
-                "gpt-4o",
-                "SCENARIO:cut",
-                json!({"stream": true, "max_tokens": 10}),
-            ),
-        )
-        .await;
+    let body = chat(
+        "gpt-4o",
+        "SCENARIO:cut",
+        json!({"stream": true, "max_tokens": 10}),
+    );
+    let r = h.post("/v1/chat/completions", &body).await;
     assert_eq!(r.status, 200);
     assert!(r.broken, "the client must see the stream break");
     let delivered = r.text().matches("\"content\":\"w").count() as u64;
@@ -450,7 +446,13 @@ async fn a_stream_cut_midway_is_metered_from_what_was_delivered() {
         rows[0]["output_tokens"].as_u64(),
         Some(words_tokens(delivered))
     );
-    assert!(rows[0]["input_tokens"].as_u64().unwrap() > 0);
+    // The provider never said how long the prompt was: it is counted by the BPE (the
+    // reservation was on its bound).
+    assert_eq!(
+        rows[0]["input_tokens"].as_u64(),
+        Some(soma_metering::tokens::estimate_prompt("gpt-4o", &body))
+    );
+    assert!(rows[0]["prompt_estimate"].as_u64() > rows[0]["input_tokens"].as_u64());
     // Counted by cause, though the client had its 200.
     let m = h.metrics().await;
     for needle in [
@@ -620,6 +622,42 @@ async fn a_budget_refuses_with_429_naming_itself_what_is_left_and_when_it_resets
     assert_eq!(r.status, 429);
     assert_eq!(r.json()["type"], "error");
     assert_eq!(r.json()["error"]["type"], "rate_limit_error");
+}
+
+#[tokio::test]
+async fn a_prompt_is_counted_only_when_its_bound_does_not_fit() {
+    // 600 tokens of text in 1,200 bytes; a Budget of 700 tokens.
+    let text = "a ".repeat(600);
+    let body = chat("gpt-4o", &text, json!({"max_tokens": 10}));
+    let counted = soma_metering::tokens::estimate_prompt("gpt-4o", &body);
+    let bound = soma_metering::tokens::prompt_bound_with(&body, 0);
+    assert!(counted + 10 <= 700 && bound > 700, "{counted} {bound}");
+    let budget = |tokens: u64| {
+        json!({"budget": "team",
+            "budgets": [{"name": "team", "limits": {"tokens": tokens}, "period": {"rolling": "1h"}}]})
+    };
+    // Room for the bound: reserved on it, the provider's count settles it.
+    let roomy = Harness::start("openai", budget(1_000_000)).await;
+    assert_eq!(roomy.post("/v1/chat/completions", &body).await.status, 200);
+    let row = &roomy.rows().await[0];
+    assert_eq!(row["prompt_estimate"].as_u64(), Some(bound));
+    assert_eq!(row["estimated"], false);
+    // No room for the bound: counted, and the count fits.
+    let tight = Harness::start("openai", budget(700)).await;
+    let r = tight.post("/v1/chat/completions", &body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        tight.rows().await[0]["prompt_estimate"].as_u64(),
+        Some(counted)
+    );
+    // Room for neither: refused, with the counted request in the refusal.
+    let r = tight.post("/v1/chat/completions", &body).await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(
+        r.json()["soma_budget"]["requested"].as_u64(),
+        Some(counted + 10)
+    );
+    assert_eq!(tight.upstream.received().len(), 1);
 }
 
 #[tokio::test]

@@ -187,9 +187,9 @@ impl StreamMeter {
         self.complete
     }
 
-    /// The stream's usage, and whether it is an estimate. `prompt_estimate` is the pre-call
-    /// count, used when the provider never said how long the prompt was.
-    pub fn finish(&self, model: &str, prompt_estimate: u64) -> (Metered, bool) {
+    /// The stream's usage, and whether it is an estimate. `prompt_estimate` gives the pre-call
+    /// count, asked for only when the provider never said how long the prompt was.
+    pub fn finish(&self, model: &str, prompt_estimate: impl FnOnce() -> u64) -> (Metered, bool) {
         let reported = self
             .carrier
             .as_ref()
@@ -202,7 +202,7 @@ impl StreamMeter {
         let delivered = tokens::count_text(model, &self.delivered);
         let mut m = reported.unwrap_or(Metered {
             usage: Usage {
-                input_tokens: prompt_estimate,
+                input_tokens: prompt_estimate(),
                 ..Usage::default()
             },
             unmetered: Vec::new(),
@@ -267,7 +267,7 @@ mod tests {
                 .enumerate()
                 .all(|(i, x)| i == 3 || *x == Disposition::Forward)
         );
-        let (u, est) = m.finish("gpt-4o", 999);
+        let (u, est) = m.finish("gpt-4o", || 999);
         let u = u.usage;
         assert!(!est);
         assert_eq!(
@@ -280,7 +280,7 @@ mod tests {
     fn openai_stream_cut_before_usage_is_estimated_from_delivered_text() {
         let cut = &OPENAI[..OPENAI.find("\"choices\":[],").unwrap()];
         let (m, _) = run(Dialect::OpenAi, cut);
-        let (u, est) = m.finish("gpt-4o", 12);
+        let (u, est) = m.finish("gpt-4o", || 12);
         let u = u.usage;
         assert!(est);
         assert_eq!((u.input_tokens, u.output_tokens), (12, 2)); // "hello world" = 2 tokens
@@ -300,7 +300,7 @@ mod tests {
     fn anthropic_stream() {
         let (m, d) = run(Dialect::Anthropic, ANTHROPIC);
         assert!(d.iter().all(|x| *x == Disposition::Forward));
-        let (u, est) = m.finish("claude-sonnet-4", 0);
+        let (u, est) = m.finish("claude-sonnet-4", || 0);
         let u = u.usage;
         assert!(!est);
         assert_eq!(
@@ -313,7 +313,7 @@ mod tests {
     fn anthropic_stream_cut_after_start_keeps_provider_input_and_estimates_output() {
         let cut = &ANTHROPIC[..ANTHROPIC.find("event: content_block_stop").unwrap()];
         let (m, _) = run(Dialect::Anthropic, cut);
-        let (u, est) = m.finish("claude-sonnet-4", 999);
+        let (u, est) = m.finish("claude-sonnet-4", || 999);
         let u = u.usage;
         assert!(est);
         assert_eq!((u.input_tokens, u.cached_input_tokens), (125, 100));
@@ -328,7 +328,7 @@ mod tests {
             "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"input_tokens\":10387,\"cache_creation_input_tokens\":3913,\"cache_read_input_tokens\":0,\"output_tokens\":310,\"server_tool_use\":{\"web_search_requests\":1}}}\n\n",
         );
         let (m, _) = run(Dialect::Anthropic, s);
-        let (u, est) = m.finish("claude-sonnet-4", 0);
+        let (u, est) = m.finish("claude-sonnet-4", || 0);
         assert!(!est);
         assert_eq!(
             u.usage,
@@ -347,7 +347,7 @@ mod tests {
             "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{},\"usage\":{\"input_tokens\":181,\"cache_read_input_tokens\":0,\"output_tokens\":8,\"iterations\":[{\"type\":\"compaction\",\"input_tokens\":100,\"output_tokens\":83,\"cache_read_input_tokens\":55096},{\"type\":\"message\",\"input_tokens\":181,\"output_tokens\":8,\"cache_read_input_tokens\":0}]}}\n\n",
         );
         let (m, _) = run(Dialect::Anthropic, s);
-        let (u, _) = m.finish("claude-sonnet-4", 0);
+        let (u, _) = m.finish("claude-sonnet-4", || 0);
         assert_eq!(
             (
                 u.usage.input_tokens,
@@ -362,7 +362,7 @@ mod tests {
     fn stream_cut_before_anything_estimates_the_prompt() {
         let (m, _) = run(Dialect::Anthropic, "");
         assert_eq!(
-            m.finish("claude-sonnet-4", 40),
+            m.finish("claude-sonnet-4", || 40),
             (
                 Metered {
                     usage: Usage {
@@ -384,7 +384,7 @@ mod tests {
         );
         let (m, d) = run(Dialect::OpenAi, s);
         assert!(d.iter().all(|x| *x == Disposition::Forward));
-        let (u, est) = m.finish("gpt-4o", 0);
+        let (u, est) = m.finish("gpt-4o", || 0);
         let u = u.usage;
         assert!(!est);
         assert_eq!(
