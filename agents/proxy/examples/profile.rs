@@ -14,7 +14,10 @@
 //! SQLite every `foldIntervalMs`); under callgrind a request takes ~50 times longer, so each
 //! fold carries fewer requests than at full speed and the fold's share is an upper bound.
 //!
-//! Ends with `RESULT proxy-profile requests=.. sidecar_instructions_per_request=..
+//! `--prompt-bytes N` adds about N bytes of prose, new in every request, to each prompt (the
+//! default, 0, sends a 30-byte prompt): what a tool's output or a user's turn costs to meter.
+//!
+//! Ends with `RESULT proxy-profile requests=.. prompt_bytes=.. sidecar_instructions_per_request=..
 //! upstream_instructions_per_request=.. ratio=.. sidecar_dump=.. upstream_dump=..`; read a dump
 //! with `callgrind_annotate --inclusive=yes <dump>`.
 
@@ -25,13 +28,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bench_support::load::{self, chat_body};
+use bench_support::load::{self, chat_body_with};
 use bench_support::soma::{Sidecar, Upstream, sidecar_config};
 use serde_json::json;
 
 struct Args {
     requests: u64,
     warmup: u64,
+    /// Prose added to each prompt.
+    prompt_bytes: usize,
     /// Where the callgrind dumps go (kept after the run).
     out: PathBuf,
 }
@@ -40,6 +45,7 @@ fn args() -> Args {
     let mut a = Args {
         requests: 1000,
         warmup: 200,
+        prompt_bytes: 0,
         out: std::env::temp_dir().join("soma-proxy-profile"),
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
@@ -48,6 +54,7 @@ fn args() -> Args {
         match pair[0].as_str() {
             "--requests" => a.requests = value.parse().expect("--requests N"),
             "--warmup" => a.warmup = value.parse().expect("--warmup N"),
+            "--prompt-bytes" => a.prompt_bytes = value.parse().expect("--prompt-bytes N"),
             "--out" => a.out = PathBuf::from(value),
             other => panic!("unknown argument {other}"),
         }
@@ -120,9 +127,9 @@ fn total_instructions(dump: &Path) -> Option<u64> {
 }
 
 /// `n` calls through the sidecar, one after the other; every one must succeed.
-async fn sequential(client: &load::Http, target: &load::Target, first: u64, n: u64) {
+async fn sequential(client: &load::Http, target: &load::Target, first: u64, n: u64, prose: usize) {
     for i in first..first + n {
-        let reply = load::call(client, target, chat_body(i, false, 16))
+        let reply = load::call(client, target, chat_body_with(i, false, 16, prose))
             .await
             .unwrap_or_else(|e| panic!("call {i}: {e}"));
         assert_eq!(reply.status, 200, "call {i}: {:?}", reply.body);
@@ -146,11 +153,11 @@ async fn main() {
     );
     let client = load::client();
     let target = sidecar.target();
-    sequential(&client, &target, 0, a.warmup).await;
+    sequential(&client, &target, 0, a.warmup, a.prompt_bytes).await;
     control("-z", sidecar.pid());
     control("-z", upstream.pid());
     let started = Instant::now();
-    sequential(&client, &target, a.warmup, a.requests).await;
+    sequential(&client, &target, a.warmup, a.requests, a.prompt_bytes).await;
     let took = started.elapsed();
     let (sidecar_dump, sidecar_total) = dump(&a.out, "sidecar", sidecar.pid());
     let (upstream_dump, upstream_total) = dump(&a.out, "upstream", upstream.pid());
@@ -170,8 +177,9 @@ async fn main() {
         upstream_dump.display()
     );
     println!(
-        "RESULT proxy-profile requests={} sidecar_instructions_per_request={s} upstream_instructions_per_request={u} ratio={:.2} sidecar_dump={} upstream_dump={}",
+        "RESULT proxy-profile requests={} prompt_bytes={} sidecar_instructions_per_request={s} upstream_instructions_per_request={u} ratio={:.2} sidecar_dump={} upstream_dump={}",
         a.requests,
+        a.prompt_bytes,
         s as f64 / u.max(1) as f64,
         sidecar_dump.display(),
         upstream_dump.display()

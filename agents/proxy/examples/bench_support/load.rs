@@ -61,8 +61,29 @@ pub struct Reply {
 
 /// The request body for prompt number `n`.
 pub fn chat_body(n: u64, stream: bool, max_tokens: u64) -> Bytes {
+    chat_body_with(n, stream, max_tokens, 0)
+}
+
+/// [`chat_body`] whose prompt also carries about `prose_bytes` of English prose, new in every
+/// request (as a tool's output or a user's turn is): the words are drawn from a fixed list by
+/// `n`, so no two requests send the same text.
+pub fn chat_body_with(n: u64, stream: bool, max_tokens: u64, prose_bytes: usize) -> Bytes {
+    const WORDS: [&str; 16] = [
+        "the", "agent", "reads", "a", "file", "and", "writes", "its", "summary", "before",
+        "calling", "another", "tool", "with", "results", "again",
+    ];
+    let mut content = format!("request {n} of the benchmark.");
+    let mut state = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    while content.len() < prose_bytes {
+        // xorshift: a different word sequence for every `n`.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        content.push(' ');
+        content.push_str(WORDS[(state % WORDS.len() as u64) as usize]);
+    }
     let v = json!({"model": "gpt-4o", "max_tokens": max_tokens, "stream": stream,
-        "messages": [{"role": "user", "content": format!("request {n} of the benchmark")}]});
+        "messages": [{"role": "user", "content": content}]});
     Bytes::from(v.to_string())
 }
 
