@@ -40,8 +40,12 @@ pub async fn reserve(
     let now = jiff::Timestamp::now();
     let want = Amount::worst_case(&call.worst, price.as_ref());
     let mut asked = state.authority.reserve(now, want).await;
-    // Refused on the prompt's bound: the count may fit.
-    if matches!(asked, Reserve::Refused(_)) && call.count_prompt(state).await? {
+    // Refused on the prompt's bound by a cap on size (a count of requests does not depend on
+    // it): the counted prompt may fit.
+    if let Reserve::Refused(refusal) = &asked
+        && refusal.limit != LimitKind::RequestsPerMinute
+        && call.count_prompt(state).await?
+    {
         let want = Amount::worst_case(&call.worst, price.as_ref());
         asked = state.authority.reserve(now, want).await;
     }
