@@ -124,27 +124,30 @@ pub fn prompt_bound_with(body: &Value, image_tokens: u64) -> u64 {
     prompt_with(body, image_tokens, &|s| s.len() as u64)
 }
 
-/// The prompt's tokens with `count` tokens per string: the prompt-bearing fields of both
-/// providers' request formats, and each chat message's framing.
+/// Fields that carry prompt text, across both providers' request formats.
+const PROMPT_FIELDS: [&str; 7] = [
+    "messages",
+    "prompt",
+    "input",
+    "system",
+    "instructions",
+    "tools",
+    "functions",
+];
+
+/// The prompt's tokens with `count` tokens per string: the prompt-bearing fields, and each chat
+/// message's framing. One pass over the body's members (a lookup per field would hash each
+/// name).
 fn prompt_with(body: &Value, image_tokens: u64, count: &dyn Fn(&str) -> u64) -> u64 {
-    let mut total = 0u64;
-    for field in [
-        "messages",
-        "prompt",
-        "input",
-        "system",
-        "instructions",
-        "tools",
-        "functions",
-    ] {
-        if let Some(v) = body.get(field) {
+    let (mut total, mut messages) = (0u64, 0u64);
+    for (field, v) in body.as_object().into_iter().flatten() {
+        if PROMPT_FIELDS.contains(&field.as_str()) {
             total = total.saturating_add(strings(v, image_tokens, count));
+            if field == "messages" {
+                messages = v.as_array().map_or(0, |m| m.len() as u64);
+            }
         }
     }
-    let messages = body
-        .get("messages")
-        .and_then(Value::as_array)
-        .map_or(0, |m| m.len() as u64);
     total + messages * PER_MESSAGE + if messages > 0 { PER_REPLY } else { 0 }
 }
 
