@@ -400,7 +400,18 @@ impl Ledger {
 
     /// Moves the window to `now`, dropping spend that left it.
     fn roll(&mut self, now: Timestamp) -> Result<Window, Error> {
-        let window = self.period.window(now)?;
+        // Calendar windows tile time, so the current one still holds while `now` is inside
+        // it (its bounds, found in the Budget's time zone, are not worked out again).
+        let window = match self.window {
+            Some(w)
+                if matches!(self.period, Period::Calendar { .. })
+                    && w.start <= now
+                    && now < w.end =>
+            {
+                w
+            }
+            _ => self.period.window(now)?,
+        };
         if self.window.map(|w| w.start) != Some(window.start) {
             // A minute's bucket stays while any of it is inside the window: rolling windows
             // hold spend up to a minute longer than their length, never shorter.
@@ -613,6 +624,8 @@ mod tests {
         assert_eq!(l.spent(now).unwrap(), amt(5, 250));
         assert_eq!(l.reserved(), Amount::default());
         assert_eq!(l.remaining_micros(now).unwrap(), Some(750));
+        // The last second of the Berlin day still counts it; the next day does not.
+        assert_eq!(l.spent(ts("2026-01-10T22:59:59Z")).unwrap(), amt(5, 250));
         // Next day: spend is gone.
         assert_eq!(
             l.spent(ts("2026-01-10T23:00:00Z")).unwrap(),
