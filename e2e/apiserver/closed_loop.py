@@ -399,6 +399,9 @@ def run(sc: Scenario, work: pathlib.Path, window_bin: str, log: Any = sys.stdout
             time.sleep(0.1)
         service.count()
         end = time.monotonic() - t0
+        # Sample on for two scaling steps: a change of replicas seen at the very end is then
+        # followed by the samples that carry its status (read for the explanation, not counted).
+        time.sleep(2 * sc.interval_s + 0.5)
         stop_sampling.set()
         sampler.join(timeout=10)
         events = [e for e in k.list("events.k8s.io/v1", "events", ts.NS)["items"]
@@ -427,6 +430,8 @@ def run(sc: Scenario, work: pathlib.Path, window_bin: str, log: Any = sys.stdout
         waits[int(r.at // minute)].append(w)
     minute_p95 = {m: p95(ws) for m, ws in waits.items()}
     violation_min = sum(1 for v in minute_p95.values() if v > slo)
+    after = [s for s in samples if s["t"] > end]
+    samples = [s for s in samples if s["t"] <= end]
     counts = [s["replicas"] for s in samples if s["replicas"] is not None]
     changes = []
     for prev, s in zip(samples, samples[1:]):
@@ -436,7 +441,7 @@ def run(sc: Scenario, work: pathlib.Path, window_bin: str, log: Any = sys.stdout
     # spec.replicas, then status: the next samples carry it).
     explained = []
     for ch in changes:
-        later = [s for s in samples if s["t"] >= ch["t"] and s["t"] <= ch["t"] + 2 * sc.interval_s]
+        later = [s for s in samples + after if ch["t"] <= s["t"] <= ch["t"] + 2 * sc.interval_s]
         explained.append(any(s["desired"] == ch["replicas"] and s["reason"] for s in later))
     hold = sc.scaling_spec()["reversalHoldSeconds"]
     max_rev = 2 * math.ceil(end / hold) + 1 if hold > 0 else None
