@@ -1,6 +1,7 @@
-//! `soma cost --dry-run`: what a request may cost before it is sent. The same BPE estimate,
-//! worst case and prices the sidecar reserves against a Budget: every prompt token at the
-//! dearest input price (plain, cached or cache-write) plus `max_tokens` of output (or the
+//! `soma cost --dry-run`: what a request may cost before it is sent. The BPE estimate, worst
+//! case and prices the sidecar reserves against a Budget near its cap (far from it, the sidecar
+//! reserves on the prompt's bytes, a looser bound that saves counting): every prompt token at
+//! the dearest input price (plain, cached or cache-write) plus `max_tokens` of output (or the
 //! sidecar's default when the request sets none).
 
 use std::io::Read;

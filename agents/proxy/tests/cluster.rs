@@ -457,8 +457,10 @@ async fn replicas_share_the_per_minute_limits() {
     for _ in 0..3 {
         let minute = jiff::Timestamp::now().as_second() / 60;
         // Both replicas hold a lease; after a heartbeat each knows there are two.
-        assert_eq!(chat(&client, &b, &small).await.status, 200);
-        assert_eq!(chat(&client, &a, &small).await.status, 200);
+        for replica in [&b, &a] {
+            let r = chat(&client, replica, &small).await;
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
         tokio::time::sleep(Duration::from_millis(1_000)).await;
         let mut answered = 0;
         let mut refusal = None;
