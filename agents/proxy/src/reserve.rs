@@ -1,8 +1,9 @@
 //! Reserve or brown out, then record: the call's worst case is reserved on every Budget of the
 //! chain (all or none), first with the prompt's bound and, when that is refused, again with
-//! the prompt counted (`request::Prompt`); when a Budget refuses and its `onExhausted` is `BrownOut`, the call is
-//! rewritten to the cheaper model and reserved at that model's worst case instead. What was
-//! reserved is then recorded (the journal's begin record) before anything leaves.
+//! the prompt counted (`request::Prompt`); when a Budget refuses and its `onExhausted` is
+//! `BrownOut`, the call is rewritten to the cheaper model and reserved at that model's worst
+//! case instead. What was reserved is then recorded (the journal's begin record) before
+//! anything leaves.
 
 use std::sync::Arc;
 
