@@ -62,7 +62,7 @@ pub enum ProxyError {
     BudgetUnavailable(String),
     /// The upstream could not be reached.
     #[error("upstream unreachable")]
-    Upstream(#[source] hyper_util::client::legacy::Error),
+    Upstream(#[source] crate::connections::CallError),
     /// The upstream did not answer in time.
     #[error("upstream timed out")]
     UpstreamTimeout,

@@ -30,11 +30,7 @@ fn build(
     body: Bytes,
     key: &ProviderKey,
 ) -> Result<axum::http::Request<http_body_util::Full<Bytes>>, ProxyError> {
-    let uri = upstream::upstream_uri(
-        &state.config.provider.upstream,
-        endpoint.path(),
-        parts.uri.query(),
-    )?;
+    let uri = state.upstream.uri(endpoint.path(), parts.uri.query())?;
     upstream::request(
         parts.method.clone(),
         uri,
@@ -118,7 +114,7 @@ pub async fn metered(
     let pre = sent - t0;
     let upstream = match tokio::time::timeout(
         state.response_headers_timeout(),
-        state.client.request(request),
+        state.client.request(&state.upstream.origin, request),
     )
     .await
     {
@@ -269,7 +265,7 @@ pub async fn unmetered(
     let request = build(state, endpoint, parts, body, &key)?;
     let upstream = tokio::time::timeout(
         state.response_headers_timeout(),
-        state.client.request(request),
+        state.client.request(&state.upstream.origin, request),
     )
     .await
     .map_err(|_| ProxyError::UpstreamTimeout)?

@@ -25,6 +25,7 @@ pub mod brownout;
 pub mod budgets;
 pub mod cluster;
 pub mod config;
+pub mod connections;
 pub mod endpoint;
 pub mod error;
 pub mod events;

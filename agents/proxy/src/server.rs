@@ -67,6 +67,9 @@ pub enum StartError {
     /// `authority: postgres` without `databaseUrl`.
     #[error("authority.postgres needs databaseUrl (the PostgreSQL holding the Budget leases)")]
     AuthorityDatabase,
+    /// `provider.upstream` cannot be used.
+    #[error("{0}")]
+    Upstream(String),
     /// TLS setup.
     #[error("cannot set up TLS for the upstream client")]
     Tls(#[from] rustls::Error),
@@ -107,6 +110,8 @@ pub async fn state(config: Config, client_token: String) -> Result<Arc<AppState>
         return Err(StartError::ClientToken(config.client_token_env.clone()));
     }
     let keys = read_key(&config.credentials)?;
+    let upstream =
+        upstream::Upstream::parse(&config.provider.upstream).map_err(StartError::Upstream)?;
     let client = upstream::client(Duration::from_millis(config.timeouts.connect_ms))?;
     let outbox_err = |source| StartError::Outbox {
         path: config.outbox_path.clone(),
@@ -191,6 +196,7 @@ pub async fn state(config: Config, client_token: String) -> Result<Arc<AppState>
         client_token: client_token.trim().to_owned(),
         keys,
         client,
+        upstream,
         authority,
         outbox,
         metrics,

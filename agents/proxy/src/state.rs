@@ -8,11 +8,12 @@ use soma_metering::{Amount, Price, Reservation};
 
 use crate::budgets::Budgets;
 use crate::config::Config;
+use crate::connections::Connections;
 use crate::keys::KeyHolder;
 use crate::load::{Arrival, LoadMeter};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Settlement};
-use crate::upstream::UpstreamClient;
+use crate::upstream::Upstream;
 
 /// Shared, read-mostly state behind an `Arc`.
 #[derive(Debug)]
@@ -26,7 +27,9 @@ pub struct AppState {
     /// The provider key (from a file, or kept current from Vault), or why there is none.
     pub keys: KeyHolder,
     /// Upstream HTTP client.
-    pub client: UpstreamClient,
+    pub client: Connections,
+    /// The provider's base URL, parsed.
+    pub upstream: Upstream,
     /// Budgets.
     pub authority: Budgets,
     /// Durable usage.

@@ -8,25 +8,47 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, heade
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 
 use crate::config::ProviderKind;
+use crate::connections::{Connections, Origin};
 use crate::error::ProxyError;
-
-/// The client used for every upstream call.
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// The provider key. Its `Debug` never shows it, so it cannot leak through a log line.
 #[derive(Clone, Default, PartialEq, Eq)]
-pub struct ProviderKey(Option<String>);
+pub struct ProviderKey(Option<Secret>);
+
+/// A key and its two header values, made once per key rather than once per call (`None` when
+/// the key holds bytes a header cannot carry).
+#[derive(Clone, PartialEq, Eq)]
+struct Secret {
+    text: String,
+    /// `Authorization: Bearer <key>` (OpenAI and compatible).
+    bearer: Option<HeaderValue>,
+    /// `x-api-key: <key>` (Anthropic).
+    bare: Option<HeaderValue>,
+}
 
 impl ProviderKey {
     /// Wraps a key read from the sidecar's own file or Vault; empty means none.
     pub fn new(key: Option<String>) -> Self {
-        ProviderKey(key.map(|k| k.trim().to_owned()).filter(|k| !k.is_empty()))
+        let secret = |text: String| {
+            let header = |v: &str| {
+                let mut v = HeaderValue::from_str(v).ok()?;
+                v.set_sensitive(true);
+                Some(v)
+            };
+            Secret {
+                bearer: header(&format!("Bearer {text}")),
+                bare: header(&text),
+                text,
+            }
+        };
+        ProviderKey(
+            key.map(|k| k.trim().to_owned())
+                .filter(|k| !k.is_empty())
+                .map(secret),
+        )
     }
 
     /// No key.
@@ -36,12 +58,12 @@ impl ProviderKey {
 
     /// Replaces every occurrence of the key in `body` (an upstream error may echo it).
     pub fn scrub(&self, body: Bytes) -> Bytes {
-        let Some(key) = self.0.as_deref() else {
+        let Some(key) = self.0.as_ref().map(|s| s.text.as_bytes()) else {
             return body;
         };
-        match find(&body, key.as_bytes()) {
+        match find(&body, key) {
             None => body,
-            Some(_) => Bytes::from(replace_all(&body, key.as_bytes(), b"[redacted]")),
+            Some(_) => Bytes::from(replace_all(&body, key, b"[redacted]")),
         }
     }
 }
@@ -77,8 +99,9 @@ pub fn replace_all(hay: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Builds the client: HTTP/1.1, TLS by rustls (ring) with the system's roots.
-pub fn client(connect_timeout: Duration) -> Result<UpstreamClient, rustls::Error> {
+/// Builds the client: HTTP/1.1, TLS by rustls (ring) with the system's roots, idle connections
+/// closed after 90 s.
+pub fn client(connect_timeout: Duration) -> Result<Connections, rustls::Error> {
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(connect_timeout));
     http.set_nodelay(true);
@@ -100,9 +123,7 @@ pub fn client(connect_timeout: Duration) -> Result<UpstreamClient, rustls::Error
         }
     };
     let https = builder.https_or_http().enable_http1().wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .build(https))
+    Ok(Connections::new(https, Duration::from_secs(90)))
 }
 
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus the ones the sidecar
@@ -129,19 +150,54 @@ const CLIENT_ONLY: [&str; 5] = [
     "accept-encoding",
 ];
 
-/// The upstream URL for `path`: the base URL with `/v1` not repeated.
-pub fn upstream_uri(base: &str, path: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
-    let base = base.trim_end_matches('/');
-    let path = match base.ends_with("/v1") {
-        true => path.strip_prefix("/v1").unwrap_or(path),
-        false => path,
-    };
-    let uri = match query {
-        Some(q) => format!("{base}{path}?{q}"),
-        None => format!("{base}{path}"),
-    };
-    uri.parse()
-        .map_err(|_| ProxyError::Internal("upstream URL does not parse".into()))
+/// The provider's base URL, parsed once: the origin calls connect to, and the path prefix
+/// each call's path is joined to (`/v1` not repeated).
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// Where calls connect.
+    pub origin: Origin,
+    /// The base URL's path, without its trailing `/`.
+    prefix: String,
+}
+
+impl Upstream {
+    /// Parses `base` (`provider.upstream`); an error says why it cannot be used.
+    pub fn parse(base: &str) -> Result<Upstream, String> {
+        let url: Uri = base
+            .parse()
+            .map_err(|e| format!("provider.upstream {base:?} is not a URL: {e}"))?;
+        if !matches!(url.scheme_str(), Some("http" | "https")) {
+            return Err(format!(
+                "provider.upstream {base:?} must start with http:// or https://"
+            ));
+        }
+        if url.query().is_some() {
+            return Err(format!("provider.upstream {base:?} must not carry a query"));
+        }
+        let origin =
+            Origin::of(&url).ok_or_else(|| format!("provider.upstream {base:?} has no host"))?;
+        Ok(Upstream {
+            origin,
+            prefix: url.path().trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// The path and query a call to `path` is sent to (the request line's origin form).
+    pub fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
+        let path = match self.prefix.ends_with("/v1") {
+            true => path.strip_prefix("/v1").unwrap_or(path),
+            false => path,
+        };
+        let mut target = String::with_capacity(self.prefix.len() + path.len() + 64);
+        target.push_str(&self.prefix);
+        target.push_str(path);
+        if let Some(q) = query {
+            target.push('?');
+            target.push_str(q);
+        }
+        Uri::try_from(target)
+            .map_err(|_| ProxyError::Internal("upstream URL does not parse".into()))
+    }
 }
 
 /// The request the provider receives.
@@ -163,18 +219,17 @@ pub fn request(
         }
         headers.append(name.clone(), value.clone());
     }
-    if let Some(k) = key.0.as_deref() {
+    if let Some(k) = key.0.as_ref() {
         let (name, value) = match provider {
-            ProviderKind::Anthropic => (HeaderName::from_static("x-api-key"), k.to_owned()),
+            ProviderKind::Anthropic => (HeaderName::from_static("x-api-key"), &k.bare),
             ProviderKind::Openai | ProviderKind::OpenaiCompatible => {
-                (header::AUTHORIZATION, format!("Bearer {k}"))
+                (header::AUTHORIZATION, &k.bearer)
             }
         };
-        let mut v = HeaderValue::from_str(&value).map_err(|_| {
+        let value = value.clone().ok_or_else(|| {
             ProxyError::Internal("the provider key is not a valid header value".into())
         })?;
-        v.set_sensitive(true);
-        headers.insert(name, v);
+        headers.insert(name, value);
     }
     headers.insert(
         header::ACCEPT_ENCODING,
@@ -240,33 +295,43 @@ mod tests {
             (
                 "https://api.openai.com",
                 "/v1/chat/completions",
-                "https://api.openai.com/v1/chat/completions",
+                "/v1/chat/completions",
             ),
-            (
-                "https://api.openai.com/",
-                "/v1/models",
-                "https://api.openai.com/v1/models",
-            ),
+            ("https://api.openai.com/", "/v1/models", "/v1/models"),
             (
                 "http://vllm:8000/v1",
                 "/v1/chat/completions",
-                "http://vllm:8000/v1/chat/completions",
+                "/v1/chat/completions",
             ),
             (
                 "http://gw/openai/v1/",
                 "/v1/embeddings",
-                "http://gw/openai/v1/embeddings",
+                "/openai/v1/embeddings",
             ),
         ];
         for (base, path, want) in cases {
-            assert_eq!(upstream_uri(base, path, None).unwrap().to_string(), want);
+            let up = Upstream::parse(base).unwrap();
+            assert_eq!(up.uri(path, None).unwrap().to_string(), want, "{base}");
         }
+        let up = Upstream::parse("http://h").unwrap();
+        assert_eq!(up.uri("/v1/models", Some("a=b")).unwrap(), "/v1/models?a=b");
         assert_eq!(
-            upstream_uri("http://h", "/v1/models", Some("a=b"))
-                .unwrap()
-                .to_string(),
-            "http://h/v1/models?a=b"
+            up.origin,
+            Origin::of(&"http://h/x".parse().unwrap()).unwrap()
         );
+    }
+
+    #[test]
+    fn an_unusable_base_url_is_refused_saying_why() {
+        for (base, why) in [
+            ("api.openai.com", "must start with http:// or https://"),
+            ("ftp://h/v1", "must start with http:// or https://"),
+            ("http://h/v1?x=1", "must not carry a query"),
+            ("http://h h/", "is not a URL"),
+        ] {
+            let e = Upstream::parse(base).unwrap_err();
+            assert!(e.contains(why), "{base}: {e}");
+        }
     }
 
     #[test]
@@ -282,7 +347,7 @@ mod tests {
         h.insert("accept-encoding", HeaderValue::from_static("gzip"));
         h.insert("openai-organization", HeaderValue::from_static("org-1"));
         h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
-        let uri: Uri = "http://h/v1/models".parse().unwrap();
+        let uri: Uri = "/v1/models".parse().unwrap();
         let r = request(
             Method::GET,
             uri.clone(),
