@@ -324,11 +324,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, entries: &[Entry<'_>]) -> Result<(), ru
     if chunks.len() > 0 {
         let mut many = tx.prepare_cached(&CHUNK_SQL)?;
         for chunk in &mut chunks {
-            let params: Vec<&dyn ToSql> = chunk
-                .iter()
-                .flat_map(|(b, s)| b.params().into_iter().chain(s.params().into_iter().skip(1)))
-                .collect();
-            if many.execute(params.as_slice())? != chunk.len() {
+            if insert_settled(&mut many, chunk)? != chunk.len() {
                 for (_, s) in chunk {
                     settle(s)?;
                 }
@@ -336,20 +332,32 @@ fn apply(tx: &rusqlite::Transaction<'_>, entries: &[Entry<'_>]) -> Result<(), ru
         }
     }
     let mut one = tx.prepare_cached(BEGIN_SETTLED_SQL)?;
-    for (b, s) in chunks.remainder() {
-        let params: Vec<&dyn ToSql> = b
-            .params()
-            .into_iter()
-            .chain(s.params().into_iter().skip(1))
-            .collect();
-        if one.execute(params.as_slice())? != 1 {
-            settle(s)?;
+    for row in chunks.remainder() {
+        if insert_settled(&mut one, std::slice::from_ref(row))? != 1 {
+            settle(&row.1)?;
         }
     }
     for s in settles.values() {
         settle(&SettleColumns::of(s))?;
     }
     Ok(())
+}
+
+/// Binds `rows` settled rows' parameters in place, row after row, and runs the insert:
+/// no vector of parameters is built per statement. Returns the rows inserted.
+fn insert_settled(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    rows: &[(BeginColumns<'_>, SettleColumns<'_>)],
+) -> Result<usize, rusqlite::Error> {
+    let mut at = 1;
+    for (b, s) in rows {
+        // A settled row: the begin's columns, then the settle's without its id.
+        for p in b.params().into_iter().chain(s.params().into_iter().skip(1)) {
+            stmt.raw_bind_parameter(at, p)?;
+            at += 1;
+        }
+    }
+    stmt.raw_execute()
 }
 
 /// Hashes the fold's idempotency keys (the sidecar's own UUIDs, not input an attacker picks):

@@ -165,8 +165,14 @@ pub async fn parse(
     }
     let priority = priority(parts)?;
     let bytes = read_body(body, state.config.body_limit_bytes).await?;
-    let json: Value =
-        serde_json::from_slice(&bytes).map_err(|e| ProxyError::Json(e.to_string()))?;
+    // Checked as UTF-8 once, then read as text: the reader does not check each string again.
+    let text = std::str::from_utf8(&bytes).map_err(|e| {
+        ProxyError::Json(format!(
+            "the body is not UTF-8 (at byte {})",
+            e.valid_up_to()
+        ))
+    })?;
+    let json: Value = serde_json::from_str(text).map_err(|e| ProxyError::Json(e.to_string()))?;
     if !json.is_object() {
         return Err(ProxyError::Json("expected an object".into()));
     }

@@ -352,6 +352,19 @@ async fn bad_input_gets_a_4xx_in_the_clients_format_and_changes_nothing() {
         assert_eq!(r.json()["error"]["code"], *code, "case {i}");
         assert!(r.json()["error"]["message"].as_str().unwrap().len() > 10);
     }
+    // JSON must be UTF-8: a body that is not says where it stops being UTF-8.
+    let r = send(
+        &h.client,
+        "POST",
+        &h.proxy_url("/v1/chat/completions"),
+        &[("authorization", &auth), ("content-type", "application/json")],
+        &b"{\"model\": \"gpt-4o\", \"messages\": [{\"role\": \"user\", \"content\": \"\xff\"}]}"[..],
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "invalid_request");
+    let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("not UTF-8 (at byte 62)"), "{message}");
     assert!(
         h.upstream.received().is_empty(),
         "bad input reached the provider"

@@ -200,13 +200,30 @@ struct Carriers {
 /// [`metered_from_body`] read straight from a complete response's bytes: only the members
 /// that carry usage are built, which costs a fraction of parsing the whole body when the text
 /// is long. None when the bytes are not a JSON object or it has no usage object.
+///
+/// A body that is UTF-8 throughout (as JSON must be) is checked once and read as text, so
+/// the reader does not check each string it meets again; any other is read as bytes, as
+/// before, so a stray byte in a member that is skipped does not lose the usage.
 pub fn metered_from_bytes(dialect: Dialect, body: &[u8]) -> Option<Metered> {
+    match std::str::from_utf8(body) {
+        Ok(text) => metered_from_read(dialect, || serde_json::Deserializer::from_str(text)),
+        Err(_) => metered_from_read(dialect, || serde_json::Deserializer::from_slice(body)),
+    }
+}
+
+/// [`metered_from_bytes`] over a reader made by `de` (made again for the general read).
+fn metered_from_read<'de, R: serde_json::de::Read<'de>>(
+    dialect: Dialect,
+    de: impl Fn() -> serde_json::Deserializer<R>,
+) -> Option<Metered> {
     if dialect == Dialect::OpenAi
-        && let Some(m) = chat_completion(body)
+        && let Some(m) = chat_completion(&mut de())
     {
         return Some(m);
     }
-    let c: Carriers = serde_json::from_slice(body).ok()?;
+    let mut de = de();
+    let c = <Carriers as serde::Deserialize>::deserialize(&mut de).ok()?;
+    de.end().ok()?;
     metered_from_parts(
         dialect,
         c.usage.as_ref()?,
@@ -288,8 +305,11 @@ struct ChatBody {
 /// OpenAI documents, read into typed fields in one pass (no JSON tree, no strings). None when
 /// the body is anything else; the general read then decides (it agrees wherever this answers:
 /// the tests hold every case to both).
-fn chat_completion(body: &[u8]) -> Option<Metered> {
-    let ChatBody { usage: u, .. } = serde_json::from_slice(body).ok()?;
+fn chat_completion<'de, R: serde_json::de::Read<'de>>(
+    de: &mut serde_json::Deserializer<R>,
+) -> Option<Metered> {
+    let ChatBody { usage: u, .. } = serde::Deserialize::deserialize(&mut *de).ok()?;
+    de.end().ok()?;
     let prompt = u.prompt_tokens_details;
     let completion = u.completion_tokens_details;
     let mut unmetered = Vec::new();
@@ -590,7 +610,7 @@ mod tests {
         ];
         for body in typed {
             let bytes = serde_json::to_vec(&body).unwrap();
-            let fast = chat_completion(&bytes);
+            let fast = chat_completion(&mut serde_json::Deserializer::from_slice(&bytes));
             assert!(fast.is_some(), "{body}");
             // metered() holds the bytes' read (typed here) to the general read of the value.
             assert_eq!(fast, Some(metered(Dialect::OpenAi, body)));
@@ -621,8 +641,18 @@ mod tests {
         ];
         for body in general {
             let bytes = serde_json::to_vec(&body).unwrap();
-            assert_eq!(chat_completion(&bytes), None, "{body}");
+            let typed = chat_completion(&mut serde_json::Deserializer::from_slice(&bytes));
+            assert_eq!(typed, None, "{body}");
             metered(Dialect::OpenAi, body);
         }
+    }
+
+    #[test]
+    fn a_stray_byte_in_skipped_text_does_not_lose_the_usage() {
+        let body = b"{\"choices\": [{\"message\": {\"content\": \"\xff\"}}], \"usage\": {\"prompt_tokens\": 3, \"completion_tokens\": 4}}";
+        let m = metered_from_bytes(Dialect::OpenAi, body).expect("read as bytes");
+        assert_eq!((m.usage.input_tokens, m.usage.output_tokens), (3, 4));
+        let trailing = b"{\"usage\": {\"prompt_tokens\": 3, \"completion_tokens\": 4}} x";
+        assert_eq!(metered_from_bytes(Dialect::OpenAi, trailing), None);
     }
 }

@@ -222,14 +222,14 @@ pub async fn send(
     method: &str,
     url: &str,
     headers: &[(&str, &str)],
-    body: String,
+    body: impl Into<Bytes>,
 ) -> Reply {
     let mut req = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
     let resp = client
-        .request(req.body(Full::new(Bytes::from(body))).unwrap())
+        .request(req.body(Full::new(body.into())).unwrap())
         .await
         .unwrap();
     let (parts, mut body) = resp.into_parts();
