@@ -156,10 +156,13 @@ pub struct ModelSpec {
     /// Model name as the provider knows it, for example `gpt-4o-mini` or `claude-sonnet-4-5`.
     #[schemars(length(min = 1))]
     pub name: String,
-    /// Base URL of the provider; defaults to the provider's public API.
+    /// Base URL of the provider; defaults to the provider's public API. Each call's path is
+    /// joined to it (a trailing `/v1` is not repeated), so it carries no query.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')")
         .message("model.endpoint must be an http(s) URL"))]
+    #[x_kube(validation = Rule::new("!self.contains('?')")
+        .message("model.endpoint must not carry a query: each call's path is joined to it"))]
     pub endpoint: Option<String>,
 }
 

@@ -327,6 +327,16 @@ fn cases() -> Vec<Case> {
             Some("must be an http(s) URL"),
         ),
         c(
+            "endpoint with a query",
+            "Agent",
+            vec![(
+                "/spec/model/endpoint",
+                Some(json!("https://res.openai.azure.com/openai?api-version=2024-02-01")),
+            )],
+            None,
+            Some("must not carry a query"),
+        ),
+        c(
             "two credential sources",
             "Agent",
             vec![(
