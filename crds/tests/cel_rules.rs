@@ -331,7 +331,9 @@ fn cases() -> Vec<Case> {
             "Agent",
             vec![(
                 "/spec/model/endpoint",
-                Some(json!("https://res.openai.azure.com/openai?api-version=2024-02-01")),
+                Some(json!(
+                    "https://res.openai.azure.com/openai?api-version=2024-02-01"
+                )),
             )],
             None,
             Some("must not carry a query"),
