@@ -322,15 +322,22 @@ mod tests {
         Ok(String::from_utf8(body.to_vec()).unwrap())
     }
 
+    /// A provider answering at once (closing after each answer or not), a client, and `calls`
+    /// calls made through it one after another.
+    async fn calls_in_turn(close_after_each: bool, calls: usize) -> (Provider, Connections) {
+        let p = provider(close_after_each).await;
+        p.hold_until.add_permits(1_000);
+        let c = connections();
+        for _ in 0..calls {
+            assert_eq!(get(&c, &p.url).await.unwrap(), "ok");
+        }
+        (p, c)
+    }
+
     #[tokio::test]
     async fn calls_in_turn_share_one_connection_and_calls_at_once_open_more() {
         use std::sync::atomic::Ordering;
-        let p = provider(false).await;
-        p.hold_until.add_permits(1_000);
-        let c = connections();
-        for _ in 0..5 {
-            assert_eq!(get(&c, &p.url).await.unwrap(), "ok");
-        }
+        let (p, c) = calls_in_turn(false, 5).await;
         assert_eq!(
             p.accepted.load(Ordering::SeqCst),
             1,
@@ -374,12 +381,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_the_provider_closed_is_not_used_again() {
         use std::sync::atomic::Ordering;
-        let p = provider(true).await;
-        p.hold_until.add_permits(1_000);
-        let c = connections();
-        for _ in 0..3 {
-            assert_eq!(get(&c, &p.url).await.unwrap(), "ok");
-        }
+        let (p, _c) = calls_in_turn(true, 3).await;
         assert_eq!(p.accepted.load(Ordering::SeqCst), 3);
     }
 
