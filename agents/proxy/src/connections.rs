@@ -116,8 +116,11 @@ impl Connections {
                     self.checkin(origin, conn);
                     return Ok(response);
                 }
-                // Closed by the provider before the request left (an idle connection it timed
-                // out, say): nothing was sent, so it is sent again, on another connection.
+                // Closed before the request left, as hyper knew when it took it: nothing was
+                // sent, so it is sent again, on another connection. A request already written
+                // when the provider's close is read (it closed an idle connection just as the
+                // call took it) is not: the provider may have read it, and a second send could
+                // bill it twice. The call fails (502), as it did with `hyper_util`'s client.
                 Err(mut e) => match e.take_message() {
                     Some(back) if reused => req = back,
                     _ => return Err(CallError::Send(e.into_error())),
