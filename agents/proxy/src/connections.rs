@@ -27,6 +27,11 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use tower::ServiceExt;
 
+/// A connection idle longer than this is given one turn of the runtime before it is used, so
+/// a close the provider sent meanwhile is read first. Shorter idles skip it: under load every
+/// connection is reused within milliseconds, and the turn costs a system call.
+const STALE_AFTER: Duration = Duration::from_secs(1);
+
 /// Why a call did not get a response head from the provider.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
@@ -110,6 +115,15 @@ impl Connections {
                 Some(conn) => (conn, true),
                 None => (self.connect(origin).await?, false),
             };
+            if reused && conn.used.elapsed() > STALE_AFTER {
+                // Idle a while: the provider may have closed it, and the close may be waiting
+                // unread. One yield lets the runtime read it (the connection's task runs first
+                // and marks it closed); otherwise hyper would write the request into it.
+                tokio::task::yield_now().await;
+                if conn.sender.is_closed() || !conn.sender.is_ready() {
+                    continue;
+                }
+            }
             match conn.sender.try_send_request(req).await {
                 Ok(response) => {
                     conn.used = Instant::now();
@@ -118,9 +132,9 @@ impl Connections {
                 }
                 // Closed before the request left, as hyper knew when it took it: nothing was
                 // sent, so it is sent again, on another connection. A request already written
-                // when the provider's close is read (it closed an idle connection just as the
-                // call took it) is not: the provider may have read it, and a second send could
-                // bill it twice. The call fails (502), as it did with `hyper_util`'s client.
+                // when the provider's close is read (it closed the connection at the moment
+                // the call took it) is not: the provider may have read it, and a second send
+                // could bill it twice. The call fails (502), as with `hyper_util`'s client.
                 Err(mut e) => match e.take_message() {
                     Some(back) if reused => req = back,
                     _ => return Err(CallError::Send(e.into_error())),
@@ -386,6 +400,53 @@ mod tests {
         use std::sync::atomic::Ordering;
         let (p, _c) = calls_in_turn(true, 3).await;
         assert_eq!(p.accepted.load(Ordering::SeqCst), 3);
+    }
+
+    /// The provider closes a connection that has been idle over a second, and the close is
+    /// still unread when the next call takes it: the call reads it first and opens another.
+    #[tokio::test]
+    async fn a_close_that_came_while_idle_is_read_before_the_connection_is_used() {
+        use std::io::{Read, Write};
+        use std::sync::mpsc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (close, closing) = mpsc::channel::<()>();
+        let (closed, was_closed) = mpsc::channel::<()>();
+        // A provider on a thread of its own, so it closes while the client's runtime is not
+        // running: the client's connection task has not read the close when the call takes it.
+        let provider = std::thread::spawn(move || {
+            let answer = |sock: &mut std::net::TcpStream| {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if sock.read(&mut byte).unwrap() == 0 {
+                        return false;
+                    }
+                    head.push(byte[0]);
+                }
+                sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .is_ok()
+            };
+            let (mut first, _) = listener.accept().unwrap();
+            assert!(answer(&mut first));
+            // Closed only once the client has read the answer and left the connection idle.
+            closing.recv().unwrap();
+            drop(first);
+            closed.send(()).unwrap();
+            let (mut second, _) = listener.accept().unwrap();
+            assert!(
+                answer(&mut second),
+                "the second call came on a new connection"
+            );
+        });
+        let c = connections();
+        assert_eq!(get(&c, &url).await.unwrap(), "ok");
+        close.send(()).unwrap();
+        // Blocks the runtime's only thread past STALE_AFTER: the close arrives unread.
+        was_closed.recv().unwrap();
+        std::thread::sleep(STALE_AFTER + Duration::from_millis(100));
+        assert_eq!(get(&c, &url).await.unwrap(), "ok");
+        provider.join().unwrap();
     }
 
     #[tokio::test]
