@@ -13,7 +13,7 @@
 //! matters here: the request sent in origin form with a `Host`, TLS by `hyper-rustls`, the
 //! connect timeout, idle connections dropped after `idle_timeout`, and a request that a reused
 //! connection closed before sending sent again. It adds one thing the general client lacks: a
-//! connection idle for over [`STALE_AFTER`] is given a turn of the runtime before use, so a
+//! connection idle for over a second (`STALE_AFTER`) is given a turn of the runtime before use, so a
 //! close that arrived while it sat idle is read before a request is written into it. The
 //! provider's [`Origin`] is worked out once, from the configuration, not from each request's
 //! URL. Idle connections are dropped when a call next looks at the list (or when the provider
