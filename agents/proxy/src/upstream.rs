@@ -188,7 +188,8 @@ impl Upstream {
             true => path.strip_prefix("/v1").unwrap_or(path),
             false => path,
         };
-        let mut target = String::with_capacity(self.prefix.len() + path.len() + 64);
+        let query_len = query.map_or(0, |q| q.len() + 1);
+        let mut target = String::with_capacity(self.prefix.len() + path.len() + query_len);
         target.push_str(&self.prefix);
         target.push_str(path);
         if let Some(q) = query {

@@ -217,19 +217,27 @@ fn metered_from_read<'de, R: serde_json::de::Read<'de>>(
     de: impl Fn() -> serde_json::Deserializer<R>,
 ) -> Option<Metered> {
     if dialect == Dialect::OpenAi
-        && let Some(m) = chat_completion(&mut de())
+        && let Some(body) = whole::<ChatBody, R>(de())
     {
-        return Some(m);
+        return Some(chat_completion(body));
     }
-    let mut de = de();
-    let c = <Carriers as serde::Deserialize>::deserialize(&mut de).ok()?;
-    de.end().ok()?;
+    let c = whole::<Carriers, R>(de())?;
     metered_from_parts(
         dialect,
         c.usage.as_ref()?,
         c.tool_usage.as_ref(),
         c.output.as_ref(),
     )
+}
+
+/// `T` read from the whole of `de`'s input (nothing but whitespace after it), as
+/// `serde_json::from_slice` reads; None when it is not a `T`.
+fn whole<'de, T: serde::Deserialize<'de>, R: serde_json::de::Read<'de>>(
+    mut de: serde_json::Deserializer<R>,
+) -> Option<T> {
+    let t = T::deserialize(&mut de).ok()?;
+    de.end().ok()?;
+    Some(t)
 }
 
 /// A token count that must be a non-negative integer: `null`, a fraction or a string makes the
@@ -302,14 +310,11 @@ struct ChatBody {
 }
 
 /// [`metered_from_bytes`] for the common case, an OpenAI chat completion with the usage object
-/// OpenAI documents, read into typed fields in one pass (no JSON tree, no strings). None when
-/// the body is anything else; the general read then decides (it agrees wherever this answers:
-/// the tests hold every case to both).
-fn chat_completion<'de, R: serde_json::de::Read<'de>>(
-    de: &mut serde_json::Deserializer<R>,
-) -> Option<Metered> {
-    let ChatBody { usage: u, .. } = serde::Deserialize::deserialize(&mut *de).ok()?;
-    de.end().ok()?;
+/// OpenAI documents, read into typed fields in one pass (no JSON tree, no strings). A body
+/// that is not a [`ChatBody`] goes to the general read, which decides (it agrees wherever this
+/// answers: the tests hold every case to both).
+fn chat_completion(body: ChatBody) -> Metered {
+    let ChatBody { usage: u, .. } = body;
     let prompt = u.prompt_tokens_details;
     let completion = u.completion_tokens_details;
     let mut unmetered = Vec::new();
@@ -319,7 +324,7 @@ fn chat_completion<'de, R: serde_json::de::Read<'de>>(
     if prompt.as_ref().is_some_and(|p| p.audio_tokens.0 > 0) {
         unmetered.push("usage.prompt_tokens_details.audio_tokens".to_owned());
     }
-    Some(Metered {
+    Metered {
         usage: Usage {
             input_tokens: u.prompt_tokens.0,
             cached_input_tokens: prompt.and_then(|p| p.cached_tokens).map_or(0, |c| c.0),
@@ -328,7 +333,7 @@ fn chat_completion<'de, R: serde_json::de::Read<'de>>(
             ..Usage::default()
         },
         unmetered,
-    })
+    }
 }
 
 /// The paths of the usage members (`usage`, and OpenAI's `tool_usage`) that are unknown, or
@@ -610,7 +615,7 @@ mod tests {
         ];
         for body in typed {
             let bytes = serde_json::to_vec(&body).unwrap();
-            let fast = chat_completion(&mut serde_json::Deserializer::from_slice(&bytes));
+            let fast = whole(serde_json::Deserializer::from_slice(&bytes)).map(chat_completion);
             assert!(fast.is_some(), "{body}");
             // metered() holds the bytes' read (typed here) to the general read of the value.
             assert_eq!(fast, Some(metered(Dialect::OpenAi, body)));
@@ -641,7 +646,7 @@ mod tests {
         ];
         for body in general {
             let bytes = serde_json::to_vec(&body).unwrap();
-            let typed = chat_completion(&mut serde_json::Deserializer::from_slice(&bytes));
+            let typed = whole(serde_json::Deserializer::from_slice(&bytes)).map(chat_completion);
             assert_eq!(typed, None, "{body}");
             metered(Dialect::OpenAi, body);
         }
